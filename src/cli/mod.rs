@@ -1,0 +1,135 @@
+//! The command line: global options, one module per command, and the error type `main` reports.
+//!
+//! Commands take a [`Context`] built once from the global options and the configuration file, so every command
+//! sees the same precedence: command line over configuration file over defaults.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config, ConfigError};
+use crate::platform::{Platform, PlatformError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla",
+    version = crate::VERSION,
+    about = "Architecture-correct container deployment for ARM edge devices",
+    long_about = "flotilla detects exactly which image platforms this device can run, from every host signal, \
+                  and checks the ELF headers of an image's own binaries before anything runs."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GlobalArgs {
+    /// Configuration file; a missing file at the default path means defaults
+    #[arg(long, global = true, value_name = "FILE", env = "FLOTILLA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where images and agent state live [default: /var/lib/flotilla]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Allow plain HTTP for this registry (repeatable)
+    #[arg(long, global = true, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// Use this platform instead of detecting it, like `docker run --platform` (e.g. linux/arm/v6)
+    #[arg(long, global = true, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// More log output (repeat for more)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+/// What every command gets: the configuration with the command line applied on top.
+#[derive(Debug)]
+pub struct Context {
+    pub config: Config,
+    pub state_dir: PathBuf,
+    pub insecure_registries: Vec<String>,
+    /// Set when the user overrode detection; commands must report that they used it.
+    pub platform_override: Option<Platform>,
+}
+
+impl Context {
+    pub fn from_args(global: &GlobalArgs) -> Result<Context, CliError> {
+        let (path, must_exist) = match &global.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
+        };
+        let config = Config::load(&path, must_exist)?;
+        let state_dir = global
+            .state_dir
+            .clone()
+            .or_else(|| config.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
+        let mut insecure_registries = global.insecure_registry.clone();
+        insecure_registries.extend(
+            config
+                .registries
+                .iter()
+                .filter(|r| r.insecure)
+                .map(|r| r.host.clone()),
+        );
+        let platform_override = match global.platform.as_deref().or(config.platform.as_deref()) {
+            Some(p) => Some(p.parse::<Platform>()?),
+            None => None,
+        };
+        Ok(Context {
+            config,
+            state_dir,
+            insecure_registries,
+            platform_override,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--platform: {0}")]
+    Platform(#[from] PlatformError),
+}
+
+impl CliError {
+    /// 2 is for what the user asked wrongly, 1 for what went wrong while doing it.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) | CliError::Platform(_) => 2,
+        }
+    }
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    init_logging(cli.global.verbose);
+    let ctx = Context::from_args(&cli.global)?;
+    match cli.command {}
+    #[allow(unreachable_code)]
+    {
+        let _ = ctx;
+        Ok(ExitCode::SUCCESS)
+    }
+}

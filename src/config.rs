@@ -1,0 +1,177 @@
+//! The agent's configuration file (`/etc/flotilla/config.toml`).
+//!
+//! Unknown keys are refused rather than ignored: a misspelt `insecure = true` that silently did nothing would be a
+//! security decision the user never made.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/flotilla/config.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/flotilla";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where images and agent state live.
+    pub state_dir: Option<PathBuf>,
+    /// Overrides platform detection, like `--platform`.
+    pub platform: Option<String>,
+    /// Extra CA certificates (PEM) trusted for every registry, beside the system store.
+    pub ca_bundle: Option<PathBuf>,
+    /// A Docker `config.json` whose `auths` supply registry credentials.
+    pub docker_config: Option<PathBuf>,
+    #[serde(default)]
+    pub pull: PullConfig,
+    #[serde(default, rename = "registry")]
+    pub registries: Vec<RegistryConfig>,
+    #[serde(default, rename = "signature_policy")]
+    pub signature_policies: Vec<SignaturePolicyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullConfig {
+    /// Layers downloaded at once.
+    pub parallel_layers: usize,
+    /// Attempts per request before giving up (429, 5xx and connection errors are retried).
+    pub retries: u32,
+    /// Download cap in bytes per second across all layers; none when unset.
+    pub max_bytes_per_second: Option<u64>,
+}
+
+impl Default for PullConfig {
+    fn default() -> PullConfig {
+        PullConfig {
+            parallel_layers: 3,
+            retries: 5,
+            max_bytes_per_second: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// `host[:port]` as written in image references (`docker.io` for Docker Hub).
+    pub host: String,
+    /// Plain HTTP for this registry.
+    #[serde(default)]
+    pub insecure: bool,
+    /// Pull-through caches tried in order before `host`.
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    /// CA certificates (PEM) trusted for this registry only.
+    pub ca_bundle: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// A file holding the password, so the configuration itself can stay world-readable.
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignatureMode {
+    /// Refuse an image without a valid signature.
+    Require,
+    /// Check a signature when one exists; refuse an invalid one.
+    IfPresent,
+    #[default]
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SignaturePolicyConfig {
+    /// A registry (`ghcr.io`) or repository prefix (`ghcr.io/org/app`); the longest matching scope wins.
+    pub scope: String,
+    pub mode: SignatureMode,
+    /// cosign public keys (PEM, ECDSA P-256); any one of them may sign.
+    #[serde(default)]
+    pub public_keys: Vec<PathBuf>,
+}
+
+impl Config {
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Reads the file at `path`; a missing file at the default path is an empty configuration, a missing file the
+    /// user named is an error.
+    pub fn load(path: &Path, must_exist: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                Ok(Config::default())
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_example_parses() {
+        let text = r#"
+            state_dir = "/data/flotilla"
+            platform = "linux/arm/v6"
+            docker_config = "/root/.docker/config.json"
+            [pull]
+            parallel_layers = 2
+            max_bytes_per_second = 1048576
+            [[registry]]
+            host = "registry.local:5000"
+            insecure = true
+            mirrors = ["mirror.local:5000"]
+            [[signature_policy]]
+            scope = "ghcr.io/org"
+            mode = "if-present"
+            public_keys = ["/etc/flotilla/cosign.pub"]
+        "#;
+        let c = Config::parse(text, Path::new("t.toml")).unwrap();
+        assert_eq!(c.pull.parallel_layers, 2);
+        assert_eq!(c.pull.retries, 5);
+        assert!(c.registries[0].insecure);
+        assert_eq!(c.signature_policies[0].mode, SignatureMode::IfPresent);
+    }
+
+    #[test]
+    fn misspelt_key_is_refused() {
+        let err = Config::parse(
+            "[[registry]]\nhost = \"x\"\ninsecur = true\n",
+            Path::new("t.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("insecur"), "{err}");
+    }
+
+    #[test]
+    fn missing_default_file_is_empty() {
+        let c = Config::load(Path::new("/nonexistent/flotilla.toml"), false).unwrap();
+        assert_eq!(c, Config::default());
+        assert!(Config::load(Path::new("/nonexistent/flotilla.toml"), true).is_err());
+    }
+}

@@ -1,0 +1,29 @@
+//! flotilla: architecture-correct container deployment for ARM edge devices.
+//!
+//! The logic lives here; the binaries only parse arguments and report errors. The core (platform ranking, index
+//! selection) is plain functions over data; every OS or network boundary sits behind a small interface.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod digest;
+pub mod platform;
+
+/// The version, commit and target of this build, as `flotilla --version` prints them.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Formats an error with its causes on one line each, the way `main` reports it.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // thiserror's transparent wrappers and "{source}" formats repeat the cause; print each text once.
+        if !out.contains(&text) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
