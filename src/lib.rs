@@ -9,6 +9,7 @@ pub mod config;
 pub mod digest;
 pub mod platform;
 pub mod unpack;
+pub mod verify;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

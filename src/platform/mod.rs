@@ -12,6 +12,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub mod select;
+
 /// Errors from parsing a platform string.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlatformError {
