@@ -10,7 +10,7 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use flotilla::digest::{Digest, Verifier};
 use flotilla::platform::Platform;
-use flotilla::store::gc::{RemovedKind, collect_garbage};
+use flotilla::store::gc::{GcOptions, RemovedKind, collect_garbage};
 use flotilla::store::layout::{MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
 use flotilla::store::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, Descriptor, FreeSpace, MAX_MANIFEST_BYTES,
@@ -162,6 +162,11 @@ fn stream_blob(store: &Store, bytes: &[u8]) {
     store.publish(proof).unwrap();
 }
 
+/// Tests wait for the store lock: another test's child process may hold a copy of it between fork and exec.
+fn gc(dry_run: bool, wait: bool) -> GcOptions {
+    GcOptions { dry_run, wait }
+}
+
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
@@ -286,7 +291,7 @@ fn interrupted_download_resumes_from_its_partial_and_gc_removes_leftovers() {
     std::fs::write(&tmp_file, b"torn").unwrap();
     drop(store);
 
-    let report = collect_garbage(state, false).unwrap();
+    let report = collect_garbage(state, gc(false, true)).unwrap();
     assert_eq!(report.count(RemovedKind::Partial), 1, "{report:?}");
     assert_eq!(report.count(RemovedKind::TempFile), 1, "{report:?}");
     assert_eq!(report.count(RemovedKind::Blob), 0, "{report:?}");
@@ -417,7 +422,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
         garbage.config_digest(),
         garbage.layer_digest(),
     ];
-    let dry = collect_garbage(state, true).unwrap();
+    let dry = collect_garbage(state, gc(true, true)).unwrap();
     assert!(dry.dry_run);
     let mut would: Vec<PathBuf> = dry
         .removed
@@ -440,7 +445,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
     );
     assert!(stray_tmp.exists());
 
-    let report = collect_garbage(state, false).unwrap();
+    let report = collect_garbage(state, gc(false, true)).unwrap();
     assert_eq!(report.removed, dry.removed);
     assert!(expected.iter().all(|p| !p.exists()));
     assert!(!stray_tmp.exists());
@@ -454,7 +459,10 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
         }
     }
     assert!(layout.has_blob(&outer_d.digest) && layout.has_blob(&inner_d.digest));
-    assert_eq!(collect_garbage(state, false).unwrap().removed, vec![]);
+    assert_eq!(
+        collect_garbage(state, gc(false, true)).unwrap().removed,
+        vec![]
+    );
     let entries = Store::open(state).unwrap().images().unwrap();
     let kept_entry = entries
         .iter()
@@ -469,10 +477,10 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
 fn gc_waits_for_no_pull() {
     let tmp = tempfile::tempdir().unwrap();
     let pulling = Store::open(tmp.path()).unwrap();
-    let err = collect_garbage(tmp.path(), true).unwrap_err();
+    let err = collect_garbage(tmp.path(), gc(true, false)).unwrap_err();
     assert!(matches!(err, StoreError::Busy { .. }), "{err}");
     drop(pulling);
-    collect_garbage(tmp.path(), true).unwrap();
+    collect_garbage(tmp.path(), gc(true, true)).unwrap();
 }
 
 struct FixedSpace(u64);
@@ -638,7 +646,7 @@ fn hostile_layouts_give_errors_naming_the_file() {
         std::fs::write(&index, junk).unwrap();
         let err = layout.resolve(None).unwrap_err();
         assert!(err.to_string().contains(&index.display().to_string()), "{err}");
-        let err = collect_garbage(state, false).unwrap_err();
+        let err = collect_garbage(state, gc(false, true)).unwrap_err();
         assert!(matches!(err, StoreError::Json { .. }), "{err}");
     }
     let deep = "[".repeat(100_000);
@@ -676,13 +684,26 @@ fn hostile_layouts_give_errors_naming_the_file() {
     .unwrap();
     let manifest_path = layout.blob_path(&image.manifest_descriptor().digest);
     std::fs::write(&manifest_path, b"\x00\xff garbage").unwrap();
-    let err = collect_garbage(state, false).unwrap_err();
+    let err = collect_garbage(state, gc(false, true)).unwrap_err();
     assert!(
         err.to_string()
             .contains(&manifest_path.display().to_string()),
         "{err}"
     );
     assert!(layout.has_blob(&image.layer_digest()));
+
+    // A FIFO planted as a blob must not hang the reader.
+    let config_path = layout.blob_path(&image.config_digest());
+    std::fs::remove_file(&config_path).unwrap();
+    run_ok(Command::new("mkfifo").arg(&config_path));
+    let err = layout
+        .read_blob(
+            &image.config_digest(),
+            image.config.len() as u64,
+            MAX_MANIFEST_BYTES,
+        )
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotAFile { .. }), "{err}");
 
     std::fs::write(
         layout.root().join("oci-layout"),

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use super::images::human_bytes;
 use super::{CliError, Context};
-use crate::store::gc::{self, RemovedKind};
+use crate::store::StoreError;
+use crate::store::gc::{self, GcOptions, RemovedKind};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -14,7 +15,21 @@ pub struct Args {
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
-    let report = gc::collect_garbage(&ctx.state_dir, args.dry_run)?;
+    let mut options = GcOptions {
+        dry_run: args.dry_run,
+        wait: false,
+    };
+    let report = match gc::collect_garbage(&ctx.state_dir, options) {
+        Err(StoreError::Busy { path }) => {
+            eprintln!(
+                "flotilla: waiting for the running pull to finish ({} is locked)",
+                path.display()
+            );
+            options.wait = true;
+            gc::collect_garbage(&ctx.state_dir, options)?
+        }
+        other => other?,
+    };
     let verb = if report.dry_run {
         "would remove"
     } else {

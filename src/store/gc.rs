@@ -56,10 +56,18 @@ impl GcReport {
     }
 }
 
-/// Collects the store under `state_dir`, holding `store.lock` exclusively; fails with [`StoreError::Busy`] while
-/// a pull runs.
-pub fn collect_garbage(state_dir: &Path, dry_run: bool) -> Result<GcReport, StoreError> {
-    let store = Store::open_exclusive(state_dir)?;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GcOptions {
+    /// Report, delete nothing.
+    pub dry_run: bool,
+    /// Wait for running pulls instead of failing with [`StoreError::Busy`].
+    pub wait: bool,
+}
+
+/// Collects the store under `state_dir`, holding `store.lock` exclusively.
+pub fn collect_garbage(state_dir: &Path, options: GcOptions) -> Result<GcReport, StoreError> {
+    let dry_run = options.dry_run;
+    let store = Store::open_exclusive(state_dir, options.wait)?;
     let layout = store.layout();
     let marked = mark(layout)?;
     let mut removed = Vec::new();

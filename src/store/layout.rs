@@ -34,7 +34,7 @@ pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Descriptor {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub media_type: String,
     pub digest: Digest,
     pub size: u64,
@@ -139,6 +139,24 @@ pub(crate) fn children(
     })
 }
 
+/// Opens a file that must be a regular file (following symlinks). `O_NONBLOCK` keeps a FIFO planted in a hostile
+/// layout from hanging the open; it changes nothing for regular files.
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    let meta = file.metadata().map_err(io_err("stat", path))?;
+    if !meta.is_file() {
+        return Err(StoreError::NotAFile {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok((file, meta.len()))
+}
+
 /// Reads a whole file, refusing it when it is larger than `limit`, whether the size shows up front or only while
 /// reading (a file that grows underneath).
 pub(crate) fn read_bounded(
@@ -146,8 +164,7 @@ pub(crate) fn read_bounded(
     limit: u64,
     what: &'static str,
 ) -> Result<Vec<u8>, StoreError> {
-    let file = File::open(path).map_err(io_err("open", path))?;
-    let len = file.metadata().map_err(io_err("stat", path))?.len();
+    let (file, len) = open_regular(path)?;
     if len > limit {
         return Err(StoreError::TooLarge {
             path: path.to_path_buf(),
@@ -386,10 +403,7 @@ impl OciLayout {
     /// bytes do not match its name or descriptor size is refused and the partial discarded.
     pub fn copy_blob(&self, partial: Partial) -> Result<VerifiedBlob, StoreError> {
         let path = self.blob_path(partial.digest());
-        let mut src = File::open(&path)
-            .map_err(io_err("open", &path))
-            .map_err(|e| self.missing(e, partial.digest()))?;
-        let len = src.metadata().map_err(io_err("stat", &path))?.len();
+        let (mut src, len) = open_regular(&path).map_err(|e| self.missing(e, partial.digest()))?;
         if len != partial.size() {
             return Err(StoreError::SizeMismatch {
                 path,

@@ -18,7 +18,8 @@
 //! as the user wrote it, the resolved index digest, the chosen platform, the time of the pull, and the digests of
 //! further blobs the reference keeps alive (the index itself, signatures).
 //!
-//! `partial/` and `images/` must be on one filesystem, since publishing a blob is a rename between them; they are
+//! Partial files live outside the layout so that the layout only ever holds verified content: skopeo, umoci or a
+//! copy of the directory never see half a blob. `partial/` and `images/` must be on one filesystem, since publishing a blob is a rename between them; they are
 //! siblings under the state directory, so that holds unless someone mounts over `images/` (then publishing fails
 //! with the rename's error rather than copying).
 //!
@@ -47,8 +48,9 @@
 //! # Concurrency
 //!
 //! `store.lock` is an `flock`: every [`Store::open`] holds it shared for the life of the [`Store`], garbage
-//! collection ([`gc::collect_garbage`]) takes it exclusive and gives up at once if a pull holds it, so gc never
-//! deletes a blob a pull has published but not yet referenced. Two pulls may run together: each partial file is
+//! collection ([`gc::collect_garbage`]) takes it exclusive (waiting for running pulls, or failing at once, as the
+//! caller chooses), so gc never deletes a blob a pull has published but not yet referenced. Waiting is also what
+//! makes gc robust against a lock briefly inherited by a child process between its `fork` and `exec`. Two pulls may run together: each partial file is
 //! itself `flock`ed while written, and `index.json` updates serialise on `index.lock`. Readers (`flotilla images`)
 //! take no lock: `index.json` is only ever replaced whole.
 
@@ -112,6 +114,8 @@ pub enum StoreError {
         what: &'static str,
         source: serde_json::Error,
     },
+    #[error("{path} is not a regular file; refusing to read it")]
+    NotAFile { path: PathBuf },
     #[error("{path} is not an OCI image layout: {reason}")]
     NotLayout { path: PathBuf, reason: String },
     #[error(
@@ -453,9 +457,15 @@ impl Store {
         Store::open_with(state_dir, FlockOperation::LockShared)
     }
 
-    /// Opens the store holding `store.lock` exclusively, or fails with [`StoreError::Busy`] at once.
-    pub fn open_exclusive(state_dir: &Path) -> Result<Store, StoreError> {
-        Store::open_with(state_dir, FlockOperation::NonBlockingLockExclusive)
+    /// Opens the store holding `store.lock` exclusively: waiting while pulls run, or failing with
+    /// [`StoreError::Busy`] at once.
+    pub fn open_exclusive(state_dir: &Path, wait: bool) -> Result<Store, StoreError> {
+        let op = if wait {
+            FlockOperation::LockExclusive
+        } else {
+            FlockOperation::NonBlockingLockExclusive
+        };
+        Store::open_with(state_dir, op)
     }
 
     fn open_with(state_dir: &Path, op: FlockOperation) -> Result<Store, StoreError> {
@@ -563,9 +573,8 @@ impl Store {
     /// Opens a (large) blob for streaming. Not re-hashed: it was verified when published, and unpacking checks
     /// the configuration's `diff_ids` anyway.
     pub fn open_blob(&self, digest: &Digest) -> Result<File, StoreError> {
-        let path = self.layout.blob_path(digest);
-        File::open(&path)
-            .map_err(io_err("open", &path))
+        layout::open_regular(&self.layout.blob_path(digest))
+            .map(|(file, _)| file)
             .map_err(|e| self.layout.missing(e, digest))
     }
 
