@@ -295,6 +295,9 @@ pub enum Slot {
 /// 3. `partial.finish(verifier)?` checks the verifier's digest and length against the descriptor and returns the
 ///    [`VerifiedBlob`] proof; on a mismatch it deletes the partial file, so bad bytes are never resumed.
 /// 4. [`Store::publish`] moves it into the store.
+///
+/// Dropping a `Partial` without `finish` (a cut connection, a crash) keeps its bytes for the next pull. One process
+/// must not hold two `Partial`s for the same digest: the second [`Store::partial`] would wait for the first.
 #[derive(Debug)]
 pub struct Partial {
     path: PathBuf,
