@@ -8,8 +8,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod gc;
+pub mod images;
+
 use crate::config::{self, Config, ConfigError};
 use crate::platform::{Platform, PlatformError};
+use crate::store::StoreError;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,7 +50,12 @@ pub struct GlobalArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// List the images in the store
+    Images(images::Args),
+    /// Remove blobs no image needs, partial downloads and stale temporary files
+    Gc(gc::Args),
+}
 
 /// What every command gets: the configuration with the command line applied on top.
 #[derive(Debug)]
@@ -97,6 +106,10 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("--platform: {0}")]
     Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot write the JSON output: {0}")]
+    Json(serde_json::Error),
 }
 
 impl CliError {
@@ -104,6 +117,8 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Platform(_) => 2,
+            CliError::Store(StoreError::BadSource { .. } | StoreError::BadRefName { .. }) => 2,
+            CliError::Store(_) | CliError::Json(_) => 1,
         }
     }
 }
@@ -126,10 +141,8 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     init_logging(cli.global.verbose);
     let ctx = Context::from_args(&cli.global)?;
-    match cli.command {}
-    #[allow(unreachable_code)]
-    {
-        let _ = ctx;
-        Ok(ExitCode::SUCCESS)
+    match cli.command {
+        Command::Images(args) => images::run(args, &ctx),
+        Command::Gc(args) => gc::run(args, &ctx),
     }
 }

@@ -1,0 +1,60 @@
+//! `flotilla gc`: remove blobs no reference reaches, partial downloads and stale temporary files.
+
+use std::process::ExitCode;
+
+use super::images::human_bytes;
+use super::{CliError, Context};
+use crate::store::StoreError;
+use crate::store::gc::{self, GcOptions, RemovedKind};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Report what would be removed without removing anything
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    let mut options = GcOptions {
+        dry_run: args.dry_run,
+        wait: false,
+    };
+    let report = match gc::collect_garbage(&ctx.state_dir, options) {
+        Err(StoreError::Busy { path }) => {
+            eprintln!(
+                "flotilla: waiting for the running pull to finish ({} is locked)",
+                path.display()
+            );
+            options.wait = true;
+            gc::collect_garbage(&ctx.state_dir, options)?
+        }
+        other => other?,
+    };
+    let verb = if report.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    for r in &report.removed {
+        let kind = match r.kind {
+            RemovedKind::Blob => "blob",
+            RemovedKind::Partial => "partial download",
+            RemovedKind::TempFile => "temporary file",
+        };
+        println!(
+            "{verb} {kind} {} ({})",
+            r.path.display(),
+            human_bytes(r.bytes)
+        );
+    }
+    println!(
+        "{verb} {} blobs, {} partial downloads, {} temporary files: {} {}; kept {} blobs",
+        report.count(RemovedKind::Blob),
+        report.count(RemovedKind::Partial),
+        report.count(RemovedKind::TempFile),
+        human_bytes(report.bytes_freed()),
+        if report.dry_run { "to free" } else { "freed" },
+        report.kept,
+    );
+    Ok(ExitCode::SUCCESS)
+}

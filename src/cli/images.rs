@@ -1,0 +1,114 @@
+//! `flotilla images`: what the store holds.
+
+use std::process::ExitCode;
+
+use super::{CliError, Context};
+use crate::store::{self, ImageEntry};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print a JSON array instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    let images = store::list_images(&ctx.state_dir)?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&images).map_err(CliError::Json)?;
+        println!("{text}");
+    } else {
+        print!("{}", table(&images));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn table(images: &[ImageEntry]) -> String {
+    let header = ["REFERENCE", "PLATFORM", "MANIFEST", "SIZE", "PULLED"].map(str::to_string);
+    let rows: Vec<[String; 5]> = images
+        .iter()
+        .map(|i| {
+            let digest = i.digest.to_string();
+            [
+                i.name.clone().unwrap_or_else(|| "<unnamed>".to_string()),
+                i.platform.clone().unwrap_or_else(|| "-".to_string()),
+                // sha256: plus 12 hex digits, as docker abbreviates image IDs.
+                digest
+                    .chars()
+                    .take(digest.find(':').map_or(0, |c| c + 13))
+                    .collect(),
+                i.size.map_or_else(|| "-".to_string(), human_bytes),
+                i.pulled.clone().unwrap_or_else(|| "-".to_string()),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Binary units with one decimal, as a person reads them.
+pub(super) fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = u;
+    }
+    format!("{value:.1} {unit}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_a_person_writes_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(312 << 20), "312.0 MiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn table_aligns_columns_and_abbreviates_digests() {
+        let entry = ImageEntry {
+            name: Some("docker.io/library/alpine:3.20".to_string()),
+            digest: crate::digest::Digest::sha256_of(b"m"),
+            media_type: crate::store::layout::MEDIA_OCI_MANIFEST.to_string(),
+            platform: Some("linux/arm/v6".to_string()),
+            size: Some(3 << 20),
+            pulled: Some("2025-01-31T12:00:00Z".to_string()),
+            source: Some("alpine:3.20".to_string()),
+            index_digest: None,
+        };
+        let text = table(&[entry]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].find("PLATFORM"), lines[1].find("linux/arm/v6"));
+        assert!(lines[1].contains("sha256:"), "{text}");
+        assert!(!lines[1].contains(&crate::digest::Digest::sha256_of(b"m").to_string()));
+        assert!(lines[1].contains("3.0 MiB"));
+    }
+}
