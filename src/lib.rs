@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod platform;
+pub mod registry;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
