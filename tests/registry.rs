@@ -285,14 +285,14 @@ async fn cut_connection_resumes_with_range_and_fetches_only_the_rest() {
 
     let conns = proxy.connections();
     assert_eq!(conns.len(), 2, "one cut connection, one resume");
-    let (first_req, first_relayed) = &conns[0];
-    assert_eq!(*first_relayed, cut);
+    let (first_req, first_relayed) = (&conns[0].request, conns[0].to_client);
+    assert_eq!(first_relayed, cut);
     assert!(
         !String::from_utf8_lossy(first_req)
             .to_ascii_lowercase()
             .contains("range:")
     );
-    let (second_req, second_relayed) = &conns[1];
+    let (second_req, second_relayed) = (&conns[1].request, conns[1].to_client);
     let second_req = String::from_utf8_lossy(second_req).to_ascii_lowercase();
     let start: u64 = second_req
         .split("range: bytes=")
@@ -304,7 +304,7 @@ async fn cut_connection_resumes_with_range_and_fetches_only_the_rest() {
     assert!(start > 0 && start < cut, "resumed at {start}");
     let head = 1024;
     assert!(
-        *second_relayed <= img.layer_size - start + head,
+        second_relayed <= img.layer_size - start + head,
         "re-downloaded {second_relayed} for {} missing",
         img.layer_size - start
     );
@@ -339,11 +339,11 @@ async fn partial_left_by_another_process_is_rehashed_and_resumed() {
     let conns = proxy.connections();
     assert_eq!(conns.len(), 1);
     assert!(
-        String::from_utf8_lossy(&conns[0].0)
+        String::from_utf8_lossy(&conns[0].request)
             .to_ascii_lowercase()
             .contains(&format!("range: bytes={have}-"))
     );
-    assert!(conns[0].1 < img.layer_size - have as u64 + 1024);
+    assert!(conns[0].to_client < img.layer_size - have as u64 + 1024);
 }
 
 #[tokio::test]

@@ -78,8 +78,8 @@ pub struct Manifest {
 
 #[derive(Debug, Clone)]
 pub enum ManifestContent {
-    Index(oci_spec::image::ImageIndex),
-    Image(oci_spec::image::ImageManifest),
+    Index(Box<oci_spec::image::ImageIndex>),
+    Image(Box<oci_spec::image::ImageManifest>),
 }
 
 /// The blob to fetch: its digest and the size its descriptor states.
@@ -1010,7 +1010,7 @@ impl RegistryClient {
             }
             q.append_pair("scope", scope);
         }
-        let endpoint = format!("{}", url.origin().ascii_serialization());
+        let endpoint = url.origin().ascii_serialization();
         let mut req = ep.http.get(url).timeout(self.inner.options.request_timeout);
         if let Some(c) = &ep.credentials {
             req = req.basic_auth(&c.username, Some(&c.password));

@@ -665,12 +665,23 @@ pub async fn forward(upstream: SocketAddr, request: &Request) -> Response {
     }
 }
 
+/// What one proxied connection carried.
+#[derive(Debug, Clone, Default)]
+pub struct Relayed {
+    /// Everything the client sent (its requests, headers included).
+    pub request: Vec<u8>,
+    /// Bytes passed on to the client (response heads and bodies).
+    pub to_client: u64,
+}
+
+type RelayLog = Arc<Mutex<Vec<Relayed>>>;
+
 /// A loopback TCP proxy to `upstream`. Its first connection is closed after `cut_after` bytes went to the client;
 /// later ones pass everything. It keeps what each connection sent in both directions.
 pub struct CutProxy {
     pub addr: SocketAddr,
-    /// Per connection, in order: (bytes the client sent, number of bytes relayed to the client).
-    pub connections: Arc<Mutex<Vec<(Vec<u8>, u64)>>>,
+    /// One entry per connection, in order.
+    pub connections: RelayLog,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -688,7 +699,7 @@ impl CutProxy {
                 let conns = conns.clone();
                 let slot = {
                     let mut c = conns.lock().expect("lock");
-                    c.push((Vec::new(), 0));
+                    c.push(Relayed::default());
                     c.len() - 1
                 };
                 tokio::spawn(async move {
@@ -710,7 +721,7 @@ impl CutProxy {
         self.addr.to_string()
     }
 
-    pub fn connections(&self) -> Vec<(Vec<u8>, u64)> {
+    pub fn connections(&self) -> Vec<Relayed> {
         self.connections.lock().expect("lock").clone()
     }
 }
@@ -721,13 +732,7 @@ impl Drop for CutProxy {
     }
 }
 
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    limit: u64,
-    conns: Arc<Mutex<Vec<(Vec<u8>, u64)>>>,
-    slot: usize,
-) {
+async fn relay(client: TcpStream, server: TcpStream, limit: u64, conns: RelayLog, slot: usize) {
     let (mut cr, mut cw) = client.into_split();
     let (mut sr, mut sw) = server.into_split();
     let up_conns = conns.clone();
@@ -738,7 +743,7 @@ async fn relay(
                 break;
             }
             if let Some(c) = up_conns.lock().expect("lock").get_mut(slot) {
-                c.0.extend_from_slice(&buf[..n]);
+                c.request.extend_from_slice(&buf[..n]);
             }
         }
     });
@@ -754,7 +759,7 @@ async fn relay(
         }
         sent += allowed as u64;
         if let Some(c) = conns.lock().expect("lock").get_mut(slot) {
-            c.1 += allowed as u64;
+            c.to_client += allowed as u64;
         }
         if allowed < n || sent >= limit {
             break;
