@@ -895,3 +895,42 @@ async fn referrers_fall_back_to_the_tag_schema() {
             .any(|q| q.path.starts_with("/v2/app/referrers/sha256:"))
     );
 }
+
+#[tokio::test]
+async fn stale_partials_start_over_when_they_cannot_be_resumed() {
+    let blob = b"the real layer bytes".to_vec();
+    let digest = Digest::sha256_of(&blob);
+    let body = blob.clone();
+    // This server ignores Range and always answers 200 with the whole blob.
+    let server = HttpServer::start(move |_| {
+        let b = body.clone();
+        async move { Response::new(200).body(b) }
+    })
+    .await;
+    let (client, _) = client(&[server.host()]);
+    let dir = tempfile::tempdir().unwrap();
+    let partial = dir.path().join("p");
+    let r = repo(&format!("{}/app", server.host()));
+    let spec = BlobSpec {
+        digest,
+        size: blob.len() as u64,
+    };
+
+    // Complete in length but wrong: downloaded again, not refused.
+    std::fs::write(&partial, vec![b'x'; blob.len()]).unwrap();
+    client
+        .fetch_blob(&r, &spec, &partial, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&partial).unwrap(), blob);
+    assert_eq!(server.requests().len(), 1);
+
+    // Half there, and the 200 to the Range request means "from the start".
+    std::fs::write(&partial, &blob[..5]).unwrap();
+    client
+        .fetch_blob(&r, &spec, &partial, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&partial).unwrap(), blob);
+    assert_eq!(server.requests()[1].header("range"), Some("bytes=5-"));
+}

@@ -179,6 +179,52 @@ fn outcome<T>(r: Result<T, Fault>) -> Outcome<T, RegistryError> {
     }
 }
 
+/// A partial blob file and the hash of what it holds so far.
+struct Partial<'a> {
+    file: tokio::fs::File,
+    path: &'a Path,
+    verifier: Verifier,
+}
+
+impl Partial<'_> {
+    async fn restart(&mut self, at: &At, blob: &BlobSpec) -> Result<(), Fault> {
+        self.file
+            .set_len(0)
+            .await
+            .map_err(io_fault(at, self.path))?;
+        self.verifier = Verifier::new(blob.digest.algorithm());
+        Ok(())
+    }
+}
+
+fn io_fault(at: &At, path: &Path) -> impl Fn(std::io::Error) -> Fault {
+    let at = at.clone();
+    let path = path.to_path_buf();
+    move |source| {
+        Fault::fatal(RegistryError::Io {
+            at: Box::new(at.clone()),
+            path: path.clone(),
+            source,
+        })
+    }
+}
+
+/// Flushes and fsyncs the file, then checks the digest of everything it holds.
+async fn finish_blob(at: &At, blob: &BlobSpec, partial: &mut Partial<'_>) -> Result<(), Fault> {
+    let io = io_fault(at, partial.path);
+    partial.file.flush().await.map_err(&io)?;
+    partial.file.sync_all().await.map_err(&io)?;
+    let actual = partial.verifier.clone().finish();
+    if actual != blob.digest {
+        return Err(Fault::fatal(RegistryError::DigestMismatch {
+            at: Box::new(at.clone()),
+            expected: blob.digest.clone(),
+            actual,
+        }));
+    }
+    Ok(())
+}
+
 /// A pull-side registry client; cheap to clone and share between parallel downloads.
 #[derive(Clone)]
 pub struct RegistryClient {
@@ -668,59 +714,29 @@ impl RegistryClient {
         ep: &Endpoint,
         repo: &Repository,
         blob: &BlobSpec,
-        partial: &Path,
+        path: &Path,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<(), RegistryError> {
         let at = self.at(repo, Step::Blob(blob.digest.clone()));
-        let io = |source: std::io::Error| RegistryError::Io {
-            at: Box::new(at.clone()),
-            path: partial.to_path_buf(),
-            source,
-        };
-        let mut file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(partial)
+        let mut partial = self
+            .open_partial(&at, blob, path)
             .await
-            .map_err(io)?;
-        let mut verifier = Verifier::new(blob.digest.algorithm());
-        let existing = file.metadata().await.map_err(io)?.len();
-        if existing > blob.size {
-            file.set_len(0).await.map_err(io)?;
-        } else if existing > 0 {
-            // Another process wrote this part; its bytes are hashed again rather than trusted.
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = file.read(&mut buf).await.map_err(io)?;
-                let Some(read) = buf.get(..n).filter(|r| !r.is_empty()) else {
-                    break;
-                };
-                verifier.update(read);
-            }
-            tracing::debug!(
-                bytes = verifier.len(),
-                "resuming partial blob {}",
-                blob.digest
-            );
-        }
-        progress(verifier.len(), blob.size);
+            .map_err(|f| f.error)?;
+        progress(partial.verifier.len(), blob.size);
         let policy = self.inner.options.retry;
         let attempts = policy.attempts.max(1);
         let mut failed = 0u32;
         loop {
-            let before = verifier.len();
-            let r = if before == blob.size {
-                Ok(())
-            } else {
-                self.blob_attempt(ep, &at, blob, &mut file, &mut verifier, progress)
-                    .await
-            };
-            let r = match r {
-                Ok(()) => self.finish_blob(&at, blob, &mut file, &verifier).await,
-                Err(f) => Err(f),
-            };
+            let before = partial.verifier.len();
+            let mut r = Ok(());
+            if before < blob.size {
+                r = self
+                    .blob_attempt(ep, &at, blob, &mut partial, progress)
+                    .await;
+            }
+            if r.is_ok() {
+                r = finish_blob(&at, blob, &mut partial).await;
+            }
             match r {
                 Ok(()) => return Ok(()),
                 Err(Fault {
@@ -729,14 +745,17 @@ impl RegistryClient {
                 }) => {
                     // An attempt that moved the download forward is not held against it: on a flaky link every
                     // try gets further, and the total stays bounded by the blob's size.
-                    if verifier.len() <= before {
+                    if partial.verifier.len() <= before {
                         failed += 1;
                     }
                     if failed >= attempts {
                         return Err(error);
                     }
                     let d = policy.delay(failed.max(1), after, self.inner.pause.random());
-                    tracing::info!("{error}; resuming at byte {} in {:?}", verifier.len(), d);
+                    tracing::info!(
+                        "{error}; resuming at byte {} in {d:?}",
+                        partial.verifier.len()
+                    );
                     self.inner.pause.sleep(d).await;
                 }
                 Err(Fault { error, retry: None }) => {
@@ -744,9 +763,9 @@ impl RegistryClient {
                         error,
                         RegistryError::DigestMismatch { .. } | RegistryError::SizeMismatch { .. }
                     ) {
-                        drop(file);
-                        if let Err(e) = tokio::fs::remove_file(partial).await {
-                            tracing::warn!("cannot remove {}: {e}", partial.display());
+                        drop(partial);
+                        if let Err(e) = tokio::fs::remove_file(path).await {
+                            tracing::warn!("cannot remove {}: {e}", path.display());
                         }
                     }
                     return Err(error);
@@ -755,31 +774,50 @@ impl RegistryClient {
         }
     }
 
-    async fn finish_blob(
+    /// Opens (or creates) the partial file and hashes what it already holds: bytes another process wrote are
+    /// hashed again rather than trusted. A file that is too long, or complete but wrong, starts over.
+    async fn open_partial<'a>(
         &self,
         at: &At,
         blob: &BlobSpec,
-        file: &mut tokio::fs::File,
-        verifier: &Verifier,
-    ) -> Result<(), Fault> {
-        let io = |source: std::io::Error| {
-            Fault::fatal(RegistryError::Io {
-                at: Box::new(at.clone()),
-                path: PathBuf::new(),
-                source,
-            })
+        path: &'a Path,
+    ) -> Result<Partial<'a>, Fault> {
+        let io = io_fault(at, path);
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .await
+            .map_err(&io)?;
+        let mut partial = Partial {
+            file,
+            path,
+            verifier: Verifier::new(blob.digest.algorithm()),
         };
-        file.flush().await.map_err(io)?;
-        file.sync_all().await.map_err(io)?;
-        let actual = verifier.clone().finish();
-        if actual != blob.digest {
-            return Err(Fault::fatal(RegistryError::DigestMismatch {
-                at: Box::new(at.clone()),
-                expected: blob.digest.clone(),
-                actual,
-            }));
+        let existing = partial.file.metadata().await.map_err(&io)?.len();
+        if existing > blob.size {
+            partial.restart(at, blob).await?;
+        } else if existing > 0 {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = partial.file.read(&mut buf).await.map_err(&io)?;
+                let Some(read) = buf.get(..n).filter(|r| !r.is_empty()) else {
+                    break;
+                };
+                partial.verifier.update(read);
+            }
+            if existing == blob.size && partial.verifier.clone().finish() != blob.digest {
+                partial.restart(at, blob).await?;
+            }
+            tracing::debug!(
+                bytes = partial.verifier.len(),
+                "resuming partial blob {}",
+                blob.digest
+            );
         }
-        Ok(())
+        Ok(partial)
     }
 
     async fn blob_attempt(
@@ -787,18 +825,11 @@ impl RegistryClient {
         ep: &Endpoint,
         at: &At,
         blob: &BlobSpec,
-        file: &mut tokio::fs::File,
-        verifier: &mut Verifier,
+        partial: &mut Partial<'_>,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
     ) -> Result<(), Fault> {
-        let io = |source: std::io::Error| {
-            Fault::fatal(RegistryError::Io {
-                at: Box::new(at.clone()),
-                path: PathBuf::new(),
-                source,
-            })
-        };
-        let offset = verifier.len();
+        let io = io_fault(at, partial.path);
+        let offset = partial.verifier.len();
         let url = self.url(ep, at, &format!("blobs/{}", blob.digest))?;
         let mut headers = HeaderMap::new();
         if offset > 0
@@ -807,12 +838,8 @@ impl RegistryClient {
             headers.insert(header::RANGE, v);
         }
         let mut resp = self.send(ep, at, url, headers, false).await?;
-        let restart = |reason: &str| {
-            tracing::info!(
-                "{}: {reason}; downloading {} from the start",
-                at,
-                blob.digest
-            );
+        let restarting = |reason: &str| {
+            tracing::info!("{at}: {reason}; downloading {} from the start", blob.digest);
         };
         match resp.status() {
             StatusCode::PARTIAL_CONTENT if offset > 0 => {
@@ -822,9 +849,8 @@ impl RegistryClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(content_range_start);
                 if start != Some(offset) {
-                    restart("the registry answered a different range than asked");
-                    file.set_len(0).await.map_err(io)?;
-                    *verifier = Verifier::new(blob.digest.algorithm());
+                    restarting("the registry answered a different range than asked");
+                    partial.restart(at, blob).await?;
                     return Err(Fault::retry(
                         RegistryError::Malformed {
                             at: Box::new(at.clone()),
@@ -835,9 +861,8 @@ impl RegistryClient {
                 }
             }
             StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
-                restart("the registry refused the range");
-                file.set_len(0).await.map_err(io)?;
-                *verifier = Verifier::new(blob.digest.algorithm());
+                restarting("the registry refused the range");
+                partial.restart(at, blob).await?;
                 return Err(Fault::retry(
                     RegistryError::Status {
                         at: Box::new(at.clone()),
@@ -847,36 +872,38 @@ impl RegistryClient {
                     Some(Duration::ZERO),
                 ));
             }
+            StatusCode::PARTIAL_CONTENT => {
+                return Err(Fault::fatal(RegistryError::Malformed {
+                    at: Box::new(at.clone()),
+                    reason: "answered 206 to a request without a range".into(),
+                }));
+            }
             StatusCode::OK => {
                 if offset > 0 {
-                    restart("the registry ignored the range");
-                    file.set_len(0).await.map_err(io)?;
-                    *verifier = Verifier::new(blob.digest.algorithm());
+                    restarting("the registry ignored the range");
+                    partial.restart(at, blob).await?;
                 }
             }
             _ => check_status(at, &resp, self.inner.pause.now())?,
         }
-        if resp.status() == StatusCode::PARTIAL_CONTENT && offset == 0 {
-            return Err(Fault::fatal(RegistryError::Malformed {
-                at: Box::new(at.clone()),
-                reason: "answered 206 to a request without a range".into(),
-            }));
-        }
-        file.seek(std::io::SeekFrom::Start(verifier.len()))
+        let from = partial.verifier.len();
+        partial
+            .file
+            .seek(std::io::SeekFrom::Start(from))
             .await
-            .map_err(io)?;
-        progress(verifier.len(), blob.size);
+            .map_err(&io)?;
+        progress(from, blob.size);
         loop {
             let chunk =
                 match next_chunk(&mut resp, at, &ep.base, self.inner.options.read_timeout).await {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(f) => {
-                        file.flush().await.map_err(io)?;
+                        partial.file.flush().await.map_err(&io)?;
                         return Err(f);
                     }
                 };
-            let room = blob.size - verifier.len();
+            let room = blob.size - partial.verifier.len();
             if chunk.len() as u64 > room {
                 return Err(Fault::fatal(RegistryError::SizeMismatch {
                     at: Box::new(at.clone()),
@@ -884,9 +911,9 @@ impl RegistryClient {
                     got: "more (the download was cut at the stated size)".into(),
                 }));
             }
-            file.write_all(&chunk).await.map_err(io)?;
-            verifier.update(&chunk);
-            progress(verifier.len(), blob.size);
+            partial.file.write_all(&chunk).await.map_err(&io)?;
+            partial.verifier.update(&chunk);
+            progress(partial.verifier.len(), blob.size);
             if let Some(bucket) = &self.inner.bucket {
                 let wait = bucket.take(chunk.len() as u64, self.inner.pause.instant());
                 if !wait.is_zero() {
@@ -894,11 +921,11 @@ impl RegistryClient {
                 }
             }
         }
-        if verifier.len() != blob.size {
+        if partial.verifier.len() != blob.size {
             return Err(Fault::fatal(RegistryError::SizeMismatch {
                 at: Box::new(at.clone()),
                 expected: blob.size,
-                got: verifier.len().to_string(),
+                got: partial.verifier.len().to_string(),
             }));
         }
         Ok(())
