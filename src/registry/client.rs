@@ -1462,4 +1462,20 @@ mod tests {
             "sha256-e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }
+
+    /// The pull orchestration runs fetches in spawned tasks, so the futures must be `Send`.
+    #[test]
+    fn futures_are_send() {
+        fn send<T: Send>(_: T) {}
+        let client = RegistryClient::new(&Config::default(), &[]).unwrap();
+        let r: Reference = "alpine".parse().unwrap();
+        let blob = BlobSpec {
+            digest: Digest::sha256_of(b""),
+            size: 0,
+        };
+        send(client.fetch_manifest(&r));
+        send(client.fetch_referrers(r.repository(), &blob.digest, None));
+        send(client.fetch_blob_bytes(r.repository(), &blob, 1));
+        send(client.fetch_blob(r.repository(), &blob, Path::new("/nonexistent"), &|_, _| {}));
+    }
 }
