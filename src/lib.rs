@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod platform;
+pub mod registry;
 pub mod store;
 pub mod unpack;
 pub mod verify;
