@@ -8,7 +8,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod platform;
+
 use crate::config::{self, Config, ConfigError};
+use crate::platform::detect::DetectError;
 use crate::platform::{Platform, PlatformError};
 
 #[derive(Debug, Parser)]
@@ -46,7 +49,10 @@ pub struct GlobalArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Show which image platforms this device runs, best first, and why
+    Platform(platform::Args),
+}
 
 /// What every command gets: the configuration with the command line applied on top.
 #[derive(Debug)]
@@ -97,6 +103,8 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("--platform: {0}")]
     Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Detect(#[from] DetectError),
 }
 
 impl CliError {
@@ -104,6 +112,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Platform(_) => 2,
+            CliError::Detect(_) => 1,
         }
     }
 }
@@ -126,10 +135,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     init_logging(cli.global.verbose);
     let ctx = Context::from_args(&cli.global)?;
-    match cli.command {}
-    #[allow(unreachable_code)]
-    {
-        let _ = ctx;
-        Ok(ExitCode::SUCCESS)
+    match cli.command {
+        Command::Platform(args) => platform::run(args, &ctx),
     }
 }
