@@ -78,3 +78,70 @@ fn every_board_gives_exactly_its_expected_platforms() {
     );
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }
+
+/// Runs `flotilla platform --evidence DIR` and returns (exit code, stderr).
+fn platform_on(dir: &Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["platform", "--evidence"])
+        .arg(dir)
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("run flotilla");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_refused(dir: &Path, needle: &str) {
+    let (code, stderr) = platform_on(dir);
+    assert_eq!(
+        code,
+        Some(1),
+        "{}: exit code, stderr: {stderr}",
+        dir.display()
+    );
+    assert!(!stderr.contains("panicked"), "{}: {stderr}", dir.display());
+    assert!(
+        stderr.contains(needle),
+        "{}: expected {needle:?} in: {stderr}",
+        dir.display()
+    );
+}
+
+#[test]
+fn bad_evidence_is_refused_with_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = |name: &str| {
+        let d = tmp.path().join(name);
+        fs::create_dir(&d).expect("create board dir");
+        d
+    };
+
+    let empty = dir("empty");
+    assert_refused(&empty, "holds no evidence");
+
+    let garbage = dir("garbage");
+    fs::write(garbage.join("cpuinfo"), "lorem ipsum\ndolor: sit amet\n").expect("write");
+    assert_refused(&garbage, "no uname -m");
+
+    let binary = dir("binary");
+    fs::write(
+        binary.join("cpuinfo"),
+        [0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0xff, 0xfe],
+    )
+    .expect("write");
+    assert_refused(&binary, "binary/cpuinfo");
+
+    // A directory where a file belongs cannot be read, even by root (who can read a mode-000 file).
+    let unreadable = dir("unreadable");
+    fs::create_dir(unreadable.join("cpuinfo")).expect("create");
+    assert_refused(&unreadable, "cannot read evidence file");
+
+    let bad_auxv = dir("bad-auxv");
+    fs::write(bad_auxv.join("uname-m"), "aarch64\n").expect("write");
+    fs::write(bad_auxv.join("auxv"), "AT_HWCAP: !!!\n").expect("write");
+    assert_refused(&bad_auxv, "bad-auxv/auxv");
+
+    assert_refused(&tmp.path().join("missing"), "cannot read evidence file");
+}
