@@ -620,8 +620,8 @@ fn arm32_version(
         rec.rule(format!("ARM version v{version}: {}", said.join(", ")));
     } else {
         rec.rule(format!(
-            "ARM version v{version}, the lowest of: {} (an image built for a higher version stops on an illegal \
-             instruction)",
+            "ARM version v{version}, the lowest of: {} (the lowest wins: the kernel and every core must run the \
+             image, and code for a higher version stops on an illegal instruction)",
             said.join(", ")
         ));
     }
@@ -920,6 +920,26 @@ mod tests {
             "{:?}",
             d.rules
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics(
+            cpuinfo in proptest::option::of(".{0,600}"),
+            machine in proptest::option::of("(armv5tel|armv6l|armv7l|armv8l|aarch64|x86_64|i686|riscv64|[a-z0-9_]{1,8})"),
+            platform in proptest::option::of("(v5l|v6l|v7l|v8l|aarch64|x86_64|[a-z0-9]{1,6})"),
+            page_size in proptest::option::of(proptest::sample::select(vec![4096u64, 16384, 65536])),
+            long_bit in proptest::option::of(proptest::sample::select(vec![32u32, 64])),
+        ) {
+            let mut e = ev(machine.as_deref(), cpuinfo.as_deref());
+            e.page_size = page_size;
+            e.long_bit = long_bit;
+            e.long_bit_source = long_bit.map(|_| "test".to_string());
+            e.auxv.platform = platform;
+            if let Ok(d) = detect(&e) {
+                proptest::prop_assert!(!d.candidates.is_empty());
+            }
+        }
     }
 
     #[test]
