@@ -13,8 +13,6 @@
 //! - Under qemu-user, `uname -m` and the auxiliary vector describe the emulated CPU while /proc/cpuinfo is the
 //!   host's: a cpuinfo of another architecture family is discarded as foreign.
 
-use std::collections::BTreeSet;
-
 use serde::{Serialize, Serializer};
 
 use super::cpuinfo::{self, CpuInfo};
@@ -360,6 +358,10 @@ pub fn detect(evidence: &Evidence) -> Result<Detection, DetectError> {
     if let Some(p) = evidence.page_size {
         rec.signal("getconf PAGESIZE", "page size", p.to_string());
     }
+    if let Some(features) = &evidence.cpuid_features {
+        let (level, _) = x86::level(features);
+        rec.signal("CPUID", "x86-64 level", format!("v{level}"));
+    }
     if let Some(list) = &evidence.aarch32_el0 {
         rec.signal(
             "/sys/devices/system/cpu/aarch32_el0",
@@ -484,10 +486,6 @@ fn record_auxv(rec: &mut Record, evidence: &Evidence, arm32_names: bool) {
     if let Some(p) = auxv.page_size {
         rec.signal("auxv", "AT_PAGESZ", p.to_string());
     }
-    if let Some(features) = &evidence.cpuid_features {
-        let (level, _) = x86::level(features);
-        rec.signal("CPUID", "x86-64 level", format!("v{level}"));
-    }
 }
 
 fn record_cpuinfo(rec: &mut Record, info: &CpuInfo) {
@@ -563,42 +561,39 @@ fn arm32_version(
     cpu: Option<&CpuInfo>,
 ) -> u8 {
     let mut votes: Vec<(u8, String)> = Vec::new();
+    // Identical cores vote once.
+    let mut vote = |v: u8, source: String| {
+        if !votes.contains(&(v, source.clone())) {
+            votes.push((v, source));
+        }
+    };
     if let Some(v) = uname_version {
-        votes.push((v, "uname -m".to_string()));
+        vote(v, "uname -m".to_string());
     }
     if let Some((Family::Arm32, Some(v))) = at_family {
-        votes.push((*v, "AT_PLATFORM".to_string()));
+        vote(*v, "AT_PLATFORM".to_string());
     }
     let mut claimed_architecture = None;
-    if let Some(info) = cpu {
-        let mut seen = BTreeSet::new();
-        for core in &info.cores {
-            if let Some(v) = core.model_name_arm_version() {
-                if seen.insert(("model", v, 0, 0)) {
-                    votes.push((v, "cpuinfo model name".to_string()));
-                }
+    for core in cpu.map(|info| info.cores.as_slice()).unwrap_or_default() {
+        if let Some(v) = core.model_name_arm_version() {
+            vote(v, "cpuinfo model name".to_string());
+        }
+        if let (Some(imp), Some(part)) = (core.implementer, core.part) {
+            if let Some(model) = core_model(imp, part) {
+                vote(
+                    model.arm_version,
+                    format!("CPU part {}", describe_part(imp, part)),
+                );
             }
-            if let (Some(imp), Some(part)) = (core.implementer, core.part) {
-                if let Some(model) = core_model(imp, part) {
-                    if seen.insert(("part", model.arm_version, imp, part)) {
-                        votes.push((
-                            model.arm_version,
-                            format!("CPU part {}", describe_part(imp, part)),
-                        ));
-                    }
-                }
-            }
-            if let Some(arch) = core.architecture.as_deref() {
-                // Kernels print 7 for every core with the revised CPUID scheme, ARMv6 ARM1176 included, so 7 is
-                // only an upper bound; older formats (5TEJ, 6TEJ) and 8 are exact.
-                let digits: String = arch.chars().take_while(char::is_ascii_digit).collect();
-                match digits.parse::<u8>() {
-                    Ok(7) => claimed_architecture = Some(7),
-                    Ok(v) if seen.insert(("arch", v, 0, 0)) => {
-                        votes.push((v, format!("cpuinfo CPU architecture {arch}")))
-                    }
-                    _ => {}
-                }
+        }
+        if let Some(arch) = core.architecture.as_deref() {
+            // Kernels print 7 for every core with the revised CPUID scheme, ARMv6 ARM1176 included, so 7 is only
+            // an upper bound; older formats (5TEJ, 6TEJ) and 8 are exact.
+            let digits: String = arch.chars().take_while(char::is_ascii_digit).collect();
+            match digits.parse::<u8>() {
+                Ok(7) => claimed_architecture = Some(7),
+                Ok(v) => vote(v, format!("cpuinfo CPU architecture {arch}")),
+                Err(_) => {}
             }
         }
     }
