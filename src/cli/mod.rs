@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand};
 
 pub mod gc;
 pub mod images;
+pub mod platform;
 
 use crate::config::{self, Config, ConfigError};
+use crate::platform::detect::DetectError;
 use crate::platform::{Platform, PlatformError};
 use crate::store::StoreError;
 
@@ -55,6 +57,8 @@ pub enum Command {
     Images(images::Args),
     /// Remove blobs no image needs, partial downloads and stale temporary files
     Gc(gc::Args),
+    /// Show which image platforms this device runs, best first, and why
+    Platform(platform::Args),
 }
 
 /// What every command gets: the configuration with the command line applied on top.
@@ -110,6 +114,7 @@ pub enum CliError {
     Store(#[from] StoreError),
     #[error("cannot write the JSON output: {0}")]
     Json(serde_json::Error),
+    Detect(#[from] DetectError),
 }
 
 impl CliError {
@@ -119,6 +124,7 @@ impl CliError {
             CliError::Config(_) | CliError::Platform(_) => 2,
             CliError::Store(StoreError::BadSource { .. } | StoreError::BadRefName { .. }) => 2,
             CliError::Store(_) | CliError::Json(_) => 1,
+            CliError::Detect(_) => 1,
         }
     }
 }
@@ -144,5 +150,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match cli.command {
         Command::Images(args) => images::run(args, &ctx),
         Command::Gc(args) => gc::run(args, &ctx),
+        Command::Platform(args) => platform::run(args, &ctx),
     }
 }

@@ -7,6 +7,11 @@
 //! - the canonical form spells the baselines the way the board fixtures do: `linux/arm64/v8` (containerd prints
 //!   `linux/arm64`) and `linux/amd64` (never `linux/amd64/v1`).
 
+pub mod cpuinfo;
+pub mod detect;
+pub mod evidence;
+pub mod x86;
+
 use std::fmt;
 use std::str::FromStr;
 
