@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod elf;
 pub mod platform;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.
