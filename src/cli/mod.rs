@@ -3,6 +3,8 @@
 //! Commands take a [`Context`] built once from the global options and the configuration file, so every command
 //! sees the same precedence: command line over configuration file over defaults.
 
+pub mod check_binary;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -46,7 +48,10 @@ pub struct GlobalArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Show what an executable needs (architecture version, FP/SIMD, loader, page size) and whether this host can run it
+    CheckBinary(check_binary::Args),
+}
 
 /// What every command gets: the configuration with the command line applied on top.
 #[derive(Debug)]
@@ -97,6 +102,8 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("--platform: {0}")]
     Platform(#[from] PlatformError),
+    #[error(transparent)]
+    CheckBinary(#[from] check_binary::CheckBinaryError),
 }
 
 impl CliError {
@@ -104,6 +111,7 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::Config(_) | CliError::Platform(_) => 2,
+            CliError::CheckBinary(e) => e.exit_code(),
         }
     }
 }
@@ -126,10 +134,7 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     init_logging(cli.global.verbose);
     let ctx = Context::from_args(&cli.global)?;
-    match cli.command {}
-    #[allow(unreachable_code)]
-    {
-        let _ = ctx;
-        Ok(ExitCode::SUCCESS)
+    match cli.command {
+        Command::CheckBinary(args) => check_binary::run(args, &ctx),
     }
 }

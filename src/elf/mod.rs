@@ -723,12 +723,17 @@ fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<Strin
             ),
         ));
     }
-    let needed = evidence.iter().map(|(v, _)| *v).max();
-    reasons.extend(evidence.into_iter().map(|(_, why)| why));
+    // The deciding evidence first: a verdict quotes the first reason.
+    evidence.sort_by(|a, b| b.0.cmp(&a.0));
+    let needed = evidence.first().map(|(v, _)| *v);
+    let mut ordered: Vec<String> = evidence.into_iter().map(|(_, why)| why).collect();
+    ordered.append(reasons);
+    *reasons = ordered;
     match needed {
         Some(v) => Some(format!("v{v}")),
         None => {
-            reasons.push(
+            reasons.insert(
+                0,
                 "no ARM architecture version recorded (no .ARM.attributes CPU tags, no GOARM)"
                     .into(),
             );
@@ -848,7 +853,11 @@ pub fn can_run(
             .collect::<Vec<_>>()
             .join(", ")
     };
-    let evidence = req.reasons.join("; ");
+    let evidence = match req.reasons.as_slice() {
+        [] => "no evidence recorded".to_string(),
+        [only] => only.clone(),
+        [first, rest @ ..] => format!("{first}, and {} more", rest.len()),
+    };
     let mut fine = Vec::new();
     let mut blocking = Vec::new();
     let mut unproven = Vec::new();
@@ -858,7 +867,7 @@ pub fn can_run(
     }
     match &req.platform {
         None => blocking.push(format!(
-            "needs a machine flotilla has no platform for ({evidence}); this host runs {host_list}"
+            "needs a machine flotilla has no platform for: {evidence}; this host runs {host_list}"
         )),
         Some(need) if need.architecture == "arm" && need.variant.is_none() => {
             if host_candidates
@@ -866,18 +875,18 @@ pub fn can_run(
                 .any(|h| h.os == need.os && h.architecture == need.architecture)
             {
                 unproven.push(format!(
-                    "needs {need} of an unknown version ({evidence}); this host runs {host_list}"
+                    "needs {need} of an unknown version: {evidence}; this host runs {host_list}"
                 ));
             } else {
                 blocking.push(format!(
-                    "needs {need} ({evidence}); this host runs {host_list}"
+                    "needs {need}: {evidence}; this host runs {host_list}"
                 ));
             }
         }
         Some(need) => match host_candidates.iter().find(|h| satisfies(h, need)) {
-            Some(host) => fine.push(format!("needs {need} ({evidence}); this host runs {host}")),
+            Some(host) => fine.push(format!("needs {need}: {evidence}; this host runs {host}")),
             None => blocking.push(format!(
-                "needs {need} ({evidence}); this host runs {host_list}"
+                "needs {need}: {evidence}; this host runs {host_list}"
             )),
         },
     }
