@@ -272,6 +272,12 @@ fn inspect_ref<'data, R: ReadRef<'data>>(data: R) -> Result<BinaryRequirements, 
     if probe.starts_with(b"#!") {
         return parse_script(probe).map(BinaryRequirements::Script);
     }
+    if elf::ELFMAG.starts_with(probe) {
+        return Err(ElfError::Malformed {
+            what: "ELF header",
+            detail: "the file ends inside the ELF magic".into(),
+        });
+    }
     if !probe.starts_with(&elf::ELFMAG) {
         let start = probe
             .iter()
@@ -724,7 +730,7 @@ fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<Strin
         ));
     }
     // The deciding evidence first: a verdict quotes the first reason.
-    evidence.sort_by(|a, b| b.0.cmp(&a.0));
+    evidence.sort_by_key(|e| std::cmp::Reverse(e.0));
     let needed = evidence.first().map(|(v, _)| *v);
     let mut ordered: Vec<String> = evidence.into_iter().map(|(_, why)| why).collect();
     ordered.append(reasons);
