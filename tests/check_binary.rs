@@ -363,3 +363,31 @@ proptest! {
         }
     }
 }
+
+/// A real Go binary: Debian's runc (installed with the test tools) records its toolchain and build settings.
+#[test]
+fn go_build_info_from_a_real_go_binary() {
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file());
+    let Some(runc) = runc.or_else(|| missing("runc (a Go binary) is not installed")) else {
+        return;
+    };
+    let req = elf_requirements(&runc);
+    let go = req.go.as_ref().expect("runc carries Go build info");
+    assert!(go.version.starts_with("go1."), "{go:?}");
+    assert_eq!(go.goos.as_deref(), Some("linux"));
+    match req.machine.as_str() {
+        "x86_64" => {
+            assert_eq!(go.goarch.as_deref(), Some("amd64"));
+            assert!(go.goamd64.is_some(), "{go:?}");
+            assert!(
+                req.reasons.iter().any(|r| r.starts_with("GOAMD64=")),
+                "{req:?}"
+            );
+        }
+        "aarch64" => assert_eq!(go.goarch.as_deref(), Some("arm64")),
+        other => eprintln!("runc for {other}: only the version is checked"),
+    }
+}

@@ -639,7 +639,7 @@ fn required_platform(req: &ElfRequirements, os_abi: u8) -> (Option<Platform>, Ve
         "amd64" => amd64_variant(req, &mut reasons),
         "arm64" => Some(arm64_variant(req, &mut reasons)),
         _ => {
-            reasons.push(format!("e_machine {} ({})", req.machine, req.class));
+            reasons.push(format!("e_machine {} ({}-bit)", req.machine, req.class));
             None
         }
     };
@@ -1353,6 +1353,35 @@ mod tests {
             go::inline_blob("go1.22.4", "build\tGOARM=7\n"),
         ));
         e.build()
+    }
+
+    #[test]
+    fn file_reader_agrees_with_whole_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut stripped = TestElf::arm();
+        stripped.sections.push((
+            ".go.buildinfo",
+            elf::SHT_PROGBITS,
+            go::inline_blob("go1.21.0", "build\tGOARM=5\n"),
+        ));
+        stripped.section_headers = false;
+        for (name, data) in [("rich", rich_elf()), ("stripped", stripped.build())] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &data).unwrap();
+            assert_eq!(
+                inspect_file(&path).unwrap(),
+                inspect(&data).unwrap(),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            inspect_file(dir.path()),
+            Err(ElfError::NotAFile { .. })
+        ));
+        assert!(matches!(
+            inspect_file(&dir.path().join("missing")),
+            Err(ElfError::Io { .. })
+        ));
     }
 
     proptest! {
