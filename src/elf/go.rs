@@ -95,7 +95,11 @@ pub fn decode<'data>(
     let ptr_size = header.get(14).copied().unwrap_or_default();
     let flags = header.get(15).copied().unwrap_or_default();
     let (version, modinfo) = if flags & FLAG_VERSION_INLINE != 0 {
-        let (version, next) = inline_string(address + HEADER_SIZE, "toolchain version", read)?;
+        let (version, next) = inline_string(
+            address.saturating_add(HEADER_SIZE),
+            "toolchain version",
+            read,
+        )?;
         let (modinfo, _) = inline_string(next, "module information", read)?;
         (version, modinfo)
     } else {
@@ -135,14 +139,15 @@ fn inline_string<'data>(
     if length > MAX_STRING_LEN {
         return Err(GoBuildInfoError::TooLong { what, length });
     }
-    let start = address + used;
+    // Addresses come from the file: saturate rather than wrap, so a hostile one reads nothing.
+    let start = address.saturating_add(used);
     let bytes = read(start, length)
         .filter(|b| b.len() as u64 == length)
         .ok_or(GoBuildInfoError::Truncated {
             address: start,
             what,
         })?;
-    Ok((bytes, start + length))
+    Ok((bytes, start.saturating_add(length)))
 }
 
 /// A Go string header (data pointer, length) at `address`, resolved; `None` when anything is unmapped, as Go's
@@ -295,6 +300,14 @@ mod tests {
         let info = decode(0x100, &reader(0, &data)).unwrap();
         assert_eq!(info.version, "go1.16.2");
         assert_eq!(info.goarm, None);
+    }
+
+    #[test]
+    fn addresses_at_the_top_of_memory_do_not_wrap() {
+        let blob = inline_blob("go1.22.4", MODINFO);
+        // Debug builds panic on overflow: before saturating, the module string's end wrapped here.
+        let base = u64::MAX - 40;
+        let _ = decode(base, &reader(base, &blob));
     }
 
     #[test]
