@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod digest;
+pub mod elf;
 pub mod platform;
 mod sys;
 pub mod registry;

@@ -3,6 +3,8 @@
 //! Commands take a [`Context`] built once from the global options and the configuration file, so every command
 //! sees the same precedence: command line over configuration file over defaults.
 
+pub mod check_binary;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,6 +61,8 @@ pub enum Command {
     Gc(gc::Args),
     /// Show which image platforms this device runs, best first, and why
     Platform(platform::Args),
+    /// Show what an executable needs (architecture version, FP/SIMD, loader, page size) and whether this host can run it
+    CheckBinary(check_binary::Args),
 }
 
 /// What every command gets: the configuration with the command line applied on top.
@@ -114,7 +118,10 @@ pub enum CliError {
     Store(#[from] StoreError),
     #[error("cannot write the JSON output: {0}")]
     Json(serde_json::Error),
+    #[error(transparent)]
     Detect(#[from] DetectError),
+    #[error(transparent)]
+    CheckBinary(#[from] check_binary::CheckBinaryError),
 }
 
 impl CliError {
@@ -125,6 +132,7 @@ impl CliError {
             CliError::Store(StoreError::BadSource { .. } | StoreError::BadRefName { .. }) => 2,
             CliError::Store(_) | CliError::Json(_) => 1,
             CliError::Detect(_) => 1,
+            CliError::CheckBinary(e) => e.exit_code(),
         }
     }
 }
@@ -151,5 +159,6 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Images(args) => images::run(args, &ctx),
         Command::Gc(args) => gc::run(args, &ctx),
         Command::Platform(args) => platform::run(args, &ctx),
+        Command::CheckBinary(args) => check_binary::run(args, &ctx),
     }
 }
