@@ -128,6 +128,19 @@ pub struct Verifier {
     len: u64,
 }
 
+impl fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let algorithm = match self.state {
+            State::Sha256(_) => Algorithm::Sha256,
+            State::Sha512(_) => Algorithm::Sha512,
+        };
+        f.debug_struct("Verifier")
+            .field("algorithm", &algorithm)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
 impl Verifier {
     pub fn new(algorithm: Algorithm) -> Verifier {
         let state = match algorithm {

@@ -10,9 +10,10 @@ pub mod config;
 pub mod digest;
 pub mod elf;
 pub mod platform;
-mod sys;
+pub mod pull;
 pub mod registry;
 pub mod store;
+mod sys;
 pub mod unpack;
 pub mod verify;
 

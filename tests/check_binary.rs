@@ -237,7 +237,7 @@ fn json_report_names_the_override() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["requirements"]["kind"], "elf");
-    assert_eq!(report["requirements"]["platform"]["variant"], "v7");
+    assert_eq!(report["requirements"]["platform"], "linux/arm/v7");
     assert_eq!(report["requirements"]["arm"]["float_abi"], "hard");
     assert_eq!(
         report["requirements"]["arm"]["attributes"]["fp_arch"],
@@ -302,7 +302,7 @@ fn hostile_files_fail_cleanly() {
 }
 
 #[test]
-fn scripts_name_their_interpreter_and_no_platform_is_an_error() {
+fn scripts_name_their_interpreter_and_bad_page_sizes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let script = dir.path().join("run.sh");
     std::fs::write(&script, b"#!/bin/sh -e\nexec busybox echo ok\n").unwrap();
@@ -318,10 +318,6 @@ fn scripts_name_their_interpreter_and_no_platform_is_an_error() {
         "{stdout}"
     );
 
-    let out = flotilla(&["check-binary", script.to_str().unwrap()], dir.path());
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(text(&out.stderr).contains("host detection is not available"));
-
     let out = flotilla(
         &[
             "check-binary",
@@ -335,6 +331,34 @@ fn scripts_name_their_interpreter_and_no_platform_is_an_error() {
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(text(&out.stderr).contains("power of two"));
+}
+
+/// Without --platform the live host decides: this x86-64 machine runs the amd64 busybox and not the armel one.
+#[test]
+fn the_detected_host_is_compared_when_no_platform_is_given() {
+    let (Some(amd64), Some(armel)) = (busybox("amd64"), busybox("armel")) else {
+        return;
+    };
+    if std::env::consts::ARCH != "x86_64" {
+        eprintln!("skipping: this test knows what an x86-64 host runs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = flotilla(
+        &["check-binary", "--json", amd64.to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["host"]["source"], "detected");
+    assert!(
+        report["host"]["platforms"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == "linux/amd64")),
+        "{report}"
+    );
+    let out = flotilla(&["check-binary", armel.to_str().unwrap()], dir.path());
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
 }
 
 /// Mutations of a real binary's headers, section table and attribute section (its first and last bytes).

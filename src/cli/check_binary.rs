@@ -18,7 +18,7 @@ const EXIT_CANNOT_RUN: u8 = 3;
     0  this host can run the file (for a #! script: its interpreter decides, check that file next)\n  \
     3  this host cannot run it, or nothing proves it can (a 32-bit ARM binary that records no ARM version)\n  \
     1  the file could not be read or is not an executable\n  \
-    2  usage error, or no host platform to compare with (pass --platform)")]
+    2  usage error")]
 pub struct Args {
     /// The executable or #! script to check
     #[arg(value_name = "FILE")]
@@ -35,11 +35,6 @@ pub struct Args {
 pub enum CheckBinaryError {
     #[error(transparent)]
     Elf(#[from] ElfError),
-    #[error(
-        "host detection is not available in this build: pass --platform to say what the host runs \
-         (e.g. --platform linux/arm/v6), and --page-size if it is not 4096"
-    )]
-    NoHostDetection,
     #[error("cannot write the report: {0}")]
     Output(#[source] std::io::Error),
 }
@@ -47,7 +42,6 @@ pub enum CheckBinaryError {
 impl CheckBinaryError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            CheckBinaryError::NoHostDetection => 2,
             CheckBinaryError::Elf(_) | CheckBinaryError::Output(_) => 1,
         }
     }
@@ -66,15 +60,12 @@ fn parse_page_size(s: &str) -> Result<u64, String> {
 }
 
 /// The platforms this host runs (best first) and its page size.
-// LEAD: wire to detection
 fn host_target(
     ctx: &Context,
     page_size: Option<u64>,
-) -> Result<(Vec<Platform>, Option<u64>), CheckBinaryError> {
-    match &ctx.platform_override {
-        Some(platform) => Ok((vec![platform.clone()], page_size)),
-        None => Err(CheckBinaryError::NoHostDetection),
-    }
+) -> Result<(Vec<Platform>, Option<u64>), CliError> {
+    let detection = super::platform::host_detection(ctx)?;
+    Ok((detection.candidates, page_size.or(detection.page_size)))
 }
 
 #[derive(Serialize)]

@@ -12,11 +12,16 @@ use clap::{Parser, Subcommand};
 
 pub mod gc;
 pub mod images;
+pub mod inspect;
 pub mod platform;
+pub mod pull;
 
 use crate::config::{self, Config, ConfigError};
 use crate::platform::detect::DetectError;
+use crate::platform::select::SelectError;
 use crate::platform::{Platform, PlatformError};
+use crate::pull::PullError;
+use crate::registry::RegistryError;
 use crate::store::StoreError;
 
 #[derive(Debug, Parser)]
@@ -55,6 +60,10 @@ pub struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fetch, verify and prove the variant of an image this device runs
+    Pull(pull::Args),
+    /// Show an image's variants, which one this device would take, and why not the others
+    Inspect(inspect::Args),
     /// List the images in the store
     Images(images::Args),
     /// Remove blobs no image needs, partial downloads and stale temporary files
@@ -117,11 +126,19 @@ pub enum CliError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write the JSON output: {0}")]
-    Json(serde_json::Error),
+    Json(#[from] serde_json::Error),
     #[error(transparent)]
     Detect(#[from] DetectError),
     #[error(transparent)]
     CheckBinary(#[from] check_binary::CheckBinaryError),
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
 }
 
 impl CliError {
@@ -130,9 +147,17 @@ impl CliError {
         match self {
             CliError::Config(_) | CliError::Platform(_) => 2,
             CliError::Store(StoreError::BadSource { .. } | StoreError::BadRefName { .. }) => 2,
-            CliError::Store(_) | CliError::Json(_) => 1,
             CliError::Detect(_) => 1,
             CliError::CheckBinary(e) => e.exit_code(),
+            CliError::Registry(RegistryError::Reference(_)) => 2,
+            CliError::Pull(PullError::Registry(RegistryError::Reference(_))) => 2,
+            CliError::Pull(PullError::Store(StoreError::BadSource { .. })) => 2,
+            CliError::Store(_)
+            | CliError::Json(_)
+            | CliError::Pull(_)
+            | CliError::Registry(_)
+            | CliError::Select(_)
+            | CliError::Runtime(_) => 1,
         }
     }
 }
@@ -156,9 +181,22 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
     init_logging(cli.global.verbose);
     let ctx = Context::from_args(&cli.global)?;
     match cli.command {
+        Command::Pull(args) => pull::run(args, &ctx),
+        Command::Inspect(args) => inspect::run(args, &ctx),
         Command::Images(args) => images::run(args, &ctx),
         Command::Gc(args) => gc::run(args, &ctx),
         Command::Platform(args) => platform::run(args, &ctx),
         Command::CheckBinary(args) => check_binary::run(args, &ctx),
     }
+}
+
+/// The runtime for commands that talk to registries: a few worker threads, since hashing and decompression of
+/// parallel layers are CPU work and edge devices have two to four cores.
+pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)
 }

@@ -13,7 +13,7 @@
 //! - Under qemu-user, `uname -m` and the auxiliary vector describe the emulated CPU while /proc/cpuinfo is the
 //!   host's: a cpuinfo of another architecture family is discarded as foreign.
 
-use serde::{Serialize, Serializer};
+use serde::Serialize;
 
 use super::cpuinfo::{self, CpuInfo};
 use super::evidence::{AuxValue, Evidence, EvidenceError, LinuxHost};
@@ -41,7 +41,6 @@ pub struct Signal {
 /// The answer: platforms best first, and everything that led to it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Detection {
-    #[serde(serialize_with = "platforms_as_strings")]
     pub candidates: Vec<Platform>,
     pub signals: Vec<Signal>,
     pub rules: Vec<String>,
@@ -53,10 +52,6 @@ impl Detection {
     pub fn best(&self) -> Option<&Platform> {
         self.candidates.first()
     }
-}
-
-fn platforms_as_strings<S: Serializer>(platforms: &[Platform], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(platforms.iter().map(Platform::to_string))
 }
 
 /// Reads the live host once and detects.

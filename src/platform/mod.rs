@@ -15,7 +15,7 @@ pub mod x86;
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 pub mod select;
 
@@ -34,13 +34,26 @@ pub enum PlatformError {
     BadCharacters(String),
 }
 
-/// One platform, normalised.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// One platform, normalised. In JSON it is the string users type (`"linux/arm/v7"`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Platform {
     pub os: String,
     pub architecture: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
+}
+
+impl Serialize for Platform {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Platform {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Platform, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Platform {
@@ -57,6 +70,24 @@ impl Platform {
 
     pub fn linux(architecture: &str, variant: Option<&str>) -> Platform {
         Platform::new("linux", architecture, variant)
+    }
+
+    /// The OCI descriptor form: `{"architecture": …, "os": …, "variant": …}`.
+    pub fn to_oci_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({"architecture": self.architecture, "os": self.os});
+        if let Some(variant) = &self.variant {
+            v["variant"] = variant.clone().into();
+        }
+        v
+    }
+
+    /// Reads the OCI descriptor form; `None` when it lacks `os` or `architecture`.
+    pub fn from_oci_json(v: &serde_json::Value) -> Option<Platform> {
+        Some(Platform::new(
+            v.get("os")?.as_str()?,
+            v.get("architecture")?.as_str()?,
+            v.get("variant").and_then(|v| v.as_str()),
+        ))
     }
 
     /// The ARM architecture version (5, 6, 7, 8) of a 32-bit `arm` platform with a known variant.

@@ -510,14 +510,15 @@ impl RegistryClient {
 
     /// Downloads a blob into `partial` (a path the content store chose), resuming what is already there, and
     /// returns once the file holds exactly the blob, verified and fsynced. On a digest or size mismatch the file is
-    /// removed. `progress` gets (bytes so far, total).
+    /// removed. `progress` gets (bytes so far, total). Returns the hash state over the whole file, so the store can
+    /// publish it without hashing the bytes again, and how many bytes this call transferred.
     pub async fn fetch_blob(
         &self,
         repo: &Repository,
         blob: &BlobSpec,
         partial: &Path,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<(), RegistryError> {
+    ) -> Result<(Verifier, u64), RegistryError> {
         self.across_endpoints(repo, |ep| async move {
             self.fetch_blob_from(&ep, repo, blob, partial, progress)
                 .await
@@ -716,13 +717,14 @@ impl RegistryClient {
         blob: &BlobSpec,
         path: &Path,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<(), RegistryError> {
+    ) -> Result<(Verifier, u64), RegistryError> {
         let at = self.at(repo, Step::Blob(blob.digest.clone()));
         let mut partial = self
             .open_partial(&at, blob, path)
             .await
             .map_err(|f| f.error)?;
-        progress(partial.verifier.len(), blob.size);
+        let resumed_at = partial.verifier.len();
+        progress(resumed_at, blob.size);
         let policy = self.inner.options.retry;
         let attempts = policy.attempts.max(1);
         let mut failed = 0u32;
@@ -738,7 +740,10 @@ impl RegistryClient {
                 r = finish_blob(&at, blob, &mut partial).await;
             }
             match r {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    let fetched = partial.verifier.len().saturating_sub(resumed_at);
+                    return Ok((partial.verifier.clone(), fetched));
+                }
                 Err(Fault {
                     error,
                     retry: Some(after),

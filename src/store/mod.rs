@@ -697,9 +697,7 @@ fn ref_descriptor(r: &RefRecord) -> Descriptor {
     }
     if let Some(p) = &r.platform {
         a.insert(ANNOTATION_PLATFORM.to_string(), p.to_string());
-        if let Ok(v) = serde_json::to_value(p) {
-            d.other.insert("platform".to_string(), v);
-        }
+        d.other.insert("platform".to_string(), p.to_oci_json());
     }
     if !r.keep.is_empty() {
         let keep: Vec<String> = r.keep.iter().map(Digest::to_string).collect();
@@ -729,7 +727,7 @@ fn images_in(layout: &OciLayout) -> Result<Vec<ImageEntry>, StoreError> {
             let platform = a(ANNOTATION_PLATFORM).or_else(|| {
                 d.other
                     .get("platform")
-                    .and_then(|p| serde_json::from_value::<Platform>(p.clone()).ok())
+                    .and_then(Platform::from_oci_json)
                     .map(|p| p.to_string())
             });
             ImageEntry {

@@ -1,0 +1,67 @@
+//! `flotilla pull REF`: fetch, verify and prove the variant of an image this device runs.
+
+use std::process::ExitCode;
+
+use crate::pull::progress::Reporter;
+use crate::pull::{self, Host, PullOptions, Source};
+use crate::registry::RegistryClient;
+use crate::store::Store;
+
+use super::{CliError, Context};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Image reference (`alpine:3.20`, `registry:5000/app@sha256:…`) or OCI layout (`oci:/media/usb/images:app`)
+    pub reference: String,
+    /// Print the result as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    let source: Source = args.reference.parse()?;
+    let detection = super::platform::host_detection(ctx)?;
+    if let Some(p) = &ctx.platform_override {
+        eprintln!("using --platform {p} instead of detection");
+    }
+    let host = Host {
+        candidates: detection.candidates,
+        page_size: detection.page_size,
+    };
+    let store = Store::open(&ctx.state_dir)?;
+    let client = match &source {
+        Source::Registry(_) => Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?),
+        Source::Layout(_) => None,
+    };
+    let options = PullOptions::from_config(&ctx.config);
+    let reporter = Reporter::for_stderr();
+    let report = super::runtime()?.block_on(pull::pull(
+        &ctx.config,
+        client.as_ref(),
+        &store,
+        &source,
+        &host,
+        &options,
+        &reporter,
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("pulled {}", report.name);
+    if let Some(index) = &report.index_digest {
+        println!("  index     {index}");
+    }
+    println!(
+        "  manifest  {} ({})",
+        report.manifest_digest, report.platform
+    );
+    println!("  signature {}", report.signature);
+    for line in &report.proof {
+        println!("  proof     {line}");
+    }
+    for r in &report.refused {
+        println!("  passed over {r}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,703 @@
+//! A pull: from a reference to a verified image in the store, all or nothing.
+//!
+//! 1. Resolve the reference once to a digest (a tag is never read twice in one pull).
+//! 2. Check the signature policy for the repository against that digest.
+//! 3. An index: rank its entries against the device's candidates ([`crate::platform::select`]). A single
+//!    manifest: its config must name a platform the device runs.
+//! 4. For each acceptable entry, best first: fetch the manifest and config (the config must state the platform
+//!    chosen), check free space, fetch the missing layers in parallel (resuming partials), then prove the
+//!    architecture from the image's own executables ([`proof`]). A refused variant is recorded and the next one
+//!    tried.
+//! 5. Only then is the reference written, in one atomic update of the store's `index.json`. An interrupted or
+//!    refused pull leaves no reference, only blobs and resumable partials for the next pull or `flotilla gc`.
+
+pub mod progress;
+pub mod proof;
+mod signatures;
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use futures_util::stream::{self, StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::digest::Digest;
+use crate::platform::Platform;
+use crate::platform::select::{self, IndexEntry, SelectError};
+use crate::registry::{BlobSpec, Reference, RegistryClient, RegistryError};
+use crate::store::layout::{
+    Descriptor, MAX_MANIFEST_BYTES, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST, OCI_SCHEME, OciLayout, OciLayoutRef,
+};
+use crate::store::space::Statvfs;
+use crate::store::{RefRecord, Slot, Store, StoreError};
+use crate::unpack::{ImageTree, LayerSource};
+use crate::verify::VerifyError;
+use crate::verify::policy::{Acceptance, Policy};
+use progress::Reporter;
+use proof::{ImageConfig, ProofError};
+
+/// Image configs larger than this are refused; real ones are a few KiB.
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
+/// Layers per manifest; a manifest listing more is hostile or broken.
+const MAX_LAYERS: usize = 1024;
+/// Unpacking is estimated at twice the compressed size for the free-space check (gzip on binaries and text).
+const UNPACK_FACTOR: u64 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error("signature check for {image} failed: {source}")]
+    Signature { image: String, source: VerifyError },
+    #[error("manifest {digest} is not usable: {reason}")]
+    BadManifest { digest: Digest, reason: String },
+    #[error("image config {digest} is not usable: {reason}")]
+    BadConfig { digest: Digest, reason: String },
+    #[error(
+        "{image} is a single-platform image for {platform}, which this device does not run (it runs {device})"
+    )]
+    WrongPlatform {
+        image: String,
+        platform: Platform,
+        device: String,
+    },
+    #[error(
+        "{image}: no variant runs on this device (it runs {device}):{}",
+        list(refused)
+    )]
+    NoRunnableVariant {
+        image: String,
+        device: String,
+        refused: Vec<Refusal>,
+    },
+    #[error("cannot create a scratch file in {path}: {source}")]
+    Scratch {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+fn list(refused: &[Refusal]) -> String {
+    refused.iter().map(|r| format!("\n  - {r}")).collect()
+}
+
+/// Where an image comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Registry(Reference),
+    /// An OCI layout directory, for devices updated from removable media.
+    Layout(OciLayoutRef),
+}
+
+impl FromStr for Source {
+    type Err = PullError;
+
+    fn from_str(s: &str) -> Result<Source, PullError> {
+        if s.starts_with(OCI_SCHEME) {
+            Ok(Source::Layout(s.parse()?))
+        } else {
+            Ok(Source::Registry(s.parse().map_err(RegistryError::from)?))
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Registry(r) => write!(f, "{r}"),
+            Source::Layout(l) => match &l.name {
+                Some(n) => write!(f, "{OCI_SCHEME}{}:{n}", l.dir.display()),
+                None => write!(f, "{OCI_SCHEME}{}", l.dir.display()),
+            },
+        }
+    }
+}
+
+/// What the device can run, as the pull needs it.
+#[derive(Debug, Clone)]
+pub struct Host {
+    /// Best first.
+    pub candidates: Vec<Platform>,
+    pub page_size: Option<u64>,
+}
+
+impl Host {
+    fn describe(&self) -> String {
+        self.candidates
+            .iter()
+            .map(Platform::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A variant that was tried and refused, or passed over without trying.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    pub platform: String,
+    pub digest: Option<Digest>,
+    pub reason: String,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.digest {
+            Some(d) => write!(f, "{} ({d}): {}", self.platform, self.reason),
+            None => write!(f, "{}: {}", self.platform, self.reason),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PullReport {
+    /// The name the image is stored under.
+    pub name: String,
+    pub index_digest: Option<Digest>,
+    pub manifest_digest: Digest,
+    pub platform: Platform,
+    pub signature: String,
+    /// Variants refused after fetching (failed proof, wrong config) and entries passed over by their labels.
+    pub refused: Vec<Refusal>,
+    /// The executables checked and what each needs.
+    pub proof: Vec<String>,
+    pub layers_fetched: usize,
+    pub bytes_fetched: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    pub parallel_layers: usize,
+}
+
+impl PullOptions {
+    pub fn from_config(config: &Config) -> PullOptions {
+        PullOptions {
+            parallel_layers: config.pull.parallel_layers.max(1),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ManifestFile {
+    #[serde(default)]
+    media_type: Option<String>,
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+}
+
+/// The manifest bytes, wherever they come from.
+struct Fetched {
+    digest: Digest,
+    media_type: String,
+    bytes: Vec<u8>,
+}
+
+/// The one place that knows how to read from each kind of source.
+enum Fetcher<'a> {
+    Registry {
+        client: &'a RegistryClient,
+        reference: &'a Reference,
+    },
+    Layout {
+        layout: OciLayout,
+        name: Option<String>,
+    },
+}
+
+impl Fetcher<'_> {
+    async fn top(&self) -> Result<Fetched, PullError> {
+        match self {
+            Fetcher::Registry { client, reference } => {
+                let m = client.fetch_manifest(reference).await?;
+                Ok(Fetched {
+                    digest: m.digest,
+                    media_type: m.kind.media_type().to_string(),
+                    bytes: m.bytes,
+                })
+            }
+            Fetcher::Layout { layout, name } => {
+                let desc = layout.resolve(name.as_deref())?;
+                let bytes = layout.read_blob(&desc.digest, desc.size, MAX_MANIFEST_BYTES)?;
+                Ok(Fetched {
+                    digest: desc.digest,
+                    media_type: desc.media_type,
+                    bytes,
+                })
+            }
+        }
+    }
+
+    /// A manifest named by digest, verified.
+    async fn manifest(&self, digest: &Digest, size: u64) -> Result<Vec<u8>, PullError> {
+        match self {
+            Fetcher::Registry { client, reference } => Ok(client
+                .fetch_manifest(&reference.with_digest(digest.clone()))
+                .await?
+                .bytes),
+            Fetcher::Layout { layout, .. } => {
+                Ok(layout.read_blob(digest, size, MAX_MANIFEST_BYTES)?)
+            }
+        }
+    }
+
+    async fn small_blob(&self, desc: &Descriptor, limit: u64) -> Result<Vec<u8>, PullError> {
+        match self {
+            Fetcher::Registry { client, reference } => {
+                let spec = BlobSpec {
+                    digest: desc.digest.clone(),
+                    size: desc.size,
+                };
+                Ok(client
+                    .fetch_blob_bytes(reference.repository(), &spec, limit)
+                    .await?)
+            }
+            Fetcher::Layout { layout, .. } => {
+                Ok(layout.read_blob(&desc.digest, desc.size, limit)?)
+            }
+        }
+    }
+
+    /// Brings one layer into the store; returns the bytes transferred (0 when it was already there).
+    async fn layer(
+        &self,
+        store: &Store,
+        desc: &Descriptor,
+        reporter: &Reporter,
+    ) -> Result<u64, PullError> {
+        let partial = match store.partial(&desc.digest, desc.size)? {
+            Slot::Present => return Ok(0),
+            Slot::Fetch(partial) => partial,
+        };
+        let bar = reporter.layer(&desc.digest, desc.size);
+        let verified = match self {
+            Fetcher::Registry { client, reference } => {
+                let spec = BlobSpec {
+                    digest: desc.digest.clone(),
+                    size: desc.size,
+                };
+                let (verifier, fetched) = client
+                    .fetch_blob(reference.repository(), &spec, partial.path(), &|done, _| {
+                        bar.update(done)
+                    })
+                    .await?;
+                bar.finish(fetched);
+                partial.finish(verifier)?
+            }
+            Fetcher::Layout { layout, .. } => {
+                let blob = layout.copy_blob(partial)?;
+                bar.finish(desc.size);
+                blob
+            }
+        };
+        store.publish(verified)?;
+        Ok(desc.size)
+    }
+}
+
+/// Pulls `source` into `store` for a device described by `host`.
+pub async fn pull(
+    config: &Config,
+    client: Option<&RegistryClient>,
+    store: &Store,
+    source: &Source,
+    host: &Host,
+    options: &PullOptions,
+    reporter: &Reporter,
+) -> Result<PullReport, PullError> {
+    let image = source.to_string();
+    let fetcher = match source {
+        Source::Registry(reference) => Fetcher::Registry {
+            client: client.ok_or_else(|| PullError::Task("no registry client".into()))?,
+            reference,
+        },
+        Source::Layout(l) => Fetcher::Layout {
+            layout: OciLayout::open(&l.dir)?,
+            name: l.name.clone(),
+        },
+    };
+
+    let top = fetcher.top().await?;
+    reporter.step(&format!("resolved {image} to {}", top.digest));
+    let signature = check_signature(config, client, source, &top.digest, reporter).await?;
+
+    let is_index = matches!(top.media_type.as_str(), MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST)
+        || looks_like_index(&top.bytes);
+    let mut refused = Vec::new();
+    // (manifest digest, size, media type, platform, whether the label may be trusted without proof)
+    let mut tries: Vec<(Digest, u64, String, Platform, bool)> = Vec::new();
+    if is_index {
+        let entries = IndexEntry::from_index_json(&top.bytes)?;
+        let selection =
+            select::select(&host.candidates, &entries).require_match(&host.candidates)?;
+        for passed in &selection.passed_over {
+            refused.push(Refusal {
+                platform: passed
+                    .entry
+                    .normalized_platform()
+                    .map_or_else(|| "no platform".to_string(), |p| p.to_string()),
+                digest: Some(passed.entry.digest.clone()),
+                reason: passed.reason.to_string(),
+            });
+        }
+        for choice in &selection.chosen {
+            tries.push((
+                choice.entry.digest.clone(),
+                choice.entry.size,
+                choice.entry.media_type.clone(),
+                choice.runs_as.clone(),
+                !choice.needs_proof,
+            ));
+        }
+    } else {
+        // A single manifest: its config says what it is; checked below like an index entry's.
+        tries.push((
+            top.digest.clone(),
+            top.bytes.len() as u64,
+            top.media_type.clone(),
+            Platform::new("", "", None),
+            true,
+        ));
+    }
+
+    for (digest, size, media_type, label, trust_label) in tries {
+        let shown = if label.architecture.is_empty() {
+            "the image".to_string()
+        } else {
+            label.to_string()
+        };
+        let bytes = if digest == top.digest {
+            top.bytes.clone()
+        } else {
+            fetcher.manifest(&digest, size).await?
+        };
+        match try_variant(
+            &fetcher,
+            store,
+            &image,
+            &digest,
+            &media_type,
+            &bytes,
+            &label,
+            trust_label,
+            host,
+            options,
+            reporter,
+        )
+        .await
+        {
+            Ok(done) => {
+                store.put_blob(&digest, &bytes)?;
+                let mut keep = Vec::new();
+                if is_index {
+                    store.put_blob(&top.digest, &top.bytes)?;
+                    keep.push(top.digest.clone());
+                }
+                let name = ref_name(source, &top);
+                store.commit(&[RefRecord {
+                    name: name.clone(),
+                    target: Descriptor::new(&media_type, digest.clone(), bytes.len() as u64),
+                    source: image.clone(),
+                    index_digest: is_index.then(|| top.digest.clone()),
+                    platform: Some(done.platform.clone()),
+                    pulled_at: SystemTime::now(),
+                    keep,
+                }])?;
+                return Ok(PullReport {
+                    name,
+                    index_digest: is_index.then(|| top.digest.clone()),
+                    manifest_digest: digest,
+                    platform: done.platform,
+                    signature,
+                    refused,
+                    proof: done.proof,
+                    layers_fetched: done.layers_fetched,
+                    bytes_fetched: done.bytes_fetched,
+                });
+            }
+            Err(Refused::Variant(reason)) => {
+                reporter.step(&format!("refused {shown} ({digest}): {reason}"));
+                refused.push(Refusal {
+                    platform: shown,
+                    digest: Some(digest),
+                    reason,
+                });
+            }
+            Err(Refused::Fatal(e)) => return Err(e),
+        }
+    }
+    if !is_index && let Some(r) = refused.first() {
+        tracing::debug!(refusal = %r, "single-manifest image refused");
+    }
+    Err(PullError::NoRunnableVariant {
+        image,
+        device: host.describe(),
+        refused,
+    })
+}
+
+/// A manifest served without a media type header (OCI layouts, old registries) still says what it is inside.
+fn looks_like_index(bytes: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Probe {
+        manifests: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<Probe>(bytes).is_ok_and(|p| p.manifests.is_some())
+}
+
+fn ref_name(source: &Source, top: &Fetched) -> String {
+    match source {
+        Source::Registry(r) => r.to_string(),
+        Source::Layout(l) => l.name.clone().unwrap_or_else(|| top.digest.to_string()),
+    }
+}
+
+struct VariantDone {
+    platform: Platform,
+    proof: Vec<String>,
+    layers_fetched: usize,
+    bytes_fetched: u64,
+}
+
+enum Refused {
+    /// This variant cannot be used; the next one may.
+    Variant(String),
+    /// Nothing else is worth trying (network down, disk full, store broken).
+    Fatal(PullError),
+}
+
+impl From<PullError> for Refused {
+    fn from(e: PullError) -> Refused {
+        Refused::Fatal(e)
+    }
+}
+
+impl From<StoreError> for Refused {
+    fn from(e: StoreError) -> Refused {
+        Refused::Fatal(e.into())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn try_variant(
+    fetcher: &Fetcher<'_>,
+    store: &Store,
+    image: &str,
+    digest: &Digest,
+    media_type: &str,
+    bytes: &[u8],
+    label: &Platform,
+    trust_label: bool,
+    host: &Host,
+    options: &PullOptions,
+    reporter: &Reporter,
+) -> Result<VariantDone, Refused> {
+    if !matches!(media_type, MEDIA_OCI_MANIFEST | MEDIA_DOCKER_MANIFEST) && !media_type.is_empty() {
+        return Err(Refused::Variant(format!(
+            "media type {media_type} is not an image manifest"
+        )));
+    }
+    let manifest: ManifestFile =
+        serde_json::from_slice(bytes).map_err(|e| PullError::BadManifest {
+            digest: digest.clone(),
+            reason: e.to_string(),
+        })?;
+    if let Some(mt) = &manifest.media_type
+        && !mt.is_empty()
+        && mt != media_type
+        && !media_type.is_empty()
+    {
+        return Err(Refused::Variant(format!(
+            "the manifest calls itself {mt} but was served as {media_type}"
+        )));
+    }
+    let config_desc = manifest.config.ok_or_else(|| PullError::BadManifest {
+        digest: digest.clone(),
+        reason: "it has no config".into(),
+    })?;
+    if manifest.layers.len() > MAX_LAYERS {
+        return Err(PullError::BadManifest {
+            digest: digest.clone(),
+            reason: format!("{} layers (at most {MAX_LAYERS})", manifest.layers.len()),
+        }
+        .into());
+    }
+    let config_bytes = fetcher.small_blob(&config_desc, MAX_CONFIG_BYTES).await?;
+    let config: ImageConfig =
+        serde_json::from_slice(&config_bytes).map_err(|e| PullError::BadConfig {
+            digest: config_desc.digest.clone(),
+            reason: e.to_string(),
+        })?;
+
+    // The config must state the platform that was chosen; a single manifest's config decides it.
+    let stated = config.platform();
+    let platform = if label.architecture.is_empty() {
+        if !host.candidates.contains(&stated) && !unlabelled_arm_on(&stated, host) {
+            return Err(PullError::WrongPlatform {
+                image: image.to_string(),
+                platform: stated,
+                device: host.describe(),
+            }
+            .into());
+        }
+        stated
+    } else {
+        if stated.os != label.os
+            || stated.architecture != label.architecture
+            || (stated.variant.is_some()
+                && label.variant.is_some()
+                && stated.variant != label.variant
+                && label.architecture != "arm64")
+        {
+            return Err(Refused::Variant(format!(
+                "the index labels it {label} but its config says {stated}"
+            )));
+        }
+        label.clone()
+    };
+    let diff_ids = config
+        .rootfs
+        .as_ref()
+        .map(|r| r.diff_ids.clone())
+        .unwrap_or_default();
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(PullError::BadConfig {
+            digest: config_desc.digest.clone(),
+            reason: format!(
+                "it lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            ),
+        }
+        .into());
+    }
+    store.put_blob(&config_desc.digest, &config_bytes)?;
+
+    // Free space: what is missing, plus the unpacked estimate, with the store's margin.
+    let blobs: Vec<(Digest, u64)> = manifest
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.size))
+        .collect();
+    let download = store.bytes_to_fetch(&blobs);
+    let unpacked = blobs
+        .iter()
+        .map(|(_, s)| s.saturating_mul(UNPACK_FACTOR))
+        .fold(0u64, u64::saturating_add);
+    store.check_space(&Statvfs, download, unpacked)?;
+
+    // Layers in parallel; a digest listed twice is fetched once.
+    let mut unique: Vec<&Descriptor> = Vec::new();
+    for l in &manifest.layers {
+        if !unique.iter().any(|u| u.digest == l.digest) {
+            unique.push(l);
+        }
+    }
+    reporter.step(&format!(
+        "fetching {platform} ({digest}): {} layers, {} to download",
+        unique.len(),
+        progress::human_bytes(download)
+    ));
+    let fetched: Vec<u64> = stream::iter(unique.iter().map(|l| fetcher.layer(store, l, reporter)))
+        .buffer_unordered(options.parallel_layers.max(1))
+        .try_collect()
+        .await?;
+    let layers_fetched = fetched.iter().filter(|n| **n > 0).count();
+    let bytes_fetched = fetched.iter().sum();
+
+    // Architecture proof over the image's own executables.
+    let layers: Vec<LayerSource> = manifest
+        .layers
+        .iter()
+        .zip(diff_ids)
+        .map(|(l, diff_id)| LayerSource {
+            digest: l.digest.clone(),
+            media_type: l.media_type.clone(),
+            path: store.layout().blob_path(&l.digest),
+            diff_id: Some(diff_id),
+        })
+        .collect();
+    let scratch_dir = store.state_dir().join("tmp");
+    let candidates = host.candidates.clone();
+    let page_size = host.page_size;
+    let proved = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&scratch_dir).map_err(|source| PullError::Scratch {
+            path: scratch_dir.clone(),
+            source,
+        })?;
+        let scratch = scratch_dir.join(format!("proof-{}", std::process::id()));
+        let mut tree = ImageTree::new(layers);
+        let result = proof::prove(
+            &mut tree,
+            &config,
+            &candidates,
+            page_size,
+            trust_label,
+            &scratch,
+        );
+        let _ = std::fs::remove_file(&scratch);
+        Ok::<_, PullError>(result)
+    })
+    .await
+    .map_err(|e| PullError::Task(e.to_string()))??;
+    match proved {
+        Ok(proof) => Ok(VariantDone {
+            platform,
+            proof: proof.checked,
+            layers_fetched,
+            bytes_fetched,
+        }),
+        Err(ProofError::Unpack(e)) => Err(Refused::Variant(e.to_string())),
+        Err(e) => Err(Refused::Variant(e.to_string())),
+    }
+}
+
+/// A config that says only `arm` may still be taken on a device with 32-bit ARM, pending proof.
+fn unlabelled_arm_on(stated: &Platform, host: &Host) -> bool {
+    stated.architecture == "arm"
+        && stated.variant.is_none()
+        && host.candidates.iter().any(|c| c.architecture == "arm")
+}
+
+/// Applies the repository's signature policy to the digest the reference resolved to (what `cosign sign
+/// IMAGE:TAG` signs).
+async fn check_signature(
+    config: &Config,
+    client: Option<&RegistryClient>,
+    source: &Source,
+    digest: &Digest,
+    reporter: &Reporter,
+) -> Result<String, PullError> {
+    let sig_err = |e| PullError::Signature {
+        image: source.to_string(),
+        source: e,
+    };
+    let (client, reference) = match (client, source) {
+        (Some(c), Source::Registry(r)) => (c, r),
+        _ => return Ok("not checked (OCI layout source: no signatures to fetch)".into()),
+    };
+    let repo = reference.repository().to_string();
+    let policy = Policy::for_repository(&config.signature_policies, &repo).map_err(sig_err)?;
+    if !policy.needs_signatures() {
+        return Ok("not checked (no signature policy for this repository)".into());
+    }
+    let outcomes = signatures::gather(client, reference, digest, &policy.keys).await?;
+    let acceptance = policy.decide(&repo, digest, &outcomes).map_err(sig_err)?;
+    let said = match acceptance {
+        Acceptance::Verified(v) => format!("verified with {} ({:?})", v.key, v.form),
+        Acceptance::Unsigned => "unsigned (policy if-present)".to_string(),
+        Acceptance::NotChecked => "not checked".to_string(),
+    };
+    reporter.step(&format!("signature: {said}"));
+    Ok(said)
+}

@@ -1,0 +1,121 @@
+//! Telling the user what a pull is doing: progress bars per layer on a terminal, one line per step otherwise
+//! (a journal or a CI log gains nothing from redrawn bars).
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::digest::Digest;
+
+pub struct Reporter {
+    bars: Option<MultiProgress>,
+    quiet: bool,
+}
+
+impl Reporter {
+    /// Bars when stderr is a terminal, lines otherwise.
+    pub fn for_stderr() -> Reporter {
+        let bars = std::io::stderr()
+            .is_terminal()
+            .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8)));
+        Reporter { bars, quiet: false }
+    }
+
+    /// Says nothing (library callers, tests).
+    pub fn quiet() -> Reporter {
+        Reporter {
+            bars: None,
+            quiet: true,
+        }
+    }
+
+    pub fn step(&self, message: &str) {
+        if self.quiet {
+            return;
+        }
+        match &self.bars {
+            Some(bars) => {
+                let _ = bars.println(message);
+            }
+            None => eprintln!("{message}"),
+        }
+    }
+
+    pub fn layer(&self, digest: &Digest, size: u64) -> LayerProgress {
+        let short = short(digest);
+        let bar = self.bars.as_ref().map(|bars| {
+            let bar = bars.add(ProgressBar::new(size));
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(short.clone());
+            bar.enable_steady_tick(Duration::from_millis(250));
+            bar
+        });
+        LayerProgress {
+            bar,
+            short,
+            size,
+            quiet: self.quiet,
+        }
+    }
+}
+
+pub struct LayerProgress {
+    bar: Option<ProgressBar>,
+    short: String,
+    size: u64,
+    quiet: bool,
+}
+
+impl LayerProgress {
+    pub fn update(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+        }
+    }
+
+    pub fn finish(&self, fetched: u64) {
+        match &self.bar {
+            Some(bar) => bar.finish(),
+            None if !self.quiet => {
+                eprintln!(
+                    "layer {}: {} fetched ({} in the layer)",
+                    self.short,
+                    human_bytes(fetched),
+                    human_bytes(self.size)
+                );
+            }
+            None => {}
+        }
+    }
+}
+
+fn short(digest: &Digest) -> String {
+    let hex = digest.hex();
+    format!(
+        "{}:{}",
+        digest.algorithm().name(),
+        &hex[..12.min(hex.len())]
+    )
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
