@@ -430,3 +430,55 @@ fn signature_policy_refuses_wrong_missing_and_misdirected_signatures() {
         assert!(refs.is_empty(), "{repo}: nothing stored");
     }
 }
+
+/// The shared board captures: `../shared/fixtures/boards`, or `FLOTILLA_BOARDS_DIR`.
+fn board(name: &str) -> std::path::PathBuf {
+    std::env::var_os("FLOTILLA_BOARDS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/boards"))
+        .join(name)
+}
+
+#[test]
+fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself() {
+    let Some(s) = setup() else { return };
+    let zero = board("rpi-zero-w");
+    let Some(zero) = require("board capture rpi-zero-w", zero.is_dir().then_some(zero)) else {
+        return;
+    };
+    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
+    let written = layout.write(
+        "v1",
+        &[
+            image("arm", Some("v7"), "armhf"),
+            image("arm", Some("v6"), "armhf"),
+            image("arm", Some("v5"), "armel"),
+        ],
+    );
+    let host = s.registry.host();
+    skopeo_copy(layout.dir(), "v1", &host, "fallback", "v1", None, None);
+    let state = s.root.join("state");
+    let evidence = zero.to_str().expect("utf-8 path");
+    let out = flotilla(
+        &state,
+        &host,
+        &[
+            "--evidence",
+            evidence,
+            "pull",
+            "--json",
+            &format!("{host}/fallback:v1"),
+        ],
+    );
+    let report = json_of(&out);
+    assert_eq!(report["platform"], "linux/arm/v5", "{}", text(&out));
+    assert_eq!(
+        report["manifest_digest"],
+        written.images[2].manifest.to_string()
+    );
+    let refused = report["refused"].to_string();
+    assert!(
+        refused.contains(&written.images[1].manifest.to_string()) && refused.contains("arm/v7"),
+        "the mislabelled v6 entry is refused for its v7 binaries: {refused}"
+    );
+}

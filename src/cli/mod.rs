@@ -53,6 +53,10 @@ pub struct GlobalArgs {
     /// Use this platform instead of detecting it, like `docker run --platform` (e.g. linux/arm/v6)
     #[arg(long, global = true, value_name = "PLATFORM")]
     pub platform: Option<String>,
+    /// Detect from a saved evidence snapshot (see `flotilla platform --dump`) instead of this host, to see or
+    /// prepare what another device would run
+    #[arg(long, global = true, value_name = "DIR")]
+    pub evidence: Option<PathBuf>,
     /// More log output (repeat for more)
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -82,6 +86,8 @@ pub struct Context {
     pub insecure_registries: Vec<String>,
     /// Set when the user overrode detection; commands must report that they used it.
     pub platform_override: Option<Platform>,
+    /// A snapshot to detect from instead of the live host.
+    pub evidence: Option<PathBuf>,
 }
 
 impl Context {
@@ -113,6 +119,7 @@ impl Context {
             state_dir,
             insecure_registries,
             platform_override,
+            evidence: global.evidence.clone(),
         })
     }
 }

@@ -19,9 +19,6 @@ pub struct Args {
     /// Print one JSON object: candidates (best first), signals, rules, page_size
     #[arg(long)]
     pub json: bool,
-    /// Read a saved evidence snapshot (the boards format) instead of this host
-    #[arg(long, value_name = "DIR", conflicts_with = "dump")]
-    pub evidence: Option<PathBuf>,
     /// Also write this host's evidence to DIR, in the format --evidence reads; attach it to bug reports
     #[arg(long, value_name = "DIR")]
     pub dump: Option<PathBuf>,
@@ -36,14 +33,22 @@ pub struct Override {
     pub overrides: String,
 }
 
-/// Detection on the live host, with `--platform` applied: the one call other commands make to learn what to pull.
-/// With an override the candidates are the override alone and a rule says what it replaced.
+/// Detection on the live host (or the snapshot `--evidence` names), with `--platform` applied: the one call other
+/// commands make to learn what to pull. With an override the candidates are the override alone and a rule says
+/// what it replaced.
 pub fn host_detection(ctx: &Context) -> Result<Detection, CliError> {
-    let detected = detect::detect_live();
+    let detected = read_evidence(ctx).and_then(|e| detect::detect(&e));
     match &ctx.platform_override {
         Some(platform) => Ok(apply_override(platform, detected).0),
         None => Ok(detected?),
     }
+}
+
+fn read_evidence(ctx: &Context) -> Result<Evidence, DetectError> {
+    Ok(match &ctx.evidence {
+        Some(dir) => Evidence::read_dir(dir)?,
+        None => Evidence::from_probe(&LinuxHost)?,
+    })
 }
 
 /// Replaces the candidates with `platform`, keeping the signals and adding a rule that names what was replaced.
@@ -90,10 +95,7 @@ struct JsonReport<'a> {
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
-    let evidence = match &args.evidence {
-        Some(dir) => Evidence::read_dir(dir).map_err(DetectError::from)?,
-        None => Evidence::from_probe(&LinuxHost).map_err(DetectError::from)?,
-    };
+    let evidence = read_evidence(ctx)?;
     if let Some(dir) = &args.dump {
         evidence
             .write_dir(dir, &dump_source())
