@@ -110,6 +110,9 @@ impl Resolved {
 #[derive(Debug, Default)]
 struct LayerIndex {
     nodes: HashMap<String, Node>,
+    /// Parents of entries that have no entry of their own: tar does not require them, and an extractor creates
+    /// them as directories only where no lower layer already has that path (a symlink there is followed).
+    implied_dirs: HashSet<String>,
     whiteouts: HashSet<String>,
     opaque: HashSet<String>,
 }
@@ -255,6 +258,10 @@ fn build_index(layer: &LayerSource) -> Result<LayerIndex, UnpackError> {
             } else {
                 Node::Special
             };
+            let mut parent = parent;
+            while !parent.is_empty() && index.implied_dirs.insert(parent.to_string()) {
+                parent = parent_and_name(parent).0;
+            }
             index.nodes.insert(path, node);
         }
     }
@@ -307,27 +314,32 @@ impl ImageTree {
         if path.is_empty() {
             return Ok(Some((0, Node::Dir)));
         }
-        let ancestors: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
+        let ancestors: Vec<&str> = path
+            .match_indices('/')
+            .map(|(i, _)| &path[..i])
+            .collect();
+        let mut implied = None;
         for i in (0..self.layers.len()).rev() {
             let index = self.index(i)?;
             if let Some(node) = index.nodes.get(path) {
                 return Ok(Some((i, node.clone())));
             }
-            if index.whiteouts.contains(path) {
-                return Ok(None);
+            let hidden = index.whiteouts.contains(path)
+                || ancestors.iter().any(|a| {
+                    index.whiteouts.contains(*a)
+                        || index.opaque.contains(*a)
+                        || matches!(index.nodes.get(*a), Some(n) if *n != Node::Dir)
+                })
+                // The root's own opaque marker (`.wh..wh..opq` at the top level) hides everything beneath.
+                || index.opaque.contains("");
+            if implied.is_none() && index.implied_dirs.contains(path) {
+                implied = Some(i);
             }
-            for a in &ancestors {
-                let replaced = matches!(index.nodes.get(*a), Some(n) if *n != Node::Dir);
-                if index.whiteouts.contains(*a) || index.opaque.contains(*a) || replaced {
-                    return Ok(None);
-                }
-            }
-            // The root's own opaque marker (`.wh..wh..opq` at the top level) hides everything beneath.
-            if index.opaque.contains("") {
-                return Ok(None);
+            if hidden {
+                break;
             }
         }
-        Ok(None)
+        Ok(implied.map(|i| (i, Node::Dir)))
     }
 
     /// Follows `path` through symlinks to a non-directory node.
@@ -623,6 +635,18 @@ mod tests {
             t.resolve("/b/hidden"),
             Err(UnpackError::NotFound { .. })
         ));
+    }
+
+    #[test]
+    fn parents_without_entries_are_directories_unless_a_lower_layer_says_otherwise() {
+        let mut f = Fixture::new();
+        f.add(&[E::Dir("usr/"), E::Dir("usr/bin/"), E::Sym("bin", "usr/bin")], true);
+        f.add(&[E::File("bin/app", b"app"), E::File("opt/tool/run", b"run")], true);
+        let mut t = f.tree();
+        assert_eq!(t.resolve("/opt/tool/run").unwrap().path, "opt/tool/run");
+        assert!(matches!(t.resolve("/opt/tool"), Err(UnpackError::IsADirectory { .. })));
+        // The lower layer's symlink stays what `bin` is; the implied directory does not replace it.
+        assert_eq!(t.lookup("bin").unwrap(), Some((0, Node::Symlink("usr/bin".into()))));
     }
 
     #[test]
