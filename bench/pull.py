@@ -128,15 +128,25 @@ def start_registry(workdir, port):
 
 
 def measure(cmd):
+    """Wall and CPU time of `cmd`, and its peak RSS as GNU time reports it.
+
+    Peak RSS cannot come from this process's wait4: a child forked from Python starts with Python's resident
+    memory counted in its high-water mark, and keeps it across exec. GNU time is small, so the process it forks
+    starts clean."""
+    report = tempfile.NamedTemporaryFile(prefix="flotilla-bench-time-", delete=False)
+    report.close()
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(["/usr/bin/time", "-o", report.name, "-f", "%M %U %S", *cmd],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = proc.communicate()[1].decode(errors="replace")
     wall = time.monotonic() - start
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"bench: {' '.join(cmd)} failed:\n{err}")
-    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mib": usage.ru_maxrss / 1024}
+    with open(report.name) as f:
+        lines = f.read().split("\n")
+    os.unlink(report.name)
+    if proc.returncode != 0:
+        sys.exit(f"bench: {' '.join(cmd)} failed:\n{err}\n{' '.join(lines)}")
+    rss_kib, user, system = lines[-2].split() if lines[-1] == "" else lines[-1].split()
+    return {"wall": wall, "cpu": float(user) + float(system), "rss_mib": int(rss_kib) / 1024}
 
 
 def main():
@@ -147,8 +157,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--layer-mb", type=int, default=50)
     ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    for tool in ["docker-registry", "skopeo"]:
+    if args.build_only:
+        build_image(args.build_only, args.busybox_dir, args.layer_mb, args.layers)
+        return
+    for tool in ["docker-registry", "skopeo", "/usr/bin/time"]:
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} is not installed (run tests/setup)")
     if not os.access(args.flotilla, os.X_OK):
@@ -160,7 +174,11 @@ def main():
     try:
         src = os.path.join(work, "src")
         print(f"bench: building image ({args.layers} x {args.layer_mb} MiB random layers)...", flush=True)
-        build_image(src, args.busybox_dir, args.layer_mb, args.layers)
+        # In a child process: the pullers are forked from this one, and a child's peak RSS counts the memory it
+        # was forked with, so this process must never hold the image's bytes.
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--build-only", src, "--busybox-dir",
+                        args.busybox_dir, "--layer-mb", str(args.layer_mb), "--layers", str(args.layers)],
+                       check=True)
         ref = f"127.0.0.1:{port}/bench:latest"
         subprocess.run(["skopeo", "copy", "--all", "--quiet", "--dest-tls-verify=false", f"oci:{src}:bench",
                         f"docker://{ref}"], check=True)
