@@ -482,3 +482,80 @@ fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself()
         "the mislabelled v6 entry is refused for its v7 binaries: {refused}"
     );
 }
+
+#[test]
+fn inspect_names_the_choice_and_why_others_were_passed_over_and_digests_pin_exactly() {
+    let Some(s) = setup() else { return };
+    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
+    let written = layout.write("v1", &busybox_images().expect("busybox"));
+    let host = s.registry.host();
+    skopeo_copy(layout.dir(), "v1", &host, "multi", "v1", None, None);
+    let state = s.root.join("state");
+
+    let out = flotilla(
+        &state,
+        &host,
+        &[
+            "--platform",
+            "linux/arm/v7",
+            "inspect",
+            "--json",
+            &format!("{host}/multi:v1"),
+        ],
+    );
+    let report = json_of(&out);
+    assert_eq!(report["digest"], written.index.to_string());
+    let entries = report["entries"].as_array().expect("entries");
+    assert_eq!(entries.len(), 4, "{report}");
+    let taken: Vec<&Value> = entries.iter().filter(|e| e["rank"] == 1).collect();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0]["platform"], "linux/arm/v7");
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["rank"].is_null())
+            .all(|e| !e["verdict"].as_str().unwrap_or_default().is_empty()),
+        "every entry passed over has a reason: {report}"
+    );
+
+    // A manifest digest pins that manifest, whatever the tag says; an index digest pins the index.
+    let arm64 = &written.images[1];
+    let out = flotilla(
+        &state,
+        &host,
+        &[
+            "--platform",
+            "linux/arm64",
+            "pull",
+            "--json",
+            &format!("{host}/multi@{}", arm64.manifest),
+        ],
+    );
+    let report = json_of(&out);
+    assert_eq!(report["manifest_digest"], arm64.manifest.to_string());
+    assert!(report["index_digest"].is_null());
+    let out = flotilla(
+        &state,
+        &host,
+        &[
+            "--platform",
+            "linux/arm64",
+            "pull",
+            "--json",
+            &format!("{host}/multi@{}", written.index),
+        ],
+    );
+    assert_eq!(json_of(&out)["index_digest"], written.index.to_string());
+
+    // A digest the registry does not have is an error naming the registry, and leaves nothing behind.
+    let missing = Digest::sha256_of(b"nothing");
+    let fresh = s.root.join("fresh");
+    let out = flotilla(&fresh, &host, &["pull", &format!("{host}/multi@{missing}")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&host),
+        "{}",
+        text(&out)
+    );
+    assert!(stored_refs(&fresh).is_empty());
+}

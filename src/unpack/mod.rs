@@ -314,10 +314,7 @@ impl ImageTree {
         if path.is_empty() {
             return Ok(Some((0, Node::Dir)));
         }
-        let ancestors: Vec<&str> = path
-            .match_indices('/')
-            .map(|(i, _)| &path[..i])
-            .collect();
+        let ancestors: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
         let mut implied = None;
         for i in (0..self.layers.len()).rev() {
             let index = self.index(i)?;
@@ -640,13 +637,25 @@ mod tests {
     #[test]
     fn parents_without_entries_are_directories_unless_a_lower_layer_says_otherwise() {
         let mut f = Fixture::new();
-        f.add(&[E::Dir("usr/"), E::Dir("usr/bin/"), E::Sym("bin", "usr/bin")], true);
-        f.add(&[E::File("bin/app", b"app"), E::File("opt/tool/run", b"run")], true);
+        f.add(
+            &[E::Dir("usr/"), E::Dir("usr/bin/"), E::Sym("bin", "usr/bin")],
+            true,
+        );
+        f.add(
+            &[E::File("bin/app", b"app"), E::File("opt/tool/run", b"run")],
+            true,
+        );
         let mut t = f.tree();
         assert_eq!(t.resolve("/opt/tool/run").unwrap().path, "opt/tool/run");
-        assert!(matches!(t.resolve("/opt/tool"), Err(UnpackError::IsADirectory { .. })));
+        assert!(matches!(
+            t.resolve("/opt/tool"),
+            Err(UnpackError::IsADirectory { .. })
+        ));
         // The lower layer's symlink stays what `bin` is; the implied directory does not replace it.
-        assert_eq!(t.lookup("bin").unwrap(), Some((0, Node::Symlink("usr/bin".into()))));
+        assert_eq!(
+            t.lookup("bin").unwrap(),
+            Some((0, Node::Symlink("usr/bin".into())))
+        );
     }
 
     #[test]
