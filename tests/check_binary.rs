@@ -1,7 +1,7 @@
 //! ELF inspection and `flotilla check-binary` against Debian's busybox-static for four architectures, with the
 //! prediction checked for real under qemu's ARM1176 and Cortex-A7 models.
 //!
-//! Needs `FLOTILLA_BUSYBOX_DIR` (holding `<arch>/busybox`) and `qemu-arm-static`; without them these tests skip
+//! Needs the busybox-static fixtures (`tests/setup`) and `qemu-arm-static`; without them these tests skip
 //! with a printed reason, or fail when `FLOTILLA_REQUIRE_ALL=1`.
 
 use std::os::unix::process::ExitStatusExt;
@@ -13,38 +13,14 @@ use flotilla::elf::{self, BinaryRequirements, ElfRequirements, FloatAbi, Outcome
 use flotilla::platform::Platform;
 use proptest::prelude::*;
 
-fn require_all() -> bool {
-    std::env::var("FLOTILLA_REQUIRE_ALL").is_ok_and(|v| v == "1")
-}
-
-/// Skips (returns `None`) or, under `FLOTILLA_REQUIRE_ALL=1`, fails, naming what is missing.
-fn missing<T>(what: &str) -> Option<T> {
-    if require_all() {
-        panic!("FLOTILLA_REQUIRE_ALL=1 but {what}");
-    }
-    eprintln!("skipping: {what}");
-    None
-}
+mod common;
 
 fn busybox(arch: &str) -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os("FLOTILLA_BUSYBOX_DIR") else {
-        return missing("FLOTILLA_BUSYBOX_DIR is not set (a directory holding <arch>/busybox)");
-    };
-    let path = Path::new(&dir).join(arch).join("busybox");
-    if path.is_file() {
-        Some(path)
-    } else {
-        missing(&format!("busybox fixture {} is missing", path.display()))
-    }
+    common::required_busybox(arch)
 }
 
 fn qemu_arm() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("qemu-arm-static"))
-            .find(|p| p.is_file())
-    });
-    found.or_else(|| missing("qemu-arm-static is not on PATH (Debian package qemu-user-static)"))
+    common::required_tool("qemu-arm-static")
 }
 
 fn elf_requirements(path: &Path) -> ElfRequirements {
@@ -393,7 +369,7 @@ fn go_build_info_from_a_real_go_binary() {
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.is_file());
-    let Some(runc) = runc.or_else(|| missing("runc (a Go binary) is not installed")) else {
+    let Some(runc) = common::require("runc (a Go binary)", runc) else {
         return;
     };
     let req = elf_requirements(&runc);

@@ -5,7 +5,7 @@
 //! synthesises, /proc/cpuinfo), writes it as an evidence directory, and checks that detection discards the foreign
 //! cpuinfo and answers for the emulated CPU.
 //!
-//! Needs qemu-user-static on PATH and busybox-static binaries under `FLOTILLA_BUSYBOX_DIR` (`armel/busybox`,
+//! Needs qemu-user-static on PATH and the busybox-static fixtures from `tests/setup` (`armel/busybox`,
 //! `armhf/busybox`, `arm64/busybox`); missing pieces skip the test, or fail it when `FLOTILLA_REQUIRE_ALL=1`.
 
 use std::path::{Path, PathBuf};
@@ -14,24 +14,9 @@ use std::process::Command;
 use flotilla::platform::evidence::Auxv;
 use serde_json::Value;
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
+mod common;
 
-/// The tool, or `None` after printing why the test is skipped (panics instead under FLOTILLA_REQUIRE_ALL=1).
-fn require(what: &str, found: Option<PathBuf>) -> Option<PathBuf> {
-    if found.is_some() {
-        return found;
-    }
-    if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
-        panic!("FLOTILLA_REQUIRE_ALL=1 and {what} is missing");
-    }
-    eprintln!("skipping: {what} is missing");
-    None
-}
+use common::{require, tool};
 
 struct Emulated {
     qemu: PathBuf,
@@ -89,14 +74,10 @@ fn check(
     word_bytes: usize,
     expected: &[&str],
 ) {
-    let Some(qemu) = require(qemu, find_on_path(qemu)) else {
+    let Some(qemu) = require(qemu, tool(qemu)) else {
         return;
     };
-    let busybox = std::env::var_os("FLOTILLA_BUSYBOX_DIR")
-        .map(|d| PathBuf::from(d).join(busybox_arch).join("busybox"))
-        .filter(|p| p.is_file());
-    let what = format!("$FLOTILLA_BUSYBOX_DIR/{busybox_arch}/busybox");
-    let Some(busybox) = require(&what, busybox) else {
+    let Some(busybox) = common::required_busybox(busybox_arch) else {
         return;
     };
     let emulated = Emulated { qemu, cpu, busybox };

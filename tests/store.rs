@@ -17,48 +17,18 @@ use flotilla::store::{
     OciLayout, OciLayoutRef, RefRecord, Slot, Store, StoreError,
 };
 
+mod common;
+
 const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
-fn require_all() -> bool {
-    std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1")
-}
-
-/// `None` means skip (with the reason printed); under FLOTILLA_REQUIRE_ALL=1 a missing piece fails the test.
 fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            !require_all(),
-            "{name} is not installed (FLOTILLA_REQUIRE_ALL=1)"
-        );
-        eprintln!("skipping: {name} is not installed");
-    }
-    found
+    common::required_tool(name)
 }
 
 fn busybox_amd64() -> Option<Vec<u8>> {
-    let Some(dir) = std::env::var_os("FLOTILLA_BUSYBOX_DIR") else {
-        assert!(
-            !require_all(),
-            "FLOTILLA_BUSYBOX_DIR is not set (FLOTILLA_REQUIRE_ALL=1)"
-        );
-        eprintln!("skipping: FLOTILLA_BUSYBOX_DIR is not set");
-        return None;
-    };
-    let path = Path::new(&dir).join("amd64/busybox");
-    match std::fs::read(&path) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            assert!(!require_all(), "cannot read {}: {e}", path.display());
-            eprintln!("skipping: cannot read {}: {e}", path.display());
-            None
-        }
-    }
+    let path = common::required_busybox("amd64")?;
+    Some(std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display())))
 }
 
 /// A one-layer image built in memory: `/bin/busybox` (or any bytes) in a gzip tar, with a correct `diff_ids`.

@@ -573,13 +573,13 @@ fn arm32_version(
         if let Some(v) = core.model_name_arm_version() {
             vote(v, "cpuinfo model name".to_string());
         }
-        if let (Some(imp), Some(part)) = (core.implementer, core.part) {
-            if let Some(model) = core_model(imp, part) {
-                vote(
-                    model.arm_version,
-                    format!("CPU part {}", describe_part(imp, part)),
-                );
-            }
+        if let (Some(imp), Some(part)) = (core.implementer, core.part)
+            && let Some(model) = core_model(imp, part)
+        {
+            vote(
+                model.arm_version,
+                format!("CPU part {}", describe_part(imp, part)),
+            );
         }
         if let Some(arch) = core.architecture.as_deref() {
             // Kernels print 7 for every core with the revised CPUID scheme, ARMv6 ARM1176 included, so 7 is only

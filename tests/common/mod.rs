@@ -1,3 +1,64 @@
 //! Helpers shared by the integration tests.
+//!
+//! External pieces (Debian's tools, the busybox-static fixtures that `tests/setup` lays out) are found here. A
+//! missing piece skips the test with a printed reason, or fails it when `FLOTILLA_REQUIRE_ALL=1`, as CI sets.
+#![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod registry;
+
+use std::path::{Path, PathBuf};
+
+/// Returns `Some(value)` when a piece is there; otherwise fails under `FLOTILLA_REQUIRE_ALL=1` or prints a skip
+/// reason.
+pub fn require<T>(what: &str, found: Option<T>) -> Option<T> {
+    if found.is_some() {
+        return found;
+    }
+    if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
+        panic!("missing test prerequisite: {what} (FLOTILLA_REQUIRE_ALL=1)");
+    }
+    eprintln!("skipping: {what} is missing");
+    None
+}
+
+/// An executable by absolute path or on PATH.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|c| c.is_file())
+}
+
+/// [`tool`], through [`require`].
+pub fn required_tool(name: &str) -> Option<PathBuf> {
+    require(name, tool(name))
+}
+
+/// Where the busybox-static fixtures are: `$FLOTILLA_BUSYBOX_DIR`, else `target/test-fixtures/busybox`, where
+/// `tests/setup` puts them.
+pub fn busybox_dir() -> PathBuf {
+    std::env::var_os("FLOTILLA_BUSYBOX_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-fixtures/busybox")
+        })
+}
+
+/// Debian's busybox-static for `arch` (as Debian names it: amd64, arm64, armhf, armel).
+pub fn busybox(arch: &str) -> Option<PathBuf> {
+    let p = busybox_dir().join(arch).join("busybox");
+    p.is_file().then_some(p)
+}
+
+/// [`busybox`], through [`require`].
+pub fn required_busybox(arch: &str) -> Option<PathBuf> {
+    require(
+        &format!("busybox-static for {arch} (run tests/setup, or set FLOTILLA_BUSYBOX_DIR)"),
+        busybox(arch),
+    )
+}

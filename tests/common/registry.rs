@@ -29,37 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub const DOCKER_REGISTRY: &str = "/usr/bin/docker-registry";
 
-/// Returns `Some(value)` when a piece is there; otherwise fails under `FLOTILLA_REQUIRE_ALL=1` or prints a skip reason.
-pub fn require<T>(what: &str, found: Option<T>) -> Option<T> {
-    if found.is_some() {
-        return found;
-    }
-    if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
-        panic!("missing test prerequisite: {what} (FLOTILLA_REQUIRE_ALL=1)");
-    }
-    eprintln!("skipping: {what} is missing");
-    None
-}
-
-/// An executable by absolute path or on PATH.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return p.is_file().then(|| p.to_path_buf());
-    }
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
-        .map(|d| d.join(name))
-        .find(|c| c.is_file())
-}
-
-/// `$FLOTILLA_BUSYBOX_DIR/<arch>/busybox` (arch as Debian names it: amd64, arm64, armhf, armel).
-pub fn busybox(arch: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("FLOTILLA_BUSYBOX_DIR")?;
-    let p = PathBuf::from(dir).join(arch).join("busybox");
-    p.is_file().then_some(p)
-}
+pub use super::{busybox, require, tool};
 
 /// `docker-registry`, `skopeo` and the four busybox binaries, or `None` (after `require`'s verdict).
 pub fn registry_prerequisites() -> Option<()> {
@@ -70,7 +40,7 @@ pub fn registry_prerequisites() -> Option<()> {
     require("skopeo", tool("skopeo"))?;
     for arch in ["amd64", "arm64", "armhf", "armel"] {
         require(
-            &format!("busybox for {arch} ($FLOTILLA_BUSYBOX_DIR/{arch}/busybox)"),
+            &format!("busybox-static for {arch} (run tests/setup, or set FLOTILLA_BUSYBOX_DIR)"),
             busybox(arch),
         )?;
     }
