@@ -334,8 +334,7 @@ pub async fn pull(
     let is_index = matches!(top.media_type.as_str(), MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST)
         || looks_like_index(&top.bytes);
     let mut refused = Vec::new();
-    // (manifest digest, size, media type, platform, whether the label may be trusted without proof)
-    let mut tries: Vec<(Digest, u64, String, Platform, bool)> = Vec::new();
+    let mut tries: Vec<Attempt> = Vec::new();
     if is_index {
         let entries = IndexEntry::from_index_json(&top.bytes)?;
         let selection =
@@ -351,31 +350,36 @@ pub async fn pull(
             });
         }
         for choice in &selection.chosen {
-            tries.push((
-                choice.entry.digest.clone(),
-                choice.entry.size,
-                choice.entry.media_type.clone(),
-                choice.runs_as.clone(),
-                !choice.needs_proof,
-            ));
+            tries.push(Attempt {
+                digest: choice.entry.digest.clone(),
+                size: choice.entry.size,
+                media_type: choice.entry.media_type.clone(),
+                label: Some(choice.runs_as.clone()),
+                trust_label: !choice.needs_proof,
+            });
         }
     } else {
         // A single manifest: its config says what it is; checked below like an index entry's.
-        tries.push((
-            top.digest.clone(),
-            top.bytes.len() as u64,
-            top.media_type.clone(),
-            Platform::new("", "", None),
-            true,
-        ));
+        tries.push(Attempt {
+            digest: top.digest.clone(),
+            size: top.bytes.len() as u64,
+            media_type: top.media_type.clone(),
+            label: None,
+            trust_label: true,
+        });
     }
 
-    for (digest, size, media_type, label, trust_label) in tries {
-        let shown = if label.architecture.is_empty() {
-            "the image".to_string()
-        } else {
-            label.to_string()
-        };
+    for attempt in tries {
+        let Attempt {
+            digest,
+            size,
+            media_type,
+            ..
+        } = attempt.clone();
+        let shown = attempt
+            .label
+            .as_ref()
+            .map_or_else(|| "the image".to_string(), Platform::to_string);
         let bytes = if digest == top.digest {
             top.bytes.clone()
         } else {
@@ -388,8 +392,7 @@ pub async fn pull(
             &digest,
             &media_type,
             &bytes,
-            &label,
-            trust_label,
+            &attempt,
             host,
             options,
             reporter,
@@ -436,9 +439,6 @@ pub async fn pull(
             Err(Refused::Fatal(e)) => return Err(e),
         }
     }
-    if !is_index && let Some(r) = refused.first() {
-        tracing::debug!(refusal = %r, "single-manifest image refused");
-    }
     Err(PullError::NoRunnableVariant {
         image,
         device: host.describe(),
@@ -460,6 +460,18 @@ fn ref_name(source: &Source, top: &Fetched) -> String {
         Source::Registry(r) => r.to_string(),
         Source::Layout(l) => l.name.clone().unwrap_or_else(|| top.digest.to_string()),
     }
+}
+
+/// One variant to try: an index entry the selection accepted, or the single manifest a tag named.
+#[derive(Debug, Clone)]
+struct Attempt {
+    digest: Digest,
+    size: u64,
+    media_type: String,
+    /// The platform its index entry claims; `None` for a single manifest, whose config decides.
+    label: Option<Platform>,
+    /// False when the label alone is not enough (an unlabelled `arm` entry on a v6 or v5 device).
+    trust_label: bool,
 }
 
 struct VariantDone {
@@ -496,8 +508,7 @@ async fn try_variant(
     digest: &Digest,
     media_type: &str,
     bytes: &[u8],
-    label: &Platform,
-    trust_label: bool,
+    attempt: &Attempt,
     host: &Host,
     options: &PullOptions,
     reporter: &Reporter,
@@ -541,17 +552,7 @@ async fn try_variant(
 
     // The config must state the platform that was chosen; a single manifest's config decides it.
     let stated = config.platform();
-    let platform = if label.architecture.is_empty() {
-        if !host.candidates.contains(&stated) && !unlabelled_arm_on(&stated, host) {
-            return Err(PullError::WrongPlatform {
-                image: image.to_string(),
-                platform: stated,
-                device: host.describe(),
-            }
-            .into());
-        }
-        stated
-    } else {
+    let platform = if let Some(label) = &attempt.label {
         if stated.os != label.os
             || stated.architecture != label.architecture
             || (stated.variant.is_some()
@@ -564,6 +565,16 @@ async fn try_variant(
             )));
         }
         label.clone()
+    } else {
+        if !host.candidates.contains(&stated) && !unlabelled_arm_on(&stated, host) {
+            return Err(PullError::WrongPlatform {
+                image: image.to_string(),
+                platform: stated,
+                device: host.describe(),
+            }
+            .into());
+        }
+        stated
     };
     let diff_ids = config
         .rootfs
@@ -630,6 +641,7 @@ async fn try_variant(
     let scratch_dir = store.state_dir().join("tmp");
     let candidates = host.candidates.clone();
     let page_size = host.page_size;
+    let trust_label = attempt.trust_label;
     let proved = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&scratch_dir).map_err(|source| PullError::Scratch {
             path: scratch_dir.clone(),
