@@ -271,3 +271,36 @@ fn deb_refuses_a_binary_of_another_architecture() {
     );
     assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+/// `build.rs` names the commit and target; the commit must follow HEAD (its rerun-if-changed paths), or a device's
+/// `--version` would name a stale commit.
+#[test]
+fn version_names_commit_and_target() {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_flotilla")).arg("--version"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let inner = stdout
+        .trim_end()
+        .strip_prefix(&format!("flotilla {} (", env!("CARGO_PKG_VERSION")))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("unexpected --version output {stdout:?}"));
+    let (commit, target) = inner
+        .split_once(", ")
+        .unwrap_or_else(|| panic!("no commit and target in {stdout:?}"));
+    assert!(
+        target.starts_with(&format!("{}-", std::env::consts::ARCH)) && target.contains("-linux-"),
+        "target {target:?} is not this host's"
+    );
+    let head = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(crate_root())
+        .output();
+    match head {
+        Ok(h) if h.status.success() && std::env::var_os("FLOTILLA_GIT_COMMIT").is_none() => {
+            assert_eq!(commit, String::from_utf8_lossy(&h.stdout).trim());
+        }
+        _ => assert!(
+            !commit.is_empty() && !commit.contains(' '),
+            "commit {commit:?}"
+        ),
+    }
+}
