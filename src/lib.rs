@@ -18,7 +18,14 @@ pub mod unpack;
 pub mod verify;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("FLOTILLA_GIT_COMMIT"),
+    ", ",
+    env!("FLOTILLA_TARGET"),
+    ")"
+);
 
 /// Formats an error with its causes on one line each, the way `main` reports it.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

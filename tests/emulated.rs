@@ -1,0 +1,237 @@
+//! The ARM builds on emulated Raspberry Pi CPUs: qemu-user runs the static binaries from `packaging/build` with a
+//! chosen CPU model (uname and HWCAP follow the model; /proc/cpuinfo stays the host's, and detection must not be
+//! fooled by it).
+//!
+//! The binaries are found through `FLOTILLA_ARM_DIST`, a directory holding `flotilla-<target triple>` as
+//! `packaging/build aarch64 armv6` leaves them in `dist/`. `flotilla-armv7-unknown-linux-gnueabihf` is optional
+//! (CI does not build it); its cases run when it is there.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const ARMV6: &str = "arm-unknown-linux-gnueabi";
+const ARMV7: &str = "armv7-unknown-linux-gnueabihf";
+const AARCH64: &str = "aarch64-unknown-linux-gnu";
+
+/// One emulated board: the qemu-user binary, its CPU model and the build it runs.
+struct Device {
+    name: &'static str,
+    qemu: &'static str,
+    cpu: &'static str,
+    target: &'static str,
+}
+
+const PI_ZERO: Device = Device {
+    name: "Pi Zero / Pi 1 (ARM1176)",
+    qemu: "qemu-arm-static",
+    cpu: "arm1176",
+    target: ARMV6,
+};
+const PI_2_ARMV6_BUILD: Device = Device {
+    name: "Pi 2 (Cortex-A7) running the ARMv6 build",
+    qemu: "qemu-arm-static",
+    cpu: "cortex-a7",
+    target: ARMV6,
+};
+const PI_2_ARMV7_BUILD: Device = Device {
+    name: "Pi 2 (Cortex-A7) running the ARMv7 build",
+    qemu: "qemu-arm-static",
+    cpu: "cortex-a7",
+    target: ARMV7,
+};
+const PI_3: Device = Device {
+    name: "Pi 3 (Cortex-A53)",
+    qemu: "qemu-aarch64-static",
+    cpu: "cortex-a53",
+    target: AARCH64,
+};
+const PI_4: Device = Device {
+    name: "Pi 4 (Cortex-A72)",
+    qemu: "qemu-aarch64-static",
+    cpu: "cortex-a72",
+    target: AARCH64,
+};
+
+/// A missing tool or fixture fails the test under `FLOTILLA_REQUIRE_ALL=1` (CI) and skips it otherwise.
+fn unavailable(what: &str) {
+    if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
+        panic!("{what} (FLOTILLA_REQUIRE_ALL=1 forbids skipping)");
+    }
+    eprintln!("skipped: {what}");
+}
+
+fn have_tool(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// The dist directory with the required ARMv6 and aarch64 builds, and the qemu-user binaries; `None` after
+/// reporting what is missing.
+fn setup() -> Option<PathBuf> {
+    let Some(dist) = std::env::var_os("FLOTILLA_ARM_DIST").map(PathBuf::from) else {
+        unavailable(
+            "FLOTILLA_ARM_DIST is not set: run `packaging/build aarch64 armv6` and set it to the dist/ directory",
+        );
+        return None;
+    };
+    for target in [ARMV6, AARCH64] {
+        let bin = binary(&dist, target);
+        if !bin.is_file() {
+            unavailable(&format!(
+                "{} missing: run `packaging/build aarch64 armv6`",
+                bin.display()
+            ));
+            return None;
+        }
+    }
+    for tool in ["qemu-arm-static", "qemu-aarch64-static"] {
+        if !have_tool(tool) {
+            unavailable(&format!(
+                "{tool} not installed (Debian package qemu-user-static)"
+            ));
+            return None;
+        }
+    }
+    Some(dist)
+}
+
+fn binary(dist: &Path, target: &str) -> PathBuf {
+    dist.join(format!("flotilla-{target}"))
+}
+
+/// The devices whose build is in `dist`: the ARMv7 build is optional.
+fn devices(dist: &Path) -> Vec<&'static Device> {
+    [&PI_ZERO, &PI_2_ARMV6_BUILD, &PI_2_ARMV7_BUILD, &PI_3, &PI_4]
+        .into_iter()
+        .filter(|d| d.target != ARMV7 || binary(dist, ARMV7).is_file())
+        .collect()
+}
+
+/// Runs the device's build under its CPU model, isolated from the host's configuration and state.
+fn emulate(dist: &Path, device: &Device, args: &[&str]) -> Output {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.toml");
+    std::fs::write(&config, "").unwrap();
+    Command::new(device.qemu)
+        .args(["-cpu", device.cpu])
+        .arg(binary(dist, device.target))
+        .args(args)
+        .env("FLOTILLA_CONFIG", &config)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{}: cannot start {}: {e}", device.name, device.qemu))
+}
+
+fn describe(device: &Device, out: &Output) -> String {
+    format!(
+        "{} ({} -cpu {}, {}): {}\nstdout: {}\nstderr: {}",
+        device.name,
+        device.qemu,
+        device.cpu,
+        device.target,
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn version_runs_on_every_emulated_pi_and_names_its_target() {
+    let Some(dist) = setup() else { return };
+    for device in devices(&dist) {
+        let out = emulate(&dist, device, &["--version"]);
+        let context = describe(device, &out);
+        assert!(out.status.success(), "{context}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout.trim_end();
+        assert!(
+            line.starts_with(&format!("flotilla {} (", env!("CARGO_PKG_VERSION"))),
+            "{context}"
+        );
+        assert!(
+            line.ends_with(&format!(", {})", device.target)),
+            "{context}"
+        );
+    }
+}
+
+#[test]
+fn platform_on_every_emulated_pi_puts_its_own_platform_first() {
+    let Some(dist) = setup() else { return };
+    for device in devices(&dist) {
+        let expected = match device.cpu {
+            "arm1176" => "linux/arm/v6",
+            "cortex-a7" => "linux/arm/v7",
+            _ => "linux/arm64/v8",
+        };
+        let out = emulate(&dist, device, &["platform"]);
+        let context = describe(device, &out);
+        assert!(out.status.success(), "{context}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(stdout.lines().next(), Some(expected), "{context}");
+    }
+}
+
+/// The ELF attributes record the newest architecture any linked object was built for: an ARMv7 object (from
+/// armhf start-up code, or C compiled for the wrong CPU) would show here even if the emulated run missed its code.
+#[test]
+fn armv6_build_carries_no_armv7_objects() {
+    let Some(dist) = setup() else { return };
+    if !have_tool("readelf") {
+        return unavailable("readelf not installed (Debian package binutils)");
+    }
+    let bin = binary(&dist, ARMV6);
+    let out = Command::new("readelf")
+        .arg("-A")
+        .arg(&bin)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "readelf -A {}: {}",
+        bin.display(),
+        out.status
+    );
+    let attributes = String::from_utf8_lossy(&out.stdout);
+    let arch = attributes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Tag_CPU_arch:"))
+        .map(str::trim);
+    assert!(
+        matches!(arch, Some("v6" | "v6K" | "v6KZ" | "v5TE" | "v5TEJ")),
+        "{}: Tag_CPU_arch {arch:?}, expected ARMv6 or older\n{attributes}",
+        bin.display()
+    );
+    assert!(
+        !attributes.contains("Tag_ABI_VFP_args: VFP registers"),
+        "{}: hard-float calling convention in a soft-float build\n{attributes}",
+        bin.display()
+    );
+}
+
+/// The ARMv7 build must not start on an ARM1176; if it did, the CPU model would not be enforced and the ARMv6
+/// cases above would prove nothing.
+#[test]
+fn armv7_build_is_refused_by_the_arm1176_model() {
+    let Some(dist) = setup() else { return };
+    if !binary(&dist, ARMV7).is_file() {
+        eprintln!(
+            "skipped: the optional ARMv7 build is not in {}",
+            dist.display()
+        );
+        return;
+    }
+    let device = Device {
+        name: "Pi Zero (ARM1176) running the ARMv7 build",
+        target: ARMV7,
+        ..PI_ZERO
+    };
+    let out = emulate(&dist, &device, &["--version"]);
+    assert!(!out.status.success(), "{}", describe(&device, &out));
+}
