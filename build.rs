@@ -35,10 +35,10 @@ fn watch_git_head() {
         return;
     };
     let mut watched = vec![head];
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(path) = git(&["rev-parse", "--git-path", &branch]) {
-            watched.push(path);
-        }
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"])
+        && let Some(path) = git(&["rev-parse", "--git-path", &branch])
+    {
+        watched.push(path);
     }
     if let Some(packed) = git(&["rev-parse", "--git-path", "packed-refs"]) {
         watched.push(packed);

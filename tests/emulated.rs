@@ -9,6 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+mod common;
+
 const ARMV6: &str = "arm-unknown-linux-gnueabi";
 const ARMV7: &str = "armv7-unknown-linux-gnueabihf";
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
@@ -52,21 +54,13 @@ const PI_4: Device = Device {
     target: AARCH64,
 };
 
-/// A missing tool or fixture fails the test under `FLOTILLA_REQUIRE_ALL=1` (CI) and skips it otherwise.
+/// Skips, or fails under `FLOTILLA_REQUIRE_ALL=1`, naming what is missing.
 fn unavailable(what: &str) {
-    if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
-        panic!("{what} (FLOTILLA_REQUIRE_ALL=1 forbids skipping)");
-    }
-    eprintln!("skipped: {what}");
+    common::require::<()>(what, None);
 }
 
 fn have_tool(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    common::tool(tool).is_some()
 }
 
 /// The dist directory with the required ARMv6 and aarch64 builds, and the qemu-user binaries; `None` after

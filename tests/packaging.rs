@@ -9,6 +9,8 @@ use std::process::{Command, Output, Stdio};
 
 use flotilla::config::{Config, PullConfig, RegistryConfig, SignaturePolicyConfig};
 
+mod common;
+
 fn crate_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -19,20 +21,13 @@ fn shipped_config() -> String {
 }
 
 /// A missing tool or privilege fails the test under `FLOTILLA_REQUIRE_ALL=1` (CI) and skips it otherwise.
+/// Skips, or fails under `FLOTILLA_REQUIRE_ALL=1`, naming what is missing.
 fn unavailable(what: &str) {
-    if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
-        panic!("{what} (FLOTILLA_REQUIRE_ALL=1 forbids skipping)");
-    }
-    eprintln!("skipped: {what}");
+    common::require::<()>(what, None);
 }
 
 fn have_tool(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
+    common::tool(tool).is_some()
 }
 
 fn run(cmd: &mut Command) -> Output {
