@@ -229,3 +229,131 @@ fn armv7_build_is_refused_by_the_arm1176_model() {
     let out = emulate(&dist, &device, &["--version"]);
     assert!(!out.status.success(), "{}", describe(&device, &out));
 }
+
+/// Extracts `/bin/busybox` from the image flotilla stored under `state`, by following its `index.json` to the
+/// manifest and the manifest to its one layer, as a runtime would.
+fn stored_busybox(state: &Path, dest: &Path) -> PathBuf {
+    let images = state.join("images");
+    let read_json = |digest: &str| -> serde_json::Value {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        let bytes = std::fs::read(images.join("blobs/sha256").join(hex)).expect("blob");
+        serde_json::from_slice(&bytes).expect("json blob")
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(images.join("index.json")).expect("index.json"))
+            .expect("index json");
+    let manifest = read_json(index["manifests"][0]["digest"].as_str().expect("digest"));
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("layer digest");
+    let blob = std::fs::File::open(images.join("blobs/sha256").join(&layer[7..])).expect("layer");
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
+    for entry in archive.entries().expect("tar") {
+        let mut entry = entry.expect("tar entry");
+        if entry.path().expect("path").to_str() == Some("bin/busybox") {
+            let out = dest.join("busybox");
+            entry.unpack(&out).expect("unpack busybox");
+            return out;
+        }
+    }
+    panic!("no bin/busybox in the stored image");
+}
+
+/// Each emulated Pi pulls from a loopback registry, takes the variant its CPU runs (refusing an `arm/v6` entry
+/// whose binaries are ARMv7), and the binary it took then runs on that same CPU model.
+#[test]
+fn each_emulated_pi_pulls_the_variant_it_runs_and_that_binary_runs_there() {
+    let Some(dist) = setup() else { return };
+    if common::registry::registry_prerequisites().is_none() {
+        return;
+    }
+    use common::registry::{
+        LayoutImage, OciLayoutBuilder, Registry, RegistryOptions, busybox, skopeo_copy,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let registry = Registry::start(&tmp.path().join("registry"), RegistryOptions::default());
+    let image = |architecture, variant, arch: &str| LayoutImage {
+        os: "linux",
+        architecture,
+        variant,
+        busybox: busybox(arch).expect("checked by registry_prerequisites"),
+    };
+    let layout = OciLayoutBuilder::new(&tmp.path().join("layout"));
+    let written = layout.write(
+        "v1",
+        &[
+            image("arm64", Some("v8"), "arm64"),
+            image("arm", Some("v7"), "armhf"),
+            // The lie a Pi Zero must catch: labelled v6, built for v7.
+            image("arm", Some("v6"), "armhf"),
+            image("arm", Some("v5"), "armel"),
+        ],
+    );
+    let host = registry.host();
+    skopeo_copy(layout.dir(), "v1", &host, "fleet/app", "v1", None, None);
+    let reference = format!("{host}/fleet/app:v1");
+
+    for (device, expected, taken) in [
+        (&PI_ZERO, "linux/arm/v5", 3),
+        (&PI_2_ARMV6_BUILD, "linux/arm/v7", 1),
+        (&PI_3, "linux/arm64/v8", 0),
+    ] {
+        let state = tmp.path().join(format!("state-{}", device.cpu));
+        let config = tmp.path().join("empty.toml");
+        std::fs::write(&config, "").unwrap();
+        let out = Command::new(device.qemu)
+            .args(["-cpu", device.cpu])
+            .arg(binary(&dist, device.target))
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--insecure-registry", &host, "pull", "--json", &reference])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let context = describe(device, &out);
+        assert!(out.status.success(), "{context}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json report");
+        assert_eq!(report["platform"], expected, "{context}");
+        assert_eq!(
+            report["manifest_digest"],
+            written.images[taken].manifest.to_string(),
+            "{context}"
+        );
+        if device.cpu == "arm1176" {
+            let refused = report["refused"].to_string();
+            assert!(
+                refused.contains(&written.images[2].manifest.to_string()),
+                "the lying v6 entry must be refused on a Pi Zero: {context}"
+            );
+        }
+
+        let extracted = tempfile::tempdir().unwrap();
+        let pulled = stored_busybox(&state, extracted.path());
+        let run = Command::new(device.qemu)
+            .args(["-cpu", device.cpu])
+            .arg(&pulled)
+            .args(["echo", "pulled-and-ran"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success() && String::from_utf8_lossy(&run.stdout).contains("pulled-and-ran"),
+            "{}: the pulled busybox must run on the CPU it was chosen for: {run:?}",
+            device.name
+        );
+    }
+
+    // The choice was right, not lucky: the refused v6-labelled binary dies on the Pi Zero's CPU.
+    let lying = busybox("armhf").expect("armhf busybox");
+    let run = Command::new("qemu-arm-static")
+        .args(["-cpu", "arm1176"])
+        .arg(&lying)
+        .args(["echo", "should-not-run"])
+        .output()
+        .unwrap();
+    assert!(
+        !run.status.success(),
+        "armhf busybox ran on arm1176: {run:?}"
+    );
+}
