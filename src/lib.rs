@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod digest;
 pub mod elf;
+pub mod media_type;
 pub mod platform;
 pub mod pull;
 pub mod registry;

@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 
 use flotilla::digest::Digest;
+use flotilla::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use flotilla::platform::Platform;
 use flotilla::platform::select::{
-    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, EntryPlatform, IndexEntry, OCI_INDEX, OCI_MANIFEST,
-    REFERENCE_TYPE_ANNOTATION, Selection, select,
+    EntryPlatform, IndexEntry, REFERENCE_TYPE_ANNOTATION, Selection, select,
 };
 use proptest::prelude::*;
 

@@ -11,7 +11,7 @@ use flate2::write::GzEncoder;
 use flotilla::digest::{Digest, Verifier};
 use flotilla::platform::Platform;
 use flotilla::store::gc::{GcOptions, RemovedKind, collect_garbage};
-use flotilla::store::layout::{MEDIA_DOCKER_LIST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
+use flotilla::store::layout::{DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use flotilla::store::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, Descriptor, FreeSpace, MAX_MANIFEST_BYTES,
     OciLayout, OciLayoutRef, RefRecord, Slot, Store, StoreError,
@@ -64,7 +64,7 @@ impl TestImage {
         .unwrap();
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
-            "mediaType": MEDIA_OCI_MANIFEST,
+            "mediaType": OCI_MANIFEST,
             "config": {"mediaType": CONFIG, "digest": Digest::sha256_of(&config), "size": config.len()},
             "layers": [{"mediaType": LAYER_GZIP, "digest": Digest::sha256_of(&layer), "size": layer.len()}],
         }))
@@ -90,7 +90,7 @@ impl TestImage {
 
     fn manifest_descriptor(&self) -> Descriptor {
         Descriptor::new(
-            MEDIA_OCI_MANIFEST,
+            OCI_MANIFEST,
             Digest::sha256_of(&self.manifest),
             self.manifest.len() as u64,
         )
@@ -353,28 +353,24 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
     // outer OCI index → inner Docker manifest list → manifest, plus a second manifest straight from the outer.
     let entry = |d: Descriptor| serde_json::json!({"mediaType": d.media_type, "digest": d.digest, "size": d.size});
     let inner = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": MEDIA_DOCKER_LIST,
+        "schemaVersion": 2, "mediaType": DOCKER_MANIFEST_LIST,
         "manifests": [entry(nested_image.manifest_descriptor()),
                       // Another platform that was never pulled: named, absent, not an error.
-                      entry(Descriptor::new(MEDIA_OCI_MANIFEST, Digest::sha256_of(b"absent"), 6))],
+                      entry(Descriptor::new(OCI_MANIFEST, Digest::sha256_of(b"absent"), 6))],
     }))
     .unwrap();
     let inner_d = Descriptor::new(
-        MEDIA_DOCKER_LIST,
+        DOCKER_MANIFEST_LIST,
         Digest::sha256_of(&inner),
         inner.len() as u64,
     );
     store.put_blob(&inner_d.digest, &inner).unwrap();
     let outer = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": MEDIA_OCI_INDEX,
+        "schemaVersion": 2, "mediaType": OCI_INDEX,
         "manifests": [entry(inner_d.clone()), entry(docker_image.manifest_descriptor())],
     }))
     .unwrap();
-    let outer_d = Descriptor::new(
-        MEDIA_OCI_INDEX,
-        Digest::sha256_of(&outer),
-        outer.len() as u64,
-    );
+    let outer_d = Descriptor::new(OCI_INDEX, Digest::sha256_of(&outer), outer.len() as u64);
     store.put_blob(&outer_d.digest, &outer).unwrap();
 
     let mut by_index = kept.record("by-index");

@@ -83,6 +83,7 @@ pub enum Command {
 pub struct Context {
     pub config: Config,
     pub state_dir: PathBuf,
+    /// `--insecure-registry` hosts; the registry client adds those the configuration marks insecure.
     pub insecure_registries: Vec<String>,
     /// Set when the user overrode detection; commands must report that they used it.
     pub platform_override: Option<Platform>,
@@ -102,14 +103,7 @@ impl Context {
             .clone()
             .or_else(|| config.state_dir.clone())
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
-        let mut insecure_registries = global.insecure_registry.clone();
-        insecure_registries.extend(
-            config
-                .registries
-                .iter()
-                .filter(|r| r.insecure)
-                .map(|r| r.host.clone()),
-        );
+        let insecure_registries = global.insecure_registry.clone();
         let platform_override = match global.platform.as_deref().or(config.platform.as_deref()) {
             Some(p) => Some(p.parse::<Platform>()?),
             None => None,

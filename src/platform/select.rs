@@ -23,12 +23,9 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::digest::{Digest, DigestError};
+use crate::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use crate::platform::Platform;
 
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 /// The annotation buildx puts on an attestation entry, and the one naming the image it attests.
 pub const REFERENCE_TYPE_ANNOTATION: &str = "vnd.docker.reference.type";
 pub const REFERENCE_DIGEST_ANNOTATION: &str = "vnd.docker.reference.digest";

@@ -24,13 +24,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::digest::Digest;
+use crate::media_type;
 use crate::platform::Platform;
 use crate::platform::select::{self, IndexEntry, SelectError};
 use crate::registry::{BlobSpec, Reference, RegistryClient, RegistryError};
-use crate::store::layout::{
-    Descriptor, MAX_MANIFEST_BYTES, MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX,
-    MEDIA_OCI_MANIFEST, OCI_SCHEME, OciLayout, OciLayoutRef,
-};
+use crate::store::layout::{Descriptor, MAX_MANIFEST_BYTES, OCI_SCHEME, OciLayout, OciLayoutRef};
 use crate::store::space::Statvfs;
 use crate::store::{RefRecord, Slot, Store, StoreError};
 use crate::unpack::{ImageTree, LayerSource};
@@ -331,8 +329,7 @@ pub async fn pull(
     reporter.step(&format!("resolved {image} to {}", top.digest));
     let signature = check_signature(config, client, source, &top.digest, reporter).await?;
 
-    let is_index = matches!(top.media_type.as_str(), MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST)
-        || looks_like_index(&top.bytes);
+    let is_index = media_type::is_index(&top.media_type) || looks_like_index(&top.bytes);
     let mut refused = Vec::new();
     let mut tries: Vec<Attempt> = Vec::new();
     if is_index {
@@ -513,7 +510,7 @@ async fn try_variant(
     options: &PullOptions,
     reporter: &Reporter,
 ) -> Result<VariantDone, Refused> {
-    if !matches!(media_type, MEDIA_OCI_MANIFEST | MEDIA_DOCKER_MANIFEST) && !media_type.is_empty() {
+    if !media_type::is_image_manifest(media_type) && !media_type.is_empty() {
         return Err(Refused::Variant(format!(
             "media type {media_type} is not an image manifest"
         )));

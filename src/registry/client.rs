@@ -21,10 +21,7 @@ use crate::digest::{Digest, Verifier};
 /// containerd's limit; a manifest is a few KiB, anything near this is an attack or a mistake.
 pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
 
-pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub use crate::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 const SCHEMA1: [&str; 2] = [
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
@@ -43,7 +40,7 @@ impl ManifestKind {
         match self {
             ManifestKind::OciIndex => OCI_INDEX,
             ManifestKind::OciManifest => OCI_MANIFEST,
-            ManifestKind::DockerManifestList => DOCKER_LIST,
+            ManifestKind::DockerManifestList => DOCKER_MANIFEST_LIST,
             ManifestKind::DockerManifest => DOCKER_MANIFEST,
         }
     }
@@ -553,7 +550,13 @@ impl RegistryClient {
         mref: &str,
     ) -> Result<Manifest, Fault> {
         let url = self.url(ep, at, &format!("manifests/{mref}"))?;
-        let accept = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST].join(", ");
+        let accept = [
+            OCI_INDEX,
+            OCI_MANIFEST,
+            DOCKER_MANIFEST_LIST,
+            DOCKER_MANIFEST,
+        ]
+        .join(", ");
         let mut headers = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_str(&accept) {
             headers.insert(header::ACCEPT, v);

@@ -21,10 +21,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 pub const MAX_INDEX_JSON_BYTES: u64 = 16 << 20;
 const MAX_OCI_LAYOUT_BYTES: u64 = 4096;
 
-pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub use crate::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 
 /// The annotation that names a reference in `index.json`.
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -79,7 +76,7 @@ impl ImageIndex {
     pub fn empty() -> ImageIndex {
         ImageIndex {
             schema_version: 2,
-            media_type: Some(MEDIA_OCI_INDEX.to_string()),
+            media_type: Some(OCI_INDEX.to_string()),
             manifests: Vec::new(),
             other: Map::new(),
         }
@@ -110,8 +107,8 @@ pub(crate) enum Kind {
 
 pub(crate) fn kind_of(media_type: &str) -> Kind {
     match media_type {
-        MEDIA_OCI_INDEX | MEDIA_DOCKER_LIST => Kind::Index,
-        MEDIA_OCI_MANIFEST | MEDIA_DOCKER_MANIFEST => Kind::Manifest,
+        OCI_INDEX | DOCKER_MANIFEST_LIST => Kind::Index,
+        OCI_MANIFEST | DOCKER_MANIFEST => Kind::Manifest,
         _ => Kind::Other,
     }
 }

@@ -1,6 +1,6 @@
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::layout::{MEDIA_DOCKER_MANIFEST, children};
+use super::layout::{DOCKER_MANIFEST, children};
 use super::*;
 
 #[test]
@@ -59,13 +59,13 @@ fn docker_manifests_and_untyped_blobs_are_walked_by_their_own_media_type() {
     let d = Digest::sha256_of(b"x");
     let manifest = serde_json::json!({
         "schemaVersion": 2,
-        "mediaType": MEDIA_DOCKER_MANIFEST,
+        "mediaType": DOCKER_MANIFEST,
         "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": d, "size": 1},
         "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "digest": d, "size": 1}],
     });
     let bytes = serde_json::to_vec(&manifest).unwrap();
     let p = Path::new("m");
-    assert_eq!(children(p, MEDIA_DOCKER_MANIFEST, &bytes).unwrap().len(), 2);
+    assert_eq!(children(p, DOCKER_MANIFEST, &bytes).unwrap().len(), 2);
     assert_eq!(children(p, "", &bytes).unwrap().len(), 2);
     assert!(
         children(p, "application/octet-stream", br#"{"layers":[]}"#)
@@ -74,7 +74,7 @@ fn docker_manifests_and_untyped_blobs_are_walked_by_their_own_media_type() {
     );
     let err = children(
         p,
-        MEDIA_DOCKER_MANIFEST,
+        DOCKER_MANIFEST,
         br#"{"layers":[{"digest":"sha256:zz","size":1}]}"#,
     )
     .unwrap_err();
