@@ -278,7 +278,7 @@ impl Fetcher<'_> {
             Slot::Fetch(partial) => partial,
         };
         let bar = reporter.layer(&desc.digest, desc.size);
-        let verified = match self {
+        let (verified, transferred) = match self {
             Fetcher::Registry { client, reference } => {
                 let spec = BlobSpec {
                     digest: desc.digest.clone(),
@@ -290,16 +290,16 @@ impl Fetcher<'_> {
                     })
                     .await?;
                 bar.finish(fetched);
-                partial.finish(verifier)?
+                (partial.finish(verifier)?, fetched)
             }
             Fetcher::Layout { layout, .. } => {
                 let blob = layout.copy_blob(partial)?;
                 bar.finish(desc.size);
-                blob
+                (blob, desc.size)
             }
         };
         store.publish(verified)?;
-        Ok(desc.size)
+        Ok(transferred)
     }
 }
 
@@ -316,7 +316,9 @@ pub async fn pull(
     let image = source.to_string();
     let fetcher = match source {
         Source::Registry(reference) => Fetcher::Registry {
-            client: client.ok_or_else(|| PullError::Task("no registry client".into()))?,
+            client: client.ok_or_else(|| {
+                PullError::Task("a registry source needs a registry client".into())
+            })?,
             reference,
         },
         Source::Layout(l) => Fetcher::Layout {
