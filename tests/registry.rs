@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::registry::*;
 use flotilla::config::{Config, RegistryConfig};
-use flotilla::digest::Digest;
+use flotilla::digest::{Digest, Verifier};
 use flotilla::registry::{
     BlobSpec, ClientOptions, ManifestContent, ManifestKind, Pause, Reference, RegistryClient,
     RegistryError, Repository, RetryPolicy,
@@ -37,6 +37,19 @@ impl Pause for RecordingPause {
     fn random(&self) -> f64 {
         0.0
     }
+}
+
+/// Fetches a blob into `partial` with no progress reporting.
+async fn fetch_quietly(
+    client: &RegistryClient,
+    repo: &Repository,
+    digest: Digest,
+    size: u64,
+    partial: &Path,
+) -> Result<(Verifier, u64), RegistryError> {
+    client
+        .fetch_blob(repo, &BlobSpec { digest, size }, partial, &|_, _| {})
+        .await
 }
 
 fn client_with(
@@ -235,18 +248,15 @@ async fn corrupted_blob_is_refused_and_the_partial_removed() {
 
     let (client, _) = client(&[reg.host()]);
     let partial = dir.path().join("layer.partial");
-    let err = client
-        .fetch_blob(
-            &repo(&format!("{}/flotilla/busybox", reg.host())),
-            &BlobSpec {
-                digest: img.layer.clone(),
-                size: img.layer_size,
-            },
-            &partial,
-            &|_, _| {},
-        )
-        .await
-        .unwrap_err();
+    let err = fetch_quietly(
+        &client,
+        &repo(&format!("{}/flotilla/busybox", reg.host())),
+        img.layer.clone(),
+        img.layer_size,
+        &partial,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, RegistryError::DigestMismatch { .. }), "{err}");
     let text = err.to_string();
     assert!(
@@ -269,18 +279,15 @@ async fn cut_connection_resumes_with_range_and_fetches_only_the_rest() {
     let proxy = CutProxy::start(reg.addr(), cut).await;
     let (client, _) = client(&[proxy.host()]);
     let partial = dir.path().join("layer.partial");
-    client
-        .fetch_blob(
-            &repo(&format!("{}/flotilla/busybox", proxy.host())),
-            &BlobSpec {
-                digest: img.layer.clone(),
-                size: img.layer_size,
-            },
-            &partial,
-            &|_, _| {},
-        )
-        .await
-        .unwrap();
+    fetch_quietly(
+        &client,
+        &repo(&format!("{}/flotilla/busybox", proxy.host())),
+        img.layer.clone(),
+        img.layer_size,
+        &partial,
+    )
+    .await
+    .unwrap();
     assert_eq!(file_digest(&partial), img.layer);
 
     let conns = proxy.connections();
@@ -323,18 +330,15 @@ async fn partial_left_by_another_process_is_rehashed_and_resumed() {
     let partial = dir.path().join("layer.partial");
     std::fs::write(&partial, &blob[..have]).unwrap();
     let (client, _) = client(&[proxy.host()]);
-    client
-        .fetch_blob(
-            &repo(&format!("{}/flotilla/busybox", proxy.host())),
-            &BlobSpec {
-                digest: img.layer.clone(),
-                size: img.layer_size,
-            },
-            &partial,
-            &|_, _| {},
-        )
-        .await
-        .unwrap();
+    fetch_quietly(
+        &client,
+        &repo(&format!("{}/flotilla/busybox", proxy.host())),
+        img.layer.clone(),
+        img.layer_size,
+        &partial,
+    )
+    .await
+    .unwrap();
     assert_eq!(file_digest(&partial), img.layer);
     let conns = proxy.connections();
     assert_eq!(conns.len(), 1);
@@ -403,18 +407,15 @@ async fn bearer_token_flow_against_a_gated_registry() {
     assert_eq!(index.digest, written.index);
     let img = &written.images[3];
     let partial = dir.path().join("gated.partial");
-    client
-        .fetch_blob(
-            r.repository(),
-            &BlobSpec {
-                digest: img.layer.clone(),
-                size: img.layer_size,
-            },
-            &partial,
-            &|_, _| {},
-        )
-        .await
-        .unwrap();
+    fetch_quietly(
+        &client,
+        r.repository(),
+        img.layer.clone(),
+        img.layer_size,
+        &partial,
+    )
+    .await
+    .unwrap();
     assert_eq!(file_digest(&partial), img.layer);
     // One token for the repository, reused for the blob: cached until expiry.
     let token_requests = issuer.requests();
@@ -486,18 +487,15 @@ async fn basic_auth_over_tls_with_the_test_ca() {
     assert_eq!(index.digest, written.index);
     let img = &written.images[1];
     let partial = dir.path().join("tls.partial");
-    client
-        .fetch_blob(
-            r.repository(),
-            &BlobSpec {
-                digest: img.layer.clone(),
-                size: img.layer_size,
-            },
-            &partial,
-            &|_, _| {},
-        )
-        .await
-        .unwrap();
+    fetch_quietly(
+        &client,
+        r.repository(),
+        img.layer.clone(),
+        img.layer_size,
+        &partial,
+    )
+    .await
+    .unwrap();
     assert_eq!(file_digest(&partial), img.layer);
 
     // The CA given globally works too.
@@ -744,18 +742,15 @@ async fn redirect_to_blob_storage_gets_no_authorization() {
     let (client, _) = client_with(&config, &[registry.host()], |_| {});
     let dir = tempfile::tempdir().unwrap();
     let partial = dir.path().join("cdn.partial");
-    client
-        .fetch_blob(
-            &repo(&format!("{}/app", registry.host())),
-            &BlobSpec {
-                digest: digest.clone(),
-                size: blob.len() as u64,
-            },
-            &partial,
-            &|_, _| {},
-        )
-        .await
-        .unwrap();
+    fetch_quietly(
+        &client,
+        &repo(&format!("{}/app", registry.host())),
+        digest.clone(),
+        blob.len() as u64,
+        &partial,
+    )
+    .await
+    .unwrap();
     assert_eq!(std::fs::read(&partial).unwrap(), blob);
     let reg_requests = registry.requests();
     assert!(
@@ -790,16 +785,7 @@ async fn blobs_of_the_wrong_size_are_refused_and_removed() {
     let partial = dir.path().join("p");
     let r = repo(&format!("{}/app", server.host()));
     // The descriptor says 4 bytes: the fifth byte is already too many.
-    let err = client
-        .fetch_blob(
-            &r,
-            &BlobSpec {
-                digest: digest.clone(),
-                size: 4,
-            },
-            &partial,
-            &|_, _| {},
-        )
+    let err = fetch_quietly(&client, &r, digest.clone(), 4, &partial)
         .await
         .unwrap_err();
     assert!(matches!(err, RegistryError::SizeMismatch { .. }), "{err}");
