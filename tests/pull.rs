@@ -68,6 +68,24 @@ struct Setup {
     registry: Registry,
 }
 
+impl Setup {
+    /// Writes these images as a multi-arch OCI layout and pushes it to `<registry>/<repo>:v1` with skopeo.
+    fn push(&self, repo: &str, images: &[LayoutImage]) -> WrittenLayout {
+        let layout = OciLayoutBuilder::new(&self.root.join("layouts").join(repo));
+        let written = layout.write("v1", images);
+        skopeo_copy(
+            layout.dir(),
+            "v1",
+            &self.registry.host(),
+            repo,
+            "v1",
+            None,
+            None,
+        );
+        written
+    }
+}
+
 fn setup() -> Option<Setup> {
     registry_prerequisites()?;
     let dir = tempfile::tempdir().expect("tempdir");
@@ -154,9 +172,8 @@ fn each_platform_gets_its_own_variant_oci_and_docker_formats() {
 #[test]
 fn a_platform_the_index_lacks_fails_and_lists_what_exists() {
     let Some(s) = setup() else { return };
-    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
-    layout.write(
-        "v1",
+    s.push(
+        "nov6",
         &[
             image("amd64", None, "amd64"),
             image("arm64", Some("v8"), "arm64"),
@@ -164,7 +181,6 @@ fn a_platform_the_index_lacks_fails_and_lists_what_exists() {
         ],
     );
     let host = s.registry.host();
-    skopeo_copy(layout.dir(), "v1", &host, "nov6", "v1", None, None);
     let state = s.root.join("state");
     let out = flotilla(
         &state,
@@ -187,9 +203,8 @@ fn a_platform_the_index_lacks_fails_and_lists_what_exists() {
 #[test]
 fn a_mislabelled_v6_entry_holding_armhf_binaries_is_refused_for_v6() {
     let Some(s) = setup() else { return };
-    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
-    layout.write(
-        "v1",
+    s.push(
+        "liar",
         &[
             image("arm", Some("v7"), "armhf"),
             // The lie: labelled v6, built for v7.
@@ -197,7 +212,6 @@ fn a_mislabelled_v6_entry_holding_armhf_binaries_is_refused_for_v6() {
         ],
     );
     let host = s.registry.host();
-    skopeo_copy(layout.dir(), "v1", &host, "liar", "v1", None, None);
     let state = s.root.join("state");
     let out = flotilla(
         &state,
@@ -238,10 +252,8 @@ fn a_mislabelled_v6_entry_holding_armhf_binaries_is_refused_for_v6() {
 #[test]
 fn a_blob_corrupted_in_the_registry_is_refused_and_nothing_is_stored() {
     let Some(s) = setup() else { return };
-    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
-    let written = layout.write("v1", &[image("amd64", None, "amd64")]);
+    let written = s.push("corrupt", &[image("amd64", None, "amd64")]);
     let host = s.registry.host();
-    skopeo_copy(layout.dir(), "v1", &host, "corrupt", "v1", None, None);
     let layer = &written.images[0].layer;
     let data = s.registry.blob_data_path(layer);
     let mut bytes = std::fs::read(&data).expect("blob in registry storage");
@@ -446,9 +458,8 @@ fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself()
     let Some(zero) = require("board capture rpi-zero-w", zero.is_dir().then_some(zero)) else {
         return;
     };
-    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
-    let written = layout.write(
-        "v1",
+    let written = s.push(
+        "fallback",
         &[
             image("arm", Some("v7"), "armhf"),
             image("arm", Some("v6"), "armhf"),
@@ -456,7 +467,6 @@ fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself()
         ],
     );
     let host = s.registry.host();
-    skopeo_copy(layout.dir(), "v1", &host, "fallback", "v1", None, None);
     let state = s.root.join("state");
     let evidence = zero.to_str().expect("utf-8 path");
     let out = flotilla(
@@ -486,10 +496,8 @@ fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself()
 #[test]
 fn inspect_names_the_choice_and_why_others_were_passed_over_and_digests_pin_exactly() {
     let Some(s) = setup() else { return };
-    let layout = OciLayoutBuilder::new(&s.root.join("layout"));
-    let written = layout.write("v1", &busybox_images().expect("busybox"));
+    let written = s.push("multi", &busybox_images().expect("busybox"));
     let host = s.registry.host();
-    skopeo_copy(layout.dir(), "v1", &host, "multi", "v1", None, None);
     let state = s.root.join("state");
 
     let out = flotilla(
