@@ -35,7 +35,7 @@ use crate::unpack::{ImageTree, LayerSource};
 use crate::verify::VerifyError;
 use crate::verify::policy::{Acceptance, Policy};
 use progress::Reporter;
-use proof::{ImageConfig, ProofError};
+use proof::ImageConfig;
 
 /// Image configs larger than this are refused; real ones are a few KiB.
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
@@ -668,7 +668,6 @@ async fn try_variant(
             layers_fetched,
             bytes_fetched,
         }),
-        Err(ProofError::Unpack(e)) => Err(Refused::Variant(e.to_string())),
         Err(e) => Err(Refused::Variant(e.to_string())),
     }
 }

@@ -10,7 +10,6 @@ use crate::digest::Digest;
 
 pub struct Reporter {
     bars: Option<MultiProgress>,
-    quiet: bool,
 }
 
 impl Reporter {
@@ -19,21 +18,10 @@ impl Reporter {
         let bars = std::io::stderr()
             .is_terminal()
             .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8)));
-        Reporter { bars, quiet: false }
-    }
-
-    /// Says nothing (library callers, tests).
-    pub fn quiet() -> Reporter {
-        Reporter {
-            bars: None,
-            quiet: true,
-        }
+        Reporter { bars }
     }
 
     pub fn step(&self, message: &str) {
-        if self.quiet {
-            return;
-        }
         match &self.bars {
             Some(bars) => {
                 let _ = bars.println(message);
@@ -57,12 +45,7 @@ impl Reporter {
             bar.enable_steady_tick(Duration::from_millis(250));
             bar
         });
-        LayerProgress {
-            bar,
-            short,
-            size,
-            quiet: self.quiet,
-        }
+        LayerProgress { bar, short, size }
     }
 }
 
@@ -70,7 +53,6 @@ pub struct LayerProgress {
     bar: Option<ProgressBar>,
     short: String,
     size: u64,
-    quiet: bool,
 }
 
 impl LayerProgress {
@@ -83,15 +65,12 @@ impl LayerProgress {
     pub fn finish(&self, fetched: u64) {
         match &self.bar {
             Some(bar) => bar.finish(),
-            None if !self.quiet => {
-                eprintln!(
-                    "layer {}: {} fetched ({} in the layer)",
-                    self.short,
-                    human_bytes(fetched),
-                    human_bytes(self.size)
-                );
-            }
-            None => {}
+            None => eprintln!(
+                "layer {}: {} fetched ({} in the layer)",
+                self.short,
+                human_bytes(fetched),
+                human_bytes(self.size)
+            ),
         }
     }
 }

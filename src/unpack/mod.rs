@@ -293,11 +293,7 @@ impl ImageTree {
         ImageTree { layers, indexes }
     }
 
-    pub fn layer(&self, i: usize) -> Option<&LayerSource> {
-        self.layers.get(i)
-    }
-
-    /// How many layers have been read so far (for reporting what the proof cost).
+    /// How many layers have been read so far: the top-down laziness, made observable.
     pub fn layers_read(&self) -> usize {
         self.indexes.iter().filter(|i| i.is_some()).count()
     }
