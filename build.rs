@@ -35,11 +35,9 @@ fn watch_git_head() {
         return;
     };
     let mut watched = vec![head];
-    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"])
-        && let Some(path) = git(&["rev-parse", "--git-path", &branch])
-    {
-        watched.push(path);
-    }
+    let branch_ref = git(&["symbolic-ref", "-q", "HEAD"])
+        .and_then(|branch| git(&["rev-parse", "--git-path", &branch]));
+    watched.extend(branch_ref);
     if let Some(packed) = git(&["rev-parse", "--git-path", "packed-refs"]) {
         watched.push(packed);
     }

@@ -573,9 +573,11 @@ fn arm32_version(
         if let Some(v) = core.model_name_arm_version() {
             vote(v, "cpuinfo model name".to_string());
         }
-        if let (Some(imp), Some(part)) = (core.implementer, core.part)
-            && let Some(model) = core_model(imp, part)
-        {
+        let model = core
+            .implementer
+            .zip(core.part)
+            .and_then(|(imp, part)| Some((imp, part, core_model(imp, part)?)));
+        if let Some((imp, part, model)) = model {
             vote(
                 model.arm_version,
                 format!("CPU part {}", describe_part(imp, part)),

@@ -840,10 +840,11 @@ impl RegistryClient {
         let offset = partial.verifier.len();
         let url = self.url(ep, at, &format!("blobs/{}", blob.digest))?;
         let mut headers = HeaderMap::new();
-        if offset > 0
-            && let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-"))
-        {
-            headers.insert(header::RANGE, v);
+        if offset > 0 {
+            // The value is ASCII digits: it always converts.
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                headers.insert(header::RANGE, v);
+            }
         }
         let mut resp = self.send(ep, at, url, headers, false).await?;
         let restarting = |reason: &str| {
