@@ -12,6 +12,7 @@ use url::Url;
 
 use super::auth::{self, Challenge, TokenCache};
 use super::credentials::{CredentialStore, Credentials};
+use super::dns::SystemResolver;
 use super::reference::{Reference, Repository, api_host};
 use super::retry::{self, Outcome, Pause, RetryPolicy, SystemPause, TokenBucket};
 use super::{At, RegistryError, Step, tls};
@@ -281,10 +282,12 @@ impl RegistryClient {
         let credentials = CredentialStore::load(&config.registries, docker_config.as_deref())?;
         let system = tls::system_roots();
         let global: Vec<PathBuf> = config.ca_bundle.iter().cloned().collect();
+        let resolver = Arc::new(SystemResolver::default());
         let build = |bundles: &[PathBuf]| -> Result<reqwest::Client, RegistryError> {
             let tls = tls::client_config(&system, bundles)?;
             reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
+                .dns_resolver(Arc::clone(&resolver))
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(options.connect_timeout)
                 .read_timeout(options.read_timeout)
@@ -564,27 +567,26 @@ impl RegistryClient {
         let mut resp = self.send(ep, at, url, headers, true).await?;
         check_status(at, &resp, self.inner.pause.now())?;
         let content_type = media_type_of(&resp);
-        if let Some(ct) = &content_type
-            && SCHEMA1.contains(&ct.as_str())
-        {
-            return Err(Fault::fatal(RegistryError::Schema1 {
-                at: Box::new(at.clone()),
-            }));
+        if let Some(ct) = &content_type {
+            if SCHEMA1.contains(&ct.as_str()) {
+                return Err(Fault::fatal(RegistryError::Schema1 {
+                    at: Box::new(at.clone()),
+                }));
+            }
         }
-        if let Some(ct) = &content_type
-            && ManifestKind::from_media_type(ct).is_none()
-            && ct != "application/json"
-        {
-            let hint = if ct.starts_with("text/html") {
-                "; an HTML page usually means a login portal or proxy answered instead of a registry"
-            } else {
-                ""
-            };
-            return Err(Fault::fatal(RegistryError::UnsupportedMediaType {
-                at: Box::new(at.clone()),
-                media_type: ct.clone(),
-                hint,
-            }));
+        if let Some(ct) = &content_type {
+            if ManifestKind::from_media_type(ct).is_none() && ct != "application/json" {
+                let hint = if ct.starts_with("text/html") {
+                    "; an HTML page usually means a login portal or proxy answered instead of a registry"
+                } else {
+                    ""
+                };
+                return Err(Fault::fatal(RegistryError::UnsupportedMediaType {
+                    at: Box::new(at.clone()),
+                    media_type: ct.clone(),
+                    hint,
+                }));
+            }
         }
         let hinted = resp
             .headers()
@@ -605,20 +607,19 @@ impl RegistryClient {
         let mut v = Verifier::new(algorithm);
         v.update(&bytes);
         let digest = v.finish();
-        if let Some(expected) = pinned
-            && *expected != digest
-        {
-            return Err(Fault::fatal(RegistryError::DigestMismatch {
-                at: Box::new(at.clone()),
-                expected: expected.clone(),
-                actual: digest,
-            }));
+        if let Some(expected) = pinned {
+            if *expected != digest {
+                return Err(Fault::fatal(RegistryError::DigestMismatch {
+                    at: Box::new(at.clone()),
+                    expected: expected.clone(),
+                    actual: digest,
+                }));
+            }
         }
-        if let Some(h) = hinted
-            && h.algorithm() == digest.algorithm()
-            && h != digest
-        {
-            tracing::warn!(registry = %at.registry, "Docker-Content-Digest {h} differs from the computed {digest}; using the computed one");
+        if let Some(h) = hinted {
+            if h.algorithm() == digest.algorithm() && h != digest {
+                tracing::warn!(registry = %at.registry, "Docker-Content-Digest {h} differs from the computed {digest}; using the computed one");
+            }
         }
         let (kind, content) =
             parse_manifest(at, content_type.as_deref(), &bytes).map_err(Fault::fatal)?;
@@ -1096,10 +1097,10 @@ impl RegistryClient {
         let mut current = url;
         for _ in 0..=limit {
             let mut req = ep.http.get(current.clone()).headers(headers.clone());
-            if let Some(a) = &auth
-                && current.origin() == ep.base.origin()
-            {
-                req = req.header(header::AUTHORIZATION, a.clone());
+            if let Some(a) = &auth {
+                if current.origin() == ep.base.origin() {
+                    req = req.header(header::AUTHORIZATION, a.clone());
+                }
             }
             if small {
                 req = req.timeout(self.inner.options.request_timeout);
@@ -1348,12 +1349,12 @@ fn parse_manifest(
         });
     }
     let declared = obj.get("mediaType").and_then(|v| v.as_str());
-    if let Some(d) = declared
-        && SCHEMA1.contains(&d)
-    {
-        return Err(RegistryError::Schema1 {
-            at: Box::new(at.clone()),
-        });
+    if let Some(d) = declared {
+        if SCHEMA1.contains(&d) {
+            return Err(RegistryError::Schema1 {
+                at: Box::new(at.clone()),
+            });
+        }
     }
     let from_header = content_type.and_then(ManifestKind::from_media_type);
     let kind = match (from_header, declared) {

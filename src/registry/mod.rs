@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client;
 pub mod credentials;
+pub mod dns;
 pub mod reference;
 pub mod retry;
 pub mod tls;
