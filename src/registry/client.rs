@@ -14,8 +14,9 @@ use super::auth::{self, Challenge, TokenCache};
 use super::credentials::{CredentialStore, Credentials};
 use super::dns::SystemResolver;
 use super::reference::{Reference, Repository, api_host};
-use super::retry::{self, Outcome, Pause, RetryPolicy, SystemPause, TokenBucket};
+use super::retry::{self, Outcome, RetryPolicy, TokenBucket};
 use super::{At, RegistryError, Step, tls};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, RegistryConfig};
 use crate::digest::{Digest, Verifier};
 
@@ -240,7 +241,7 @@ struct Inner {
     /// Endpoints that asked for Basic auth; they get it up front from then on.
     basic_hosts: Mutex<HashSet<String>>,
     bucket: Option<TokenBucket>,
-    pause: Arc<dyn Pause>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -269,14 +270,14 @@ impl RegistryClient {
         RegistryClient::with_options(
             config,
             ClientOptions::from_config(config, insecure_registries),
-            Arc::new(SystemPause),
+            Arc::new(SystemClock),
         )
     }
 
     pub fn with_options(
         config: &Config,
         options: ClientOptions,
-        pause: Arc<dyn Pause>,
+        clock: Arc<dyn Clock>,
     ) -> Result<RegistryClient, RegistryError> {
         let docker_config = config.docker_config.clone().or_else(default_docker_config);
         let credentials = CredentialStore::load(&config.registries, docker_config.as_deref())?;
@@ -317,7 +318,7 @@ impl RegistryClient {
                 tokens: TokenCache::default(),
                 basic_hosts: Mutex::new(HashSet::new()),
                 bucket,
-                pause,
+                clock,
             }),
         })
     }
@@ -406,7 +407,7 @@ impl RegistryClient {
             let mref = mref.clone();
             async move {
                 let at = self.at(repo, Step::Manifest(mref.clone()));
-                retry::retry(&self.inner.options.retry, self.inner.pause.as_ref(), |_| {
+                retry::retry(&self.inner.options.retry, self.inner.clock.as_ref(), |_| {
                     outcome_fut(self.manifest_attempt(&ep, &at, reference.digest(), &mref))
                 })
                 .await
@@ -438,7 +439,7 @@ impl RegistryClient {
             .across_endpoints(repo, |ep| {
                 let at = at.clone();
                 async move {
-                    retry::retry(&self.inner.options.retry, self.inner.pause.as_ref(), |_| {
+                    retry::retry(&self.inner.options.retry, self.inner.clock.as_ref(), |_| {
                         outcome_fut(self.referrers_attempt(&ep, &at, subject))
                     })
                     .await
@@ -499,7 +500,7 @@ impl RegistryClient {
         self.across_endpoints(repo, |ep| {
             let at = at.clone();
             async move {
-                retry::retry(&self.inner.options.retry, self.inner.pause.as_ref(), |_| {
+                retry::retry(&self.inner.options.retry, self.inner.clock.as_ref(), |_| {
                     outcome_fut(self.small_blob_attempt(&ep, &at, blob))
                 })
                 .await
@@ -565,7 +566,7 @@ impl RegistryClient {
             headers.insert(header::ACCEPT, v);
         }
         let mut resp = self.send(ep, at, url, headers, true).await?;
-        check_status(at, &resp, self.inner.pause.now())?;
+        check_status(at, &resp, self.inner.clock.now())?;
         let content_type = media_type_of(&resp);
         if let Some(ct) = &content_type {
             if SCHEMA1.contains(&ct.as_str()) {
@@ -645,7 +646,7 @@ impl RegistryClient {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        check_status(at, &resp, self.inner.pause.now())?;
+        check_status(at, &resp, self.inner.clock.now())?;
         match media_type_of(&resp).as_deref() {
             Some(OCI_INDEX) => {}
             other => {
@@ -680,7 +681,7 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, Fault> {
         let url = self.url(ep, at, &format!("blobs/{}", blob.digest))?;
         let mut resp = self.send(ep, at, url, HeaderMap::new(), false).await?;
-        check_status(at, &resp, self.inner.pause.now())?;
+        check_status(at, &resp, self.inner.clock.now())?;
         let mut bytes = Vec::new();
         let mut v = Verifier::new(blob.digest.algorithm());
         while let Some(chunk) =
@@ -760,12 +761,12 @@ impl RegistryClient {
                     if failed >= attempts {
                         return Err(error);
                     }
-                    let d = policy.delay(failed.max(1), after, self.inner.pause.random());
+                    let d = policy.delay(failed.max(1), after, self.inner.clock.random());
                     tracing::info!(
                         "{error}; resuming at byte {} in {d:?}",
                         partial.verifier.len()
                     );
-                    self.inner.pause.sleep(d).await;
+                    self.inner.clock.sleep(d).await;
                 }
                 Err(Fault { error, retry: None }) => {
                     if matches!(
@@ -894,7 +895,7 @@ impl RegistryClient {
                     partial.restart(at, blob).await?;
                 }
             }
-            _ => check_status(at, &resp, self.inner.pause.now())?,
+            _ => check_status(at, &resp, self.inner.clock.now())?,
         }
         let from = partial.verifier.len();
         partial
@@ -925,9 +926,9 @@ impl RegistryClient {
             partial.verifier.update(&chunk);
             progress(partial.verifier.len(), blob.size);
             if let Some(bucket) = &self.inner.bucket {
-                let wait = bucket.take(chunk.len() as u64, self.inner.pause.instant());
+                let wait = bucket.take(chunk.len() as u64, self.inner.clock.instant());
                 if !wait.is_zero() {
-                    self.inner.pause.sleep(wait).await;
+                    self.inner.clock.sleep(wait).await;
                 }
             }
         }
@@ -946,7 +947,7 @@ impl RegistryClient {
         if let Some(token) = self
             .inner
             .tokens
-            .get(&ep.host, scope, self.inner.pause.instant())
+            .get(&ep.host, scope, self.inner.clock.instant())
         {
             return sensitive(&format!("Bearer {token}"));
         }
@@ -1006,7 +1007,7 @@ impl RegistryClient {
                         .await?;
                     self.inner
                         .tokens
-                        .put(&ep.host, &scope, &token, self.inner.pause.instant());
+                        .put(&ep.host, &scope, &token, self.inner.clock.instant());
                 }
                 Some(Challenge::Basic) if ep.credentials.is_some() => {
                     self.inner
@@ -1066,7 +1067,7 @@ impl RegistryClient {
             let e = token_err(format!("HTTP {status}"));
             return Err(
                 if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-                    Fault::retry(e, retry_after(&resp, self.inner.pause.now()))
+                    Fault::retry(e, retry_after(&resp, self.inner.clock.now()))
                 } else {
                     Fault::fatal(e)
                 },

@@ -20,7 +20,7 @@ pub use client::{
 };
 pub use credentials::{Credentials, CredentialsError};
 pub use reference::{Reference, ReferenceError, Repository};
-pub use retry::{Pause, RetryPolicy, SystemPause};
+pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
 
