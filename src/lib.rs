@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod digest;
+pub mod durable;
 pub mod elf;
 pub mod media_type;
 pub mod platform;
