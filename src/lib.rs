@@ -11,6 +11,7 @@ pub mod config;
 pub mod digest;
 pub mod durable;
 pub mod elf;
+pub mod human;
 pub mod media_type;
 pub mod platform;
 pub mod pull;

@@ -614,7 +614,7 @@ async fn try_variant(
     reporter.step(&format!(
         "fetching {platform} ({digest}): {} layers, {} to download",
         unique.len(),
-        progress::human_bytes(download)
+        crate::human::bytes(download)
     ));
     let fetched: Vec<u64> = stream::iter(unique.iter().map(|l| fetcher.layer(store, l, reporter)))
         .buffer_unordered(options.parallel_layers.max(1))
@@ -702,7 +702,7 @@ async fn check_signature(
     let outcomes = signatures::gather(client, reference, digest, &policy.keys).await?;
     let acceptance = policy.decide(&repo, digest, &outcomes).map_err(sig_err)?;
     let said = match acceptance {
-        Acceptance::Verified(v) => format!("verified with {} ({:?})", v.key, v.form),
+        Acceptance::Verified(v) => format!("verified with {} ({})", v.key, v.form),
         Acceptance::Unsigned => "unsigned (policy if-present)".to_string(),
         Acceptance::NotChecked => "not checked".to_string(),
     };
