@@ -120,23 +120,7 @@ impl fmt::Display for Source {
     }
 }
 
-/// What the device can run, as the pull needs it.
-#[derive(Debug, Clone)]
-pub struct Host {
-    /// Best first.
-    pub candidates: Vec<Platform>,
-    pub page_size: Option<u64>,
-}
-
-impl Host {
-    fn describe(&self) -> String {
-        self.candidates
-            .iter()
-            .map(Platform::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
+pub use crate::platform::host::Host;
 
 /// A variant that was tried and refused, or passed over without trying.
 #[derive(Debug, Clone, Serialize)]
