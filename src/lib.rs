@@ -12,7 +12,7 @@ pub mod digest;
 pub mod durable;
 pub mod elf;
 pub mod human;
-pub mod media_type;
+pub mod oci;
 pub mod platform;
 pub mod pull;
 pub mod registry;

@@ -110,7 +110,7 @@ async fn fetches_oci_index_docker_list_manifests_and_blobs() {
     let ManifestContent::Index(ix) = &index.content else {
         panic!("not an index")
     };
-    assert_eq!(ix.manifests().len(), 4);
+    assert_eq!(ix.manifests.len(), 4);
 
     // Pinned by digest, the same bytes come back verified.
     let pinned = client
@@ -168,18 +168,18 @@ async fn fetches_oci_index_docker_list_manifests_and_blobs() {
     let ManifestContent::Index(ix) = &list.content else {
         panic!("not a list")
     };
-    assert_eq!(ix.manifests().len(), 4);
-    for entry in ix.manifests() {
-        let digest: Digest = entry.digest().to_string().parse().unwrap();
+    assert_eq!(ix.manifests.len(), 4);
+    for entry in &ix.manifests {
+        let digest = entry.digest.clone();
         let m = client.fetch_manifest(&d.with_digest(digest)).await.unwrap();
         assert_eq!(m.kind, ManifestKind::DockerManifest);
         let ManifestContent::Image(im) = &m.content else {
             panic!("not a manifest")
         };
-        let layer = &im.layers()[0];
+        let layer = &im.layers[0];
         let spec = BlobSpec {
-            digest: layer.digest().to_string().parse().unwrap(),
-            size: layer.size(),
+            digest: layer.digest.clone(),
+            size: layer.size,
         };
         assert!(written.images.iter().any(|i| i.layer == spec.digest));
         let partial = dir.path().join("docker.partial");

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use flotilla::digest::Digest;
-use flotilla::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
+use flotilla::oci::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use flotilla::platform::Platform;
 use flotilla::platform::select::{
     EntryPlatform, IndexEntry, REFERENCE_TYPE_ANNOTATION, Selection, select,

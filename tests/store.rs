@@ -9,12 +9,14 @@ use std::time::{Duration, UNIX_EPOCH};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use flotilla::digest::{Digest, Verifier};
+use flotilla::oci::{
+    DOCKER_MANIFEST_LIST, Descriptor, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
+};
 use flotilla::platform::Platform;
 use flotilla::store::gc::{GcOptions, RemovedKind, collect_garbage};
-use flotilla::store::layout::{DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use flotilla::store::{
-    ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, Descriptor, FreeSpace, MAX_MANIFEST_BYTES,
-    OciLayout, OciLayoutRef, RefRecord, Slot, Store, StoreError,
+    ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, FreeSpace, OciLayout, OciLayoutRef, RefRecord,
+    Slot, Store, StoreError,
 };
 
 mod common;

@@ -70,7 +70,7 @@ mod tests {
         let entry = ImageEntry {
             name: Some("docker.io/library/alpine:3.20".to_string()),
             digest: crate::digest::Digest::sha256_of(b"m"),
-            media_type: crate::store::layout::OCI_MANIFEST.to_string(),
+            media_type: crate::oci::OCI_MANIFEST.to_string(),
             platform: Some("linux/arm/v6".to_string()),
             size: Some(3 << 20),
             pulled: Some("2025-01-31T12:00:00Z".to_string()),

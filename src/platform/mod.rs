@@ -58,6 +58,11 @@ impl<'de> Deserialize<'de> for Platform {
 }
 
 impl Platform {
+    /// The platform an image configuration states it was built for.
+    pub fn of_config(config: &crate::oci::ImageConfig) -> Platform {
+        Platform::new(&config.os, &config.architecture, config.variant.as_deref())
+    }
+
     /// Builds a normalised platform from raw parts as they appear in an image index or on the command line.
     pub fn new(os: &str, architecture: &str, variant: Option<&str>) -> Platform {
         let os = normalize_os(os);

@@ -23,7 +23,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::digest::{Digest, DigestError};
-use crate::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
+use crate::oci::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 use crate::platform::Platform;
 
 /// The annotation buildx puts on an attestation entry, and the one naming the image it attests.

@@ -24,18 +24,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::digest::Digest;
-use crate::media_type;
+use crate::oci::{Descriptor, ImageConfig, ImageManifest, MAX_MANIFEST_BYTES, media_type};
 use crate::platform::Platform;
 use crate::platform::select::{self, IndexEntry, SelectError};
 use crate::registry::{BlobSpec, Reference, RegistryClient, RegistryError};
-use crate::store::layout::{Descriptor, MAX_MANIFEST_BYTES, OCI_SCHEME, OciLayout, OciLayoutRef};
+use crate::store::layout::{OCI_SCHEME, OciLayout, OciLayoutRef};
 use crate::store::space::Statvfs;
 use crate::store::{RefRecord, Slot, Store, StoreError};
 use crate::unpack::{ImageTree, LayerSource};
 use crate::verify::VerifyError;
 use crate::verify::policy::{Acceptance, Policy};
 use progress::Reporter;
-use proof::ImageConfig;
 
 /// Image configs larger than this are refused; real ones are a few KiB.
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
@@ -166,16 +165,6 @@ impl PullOptions {
             parallel_layers: config.pull.parallel_layers.max(1),
         }
     }
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct ManifestFile {
-    #[serde(default)]
-    media_type: Option<String>,
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
 }
 
 /// The manifest bytes, wherever they come from.
@@ -501,7 +490,7 @@ async fn try_variant(
             "media type {media_type} is not an image manifest"
         )));
     }
-    let manifest: ManifestFile =
+    let manifest: ImageManifest =
         serde_json::from_slice(bytes).map_err(|e| PullError::BadManifest {
             digest: digest.clone(),
             reason: e.to_string(),
@@ -532,7 +521,7 @@ async fn try_variant(
         })?;
 
     // The config must state the platform that was chosen; a single manifest's config decides it.
-    let stated = config.platform();
+    let stated = Platform::of_config(&config);
     let platform = if let Some(label) = &attempt.label {
         if stated.os != label.os
             || stated.architecture != label.architecture

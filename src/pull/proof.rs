@@ -7,9 +7,8 @@
 
 use std::path::Path;
 
-use serde::Deserialize;
-
 use crate::elf::{self, BinaryRequirements, Outcome};
+use crate::oci::ImageConfig;
 use crate::platform::Platform;
 use crate::unpack::{ImageTree, UnpackError};
 
@@ -17,61 +16,6 @@ use crate::unpack::{ImageTree, UnpackError};
 const MAX_CHAIN: usize = 6;
 /// Executables larger than this are not extracted for inspection; real ones are far smaller.
 const MAX_EXECUTABLE_BYTES: u64 = 1 << 30;
-
-/// The parts of an image configuration that the pull checks.
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ImageConfig {
-    #[serde(default)]
-    pub os: String,
-    #[serde(default)]
-    pub architecture: String,
-    pub variant: Option<String>,
-    #[serde(default)]
-    pub config: Option<ExecConfig>,
-    #[serde(default)]
-    pub rootfs: Option<RootFs>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "PascalCase")]
-pub struct ExecConfig {
-    pub entrypoint: Option<Vec<String>>,
-    pub cmd: Option<Vec<String>>,
-    pub env: Option<Vec<String>>,
-    pub working_dir: Option<String>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct RootFs {
-    #[serde(default)]
-    pub diff_ids: Vec<crate::digest::Digest>,
-}
-
-impl ImageConfig {
-    pub fn platform(&self) -> Platform {
-        Platform::new(&self.os, &self.architecture, self.variant.as_deref())
-    }
-
-    /// The program the container starts: the entrypoint's first word, else the command's.
-    pub fn program(&self) -> Option<&str> {
-        let exec = self.config.as_ref()?;
-        exec.entrypoint
-            .as_ref()
-            .and_then(|v| v.first())
-            .or_else(|| exec.cmd.as_ref().and_then(|v| v.first()))
-            .map(String::as_str)
-    }
-
-    fn env(&self, name: &str) -> Option<&str> {
-        let prefix = format!("{name}=");
-        self.config
-            .as_ref()?
-            .env
-            .as_ref()?
-            .iter()
-            .find_map(|e| e.strip_prefix(&prefix))
-    }
-}
 
 /// What the proof found: each executable checked, in order, and the verdict.
 #[derive(Debug, Clone, Default)]

@@ -3,8 +3,6 @@
 //! Every signature found is verified, and all outcomes go to the policy, which decides: one valid signature is
 //! enough, invalid ones alone refuse, none found is for the mode (`require` or `if-present`) to judge.
 
-use std::collections::BTreeMap;
-
 use crate::digest::Digest;
 use crate::registry::{BlobSpec, ManifestContent, Reference, RegistryClient};
 use crate::verify::cosign;
@@ -55,21 +53,12 @@ pub async fn gather(
         .into_iter()
         .take(MAX_SIGNATURES)
     {
-        let artifact_type = referrer.artifact_type().as_ref().map(|t| t.to_string());
-        let annotations: BTreeMap<String, String> = referrer
-            .annotations()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        if !cosign::is_signature_referrer(artifact_type.as_deref(), &annotations) {
+        if !cosign::is_signature_referrer(referrer.artifact_type.as_deref(), &referrer.annotations)
+        {
             continue;
         }
-        let Ok(referrer_digest) = referrer.digest().to_string().parse::<Digest>() else {
-            continue;
-        };
         let manifest = client
-            .fetch_manifest(&reference.with_digest(referrer_digest))
+            .fetch_manifest(&reference.with_digest(referrer.digest))
             .await?;
         if !matches!(manifest.content, ManifestContent::Image(_)) {
             continue;

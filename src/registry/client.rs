@@ -19,6 +19,7 @@ use super::{At, RegistryError, Step, tls};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, RegistryConfig};
 use crate::digest::{Digest, Verifier};
+use crate::oci::Descriptor;
 
 /// The blob to fetch: its digest and the size its descriptor states.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,7 +298,7 @@ impl RegistryClient {
         repo: &Repository,
         subject: &Digest,
         artifact_type: Option<&str>,
-    ) -> Result<Vec<oci_spec::image::Descriptor>, RegistryError> {
+    ) -> Result<Vec<Descriptor>, RegistryError> {
         let at = self.at(repo, Step::Referrers(subject.clone()));
         let listed = self
             .across_endpoints(repo, |ep| {
@@ -311,7 +312,7 @@ impl RegistryClient {
             })
             .await;
         let descriptors = match listed {
-            Ok(Some(index)) => index.manifests().clone(),
+            Ok(Some(index)) => index.manifests,
             Ok(None) => match self
                 .fetch_manifest_by_tag(repo, &referrers_fallback_tag(subject))
                 .await
@@ -319,7 +320,7 @@ impl RegistryClient {
                 Ok(Manifest {
                     content: ManifestContent::Index(index),
                     ..
-                }) => index.manifests().clone(),
+                }) => index.manifests,
                 Ok(_) => {
                     return Err(RegistryError::Malformed {
                         at: Box::new(at),
@@ -336,11 +337,7 @@ impl RegistryClient {
         };
         Ok(descriptors
             .into_iter()
-            .filter(|d| {
-                artifact_type.is_none_or(|t| {
-                    d.artifact_type().as_ref().map(|a| a.to_string()).as_deref() == Some(t)
-                })
-            })
+            .filter(|d| artifact_type.is_none_or(|t| d.artifact_type.as_deref() == Some(t)))
             .collect())
     }
 

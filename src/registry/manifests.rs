@@ -9,10 +9,11 @@ use super::transport::{Fault, check_status, media_type_of, read_capped};
 use super::{At, RegistryError};
 use crate::digest::{Digest, Verifier};
 
-/// containerd's limit; a manifest is a few KiB, anything near this is an attack or a mistake.
-pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+use crate::oci::{
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, ImageIndex, ImageManifest, MAX_MANIFEST_BYTES,
+    OCI_INDEX, OCI_MANIFEST,
+};
 
-pub use crate::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
 const SCHEMA1: [&str; 2] = [
     "application/vnd.docker.distribution.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
@@ -66,8 +67,8 @@ pub struct Manifest {
 
 #[derive(Debug, Clone)]
 pub enum ManifestContent {
-    Index(Box<oci_spec::image::ImageIndex>),
-    Image(Box<oci_spec::image::ImageManifest>),
+    Index(Box<ImageIndex>),
+    Image(Box<ImageManifest>),
 }
 
 impl RegistryClient {
@@ -163,7 +164,7 @@ impl RegistryClient {
         ep: &Endpoint,
         at: &At,
         subject: &Digest,
-    ) -> Result<Option<oci_spec::image::ImageIndex>, Fault> {
+    ) -> Result<Option<ImageIndex>, Fault> {
         let url = self.url(ep, at, &format!("referrers/{subject}"))?;
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, HeaderValue::from_static(OCI_INDEX));

@@ -21,7 +21,7 @@ pub use client::{
     BlobSpec, ClientOptions, RegistryClient, cosign_signature_tag, referrers_fallback_tag,
 };
 pub use credentials::{Credentials, CredentialsError};
-pub use manifests::{MAX_MANIFEST_BYTES, Manifest, ManifestContent, ManifestKind};
+pub use manifests::{Manifest, ManifestContent, ManifestKind};
 pub use reference::{Reference, ReferenceError, Repository};
 pub use retry::RetryPolicy;
 

@@ -12,10 +12,11 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::layout::{self, Kind, MAX_MANIFEST_BYTES, OciLayout, read_bounded};
+use super::layout::{self, Kind, OciLayout, read_bounded};
 use super::{ANNOTATION_KEEP, PARTIAL_DIR, Store, StoreError, io_err};
 use crate::digest::{Algorithm, Digest};
 use crate::durable::{TMP_PREFIX, fsync_dir};
+use crate::oci::{Descriptor, MAX_MANIFEST_BYTES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -186,7 +187,7 @@ pub fn mark(layout: &OciLayout) -> Result<BTreeSet<Digest>, StoreError> {
     Ok(marked)
 }
 
-fn sniff(path: &Path) -> Option<Vec<layout::Descriptor>> {
+fn sniff(path: &Path) -> Option<Vec<Descriptor>> {
     let len = path.metadata().ok()?.len();
     if len > MAX_MANIFEST_BYTES {
         return None;

@@ -3,85 +3,22 @@
 //! A layout from outside is as untrusted as a registry: every read is bounded, every blob is checked against the
 //! digest its file name claims while it is copied, and a mismatch names the file.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::Deserialize;
 
 use super::{Partial, StoreError, VerifiedBlob, io_err};
 use crate::digest::{Digest, Verifier};
+use crate::oci::{
+    DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, Descriptor, ImageIndex, OCI_INDEX, OCI_MANIFEST,
+};
 
-/// Largest manifest or image index read from a blob (containerd's limit).
-pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Largest `index.json` read; a store with thousands of references stays far below it.
 pub const MAX_INDEX_JSON_BYTES: u64 = 16 << 20;
 const MAX_OCI_LAYOUT_BYTES: u64 = 4096;
-
-pub use crate::media_type::{DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST};
-
-/// The annotation that names a reference in `index.json`.
-pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
-
-/// An OCI content descriptor. Fields flotilla does not interpret (`platform`, `urls`, `artifactType`, `data` ...)
-/// are kept as they were, so rewriting `index.json` never loses what another tool wrote there.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Descriptor {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub media_type: String,
-    pub digest: Digest,
-    pub size: u64,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub annotations: BTreeMap<String, String>,
-    #[serde(flatten)]
-    pub other: Map<String, Value>,
-}
-
-impl Descriptor {
-    pub fn new(media_type: &str, digest: Digest, size: u64) -> Descriptor {
-        Descriptor {
-            media_type: media_type.to_string(),
-            digest,
-            size,
-            annotations: BTreeMap::new(),
-            other: Map::new(),
-        }
-    }
-
-    pub fn ref_name(&self) -> Option<&str> {
-        self.annotations
-            .get(ANNOTATION_REF_NAME)
-            .map(String::as_str)
-    }
-}
-
-/// `index.json` (and any image index / Docker manifest list).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageIndex {
-    pub schema_version: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub media_type: Option<String>,
-    #[serde(default)]
-    pub manifests: Vec<Descriptor>,
-    #[serde(flatten)]
-    pub other: Map<String, Value>,
-}
-
-impl ImageIndex {
-    pub fn empty() -> ImageIndex {
-        ImageIndex {
-            schema_version: 2,
-            media_type: Some(OCI_INDEX.to_string()),
-            manifests: Vec::new(),
-            other: Map::new(),
-        }
-    }
-}
 
 /// What a manifest or index points at, whatever its flavour; used to walk the graph of blobs.
 #[derive(Debug, Default, Deserialize)]

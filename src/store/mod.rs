@@ -70,11 +70,9 @@ use serde::Serialize;
 
 use crate::digest::{Algorithm, Digest, Verifier};
 use crate::durable::{DurableError, create_dir, fsync_dir, lock_file, write_atomic};
+use crate::oci::{ANNOTATION_REF_NAME, Descriptor, ImageIndex, MAX_MANIFEST_BYTES};
 use crate::platform::Platform;
-pub use layout::{
-    ANNOTATION_REF_NAME, Descriptor, ImageIndex, MAX_INDEX_JSON_BYTES, MAX_MANIFEST_BYTES,
-    OCI_SCHEME, OciLayout, OciLayoutRef,
-};
+pub use layout::{MAX_INDEX_JSON_BYTES, OCI_SCHEME, OciLayout, OciLayoutRef};
 pub use space::{FreeSpace, Statvfs, check_space, space_needed};
 
 /// The layout directory under the state directory.

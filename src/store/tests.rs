@@ -1,8 +1,9 @@
 use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
-use super::layout::{DOCKER_MANIFEST, children};
+use super::layout::children;
 use super::*;
+use crate::oci::DOCKER_MANIFEST;
 
 #[test]
 fn times_are_rfc3339_utc() {

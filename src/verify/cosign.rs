@@ -36,6 +36,7 @@ use serde::Deserialize;
 
 use super::{SignatureForm, TrustedKey, Verified, VerifyError};
 use crate::digest::{Algorithm, Digest, Verifier};
+use crate::oci::ImageManifest;
 
 pub const SIMPLE_SIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
 pub const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
@@ -63,38 +64,11 @@ pub struct LegacySignature {
     pub signature: String,
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawManifest {
-    #[serde(default)]
-    artifact_type: Option<String>,
-    #[serde(default)]
-    layers: Vec<RawDescriptor>,
-    subject: Option<RawDescriptor>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawDescriptor {
-    #[serde(default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    size: u64,
-    #[serde(default)]
-    annotations: BTreeMap<String, String>,
-}
-
-fn parse_digest(s: &str, bad: impl Fn(String) -> VerifyError) -> Result<Digest, VerifyError> {
-    s.parse()
-        .map_err(|e: crate::digest::DigestError| bad(e.to_string()))
-}
-
 /// Reads a legacy `.sig` manifest; layers of other media types, and simple-signing layers without a signature
 /// annotation, are not signatures and are left out.
 pub fn parse_signature_manifest(bytes: &[u8]) -> Result<Vec<LegacySignature>, VerifyError> {
     let bad = |reason: String| VerifyError::BadSignatureManifest { reason };
-    let manifest: RawManifest =
+    let manifest: ImageManifest =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("not a manifest: {e}")))?;
     let mut out = Vec::new();
     for layer in manifest.layers {
@@ -105,7 +79,7 @@ pub fn parse_signature_manifest(bytes: &[u8]) -> Result<Vec<LegacySignature>, Ve
             continue;
         };
         out.push(LegacySignature {
-            payload: parse_digest(&layer.digest, bad)?,
+            payload: layer.digest,
             payload_size: layer.size,
             signature: signature.clone(),
         });
@@ -198,7 +172,7 @@ pub struct BundleLayer {
 /// Reads a bundle referrer manifest and checks that its `subject` is `image`.
 pub fn parse_bundle_manifest(bytes: &[u8], image: &Digest) -> Result<BundleLayer, VerifyError> {
     let bad = |reason: String| VerifyError::BadBundle { reason };
-    let manifest: RawManifest = serde_json::from_slice(bytes)
+    let manifest: ImageManifest = serde_json::from_slice(bytes)
         .map_err(|e| bad(format!("referrer manifest is not JSON of a manifest: {e}")))?;
     if !manifest
         .artifact_type
@@ -213,7 +187,7 @@ pub fn parse_bundle_manifest(bytes: &[u8], image: &Digest) -> Result<BundleLayer
     let subject = manifest
         .subject
         .ok_or_else(|| bad("referrer manifest has no subject".to_string()))?;
-    let subject = parse_digest(&subject.digest, bad)?;
+    let subject = subject.digest;
     if subject != *image {
         return Err(bad(format!(
             "referrer manifest is about {subject}, not {image}"
@@ -225,7 +199,7 @@ pub fn parse_bundle_manifest(bytes: &[u8], image: &Digest) -> Result<BundleLayer
         .find(|l| l.media_type.starts_with(BUNDLE_MEDIA_TYPE_PREFIX))
         .ok_or_else(|| bad("referrer manifest has no sigstore bundle layer".to_string()))?;
     Ok(BundleLayer {
-        digest: parse_digest(&layer.digest, bad)?,
+        digest: layer.digest,
         size: layer.size,
     })
 }

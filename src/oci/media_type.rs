@@ -1,5 +1,4 @@
-//! The manifest media types flotilla reads, named once for the registry client, the selection, the store and the
-//! pull.
+//! The manifest media types flotilla reads.
 
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
