@@ -16,7 +16,7 @@ use crate::unpack::{ImageTree, UnpackError};
 /// Interpreters followed before giving up (`#!/usr/bin/env python3` → env → its loader is three).
 const MAX_CHAIN: usize = 6;
 /// Executables larger than this are not extracted for inspection; real ones are far smaller.
-const MAX_EXECUTABLE_BYTES: u64 = 1 << 30;
+pub(super) const MAX_EXECUTABLE_BYTES: u64 = 1 << 30;
 
 /// The parts of an image configuration that the pull checks.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -78,6 +78,8 @@ impl ImageConfig {
 pub struct Proof {
     /// One line per executable: path, what it needs, verdict.
     pub checked: Vec<String>,
+    /// The same executables as "path needs platform", for reports that judge against a label rather than a device.
+    pub needs: Vec<String>,
 }
 
 /// Why a variant was refused.
@@ -138,6 +140,7 @@ pub fn prove(
         proof
             .checked
             .push(format!("{shown}: {needs}: {:?}", verdict.outcome));
+        proof.needs.push(format!("{shown} needs {needs}"));
         match verdict.outcome {
             Outcome::CanRun => {}
             Outcome::Unproven if trust_label => {}
