@@ -363,3 +363,37 @@ fn all_binaries_finds_a_wrong_binary_that_is_not_the_entrypoint() {
     assert_eq!(v6["verdict"], "pass", "{v6:#}");
     assert_eq!(v6["binaries_checked"], 1);
 }
+
+#[test]
+fn an_entry_that_cannot_be_fetched_is_an_error_and_exits_1() {
+    let Some(s) = setup() else { return };
+    let written = s.push(
+        "broken",
+        &[
+            image("amd64", None, "amd64"),
+            image("arm64", Some("v8"), "arm64"),
+        ],
+        &[],
+        None,
+    );
+    let arm64 = &written.images[1];
+    let data = s.registry.blob_data_path(&arm64.layer);
+    let mut bytes = std::fs::read(&data).expect("blob in registry storage");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&data, bytes).expect("corrupt");
+
+    let out = s.lint(&["lint", "--json", &s.reference("broken")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let report = json_of(&out);
+    assert_eq!(report["result"], "error");
+    let e = entry(&report, &arm64.platform);
+    assert_eq!(e["verdict"], "error", "{e:#}");
+    assert!(
+        e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("digest mismatch")),
+        "{e:#}"
+    );
+    assert_eq!(entry(&report, "linux/amd64")["verdict"], "pass");
+}

@@ -648,3 +648,43 @@ fn scan_all(
     let _ = std::fs::remove_file(file);
     Ok(scan)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Platform {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_required_platform_without_variant_takes_the_labels_default() {
+        assert!(covers(&p("linux/arm64/v8"), &p("linux/arm64")));
+        assert!(covers(&p("linux/amd64"), &p("linux/amd64")));
+        assert!(!covers(&p("linux/amd64/v3"), &p("linux/amd64")));
+        assert!(covers(&p("linux/arm/v6"), &p("linux/arm")));
+        assert!(!covers(&p("linux/arm/v7"), &p("linux/arm/v6")));
+        assert!(!covers(&p("linux/arm64"), &p("linux/amd64")));
+        assert!(!covers(&p("windows/amd64"), &p("linux/amd64")));
+    }
+
+    #[test]
+    fn a_config_contradicting_its_label_is_caught_as_the_pull_catches_it() {
+        assert!(config_states(&p("linux/arm/v6"), &p("linux/arm")));
+        assert!(!config_states(&p("linux/arm/v6"), &p("linux/arm/v7")));
+        assert!(!config_states(&p("linux/amd64"), &p("linux/arm64")));
+        assert!(config_states(&p("linux/arm64/v8"), &p("linux/arm64/v8.2")));
+    }
+
+    #[test]
+    fn an_unlabelled_arm_entry_is_held_to_v7() {
+        assert_eq!(promised(&p("linux/arm")), p("linux/arm/v7"));
+        assert_eq!(promised(&p("linux/arm/v6")), p("linux/arm/v6"));
+    }
+
+    #[test]
+    fn the_proofs_host_wording_becomes_the_label() {
+        let said = against_label(&["needs linux/arm/v7: x; this host runs linux/arm/v6".into()]);
+        assert_eq!(said, "needs linux/arm/v7: x; its label is linux/arm/v6");
+    }
+}
