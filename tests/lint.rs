@@ -397,3 +397,53 @@ fn an_entry_that_cannot_be_fetched_is_an_error_and_exits_1() {
     );
     assert_eq!(entry(&report, "linux/amd64")["verdict"], "pass");
 }
+
+#[test]
+fn only_the_layers_the_proof_reads_are_fetched_and_all_binaries_reads_the_rest() {
+    let Some(s) = setup() else { return };
+    let layout = OciLayoutBuilder::new(&s.root.join("layouts/lazy"));
+    // The base holds ARMv7 code the entrypoint never uses: invisible to the proof, wrong under a v6 label.
+    let armhf = busybox("armhf").expect("busybox checked by registry_prerequisites");
+    let (_, base) = layout.write_on_base(
+        "v1",
+        &[image("arm", Some("v6"), "armel")],
+        &[("usr/lib/armhf-helper", armhf)],
+    );
+    skopeo_copy(
+        layout.dir(),
+        "v1",
+        &s.registry.host(),
+        "lazy",
+        "v1",
+        None,
+        None,
+    );
+    let base_fetches = || {
+        s.registry
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("GET /v2/lazy/blobs/") && l.contains(base.hex()))
+            .count()
+    };
+    let before = base_fetches();
+
+    let out = s.lint(&["lint", &s.reference("lazy")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        base_fetches(),
+        before,
+        "the entrypoint is in the top layer: the base is not fetched"
+    );
+
+    let out = s.lint(&["lint", "--all-binaries", "--json", &s.reference("lazy")]);
+    assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
+    assert!(base_fetches() > before, "--all-binaries reads every layer");
+    let v6 = entry(&json_of(&out), "linux/arm/v6").clone();
+    assert_eq!(v6["binaries_checked"], 2, "{v6:#}");
+    assert!(
+        v6["wrong_binaries"][0]
+            .as_str()
+            .is_some_and(|w| w.starts_with("/usr/lib/armhf-helper: needs linux/arm/v7")),
+        "{v6:#}"
+    );
+}

@@ -385,6 +385,43 @@ impl OciLayoutBuilder {
         images: &[LayoutImage],
         extra: &[Vec<(&str, PathBuf)>],
     ) -> WrittenLayout {
+        self.write_layers(tag, images, extra, None)
+    }
+
+    /// [`Self::write`], every image on one shared base layer holding `base_files` (path in the image, file to copy
+    /// there), as images built `FROM` one base are. Returns the base layer's digest too.
+    pub fn write_on_base(
+        &self,
+        tag: &str,
+        images: &[LayoutImage],
+        base_files: &[(&str, PathBuf)],
+    ) -> (WrittenLayout, Digest) {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, file) in base_files {
+            let bytes = std::fs::read(file).expect("read base file");
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            h.set_size(bytes.len() as u64);
+            h.set_mtime(0);
+            tar.append_data(&mut h, path, bytes.as_slice())
+                .expect("tar base file");
+        }
+        let raw = tar.into_inner().expect("tar");
+        let diff_id = Digest::sha256_of(&raw);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).expect("gzip");
+        let (digest, size) = self.put(&gz.finish().expect("gzip"));
+        let base = (digest.clone(), size, diff_id);
+        (self.write_layers(tag, images, &[], Some(&base)), digest)
+    }
+
+    fn write_layers(
+        &self,
+        tag: &str,
+        images: &[LayoutImage],
+        extra: &[Vec<(&str, PathBuf)>],
+        base: Option<&(Digest, u64, Digest)>,
+    ) -> WrittenLayout {
         let mut written = Vec::new();
         let mut entries = Vec::new();
         for (n, img) in images.iter().enumerate() {
@@ -396,15 +433,21 @@ impl OciLayoutBuilder {
             }
             let mut config = platform.clone();
             config["config"] = serde_json::json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]});
-            config["rootfs"] =
-                serde_json::json!({"type": "layers", "diff_ids": [diff_id.to_string()]});
+            let mut diff_ids: Vec<String> = base.iter().map(|b| b.2.to_string()).collect();
+            diff_ids.push(diff_id.to_string());
+            config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": diff_ids});
             let (config_digest, config_size) =
                 self.put(&serde_json::to_vec(&config).expect("json"));
             let manifest = serde_json::json!({
                 "schemaVersion": 2,
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": config_size},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.to_string(), "size": layer_size}],
+                "layers": base
+                    .iter()
+                    .map(|b| (&b.0, b.1))
+                    .chain([(&layer, layer_size)])
+                    .map(|(d, size)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": size}))
+                    .collect::<Vec<_>>(),
             });
             let (m, msize) = self.put(&serde_json::to_vec(&manifest).expect("json"));
             entries.push(serde_json::json!({
