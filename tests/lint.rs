@@ -122,7 +122,7 @@ fn image(
 #[test]
 fn a_v6_entry_holding_armv7_code_fails_and_names_both_sides() {
     let Some(s) = setup() else { return };
-    s.push(
+    let written = s.push(
         "liar",
         &[
             image("amd64", None, "amd64"),
@@ -151,6 +151,17 @@ fn a_v6_entry_holding_armv7_code_fails_and_names_both_sides() {
         !s.root.join("state").exists(),
         "lint writes nothing into the store"
     );
+
+    // Pinned by digest, the v6 manifest alone: its config's platform is the label it is held to.
+    let v6 = &written.images[2];
+    let pinned = format!("{}/liar@{}", s.registry.host(), v6.manifest);
+    let out = s.lint(&["lint", "--json", &pinned]);
+    assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
+    let report = json_of(&out);
+    let single = entry(&report, "linux/arm/v6");
+    assert_eq!(single["verdict"], "fail", "{single:#}");
+    assert_eq!(single["digest"], v6.manifest.to_string());
+    assert_eq!(report["entries"].as_array().map(Vec::len), Some(1));
 }
 
 #[test]

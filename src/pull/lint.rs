@@ -12,6 +12,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -159,10 +160,14 @@ impl Scratch {
             .map_or(0, |d| d.subsec_nanos());
         let dir =
             std::env::temp_dir().join(format!("flotilla-lint-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&dir).map_err(|source| PullError::Scratch {
-            path: dir.clone(),
-            source,
-        })?;
+        // Private: a registry's layers may be private too.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| PullError::Scratch {
+                path: dir.clone(),
+                source,
+            })?;
         Ok(Scratch {
             dir,
             fetched: HashSet::new(),
@@ -413,14 +418,16 @@ async fn lint_manifest(
     }
 
     let against = promised(&label);
-    let mut tree = ImageTree::new(sources.clone());
-    // Each pass either ends the proof or asks for a layer not fetched yet, so there are at most one pass per layer
-    // and a last one.
-    let mut proved = None;
-    for _ in 0..=manifest.layers.len() {
-        let (back, result) = blocking_proof(tree, &config, &against, &scratch.dir).await?;
-        tree = back;
-        let wanted = match &result {
+    // A pass that asks for a layer not fetched yet is resumed once it is there: at most one more pass per layer.
+    let (mut tree, mut proved) = blocking_proof(
+        ImageTree::new(sources.clone()),
+        &config,
+        &against,
+        &scratch.dir,
+    )
+    .await?;
+    for _ in 0..manifest.layers.len() {
+        let wanted = match &proved {
             Err(ProofError::Unpack(UnpackError::Read { layer, source, .. }))
                 if source.kind() == io::ErrorKind::NotFound
                     && matches!(fetcher, Fetcher::Registry { .. })
@@ -430,30 +437,22 @@ async fn lint_manifest(
             }
             _ => None,
         };
-        match wanted {
-            Some(desc) => fetch_layer(fetcher, scratch, desc).await?,
-            None => {
-                proved = Some(result);
-                break;
-            }
-        }
+        let Some(desc) = wanted else { break };
+        fetch_layer(fetcher, scratch, desc).await?;
+        (tree, proved) = blocking_proof(tree, &config, &against, &scratch.dir).await?;
     }
     match proved {
-        Some(Ok(proof)) => {
+        Ok(proof) => {
             lint.reason = format!("{}: runs on {label}", proof.needs.join(", then "));
             lint.checked = proof.needs;
         }
-        Some(Err(ProofError::CannotRun { path, reasons })) => {
+        Err(ProofError::CannotRun { path, reasons }) => {
             lint.verdict = Verdict::Fail;
             lint.reason = format!("{path}: {}", against_label(&reasons));
         }
-        Some(Err(e)) => {
+        Err(e) => {
             lint.verdict = Verdict::Error;
             lint.reason = one_line(&e);
-        }
-        None => {
-            lint.verdict = Verdict::Error;
-            lint.reason = "the proof asked for more layers than the manifest lists".into();
         }
     }
     if options.all_binaries {
