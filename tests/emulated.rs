@@ -259,7 +259,7 @@ fn stored_busybox(state: &Path, dest: &Path) -> PathBuf {
     panic!("no bin/busybox in the stored image");
 }
 
-/// Each emulated Pi pulls over TLS from a loopback registry, takes the variant its CPU runs (refusing an `arm/v6`
+/// Each emulated Pi pulls over TLS from a loopback registry named `localhost`, takes the variant its CPU runs (refusing an `arm/v6`
 /// entry whose binaries are ARMv7), and the binary it took then runs on that same CPU model. TLS matters here: ring
 /// carries NEON code for ARMv7 beside its ARMv4 code and picks one at run time, so only a handshake on the ARM1176
 /// model proves the ARMv6 build never takes the ARMv7 path there.
@@ -306,7 +306,9 @@ fn each_emulated_pi_pulls_the_variant_it_runs_and_that_binary_runs_there() {
     );
     let host = registry.host();
     skopeo_copy(layout.dir(), "v1", &host, "fleet/app", "v1", None, None);
-    let reference = format!("{host}/fleet/app:v1");
+    // By name, not by IP literal: the static builds resolve names from /etc/hosts and resolv.conf without NSS,
+    // which could not load the host's (x86-64) NSS modules into an emulated ARM process anyway.
+    let reference = format!("{}/fleet/app:v1", registry.localhost());
 
     for (device, expected, taken) in [
         (&PI_ZERO, "linux/arm/v5", 3),

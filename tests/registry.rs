@@ -3,41 +3,18 @@
 
 mod common;
 
-use std::future::Future;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use common::registry::*;
+use flotilla::clock::FakeClock;
 use flotilla::config::{Config, RegistryConfig};
 use flotilla::digest::{Digest, Verifier};
 use flotilla::registry::{
-    BlobSpec, ClientOptions, ManifestContent, ManifestKind, Pause, Reference, RegistryClient,
+    BlobSpec, ClientOptions, ManifestContent, ManifestKind, Reference, RegistryClient,
     RegistryError, Repository, RetryPolicy,
 };
-
-/// Records sleeps instead of sleeping, so retry schedules are checked without waiting.
-#[derive(Default)]
-struct RecordingPause {
-    slept: Mutex<Vec<Duration>>,
-}
-
-impl Pause for RecordingPause {
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        self.slept.lock().unwrap().push(d);
-        Box::pin(std::future::ready(()))
-    }
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-    fn instant(&self) -> Instant {
-        Instant::now()
-    }
-    fn random(&self) -> f64 {
-        0.0
-    }
-}
 
 /// Fetches a blob into `partial` with no progress reporting.
 async fn fetch_quietly(
@@ -56,19 +33,19 @@ fn client_with(
     config: &Config,
     insecure: &[String],
     tweak: impl FnOnce(&mut ClientOptions),
-) -> (RegistryClient, Arc<RecordingPause>) {
+) -> (RegistryClient, Arc<FakeClock>) {
     let mut options = ClientOptions::from_config(config, insecure);
     options.retry = RetryPolicy {
         attempts: 3,
         ..RetryPolicy::default()
     };
     tweak(&mut options);
-    let pause = Arc::new(RecordingPause::default());
-    let client = RegistryClient::with_options(config, options, pause.clone()).expect("client");
-    (client, pause)
+    let clock = FakeClock::new(0.0);
+    let client = RegistryClient::with_options(config, options, clock.clone()).expect("client");
+    (client, clock)
 }
 
-fn client(insecure: &[String]) -> (RegistryClient, Arc<RecordingPause>) {
+fn client(insecure: &[String]) -> (RegistryClient, Arc<FakeClock>) {
     client_with(&Config::default(), insecure, |_| {})
 }
 
@@ -652,24 +629,21 @@ async fn retry_after_on_429_is_honoured() {
         }
     })
     .await;
-    let (client, pause) = client(&[server.host()]);
+    let (client, clock) = client(&[server.host()]);
     let r: Reference = format!("{}/app:latest", server.host()).parse().unwrap();
     client.fetch_manifest(&r).await.unwrap();
-    assert_eq!(*pause.slept.lock().unwrap(), [Duration::from_secs(7)]);
+    assert_eq!(clock.slept(), [Duration::from_secs(7)]);
 
     // A Retry-After of an hour is capped, not obeyed.
     let slow =
         HttpServer::start(|_| async { Response::new(429).header("Retry-After", "3600") }).await;
-    let (client, pause) = client_with(&Config::default(), &[slow.host()], |o| o.retry.attempts = 2);
+    let (client, clock) = client_with(&Config::default(), &[slow.host()], |o| o.retry.attempts = 2);
     let err = client
         .fetch_manifest(&format!("{}/app:latest", slow.host()).parse().unwrap())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("429"), "{err}");
-    assert_eq!(
-        *pause.slept.lock().unwrap(),
-        [RetryPolicy::default().max_retry_after]
-    );
+    assert_eq!(clock.slept(), [RetryPolicy::default().max_retry_after]);
 }
 
 #[tokio::test]

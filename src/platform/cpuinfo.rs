@@ -74,10 +74,10 @@ impl CpuInfo {
     pub fn distinct_parts(&self) -> Vec<(u32, u32)> {
         let mut seen = Vec::new();
         for core in &self.cores {
-            if let (Some(imp), Some(part)) = (core.implementer, core.part)
-                && !seen.contains(&(imp, part))
-            {
-                seen.push((imp, part));
+            if let (Some(imp), Some(part)) = (core.implementer, core.part) {
+                if !seen.contains(&(imp, part)) {
+                    seen.push((imp, part));
+                }
             }
         }
         seen

@@ -487,21 +487,21 @@ fn judge(candidates: &[Platform], entry: &IndexEntry) -> Result<Choice, PassReas
             PassReason::ArchitectureNotRunnable { platform }
         });
     };
-    if let (Some(want), Some(have)) = (platform.arm_version(), best.arm_version())
-        && want > have
-    {
-        return Err(PassReason::ArmTooNew {
-            platform,
-            best: have,
-        });
+    if let (Some(want), Some(have)) = (platform.arm_version(), best.arm_version()) {
+        if want > have {
+            return Err(PassReason::ArmTooNew {
+                platform,
+                best: have,
+            });
+        }
     }
-    if let (Some(want), Some(have)) = (platform.amd64_level(), best.amd64_level())
-        && want > have
-    {
-        return Err(PassReason::Amd64LevelTooHigh {
-            platform,
-            best: have,
-        });
+    if let (Some(want), Some(have)) = (platform.amd64_level(), best.amd64_level()) {
+        if want > have {
+            return Err(PassReason::Amd64LevelTooHigh {
+                platform,
+                best: have,
+            });
+        }
     }
     Err(PassReason::VariantNotRunnable { platform, runnable })
 }

@@ -523,14 +523,12 @@ async fn try_variant(
             digest: digest.clone(),
             reason: e.to_string(),
         })?;
-    if let Some(mt) = &manifest.media_type
-        && !mt.is_empty()
-        && mt != media_type
-        && !media_type.is_empty()
-    {
-        return Err(Refused::Variant(format!(
-            "the manifest calls itself {mt} but was served as {media_type}"
-        )));
+    if let Some(mt) = &manifest.media_type {
+        if !mt.is_empty() && mt != media_type && !media_type.is_empty() {
+            return Err(Refused::Variant(format!(
+                "the manifest calls itself {mt} but was served as {media_type}"
+            )));
+        }
     }
     let config_desc = manifest.config.ok_or_else(|| PullError::BadManifest {
         digest: digest.clone(),

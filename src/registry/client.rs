@@ -12,9 +12,11 @@ use url::Url;
 
 use super::auth::{self, Challenge, TokenCache};
 use super::credentials::{CredentialStore, Credentials};
+use super::dns::SystemResolver;
 use super::reference::{Reference, Repository, api_host};
-use super::retry::{self, Outcome, Pause, RetryPolicy, SystemPause, TokenBucket};
+use super::retry::{self, Outcome, RetryPolicy, TokenBucket};
 use super::{At, RegistryError, Step, tls};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, RegistryConfig};
 use crate::digest::{Digest, Verifier};
 
@@ -239,7 +241,7 @@ struct Inner {
     /// Endpoints that asked for Basic auth; they get it up front from then on.
     basic_hosts: Mutex<HashSet<String>>,
     bucket: Option<TokenBucket>,
-    pause: Arc<dyn Pause>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for RegistryClient {
@@ -268,23 +270,25 @@ impl RegistryClient {
         RegistryClient::with_options(
             config,
             ClientOptions::from_config(config, insecure_registries),
-            Arc::new(SystemPause),
+            Arc::new(SystemClock),
         )
     }
 
     pub fn with_options(
         config: &Config,
         options: ClientOptions,
-        pause: Arc<dyn Pause>,
+        clock: Arc<dyn Clock>,
     ) -> Result<RegistryClient, RegistryError> {
         let docker_config = config.docker_config.clone().or_else(default_docker_config);
         let credentials = CredentialStore::load(&config.registries, docker_config.as_deref())?;
         let system = tls::system_roots();
         let global: Vec<PathBuf> = config.ca_bundle.iter().cloned().collect();
+        let resolver = Arc::new(SystemResolver::default());
         let build = |bundles: &[PathBuf]| -> Result<reqwest::Client, RegistryError> {
             let tls = tls::client_config(&system, bundles)?;
             reqwest::Client::builder()
                 .use_preconfigured_tls(tls)
+                .dns_resolver(Arc::clone(&resolver))
                 .redirect(reqwest::redirect::Policy::none())
                 .connect_timeout(options.connect_timeout)
                 .read_timeout(options.read_timeout)
@@ -314,7 +318,7 @@ impl RegistryClient {
                 tokens: TokenCache::default(),
                 basic_hosts: Mutex::new(HashSet::new()),
                 bucket,
-                pause,
+                clock,
             }),
         })
     }
@@ -403,7 +407,7 @@ impl RegistryClient {
             let mref = mref.clone();
             async move {
                 let at = self.at(repo, Step::Manifest(mref.clone()));
-                retry::retry(&self.inner.options.retry, self.inner.pause.as_ref(), |_| {
+                retry::retry(&self.inner.options.retry, self.inner.clock.as_ref(), |_| {
                     outcome_fut(self.manifest_attempt(&ep, &at, reference.digest(), &mref))
                 })
                 .await
@@ -435,7 +439,7 @@ impl RegistryClient {
             .across_endpoints(repo, |ep| {
                 let at = at.clone();
                 async move {
-                    retry::retry(&self.inner.options.retry, self.inner.pause.as_ref(), |_| {
+                    retry::retry(&self.inner.options.retry, self.inner.clock.as_ref(), |_| {
                         outcome_fut(self.referrers_attempt(&ep, &at, subject))
                     })
                     .await
@@ -496,7 +500,7 @@ impl RegistryClient {
         self.across_endpoints(repo, |ep| {
             let at = at.clone();
             async move {
-                retry::retry(&self.inner.options.retry, self.inner.pause.as_ref(), |_| {
+                retry::retry(&self.inner.options.retry, self.inner.clock.as_ref(), |_| {
                     outcome_fut(self.small_blob_attempt(&ep, &at, blob))
                 })
                 .await
@@ -562,29 +566,28 @@ impl RegistryClient {
             headers.insert(header::ACCEPT, v);
         }
         let mut resp = self.send(ep, at, url, headers, true).await?;
-        check_status(at, &resp, self.inner.pause.now())?;
+        check_status(at, &resp, self.inner.clock.now())?;
         let content_type = media_type_of(&resp);
-        if let Some(ct) = &content_type
-            && SCHEMA1.contains(&ct.as_str())
-        {
-            return Err(Fault::fatal(RegistryError::Schema1 {
-                at: Box::new(at.clone()),
-            }));
+        if let Some(ct) = &content_type {
+            if SCHEMA1.contains(&ct.as_str()) {
+                return Err(Fault::fatal(RegistryError::Schema1 {
+                    at: Box::new(at.clone()),
+                }));
+            }
         }
-        if let Some(ct) = &content_type
-            && ManifestKind::from_media_type(ct).is_none()
-            && ct != "application/json"
-        {
-            let hint = if ct.starts_with("text/html") {
-                "; an HTML page usually means a login portal or proxy answered instead of a registry"
-            } else {
-                ""
-            };
-            return Err(Fault::fatal(RegistryError::UnsupportedMediaType {
-                at: Box::new(at.clone()),
-                media_type: ct.clone(),
-                hint,
-            }));
+        if let Some(ct) = &content_type {
+            if ManifestKind::from_media_type(ct).is_none() && ct != "application/json" {
+                let hint = if ct.starts_with("text/html") {
+                    "; an HTML page usually means a login portal or proxy answered instead of a registry"
+                } else {
+                    ""
+                };
+                return Err(Fault::fatal(RegistryError::UnsupportedMediaType {
+                    at: Box::new(at.clone()),
+                    media_type: ct.clone(),
+                    hint,
+                }));
+            }
         }
         let hinted = resp
             .headers()
@@ -605,20 +608,19 @@ impl RegistryClient {
         let mut v = Verifier::new(algorithm);
         v.update(&bytes);
         let digest = v.finish();
-        if let Some(expected) = pinned
-            && *expected != digest
-        {
-            return Err(Fault::fatal(RegistryError::DigestMismatch {
-                at: Box::new(at.clone()),
-                expected: expected.clone(),
-                actual: digest,
-            }));
+        if let Some(expected) = pinned {
+            if *expected != digest {
+                return Err(Fault::fatal(RegistryError::DigestMismatch {
+                    at: Box::new(at.clone()),
+                    expected: expected.clone(),
+                    actual: digest,
+                }));
+            }
         }
-        if let Some(h) = hinted
-            && h.algorithm() == digest.algorithm()
-            && h != digest
-        {
-            tracing::warn!(registry = %at.registry, "Docker-Content-Digest {h} differs from the computed {digest}; using the computed one");
+        if let Some(h) = hinted {
+            if h.algorithm() == digest.algorithm() && h != digest {
+                tracing::warn!(registry = %at.registry, "Docker-Content-Digest {h} differs from the computed {digest}; using the computed one");
+            }
         }
         let (kind, content) =
             parse_manifest(at, content_type.as_deref(), &bytes).map_err(Fault::fatal)?;
@@ -644,7 +646,7 @@ impl RegistryClient {
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(None);
         }
-        check_status(at, &resp, self.inner.pause.now())?;
+        check_status(at, &resp, self.inner.clock.now())?;
         match media_type_of(&resp).as_deref() {
             Some(OCI_INDEX) => {}
             other => {
@@ -679,7 +681,7 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, Fault> {
         let url = self.url(ep, at, &format!("blobs/{}", blob.digest))?;
         let mut resp = self.send(ep, at, url, HeaderMap::new(), false).await?;
-        check_status(at, &resp, self.inner.pause.now())?;
+        check_status(at, &resp, self.inner.clock.now())?;
         let mut bytes = Vec::new();
         let mut v = Verifier::new(blob.digest.algorithm());
         while let Some(chunk) =
@@ -759,12 +761,12 @@ impl RegistryClient {
                     if failed >= attempts {
                         return Err(error);
                     }
-                    let d = policy.delay(failed.max(1), after, self.inner.pause.random());
+                    let d = policy.delay(failed.max(1), after, self.inner.clock.random());
                     tracing::info!(
                         "{error}; resuming at byte {} in {d:?}",
                         partial.verifier.len()
                     );
-                    self.inner.pause.sleep(d).await;
+                    self.inner.clock.sleep(d).await;
                 }
                 Err(Fault { error, retry: None }) => {
                     if matches!(
@@ -893,7 +895,7 @@ impl RegistryClient {
                     partial.restart(at, blob).await?;
                 }
             }
-            _ => check_status(at, &resp, self.inner.pause.now())?,
+            _ => check_status(at, &resp, self.inner.clock.now())?,
         }
         let from = partial.verifier.len();
         partial
@@ -924,9 +926,9 @@ impl RegistryClient {
             partial.verifier.update(&chunk);
             progress(partial.verifier.len(), blob.size);
             if let Some(bucket) = &self.inner.bucket {
-                let wait = bucket.take(chunk.len() as u64, self.inner.pause.instant());
+                let wait = bucket.take(chunk.len() as u64, self.inner.clock.instant());
                 if !wait.is_zero() {
-                    self.inner.pause.sleep(wait).await;
+                    self.inner.clock.sleep(wait).await;
                 }
             }
         }
@@ -945,7 +947,7 @@ impl RegistryClient {
         if let Some(token) = self
             .inner
             .tokens
-            .get(&ep.host, scope, self.inner.pause.instant())
+            .get(&ep.host, scope, self.inner.clock.instant())
         {
             return sensitive(&format!("Bearer {token}"));
         }
@@ -1005,7 +1007,7 @@ impl RegistryClient {
                         .await?;
                     self.inner
                         .tokens
-                        .put(&ep.host, &scope, &token, self.inner.pause.instant());
+                        .put(&ep.host, &scope, &token, self.inner.clock.instant());
                 }
                 Some(Challenge::Basic) if ep.credentials.is_some() => {
                     self.inner
@@ -1065,7 +1067,7 @@ impl RegistryClient {
             let e = token_err(format!("HTTP {status}"));
             return Err(
                 if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-                    Fault::retry(e, retry_after(&resp, self.inner.pause.now()))
+                    Fault::retry(e, retry_after(&resp, self.inner.clock.now()))
                 } else {
                     Fault::fatal(e)
                 },
@@ -1096,10 +1098,10 @@ impl RegistryClient {
         let mut current = url;
         for _ in 0..=limit {
             let mut req = ep.http.get(current.clone()).headers(headers.clone());
-            if let Some(a) = &auth
-                && current.origin() == ep.base.origin()
-            {
-                req = req.header(header::AUTHORIZATION, a.clone());
+            if let Some(a) = &auth {
+                if current.origin() == ep.base.origin() {
+                    req = req.header(header::AUTHORIZATION, a.clone());
+                }
             }
             if small {
                 req = req.timeout(self.inner.options.request_timeout);
@@ -1348,12 +1350,12 @@ fn parse_manifest(
         });
     }
     let declared = obj.get("mediaType").and_then(|v| v.as_str());
-    if let Some(d) = declared
-        && SCHEMA1.contains(&d)
-    {
-        return Err(RegistryError::Schema1 {
-            at: Box::new(at.clone()),
-        });
+    if let Some(d) = declared {
+        if SCHEMA1.contains(&d) {
+            return Err(RegistryError::Schema1 {
+                at: Box::new(at.clone()),
+            });
+        }
     }
     let from_header = content_type.and_then(ManifestKind::from_media_type);
     let kind = match (from_header, declared) {

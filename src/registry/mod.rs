@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client;
 pub mod credentials;
+pub mod dns;
 pub mod reference;
 pub mod retry;
 pub mod tls;
@@ -19,7 +20,7 @@ pub use client::{
 };
 pub use credentials::{Credentials, CredentialsError};
 pub use reference::{Reference, ReferenceError, Repository};
-pub use retry::{Pause, RetryPolicy, SystemPause};
+pub use retry::RetryPolicy;
 
 use crate::digest::Digest;
 

@@ -284,15 +284,16 @@ fn check_domain(input: &str, domain: &str) -> Result<(), ReferenceError> {
             }
         }
     }
-    if let Some(port) = port
-        && (port.is_empty()
+    if let Some(port) = port {
+        if port.is_empty()
             || !port.bytes().all(|b| b.is_ascii_digit())
-            || port.parse::<u16>().is_err())
-    {
-        return Err(invalid(
-            input,
-            format!("registry {domain:?} has an invalid port {port:?}"),
-        ));
+            || port.parse::<u16>().is_err()
+        {
+            return Err(invalid(
+                input,
+                format!("registry {domain:?} has an invalid port {port:?}"),
+            ));
+        }
     }
     Ok(())
 }

@@ -1,42 +1,13 @@
 //! When to try again and how long to wait: exponential backoff with jitter, `Retry-After`, and the bandwidth cap.
 //!
-//! The schedule is plain arithmetic over an injected clock, sleep and random source ([`Pause`]), so it is tested
-//! without sleeping; only [`SystemPause`] touches the real clock.
+//! The schedule is plain arithmetic over the injected [`Clock`] (time, sleep and randomness), so it is tested
+//! without sleeping.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-/// The clock, sleep and randomness the retry loop and the bandwidth cap use.
-pub trait Pause: Send + Sync {
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-    /// Wall-clock time, for `Retry-After` given as an HTTP date.
-    fn now(&self) -> SystemTime;
-    /// Monotonic time, for the token bucket.
-    fn instant(&self) -> Instant;
-    /// A number in [0, 1) for jitter.
-    fn random(&self) -> f64;
-}
-
-/// The real clock and tokio's timer.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemPause;
-
-impl Pause for SystemPause {
-    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-        Box::pin(tokio::time::sleep(d))
-    }
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-    fn instant(&self) -> Instant {
-        Instant::now()
-    }
-    fn random(&self) -> f64 {
-        rand::random::<f64>()
-    }
-}
+use crate::clock::Clock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -97,7 +68,7 @@ pub enum Outcome<T, E> {
 
 /// Runs `op` (given the 1-based attempt number) until it is done, fails for good, or the attempts run out; the
 /// last error is returned then.
-pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, pause: &dyn Pause, mut op: F) -> Result<T, E>
+pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, clock: &dyn Clock, mut op: F) -> Result<T, E>
 where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Outcome<T, E>>,
@@ -112,9 +83,9 @@ where
                 if attempt >= attempts {
                     return Err(e);
                 }
-                let d = policy.delay(attempt, retry_after, pause.random());
+                let d = policy.delay(attempt, retry_after, clock.random());
                 tracing::debug!(attempt, delay_ms = d.as_millis() as u64, "retrying");
-                pause.sleep(d).await;
+                clock.sleep(d).await;
                 attempt += 1;
             }
         }
@@ -168,45 +139,9 @@ impl TokenBucket {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use std::sync::Arc;
-
-    /// Records the sleeps instead of sleeping; its clock advances by what it "slept".
-    pub(crate) struct FakePause {
-        pub slept: Mutex<Vec<Duration>>,
-        pub random: f64,
-        start: Instant,
-    }
-
-    impl FakePause {
-        pub(crate) fn new(random: f64) -> Arc<FakePause> {
-            Arc::new(FakePause {
-                slept: Mutex::new(Vec::new()),
-                random,
-                start: Instant::now(),
-            })
-        }
-        fn total(&self) -> Duration {
-            self.slept.lock().unwrap().iter().sum()
-        }
-    }
-
-    impl Pause for FakePause {
-        fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
-            self.slept.lock().unwrap().push(d);
-            Box::pin(std::future::ready(()))
-        }
-        fn now(&self) -> SystemTime {
-            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + self.total()
-        }
-        fn instant(&self) -> Instant {
-            self.start + self.total()
-        }
-        fn random(&self) -> f64 {
-            self.random
-        }
-    }
+    use crate::clock::FakeClock;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -261,9 +196,9 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn retry_loop_follows_the_schedule_and_stops() {
-        let pause = FakePause::new(0.0);
+        let clock = FakeClock::new(0.0);
         let mut calls = Vec::new();
-        let r: Result<(), String> = retry(&policy(4), pause.as_ref(), |a| {
+        let r: Result<(), String> = retry(&policy(4), clock.as_ref(), |a| {
             calls.push(a);
             let retry_after = (a == 2).then_some(Duration::from_secs(5));
             async move { Outcome::Retry(format!("attempt {a}"), retry_after) }
@@ -271,7 +206,7 @@ pub(crate) mod tests {
         .await;
         assert_eq!(r.unwrap_err(), "attempt 4");
         assert_eq!(calls, [1, 2, 3, 4]);
-        let slept = pause.slept.lock().unwrap().clone();
+        let slept = clock.slept();
         assert_eq!(
             slept,
             [
@@ -284,8 +219,8 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn retry_loop_stops_on_success_and_on_fatal() {
-        let pause = FakePause::new(0.5);
-        let r: Result<u32, String> = retry(&policy(5), pause.as_ref(), |a| async move {
+        let clock = FakeClock::new(0.5);
+        let r: Result<u32, String> = retry(&policy(5), clock.as_ref(), |a| async move {
             if a < 3 {
                 Outcome::Retry("busy".into(), None)
             } else {
@@ -294,15 +229,15 @@ pub(crate) mod tests {
         })
         .await;
         assert_eq!(r.unwrap(), 3);
-        assert_eq!(pause.slept.lock().unwrap().len(), 2);
+        assert_eq!(clock.slept().len(), 2);
 
-        let pause = FakePause::new(0.5);
-        let r: Result<u32, String> = retry(&policy(5), pause.as_ref(), |_| async {
+        let clock = FakeClock::new(0.5);
+        let r: Result<u32, String> = retry(&policy(5), clock.as_ref(), |_| async {
             Outcome::Fail("404".to_string())
         })
         .await;
         assert_eq!(r.unwrap_err(), "404");
-        assert!(pause.slept.lock().unwrap().is_empty());
+        assert!(clock.slept().is_empty());
     }
 
     #[test]

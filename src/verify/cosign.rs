@@ -306,11 +306,11 @@ pub fn verify_bundle(
             bundle.media_type
         )));
     }
-    if let Some(m) = &bundle.verification_material
-        && m.public_key.is_none()
-        && (m.x509_certificate_chain.is_some() || m.certificate.is_some())
-    {
-        return Err(VerifyError::KeylessBundle);
+    if let Some(m) = &bundle.verification_material {
+        if m.public_key.is_none() && (m.x509_certificate_chain.is_some() || m.certificate.is_some())
+        {
+            return Err(VerifyError::KeylessBundle);
+        }
     }
     match (bundle.dsse_envelope, bundle.message_signature) {
         (Some(envelope), None) => verify_dsse(&envelope, keys, expected),

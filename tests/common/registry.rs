@@ -200,6 +200,11 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// `localhost:<port>`: the same registry by name, which flotilla must resolve itself (from /etc/hosts).
+    pub fn localhost(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }

@@ -1,0 +1,82 @@
+//! The crate's one source of time: wall-clock and monotonic time, sleeping, and the randomness that jitters
+//! waits. Retries, the bandwidth cap and timestamps take a [`Clock`], so their schedules are tested without
+//! sleeping; only [`SystemClock`] touches the real clock, and [`FakeClock`] is the test fixture.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+pub trait Clock: Send + Sync {
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Wall-clock time: timestamps, and `Retry-After` given as an HTTP date.
+    fn now(&self) -> SystemTime;
+    /// Monotonic time: token lifetimes, the bandwidth cap.
+    fn instant(&self) -> Instant;
+    /// A number in [0, 1) for jitter.
+    fn random(&self) -> f64;
+}
+
+/// The real clock and tokio's timer.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep(d))
+    }
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+    fn random(&self) -> f64 {
+        rand::random::<f64>()
+    }
+}
+
+/// A clock for tests: sleeping returns at once and records the wait, and time advances by exactly what was
+/// "slept", from a fixed wall-clock start (2023-11-14T22:13:20Z).
+#[derive(Debug)]
+pub struct FakeClock {
+    slept: Mutex<Vec<Duration>>,
+    random: f64,
+    start: Instant,
+}
+
+impl FakeClock {
+    /// `random` is what every jitter draw returns.
+    pub fn new(random: f64) -> Arc<FakeClock> {
+        Arc::new(FakeClock {
+            slept: Mutex::new(Vec::new()),
+            random,
+            start: Instant::now(),
+        })
+    }
+
+    /// Every wait so far, in order.
+    pub fn slept(&self) -> Vec<Duration> {
+        self.slept.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn total(&self) -> Duration {
+        self.slept().iter().sum()
+    }
+}
+
+impl Clock for FakeClock {
+    fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.slept.lock().unwrap_or_else(|p| p.into_inner()).push(d);
+        Box::pin(std::future::ready(()))
+    }
+    fn now(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + self.total()
+    }
+    fn instant(&self) -> Instant {
+        self.start + self.total()
+    }
+    fn random(&self) -> f64 {
+        self.random
+    }
+}
