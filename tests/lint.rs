@@ -419,6 +419,7 @@ fn only_the_layers_the_proof_reads_are_fetched_and_all_binaries_reads_the_rest()
         "v1",
         &[image("arm", Some("v6"), "armel")],
         &[("usr/lib/armhf-helper", armhf)],
+        &[],
     );
     skopeo_copy(
         layout.dir(),
@@ -457,4 +458,33 @@ fn only_the_layers_the_proof_reads_are_fetched_and_all_binaries_reads_the_rest()
             .is_some_and(|w| w.starts_with("/usr/lib/armhf-helper: needs linux/arm/v7")),
         "{v6:#}"
     );
+}
+
+#[test]
+fn all_binaries_skips_what_an_upper_layer_deleted() {
+    if registry_prerequisites().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let layout = OciLayoutBuilder::new(&dir.path().join("layout"));
+    let armhf = busybox("armhf").expect("busybox checked by registry_prerequisites");
+    // The top layer's whiteout deletes the base's ARMv7 binary: it is not in the image the container sees.
+    let marker = dir.path().join("whiteout");
+    std::fs::write(&marker, b"").expect("whiteout marker");
+    layout.write_on_base(
+        "v1",
+        &[image("arm", Some("v6"), "armel")],
+        &[("usr/lib/armhf-helper", armhf)],
+        &[vec![("usr/lib/.wh.armhf-helper", marker)]],
+    );
+    let source = format!("oci:{}:v1", layout.dir().display());
+    let out = flotilla(
+        dir.path(),
+        "unused",
+        &["lint", "--all-binaries", "--json", &source],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v6 = entry(&json_of(&out), "linux/arm/v6").clone();
+    assert_eq!(v6["verdict"], "pass", "{v6:#}");
+    assert_eq!(v6["binaries_checked"], 1, "{v6:#}");
 }

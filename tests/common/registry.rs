@@ -393,13 +393,14 @@ impl OciLayoutBuilder {
         self.write_layers(tag, images, extra, None)
     }
 
-    /// [`Self::write`], every image on one shared base layer holding `base_files` (path in the image, file to copy
-    /// there), as images built `FROM` one base are. Returns the base layer's digest too.
+    /// [`Self::write_with_files`], every image on one shared base layer holding `base_files` (path in the image,
+    /// file to copy there), as images built `FROM` one base are. Returns the base layer's digest too.
     pub fn write_on_base(
         &self,
         tag: &str,
         images: &[LayoutImage],
         base_files: &[(&str, PathBuf)],
+        extra: &[Vec<(&str, PathBuf)>],
     ) -> (WrittenLayout, Digest) {
         let mut tar = tar::Builder::new(Vec::new());
         for (path, file) in base_files {
@@ -417,7 +418,7 @@ impl OciLayoutBuilder {
         gz.write_all(&raw).expect("gzip");
         let (digest, size) = self.put(&gz.finish().expect("gzip"));
         let base = (digest.clone(), size, diff_id);
-        (self.write_layers(tag, images, &[], Some(&base)), digest)
+        (self.write_layers(tag, images, extra, Some(&base)), digest)
     }
 
     fn write_layers(
