@@ -11,11 +11,14 @@ use serde_json::Value;
 
 const EXIT_LINT_FAILED: i32 = 3;
 
-/// Runs flotilla with an empty configuration and a state directory lint must leave alone.
+/// Runs flotilla with an empty configuration, a state directory lint must leave alone, and its own `TMPDIR`
+/// (`root/tmp`), which lint must leave empty.
 fn flotilla(root: &Path, registry: &str, args: &[&str]) -> Output {
     let config = root.join("empty.toml");
     std::fs::write(&config, "").expect("empty config");
+    std::fs::create_dir_all(root.join("tmp")).expect("tmp");
     Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .env("TMPDIR", root.join("tmp"))
         .arg("--config")
         .arg(&config)
         .arg("--state-dir")
@@ -150,6 +153,13 @@ fn a_v6_entry_holding_armv7_code_fails_and_names_both_sides() {
     assert!(
         !s.root.join("state").exists(),
         "lint writes nothing into the store"
+    );
+    assert_eq!(
+        std::fs::read_dir(s.root.join("tmp"))
+            .map(Iterator::count)
+            .ok(),
+        Some(0),
+        "lint removes its scratch directory"
     );
 
     // Pinned by digest, the v6 manifest alone: its config's platform is the label it is held to.

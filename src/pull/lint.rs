@@ -174,6 +174,14 @@ impl Scratch {
         })
     }
 
+    /// Removes the fetched layers: entries for different architectures share none, and a CI runner's temporary
+    /// space should hold one entry's layers at a time, not the whole index's.
+    fn clear_layers(&mut self) {
+        for digest in std::mem::take(&mut self.fetched) {
+            let _ = std::fs::remove_file(self.layer_path(&digest));
+        }
+    }
+
     fn layer_path(&self, digest: &Digest) -> PathBuf {
         self.dir
             .join(format!("{}-{}", digest.algorithm().name(), digest.hex()))
@@ -239,6 +247,7 @@ pub async fn lint(
                 }
                 Err(e) => Err(e),
             };
+            scratch.clear_layers();
             entries.push(conclude(shown, entry.digest.clone(), Some(label), checked));
         }
     } else {
