@@ -497,4 +497,10 @@ fn all_binaries_skips_what_an_upper_layer_deleted() {
     let v6 = entry(&json_of(&out), "linux/arm/v6").clone();
     assert_eq!(v6["verdict"], "pass", "{v6:#}");
     assert_eq!(v6["binaries_checked"], 1, "{v6:#}");
+    assert!(
+        v6["reason"].as_str().is_some_and(
+            |r| r.ends_with("so does every ELF executable and shared object (1 checked)")
+        ),
+        "{v6:#}"
+    );
 }

@@ -474,6 +474,12 @@ async fn lint_manifest(
         match scanned {
             Ok(scan) => {
                 lint.binaries_checked = Some(scan.checked);
+                if scan.wrong.is_empty() && lint.verdict == Verdict::Pass {
+                    lint.reason.push_str(&format!(
+                        "; so does every ELF executable and shared object ({} checked)",
+                        scan.checked
+                    ));
+                }
                 if !scan.wrong.is_empty() && lint.verdict != Verdict::Error {
                     if lint.verdict == Verdict::Pass {
                         lint.reason = format!(
