@@ -285,6 +285,48 @@ fn a_blob_corrupted_in_the_registry_is_refused_and_nothing_is_stored() {
     );
 }
 
+/// Regression (commit cadcb64): a layer resumed from a partial file left by an interrupted pull is reported as
+/// the bytes that really crossed the network, not the whole layer.
+#[test]
+fn a_resumed_layer_reports_only_the_bytes_it_transferred() {
+    let Some(s) = setup() else { return };
+    let written = s.push("resume", &[image("amd64", None, "amd64")]);
+    let host = s.registry.host();
+    let layer = &written.images[0].layer;
+    let whole = std::fs::read(s.registry.blob_data_path(layer)).expect("blob in registry storage");
+    let kept = whole.len() / 3;
+
+    let state = s.root.join("state");
+    let partial_dir = state.join("partial");
+    std::fs::create_dir_all(&partial_dir).unwrap();
+    std::fs::write(
+        partial_dir.join(format!("sha256-{}", layer.hex())),
+        &whole[..kept],
+    )
+    .unwrap();
+    let out = flotilla(
+        &state,
+        &host,
+        &[
+            "--platform",
+            "linux/amd64",
+            "pull",
+            "--json",
+            &format!("{host}/resume:v1"),
+        ],
+    );
+    let report = json_of(&out);
+    assert_eq!(report["layers_fetched"], 1, "{}", text(&out));
+    assert_eq!(
+        report["bytes_fetched"],
+        (whole.len() - kept) as u64,
+        "only the missing part was transferred: {}",
+        text(&out)
+    );
+    let stored = std::fs::read(state.join("images/blobs/sha256").join(layer.hex())).unwrap();
+    assert_eq!(stored, whole, "the resumed layer is whole in the store");
+}
+
 #[test]
 fn an_oci_layout_on_removable_media_is_a_source() {
     let Some(s) = setup() else { return };

@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use super::images::human_bytes;
 use super::{CliError, Context};
 use crate::store::StoreError;
 use crate::store::gc::{self, GcOptions, RemovedKind};
@@ -44,7 +43,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         println!(
             "{verb} {kind} {} ({})",
             r.path.display(),
-            human_bytes(r.bytes)
+            crate::human::bytes(r.bytes)
         );
     }
     println!(
@@ -52,7 +51,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         report.count(RemovedKind::Blob),
         report.count(RemovedKind::Partial),
         report.count(RemovedKind::TempFile),
-        human_bytes(report.bytes_freed()),
+        crate::human::bytes(report.bytes_freed()),
         if report.dry_run { "to free" } else { "freed" },
         report.kept,
     );

@@ -37,7 +37,7 @@ fn table(images: &[ImageEntry]) -> String {
                     .chars()
                     .take(digest.find(':').map_or(0, |c| c + 13))
                     .collect(),
-                i.size.map_or_else(|| "-".to_string(), human_bytes),
+                i.size.map_or_else(|| "-".to_string(), crate::human::bytes),
                 i.pulled.clone().unwrap_or_else(|| "-".to_string()),
             ]
         })
@@ -61,35 +61,9 @@ fn table(images: &[ImageEntry]) -> String {
     out
 }
 
-/// Binary units with one decimal, as a person reads them.
-pub(super) fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = UNITS[0];
-    for u in &UNITS[1..] {
-        if value < 1024.0 {
-            break;
-        }
-        value /= 1024.0;
-        unit = u;
-    }
-    format!("{value:.1} {unit}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_read_like_a_person_writes_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(312 << 20), "312.0 MiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
-    }
 
     #[test]
     fn table_aligns_columns_and_abbreviates_digests() {

@@ -10,9 +10,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::{CliError, Context};
-use crate::platform::Platform;
-use crate::platform::detect::{self, DetectError, Detection};
-use crate::platform::evidence::{Evidence, LinuxHost};
+use crate::platform::detect::{DetectError, Detection};
+use crate::platform::host::{self, Override};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -24,65 +23,11 @@ pub struct Args {
     pub dump: Option<PathBuf>,
 }
 
-/// How `--platform` replaced detection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Override {
-    /// The platform the user gave.
-    pub platform: String,
-    /// What detection found instead (its best platform), or why it failed.
-    pub overrides: String,
-}
-
 /// Detection on the live host (or the snapshot `--evidence` names), with `--platform` applied: the one call other
-/// commands make to learn what to pull. With an override the candidates are the override alone and a rule says
-/// what it replaced.
+/// commands make to learn what to pull.
 pub fn host_detection(ctx: &Context) -> Result<Detection, CliError> {
-    let detected = read_evidence(ctx).and_then(|e| detect::detect(&e));
-    match &ctx.platform_override {
-        Some(platform) => Ok(apply_override(platform, detected).0),
-        None => Ok(detected?),
-    }
-}
-
-fn read_evidence(ctx: &Context) -> Result<Evidence, DetectError> {
-    Ok(match &ctx.evidence {
-        Some(dir) => Evidence::read_dir(dir)?,
-        None => Evidence::from_probe(&LinuxHost)?,
-    })
-}
-
-/// Replaces the candidates with `platform`, keeping the signals and adding a rule that names what was replaced.
-pub fn apply_override(
-    platform: &Platform,
-    detected: Result<Detection, DetectError>,
-) -> (Detection, Override) {
-    let (mut detection, overrides) = match detected {
-        Ok(d) => {
-            let found = d
-                .best()
-                .map(|p| format!("detected {p}"))
-                .unwrap_or_else(|| "detected nothing".to_string());
-            (d, found)
-        }
-        Err(e) => (
-            Detection {
-                candidates: Vec::new(),
-                signals: Vec::new(),
-                rules: Vec::new(),
-                page_size: None,
-            },
-            format!("detection failed: {}", crate::error_chain(&e)),
-        ),
-    };
-    detection.rules.push(format!(
-        "--platform {platform} overrides detection ({overrides})"
-    ));
-    detection.candidates = vec![platform.clone()];
-    let report = Override {
-        platform: platform.to_string(),
-        overrides,
-    };
-    (detection, report)
+    let evidence = host::read_evidence(ctx.evidence.as_deref());
+    Ok(host::decide(evidence, ctx.platform_override.as_ref())?.0)
 }
 
 #[derive(Serialize)]
@@ -95,26 +40,20 @@ struct JsonReport<'a> {
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
-    let evidence = read_evidence(ctx)?;
+    let evidence = host::read_evidence(ctx.evidence.as_deref())?;
     if let Some(dir) = &args.dump {
         evidence
             .write_dir(dir, &dump_source())
             .map_err(DetectError::from)?;
     }
-    let detected = detect::detect(&evidence);
-    let (detection, report) = match &ctx.platform_override {
-        Some(platform) => {
-            let (d, r) = apply_override(platform, detected);
-            (d, Some(r))
-        }
-        None => (detected?, None),
-    };
+    let origin = evidence.origin.clone();
+    let (detection, report) = host::decide(Ok(evidence), ctx.platform_override.as_ref())?;
 
     if args.json {
         let json = JsonReport {
             detection: &detection,
             platform_override: report.as_ref(),
-            evidence: &evidence.origin,
+            evidence: &origin,
         };
         // Serialising plain strings and numbers cannot fail.
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
@@ -142,7 +81,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     if let Some(p) = detection.page_size {
         println!("page size: {p}");
     }
-    println!("evidence: {}", evidence.origin);
+    println!("evidence: {origin}");
     if let Some(dir) = &args.dump {
         println!("evidence written to {}", dir.display());
     }
@@ -167,44 +106,4 @@ fn dump_source() -> String {
         crate::VERSION,
         httpdate::fmt_http_date(SystemTime::now())
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_override_names_what_it_replaced() {
-        let detected = Detection {
-            candidates: vec!["linux/amd64/v3".parse().unwrap()],
-            signals: Vec::new(),
-            rules: Vec::new(),
-            page_size: Some(4096),
-        };
-        let platform: Platform = "linux/arm/v6".parse().unwrap();
-        let (d, r) = apply_override(&platform, Ok(detected));
-        assert_eq!(d.candidates, vec![platform]);
-        assert_eq!(r.overrides, "detected linux/amd64/v3");
-        assert!(
-            d.rules
-                .iter()
-                .any(|rule| rule.contains("overrides detection"))
-        );
-    }
-
-    #[test]
-    fn an_override_survives_a_failed_detection_and_says_so() {
-        let failed = Err(DetectError::NoUsableSignal {
-            origin: "test".to_string(),
-            missing: "no uname -m".to_string(),
-        });
-        let platform: Platform = "linux/arm64".parse().unwrap();
-        let (d, r) = apply_override(&platform, failed);
-        assert_eq!(d.candidates, vec![platform]);
-        assert!(
-            r.overrides.starts_with("detection failed"),
-            "{}",
-            r.overrides
-        );
-    }
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use crate::pull::progress::Reporter;
-use crate::pull::{self, Host, PullOptions, Source};
+use crate::pull::{self, PullOptions, Source};
 use crate::registry::RegistryClient;
 use crate::store::Store;
 
@@ -24,10 +24,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     if let Some(p) = &ctx.platform_override {
         eprintln!("using --platform {p} instead of detection");
     }
-    let host = Host {
-        candidates: detection.candidates,
-        page_size: detection.page_size,
-    };
+    let host = detection.host();
     let store = Store::open(&ctx.state_dir)?;
     let client = match &source {
         Source::Registry(_) => Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?),

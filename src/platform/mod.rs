@@ -10,6 +10,7 @@
 pub mod cpuinfo;
 pub mod detect;
 pub mod evidence;
+pub mod host;
 pub mod x86;
 
 use std::fmt;

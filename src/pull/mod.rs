@@ -121,23 +121,7 @@ impl fmt::Display for Source {
     }
 }
 
-/// What the device can run, as the pull needs it.
-#[derive(Debug, Clone)]
-pub struct Host {
-    /// Best first.
-    pub candidates: Vec<Platform>,
-    pub page_size: Option<u64>,
-}
-
-impl Host {
-    fn describe(&self) -> String {
-        self.candidates
-            .iter()
-            .map(Platform::to_string)
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-}
+pub use crate::platform::host::Host;
 
 /// A variant that was tried and refused, or passed over without trying.
 #[derive(Debug, Clone, Serialize)]
@@ -615,7 +599,7 @@ async fn try_variant(
     reporter.step(&format!(
         "fetching {platform} ({digest}): {} layers, {} to download",
         unique.len(),
-        progress::human_bytes(download)
+        crate::human::bytes(download)
     ));
     let fetched: Vec<u64> = stream::iter(unique.iter().map(|l| fetcher.layer(store, l, reporter)))
         .buffer_unordered(options.parallel_layers.max(1))
@@ -703,7 +687,7 @@ async fn check_signature(
     let outcomes = signatures::gather(client, reference, digest, &policy.keys).await?;
     let acceptance = policy.decide(&repo, digest, &outcomes).map_err(sig_err)?;
     let said = match acceptance {
-        Acceptance::Verified(v) => format!("verified with {} ({:?})", v.key, v.form),
+        Acceptance::Verified(v) => format!("verified with {} ({})", v.key, v.form),
         Acceptance::Unsigned => "unsigned (policy if-present)".to_string(),
         Acceptance::NotChecked => "not checked".to_string(),
     };

@@ -68,8 +68,8 @@ impl LayerProgress {
             None => eprintln!(
                 "layer {}: {} fetched ({} in the layer)",
                 self.short,
-                human_bytes(fetched),
-                human_bytes(self.size)
+                crate::human::bytes(fetched),
+                crate::human::bytes(self.size)
             ),
         }
     }
@@ -82,19 +82,4 @@ fn short(digest: &Digest) -> String {
         digest.algorithm().name(),
         &hex[..12.min(hex.len())]
     )
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
 }

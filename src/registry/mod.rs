@@ -4,21 +4,24 @@
 //! handed out, and every failure is a [`RegistryError`] that names the registry, the repository and the step.
 
 pub mod auth;
+mod blobs;
 pub mod client;
 pub mod credentials;
 pub mod dns;
+mod manifests;
 pub mod reference;
 pub mod retry;
 pub mod tls;
+mod transport;
 
 use std::fmt;
 use std::path::PathBuf;
 
 pub use client::{
-    BlobSpec, ClientOptions, MAX_MANIFEST_BYTES, Manifest, ManifestContent, ManifestKind,
-    RegistryClient, cosign_signature_tag, referrers_fallback_tag,
+    BlobSpec, ClientOptions, RegistryClient, cosign_signature_tag, referrers_fallback_tag,
 };
 pub use credentials::{Credentials, CredentialsError};
+pub use manifests::{MAX_MANIFEST_BYTES, Manifest, ManifestContent, ManifestKind};
 pub use reference::{Reference, ReferenceError, Repository};
 pub use retry::RetryPolicy;
 

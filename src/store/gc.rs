@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::layout::{self, Kind, MAX_MANIFEST_BYTES, OciLayout, read_bounded};
-use super::{ANNOTATION_KEEP, PARTIAL_DIR, Store, StoreError, TMP_PREFIX, fsync_dir, io_err};
+use super::{ANNOTATION_KEEP, PARTIAL_DIR, Store, StoreError, io_err};
 use crate::digest::{Algorithm, Digest};
+use crate::durable::{TMP_PREFIX, fsync_dir};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

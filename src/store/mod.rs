@@ -26,7 +26,8 @@
 //! # Crash safety
 //!
 //! A file becomes visible under its final name only by `rename(2)`, which replaces atomically, and only after its
-//! bytes are on disk. The steps, in order, for every file the store writes:
+//! bytes are on disk ([`crate::durable`] does the whole-file case). The steps, in order, for every file the store
+//! writes:
 //!
 //! 1. Write the bytes to a temporary file: `.tmp-<pid>-<n>-<name>` in the destination directory for whole files
 //!    (`index.json`, blobs handed in whole, `oci-layout`), or `partial/<alg>-<hex>` for streamed blobs.
@@ -60,15 +61,15 @@ pub mod space;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{FlockOperation, flock};
+use rustix::fs::FlockOperation;
 use serde::Serialize;
 
 use crate::digest::{Algorithm, Digest, Verifier};
+use crate::durable::{DurableError, create_dir, fsync_dir, lock_file, write_atomic};
 use crate::platform::Platform;
 pub use layout::{
     ANNOTATION_REF_NAME, Descriptor, ImageIndex, MAX_INDEX_JSON_BYTES, MAX_MANIFEST_BYTES,
@@ -88,7 +89,6 @@ pub const ANNOTATION_PULLED: &str = "dev.flotilla.pulled";
 /// them and whatever they point at.
 pub const ANNOTATION_KEEP: &str = "dev.flotilla.keep";
 
-const TMP_PREFIX: &str = ".tmp-";
 const MAX_REF_NAME: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +171,8 @@ pub enum StoreError {
         "{name:?} is not a valid reference name: use 1 to {MAX_REF_NAME} characters from A-Z a-z 0-9 . _ - : / @ +"
     )]
     BadRefName { name: String },
+    #[error(transparent)]
+    Durable(DurableError),
     #[error("invalid OCI layout source {spec:?}: {reason}")]
     BadSource { spec: String, reason: String },
     #[error(
@@ -180,6 +182,16 @@ pub enum StoreError {
 }
 
 const MIB: u64 = 1 << 20;
+
+impl From<DurableError> for StoreError {
+    fn from(e: DurableError) -> StoreError {
+        match e {
+            // The store's locks are held by pulls (shared) and gc (exclusive); say which, not just "locked".
+            DurableError::Locked { path } => StoreError::Busy { path },
+            e => StoreError::Durable(e),
+        }
+    }
+}
 
 fn list(names: &[String]) -> String {
     if names.is_empty() {
@@ -207,62 +219,6 @@ pub(crate) fn validate_ref_name(name: &str) -> Result<(), StoreError> {
         Err(StoreError::BadRefName {
             name: name.to_string(),
         })
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
-}
-
-fn create_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::create_dir_all(dir).map_err(io_err("create directory", dir))
-}
-
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Steps 1, 2, 4, 5 of the module doc for a whole file.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}-{name}", std::process::id()));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        f.write_all(bytes).map_err(io_err("write", &tmp))?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        let dest = dir.join(name);
-        fs::rename(&tmp, &dest).map_err(io_err("rename into place", &dest))?;
-        fsync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Takes an flock on `path` (created if missing).
-fn lock_file(path: &Path, op: FlockOperation) -> Result<File, StoreError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err("open lock file", path))?;
-    match flock(&file, op) {
-        Ok(()) => Ok(file),
-        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(StoreError::Busy {
-            path: path.to_path_buf(),
-        }),
-        Err(e) => Err(StoreError::Io {
-            step: "lock",
-            path: path.to_path_buf(),
-            source: e.into(),
-        }),
     }
 }
 
@@ -545,7 +501,7 @@ impl Store {
         if let Some(dir) = dest.parent() {
             fsync_dir(dir)?;
         }
-        fsync_dir(&self.partial_dir)
+        Ok(fsync_dir(&self.partial_dir)?)
     }
 
     /// Stores bytes handed in whole (a manifest, an index, a configuration) after checking them against `digest`.
@@ -565,7 +521,7 @@ impl Store {
             return Ok(());
         }
         let dir = dest.parent().unwrap_or(self.layout.root());
-        write_atomic(dir, digest.hex(), bytes)
+        Ok(write_atomic(dir, digest.hex(), bytes)?)
     }
 
     /// Reads a small blob from the store, verified (see [`OciLayout::read_blob`]).
@@ -683,7 +639,7 @@ fn write_index(layout: &OciLayout, index: &ImageIndex) -> Result<(), StoreError>
         what: "index.json",
         source,
     })?;
-    write_atomic(layout.root(), "index.json", &bytes)
+    Ok(write_atomic(layout.root(), "index.json", &bytes)?)
 }
 
 fn ref_descriptor(r: &RefRecord) -> Descriptor {

@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::layout::{DOCKER_MANIFEST, children};
