@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 pub mod gc;
 pub mod images;
 pub mod inspect;
+pub mod lint;
 pub mod platform;
 pub mod pull;
 
@@ -74,6 +75,8 @@ pub enum Command {
     Gc(gc::Args),
     /// Show which image platforms this device runs, best first, and why
     Platform(platform::Args),
+    /// Check that every entry of an image index holds code for its own label (for CI, after the push)
+    Lint(lint::Args),
     /// Show what an executable needs (architecture version, FP/SIMD, loader, page size) and whether this host can run it
     CheckBinary(check_binary::Args),
 }
@@ -124,6 +127,8 @@ pub enum CliError {
     Config(#[from] ConfigError),
     #[error("--platform: {0}")]
     Platform(#[from] PlatformError),
+    #[error("--require: {0}")]
+    Require(PlatformError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot write the JSON output: {0}")]
@@ -146,7 +151,7 @@ impl CliError {
     /// 2 is for what the user asked wrongly, 1 for what went wrong while doing it.
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::Config(_) | CliError::Platform(_) => 2,
+            CliError::Config(_) | CliError::Platform(_) | CliError::Require(_) => 2,
             CliError::Store(StoreError::BadSource { .. } | StoreError::BadRefName { .. }) => 2,
             CliError::Detect(_) => 1,
             CliError::CheckBinary(e) => e.exit_code(),
@@ -188,6 +193,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Gc(args) => gc::run(args, &ctx),
         Command::Platform(args) => platform::run(args, &ctx),
         Command::CheckBinary(args) => check_binary::run(args, &ctx),
+        Command::Lint(args) => lint::run(args, &ctx),
     }
 }
 

@@ -11,6 +11,7 @@
 //! 5. Only then is the reference written, in one atomic update of the store's `index.json`. An interrupted or
 //!    refused pull leaves no reference, only blobs and resumable partials for the next pull or `flotilla gc`.
 
+pub mod lint;
 pub mod progress;
 pub mod proof;
 mod signatures;

@@ -15,13 +15,15 @@ use crate::unpack::{ImageTree, UnpackError};
 /// Interpreters followed before giving up (`#!/usr/bin/env python3` → env → its loader is three).
 const MAX_CHAIN: usize = 6;
 /// Executables larger than this are not extracted for inspection; real ones are far smaller.
-const MAX_EXECUTABLE_BYTES: u64 = 1 << 30;
+pub(super) const MAX_EXECUTABLE_BYTES: u64 = 1 << 30;
 
 /// What the proof found: each executable checked, in order, and the verdict.
 #[derive(Debug, Clone, Default)]
 pub struct Proof {
     /// One line per executable: path, what it needs, verdict.
     pub checked: Vec<String>,
+    /// The same executables as "path needs platform", for reports that judge against a label rather than a device.
+    pub needs: Vec<String>,
 }
 
 /// Why a variant was refused.
@@ -82,6 +84,7 @@ pub fn prove(
         proof
             .checked
             .push(format!("{shown}: {needs}: {:?}", verdict.outcome));
+        proof.needs.push(format!("{shown} needs {needs}"));
         match verdict.outcome {
             Outcome::CanRun => {}
             Outcome::Unproven if trust_label => {}

@@ -336,7 +336,7 @@ impl OciLayoutBuilder {
         (d, bytes.len() as u64)
     }
 
-    fn layer(&self, busybox: &Path) -> (Digest, u64, Digest) {
+    fn layer(&self, busybox: &Path, extra: &[(&str, PathBuf)]) -> (Digest, u64, Digest) {
         let bin = std::fs::read(busybox).expect("read busybox");
         let mut tar = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();
@@ -359,6 +359,15 @@ impl OciLayoutBuilder {
         h.set_mtime(0);
         tar.append_link(&mut h, "bin/sh", "busybox")
             .expect("tar link");
+        for (path, file) in extra {
+            let bytes = std::fs::read(file).expect("read extra file");
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            h.set_size(bytes.len() as u64);
+            h.set_mtime(0);
+            tar.append_data(&mut h, path, bytes.as_slice())
+                .expect("tar extra file");
+        }
         let raw = tar.into_inner().expect("tar");
         let diff_id = Digest::sha256_of(&raw);
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -370,25 +379,81 @@ impl OciLayoutBuilder {
 
     /// Writes the images and an index naming them, tagged `tag` in `index.json`.
     pub fn write(&self, tag: &str, images: &[LayoutImage]) -> WrittenLayout {
+        self.write_with_files(tag, images, &[])
+    }
+
+    /// [`Self::write`], with more files in some images' layer: `extra[i]` lists (path in the image, file to copy
+    /// there) for `images[i]`; images past the end of `extra` get none.
+    pub fn write_with_files(
+        &self,
+        tag: &str,
+        images: &[LayoutImage],
+        extra: &[Vec<(&str, PathBuf)>],
+    ) -> WrittenLayout {
+        self.write_layers(tag, images, extra, None)
+    }
+
+    /// [`Self::write_with_files`], every image on one shared base layer holding `base_files` (path in the image,
+    /// file to copy there), as images built `FROM` one base are. Returns the base layer's digest too.
+    pub fn write_on_base(
+        &self,
+        tag: &str,
+        images: &[LayoutImage],
+        base_files: &[(&str, PathBuf)],
+        extra: &[Vec<(&str, PathBuf)>],
+    ) -> (WrittenLayout, Digest) {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, file) in base_files {
+            let bytes = std::fs::read(file).expect("read base file");
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o755);
+            h.set_size(bytes.len() as u64);
+            h.set_mtime(0);
+            tar.append_data(&mut h, path, bytes.as_slice())
+                .expect("tar base file");
+        }
+        let raw = tar.into_inner().expect("tar");
+        let diff_id = Digest::sha256_of(&raw);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).expect("gzip");
+        let (digest, size) = self.put(&gz.finish().expect("gzip"));
+        let base = (digest.clone(), size, diff_id);
+        (self.write_layers(tag, images, extra, Some(&base)), digest)
+    }
+
+    fn write_layers(
+        &self,
+        tag: &str,
+        images: &[LayoutImage],
+        extra: &[Vec<(&str, PathBuf)>],
+        base: Option<&(Digest, u64, Digest)>,
+    ) -> WrittenLayout {
         let mut written = Vec::new();
         let mut entries = Vec::new();
-        for img in images {
-            let (layer, layer_size, diff_id) = self.layer(&img.busybox);
+        for (n, img) in images.iter().enumerate() {
+            let files = extra.get(n).map_or(&[][..], Vec::as_slice);
+            let (layer, layer_size, diff_id) = self.layer(&img.busybox, files);
             let mut platform = serde_json::json!({"architecture": img.architecture, "os": img.os});
             if let Some(v) = img.variant {
                 platform["variant"] = v.into();
             }
             let mut config = platform.clone();
             config["config"] = serde_json::json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]});
-            config["rootfs"] =
-                serde_json::json!({"type": "layers", "diff_ids": [diff_id.to_string()]});
+            let mut diff_ids: Vec<String> = base.iter().map(|b| b.2.to_string()).collect();
+            diff_ids.push(diff_id.to_string());
+            config["rootfs"] = serde_json::json!({"type": "layers", "diff_ids": diff_ids});
             let (config_digest, config_size) =
                 self.put(&serde_json::to_vec(&config).expect("json"));
             let manifest = serde_json::json!({
                 "schemaVersion": 2,
                 "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": config_size},
-                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.to_string(), "size": layer_size}],
+                "layers": base
+                    .iter()
+                    .map(|b| (&b.0, b.1))
+                    .chain([(&layer, layer_size)])
+                    .map(|(d, size)| serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d.to_string(), "size": size}))
+                    .collect::<Vec<_>>(),
             });
             let (m, msize) = self.put(&serde_json::to_vec(&manifest).expect("json"));
             entries.push(serde_json::json!({
@@ -432,6 +497,60 @@ impl OciLayoutBuilder {
             index: index_digest,
             images: written,
         }
+    }
+}
+
+impl OciLayoutBuilder {
+    /// Adds a buildx-style attestation entry (`unknown/unknown`, `vnd.docker.reference.type`) to the index tagged
+    /// `tag`, describing `image`. Its manifest is a small OCI manifest with an in-toto layer, as buildx writes it.
+    pub fn add_attestation(
+        &self,
+        tag: &str,
+        written: &WrittenLayout,
+        image: &WrittenImage,
+    ) -> Digest {
+        let statement = br#"{"_type":"https://in-toto.io/Statement/v0.1","predicateType":"https://spdx.dev/Document"}"#;
+        let (layer, layer_size) = self.put(statement);
+        let (config, config_size) = self.put(b"{}");
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": config_size},
+            "layers": [{"mediaType": "application/vnd.in-toto+json", "digest": layer.to_string(), "size": layer_size,
+                        "annotations": {"in-toto.io/predicate-type": "https://spdx.dev/Document"}}],
+        });
+        let (m, msize) = self.put(&serde_json::to_vec(&manifest).expect("json"));
+        let index_path = self.dir.join("blobs/sha256").join(written.index.hex());
+        let mut index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index_path).expect("read index"))
+                .expect("index json");
+        index["manifests"]
+            .as_array_mut()
+            .expect("manifests")
+            .push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": m.to_string(), "size": msize,
+                "platform": {"architecture": "unknown", "os": "unknown"},
+                "annotations": {
+                    "vnd.docker.reference.type": "attestation-manifest",
+                    "vnd.docker.reference.digest": image.manifest.to_string(),
+                },
+            }));
+        let (index_digest, index_size) = self.put(&serde_json::to_vec(&index).expect("json"));
+        let top = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "digest": index_digest.to_string(), "size": index_size,
+                "annotations": {"org.opencontainers.image.ref.name": tag},
+            }],
+        });
+        std::fs::write(
+            self.dir.join("index.json"),
+            serde_json::to_vec(&top).expect("json"),
+        )
+        .expect("index.json");
+        m
     }
 }
 
