@@ -12,13 +12,13 @@ pub mod digest;
 pub mod durable;
 pub mod elf;
 pub mod human;
+pub mod layers;
 pub mod oci;
 pub mod platform;
 pub mod pull;
 pub mod registry;
 pub mod store;
 mod sys;
-pub mod unpack;
 pub mod verify;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.

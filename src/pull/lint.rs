@@ -18,18 +18,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::proof::{self, ImageConfig, MAX_EXECUTABLE_BYTES, ProofError};
-use super::{
-    Fetcher, MAX_CONFIG_BYTES, MAX_LAYERS, ManifestFile, PullError, Source, looks_like_index,
-};
+use super::proof::{self, MAX_EXECUTABLE_BYTES, ProofError};
+use super::{Fetcher, MAX_CONFIG_BYTES, MAX_LAYERS, PullError, Source, looks_like_index};
 use crate::digest::Digest;
 use crate::elf::{self, BinaryRequirements, FileType, Outcome};
-use crate::media_type;
+use crate::layers::{self, ImageTree, LayerError, LayerSource};
+use crate::oci::{Descriptor, ImageConfig, ImageManifest, media_type};
 use crate::platform::Platform;
 use crate::platform::select::{self, IndexEntry, PassReason};
 use crate::registry::{BlobSpec, RegistryClient};
-use crate::store::layout::{Descriptor, OciLayout};
-use crate::unpack::{self, ImageTree, LayerSource, UnpackError};
+use crate::store::layout::OciLayout;
 
 /// What was concluded about one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -361,7 +359,7 @@ async fn lint_manifest(
             reason: format!("media type {media_type} is not an image manifest"),
         });
     }
-    let manifest: ManifestFile =
+    let manifest: ImageManifest =
         serde_json::from_slice(bytes).map_err(|e| PullError::BadManifest {
             digest: digest.clone(),
             reason: e.to_string(),
@@ -382,7 +380,7 @@ async fn lint_manifest(
             digest: config_desc.digest.clone(),
             reason: e.to_string(),
         })?;
-    let stated = config.platform();
+    let stated = Platform::of_config(&config);
     let label = label.cloned().unwrap_or_else(|| stated.clone());
     let mut lint = EntryLint::new(label.to_string(), digest, Verdict::Pass, String::new());
     lint.label = Some(label.clone());
@@ -437,7 +435,7 @@ async fn lint_manifest(
     .await?;
     for _ in 0..manifest.layers.len() {
         let wanted = match &proved {
-            Err(ProofError::Unpack(UnpackError::Read { layer, source, .. }))
+            Err(ProofError::Layer(LayerError::Read { layer, source, .. }))
                 if source.kind() == io::ErrorKind::NotFound
                     && matches!(fetcher, Fetcher::Registry { .. })
                     && !scratch.fetched.contains(layer) =>
@@ -587,19 +585,19 @@ fn scan_all(
     layers: &[LayerSource],
     candidates: &[Platform],
     file: &Path,
-) -> Result<Scan, UnpackError> {
+) -> Result<Scan, LayerError> {
     let mut scan = Scan {
         checked: 0,
         wrong: Vec::new(),
     };
     for (n, layer) in layers.iter().enumerate() {
-        let read_err = |source| UnpackError::Read {
+        let read_err = |source| LayerError::Read {
             layer: layer.digest.clone(),
             path: layer.path.clone(),
             source,
         };
         let mut files = Vec::new();
-        let mut archive = tar::Archive::new(unpack::open_layer(layer)?);
+        let mut archive = tar::Archive::new(layers::open_layer(layer)?);
         for entry in archive.entries().map_err(read_err)? {
             let entry = entry.map_err(read_err)?;
             let kind = entry.header().entry_type();
@@ -615,14 +613,14 @@ fn scan_all(
                 }
                 Ok(_)
                 | Err(
-                    UnpackError::NotFound { .. }
-                    | UnpackError::NotADirectory { .. }
-                    | UnpackError::IsADirectory { .. },
+                    LayerError::NotFound { .. }
+                    | LayerError::NotADirectory { .. }
+                    | LayerError::IsADirectory { .. },
                 ) => {}
                 Err(e) => return Err(e),
             }
         }
-        let mut archive = tar::Archive::new(unpack::open_layer(layer)?);
+        let mut archive = tar::Archive::new(layers::open_layer(layer)?);
         for entry in archive.entries().map_err(read_err)? {
             let mut entry = entry.map_err(read_err)?;
             let path = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
@@ -633,7 +631,7 @@ fn scan_all(
             if entry.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
                 continue;
             }
-            let write_err = |source| UnpackError::Write {
+            let write_err = |source| LayerError::Write {
                 path: file.to_path_buf(),
                 source,
             };

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::digest::Digest;
+use crate::layers::{ImageTree, LayerSource};
 use crate::oci::{Descriptor, ImageConfig, ImageManifest, MAX_MANIFEST_BYTES, media_type};
 use crate::platform::Platform;
 use crate::platform::select::{self, IndexEntry, SelectError};
@@ -32,7 +33,6 @@ use crate::registry::{BlobSpec, Reference, RegistryClient, RegistryError};
 use crate::store::layout::{OCI_SCHEME, OciLayout, OciLayoutRef};
 use crate::store::space::Statvfs;
 use crate::store::{RefRecord, Slot, Store, StoreError};
-use crate::unpack::{ImageTree, LayerSource};
 use crate::verify::VerifyError;
 use crate::verify::policy::{Acceptance, Policy};
 use progress::Reporter;

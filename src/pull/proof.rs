@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use crate::elf::{self, BinaryRequirements, Outcome};
+use crate::layers::{ImageTree, LayerError};
 use crate::oci::ImageConfig;
 use crate::platform::Platform;
-use crate::unpack::{ImageTree, UnpackError};
 
 /// Interpreters followed before giving up (`#!/usr/bin/env python3` → env → its loader is three).
 const MAX_CHAIN: usize = 6;
@@ -42,7 +42,7 @@ pub enum ProofError {
     #[error("the interpreter chain from {path} is longer than {MAX_CHAIN}")]
     ChainTooLong { path: String },
     #[error(transparent)]
-    Unpack(#[from] UnpackError),
+    Layer(#[from] LayerError),
 }
 
 /// Proves that the image's program, and every interpreter it needs, runs on a device with these candidates.

@@ -22,7 +22,7 @@ const OPAQUE_MARKER: &str = ".wh..wh..opq";
 const WHITEOUT_PREFIX: &str = ".wh.";
 
 #[derive(Debug, thiserror::Error)]
-pub enum UnpackError {
+pub enum LayerError {
     #[error(
         "layer {layer} has media type {media_type:?}, which is not an image layer flotilla can read"
     )]
@@ -136,14 +136,14 @@ fn is_layer_media_type(media_type: &str) -> bool {
 ///
 /// The compression is read from the stream's magic bytes rather than trusted from the media type: Docker's
 /// `diff.tar.gzip` type has been used for uncompressed layers by some tools, and the bytes cannot lie.
-pub fn open_layer(layer: &LayerSource) -> Result<Box<dyn Read>, UnpackError> {
+pub fn open_layer(layer: &LayerSource) -> Result<Box<dyn Read>, LayerError> {
     if !is_layer_media_type(&layer.media_type) {
-        return Err(UnpackError::UnsupportedMediaType {
+        return Err(LayerError::UnsupportedMediaType {
             layer: layer.digest.clone(),
             media_type: layer.media_type.clone(),
         });
     }
-    let read_err = |source| UnpackError::Read {
+    let read_err = |source| LayerError::Read {
         layer: layer.digest.clone(),
         path: layer.path.clone(),
         source,
@@ -207,8 +207,8 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
-fn build_index(layer: &LayerSource) -> Result<LayerIndex, UnpackError> {
-    let read_err = |source| UnpackError::Read {
+fn build_index(layer: &LayerSource) -> Result<LayerIndex, LayerError> {
+    let read_err = |source| LayerError::Read {
         layer: layer.digest.clone(),
         path: layer.path.clone(),
         source,
@@ -270,7 +270,7 @@ fn build_index(layer: &LayerSource) -> Result<LayerIndex, UnpackError> {
     if let Some(expected) = &layer.diff_id {
         let actual = reader.verifier.finish();
         if &actual != expected {
-            return Err(UnpackError::DiffIdMismatch {
+            return Err(LayerError::DiffIdMismatch {
                 layer: layer.digest.clone(),
                 expected: expected.clone(),
                 actual,
@@ -298,7 +298,7 @@ impl ImageTree {
         self.indexes.iter().filter(|i| i.is_some()).count()
     }
 
-    fn index(&mut self, i: usize) -> Result<&LayerIndex, UnpackError> {
+    fn index(&mut self, i: usize) -> Result<&LayerIndex, LayerError> {
         if self.indexes[i].is_none() {
             self.indexes[i] = Some(build_index(&self.layers[i])?);
         }
@@ -306,7 +306,7 @@ impl ImageTree {
     }
 
     /// The node at a normalised path in the merged view, with the layer that provides it.
-    fn lookup(&mut self, path: &str) -> Result<Option<(usize, Node)>, UnpackError> {
+    fn lookup(&mut self, path: &str) -> Result<Option<(usize, Node)>, LayerError> {
         if path.is_empty() {
             return Ok(Some((0, Node::Dir)));
         }
@@ -336,7 +336,7 @@ impl ImageTree {
     }
 
     /// Follows `path` through symlinks to a non-directory node.
-    pub fn resolve(&mut self, path: &str) -> Result<Resolved, UnpackError> {
+    pub fn resolve(&mut self, path: &str) -> Result<Resolved, LayerError> {
         let shown = || format!("/{}", normalize(path));
         let mut pending: VecDeque<String> = path
             .split('/')
@@ -356,11 +356,11 @@ impl ImageTree {
             }
             let candidate = join(&current.join("/"), &component);
             match self.lookup(&candidate)? {
-                None => return Err(UnpackError::NotFound { path: shown() }),
+                None => return Err(LayerError::NotFound { path: shown() }),
                 Some((_, Node::Symlink(target))) => {
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
-                        return Err(UnpackError::SymlinkLoop { path: shown() });
+                        return Err(LayerError::SymlinkLoop { path: shown() });
                     }
                     if target.starts_with('/') {
                         current.clear();
@@ -378,11 +378,11 @@ impl ImageTree {
                             node,
                         });
                     }
-                    return Err(UnpackError::NotADirectory { path: shown() });
+                    return Err(LayerError::NotADirectory { path: shown() });
                 }
             }
         }
-        Err(UnpackError::IsADirectory { path: shown() })
+        Err(LayerError::IsADirectory { path: shown() })
     }
 
     /// Finds a program the way `execvp` would inside the container: a name with a slash is a path (relative to the
@@ -392,7 +392,7 @@ impl ImageTree {
         name: &str,
         path_env: Option<&str>,
         working_dir: Option<&str>,
-    ) -> Result<Resolved, UnpackError> {
+    ) -> Result<Resolved, LayerError> {
         if name.contains('/') {
             let full = if name.starts_with('/') {
                 name.to_string()
@@ -406,14 +406,14 @@ impl ImageTree {
             match self.resolve(&format!("{dir}/{name}")) {
                 Ok(found) => return Ok(found),
                 Err(
-                    UnpackError::NotFound { .. }
-                    | UnpackError::NotADirectory { .. }
-                    | UnpackError::IsADirectory { .. },
+                    LayerError::NotFound { .. }
+                    | LayerError::NotADirectory { .. }
+                    | LayerError::IsADirectory { .. },
                 ) => continue,
                 Err(other) => return Err(other),
             }
         }
-        Err(UnpackError::NotInPath {
+        Err(LayerError::NotInPath {
             name: name.to_string(),
             path_env: path_env.to_string(),
         })
@@ -425,7 +425,7 @@ impl ImageTree {
         resolved: &Resolved,
         dest: &Path,
         limit: u64,
-    ) -> Result<(), UnpackError> {
+    ) -> Result<(), LayerError> {
         let layer_no = resolved.layer;
         let mut wanted = resolved.path.clone();
         // Hard links point at an earlier entry of the same layer; follow them to the entry holding the bytes.
@@ -439,25 +439,25 @@ impl ImageTree {
         let size = match self.index(layer_no)?.nodes.get(&wanted) {
             Some(Node::File { size }) => *size,
             _ => {
-                return Err(UnpackError::NotFound {
+                return Err(LayerError::NotFound {
                     path: format!("/{wanted}"),
                 });
             }
         };
         if size > limit {
-            return Err(UnpackError::TooLarge {
+            return Err(LayerError::TooLarge {
                 path: format!("/{wanted}"),
                 layer: layer.digest.clone(),
                 size,
                 limit,
             });
         }
-        let read_err = |source| UnpackError::Read {
+        let read_err = |source| LayerError::Read {
             layer: layer.digest.clone(),
             path: layer.path.clone(),
             source,
         };
-        let write_err = |source| UnpackError::Write {
+        let write_err = |source| LayerError::Write {
             path: dest.to_path_buf(),
             source,
         };
@@ -478,7 +478,7 @@ impl ImageTree {
             }
             return Ok(());
         }
-        Err(UnpackError::NotFound {
+        Err(LayerError::NotFound {
             path: format!("/{wanted}"),
         })
     }
@@ -622,11 +622,11 @@ mod tests {
         let mut t = f.tree();
         assert!(matches!(
             t.resolve("/a/gone"),
-            Err(UnpackError::NotFound { .. })
+            Err(LayerError::NotFound { .. })
         ));
         assert!(matches!(
             t.resolve("/b/hidden"),
-            Err(UnpackError::NotFound { .. })
+            Err(LayerError::NotFound { .. })
         ));
     }
 
@@ -645,7 +645,7 @@ mod tests {
         assert_eq!(t.resolve("/opt/tool/run").unwrap().path, "opt/tool/run");
         assert!(matches!(
             t.resolve("/opt/tool"),
-            Err(UnpackError::IsADirectory { .. })
+            Err(LayerError::IsADirectory { .. })
         ));
         // The lower layer's symlink stays what `bin` is; the implied directory does not replace it.
         assert_eq!(
@@ -688,20 +688,20 @@ mod tests {
         let mut t = f.tree();
         assert!(matches!(
             t.resolve("/loop1"),
-            Err(UnpackError::SymlinkLoop { .. })
+            Err(LayerError::SymlinkLoop { .. })
         ));
         assert_eq!(t.resolve("/escape").unwrap().path, "bin/sh");
         assert!(matches!(
             t.find_executable("nothere", Some("/bin"), None),
-            Err(UnpackError::NotInPath { .. })
+            Err(LayerError::NotInPath { .. })
         ));
         assert!(matches!(
             t.resolve("/bin"),
-            Err(UnpackError::IsADirectory { .. })
+            Err(LayerError::IsADirectory { .. })
         ));
         assert!(matches!(
             t.resolve("/bin/sh/x"),
-            Err(UnpackError::NotADirectory { .. })
+            Err(LayerError::NotADirectory { .. })
         ));
     }
 
@@ -713,7 +713,7 @@ mod tests {
         let mut t = f.tree();
         assert!(matches!(
             t.resolve("/x"),
-            Err(UnpackError::DiffIdMismatch { .. })
+            Err(LayerError::DiffIdMismatch { .. })
         ));
     }
 
@@ -726,13 +726,13 @@ mod tests {
         let dest = f.dir.path().join("big");
         assert!(matches!(
             t.extract(&found, &dest, 100),
-            Err(UnpackError::TooLarge { .. })
+            Err(LayerError::TooLarge { .. })
         ));
         let mut bad = f.layers[0].clone();
         bad.media_type = "application/vnd.oci.image.config.v1+json".into();
         assert!(matches!(
             ImageTree::new(vec![bad]).resolve("/big"),
-            Err(UnpackError::UnsupportedMediaType { .. })
+            Err(LayerError::UnsupportedMediaType { .. })
         ));
     }
 
