@@ -506,6 +506,18 @@ fn judge(candidates: &[Platform], entry: &IndexEntry) -> Result<Choice, PassReas
     Err(PassReason::VariantNotRunnable { platform, runnable })
 }
 
+/// Whether an image's config agrees with the index label it was chosen by: the config must state the label's OS
+/// and architecture, and its variant when both give one. arm64's variants are levels (`v8`, `v8.2`) that configs
+/// rarely state the way the index does, so they are not compared.
+pub fn config_agrees_with_label(label: &Platform, stated: &Platform) -> bool {
+    stated.os == label.os
+        && stated.architecture == label.architecture
+        && (stated.variant.is_none()
+            || label.variant.is_none()
+            || stated.variant == label.variant
+            || label.architecture == "arm64")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -926,5 +938,25 @@ mod tests {
             matches!(err, SelectError::BadEntryDigest { position: 0, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_config_must_agree_with_its_label() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        for (label, stated, agrees) in [
+            ("linux/arm/v6", "linux/arm", true),
+            ("linux/arm/v6", "linux/arm/v6", true),
+            ("linux/arm/v6", "linux/arm/v7", false),
+            ("linux/arm", "linux/arm/v7", true),
+            ("linux/amd64", "linux/arm64", false),
+            ("linux/arm64/v8", "linux/arm64/v8.2", true),
+            ("windows/amd64", "linux/amd64", false),
+        ] {
+            assert_eq!(
+                config_agrees_with_label(&p(label), &p(stated)),
+                agrees,
+                "label {label}, config {stated}"
+            );
+        }
     }
 }

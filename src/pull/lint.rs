@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::proof::{self, MAX_EXECUTABLE_BYTES, ProofError};
-use super::{Fetcher, MAX_CONFIG_BYTES, MAX_LAYERS, PullError, Source, looks_like_index};
+use super::{Fetcher, PullError, Source, VariantFiles, looks_like_index, read_variant};
 use crate::digest::Digest;
 use crate::elf::{self, BinaryRequirements, FileType, Outcome};
 use crate::layers::{self, ImageTree, LayerError, LayerSource};
@@ -27,7 +27,6 @@ use crate::oci::{Descriptor, ImageConfig, ImageManifest, media_type};
 use crate::platform::Platform;
 use crate::platform::select::{self, IndexEntry, PassReason};
 use crate::registry::{BlobSpec, RegistryClient};
-use crate::store::layout::OciLayout;
 
 /// What was concluded about one entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -198,18 +197,7 @@ pub async fn lint(
     source: &Source,
     options: &LintOptions,
 ) -> Result<LintReport, PullError> {
-    let fetcher = match source {
-        Source::Registry(reference) => Fetcher::Registry {
-            client: client.ok_or_else(|| {
-                PullError::Task("a registry source needs a registry client".into())
-            })?,
-            reference,
-        },
-        Source::Layout(l) => Fetcher::Layout {
-            layout: OciLayout::open(&l.dir)?,
-            name: l.name.clone(),
-        },
-    };
+    let fetcher = Fetcher::for_source(source, client)?;
     let top = fetcher.top().await?;
     let mut scratch = Scratch::create()?;
     let mut entries = Vec::new();
@@ -332,17 +320,6 @@ fn promised(label: &Platform) -> Platform {
     }
 }
 
-/// The rule the pull applies: the config must state the label's OS and architecture, and its variant when both give
-/// one (arm64's variants are levels the config rarely states the same way, so they are not compared).
-fn config_states(label: &Platform, stated: &Platform) -> bool {
-    stated.os == label.os
-        && stated.architecture == label.architecture
-        && (stated.variant.is_none()
-            || label.variant.is_none()
-            || stated.variant == label.variant
-            || label.architecture == "arm64")
-}
-
 async fn lint_manifest(
     fetcher: &Fetcher<'_>,
     scratch: &mut Scratch,
@@ -364,48 +341,22 @@ async fn lint_manifest(
             digest: digest.clone(),
             reason: e.to_string(),
         })?;
-    let config_desc = manifest.config.ok_or_else(|| PullError::BadManifest {
-        digest: digest.clone(),
-        reason: "it has no config".into(),
-    })?;
-    if manifest.layers.len() > MAX_LAYERS {
-        return Err(PullError::BadManifest {
-            digest,
-            reason: format!("{} layers (at most {MAX_LAYERS})", manifest.layers.len()),
-        });
-    }
-    let config_bytes = fetcher.small_blob(&config_desc, MAX_CONFIG_BYTES).await?;
-    let config: ImageConfig =
-        serde_json::from_slice(&config_bytes).map_err(|e| PullError::BadConfig {
-            digest: config_desc.digest.clone(),
-            reason: e.to_string(),
-        })?;
+    let VariantFiles {
+        layers,
+        config,
+        diff_ids,
+        ..
+    } = read_variant(fetcher, &digest, manifest).await?;
     let stated = Platform::of_config(&config);
     let label = label.cloned().unwrap_or_else(|| stated.clone());
     let mut lint = EntryLint::new(label.to_string(), digest, Verdict::Pass, String::new());
     lint.label = Some(label.clone());
-    if !config_states(&label, &stated) {
+    if !select::config_agrees_with_label(&label, &stated) {
         lint.verdict = Verdict::Fail;
         lint.reason = format!("the index labels it {label} but its config says {stated}");
         return Ok(lint);
     }
-    let diff_ids = config
-        .rootfs
-        .as_ref()
-        .map(|r| r.diff_ids.clone())
-        .unwrap_or_default();
-    if diff_ids.len() != manifest.layers.len() {
-        return Err(PullError::BadConfig {
-            digest: config_desc.digest,
-            reason: format!(
-                "it lists {} diff_ids for {} layers",
-                diff_ids.len(),
-                manifest.layers.len()
-            ),
-        });
-    }
-    let sources: Vec<LayerSource> = manifest
-        .layers
+    let sources: Vec<LayerSource> = layers
         .iter()
         .zip(diff_ids)
         .map(|(l, diff_id)| LayerSource {
@@ -419,7 +370,7 @@ async fn lint_manifest(
         })
         .collect();
     if options.all_binaries {
-        for layer in &manifest.layers {
+        for layer in &layers {
             fetch_layer(fetcher, scratch, layer).await?;
         }
     }
@@ -433,14 +384,14 @@ async fn lint_manifest(
         &scratch.dir,
     )
     .await?;
-    for _ in 0..manifest.layers.len() {
+    for _ in 0..layers.len() {
         let wanted = match &proved {
             Err(ProofError::Layer(LayerError::Read { layer, source, .. }))
                 if source.kind() == io::ErrorKind::NotFound
                     && matches!(fetcher, Fetcher::Registry { .. })
                     && !scratch.fetched.contains(layer) =>
             {
-                manifest.layers.iter().find(|d| &d.digest == layer)
+                layers.iter().find(|d| &d.digest == layer)
             }
             _ => None,
         };
@@ -678,14 +629,6 @@ mod tests {
         assert!(!covers(&p("linux/arm/v7"), &p("linux/arm/v6")));
         assert!(!covers(&p("linux/arm64"), &p("linux/amd64")));
         assert!(!covers(&p("windows/amd64"), &p("linux/amd64")));
-    }
-
-    #[test]
-    fn a_config_contradicting_its_label_is_caught_as_the_pull_catches_it() {
-        assert!(config_states(&p("linux/arm/v6"), &p("linux/arm")));
-        assert!(!config_states(&p("linux/arm/v6"), &p("linux/arm/v7")));
-        assert!(!config_states(&p("linux/amd64"), &p("linux/arm64")));
-        assert!(config_states(&p("linux/arm64/v8"), &p("linux/arm64/v8.2")));
     }
 
     #[test]

@@ -82,6 +82,10 @@ pub enum PullError {
     },
     #[error("a background task failed: {0}")]
     Task(String),
+    #[error(
+        "{image} is in a registry, but no registry client was given to fetch it (a bug in the caller)"
+    )]
+    NoRegistryClient { image: String },
 }
 
 fn list(refused: &[Refusal]) -> String {
@@ -187,7 +191,25 @@ enum Fetcher<'a> {
     },
 }
 
-impl Fetcher<'_> {
+impl<'a> Fetcher<'a> {
+    pub(crate) fn for_source(
+        source: &'a Source,
+        client: Option<&'a RegistryClient>,
+    ) -> Result<Fetcher<'a>, PullError> {
+        Ok(match source {
+            Source::Registry(reference) => Fetcher::Registry {
+                client: client.ok_or_else(|| PullError::NoRegistryClient {
+                    image: source.to_string(),
+                })?,
+                reference,
+            },
+            Source::Layout(l) => Fetcher::Layout {
+                layout: OciLayout::open(&l.dir)?,
+                name: l.name.clone(),
+            },
+        })
+    }
+
     async fn top(&self) -> Result<Fetched, PullError> {
         match self {
             Fetcher::Registry { client, reference } => {
@@ -288,18 +310,7 @@ pub async fn pull(
     reporter: &Reporter,
 ) -> Result<PullReport, PullError> {
     let image = source.to_string();
-    let fetcher = match source {
-        Source::Registry(reference) => Fetcher::Registry {
-            client: client.ok_or_else(|| {
-                PullError::Task("a registry source needs a registry client".into())
-            })?,
-            reference,
-        },
-        Source::Layout(l) => Fetcher::Layout {
-            layout: OciLayout::open(&l.dir)?,
-            name: l.name.clone(),
-        },
-    };
+    let fetcher = Fetcher::for_source(source, client)?;
 
     let top = fetcher.top().await?;
     reporter.step(&format!("resolved {image} to {}", top.digest));
@@ -473,6 +484,63 @@ impl From<StoreError> for Refused {
     }
 }
 
+/// A variant's layers and configuration, read and checked for shape: where the pull and the lint both start.
+struct VariantFiles {
+    layers: Vec<Descriptor>,
+    config_desc: Descriptor,
+    config_bytes: Vec<u8>,
+    config: ImageConfig,
+    /// One per layer, in order.
+    diff_ids: Vec<Digest>,
+}
+
+/// Fetches and parses the config `manifest` names, refusing a manifest without one, with too many layers, or
+/// whose config does not list one `diff_id` per layer.
+async fn read_variant(
+    fetcher: &Fetcher<'_>,
+    digest: &Digest,
+    manifest: ImageManifest,
+) -> Result<VariantFiles, PullError> {
+    let config_desc = manifest.config.ok_or_else(|| PullError::BadManifest {
+        digest: digest.clone(),
+        reason: "it has no config".into(),
+    })?;
+    if manifest.layers.len() > MAX_LAYERS {
+        return Err(PullError::BadManifest {
+            digest: digest.clone(),
+            reason: format!("{} layers (at most {MAX_LAYERS})", manifest.layers.len()),
+        });
+    }
+    let config_bytes = fetcher.small_blob(&config_desc, MAX_CONFIG_BYTES).await?;
+    let config: ImageConfig =
+        serde_json::from_slice(&config_bytes).map_err(|e| PullError::BadConfig {
+            digest: config_desc.digest.clone(),
+            reason: e.to_string(),
+        })?;
+    let diff_ids = config
+        .rootfs
+        .as_ref()
+        .map(|r| r.diff_ids.clone())
+        .unwrap_or_default();
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(PullError::BadConfig {
+            digest: config_desc.digest.clone(),
+            reason: format!(
+                "it lists {} diff_ids for {} layers",
+                diff_ids.len(),
+                manifest.layers.len()
+            ),
+        });
+    }
+    Ok(VariantFiles {
+        layers: manifest.layers,
+        config_desc,
+        config_bytes,
+        config,
+        diff_ids,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn try_variant(
     fetcher: &Fetcher<'_>,
@@ -503,34 +571,18 @@ async fn try_variant(
             )));
         }
     }
-    let config_desc = manifest.config.ok_or_else(|| PullError::BadManifest {
-        digest: digest.clone(),
-        reason: "it has no config".into(),
-    })?;
-    if manifest.layers.len() > MAX_LAYERS {
-        return Err(PullError::BadManifest {
-            digest: digest.clone(),
-            reason: format!("{} layers (at most {MAX_LAYERS})", manifest.layers.len()),
-        }
-        .into());
-    }
-    let config_bytes = fetcher.small_blob(&config_desc, MAX_CONFIG_BYTES).await?;
-    let config: ImageConfig =
-        serde_json::from_slice(&config_bytes).map_err(|e| PullError::BadConfig {
-            digest: config_desc.digest.clone(),
-            reason: e.to_string(),
-        })?;
+    let VariantFiles {
+        layers: manifest_layers,
+        config_desc,
+        config_bytes,
+        config,
+        diff_ids,
+    } = read_variant(fetcher, digest, manifest).await?;
 
     // The config must state the platform that was chosen; a single manifest's config decides it.
     let stated = Platform::of_config(&config);
     let platform = if let Some(label) = &attempt.label {
-        if stated.os != label.os
-            || stated.architecture != label.architecture
-            || (stated.variant.is_some()
-                && label.variant.is_some()
-                && stated.variant != label.variant
-                && label.architecture != "arm64")
-        {
+        if !select::config_agrees_with_label(label, &stated) {
             return Err(Refused::Variant(format!(
                 "the index labels it {label} but its config says {stated}"
             )));
@@ -547,27 +599,10 @@ async fn try_variant(
         }
         stated
     };
-    let diff_ids = config
-        .rootfs
-        .as_ref()
-        .map(|r| r.diff_ids.clone())
-        .unwrap_or_default();
-    if diff_ids.len() != manifest.layers.len() {
-        return Err(PullError::BadConfig {
-            digest: config_desc.digest.clone(),
-            reason: format!(
-                "it lists {} diff_ids for {} layers",
-                diff_ids.len(),
-                manifest.layers.len()
-            ),
-        }
-        .into());
-    }
     store.put_blob(&config_desc.digest, &config_bytes)?;
 
     // Free space: what is missing, plus the unpacked estimate, with the store's margin.
-    let blobs: Vec<(Digest, u64)> = manifest
-        .layers
+    let blobs: Vec<(Digest, u64)> = manifest_layers
         .iter()
         .map(|l| (l.digest.clone(), l.size))
         .collect();
@@ -580,7 +615,7 @@ async fn try_variant(
 
     // Layers in parallel; a digest listed twice is fetched once.
     let mut unique: Vec<&Descriptor> = Vec::new();
-    for l in &manifest.layers {
+    for l in &manifest_layers {
         if !unique.iter().any(|u| u.digest == l.digest) {
             unique.push(l);
         }
@@ -598,8 +633,7 @@ async fn try_variant(
     let bytes_fetched = fetched.iter().sum();
 
     // Architecture proof over the image's own executables.
-    let layers: Vec<LayerSource> = manifest
-        .layers
+    let layers: Vec<LayerSource> = manifest_layers
         .iter()
         .zip(diff_ids)
         .map(|(l, diff_id)| LayerSource {
