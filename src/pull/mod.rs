@@ -28,6 +28,7 @@ use crate::digest::Digest;
 use crate::layers::{ImageTree, LayerSource};
 use crate::oci::{Descriptor, ImageConfig, ImageManifest, MAX_MANIFEST_BYTES, media_type};
 use crate::platform::Platform;
+use crate::platform::host::Host;
 use crate::platform::select::{self, IndexEntry, SelectError};
 use crate::registry::{BlobSpec, Reference, RegistryClient, RegistryError};
 use crate::store::layout::{OCI_SCHEME, OciLayout, OciLayoutRef};
@@ -123,8 +124,6 @@ impl fmt::Display for Source {
         }
     }
 }
-
-pub use crate::platform::host::Host;
 
 /// A variant that was tried and refused, or passed over without trying.
 #[derive(Debug, Clone, Serialize)]
