@@ -178,7 +178,7 @@ impl<R: Read> Read for HashingReader<R> {
 }
 
 /// Lexically normalises a path inside the image: no leading slash, no `.`, `..` clamped at the root.
-fn normalize(path: &str) -> String {
+pub(crate) fn normalize(path: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
     for c in path.split('/') {
         match c {

@@ -513,21 +513,6 @@ struct Scan {
     wrong: Vec<String>,
 }
 
-/// Lexical normalisation of a tar path, as the image tree does it: no leading slash, no `.`, `..` clamped.
-fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in path.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            other => parts.push(other),
-        }
-    }
-    parts.join("/")
-}
-
 /// Checks every ELF executable and shared object visible in the merged image against `candidates`. Each layer is
 /// read twice: once to list its files and ask the tree which of them the layers above leave visible, once to read
 /// those that start like ELF.

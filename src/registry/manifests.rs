@@ -72,6 +72,23 @@ pub enum ManifestContent {
 }
 
 impl RegistryClient {
+    /// The one capped read of a manifest or index body: refused as soon as it passes [`MAX_MANIFEST_BYTES`].
+    async fn read_manifest_body(
+        &self,
+        resp: &mut reqwest::Response,
+        ep: &Endpoint,
+        at: &At,
+    ) -> Result<Vec<u8>, Fault> {
+        read_capped(
+            resp,
+            at,
+            &ep.base,
+            MAX_MANIFEST_BYTES,
+            self.inner.options.read_timeout,
+        )
+        .await
+    }
+
     pub(super) async fn manifest_attempt(
         &self,
         ep: &Endpoint,
@@ -120,14 +137,7 @@ impl RegistryClient {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<Digest>().ok());
-        let bytes = read_capped(
-            &mut resp,
-            at,
-            &ep.base,
-            MAX_MANIFEST_BYTES,
-            self.inner.options.read_timeout,
-        )
-        .await?;
+        let bytes = self.read_manifest_body(&mut resp, ep, at).await?;
         let algorithm = pinned
             .map(|d| d.algorithm())
             .unwrap_or(crate::digest::Algorithm::Sha256);
@@ -183,14 +193,7 @@ impl RegistryClient {
                 }));
             }
         }
-        let bytes = read_capped(
-            &mut resp,
-            at,
-            &ep.base,
-            MAX_MANIFEST_BYTES,
-            self.inner.options.read_timeout,
-        )
-        .await?;
+        let bytes = self.read_manifest_body(&mut resp, ep, at).await?;
         serde_json::from_slice(&bytes).map(Some).map_err(|e| {
             Fault::fatal(RegistryError::Malformed {
                 at: Box::new(at.clone()),
