@@ -7,6 +7,7 @@
 //! on every executable of every layer).
 
 pub mod arm_attributes;
+pub mod arm_code;
 pub mod go;
 mod reading;
 mod requirements;
@@ -16,6 +17,7 @@ pub use reading::{
     ArmInfo, BinaryRequirements, ByteOrder, ElfError, ElfRequirements, FileType, FloatAbi,
     Interpreter, Libc, Linking, Script, inspect, inspect_file,
 };
+pub use requirements::Evidence;
 pub use verdict::{Outcome, Verdict, can_run};
 
 #[cfg(test)]

@@ -6,13 +6,14 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, SectionTable, Sym};
 use object::{Endianness, ReadCache, ReadRef};
 use serde::{Serialize, Serializer};
 
 use super::arm_attributes::{self, ArmAttributes, AttributeError, VfpArgs};
+use super::arm_code::{self, CodeRegion, CodeScan, Mapping};
 use super::go::{self, GoBuildInfo, GoBuildInfoError};
-use super::requirements::required_platform;
+use super::requirements::{Evidence, required_platform};
 use crate::platform::Platform;
 
 /// The kernel reads this much of a file to recognise its format and a `#!` line (`BINPRM_BUF_SIZE`).
@@ -121,6 +122,9 @@ pub struct ElfRequirements {
     /// binary that records no architecture version has `variant: None`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub platform: Option<Platform>,
+    /// Which evidence set the platform's variant, where one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<Evidence>,
     /// Why `platform` is what it is, one piece of evidence each, e.g. "Tag_CPU_arch v7 (from .ARM.attributes)".
     pub reasons: Vec<String>,
 }
@@ -227,6 +231,9 @@ pub struct ArmInfo {
     pub float_abi_source: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attributes: Option<ArmAttributes>,
+    /// What the executable code itself needs (little-endian 32-bit ARM only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<CodeScan>,
 }
 
 /// Reads what `data` (a whole file) needs to run.
@@ -400,7 +407,11 @@ where
                 .map_err(ElfError::malformed(".ARM.attributes section"))?;
             attributes = Some(arm_attributes::parse(bytes, header.is_big_endian())?);
         }
-        Some(arm_info(e_flags, attributes, interpreter.as_ref()))
+        let mut info = arm_info(e_flags, attributes, interpreter.as_ref());
+        if class == 32 && byte_order == ByteOrder::Little {
+            info.code = Some(scan_arm_code(header, endian, data, &sections, &loads)?);
+        }
+        Some(info)
     } else {
         None
     };
@@ -444,12 +455,79 @@ where
         arm,
         go,
         platform: None,
+        decided_by: None,
         reasons: Vec::new(),
     };
-    let (platform, reasons) = required_platform(&requirements, os_abi);
+    let (platform, decided_by, reasons) = required_platform(&requirements, os_abi);
     requirements.platform = platform;
+    requirements.decided_by = decided_by;
     requirements.reasons = reasons;
     Ok(requirements)
+}
+
+/// Scans the executable sections (the executable `PT_LOAD` segments when there are no section headers) for
+/// ARMv7-only encodings, with the mapping symbols of `.symtab` where it has them.
+fn scan_arm_code<'data, Elf, R>(
+    header: &Elf,
+    endian: Endianness,
+    data: R,
+    sections: &SectionTable<'data, Elf, R>,
+    loads: &[Load],
+) -> Result<CodeScan, ElfError>
+where
+    Elf: FileHeader<Endian = Endianness>,
+    R: ReadRef<'data>,
+{
+    let mut regions = Vec::new();
+    if sections.is_empty() {
+        for load in loads.iter().filter(|l| l.flags & elf::PF_X != 0) {
+            let bytes = data
+                .read_bytes_at(load.offset, load.filesz)
+                .map_err(ElfError::unreadable("executable segment"))?;
+            // The ELF header and program headers share the first segment with the code; they are no code.
+            let skip = if load.offset == 0 {
+                let phoff: u64 = header.e_phoff(endian).into();
+                phoff + u64::from(header.e_phnum(endian)) * u64::from(header.e_phentsize(endian))
+            } else {
+                0
+            };
+            let skip = usize::try_from(skip).unwrap_or(usize::MAX).min(bytes.len());
+            regions.push(CodeRegion {
+                address: load.vaddr + skip as u64,
+                bytes: bytes.get(skip..).unwrap_or_default(),
+            });
+        }
+    } else {
+        for section in sections.iter().filter(|s| {
+            s.sh_type(endian) == elf::SHT_PROGBITS
+                && s.sh_flags(endian).into() & u64::from(elf::SHF_EXECINSTR) != 0
+        }) {
+            let bytes = section
+                .data(endian, data)
+                .map_err(ElfError::malformed("executable section"))?;
+            regions.push(CodeRegion {
+                address: section.sh_addr(endian).into(),
+                bytes,
+            });
+        }
+    }
+    let mut mappings = Vec::new();
+    let symbols = sections
+        .symbols(endian, data, elf::SHT_SYMTAB)
+        .map_err(ElfError::malformed("symbol table"))?;
+    for symbol in symbols.iter() {
+        // Mapping symbols are local and untyped; checking that first spares reading every name.
+        if symbol.st_type() != elf::STT_NOTYPE || symbol.st_bind() != elf::STB_LOCAL {
+            continue;
+        }
+        let name = symbols
+            .symbol_name(endian, symbol)
+            .map_err(ElfError::malformed("symbol name"))?;
+        if let Some(mapping) = Mapping::from_symbol_name(name) {
+            mappings.push((symbol.st_value(endian).into(), mapping));
+        }
+    }
+    Ok(arm_code::scan(&regions, &mappings))
 }
 
 fn read_go<'data, R: ReadRef<'data>>(
@@ -507,6 +585,7 @@ fn arm_info(
         float_abi,
         float_abi_source: source,
         attributes,
+        code: None,
     }
 }
 

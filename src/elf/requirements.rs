@@ -2,9 +2,27 @@
 //! evidence.
 
 use object::elf;
+use serde::Serialize;
 
 use super::reading::{ByteOrder, ElfRequirements, FloatAbi};
 use crate::platform::Platform;
+
+/// The kind of evidence that set a binary's platform variant (`check-binary --json` says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Evidence {
+    /// The build settings the Go linker records (GOARM, GOAMD64, GOARM64).
+    #[serde(rename = "go build info")]
+    GoBuildInfo,
+    /// The encodings found in the executable code ([`super::arm_code`]).
+    #[serde(rename = "code scan")]
+    CodeScan,
+    /// `.ARM.attributes`.
+    #[serde(rename = "attributes")]
+    Attributes,
+    /// The hard-float ABI (from `e_flags`, `Tag_ABI_VFP_args` or the loader's name): it needs a VFP unit.
+    #[serde(rename = "float abi")]
+    FloatAbi,
+}
 
 /// The OCI operating system an OS ABI byte means. Linux binaries mostly say "System V" (0); ARM's old
 /// toolchains wrote their own values.
@@ -25,7 +43,7 @@ fn os_name(os_abi: u8) -> &'static str {
 pub(super) fn required_platform(
     req: &ElfRequirements,
     os_abi: u8,
-) -> (Option<Platform>, Vec<String>) {
+) -> (Option<Platform>, Option<Evidence>, Vec<String>) {
     let mut reasons = Vec::new();
     let os = os_name(os_abi);
     let little = req.endianness == ByteOrder::Little;
@@ -54,25 +72,36 @@ pub(super) fn required_platform(
                     "big-endian"
                 }
             ));
-            return (None, reasons);
+            return (None, None, reasons);
         }
     };
-    let variant = match arch {
+    let (variant, decided_by) = match arch {
         "arm" => arm_variant(req, &mut reasons),
         "amd64" => amd64_variant(req, &mut reasons),
-        "arm64" => Some(arm64_variant(req, &mut reasons)),
+        "arm64" => arm64_variant(req, &mut reasons),
         _ => {
             reasons.push(format!("e_machine {} ({}-bit)", req.machine, req.class));
-            None
+            (None, None)
         }
     };
-    (Some(Platform::new(os, arch, variant.as_deref())), reasons)
+    (
+        Some(Platform::new(os, arch, variant.as_deref())),
+        decided_by,
+        reasons,
+    )
 }
 
-/// ARM: every piece of evidence sets a lowest version; the binary needs the highest of them.
-fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<String> {
-    let mut evidence: Vec<(u8, String)> = Vec::new();
-    let attributes = req.arm.as_ref().and_then(|a| a.attributes.as_ref());
+/// ARM: every piece of evidence sets a lowest version; the binary needs the highest of them. The attributes'
+/// v7 is a merge over all linked objects, so where the code scan finds no ARMv7 encodings outside SIMD and VFP
+/// the code decides (see [`super::arm_code`]); Go binaries are judged by GOARM alone, since Go's runtime picks
+/// its barriers by GOARM at run time.
+fn arm_variant(
+    req: &ElfRequirements,
+    reasons: &mut Vec<String>,
+) -> (Option<String>, Option<Evidence>) {
+    let mut evidence: Vec<(u8, Evidence, String)> = Vec::new();
+    let arm = req.arm.as_ref();
+    let attributes = arm.and_then(|a| a.attributes.as_ref());
     if let Some(a) = attributes {
         if let Some(arch) = a.cpu_arch {
             let (version, why) = match arch.0 {
@@ -93,12 +122,14 @@ fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<Strin
             };
             evidence.push((
                 version,
+                Evidence::Attributes,
                 format!("Tag_CPU_arch {arch} (from .ARM.attributes){why}"),
             ));
         }
         if let Some(thumb) = a.thumb_isa_use.filter(|t| t.0 == 2) {
             evidence.push((
                 7,
+                Evidence::Attributes,
                 format!(
                     "Tag_THUMB_ISA_use {thumb} (from .ARM.attributes): ARMv6 cores lack Thumb-2"
                 ),
@@ -112,7 +143,11 @@ fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<Strin
                 _ => Some(8),
             };
             if let Some(v) = version {
-                evidence.push((v, format!("Tag_FP_arch {fp} (from .ARM.attributes)")));
+                evidence.push((
+                    v,
+                    Evidence::Attributes,
+                    format!("Tag_FP_arch {fp} (from .ARM.attributes)"),
+                ));
             }
         }
         if let Some(simd) = a.advanced_simd_arch {
@@ -124,6 +159,7 @@ fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<Strin
             if let Some(v) = version {
                 evidence.push((
                     v,
+                    Evidence::Attributes,
                     format!("Tag_Advanced_SIMD_arch {simd} (NEON, from .ARM.attributes)"),
                 ));
             }
@@ -132,84 +168,152 @@ fn arm_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<Strin
             reasons.push("Tag_CPU_arch_profile Microcontroller: built for M-profile cores".into());
         }
     }
-    if let Some(goarm) = req.go.as_ref().and_then(|g| g.goarm.as_deref()) {
+    let goarm = req.go.as_ref().and_then(|g| g.goarm.as_deref());
+    if let Some(goarm) = goarm {
         let level = goarm.split(',').next().unwrap_or_default();
         match level.parse::<u8>() {
-            Ok(v @ 5..=7) => evidence.push((v, format!("GOARM={goarm} (from Go build info)"))),
+            Ok(v @ 5..=7) => evidence.push((
+                v,
+                Evidence::GoBuildInfo,
+                format!("GOARM={goarm} (from Go build info)"),
+            )),
             _ => reasons.push(format!(
                 "GOARM={goarm} (from Go build info) is not 5, 6 or 7: ignored"
             )),
         }
     }
+    match (arm.and_then(|a| a.code.as_ref()), goarm) {
+        (Some(code), Some(_)) if code.needs_v7() => reasons.push(format!(
+            "code scan: {} (not used: Go's runtime chooses its ARMv7 barriers by GOARM at run time)",
+            code.describe_v7()
+        )),
+        (Some(code), None) if code.needs_v7() => evidence.push((
+            7,
+            Evidence::CodeScan,
+            format!(
+                "code scan: {} in {} bytes of code{}, first at {:#x}: ARMv6 cores such as the ARM1176 lack them",
+                code.describe_v7(),
+                code.code_bytes,
+                if code.mapped {
+                    " (ARM, Thumb and data told apart by mapping symbols)"
+                } else {
+                    " (no mapping symbols)"
+                },
+                code.first_v7.unwrap_or_default()
+            ),
+        )),
+        (Some(code), None) if code.code_bytes > 0 => {
+            // The attributes' v7 came from objects whose only v7 code is SIMD chosen at run time: what the
+            // code runs otherwise is ARMv6 at most.
+            let merged = evidence
+                .iter()
+                .any(|(v, kind, _)| *v == 7 && *kind == Evidence::Attributes);
+            for (version, kind, why) in evidence.iter_mut() {
+                if *version == 7 && *kind == Evidence::Attributes {
+                    *version = 6;
+                    why.push_str("; a merge over the linked objects, overruled by the code scan");
+                }
+            }
+            let found = if code.v7_total() > 0 {
+                format!(
+                    " ({}: fewer than {} in code without mapping symbols are taken for data)",
+                    code.describe_v7(),
+                    super::arm_code::STRIPPED_THRESHOLD
+                )
+            } else {
+                String::new()
+            };
+            let why = format!(
+                "code scan: no ARMv7 encodings outside SIMD and VFP in {} bytes of code{found}; {} SIMD/VFP \
+                 instructions, which run only where the program finds the CPU has them",
+                code.code_bytes, code.simd
+            );
+            if merged {
+                evidence.push((6, Evidence::CodeScan, why));
+            } else {
+                reasons.push(why);
+            }
+        }
+        _ => {}
+    }
     // Go's calling convention never passes floats in VFP registers, so its e_flags say nothing about VFP.
-    let hard_float = req.arm.as_ref().filter(|a| a.float_abi == FloatAbi::Hard);
+    let hard_float = arm.filter(|a| a.float_abi == FloatAbi::Hard);
     if let (None, Some(arm)) = (&req.go, hard_float) {
         evidence.push((
             6,
+            Evidence::FloatAbi,
             format!(
                 "hard-float ABI (from {}): needs a VFP unit, which linux/arm/v5 does not promise",
                 arm.float_abi_source.unwrap_or("e_flags")
             ),
         ));
     }
-    // The deciding evidence first: a verdict quotes the first reason.
-    evidence.sort_by_key(|e| std::cmp::Reverse(e.0));
-    let needed = evidence.first().map(|(v, _)| *v);
-    let mut ordered: Vec<String> = evidence.into_iter().map(|(_, why)| why).collect();
+    // The deciding evidence first: a verdict quotes the first reason. At the same version, the more direct
+    // evidence decides: Go build info, then the code, then the attributes, then the float ABI.
+    evidence.sort_by_key(|e| (std::cmp::Reverse(e.0), e.1));
+    let decided = evidence.first().map(|(v, kind, _)| (*v, *kind));
+    let mut ordered: Vec<String> = evidence.into_iter().map(|(_, _, why)| why).collect();
     ordered.append(reasons);
     *reasons = ordered;
-    match needed {
-        Some(v) => Some(format!("v{v}")),
+    match decided {
+        Some((v, kind)) => (Some(format!("v{v}")), Some(kind)),
         None => {
             reasons.insert(
                 0,
                 "no ARM architecture version recorded (no .ARM.attributes CPU tags, no GOARM)"
                     .into(),
             );
-            None
+            (None, None)
         }
     }
 }
 
-fn amd64_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> Option<String> {
+fn amd64_variant(
+    req: &ElfRequirements,
+    reasons: &mut Vec<String>,
+) -> (Option<String>, Option<Evidence>) {
     match req.go.as_ref().and_then(|g| g.goamd64.as_deref()) {
         Some(level @ ("v2" | "v3" | "v4")) => {
             reasons.push(format!("GOAMD64={level} (from Go build info)"));
-            Some(level.to_string())
+            (Some(level.to_string()), Some(Evidence::GoBuildInfo))
         }
         Some(level) => {
             reasons.push(format!(
                 "GOAMD64={level} (from Go build info): the x86-64 baseline"
             ));
-            None
+            (None, Some(Evidence::GoBuildInfo))
         }
         None => {
             reasons.push(
                 "e_machine x86_64: no micro-architecture level recorded, the x86-64 baseline"
                     .into(),
             );
-            None
+            (None, None)
         }
     }
 }
 
-fn arm64_variant(req: &ElfRequirements, reasons: &mut Vec<String>) -> String {
+fn arm64_variant(
+    req: &ElfRequirements,
+    reasons: &mut Vec<String>,
+) -> (Option<String>, Option<Evidence>) {
     if let Some(goarm64) = req.go.as_ref().and_then(|g| g.goarm64.as_deref()) {
         let level = goarm64.split(',').next().unwrap_or_default();
         if let Some((major, minor)) = arm64_level(level) {
             reasons.push(format!("GOARM64={goarm64} (from Go build info)"));
-            return if minor == 0 {
+            let variant = if minor == 0 {
                 format!("v{major}")
             } else {
                 format!("v{major}.{minor}")
             };
+            return (Some(variant), Some(Evidence::GoBuildInfo));
         }
         reasons.push(format!(
             "GOARM64={goarm64} (from Go build info) is not a version: ignored"
         ));
     }
     reasons.push("e_machine aarch64: ARMv8-A baseline".into());
-    "v8".into()
+    (Some("v8".into()), None)
 }
 
 /// `v8`, `v8.2`, `v9.0` as (major, minor).
