@@ -81,7 +81,19 @@ mod tests {
                 let name_at = shstrtab.len() as u32;
                 shstrtab.extend_from_slice(name.as_bytes());
                 shstrtab.push(0);
-                placed.push((name_at, *kind, place(&mut body, data), data.len() as u64));
+                // `.text` is the one executable section, for the code scan.
+                let flags = if *name == ".text" {
+                    u64::from(elf::SHF_ALLOC | elf::SHF_EXECINSTR)
+                } else {
+                    0
+                };
+                placed.push((
+                    name_at,
+                    *kind,
+                    flags,
+                    place(&mut body, data),
+                    data.len() as u64,
+                ));
             }
             let shstr_name = shstrtab.len() as u32;
             shstrtab.extend_from_slice(b".shstrtab\0");
@@ -141,11 +153,17 @@ mod tests {
                 out: bytes,
                 wide: self.class64,
             };
-            out.shdr(0, 0, 0, 0);
-            for (name, kind, at, len) in placed {
-                out.shdr(name, kind, at, len);
+            out.shdr(0, 0, 0, 0, 0);
+            for (name, kind, flags, at, len) in placed {
+                out.shdr(name, kind, flags, at, len);
             }
-            out.shdr(shstr_name, elf::SHT_STRTAB, shstr_at, shstrtab.len() as u64);
+            out.shdr(
+                shstr_name,
+                elf::SHT_STRTAB,
+                0,
+                shstr_at,
+                shstrtab.len() as u64,
+            );
             if !self.section_headers {
                 out.out.truncate(shoff as usize);
             }
@@ -190,10 +208,10 @@ mod tests {
             }
             self.word(align);
         }
-        fn shdr(&mut self, name: u32, kind: u32, offset: u64, size: u64) {
+        fn shdr(&mut self, name: u32, kind: u32, flags: u64, offset: u64, size: u64) {
             self.u32(name);
             self.u32(kind);
-            self.word(0);
+            self.word(flags);
             self.word(if kind == 0 { 0 } else { BASE + offset });
             self.word(offset);
             self.word(size);
@@ -280,6 +298,54 @@ mod tests {
         let req = elf_req(&neon.build());
         assert_eq!(req.platform, Some("linux/arm/v7".parse().unwrap()));
         assert!(req.reasons.iter().any(|r| r.contains("NEONv1")));
+    }
+
+    /// ring's case: attributes merged up to v7 by NEON objects, code without non-SIMD v7 encodings.
+    #[test]
+    fn the_code_overrules_a_merged_v7() {
+        let words =
+            |list: &[u32]| -> Vec<u8> { list.iter().flat_map(|w| w.to_le_bytes()).collect() };
+        // mov r0, r1; vadd.i32 q0, q1, q2; vld1.8 {d0}, [r0]; bx lr
+        let neon_only = words(&[0xe1a0_0001, 0xf222_0844, 0xf420_070f, 0xe12f_ff1e]);
+        // ... and two of movw r0, #0x1234
+        let with_movw = words(&[0xe1a0_0001, 0xe301_0234, 0xe301_0234, 0xe12f_ff1e]);
+        // Tag_CPU_arch, Tag_THUMB_ISA_use Thumb-2, Tag_Advanced_SIMD_arch NEONv1: what ring's objects merge to.
+        let merged = |cpu_arch: u8| attributes(&[6, cpu_arch, 9, 2, 12, 1]);
+        let build = |attrs: Vec<u8>, code: &[u8]| {
+            let mut e = TestElf::arm();
+            e.sections
+                .push((".ARM.attributes", elf::SHT_ARM_ATTRIBUTES, attrs));
+            e.sections.push((".text", elf::SHT_PROGBITS, code.to_vec()));
+            elf_req(&e.build())
+        };
+
+        let ring = build(merged(10), &neon_only);
+        assert_eq!(ring.platform, Some("linux/arm/v6".parse().unwrap()));
+        assert_eq!(ring.decided_by, Some(Evidence::CodeScan));
+        assert!(ring.reasons[0].starts_with("code scan: no ARMv7 encodings"));
+        assert!(
+            ring.reasons
+                .iter()
+                .any(|r| r.contains("overruled by the code scan"))
+        );
+        let code = ring.arm.as_ref().and_then(|a| a.code.as_ref()).unwrap();
+        assert_eq!((code.mapped, code.simd, code.v7_total()), (false, 2, 0));
+
+        let v7 = build(merged(10), &with_movw);
+        assert_eq!(v7.platform, Some("linux/arm/v7".parse().unwrap()));
+        assert_eq!(v7.decided_by, Some(Evidence::CodeScan));
+        assert!(v7.reasons[0].contains("MOVW ×2"));
+
+        // Attributes that say v6 over v7 code: the code decides.
+        let hidden = build(attributes(&[6, 6]), &with_movw);
+        assert_eq!(hidden.platform, Some("linux/arm/v7".parse().unwrap()));
+        assert_eq!(hidden.decided_by, Some(Evidence::CodeScan));
+
+        // v6 attributes and v6 code: the attributes decide, the scan is reported.
+        let plain = build(attributes(&[6, 6]), &neon_only);
+        assert_eq!(plain.platform, Some("linux/arm/v6".parse().unwrap()));
+        assert_eq!(plain.decided_by, Some(Evidence::Attributes));
+        assert!(plain.reasons.iter().any(|r| r.starts_with("code scan:")));
     }
 
     #[test]
