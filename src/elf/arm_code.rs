@@ -12,23 +12,29 @@
 //!   YIELD/WFE/WFI/SEV).
 //!
 //! Where the symbol table has mapping symbols (`$a`, `$t`, `$d`), they say which bytes are ARM, Thumb or data,
-//! and a single counted encoding decides. Stripped binaries have none; then each executable region is judged ARM
-//! or Thumb by how many of its aligned words carry the always-true condition (nearly all ARM instructions do,
-//! Thumb code rarely looks that way), only `AL`-condition ARM encodings are counted, and at least
-//! [`STRIPPED_THRESHOLD`] hits are needed: literal pools and constant tables in `.text` (SHA-256's round
-//! constants, AES tables) read as instructions. Small constants and addresses start `0x0...`, not `0xe...`, so
-//! the `AL` filter removes nearly all of that noise: measured on the corpus of `tests/check_binary_corpus.rs`
-//! (Debian armel busybox, dash and libc, ring and Go programs, flotilla's ARMv6 build), no ARMv6 binary has a
-//! single such hit, while code built for ARMv7 has hundreds (Thumb-2 code tens of thousands) and the smallest
-//! case, one Rust function built for a Cortex-A7 in an ARMv6 program, has three.
+//! and a single counted encoding decides. Stripped binaries have none, and literal pools and constant tables in
+//! `.text` (SHA-256's round constants, AES tables) read as instructions. Then:
+//!
+//! - each executable region is taken for ARM or Thumb code by the share of its aligned words that carry the
+//!   always-true condition `AL` (nearly all compiled ARM instructions do; Thumb code rarely looks that way);
+//! - in ARM code, a hit counts only if it is `AL` and so are the words before and after it: compiled code is a
+//!   run of `AL` words, while a constant sits among other constants, which are rarely `0xe.......`;
+//! - at least [`STRIPPED_THRESHOLD`] hits are needed.
+//!
+//! Measured on the corpus of `tests/check_binary_corpus.rs` (Debian armel busybox, dash and libc, ring and Go
+//! programs, flotilla's ARMv6 build): flotilla's stripped ARMv6 build has two look-alikes without the neighbour
+//! test (one SHA-2 constant, `0xe3418acb` = MOVT, in two tables) and none with it; no other ARMv6 binary has
+//! any. Code built for ARMv7 has hundreds (Thumb-2 code tens of thousands); the smallest case, one Rust
+//! function built for a Cortex-A7 in an ARMv6 program, has three.
 //!
 //! Limits: a program whose only v7 code is a routine it selects at run time by other than SIMD (say, a SDIV
 //! path behind a CPU check) is judged to need v7, and so is a stripped v6 program whose data in `.text` happens
-//! to match two patterns; a stripped program with a single v7 instruction is accepted. A stripped program mixing
-//! ARM and Thumb-1 code could hide a few Thumb-2 instructions among ARM regions. Code reached only on a path that
-//! never runs still counts. Go binaries are left to GOARM: Go's runtime picks SDIV/UDIV and DMB at run time by
-//! CPU feature or GOARM. Hand-written matching is deliberate: a full disassembler (capstone) needs a C toolchain
-//! and cmake to build, and these few patterns are all the question needs.
+//! to match two patterns between instruction-like words; a stripped program with a single v7 instruction (or
+//! v7 instructions only next to literal pools) is accepted. A stripped program mixing ARM and Thumb-1 code could
+//! hide a few Thumb-2 instructions among ARM regions. Code reached only on a path that never runs still counts.
+//! Go binaries are left to GOARM: Go's runtime picks SDIV/UDIV and DMB at run time by CPU feature or GOARM.
+//! Hand-written matching is deliberate: a full disassembler (capstone) needs a C toolchain and cmake to build,
+//! and these few patterns are all the question needs.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -236,12 +242,27 @@ fn scan_run(address: u64, bytes: &[u8], state: Mapping, stripped: bool, result: 
             // ARM instructions are word-aligned; a run that starts off alignment starts with padding.
             let skip = ((4 - (address % 4)) % 4) as usize;
             let aligned = bytes.get(skip..).unwrap_or_default();
-            for (i, chunk) in aligned.chunks_exact(4).enumerate() {
-                let word = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+            let words: Vec<u32> = aligned
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let always =
+                |i: Option<usize>| i.and_then(|i| words.get(i)).is_some_and(|w| w >> 28 == 0xe);
+            for (i, &word) in words.iter().enumerate() {
                 let at = address + skip as u64 + 4 * i as u64;
                 match classify_a32(word) {
                     Some(A32::Simd) => result.simd += 1,
-                    Some(A32::V7(kind)) if !stripped || word >> 28 == 0xe => result.hit(kind, at),
+                    // Without mapping symbols, a hit counts only as an AL instruction between two AL words:
+                    // compiled ARM code is nearly all AL, while a constant in a literal pool or table sits
+                    // among other constants.
+                    Some(A32::V7(kind))
+                        if !stripped
+                            || (always(Some(i))
+                                && always(i.checked_sub(1))
+                                && always(Some(i + 1))) =>
+                    {
+                        result.hit(kind, at)
+                    }
                     _ => {}
                 }
             }
@@ -486,7 +507,8 @@ mod tests {
         let ordinary = 0xe1a0_0001;
         let with = |movws: usize, cond: u32| {
             let mut list = vec![ordinary; 64];
-            for slot in list.iter_mut().take(movws) {
+            // From the second word on: a hit needs code on both sides.
+            for slot in list.iter_mut().skip(1).take(movws) {
                 *slot = (cond << 28) | 0x0301_0234;
             }
             words(&list)
@@ -505,6 +527,12 @@ mod tests {
         assert!(judge(&with(STRIPPED_THRESHOLD as usize, 0xe)).needs_v7());
         // Conditional look-alikes (small constants in literal pools start 0x03...) do not count when stripped.
         assert_eq!(judge(&with(20, 0x0)).v7_total(), 0);
+        // Nor does an AL look-alike among constants: flotilla's own SHA-2 table holds 0xe3418acb (MOVT).
+        let mut table = vec![0xe1a0_0001; 64];
+        for at in [10, 40] {
+            table.splice(at..at + 3, [0x391c_0cb3, 0xe341_8acb, 0x4ed8_aa4a]);
+        }
+        assert_eq!(judge(&words(&table)).v7_total(), 0);
 
         // Thumb-2 code (few AL-looking words): its 32-bit instructions count.
         let thumb = halves(&[0xf8d1, 0x0004].repeat(STRIPPED_THRESHOLD as usize));
