@@ -172,12 +172,14 @@ fn platform_on_every_emulated_pi_puts_its_own_platform_first() {
     }
 }
 
-/// The ARMv6 build must use the soft-float calling convention, and must not have been linked against Debian's
-/// armhf C library (whose ARMv7 start-up code would die on an ARM1176; the emulated runs above prove that part).
+/// The ARMv6 build must use the soft-float calling convention, must not have been linked against Debian's
+/// armhf C library (whose ARMv7 start-up code would die on an ARM1176; the emulated runs above prove that part),
+/// and flotilla's own check must accept it for linux/arm/v6.
 ///
-/// `Tag_CPU_arch` is not asserted: the linker records the newest architecture of any object, and ring's assembly
-/// objects say v7 because they carry NEON routines that ring selects at run time only on CPUs with NEON. The TLS
-/// pull on the ARM1176 model above is what proves those routines are never entered there.
+/// Its `Tag_CPU_arch` says v7: the linker records the newest architecture of any object, and ring's assembly
+/// objects carry NEON routines that ring selects at run time only on CPUs with NEON. check-binary judges the
+/// code, which has no ARMv7 encodings outside those routines; the TLS pull on the ARM1176 model above proves they
+/// are never entered there.
 #[test]
 fn armv6_build_is_soft_float_and_not_linked_against_armhf_libc() {
     let Some(dist) = setup() else { return };
@@ -206,6 +208,21 @@ fn armv6_build_is_soft_float_and_not_linked_against_armhf_libc() {
         !text.contains("Requesting program interpreter"),
         "{}: not static\n{text}",
         bin.display()
+    );
+
+    let check = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["--platform", "linux/arm/v6", "check-binary"])
+        .arg(&bin)
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "flotilla --platform linux/arm/v6 check-binary {}: {}\n{}{}",
+        bin.display(),
+        check.status,
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
     );
 }
 

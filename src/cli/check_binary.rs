@@ -248,6 +248,9 @@ fn write_elf(out: &mut impl Write, req: &ElfRequirements) -> std::io::Result<()>
         Some(platform) => writeln!(out, "requires: {platform}")?,
         None => writeln!(out, "requires: no known platform")?,
     }
+    if let Some(evidence) = req.decided_by {
+        writeln!(out, "decided by: {}", serde_label(&evidence))?;
+    }
     for reason in &req.reasons {
         writeln!(out, "  because: {reason}")?;
     }
