@@ -538,7 +538,9 @@ fn scan_all(
             let entry = entry.map_err(read_err)?;
             let kind = entry.header().entry_type();
             if kind.is_file() || kind.is_contiguous() {
-                files.push(normalize(&String::from_utf8_lossy(&entry.path_bytes())));
+                files.push(layers::normalize(&String::from_utf8_lossy(
+                    &entry.path_bytes(),
+                )));
             }
         }
         let mut visible = HashSet::new();
@@ -559,7 +561,7 @@ fn scan_all(
         let mut archive = tar::Archive::new(layers::open_layer(layer)?);
         for entry in archive.entries().map_err(read_err)? {
             let mut entry = entry.map_err(read_err)?;
-            let path = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
+            let path = layers::normalize(&String::from_utf8_lossy(&entry.path_bytes()));
             if !visible.contains(&path) {
                 continue;
             }
