@@ -59,15 +59,6 @@ fn parse_page_size(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-/// The platforms this host runs (best first) and its page size.
-fn host_target(
-    ctx: &Context,
-    page_size: Option<u64>,
-) -> Result<(Vec<Platform>, Option<u64>), CliError> {
-    let detection = super::platform::host_detection(ctx)?;
-    Ok((detection.candidates, page_size.or(detection.page_size)))
-}
-
 #[derive(Serialize)]
 struct Report<'a> {
     file: &'a std::path::Path,
@@ -87,14 +78,16 @@ struct Host<'a> {
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let requirements = elf::inspect_file(&args.file).map_err(CheckBinaryError::from)?;
-    let (platforms, page_size) = host_target(ctx, args.page_size)?;
-    let verdict = elf::can_run(&requirements, &platforms, page_size);
+    let mut host = super::platform::host_detection(ctx)?.host();
+    // A page size given on the command line answers "would it run on a device with these pages".
+    host.page_size = args.page_size.or(host.page_size);
+    let verdict = elf::can_run(&requirements, &host.candidates, host.page_size);
     let report = Report {
         file: &args.file,
         requirements: &requirements,
         host: Host {
-            platforms: &platforms,
-            page_size,
+            platforms: &host.candidates,
+            page_size: host.page_size,
             source: if ctx.platform_override.is_some() {
                 "override"
             } else {

@@ -34,6 +34,17 @@ pub enum Outcome {
     DependsOnInterpreter,
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::CanRun => "runs",
+            Outcome::CannotRun => "does not run",
+            Outcome::Unproven => "unproven",
+            Outcome::DependsOnInterpreter => "depends on its interpreter",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     pub outcome: Outcome,

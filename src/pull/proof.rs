@@ -83,7 +83,7 @@ pub fn prove(
         };
         proof
             .checked
-            .push(format!("{shown}: {needs}: {:?}", verdict.outcome));
+            .push(format!("{shown}: {needs}: {}", verdict.outcome));
         proof.needs.push(format!("{shown} needs {needs}"));
         match verdict.outcome {
             Outcome::CanRun => {}
