@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::output_text as text;
 use common::registry::*;
 use serde_json::Value;
 
@@ -29,15 +30,6 @@ fn flotilla(root: &Path, registry: &str, args: &[&str]) -> Output {
         .expect("run flotilla")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn json_of(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
 }
@@ -58,85 +50,31 @@ fn row<'a>(stdout: &'a str, platform: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no row for {platform}:\n{stdout}"))
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    registry: Registry,
+/// `flotilla ARGS` against the lab's registry.
+fn lint(s: &Lab, args: &[&str]) -> Output {
+    flotilla(&s.root, &s.registry.host(), args)
 }
 
-impl Setup {
-    /// Writes these images as a multi-arch OCI layout, with `extra` files in some layers, and pushes it to
-    /// `<registry>/<repo>:v1` with skopeo in `format` (`None` keeps OCI).
-    fn push(
-        &self,
-        repo: &str,
-        images: &[LayoutImage],
-        extra: &[Vec<(&str, PathBuf)>],
-        format: Option<&str>,
-    ) -> WrittenLayout {
-        let layout = OciLayoutBuilder::new(&self.root.join("layouts").join(repo));
-        let written = layout.write_with_files("v1", images, extra);
-        skopeo_copy(
-            layout.dir(),
-            "v1",
-            &self.registry.host(),
-            repo,
-            "v1",
-            format,
-            None,
-        );
-        written
-    }
-
-    fn lint(&self, args: &[&str]) -> Output {
-        flotilla(&self.root, &self.registry.host(), args)
-    }
-
-    fn reference(&self, repo: &str) -> String {
-        format!("{}/{repo}:v1", self.registry.host())
-    }
-}
-
-fn setup() -> Option<Setup> {
-    registry_prerequisites()?;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().to_path_buf();
-    let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
-    Some(Setup {
-        _dir: dir,
-        root,
-        registry,
-    })
-}
-
-fn image(
-    architecture: &'static str,
-    variant: Option<&'static str>,
-    busybox_arch: &str,
-) -> LayoutImage {
-    LayoutImage {
-        os: "linux",
-        architecture,
-        variant,
-        busybox: busybox(busybox_arch).expect("busybox checked by registry_prerequisites"),
-    }
+/// `<registry>/<repo>:v1`, where [`Lab::push`] puts an image.
+fn pushed(s: &Lab, repo: &str) -> String {
+    format!("{}/{repo}:v1", s.registry.host())
 }
 
 #[test]
 fn a_v6_entry_holding_armv7_code_fails_and_names_both_sides() {
-    let Some(s) = setup() else { return };
-    let written = s.push(
+    let Some(s) = Lab::start() else { return };
+    let written = s.push_with(
         "liar",
         &[
-            image("amd64", None, "amd64"),
-            image("arm", Some("v7"), "armhf"),
+            busybox_image("amd64", None, "amd64"),
+            busybox_image("arm", Some("v7"), "armhf"),
             // The lie: labelled v6, built for v7 (Debian's armhf busybox dies on an ARM1176).
-            image("arm", Some("v6"), "armhf"),
+            busybox_image("arm", Some("v6"), "armhf"),
         ],
         &[],
         None,
     );
-    let out = s.lint(&["lint", &s.reference("liar")]);
+    let out = lint(&s, &["lint", &pushed(&s, "liar")]);
     assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v6 = row(&stdout, "linux/arm/v6");
@@ -165,7 +103,7 @@ fn a_v6_entry_holding_armv7_code_fails_and_names_both_sides() {
     // Pinned by digest, the v6 manifest alone: its config's platform is the label it is held to.
     let v6 = &written.images[2];
     let pinned = format!("{}/liar@{}", s.registry.host(), v6.manifest);
-    let out = s.lint(&["lint", "--json", &pinned]);
+    let out = lint(&s, &["lint", "--json", &pinned]);
     assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
     let report = json_of(&out);
     let single = entry(&report, "linux/arm/v6");
@@ -176,7 +114,7 @@ fn a_v6_entry_holding_armv7_code_fails_and_names_both_sides() {
 
 #[test]
 fn an_honest_oci_index_passes_and_its_attestation_is_skipped() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let layout = OciLayoutBuilder::new(&s.root.join("layouts/honest"));
     let written = layout.write("v1", &busybox_images().expect("busybox"));
     let attestation = layout.add_attestation("v1", &written, &written.images[0]);
@@ -189,13 +127,16 @@ fn an_honest_oci_index_passes_and_its_attestation_is_skipped() {
         None,
         None,
     );
-    let out = s.lint(&[
-        "lint",
-        "--json",
-        "--require",
-        "linux/amd64,linux/arm64,linux/arm/v6",
-        &s.reference("honest"),
-    ]);
+    let out = lint(
+        &s,
+        &[
+            "lint",
+            "--json",
+            "--require",
+            "linux/amd64,linux/arm64,linux/arm/v6",
+            &pushed(&s, "honest"),
+        ],
+    );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let report = json_of(&out);
     assert_eq!(report["result"], "pass");
@@ -241,14 +182,14 @@ fn an_honest_oci_index_passes_and_its_attestation_is_skipped() {
 
 #[test]
 fn a_docker_v2s2_manifest_list_is_linted_like_an_oci_index() {
-    let Some(s) = setup() else { return };
-    let written = s.push(
+    let Some(s) = Lab::start() else { return };
+    let written = s.push_with(
         "docker",
         &busybox_images().expect("busybox"),
         &[],
         Some("v2s2"),
     );
-    let out = s.lint(&["lint", "--json", &s.reference("docker")]);
+    let out = lint(&s, &["lint", "--json", &pushed(&s, "docker")]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let report = json_of(&out);
     assert_eq!(
@@ -266,23 +207,26 @@ fn a_docker_v2s2_manifest_list_is_linted_like_an_oci_index() {
 
 #[test]
 fn require_names_the_platforms_the_index_lacks() {
-    let Some(s) = setup() else { return };
-    s.push(
+    let Some(s) = Lab::start() else { return };
+    s.push_with(
         "partial",
         &[
-            image("amd64", None, "amd64"),
-            image("arm64", Some("v8"), "arm64"),
+            busybox_image("amd64", None, "amd64"),
+            busybox_image("arm64", Some("v8"), "arm64"),
         ],
         &[],
         None,
     );
-    let reference = s.reference("partial");
-    let out = s.lint(&[
-        "lint",
-        "--require",
-        "linux/amd64,linux/arm64,linux/arm/v6",
-        &reference,
-    ]);
+    let reference = pushed(&s, "partial");
+    let out = lint(
+        &s,
+        &[
+            "lint",
+            "--require",
+            "linux/amd64,linux/arm64,linux/arm/v6",
+            &reference,
+        ],
+    );
     assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -290,13 +234,16 @@ fn require_names_the_platforms_the_index_lacks() {
         "{stdout}"
     );
 
-    let out = s.lint(&[
-        "lint",
-        "--json",
-        "--require",
-        "linux/arm/v6,linux/riscv64,linux/arm64/v8",
-        &reference,
-    ]);
+    let out = lint(
+        &s,
+        &[
+            "lint",
+            "--json",
+            "--require",
+            "linux/arm/v6,linux/riscv64,linux/arm64/v8",
+            &reference,
+        ],
+    );
     assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
     let report = json_of(&out);
     assert_eq!(report["result"], "fail");
@@ -305,7 +252,7 @@ fn require_names_the_platforms_the_index_lacks() {
         serde_json::json!(["linux/arm/v6", "linux/riscv64"])
     );
 
-    let out = s.lint(&["lint", "--require", "linux//arm", &reference]);
+    let out = lint(&s, &["lint", "--require", "linux//arm", &reference]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("--require"),
@@ -324,8 +271,8 @@ fn an_oci_layout_is_a_source_and_arm64_code_under_amd64_fails() {
     layout.write(
         "app",
         &[
-            image("amd64", None, "arm64"),
-            image("arm64", Some("v8"), "arm64"),
+            busybox_image("amd64", None, "arm64"),
+            busybox_image("arm64", Some("v8"), "arm64"),
         ],
     );
     let source = format!("oci:{}:app", layout.dir().display());
@@ -346,19 +293,19 @@ fn an_oci_layout_is_a_source_and_arm64_code_under_amd64_fails() {
 
 #[test]
 fn all_binaries_finds_a_wrong_binary_that_is_not_the_entrypoint() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let stowaway = busybox("arm64").expect("busybox checked by registry_prerequisites");
-    s.push(
+    s.push_with(
         "stowaway",
         &[
-            image("amd64", None, "amd64"),
-            image("arm", Some("v6"), "armel"),
+            busybox_image("amd64", None, "amd64"),
+            busybox_image("arm", Some("v6"), "armel"),
         ],
         &[vec![("usr/libexec/helper", stowaway)]],
         None,
     );
-    let reference = s.reference("stowaway");
-    let out = s.lint(&["lint", &reference]);
+    let reference = pushed(&s, "stowaway");
+    let out = lint(&s, &["lint", &reference]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -366,7 +313,7 @@ fn all_binaries_finds_a_wrong_binary_that_is_not_the_entrypoint() {
         text(&out)
     );
 
-    let out = s.lint(&["lint", "--all-binaries", "--json", &reference]);
+    let out = lint(&s, &["lint", "--all-binaries", "--json", &reference]);
     assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
     let report = json_of(&out);
     let amd64 = entry(&report, "linux/amd64");
@@ -387,12 +334,12 @@ fn all_binaries_finds_a_wrong_binary_that_is_not_the_entrypoint() {
 
 #[test]
 fn an_entry_that_cannot_be_fetched_is_an_error_and_exits_1() {
-    let Some(s) = setup() else { return };
-    let written = s.push(
+    let Some(s) = Lab::start() else { return };
+    let written = s.push_with(
         "broken",
         &[
-            image("amd64", None, "amd64"),
-            image("arm64", Some("v8"), "arm64"),
+            busybox_image("amd64", None, "amd64"),
+            busybox_image("arm64", Some("v8"), "arm64"),
         ],
         &[],
         None,
@@ -404,7 +351,7 @@ fn an_entry_that_cannot_be_fetched_is_an_error_and_exits_1() {
     bytes[middle] ^= 0xff;
     std::fs::write(&data, bytes).expect("corrupt");
 
-    let out = s.lint(&["lint", "--json", &s.reference("broken")]);
+    let out = lint(&s, &["lint", "--json", &pushed(&s, "broken")]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     let report = json_of(&out);
     assert_eq!(report["result"], "error");
@@ -421,13 +368,13 @@ fn an_entry_that_cannot_be_fetched_is_an_error_and_exits_1() {
 
 #[test]
 fn only_the_layers_the_proof_reads_are_fetched_and_all_binaries_reads_the_rest() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let layout = OciLayoutBuilder::new(&s.root.join("layouts/lazy"));
     // The base holds ARMv7 code the entrypoint never uses: invisible to the proof, wrong under a v6 label.
     let armhf = busybox("armhf").expect("busybox checked by registry_prerequisites");
     let (_, base) = layout.write_on_base(
         "v1",
-        &[image("arm", Some("v6"), "armel")],
+        &[busybox_image("arm", Some("v6"), "armel")],
         &[("usr/lib/armhf-helper", armhf)],
         &[],
     );
@@ -449,7 +396,7 @@ fn only_the_layers_the_proof_reads_are_fetched_and_all_binaries_reads_the_rest()
     };
     let before = base_fetches();
 
-    let out = s.lint(&["lint", &s.reference("lazy")]);
+    let out = lint(&s, &["lint", &pushed(&s, "lazy")]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(
         base_fetches(),
@@ -457,7 +404,10 @@ fn only_the_layers_the_proof_reads_are_fetched_and_all_binaries_reads_the_rest()
         "the entrypoint is in the top layer: the base is not fetched"
     );
 
-    let out = s.lint(&["lint", "--all-binaries", "--json", &s.reference("lazy")]);
+    let out = lint(
+        &s,
+        &["lint", "--all-binaries", "--json", &pushed(&s, "lazy")],
+    );
     assert_eq!(out.status.code(), Some(EXIT_LINT_FAILED), "{}", text(&out));
     assert!(base_fetches() > before, "--all-binaries reads every layer");
     let v6 = entry(&json_of(&out), "linux/arm/v6").clone();
@@ -483,7 +433,7 @@ fn all_binaries_skips_what_an_upper_layer_deleted() {
     std::fs::write(&marker, b"").expect("whiteout marker");
     layout.write_on_base(
         "v1",
-        &[image("arm", Some("v6"), "armel")],
+        &[busybox_image("arm", Some("v6"), "armel")],
         &[("usr/lib/armhf-helper", armhf)],
         &[vec![("usr/lib/.wh.armhf-helper", marker)]],
     );

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use common::output_text as text;
 use common::registry::*;
 use flotilla::digest::Digest;
 use p256::ecdsa::signature::Signer;
@@ -34,15 +35,6 @@ fn flotilla_with_config(state: &Path, config: &Path, registry: &str, args: &[&st
         .expect("run flotilla")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn json_of(out: &Output) -> Value {
     assert!(out.status.success(), "{}", text(out));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
@@ -62,58 +54,9 @@ fn stored_refs(state: &Path) -> Vec<String> {
         .collect()
 }
 
-struct Setup {
-    _dir: tempfile::TempDir,
-    root: std::path::PathBuf,
-    registry: Registry,
-}
-
-impl Setup {
-    /// Writes these images as a multi-arch OCI layout and pushes it to `<registry>/<repo>:v1` with skopeo.
-    fn push(&self, repo: &str, images: &[LayoutImage]) -> WrittenLayout {
-        let layout = OciLayoutBuilder::new(&self.root.join("layouts").join(repo));
-        let written = layout.write("v1", images);
-        skopeo_copy(
-            layout.dir(),
-            "v1",
-            &self.registry.host(),
-            repo,
-            "v1",
-            None,
-            None,
-        );
-        written
-    }
-}
-
-fn setup() -> Option<Setup> {
-    registry_prerequisites()?;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let root = dir.path().to_path_buf();
-    let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
-    Some(Setup {
-        _dir: dir,
-        root,
-        registry,
-    })
-}
-
-fn image(
-    architecture: &'static str,
-    variant: Option<&'static str>,
-    busybox_arch: &str,
-) -> LayoutImage {
-    LayoutImage {
-        os: "linux",
-        architecture,
-        variant,
-        busybox: busybox(busybox_arch).expect("busybox checked by registry_prerequisites"),
-    }
-}
-
 #[test]
 fn each_platform_gets_its_own_variant_oci_and_docker_formats() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let layout = OciLayoutBuilder::new(&s.root.join("layout"));
     let written = layout.write("v1", &busybox_images().expect("busybox"));
     let host = s.registry.host();
@@ -171,13 +114,13 @@ fn each_platform_gets_its_own_variant_oci_and_docker_formats() {
 
 #[test]
 fn a_platform_the_index_lacks_fails_and_lists_what_exists() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     s.push(
         "nov6",
         &[
-            image("amd64", None, "amd64"),
-            image("arm64", Some("v8"), "arm64"),
-            image("arm", Some("v7"), "armhf"),
+            busybox_image("amd64", None, "amd64"),
+            busybox_image("arm64", Some("v8"), "arm64"),
+            busybox_image("arm", Some("v7"), "armhf"),
         ],
     );
     let host = s.registry.host();
@@ -202,13 +145,13 @@ fn a_platform_the_index_lacks_fails_and_lists_what_exists() {
 
 #[test]
 fn a_mislabelled_v6_entry_holding_armhf_binaries_is_refused_for_v6() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     s.push(
         "liar",
         &[
-            image("arm", Some("v7"), "armhf"),
+            busybox_image("arm", Some("v7"), "armhf"),
             // The lie: labelled v6, built for v7.
-            image("arm", Some("v6"), "armhf"),
+            busybox_image("arm", Some("v6"), "armhf"),
         ],
     );
     let host = s.registry.host();
@@ -251,8 +194,8 @@ fn a_mislabelled_v6_entry_holding_armhf_binaries_is_refused_for_v6() {
 
 #[test]
 fn a_blob_corrupted_in_the_registry_is_refused_and_nothing_is_stored() {
-    let Some(s) = setup() else { return };
-    let written = s.push("corrupt", &[image("amd64", None, "amd64")]);
+    let Some(s) = Lab::start() else { return };
+    let written = s.push("corrupt", &[busybox_image("amd64", None, "amd64")]);
     let host = s.registry.host();
     let layer = &written.images[0].layer;
     let data = s.registry.blob_data_path(layer);
@@ -289,8 +232,8 @@ fn a_blob_corrupted_in_the_registry_is_refused_and_nothing_is_stored() {
 /// the bytes that really crossed the network, not the whole layer.
 #[test]
 fn a_resumed_layer_reports_only_the_bytes_it_transferred() {
-    let Some(s) = setup() else { return };
-    let written = s.push("resume", &[image("amd64", None, "amd64")]);
+    let Some(s) = Lab::start() else { return };
+    let written = s.push("resume", &[busybox_image("amd64", None, "amd64")]);
     let host = s.registry.host();
     let layer = &written.images[0].layer;
     let whole = std::fs::read(s.registry.blob_data_path(layer)).expect("blob in registry storage");
@@ -329,7 +272,7 @@ fn a_resumed_layer_reports_only_the_bytes_it_transferred() {
 
 #[test]
 fn an_oci_layout_on_removable_media_is_a_source() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let layout = OciLayoutBuilder::new(&s.root.join("usb"));
     let written = layout.write("app-v2", &busybox_images().expect("busybox"));
     let state = s.root.join("state");
@@ -404,12 +347,12 @@ fn signature_layout(dir: &Path, tag: &str, signed: &Digest, key: &SigningKey) {
 
 #[test]
 fn signature_policy_refuses_wrong_missing_and_misdirected_signatures() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let host = s.registry.host();
     let layout = OciLayoutBuilder::new(&s.root.join("layout"));
-    let written = layout.write("v1", &[image("amd64", None, "amd64")]);
+    let written = layout.write("v1", &[busybox_image("amd64", None, "amd64")]);
     let other = OciLayoutBuilder::new(&s.root.join("other"))
-        .write("v1", &[image("arm64", Some("v8"), "arm64")]);
+        .write("v1", &[busybox_image("arm64", Some("v8"), "arm64")]);
     for repo in ["signed", "wrongkey", "unsigned", "otherdigest"] {
         skopeo_copy(layout.dir(), "v1", &host, repo, "v1", None, None);
     }
@@ -495,7 +438,7 @@ fn board(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let zero = board("rpi-zero-w");
     let Some(zero) = require("board capture rpi-zero-w", zero.is_dir().then_some(zero)) else {
         return;
@@ -503,9 +446,9 @@ fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself()
     let written = s.push(
         "fallback",
         &[
-            image("arm", Some("v7"), "armhf"),
-            image("arm", Some("v6"), "armhf"),
-            image("arm", Some("v5"), "armel"),
+            busybox_image("arm", Some("v7"), "armhf"),
+            busybox_image("arm", Some("v6"), "armhf"),
+            busybox_image("arm", Some("v5"), "armel"),
         ],
     );
     let host = s.registry.host();
@@ -537,7 +480,7 @@ fn a_pi_zero_refuses_the_lying_v6_entry_then_takes_the_next_that_proves_itself()
 
 #[test]
 fn inspect_names_the_choice_and_why_others_were_passed_over_and_digests_pin_exactly() {
-    let Some(s) = setup() else { return };
+    let Some(s) = Lab::start() else { return };
     let written = s.push("multi", &busybox_images().expect("busybox"));
     let host = s.registry.host();
     let state = s.root.join("state");

@@ -7,6 +7,7 @@
 pub mod registry;
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// Returns `Some(value)` when a piece is there; otherwise fails under `FLOTILLA_REQUIRE_ALL=1` or prints a skip
 /// reason.
@@ -60,5 +61,15 @@ pub fn required_busybox(arch: &str) -> Option<PathBuf> {
     require(
         &format!("busybox-static for {arch} (run tests/setup, or set FLOTILLA_BUSYBOX_DIR)"),
         busybox(arch),
+    )
+}
+
+/// A finished command's exit status and both streams, for assertion messages.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     )
 }

@@ -293,6 +293,70 @@ pub struct WrittenLayout {
 }
 
 /// The usual four: amd64, arm64/v8, arm/v7 (armhf), arm/v6 (armel busybox, which is v5-compatible code).
+/// Debian's busybox-static for `busybox_arch` (amd64, arm64, armhf, armel), labelled `linux/<architecture>`
+/// with `variant`; the label may lie on purpose.
+pub fn busybox_image(
+    architecture: &'static str,
+    variant: Option<&'static str>,
+    busybox_arch: &str,
+) -> LayoutImage {
+    LayoutImage {
+        os: "linux",
+        architecture,
+        variant,
+        busybox: busybox(busybox_arch).expect("busybox checked by registry_prerequisites"),
+    }
+}
+
+/// A registry on loopback in a temporary directory of its own, where a test pushes images and runs flotilla.
+pub struct Lab {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub registry: Registry,
+}
+
+impl Lab {
+    /// `None` when the registry's tools or the fixtures are missing (the test skips, or fails in CI).
+    pub fn start() -> Option<Lab> {
+        registry_prerequisites()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
+        Some(Lab {
+            _dir: dir,
+            root,
+            registry,
+        })
+    }
+
+    /// Writes these images as a multi-arch OCI layout and pushes it to `<registry>/<repo>:v1` with skopeo.
+    pub fn push(&self, repo: &str, images: &[LayoutImage]) -> WrittenLayout {
+        self.push_with(repo, images, &[], None)
+    }
+
+    /// [`Lab::push`] with `extra` files in some images' layers, in skopeo's `format` (`None` keeps OCI).
+    pub fn push_with(
+        &self,
+        repo: &str,
+        images: &[LayoutImage],
+        extra: &[Vec<(&str, PathBuf)>],
+        format: Option<&str>,
+    ) -> WrittenLayout {
+        let layout = OciLayoutBuilder::new(&self.root.join("layouts").join(repo));
+        let written = layout.write_with_files("v1", images, extra);
+        skopeo_copy(
+            layout.dir(),
+            "v1",
+            &self.registry.host(),
+            repo,
+            "v1",
+            format,
+            None,
+        );
+        written
+    }
+}
+
 pub fn busybox_images() -> Option<Vec<LayoutImage>> {
     let image = |architecture, variant, arch: &str| {
         Some(LayoutImage {
