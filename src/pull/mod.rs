@@ -352,6 +352,14 @@ pub async fn pull(
         });
     }
 
+    let trial = Trial {
+        fetcher: &fetcher,
+        store,
+        image: &image,
+        host,
+        options,
+        reporter,
+    };
     for attempt in tries {
         let Attempt {
             digest,
@@ -368,20 +376,7 @@ pub async fn pull(
         } else {
             fetcher.manifest(&digest, size).await?
         };
-        match try_variant(
-            &fetcher,
-            store,
-            &image,
-            &digest,
-            &media_type,
-            &bytes,
-            &attempt,
-            host,
-            options,
-            reporter,
-        )
-        .await
-        {
+        match trial.try_attempt(&attempt, &bytes).await {
             Ok(done) => {
                 store.put_blob(&digest, &bytes)?;
                 let mut keep = Vec::new();
@@ -540,140 +535,154 @@ async fn read_variant(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn try_variant(
-    fetcher: &Fetcher<'_>,
-    store: &Store,
-    image: &str,
-    digest: &Digest,
-    media_type: &str,
-    bytes: &[u8],
-    attempt: &Attempt,
-    host: &Host,
-    options: &PullOptions,
-    reporter: &Reporter,
-) -> Result<VariantDone, Refused> {
-    if !media_type::is_image_manifest(media_type) && !media_type.is_empty() {
-        return Err(Refused::Variant(format!(
-            "media type {media_type} is not an image manifest"
-        )));
-    }
-    let manifest: ImageManifest =
-        serde_json::from_slice(bytes).map_err(|e| PullError::BadManifest {
-            digest: digest.clone(),
-            reason: e.to_string(),
-        })?;
-    if let Some(mt) = &manifest.media_type {
-        if !mt.is_empty() && mt != media_type && !media_type.is_empty() {
-            return Err(Refused::Variant(format!(
-                "the manifest calls itself {mt} but was served as {media_type}"
-            )));
-        }
-    }
-    let VariantFiles {
-        layers: manifest_layers,
-        config_desc,
-        config_bytes,
-        config,
-        diff_ids,
-    } = read_variant(fetcher, digest, manifest).await?;
+/// What every variant of one pull is tried with.
+struct Trial<'a> {
+    fetcher: &'a Fetcher<'a>,
+    store: &'a Store,
+    /// The image as the user named it.
+    image: &'a str,
+    host: &'a Host,
+    options: &'a PullOptions,
+    reporter: &'a Reporter,
+}
 
-    // The config must state the platform that was chosen; a single manifest's config decides it.
-    let stated = Platform::of_config(&config);
-    let platform = if let Some(label) = &attempt.label {
-        if !select::config_agrees_with_label(label, &stated) {
+impl Trial<'_> {
+    /// Reads, fetches and proves one variant (`bytes` is its manifest). Refused::Variant lets the pull try the
+    /// next one; anything else ends the pull.
+    async fn try_attempt(&self, attempt: &Attempt, bytes: &[u8]) -> Result<VariantDone, Refused> {
+        let Trial {
+            fetcher,
+            store,
+            image,
+            host,
+            options,
+            reporter,
+        } = *self;
+        let digest = &attempt.digest;
+        let media_type = attempt.media_type.as_str();
+        if !media_type::is_image_manifest(media_type) && !media_type.is_empty() {
             return Err(Refused::Variant(format!(
-                "the index labels it {label} but its config says {stated}"
+                "media type {media_type} is not an image manifest"
             )));
         }
-        label.clone()
-    } else {
-        if !host.candidates.contains(&stated) && !unlabelled_arm_on(&stated, host) {
-            return Err(PullError::WrongPlatform {
-                image: image.to_string(),
-                platform: stated,
-                device: host.describe(),
+        let manifest: ImageManifest =
+            serde_json::from_slice(bytes).map_err(|e| PullError::BadManifest {
+                digest: digest.clone(),
+                reason: e.to_string(),
+            })?;
+        if let Some(mt) = &manifest.media_type {
+            if !mt.is_empty() && mt != media_type && !media_type.is_empty() {
+                return Err(Refused::Variant(format!(
+                    "the manifest calls itself {mt} but was served as {media_type}"
+                )));
             }
-            .into());
         }
-        stated
-    };
-    store.put_blob(&config_desc.digest, &config_bytes)?;
+        let VariantFiles {
+            layers: manifest_layers,
+            config_desc,
+            config_bytes,
+            config,
+            diff_ids,
+        } = read_variant(fetcher, digest, manifest).await?;
 
-    // Free space: what is missing, plus the unpacked estimate, with the store's margin.
-    let blobs: Vec<(Digest, u64)> = manifest_layers
-        .iter()
-        .map(|l| (l.digest.clone(), l.size))
-        .collect();
-    let download = store.bytes_to_fetch(&blobs);
-    let unpacked = blobs
-        .iter()
-        .map(|(_, s)| s.saturating_mul(UNPACK_FACTOR))
-        .fold(0u64, u64::saturating_add);
-    store.check_space(&Statvfs, download, unpacked)?;
+        // The config must state the platform that was chosen; a single manifest's config decides it.
+        let stated = Platform::of_config(&config);
+        let platform = if let Some(label) = &attempt.label {
+            if !select::config_agrees_with_label(label, &stated) {
+                return Err(Refused::Variant(format!(
+                    "the index labels it {label} but its config says {stated}"
+                )));
+            }
+            label.clone()
+        } else {
+            if !host.candidates.contains(&stated) && !unlabelled_arm_on(&stated, host) {
+                return Err(PullError::WrongPlatform {
+                    image: image.to_string(),
+                    platform: stated,
+                    device: host.describe(),
+                }
+                .into());
+            }
+            stated
+        };
+        store.put_blob(&config_desc.digest, &config_bytes)?;
 
-    // Layers in parallel; a digest listed twice is fetched once.
-    let mut unique: Vec<&Descriptor> = Vec::new();
-    for l in &manifest_layers {
-        if !unique.iter().any(|u| u.digest == l.digest) {
-            unique.push(l);
+        // Free space: what is missing, plus the unpacked estimate, with the store's margin.
+        let blobs: Vec<(Digest, u64)> = manifest_layers
+            .iter()
+            .map(|l| (l.digest.clone(), l.size))
+            .collect();
+        let download = store.bytes_to_fetch(&blobs);
+        let unpacked = blobs
+            .iter()
+            .map(|(_, s)| s.saturating_mul(UNPACK_FACTOR))
+            .fold(0u64, u64::saturating_add);
+        store.check_space(&Statvfs, download, unpacked)?;
+
+        // Layers in parallel; a digest listed twice is fetched once.
+        let mut unique: Vec<&Descriptor> = Vec::new();
+        for l in &manifest_layers {
+            if !unique.iter().any(|u| u.digest == l.digest) {
+                unique.push(l);
+            }
         }
-    }
-    reporter.step(&format!(
-        "fetching {platform} ({digest}): {} layers, {} to download",
-        unique.len(),
-        crate::human::bytes(download)
-    ));
-    let fetched: Vec<u64> = stream::iter(unique.iter().map(|l| fetcher.layer(store, l, reporter)))
-        .buffer_unordered(options.parallel_layers.max(1))
-        .try_collect()
-        .await?;
-    let layers_fetched = fetched.iter().filter(|n| **n > 0).count();
-    let bytes_fetched = fetched.iter().sum();
+        reporter.step(&format!(
+            "fetching {platform} ({digest}): {} layers, {} to download",
+            unique.len(),
+            crate::human::bytes(download)
+        ));
+        let fetched: Vec<u64> =
+            stream::iter(unique.iter().map(|l| fetcher.layer(store, l, reporter)))
+                .buffer_unordered(options.parallel_layers.max(1))
+                .try_collect()
+                .await?;
+        let layers_fetched = fetched.iter().filter(|n| **n > 0).count();
+        let bytes_fetched = fetched.iter().sum();
 
-    // Architecture proof over the image's own executables.
-    let layers: Vec<LayerSource> = manifest_layers
-        .iter()
-        .zip(diff_ids)
-        .map(|(l, diff_id)| LayerSource {
-            digest: l.digest.clone(),
-            media_type: l.media_type.clone(),
-            path: store.layout().blob_path(&l.digest),
-            diff_id: Some(diff_id),
+        // Architecture proof over the image's own executables.
+        let layers: Vec<LayerSource> = manifest_layers
+            .iter()
+            .zip(diff_ids)
+            .map(|(l, diff_id)| LayerSource {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                path: store.layout().blob_path(&l.digest),
+                diff_id: Some(diff_id),
+            })
+            .collect();
+        let scratch_dir = store.state_dir().join("tmp");
+        let candidates = host.candidates.clone();
+        let page_size = host.page_size;
+        let trust_label = attempt.trust_label;
+        let proved = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&scratch_dir).map_err(|source| PullError::Scratch {
+                path: scratch_dir.clone(),
+                source,
+            })?;
+            let scratch = scratch_dir.join(format!("proof-{}", std::process::id()));
+            let mut tree = ImageTree::new(layers);
+            let result = proof::prove(
+                &mut tree,
+                &config,
+                &candidates,
+                page_size,
+                trust_label,
+                &scratch,
+            );
+            let _ = std::fs::remove_file(&scratch);
+            Ok::<_, PullError>(result)
         })
-        .collect();
-    let scratch_dir = store.state_dir().join("tmp");
-    let candidates = host.candidates.clone();
-    let page_size = host.page_size;
-    let trust_label = attempt.trust_label;
-    let proved = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&scratch_dir).map_err(|source| PullError::Scratch {
-            path: scratch_dir.clone(),
-            source,
-        })?;
-        let scratch = scratch_dir.join(format!("proof-{}", std::process::id()));
-        let mut tree = ImageTree::new(layers);
-        let result = proof::prove(
-            &mut tree,
-            &config,
-            &candidates,
-            page_size,
-            trust_label,
-            &scratch,
-        );
-        let _ = std::fs::remove_file(&scratch);
-        Ok::<_, PullError>(result)
-    })
-    .await
-    .map_err(|e| PullError::Task(e.to_string()))??;
-    match proved {
-        Ok(proof) => Ok(VariantDone {
-            platform,
-            proof: proof.checked,
-            layers_fetched,
-            bytes_fetched,
-        }),
-        Err(e) => Err(Refused::Variant(e.to_string())),
+        .await
+        .map_err(|e| PullError::Task(e.to_string()))??;
+        match proved {
+            Ok(proof) => Ok(VariantDone {
+                platform,
+                proof: proof.checked,
+                layers_fetched,
+                bytes_fetched,
+            }),
+            Err(e) => Err(Refused::Variant(e.to_string())),
+        }
     }
 }
 
