@@ -270,6 +270,57 @@ fn a_resumed_layer_reports_only_the_bytes_it_transferred() {
     assert_eq!(stored, whole, "the resumed layer is whole in the store");
 }
 
+/// The time stamped on a stored reference is the pull's clock's, not the machine's: the clock is injected.
+#[test]
+fn the_stored_reference_is_stamped_by_the_pull_clock() {
+    use flotilla::clock::FakeClock;
+    use flotilla::platform::host::Host;
+    use flotilla::pull::progress::Reporter;
+    use flotilla::pull::{PullOptions, Source};
+    use flotilla::store::{ANNOTATION_PULLED, Store};
+
+    let Some(images) = busybox_images() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let layout = OciLayoutBuilder::new(&dir.path().join("usb"));
+    layout.write("app", &images);
+    let state = dir.path().join("state");
+    let store = Store::open(&state).unwrap();
+    let source: Source = format!("oci:{}:app", layout.dir().display())
+        .parse()
+        .unwrap();
+    let host = Host {
+        candidates: vec!["linux/arm64/v8".parse().unwrap()],
+        page_size: None,
+    };
+    let options = PullOptions {
+        parallel_layers: 2,
+        clock: FakeClock::new(0.0),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime
+        .block_on(flotilla::pull::pull(
+            &flotilla::config::Config::default(),
+            None,
+            &store,
+            &source,
+            &host,
+            &options,
+            &Reporter::for_stderr(),
+        ))
+        .unwrap();
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(state.join("images/index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["manifests"][0]["annotations"][ANNOTATION_PULLED],
+        "2023-11-14T22:13:20Z"
+    );
+}
+
 #[test]
 fn an_oci_layout_on_removable_media_is_a_source() {
     let Some(s) = Lab::start() else { return };

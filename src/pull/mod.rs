@@ -18,11 +18,12 @@ mod signatures;
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::sync::Arc;
 
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::digest::Digest;
 use crate::layers::{ImageTree, LayerSource};
@@ -161,12 +162,15 @@ pub struct PullReport {
 #[derive(Debug, Clone)]
 pub struct PullOptions {
     pub parallel_layers: usize,
+    /// Stamps the time of the pull on the stored reference.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl PullOptions {
     pub fn from_config(config: &Config) -> PullOptions {
         PullOptions {
             parallel_layers: config.pull.parallel_layers.max(1),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -391,7 +395,7 @@ pub async fn pull(
                     source: image.clone(),
                     index_digest: is_index.then(|| top.digest.clone()),
                     platform: Some(done.platform.clone()),
-                    pulled_at: SystemTime::now(),
+                    pulled_at: options.clock.now(),
                     keep,
                 }])?;
                 return Ok(PullReport {
