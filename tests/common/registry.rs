@@ -544,6 +544,17 @@ impl OciLayoutBuilder {
             "manifests": entries,
         });
         let (index_digest, index_size) = self.put(&serde_json::to_vec(&index).expect("json"));
+        self.tag_index(tag, &index_digest, index_size);
+        WrittenLayout {
+            index: index_digest,
+            images: written,
+        }
+    }
+}
+
+impl OciLayoutBuilder {
+    /// Points the layout's `index.json` at the image index `index_digest`, named `tag`.
+    fn tag_index(&self, tag: &str, index_digest: &Digest, index_size: u64) {
         let top = serde_json::json!({
             "schemaVersion": 2,
             "manifests": [{
@@ -557,14 +568,8 @@ impl OciLayoutBuilder {
             serde_json::to_vec(&top).expect("json"),
         )
         .expect("index.json");
-        WrittenLayout {
-            index: index_digest,
-            images: written,
-        }
     }
-}
 
-impl OciLayoutBuilder {
     /// Adds a buildx-style attestation entry (`unknown/unknown`, `vnd.docker.reference.type`) to the index tagged
     /// `tag`, describing `image`. Its manifest is a small OCI manifest with an in-toto layer, as buildx writes it.
     pub fn add_attestation(
@@ -601,19 +606,7 @@ impl OciLayoutBuilder {
                 },
             }));
         let (index_digest, index_size) = self.put(&serde_json::to_vec(&index).expect("json"));
-        let top = serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{
-                "mediaType": "application/vnd.oci.image.index.v1+json",
-                "digest": index_digest.to_string(), "size": index_size,
-                "annotations": {"org.opencontainers.image.ref.name": tag},
-            }],
-        });
-        std::fs::write(
-            self.dir.join("index.json"),
-            serde_json::to_vec(&top).expect("json"),
-        )
-        .expect("index.json");
+        self.tag_index(tag, &index_digest, index_size);
         m
     }
 }
