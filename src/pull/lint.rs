@@ -23,7 +23,7 @@ use super::{Fetcher, PullError, Source, VariantFiles, looks_like_index, read_var
 use crate::digest::Digest;
 use crate::elf::{self, BinaryRequirements, FileType, Outcome};
 use crate::layers::{self, ImageTree, LayerError, LayerSource};
-use crate::oci::{Descriptor, ImageConfig, ImageManifest, media_type};
+use crate::oci::{Descriptor, ImageManifest, media_type};
 use crate::platform::Platform;
 use crate::platform::select::{self, IndexEntry, PassReason};
 use crate::registry::{BlobSpec, RegistryClient};
@@ -376,14 +376,20 @@ async fn lint_manifest(
     }
 
     let against = promised(&label);
+    // No page size: a label does not state one.
+    let proof_file = scratch.dir.join("proof");
+    let prove = |tree| {
+        proof::prove_blocking(
+            tree,
+            config.clone(),
+            vec![against.clone()],
+            None,
+            true,
+            proof_file.clone(),
+        )
+    };
     // A pass that asks for a layer not fetched yet is resumed once it is there: at most one more pass per layer.
-    let (mut tree, mut proved) = blocking_proof(
-        ImageTree::new(sources.clone()),
-        &config,
-        &against,
-        &scratch.dir,
-    )
-    .await?;
+    let (mut tree, mut proved) = prove(ImageTree::new(sources.clone())).await?;
     for _ in 0..layers.len() {
         let wanted = match &proved {
             Err(ProofError::Layer(LayerError::Read { layer, source, .. }))
@@ -397,7 +403,7 @@ async fn lint_manifest(
         };
         let Some(desc) = wanted else { break };
         fetch_layer(fetcher, scratch, desc).await?;
-        (tree, proved) = blocking_proof(tree, &config, &against, &scratch.dir).await?;
+        (tree, proved) = prove(tree).await?;
     }
     match proved {
         Ok(proof) => {
@@ -486,26 +492,6 @@ async fn fetch_layer(
         .await?;
     scratch.fetched.insert(desc.digest.clone());
     Ok(())
-}
-
-/// Runs the proof off the async workers, handing the tree back so a resumed proof keeps the layers it indexed.
-async fn blocking_proof(
-    mut tree: ImageTree,
-    config: &ImageConfig,
-    against: &Platform,
-    dir: &Path,
-) -> Result<(ImageTree, Result<proof::Proof, ProofError>), PullError> {
-    let config = config.clone();
-    let candidates = vec![against.clone()];
-    let file = dir.join("proof");
-    tokio::task::spawn_blocking(move || {
-        // No page size: a label does not state one.
-        let result = proof::prove(&mut tree, &config, &candidates, None, true, &file);
-        let _ = std::fs::remove_file(&file);
-        (tree, result)
-    })
-    .await
-    .map_err(|e| PullError::Task(e.to_string()))
 }
 
 struct Scan {

@@ -655,29 +655,21 @@ impl Trial<'_> {
             })
             .collect();
         let scratch_dir = store.state_dir().join("tmp");
-        let candidates = host.candidates.clone();
-        let page_size = host.page_size;
-        let trust_label = attempt.trust_label;
-        let proved = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&scratch_dir).map_err(|source| PullError::Scratch {
+        tokio::fs::create_dir_all(&scratch_dir)
+            .await
+            .map_err(|source| PullError::Scratch {
                 path: scratch_dir.clone(),
                 source,
             })?;
-            let scratch = scratch_dir.join(format!("proof-{}", std::process::id()));
-            let mut tree = ImageTree::new(layers);
-            let result = proof::prove(
-                &mut tree,
-                &config,
-                &candidates,
-                page_size,
-                trust_label,
-                &scratch,
-            );
-            let _ = std::fs::remove_file(&scratch);
-            Ok::<_, PullError>(result)
-        })
-        .await
-        .map_err(|e| PullError::Task(e.to_string()))??;
+        let (_, proved) = proof::prove_blocking(
+            ImageTree::new(layers),
+            config,
+            host.candidates.clone(),
+            host.page_size,
+            attempt.trust_label,
+            scratch_dir.join(format!("proof-{}", std::process::id())),
+        )
+        .await?;
         match proved {
             Ok(proof) => Ok(VariantDone {
                 platform,

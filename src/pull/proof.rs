@@ -7,6 +7,8 @@
 
 use std::path::Path;
 
+use super::PullError;
+
 use crate::elf::{self, BinaryRequirements, Outcome};
 use crate::layers::{ImageTree, LayerError};
 use crate::oci::ImageConfig;
@@ -116,4 +118,31 @@ pub fn prove(
     Err(ProofError::ChainTooLong {
         path: proof.checked.first().cloned().unwrap_or_default(),
     })
+}
+
+/// [`prove`] on a blocking thread (it reads and decompresses layers), handing the tree back so that a caller can
+/// prove again over the layers it has already indexed. `scratch` is the file an executable is extracted into; it
+/// is removed afterwards.
+pub(super) async fn prove_blocking(
+    mut tree: ImageTree,
+    config: ImageConfig,
+    candidates: Vec<Platform>,
+    page_size: Option<u64>,
+    trust_label: bool,
+    scratch: std::path::PathBuf,
+) -> Result<(ImageTree, Result<Proof, ProofError>), PullError> {
+    tokio::task::spawn_blocking(move || {
+        let result = prove(
+            &mut tree,
+            &config,
+            &candidates,
+            page_size,
+            trust_label,
+            &scratch,
+        );
+        let _ = std::fs::remove_file(&scratch);
+        (tree, result)
+    })
+    .await
+    .map_err(|e| PullError::Task(e.to_string()))
 }
