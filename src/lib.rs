@@ -17,6 +17,7 @@ pub mod oci;
 pub mod platform;
 pub mod pull;
 pub mod registry;
+pub mod runtime;
 pub mod store;
 mod sys;
 pub mod verify;

@@ -1,0 +1,421 @@
+//! How an app is run: the settings `flotilla run` takes on its command line and the fleet stores per app.
+//!
+//! One type for both, serialised into each container's state, so a container started by hand and one started by
+//! the agent are described (and restarted, and health-checked) the same way.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("--env {0:?}: write NAME=VALUE")]
+    Env(String),
+    #[error(
+        "--volume {0:?}: write NAME:/path in the container (a named volume) or /host/path:/path (a bind mount), \
+         optionally followed by :ro"
+    )]
+    Volume(String),
+    #[error("--device {0:?}: write the device's absolute path, such as /dev/i2c-1")]
+    Device(String),
+    #[error("--restart {0:?}: write no, always, on-failure or on-failure:N")]
+    Restart(String),
+    #[error("{what} {value:?}: write a number with an optional unit: k, m or g (64m)")]
+    Size { what: &'static str, value: String },
+    #[error("{what} {value:?}: write a number of seconds, or a number with a unit: ms, s, m or h (1m30s is not read)")]
+    Duration { what: &'static str, value: String },
+    #[error("--cpus {0:?}: write a positive number of CPUs, such as 0.5 or 2")]
+    Cpus(String),
+    #[error("--health-cmd is empty")]
+    HealthCmd,
+}
+
+/// An app's run settings. Every field has a default, so a stored older form still reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSettings {
+    /// `NAME=VALUE`, added to (and overriding) the image's Env.
+    pub env: Vec<String>,
+    pub volumes: Vec<Volume>,
+    /// Host device nodes passed through by path, each with a cgroup rule allowing it.
+    pub devices: Vec<PathBuf>,
+    pub restart: RestartPolicy,
+    pub health: Option<HealthCheck>,
+    /// Mount the root filesystem read-only (volumes and /run stay writable).
+    pub read_only: bool,
+    /// Memory limit in bytes.
+    pub memory: Option<u64>,
+    /// CPU limit in CPUs (a CFS quota over a 100 ms period).
+    pub cpus: Option<f64>,
+    /// Maximum number of processes.
+    pub pids: Option<i64>,
+    pub hostname: Option<String>,
+    pub network: Network,
+    /// `uid[:gid]` or `name[:group]`, overriding the image's User.
+    pub user: Option<String>,
+    /// Replaces the image's Cmd (the Entrypoint stays).
+    pub command: Vec<String>,
+    /// Time between SIGTERM and SIGKILL on stop.
+    #[serde(with = "seconds")]
+    pub stop_grace: Duration,
+    /// Run an image for another architecture through a registered binfmt handler.
+    pub allow_emulation: bool,
+}
+
+impl RunSettings {
+    pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+    pub fn new() -> RunSettings {
+        RunSettings {
+            stop_grace: RunSettings::DEFAULT_STOP_GRACE,
+            ..RunSettings::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// The host's network namespace: an edge app talks to the LAN and local devices as the host does.
+    #[default]
+    Host,
+    /// A private namespace with only loopback.
+    None,
+}
+
+impl FromStr for Network {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Network, String> {
+        match s {
+            "host" => Ok(Network::Host),
+            "none" => Ok(Network::None),
+            other => Err(format!("--network {other:?}: write host or none")),
+        }
+    }
+}
+
+/// A named volume (under the state directory, kept across updates) or a bind mount of a host path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub source: VolumeSource,
+    /// Absolute path inside the container.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeSource {
+    Named(String),
+    Bind(PathBuf),
+}
+
+impl FromStr for Volume {
+    type Err = SettingsError;
+    fn from_str(s: &str) -> Result<Volume, SettingsError> {
+        let bad = || SettingsError::Volume(s.to_string());
+        let mut parts = s.split(':');
+        let (source, target) = match (parts.next(), parts.next()) {
+            (Some(a), Some(b)) if !a.is_empty() && b.starts_with('/') => (a, b),
+            _ => return Err(bad()),
+        };
+        let read_only = match parts.next() {
+            None | Some("rw") => false,
+            Some("ro") => true,
+            Some(_) => return Err(bad()),
+        };
+        if parts.next().is_some() || target.split('/').any(|c| c == "..") {
+            return Err(bad());
+        }
+        let source = if source.starts_with('/') {
+            VolumeSource::Bind(PathBuf::from(source))
+        } else if source
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !source.starts_with('.')
+        {
+            VolumeSource::Named(source.to_string())
+        } else {
+            return Err(bad());
+        };
+        Ok(Volume {
+            source,
+            target: target.to_string(),
+            read_only,
+        })
+    }
+}
+
+/// When the supervisor starts a container again after its process ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "policy")]
+pub enum RestartPolicy {
+    #[default]
+    No,
+    Always,
+    /// After a non-zero exit, at most `max_retries` times in a row when set.
+    OnFailure { max_retries: Option<u32> },
+}
+
+impl FromStr for RestartPolicy {
+    type Err = SettingsError;
+    fn from_str(s: &str) -> Result<RestartPolicy, SettingsError> {
+        let bad = || SettingsError::Restart(s.to_string());
+        match s {
+            "no" => Ok(RestartPolicy::No),
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" => Ok(RestartPolicy::OnFailure { max_retries: None }),
+            _ => {
+                let n = s.strip_prefix("on-failure:").ok_or_else(bad)?;
+                let n = n.parse().map_err(|_| bad())?;
+                Ok(RestartPolicy::OnFailure {
+                    max_retries: Some(n),
+                })
+            }
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestartPolicy::No => f.write_str("no"),
+            RestartPolicy::Always => f.write_str("always"),
+            RestartPolicy::OnFailure { max_retries: None } => f.write_str("on-failure"),
+            RestartPolicy::OnFailure {
+                max_retries: Some(n),
+            } => write!(f, "on-failure:{n}"),
+        }
+    }
+}
+
+/// A probe of the app's health; `retries` failures in a row make it unhealthy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    #[serde(with = "seconds")]
+    pub interval: Duration,
+    #[serde(with = "seconds")]
+    pub timeout: Duration,
+    pub retries: u32,
+    /// Failures during this time after a start do not count.
+    #[serde(with = "seconds")]
+    pub start_period: Duration,
+}
+
+impl HealthCheck {
+    /// Docker's defaults, except a shorter interval: an edge app that fails should be seen failing within a minute.
+    pub fn new(probe: Probe) -> HealthCheck {
+        HealthCheck {
+            probe,
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            start_period: Duration::from_secs(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Probe {
+    /// A command run inside the container (`runc exec`); exit 0 is healthy.
+    Exec(Vec<String>),
+    /// An HTTP GET on the host's loopback (host network) answered with a 2xx or 3xx status.
+    Http { url: String },
+    /// A TCP connect to `host:port`.
+    Tcp { address: String },
+}
+
+impl Probe {
+    /// `--health-cmd` as Docker reads it: a shell command line, run with `/bin/sh -c`.
+    pub fn shell(cmd: &str) -> Result<Probe, SettingsError> {
+        if cmd.trim().is_empty() {
+            return Err(SettingsError::HealthCmd);
+        }
+        Ok(Probe::Exec(vec![
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            cmd.to_string(),
+        ]))
+    }
+}
+
+/// `NAME=VALUE`, with a non-empty name and no `=` in it.
+pub fn parse_env(s: &str) -> Result<String, SettingsError> {
+    match s.split_once('=') {
+        Some((name, _)) if !name.is_empty() && !name.contains(char::is_whitespace) => {
+            Ok(s.to_string())
+        }
+        _ => Err(SettingsError::Env(s.to_string())),
+    }
+}
+
+pub fn parse_device(s: &str) -> Result<PathBuf, SettingsError> {
+    if s.starts_with("/dev/") && !s.split('/').any(|c| c == "..") {
+        Ok(PathBuf::from(s))
+    } else {
+        Err(SettingsError::Device(s.to_string()))
+    }
+}
+
+/// `64m`, `1g`, `512k` or plain bytes, in binary units as Docker reads them.
+pub fn parse_size(what: &'static str, s: &str) -> Result<u64, SettingsError> {
+    let bad = || SettingsError::Size {
+        what,
+        value: s.to_string(),
+    };
+    let lower = s.trim().to_ascii_lowercase();
+    let lower = lower.strip_suffix('b').unwrap_or(&lower);
+    let (digits, shift) = match lower.char_indices().last() {
+        Some((i, 'k')) => (&lower[..i], 10),
+        Some((i, 'm')) => (&lower[..i], 20),
+        Some((i, 'g')) => (&lower[..i], 30),
+        _ => (lower, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).filter(|n| *n > 0).ok_or_else(bad)
+}
+
+/// `500ms`, `30s`, `5m`, `1h`, or plain seconds.
+pub fn parse_duration(what: &'static str, s: &str) -> Result<Duration, SettingsError> {
+    let bad = || SettingsError::Duration {
+        what,
+        value: s.to_string(),
+    };
+    let s = s.trim();
+    let (digits, unit_ms) = if let Some(d) = s.strip_suffix("ms") {
+        (d, 1)
+    } else if let Some(d) = s.strip_suffix('s') {
+        (d, 1000)
+    } else if let Some(d) = s.strip_suffix('m') {
+        (d, 60_000)
+    } else if let Some(d) = s.strip_suffix('h') {
+        (d, 3_600_000)
+    } else {
+        (s, 1000)
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(bad)
+}
+
+pub fn parse_cpus(s: &str) -> Result<f64, SettingsError> {
+    match s.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        _ => Err(SettingsError::Cpus(s.to_string())),
+    }
+}
+
+/// Durations are stored as (fractional) seconds: readable in the JSON, and what an operator writes.
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volumes_read_as_docker_writes_them() {
+        let v: Volume = "data:/var/lib/app".parse().unwrap();
+        assert_eq!(v.source, VolumeSource::Named("data".into()));
+        assert!(!v.read_only);
+        let v: Volume = "/etc/app:/etc/app:ro".parse().unwrap();
+        assert_eq!(v.source, VolumeSource::Bind("/etc/app".into()));
+        assert!(v.read_only);
+        for bad in [
+            "data",
+            "data:relative",
+            ":/x",
+            "../up:/x",
+            "a/b:/x",
+            "d:/x:rw:extra",
+            "d:/x:rx",
+            "d:/a/../b",
+        ] {
+            assert!(bad.parse::<Volume>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn restart_policies() {
+        assert_eq!("no".parse(), Ok(RestartPolicy::No));
+        assert_eq!("always".parse(), Ok(RestartPolicy::Always));
+        assert_eq!(
+            "on-failure:3".parse(),
+            Ok(RestartPolicy::OnFailure {
+                max_retries: Some(3)
+            })
+        );
+        assert!("on-failure:x".parse::<RestartPolicy>().is_err());
+        assert!("sometimes".parse::<RestartPolicy>().is_err());
+        for p in ["no", "always", "on-failure", "on-failure:5"] {
+            assert_eq!(p.parse::<RestartPolicy>().unwrap().to_string(), p);
+        }
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("--memory", "64m"), Ok(64 << 20));
+        assert_eq!(parse_size("--memory", "1G"), Ok(1 << 30));
+        assert_eq!(parse_size("--memory", "4096"), Ok(4096));
+        assert_eq!(parse_size("--memory", "512kb"), Ok(512 << 10));
+        assert!(parse_size("--memory", "0").is_err());
+        assert!(parse_size("--memory", "lots").is_err());
+        assert!(parse_size("--memory", "99999999999g").is_err());
+        assert_eq!(parse_duration("--time", "5"), Ok(Duration::from_secs(5)));
+        assert_eq!(
+            parse_duration("--time", "250ms"),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(parse_duration("--time", "2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("--time", "1m30s").is_err());
+        assert_eq!(parse_cpus("0.5"), Ok(0.5));
+        assert!(parse_cpus("-1").is_err());
+        assert!(parse_cpus("NaN").is_err());
+    }
+
+    #[test]
+    fn env_and_devices() {
+        assert!(parse_env("A=b=c").is_ok());
+        assert!(parse_env("A=").is_ok());
+        assert!(parse_env("=b").is_err());
+        assert!(parse_env("novalue").is_err());
+        assert!(parse_device("/dev/i2c-1").is_ok());
+        assert!(parse_device("/etc/passwd").is_err());
+        assert!(parse_device("/dev/../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn settings_round_trip_through_json() {
+        let mut s = RunSettings::new();
+        s.env.push("A=1".into());
+        s.volumes.push("data:/data".parse().unwrap());
+        s.restart = "on-failure:2".parse().unwrap();
+        s.health = Some(HealthCheck::new(Probe::shell("true").unwrap()));
+        s.memory = Some(64 << 20);
+        let json = serde_json::to_string(&s).unwrap();
+        let back: RunSettings = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        assert!(serde_json::from_str::<RunSettings>(r#"{"bogus":1}"#).is_err());
+    }
+}
