@@ -1,0 +1,5 @@
+//! Keeping containers running: their records on disk, their logs, and the supervisor that starts, watches,
+//! restarts and stops them.
+
+pub mod container;
+pub mod logs;
