@@ -70,7 +70,9 @@ use serde::Serialize;
 
 use crate::digest::{Algorithm, Digest, Verifier};
 use crate::durable::{DurableError, create_dir, fsync_dir, lock_file, write_atomic};
-use crate::oci::{ANNOTATION_REF_NAME, Descriptor, ImageIndex, MAX_MANIFEST_BYTES};
+use crate::oci::{
+    ANNOTATION_REF_NAME, Descriptor, ImageConfig, ImageIndex, ImageManifest, MAX_MANIFEST_BYTES,
+};
 use crate::platform::Platform;
 pub use layout::{MAX_INDEX_JSON_BYTES, OCI_SCHEME, OciLayout, OciLayoutRef};
 pub use space::{FreeSpace, Statvfs, check_space, space_needed};
@@ -394,6 +396,17 @@ pub struct RefRecord {
     pub keep: Vec<Digest>,
 }
 
+/// An image in the store, read back for running it.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub descriptor: Descriptor,
+    pub manifest: ImageManifest,
+    pub config: ImageConfig,
+}
+
+/// Image configs are small JSON; this bounds what a damaged store can make us read.
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
+
 /// One line of `flotilla images`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ImageEntry {
@@ -622,6 +635,42 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// The image stored under `name`: its manifest's descriptor, the manifest and the config, read and checked
+    /// against their digests. A name that holds an index (a pull for every platform) has no single config and is
+    /// refused as not found.
+    pub fn image(&self, name: &str) -> Result<StoredImage, StoreError> {
+        let descriptor = self.layout.resolve(Some(name))?;
+        let path = self.layout.blob_path(&descriptor.digest);
+        let bytes = self.read_blob(&descriptor.digest, descriptor.size, MAX_MANIFEST_BYTES)?;
+        let json = |what, source| StoreError::Json {
+            path: path.clone(),
+            what,
+            source,
+        };
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| json("image manifest", e))?;
+        let config_desc = manifest
+            .config
+            .clone()
+            .ok_or_else(|| StoreError::NotLayout {
+                path: path.clone(),
+                reason: "the manifest names no config".to_string(),
+            })?;
+        let config_bytes =
+            self.read_blob(&config_desc.digest, config_desc.size, MAX_CONFIG_BYTES)?;
+        let config: ImageConfig =
+            serde_json::from_slice(&config_bytes).map_err(|source| StoreError::Json {
+                path: self.layout.blob_path(&config_desc.digest),
+                what: "image config",
+                source,
+            })?;
+        Ok(StoredImage {
+            descriptor,
+            manifest,
+            config,
+        })
     }
 
     /// What `flotilla images` lists.
