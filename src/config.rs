@@ -37,6 +37,8 @@ pub struct Config {
     pub docker_config: Option<PathBuf>,
     #[serde(default)]
     pub pull: PullConfig,
+    #[serde(default)]
+    pub run: RunConfig,
     #[serde(default, rename = "registry")]
     pub registries: Vec<RegistryConfig>,
     #[serde(default, rename = "signature_policy")]
@@ -60,6 +62,24 @@ impl Default for PullConfig {
             parallel_layers: 3,
             retries: 5,
             max_bytes_per_second: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// The OCI runtime binary; crun and youki take the same command line as runc.
+    pub runtime: PathBuf,
+    /// Run images for another architecture when a binfmt handler for it is registered, like `--allow-emulation`.
+    pub allow_emulation: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> RunConfig {
+        RunConfig {
+            runtime: PathBuf::from("/usr/sbin/runc"),
+            allow_emulation: false,
         }
     }
 }
@@ -139,6 +159,9 @@ mod tests {
             state_dir = "/data/flotilla"
             platform = "linux/arm/v6"
             docker_config = "/root/.docker/config.json"
+            [run]
+            runtime = "/usr/bin/crun"
+            allow_emulation = true
             [pull]
             parallel_layers = 2
             max_bytes_per_second = 1048576
@@ -153,6 +176,8 @@ mod tests {
         "#;
         let c = Config::parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(c.pull.parallel_layers, 2);
+        assert_eq!(c.run.runtime, PathBuf::from("/usr/bin/crun"));
+        assert!(c.run.allow_emulation);
         assert_eq!(c.pull.retries, 5);
         assert!(c.registries[0].insecure);
         assert_eq!(c.signature_policies[0].mode, SignatureMode::IfPresent);

@@ -14,8 +14,14 @@ pub mod gc;
 pub mod images;
 pub mod inspect;
 pub mod lint;
+pub mod logs;
 pub mod platform;
+pub mod ps;
 pub mod pull;
+pub mod rm;
+pub mod run;
+pub mod stop;
+pub mod supervise;
 
 use crate::config::{self, Config, ConfigError};
 use crate::platform::detect::DetectError;
@@ -79,6 +85,19 @@ pub enum Command {
     Lint(lint::Args),
     /// Show what an executable needs (architecture version, FP/SIMD, loader, page size) and whether this host can run it
     CheckBinary(check_binary::Args),
+    /// Run an image as a supervised container (pulls and unpacks it when needed)
+    Run(Box<run::Args>),
+    /// List containers
+    Ps(ps::Args),
+    /// Show a container's output
+    Logs(logs::Args),
+    /// Stop a container: SIGTERM, the grace period, then SIGKILL
+    Stop(stop::Args),
+    /// Remove a stopped container
+    Rm(rm::Args),
+    /// Keep one container running (started by run; not for direct use)
+    #[command(hide = true)]
+    Supervise(supervise::Args),
 }
 
 /// What every command gets: the configuration with the command line applied on top.
@@ -145,6 +164,23 @@ pub enum CliError {
     Select(#[from] SelectError),
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    #[error(transparent)]
+    Container(#[from] crate::supervise::container::ContainerError),
+    #[error(transparent)]
+    Supervise(#[from] crate::supervise::supervisor::SuperviseError),
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+    #[error(transparent)]
+    Rm(#[from] rm::RmError),
+    #[error(transparent)]
+    ContainerRuntime(#[from] crate::runtime::RuntimeError),
+    #[error(transparent)]
+    Unpack(#[from] crate::unpack::UnpackError),
+    #[error("cannot read {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
 }
 
 impl CliError {
@@ -158,6 +194,15 @@ impl CliError {
             CliError::Registry(RegistryError::Reference(_)) => 2,
             CliError::Pull(PullError::Registry(RegistryError::Reference(_))) => 2,
             CliError::Pull(PullError::Store(StoreError::BadSource { .. })) => 2,
+            CliError::Container(crate::supervise::container::ContainerError::BadName(_)) => 2,
+            CliError::Run(run::RunError::Settings(_) | run::RunError::NoName(_)) => 2,
+            CliError::Container(_)
+            | CliError::Supervise(_)
+            | CliError::Run(_)
+            | CliError::Rm(_)
+            | CliError::ContainerRuntime(_)
+            | CliError::Unpack(_)
+            | CliError::Io { .. } => 1,
             CliError::Store(_)
             | CliError::Json(_)
             | CliError::Pull(_)
@@ -177,10 +222,24 @@ pub fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Under systemd (which sets JOURNAL_STREAM on the service's stdio) messages go to the journal with their
+    // fields; elsewhere to stderr.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            use tracing_subscriber::prelude::*;
+            tracing_subscriber::registry().with(filter).with(journald).init();
+            return;
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The OCI runtime the configuration names, checked to exist.
+pub fn open_runtime(ctx: &Context) -> Result<crate::runtime::runc::Runc, CliError> {
+    Ok(crate::runtime::runc::Runc::new(&ctx.config.run.runtime, &ctx.state_dir)?)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
@@ -194,6 +253,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Platform(args) => platform::run(args, &ctx),
         Command::CheckBinary(args) => check_binary::run(args, &ctx),
         Command::Lint(args) => lint::run(args, &ctx),
+        Command::Run(args) => run::run(*args, &ctx),
+        Command::Ps(args) => ps::run(args, &ctx),
+        Command::Logs(args) => logs::run(args, &ctx),
+        Command::Stop(args) => stop::run(args, &ctx),
+        Command::Rm(args) => rm::run(args, &ctx),
+        Command::Supervise(args) => supervise::run(args, &ctx),
     }
 }
 

@@ -2,4 +2,8 @@
 //! restarts and stops them.
 
 pub mod container;
+pub mod control;
+pub mod health;
 pub mod logs;
+pub mod policy;
+pub mod supervisor;

@@ -1,0 +1,336 @@
+//! `flotilla run`: pull (and unpack) when needed, check that this device may run the image, make the container's
+//! root and bundle, and hand the container to a supervisor.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{CliError, Context};
+use crate::pull::{self, PullOptions, Source};
+use crate::registry::RegistryClient;
+use crate::runtime::emulation;
+use crate::runtime::settings::{self, HealthCheck, Probe, RunSettings, SettingsError};
+use crate::runtime::{Runtime, bundle};
+use crate::store::Store;
+use crate::supervise::container::{Container, ContainerSpec, State};
+use crate::supervise::control;
+use crate::unpack::{Snapshots, rootfs};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The image: a registry reference, or oci:DIR[:NAME]
+    pub reference: String,
+    /// The container's name [default: the image's repository name]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Set an environment variable (repeatable)
+    #[arg(short, long = "env", value_name = "NAME=VALUE", value_parser = settings::parse_env)]
+    pub env: Vec<String>,
+    /// A named volume (NAME:/path, kept under the state directory across updates) or a bind mount
+    /// (/host/path:/path), optionally :ro (repeatable)
+    #[arg(short, long = "volume", value_name = "SOURCE:/PATH[:ro]")]
+    pub volume: Vec<settings::Volume>,
+    /// Pass a host device through (repeatable), e.g. /dev/i2c-1
+    #[arg(long = "device", value_name = "/dev/…", value_parser = settings::parse_device)]
+    pub device: Vec<PathBuf>,
+    /// Restart policy: no, always, on-failure or on-failure:N
+    #[arg(long, default_value = "no")]
+    pub restart: settings::RestartPolicy,
+    /// A shell command run inside the container to check its health (exit 0 is healthy)
+    #[arg(long, value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    /// An http:// URL whose GET must answer 2xx or 3xx to be healthy
+    #[arg(long, value_name = "URL", conflicts_with = "health_cmd")]
+    pub health_http: Option<String>,
+    /// A host:port that must accept a TCP connection to be healthy
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["health_cmd", "health_http"])]
+    pub health_tcp: Option<String>,
+    /// Time between health checks
+    #[arg(long, default_value = "10s", value_parser = |s: &str| settings::parse_duration("--health-interval", s))]
+    pub health_interval: Duration,
+    /// Time a health check may take
+    #[arg(long, default_value = "5s", value_parser = |s: &str| settings::parse_duration("--health-timeout", s))]
+    pub health_timeout: Duration,
+    /// Failed checks in a row that make the container unhealthy
+    #[arg(long, default_value_t = 3)]
+    pub health_retries: u32,
+    /// Failures in this time after a start do not count
+    #[arg(long, default_value = "0s", value_parser = |s: &str| settings::parse_duration("--health-start-period", s))]
+    pub health_start_period: Duration,
+    /// Mount the container's root filesystem read-only
+    #[arg(long)]
+    pub read_only: bool,
+    /// Memory limit, e.g. 64m
+    #[arg(long, value_parser = |s: &str| settings::parse_size("--memory", s))]
+    pub memory: Option<u64>,
+    /// CPU limit in CPUs, e.g. 0.5
+    #[arg(long, value_parser = settings::parse_cpus)]
+    pub cpus: Option<f64>,
+    /// Maximum number of processes
+    #[arg(long)]
+    pub pids_limit: Option<i64>,
+    /// The container's hostname [default: its name]
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// host (the default: an edge app talks to the LAN as the host does) or none (loopback only)
+    #[arg(long, default_value = "host")]
+    pub network: settings::Network,
+    /// Run as this user: uid[:gid] or name[:group] from the image's /etc/passwd and /etc/group
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Time between SIGTERM and SIGKILL when the container is stopped
+    #[arg(long, default_value = "10s", value_parser = |s: &str| settings::parse_duration("--stop-timeout", s))]
+    pub stop_timeout: Duration,
+    /// Run an image built for another architecture through a registered binfmt handler (qemu-user)
+    #[arg(long)]
+    pub allow_emulation: bool,
+    /// Pull the image even when the store has it
+    #[arg(long)]
+    pub pull: bool,
+    /// Return once the container started, instead of following its output until it ends
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Replaces the image's Cmd
+    #[arg(trailing_var_arg = true)]
+    pub command: Vec<String>,
+}
+
+impl Args {
+    fn settings(&self, allow_emulation: bool) -> Result<RunSettings, SettingsError> {
+        let probe = match (&self.health_cmd, &self.health_http, &self.health_tcp) {
+            (Some(cmd), _, _) => Some(Probe::shell(cmd)?),
+            (_, Some(url), _) => Some(Probe::Http { url: url.clone() }),
+            (_, _, Some(address)) => Some(Probe::Tcp {
+                address: address.clone(),
+            }),
+            _ => None,
+        };
+        let health = probe.map(|p| HealthCheck {
+            interval: self.health_interval,
+            timeout: self.health_timeout,
+            retries: self.health_retries,
+            start_period: self.health_start_period,
+            ..HealthCheck::new(p)
+        });
+        Ok(RunSettings {
+            env: self.env.clone(),
+            volumes: self.volume.clone(),
+            devices: self.device.clone(),
+            restart: self.restart,
+            health,
+            read_only: self.read_only,
+            memory: self.memory,
+            cpus: self.cpus,
+            pids: self.pids_limit,
+            hostname: self.hostname.clone(),
+            network: self.network,
+            user: self.user.clone(),
+            command: self.command.clone(),
+            stop_grace: self.stop_timeout,
+            allow_emulation,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "flotilla run needs root: the runtime makes namespaces, cgroups and mounts. Run it with sudo, or as the \
+         flotilla service"
+    )]
+    NotRoot,
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("cannot name the container after {0:?}: give it one with --name")]
+    NoName(String),
+    #[error(transparent)]
+    Emulation(#[from] emulation::EmulationError),
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
+    #[error(transparent)]
+    Unpack(#[from] crate::unpack::UnpackError),
+    #[error(
+        "the image {image} is stored, but layer {diff_id} is not unpacked; run flotilla pull --unpack {image}"
+    )]
+    NotUnpacked { image: String, diff_id: String },
+    #[error("container {name} could not start: {reason}")]
+    StartFailed { name: String, reason: String },
+}
+
+pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(RunError::NotRoot.into());
+    }
+    let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
+    let allow_emulation = args.allow_emulation || ctx.config.run.allow_emulation;
+    let settings = args.settings(allow_emulation).map_err(RunError::from)?;
+    let source: Source = args.reference.parse()?;
+    let stored_name = match &source {
+        Source::Registry(r) => r.to_string(),
+        Source::Layout(l) => l.name.clone().unwrap_or_else(|| args.reference.clone()),
+    };
+    let name = match &args.name {
+        Some(n) => n.clone(),
+        None => default_name(&stored_name).ok_or_else(|| RunError::NoName(stored_name.clone()))?,
+    };
+    crate::supervise::container::validate_name(&name)?;
+    if Container::open(&ctx.state_dir, &name).is_ok() {
+        return Err(crate::supervise::container::ContainerError::Exists(name).into());
+    }
+
+    let detection = super::platform::host_detection(ctx)?;
+    let host = detection.host();
+    let store = Store::open(&ctx.state_dir)?;
+    let snapshots = Snapshots::open(&ctx.state_dir)?;
+    let unpacked = |store: &Store| -> Option<crate::store::StoredImage> {
+        let image = store.image(&stored_name).ok()?;
+        let all = image
+            .config
+            .rootfs
+            .as_ref()
+            .is_some_and(|r| r.diff_ids.iter().all(|d| snapshots.rootfs(d).is_some()));
+        all.then_some(image)
+    };
+    let image = match unpacked(&store).filter(|_| !args.pull) {
+        Some(image) => image,
+        None => {
+            let client = match &source {
+                Source::Registry(_) => Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?),
+                Source::Layout(_) => None,
+            };
+            let options = PullOptions {
+                unpack: true,
+                ..PullOptions::from_config(&ctx.config)
+            };
+            let reporter = crate::pull::progress::Reporter::for_stderr();
+            let report = super::runtime()?.block_on(pull::pull(
+                &ctx.config,
+                client.as_ref(),
+                &store,
+                &source,
+                &host,
+                &options,
+                &reporter,
+            ))?;
+            eprintln!("pulled {} ({})", report.name, report.platform);
+            store.image(&report.name)?
+        }
+    };
+    let diff_ids = image
+        .config
+        .rootfs
+        .as_ref()
+        .map(|r| r.diff_ids.clone())
+        .unwrap_or_default();
+    if let Some(missing) = diff_ids.iter().find(|d| snapshots.rootfs(d).is_none()) {
+        return Err(RunError::NotUnpacked {
+            image: stored_name,
+            diff_id: missing.to_string(),
+        }
+        .into());
+    }
+    let platform = crate::platform::Platform::of_config(&image.config);
+    let emulated_by = match emulation::decide(&platform, &host, allow_emulation, &emulation::Binfmt::read()) {
+        Ok(emulation::Decision::Native) => None,
+        Ok(emulation::Decision::Emulated { handler }) => {
+            eprintln!("{name}: {platform} runs here only through the binfmt handler {handler} (emulated)");
+            Some(handler)
+        }
+        Err(e) => return Err(RunError::Emulation(e).into()),
+    };
+
+    let spec = ContainerSpec {
+        name: name.clone(),
+        image: stored_name,
+        manifest_digest: image.descriptor.digest.clone(),
+        platform: platform.to_string(),
+        diff_ids: diff_ids.clone(),
+        settings: settings.clone(),
+        created: crate::store::rfc3339(std::time::SystemTime::now()),
+        emulated_by,
+        host: host.describe(),
+    };
+    let container = Container::create(&ctx.state_dir, &spec)?;
+    // Whatever fails from here on leaves no half-made container behind.
+    let made = make_container(ctx, &container, &snapshots, &image.config, &settings);
+    if let Err(e) = made {
+        let _ = rootfs::release(&container.dir);
+        let _ = std::fs::remove_dir_all(&container.dir);
+        return Err(e);
+    }
+    control::spawn_supervisor(&ctx.state_dir, &container)?;
+    let state = control::wait_started(&container, Duration::from_secs(60));
+    let status = container.status();
+    if state == State::Failed {
+        return Err(RunError::StartFailed {
+            name,
+            reason: status.message.unwrap_or_else(|| "see flotilla logs".to_string()),
+        }
+        .into());
+    }
+    if args.detach {
+        println!("{name}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    super::logs::follow_until_done(&container, &runtime, None)?;
+    let status = container.status();
+    if let Some(w) = &status.wrong_architecture {
+        eprintln!("{name}: wrong architecture variant for this device: {} (device: {})", w.evidence, w.host);
+    }
+    let code = status.exit.and_then(|e| e.code.or(e.signal.map(|s| 128 + s))).unwrap_or(0);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn make_container(
+    ctx: &Context,
+    container: &Container,
+    snapshots: &Snapshots,
+    config: &crate::oci::ImageConfig,
+    settings: &RunSettings,
+) -> Result<(), CliError> {
+    let spec = container.spec()?;
+    let root = rootfs::prepare(snapshots, &spec.diff_ids, &container.dir).map_err(RunError::from)?;
+    if root.kind == rootfs::Kind::Copy {
+        eprintln!(
+            "{}: overlayfs is not available here; the root is a flattened copy of the layers",
+            container.name
+        );
+    }
+    let volumes_dir = ctx.state_dir.join("volumes");
+    let c = bundle::Container {
+        name: &container.name,
+        image: config,
+        settings,
+        rootfs: &root.path,
+        volumes_dir: &volumes_dir,
+    };
+    let resolved = bundle::prepare(&c).map_err(RunError::from)?;
+    let oci = bundle::spec(&c, &resolved).map_err(RunError::from)?;
+    bundle::write(&container.bundle_dir(), &oci).map_err(RunError::from)?;
+    let mut status = container.status();
+    status.rootfs = Some(root.kind.as_str().to_string());
+    container.write_status(&status)?;
+    Ok(())
+}
+
+/// `ghcr.io/org/web-ui:1.2` → `web-ui`.
+fn default_name(image: &str) -> Option<String> {
+    let without_digest = image.split('@').next()?;
+    let last = without_digest.rsplit('/').next()?;
+    let repo = last.split(':').next()?;
+    crate::supervise::container::validate_name(repo).ok()?;
+    Some(repo.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_come_from_the_repository() {
+        assert_eq!(default_name("ghcr.io/org/web-ui:1.2").as_deref(), Some("web-ui"));
+        assert_eq!(default_name("localhost:5000/busybox@sha256:ab").as_deref(), Some("busybox"));
+        assert_eq!(default_name("busybox").as_deref(), Some("busybox"));
+    }
+}

@@ -1,0 +1,156 @@
+//! What the commands do to a container from outside its supervisor: start a supervisor process, stop, remove,
+//! and adopt containers whose supervisor died.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::container::{Container, ContainerError, State};
+use super::supervisor::SuperviseError;
+use crate::runtime::{self, Runtime};
+
+/// Time a supervisor gets to take its lock and report after it is spawned.
+const SPAWN_WAIT: Duration = Duration::from_secs(30);
+/// Added to the grace period while waiting for a stop: the runtime's own commands and the final status write.
+const STOP_SLACK: Duration = Duration::from_secs(15);
+const POLL: Duration = Duration::from_millis(50);
+
+/// Starts `flotilla supervise NAME` in its own session, detached from the caller, and waits until it holds the
+/// container's lock. Its own messages go to `supervisor.log` in the container's directory.
+pub fn spawn_supervisor(state_dir: &Path, container: &Container) -> Result<(), SuperviseError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        let name = container.name.clone();
+        move |source| SuperviseError::Io { what, name, source }
+    };
+    let exe = std::env::current_exe().map_err(io("the path of the flotilla binary"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(container.dir.join("supervisor.log"))
+        .map_err(io("supervisor.log"))?;
+    let mut child = Command::new(exe)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("supervise")
+        .arg(&container.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(io("the supervisor process"))?;
+    let deadline = Instant::now() + SPAWN_WAIT;
+    while Instant::now() < deadline {
+        if container.supervisor_pid().is_some() {
+            // The supervisor outlives us; its exit is reaped by whoever inherits it.
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(SuperviseError::Io {
+                what: format!(
+                    "the supervisor (it exited with {status}; see {})",
+                    container.dir.join("supervisor.log").display()
+                ),
+                name: container.name.clone(),
+                source: std::io::Error::other("supervisor ended at start"),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
+    Err(SuperviseError::Io {
+        what: "the supervisor".to_string(),
+        name: container.name.clone(),
+        source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+    })
+}
+
+/// Waits until the container has left `Created` (its first start was tried) or its supervisor ended.
+pub fn wait_started(container: &Container, limit: Duration) -> State {
+    let deadline = Instant::now() + limit;
+    loop {
+        let state = container.status().state;
+        if state != State::Created || container.supervisor_pid().is_none() || Instant::now() >= deadline {
+            return state;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Stops the container: through its supervisor when one lives (so that it records the stop and does not restart),
+/// else directly through the runtime. Returns once the container's process is gone.
+pub fn stop(container: &Container, runtime: &Arc<dyn Runtime>, grace: Duration) -> Result<(), SuperviseError> {
+    if let Some(pid) = container.supervisor_pid() {
+        container.request_stop(grace)?;
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + grace + STOP_SLACK;
+        while container.supervisor_pid().is_some() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        if container.supervisor_pid().is_none() {
+            container.clear_stop_request();
+            return Ok(());
+        }
+        tracing::warn!(container = %container.name, "the supervisor did not stop in time; stopping through the runtime");
+    }
+    stop_unsupervised(container, runtime, grace)
+}
+
+fn stop_unsupervised(container: &Container, runtime: &Arc<dyn Runtime>, grace: Duration) -> Result<(), SuperviseError> {
+    let id = &container.name;
+    let running = |rt: &Arc<dyn Runtime>| -> Result<bool, SuperviseError> {
+        Ok(rt
+            .state(id)?
+            .is_some_and(|s| matches!(s.status, runtime::Status::Running | runtime::Status::Paused | runtime::Status::Created)))
+    };
+    if running(runtime)? {
+        let _ = runtime.kill(id, libc::SIGTERM, false);
+        let deadline = Instant::now() + grace;
+        while running(runtime)? && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        if running(runtime)? {
+            let _ = runtime.kill(id, libc::SIGKILL, true);
+            let deadline = Instant::now() + STOP_SLACK;
+            while running(runtime)? && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
+        }
+    }
+    if runtime.state(id)?.is_some() {
+        runtime.delete(id, true)?;
+    }
+    let mut status = container.status();
+    if !status.state.is_final() {
+        status.state = State::Stopped;
+        status.pid = None;
+        status.health = None;
+        container.write_status(&status)?;
+    }
+    container.clear_stop_request();
+    Ok(())
+}
+
+/// Containers whose supervisor died while they still had work (running, restarting, or not yet started): each gets
+/// a new supervisor, which adopts a running container rather than starting a second one. Returns their names.
+pub fn adopt_orphans(state_dir: &Path) -> Result<Vec<String>, SuperviseError> {
+    let mut adopted = Vec::new();
+    for c in Container::list(state_dir)? {
+        if c.supervisor_pid().is_none() && !c.status().state.is_final() {
+            spawn_supervisor(state_dir, &c)?;
+            adopted.push(c.name.clone());
+        }
+    }
+    Ok(adopted)
+}
+
+/// Whether the container's own process runs, by the runtime's word.
+pub fn is_running(container: &Container, runtime: &dyn Runtime) -> Result<bool, ContainerError> {
+    Ok(runtime
+        .state(&container.name)
+        .ok()
+        .flatten()
+        .is_some_and(|s| s.status == runtime::Status::Running))
+}

@@ -1,0 +1,494 @@
+//! The supervisor of one container: starts it through the runtime, pumps its output into the logs, probes its
+//! health, restarts it by its policy, stops it gracefully, and adopts it after a supervisor restart.
+//!
+//! The supervisor is the container's parent: it makes itself a child subreaper before the runtime forks the
+//! container's init, so when `runc create` exits the init is re-parented to the supervisor and its exit status
+//! (the code, or the signal) reaches us through `waitpid`. A supervisor that finds its container already running
+//! (it died, and this is its successor) is not the parent; it watches the process through a pidfd, which tells
+//! that it ended but not how.
+//!
+//! The container's stdout and stderr are FIFOs in its directory, handed to the container opened read-write. The
+//! container then holds a reader of its own pipe, so when the supervisor dies the container's writes never fail
+//! with EPIPE (they block once the 64 KiB pipe buffer is full, until the next supervisor drains it) and a new
+//! supervisor reopens the same FIFOs by name.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustix::fs::{Mode, OFlags};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use super::container::{ArchFailure, Container, ContainerError, ContainerSpec, Exit, State, Status};
+use super::health;
+use super::logs::{LineSplitter, LogLimits, LogWriter, Stream};
+use super::policy::{self, Classification, HealthTracker, RestartDecision};
+use crate::runtime::{self, Io, Runtime, RuntimeError};
+
+/// How much of the container's last output is kept to classify a failure: the Go runtime's and the loader's
+/// messages are one or two lines just before the exit.
+const TAIL_BYTES: usize = 4096;
+/// Time for the container to die after SIGKILL before we give up waiting (a process stuck in D state).
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SuperviseError {
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("cannot prepare {what} for container {name}: {source}")]
+    Io {
+        what: String,
+        name: String,
+        source: io::Error,
+    },
+    #[error("a background task of the supervisor failed: {0}")]
+    Task(String),
+}
+
+/// A stop asked of the supervisor: the grace period between SIGTERM and SIGKILL.
+pub type StopRequest = watch::Receiver<Option<Duration>>;
+
+/// The last bytes of the container's output, shared by the two pumps.
+#[derive(Debug, Default, Clone)]
+struct Tail(Arc<Mutex<Vec<u8>>>);
+
+impl Tail {
+    fn push(&self, line: &[u8]) {
+        if let Ok(mut t) = self.0.lock() {
+            t.extend_from_slice(line);
+            t.push(b'\n');
+            if t.len() > TAIL_BYTES {
+                let cut = t.len() - TAIL_BYTES;
+                t.drain(..cut);
+            }
+        }
+    }
+
+    fn take(&self) -> String {
+        self.0
+            .lock()
+            .map(|mut t| String::from_utf8_lossy(&std::mem::take(&mut *t)).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// How a run of the container ended.
+enum Ended {
+    Exited(Exit),
+    /// The runtime could not start it; its message.
+    NotStarted(String),
+}
+
+pub struct Supervisor {
+    container: Container,
+    spec: ContainerSpec,
+    runtime: Arc<dyn Runtime>,
+    limits: LogLimits,
+    status: Status,
+}
+
+impl Supervisor {
+    pub fn new(container: Container, runtime: Arc<dyn Runtime>) -> Result<Supervisor, SuperviseError> {
+        let spec = container.spec()?;
+        let status = container.status();
+        Ok(Supervisor {
+            container,
+            spec,
+            runtime,
+            limits: LogLimits::default(),
+            status,
+        })
+    }
+
+    fn save(&self) -> Result<(), SuperviseError> {
+        Ok(self.container.write_status(&self.status)?)
+    }
+
+    fn io_err(&self, what: &str) -> impl FnOnce(io::Error) -> SuperviseError {
+        let what = what.to_string();
+        let name = self.container.name.clone();
+        move |source| SuperviseError::Io { what, name, source }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Runtime) -> Result<T, RuntimeError> + Send + 'static,
+    ) -> Result<T, SuperviseError> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || f(rt.as_ref()))
+            .await
+            .map_err(|e| SuperviseError::Task(e.to_string()))?
+            .map_err(SuperviseError::from)
+    }
+
+    /// Runs until the container is finished with: it exited and the policy says not to restart, it could not be
+    /// started, or a stop was requested. Returns the final status.
+    pub async fn run(mut self, mut stop: StopRequest) -> Result<Status, SuperviseError> {
+        let id = self.container.name.clone();
+        let mut consecutive_failures: u32 = 0;
+        // Adoption: a container that is still up was started by a supervisor that has since died.
+        let mut adopted = match self.blocking({
+            let id = id.clone();
+            move |rt| rt.state(&id)
+        })
+        .await?
+        {
+            Some(s) if matches!(s.status, runtime::Status::Running | runtime::Status::Paused) => {
+                Some(s.pid as i32)
+            }
+            Some(_) => {
+                // Created but never started, or stopped: nothing worth keeping from a dead supervisor's attempt.
+                let id2 = id.clone();
+                self.blocking(move |rt| rt.delete(&id2, true)).await?;
+                None
+            }
+            None => None,
+        };
+        if adopted.is_some() {
+            self.status.message = Some("adopted after a supervisor restart".to_string());
+            tracing::info!(container = %id, "adopting the running container");
+        }
+        loop {
+            if stop.borrow().is_some() {
+                self.status.state = State::Stopped;
+                self.save()?;
+                return Ok(self.status);
+            }
+            let tail = Tail::default();
+            let pumps = self.start_pumps(&tail)?;
+            let started = SystemTime::now();
+            let ended = match adopted.take() {
+                Some(pid) => {
+                    self.status.state = State::Running;
+                    self.status.pid = Some(pid);
+                    self.save()?;
+                    self.watch(Child::Adopted(pid), &mut stop).await?
+                }
+                None => match self.start(&id).await {
+                    Ok(pid) => {
+                        self.status.state = State::Running;
+                        self.status.pid = Some(pid);
+                        self.status.started_at = Some(super::logs::timestamp(started));
+                        self.status.exit = None;
+                        self.status.health = self.spec.settings.health.as_ref().map(|_| "starting".to_string());
+                        self.save()?;
+                        self.watch(Child::Own(pid), &mut stop).await?
+                    }
+                    Err(message) => Ended::NotStarted(message),
+                },
+            };
+            pumps.finish().await;
+            let stopping = stop.borrow().is_some();
+            let id2 = id.clone();
+            if let Err(e) = self.blocking(move |rt| rt.delete(&id2, true)).await {
+                tracing::warn!(container = %id, "cannot delete the runtime's container: {e}");
+            }
+            self.status.pid = None;
+            self.status.finished_at = Some(super::logs::timestamp(SystemTime::now()));
+            let output = tail.take();
+            let (exit, runtime_error) = match &ended {
+                Ended::Exited(exit) => (Some(*exit), None),
+                Ended::NotStarted(m) => (None, Some(m.as_str())),
+            };
+            self.status.exit = exit;
+            let classification = policy::classify(exit.as_ref().map(|e| (e.code, e.signal)), runtime_error, &output);
+            if let Some(Classification::WrongArchitecture { evidence }) = &classification {
+                self.status.wrong_architecture = Some(ArchFailure {
+                    evidence: evidence.clone(),
+                    host: self.spec.host.clone(),
+                });
+            }
+            self.status.message = runtime_error.map(str::to_string).or_else(|| exit.map(|e| e.describe()));
+            if stopping {
+                self.status.state = State::Stopped;
+                self.status.health = None;
+                self.save()?;
+                return Ok(self.status);
+            }
+            let ran = SystemTime::now().duration_since(started).unwrap_or_default();
+            let failed = match &ended {
+                Ended::Exited(e) => e.code != Some(0),
+                Ended::NotStarted(_) => true,
+            };
+            consecutive_failures = if failed && ran < policy::STABLE_RUN {
+                consecutive_failures + 1
+            } else if failed {
+                1
+            } else {
+                0
+            };
+            // A wrong-architecture failure will fail the same way every time: restarting only hides it.
+            let decision = if classification.is_some() || matches!(ended, Ended::NotStarted(_)) && runtime_error.is_some_and(|m| m.contains("exec format error")) {
+                RestartDecision::GiveUp
+            } else {
+                policy::restart_decision(&self.spec.settings.restart, failed, consecutive_failures)
+            };
+            match decision {
+                RestartDecision::GiveUp => {
+                    self.status.state = match ended {
+                        Ended::NotStarted(_) => State::Failed,
+                        Ended::Exited(_) => State::Exited,
+                    };
+                    self.status.health = None;
+                    self.save()?;
+                    return Ok(self.status);
+                }
+                RestartDecision::RestartAfter(delay) => {
+                    self.status.state = State::Restarting;
+                    self.save()?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = stop.changed() => {}
+                    }
+                    if stop.borrow().is_none() {
+                        self.status.restarts += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Creates and starts the container; the runtime's error message when it cannot.
+    async fn start(&mut self, id: &str) -> Result<i32, String> {
+        let opened = (|| -> io::Result<(OwnedFd, OwnedFd)> {
+            Ok((self.container_end(Stream::Stdout)?, self.container_end(Stream::Stderr)?))
+        })();
+        let (stdout, stderr) = opened.map_err(|e| format!("cannot open the container's output pipes: {e}"))?;
+        let pid_file = self.container.dir.join("init.pid");
+        let _ = std::fs::remove_file(&pid_file);
+        let io = Io {
+            stdout,
+            stderr,
+            pid_file: pid_file.clone(),
+        };
+        let bundle = self.container.bundle_dir();
+        let id_owned = id.to_string();
+        let created = self
+            .blocking(move |rt| {
+                rt.create(&id_owned, &bundle, io)?;
+                rt.start(&id_owned)
+            })
+            .await;
+        if let Err(e) = created {
+            return Err(crate::error_chain(&e));
+        }
+        let text = std::fs::read_to_string(&pid_file).map_err(|e| format!("the runtime wrote no pid file: {e}"))?;
+        text.trim()
+            .parse()
+            .map_err(|_| format!("the runtime's pid file holds {text:?}, not a pid"))
+    }
+
+    /// The container's end of one output FIFO: opened read-write (see the module doc), created if missing.
+    fn container_end(&self, stream: Stream) -> io::Result<OwnedFd> {
+        let path = self.container.fifo(stream.as_str());
+        make_fifo(&path)?;
+        Ok(rustix::fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?)
+    }
+
+    fn start_pumps(&self, tail: &Tail) -> Result<Pumps, SuperviseError> {
+        let writer = LogWriter::open(&self.container.log_dir(), self.limits).map_err(self.io_err("the log directory"))?;
+        let writer = Arc::new(Mutex::new(writer));
+        let (done_tx, done_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let path = self.container.fifo(stream.as_str());
+            make_fifo(&path).map_err(self.io_err("the output pipe"))?;
+            // Read-write, so the pipe never reads as ended while no container holds it (between runs, or before
+            // create): the end of a run comes from the wait, and the pump then drains what is left.
+            let receiver = tokio::net::unix::pipe::OpenOptions::new()
+                .read_write(true)
+                .open_receiver(&path)
+                .map_err(self.io_err("the output pipe"))?;
+            let writer = writer.clone();
+            let tail = tail.clone();
+            let name = self.container.name.clone();
+            let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+            let mut done = done_rx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut receiver = receiver;
+                let mut splitter = LineSplitter::default();
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut emit = |line: &[u8]| {
+                    if let Ok(mut w) = writer.lock() {
+                        if let Err(e) = w.line(stream, line, SystemTime::now()) {
+                            tracing::warn!(container = %name, "cannot write the log: {e}");
+                        }
+                    }
+                    if stream == Stream::Stderr {
+                        tail.push(line);
+                    }
+                    if journal {
+                        tracing::info!(target: "container", container = %name, stream = stream.as_str(), "{}", String::from_utf8_lossy(line));
+                    }
+                };
+                loop {
+                    tokio::select! {
+                        read = receiver.read(&mut buf) => match read {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => splitter.feed(&buf[..n], &mut emit),
+                        },
+                        _ = done.changed() => {
+                            // The container is gone: take what it left in the pipe, without waiting for more.
+                            loop {
+                                match receiver.try_read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => splitter.feed(&buf[..n], &mut emit),
+                                    Err(_) => break,
+                                }
+                            }
+                            break;
+                        }
+                    }
+                }
+                splitter.finish(&mut emit);
+            }));
+        }
+        Ok(Pumps { done: done_tx, tasks })
+    }
+
+    /// Waits for the container's process to end, probing its health meanwhile, and stops it gracefully when asked.
+    async fn watch(&mut self, child: Child, stop: &mut StopRequest) -> Result<Ended, SuperviseError> {
+        let mut exited = child.wait();
+        let mut tracker = self.spec.settings.health.clone().map(|h| HealthTracker::new(h, std::time::Instant::now()));
+        let mut next_probe = tokio::time::Instant::now()
+            + self.spec.settings.health.as_ref().map_or(Duration::from_secs(3600), |h| h.interval);
+        loop {
+            tokio::select! {
+                exit = &mut exited => return Ok(Ended::Exited(exit)),
+                _ = stop.changed() => {
+                    let grace = stop.borrow().unwrap_or(self.spec.settings.stop_grace);
+                    return Ok(Ended::Exited(self.stop_gracefully(grace, exited).await));
+                }
+                _ = tokio::time::sleep_until(next_probe), if tracker.is_some() => {
+                    let Some(t) = tracker.as_mut() else { continue };
+                    let check = t.check().clone();
+                    let healthy = health::probe(&self.runtime, &self.container.name, &check).await;
+                    next_probe = tokio::time::Instant::now() + check.interval;
+                    if let Some(changed) = t.observe(healthy, std::time::Instant::now()) {
+                        self.status.health = Some(changed.to_string());
+                        self.save()?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL to every process of the container after `grace`.
+    async fn stop_gracefully(&self, grace: Duration, mut exited: ExitFuture) -> Exit {
+        let id = self.container.name.clone();
+        let term = self.blocking({
+            let id = id.clone();
+            move |rt| rt.kill(&id, libc::SIGTERM, false)
+        });
+        if let Err(e) = term.await {
+            tracing::warn!(container = %id, "SIGTERM failed: {e}");
+        }
+        tokio::select! {
+            exit = &mut exited => return exit,
+            _ = tokio::time::sleep(grace) => {}
+        }
+        tracing::info!(container = %id, "still running after {grace:?}: SIGKILL");
+        let kill = self.blocking({
+            let id = id.clone();
+            move |rt| rt.kill(&id, libc::SIGKILL, true)
+        });
+        if let Err(e) = kill.await {
+            tracing::warn!(container = %id, "SIGKILL failed: {e}");
+        }
+        tokio::select! {
+            exit = &mut exited => exit,
+            _ = tokio::time::sleep(KILL_WAIT) => Exit::default(),
+        }
+    }
+}
+
+type ExitFuture = Pin<Box<dyn Future<Output = Exit> + Send>>;
+
+/// The container's init process: our child, or one we adopted.
+enum Child {
+    Own(i32),
+    Adopted(i32),
+}
+
+impl Child {
+    fn wait(self) -> ExitFuture {
+        match self {
+            Child::Own(pid) => Box::pin(async move {
+                tokio::task::spawn_blocking(move || wait_child(pid))
+                    .await
+                    .unwrap_or_default()
+            }),
+            Child::Adopted(pid) => Box::pin(async move { wait_adopted(pid).await }),
+        }
+    }
+}
+
+fn wait_child(pid: i32) -> Exit {
+    let Some(pid) = rustix::process::Pid::from_raw(pid) else {
+        return Exit::default();
+    };
+    loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Ok(Some((_, status))) => {
+                return Exit {
+                    code: status.exit_status(),
+                    signal: status.terminating_signal(),
+                };
+            }
+            Ok(None) => continue,
+            Err(rustix::io::Errno::INTR) => continue,
+            // Not our child after all (the runtime re-parented it elsewhere): we cannot know how it ended.
+            Err(_) => return Exit::default(),
+        }
+    }
+}
+
+async fn wait_adopted(pid: i32) -> Exit {
+    let Some(raw) = rustix::process::Pid::from_raw(pid) else {
+        return Exit::default();
+    };
+    let fd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::NONBLOCK) {
+        Ok(fd) => fd,
+        Err(_) => return Exit::default(),
+    };
+    if let Ok(async_fd) = tokio::io::unix::AsyncFd::new(fd) {
+        let _ = async_fd.readable().await;
+    }
+    Exit::default()
+}
+
+/// The output pumps of one run.
+struct Pumps {
+    done: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Pumps {
+    async fn finish(self) {
+        let _ = self.done.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn make_fifo(path: &Path) -> io::Result<()> {
+    match rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        Mode::from_raw_mode(0o600),
+        0,
+    ) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}

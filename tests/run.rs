@@ -1,0 +1,357 @@
+//! `flotilla run`, `ps`, `logs`, `stop` and `rm` with real runc, as root: busybox-static images run natively and,
+//! through qemu-user binfmt handlers this test registers, as arm64 and arm/v6.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::registry::{OciLayoutBuilder, busybox_images};
+use common::{output_text, require};
+
+const LONG_RUNNING: &str =
+    "echo hello; echo oops >&2; trap 'echo bye; exit 0' TERM; while :; do busybox sleep 0.1; done";
+
+struct Lab {
+    _dir: tempfile::TempDir,
+    state: PathBuf,
+    image: String,
+}
+
+fn prerequisites() -> Option<()> {
+    require(
+        "root (runc needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )?;
+    common::required_tool("runc")?;
+    require(
+        "busybox-static fixtures (tests/setup)",
+        busybox_images(),
+    )?;
+    Some(())
+}
+
+impl Lab {
+    fn new() -> Option<Lab> {
+        prerequisites()?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layout = OciLayoutBuilder::new(&dir.path().join("layout"));
+        layout.write("v1", &busybox_images()?);
+        let image = format!("oci:{}:v1", layout.dir().display());
+        Some(Lab {
+            state: dir.path().join("state"),
+            _dir: dir,
+            image,
+        })
+    }
+
+    fn flotilla(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(args)
+            .env_remove("JOURNAL_STREAM")
+            .output()
+            .expect("run flotilla")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.flotilla(args);
+        assert!(out.status.success(), "flotilla {args:?}: {}", output_text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn container(&self, name: &str) -> serde_json::Value {
+        let all: serde_json::Value =
+            serde_json::from_str(&self.ok(&["ps", "-a", "--json"])).expect("ps json");
+        all.as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn logs(&self, name: &str) -> String {
+        let out = self.flotilla(&["logs", name]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    fn container_dir(&self, name: &str) -> PathBuf {
+        self.state.join("containers").join(name)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Whatever a failed test left running goes: containers, supervisors, mounts.
+        if let Ok(entries) = std::fs::read_dir(self.state.join("containers")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let _ = self.flotilla(&["rm", "--force", &name]);
+            }
+        }
+    }
+}
+
+/// Polls `f` every 100 ms until it holds or `limit` passes.
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn mounted(dir: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .contains(&dir.display().to_string())
+}
+
+#[test]
+fn runs_natively_logs_stops_gracefully_and_removes() {
+    let Some(lab) = Lab::new() else { return };
+    let name = lab.ok(&["run", &lab.image, "--name", "web", "--detach", "--", "-c", LONG_RUNNING]);
+    assert_eq!(name.trim(), "web");
+    wait_for("the container's output", Duration::from_secs(30), || {
+        let logs = lab.logs("web");
+        logs.contains("hello") && logs.contains("oops")
+    });
+    let c = lab.container("web");
+    assert_eq!(c["state"], "running", "{c}");
+    assert_eq!(c["platform"], "linux/amd64", "{c}");
+    assert_eq!(c["supervised"], true, "{c}");
+    let out = lab.flotilla(&["logs", "web", "--tail", "1"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("oops")
+            && !String::from_utf8_lossy(&out.stdout).contains("hello"),
+        "stderr lines go to stderr, and --tail 1 keeps only the last: {}",
+        output_text(&out)
+    );
+
+    lab.ok(&["stop", "web", "--time", "20"]);
+    let c = lab.container("web");
+    assert_eq!(c["state"], "stopped", "{c}");
+    // The trap ran: the container ended on SIGTERM, within the grace period, not by SIGKILL after it.
+    assert_eq!(c["exit"]["code"], 0, "{c}");
+    assert!(lab.logs("web").contains("bye"));
+
+    let dir = lab.container_dir("web");
+    assert!(mounted(&dir) || c["rootfs"] == "copy", "the root is mounted until rm");
+    lab.ok(&["rm", "web"]);
+    assert!(!dir.exists());
+    assert!(!mounted(&dir), "rm unmounts the root");
+    let out = lab.flotilla(&["logs", "web"]);
+    assert!(!out.status.success());
+    assert!(output_text(&out).contains("no container named web"), "{}", output_text(&out));
+}
+
+#[test]
+fn foreground_run_returns_the_exit_code_and_names_are_unique() {
+    let Some(lab) = Lab::new() else { return };
+    let out = lab.flotilla(&["run", &lab.image, "--name", "fg", "--", "-c", "echo out; exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("out"));
+    let c = lab.container("fg");
+    assert_eq!(c["state"], "exited", "{c}");
+    assert_eq!(c["exit"]["code"], 7, "{c}");
+
+    let again = lab.flotilla(&["run", &lab.image, "--name", "fg", "--", "-c", "true"]);
+    assert_eq!(again.status.code(), Some(1), "{}", output_text(&again));
+    assert!(output_text(&again).contains("flotilla rm fg"), "{}", output_text(&again));
+    let bad = lab.flotilla(&["run", &lab.image, "--name", "../x"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", output_text(&bad));
+}
+
+#[test]
+fn the_restart_policy_restarts_a_crash_and_gives_up_after_its_limit() {
+    let Some(lab) = Lab::new() else { return };
+    lab.ok(&[
+        "run", &lab.image, "--name", "crash", "--restart", "on-failure:2", "--detach", "--", "-c",
+        "echo run; exit 3",
+    ]);
+    wait_for("the restarts to end", Duration::from_secs(60), || {
+        lab.container("crash")["state"] == "exited"
+    });
+    let c = lab.container("crash");
+    assert_eq!(c["restarts"], 2, "{c}");
+    assert_eq!(c["exit"]["code"], 3, "{c}");
+    assert_eq!(lab.logs("crash").matches("run").count(), 3);
+}
+
+#[test]
+fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
+    let Some(lab) = Lab::new() else { return };
+    lab.ok(&["run", &lab.image, "--name", "adopt", "--detach", "--", "-c", LONG_RUNNING]);
+    wait_for("the container's output", Duration::from_secs(30), || lab.logs("adopt").contains("hello"));
+    let before = lab.container("adopt");
+    let pid = before["pid"].as_i64().expect("pid");
+    let lock = lab.container_dir("adopt").join("supervisor.lock");
+    let supervisor: i32 = std::fs::read_to_string(&lock).unwrap().trim().parse().unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    wait_for("the supervisor to die", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{supervisor}")).exists()
+            || std::fs::read_to_string(format!("/proc/{supervisor}/stat")).is_ok_and(|s| s.contains(") Z "))
+    });
+
+    let out = lab.flotilla(&["ps"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("adopted"), "{}", output_text(&out));
+    let after = lab.container("adopt");
+    assert_eq!(after["state"], "running", "{after}");
+    assert_eq!(after["pid"].as_i64(), Some(pid), "adopted, not started again: {after}");
+    assert_eq!(after["restarts"], 0, "{after}");
+    assert_eq!(after["supervised"], true, "{after}");
+    // The new supervisor reads the same pipes: the output written at the stop still reaches the log.
+    lab.ok(&["stop", "adopt", "--time", "20"]);
+    assert!(lab.logs("adopt").contains("bye"));
+    assert_eq!(lab.container("adopt")["state"], "stopped");
+}
+
+#[test]
+fn a_sigill_exit_is_recorded_as_the_wrong_architecture_variant() {
+    let Some(lab) = Lab::new() else { return };
+    // A child shell dies of SIGILL (as an ARMv7 instruction on an ARMv6 CPU would make it); the container's init
+    // exits with 128 + 4.
+    let out = lab.flotilla(&[
+        "run", &lab.image, "--name", "ill", "--restart", "always", "--", "-c",
+        "busybox sh -c 'kill -ILL $$'; exit $?",
+    ]);
+    assert_eq!(out.status.code(), Some(132), "{}", output_text(&out));
+    assert!(output_text(&out).contains("wrong architecture variant"), "{}", output_text(&out));
+    let c = lab.container("ill");
+    assert_eq!(c["state"], "exited", "never restarted: {c}");
+    assert_eq!(c["restarts"], 0, "{c}");
+    assert!(c["wrong_architecture"]["evidence"].is_string(), "{c}");
+    assert!(c["wrong_architecture"]["host"].is_string(), "{c}");
+    let table = lab.ok(&["ps", "-a"]);
+    assert!(table.contains("wrong architecture variant"), "{table}");
+}
+
+/// binfmt_misc registration is machine-wide: this one test owns it, restores what it found, and runs the foreign
+/// variants.
+#[test]
+fn foreign_variants_run_only_with_a_registered_handler_and_permission() {
+    let Some(lab) = Lab::new() else { return };
+    let Some(binfmt) = require("binfmt_misc and qemu-user-static", Binfmt::take()) else {
+        return;
+    };
+    binfmt.unregister_all();
+    let refused = lab.flotilla(&[
+        "--platform", "linux/arm64", "run", &lab.image, "--name", "a64", "--allow-emulation", "--", "-c",
+        "busybox uname -m",
+    ]);
+    assert!(!refused.status.success(), "{}", output_text(&refused));
+    assert!(output_text(&refused).contains("binfmt"), "{}", output_text(&refused));
+    assert!(!lab.container_dir("a64").exists(), "a refused run leaves no container");
+
+    binfmt.register_all();
+    let refused = lab.flotilla(&[
+        "--platform", "linux/arm64", "run", &lab.image, "--name", "a64", "--", "-c", "busybox uname -m",
+    ]);
+    assert!(!refused.status.success(), "{}", output_text(&refused));
+    assert!(output_text(&refused).contains("--allow-emulation"), "{}", output_text(&refused));
+
+    let out = lab.flotilla(&[
+        "--platform", "linux/arm64", "run", &lab.image, "--name", "a64", "--allow-emulation", "--", "-c",
+        "busybox uname -m",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("aarch64"), "{}", output_text(&out));
+    assert!(lab.ok(&["ps", "-a"]).contains("emulated"));
+
+    let out = lab.flotilla(&[
+        "--platform", "linux/arm/v6", "run", &lab.image, "--name", "v6", "--allow-emulation", "--", "-c",
+        "busybox uname -m",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("armv"), "{}", output_text(&out));
+    drop(binfmt);
+}
+
+/// The qemu handlers this test needs, registered from Debian's `/usr/lib/binfmt.d/` files with the `F` flag (the
+/// interpreter is opened at registration: a container's root has no qemu). What was registered before is put back.
+struct Binfmt {
+    mounted_here: bool,
+    entries: Vec<(String, String, Option<bool>)>,
+}
+
+const BINFMT: &str = "/proc/sys/fs/binfmt_misc";
+
+impl Binfmt {
+    fn take() -> Option<Binfmt> {
+        let mut mounted_here = false;
+        if !Path::new(BINFMT).join("register").exists() {
+            let ok = Command::new("mount")
+                .args(["-t", "binfmt_misc", "binfmt_misc", BINFMT])
+                .status()
+                .ok()?
+                .success();
+            if !ok {
+                return None;
+            }
+            mounted_here = true;
+        }
+        let mut entries = Vec::new();
+        for name in ["qemu-aarch64", "qemu-arm"] {
+            let conf = std::fs::read_to_string(format!("/usr/lib/binfmt.d/{name}.conf")).ok()?;
+            let line = conf.lines().find(|l| l.starts_with(':'))?.to_string();
+            // Debian ships OPF; F is what matters here, and is there, but make sure.
+            let line = if line.ends_with('F') || line.rsplit(':').next().is_some_and(|f| f.contains('F')) {
+                line
+            } else {
+                format!("{line}F")
+            };
+            let before = std::fs::read_to_string(Path::new(BINFMT).join(name))
+                .ok()
+                .map(|s| s.starts_with("enabled"));
+            entries.push((name.to_string(), line, before));
+        }
+        Some(Binfmt {
+            mounted_here,
+            entries,
+        })
+    }
+
+    fn unregister_all(&self) {
+        for (name, _, _) in &self.entries {
+            let _ = std::fs::write(Path::new(BINFMT).join(name), "-1");
+        }
+    }
+
+    fn register_all(&self) {
+        for (name, line, _) in &self.entries {
+            if !Path::new(BINFMT).join(name).exists() {
+                std::fs::write(Path::new(BINFMT).join("register"), line).expect("register binfmt handler");
+            }
+        }
+    }
+}
+
+impl Drop for Binfmt {
+    fn drop(&mut self) {
+        self.unregister_all();
+        for (name, line, before) in &self.entries {
+            if let Some(enabled) = before {
+                let _ = std::fs::write(Path::new(BINFMT).join("register"), line);
+                if !enabled {
+                    let _ = std::fs::write(Path::new(BINFMT).join(name), "0");
+                }
+            }
+        }
+        if self.mounted_here {
+            let _ = Command::new("umount").arg(BINFMT).status();
+        }
+    }
+}
