@@ -25,7 +25,9 @@ pub enum SettingsError {
     Restart(String),
     #[error("{what} {value:?}: write a number with an optional unit: k, m or g (64m)")]
     Size { what: &'static str, value: String },
-    #[error("{what} {value:?}: write a number of seconds, or a number with a unit: ms, s, m or h (1m30s is not read)")]
+    #[error(
+        "{what} {value:?}: write a number of seconds, or a number with a unit: ms, s, m or h (1m30s is not read)"
+    )]
     Duration { what: &'static str, value: String },
     #[error("--cpus {0:?}: write a positive number of CPUs, such as 0.5 or 2")]
     Cpus(String),
@@ -159,7 +161,9 @@ pub enum RestartPolicy {
     No,
     Always,
     /// After a non-zero exit, at most `max_retries` times in a row when set.
-    OnFailure { max_retries: Option<u32> },
+    OnFailure {
+        max_retries: Option<u32>,
+    },
 }
 
 impl FromStr for RestartPolicy {
