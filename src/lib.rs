@@ -19,6 +19,7 @@ pub mod pull;
 pub mod registry;
 pub mod runtime;
 pub mod store;
+pub mod supervise;
 mod sys;
 pub mod verify;
 

@@ -1,0 +1,2 @@
+//! Keeping containers running: the restart and health decisions (`policy`), and the loop that applies them.
+pub mod policy;
