@@ -600,23 +600,44 @@ mod tests {
             )
         });
         if actual != expected {
-            let diff: Vec<String> = expected
-                .lines()
-                .zip(actual.lines())
-                .enumerate()
-                .filter(|(_, (e, a))| e != a)
-                .take(20)
-                .map(|(i, (e, a))| format!("line {}:\n  - {e}\n  + {a}", i + 1))
-                .collect();
             panic!(
-                "{} differs from the generated config ({} vs {} lines):\n{}\n\
+                "{} differs from the generated config:\n{}\n\
                  If the change is intended, run with FLOTILLA_BLESS=1 and review the diff in git.",
                 path.display(),
-                expected.lines().count(),
-                actual.lines().count(),
-                diff.join("\n")
+                first_difference(&expected, &actual)
             );
         }
+    }
+
+    /// The first differing line with the lines around it from both sides: enough to see an insertion, a removal
+    /// or a changed value without a diff library.
+    fn first_difference(expected: &str, actual: &str) -> String {
+        let e: Vec<&str> = expected.lines().collect();
+        let a: Vec<&str> = actual.lines().collect();
+        let at = e
+            .iter()
+            .zip(&a)
+            .position(|(x, y)| x != y)
+            .unwrap_or(e.len().min(a.len()));
+        let from = at.saturating_sub(3);
+        let side = |lines: &[&str]| {
+            lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .take(10)
+                .map(|(i, l)| format!("{:>5}{} {l}", i + 1, if i == at { ">" } else { " " }))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "first difference at line {} ({} lines expected, {} generated)\n--- expected\n{}\n+++ generated\n{}",
+            at + 1,
+            e.len(),
+            a.len(),
+            side(&e),
+            side(&a)
+        )
     }
 
     #[test]
