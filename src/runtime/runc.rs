@@ -271,8 +271,10 @@ impl Runtime for Runc {
             .arg(&pid_file)
             .arg(id)
             .args(args)
+            // The probe's own output is not kept: only its exit code is the verdict, and an unread pipe would
+            // block a chatty probe until its timeout.
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::null());
         let offset = self.log_len();
         let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
         let deadline = Instant::now() + timeout;
@@ -290,10 +292,6 @@ impl Runtime for Runc {
         };
         let result = match status {
             Ok(status) => {
-                let mut stderr = Vec::new();
-                if let Some(mut pipe) = child.stderr.take() {
-                    let _ = pipe.read_to_end(&mut stderr);
-                }
                 // runc's own failure (no such binary in the image, container not running) is an error, not the
                 // probe's verdict; the probe's exit code is reported as it is.
                 match self.logged_errors(offset) {
