@@ -231,9 +231,15 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         .into());
     }
     let platform = crate::platform::Platform::of_config(&image.config);
-    let emulated_by = match emulation::decide(&platform, &host, allow_emulation, &emulation::Binfmt::read()) {
+    // The gate is this machine, whatever --platform or --evidence chose to pull: they pick a variant, they do not
+    // make this CPU run it.
+    let live = crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
+        .0
+        .host();
+    let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR)).map_err(RunError::from)?;
+    let emulated_by = match emulation::decide(&platform, &live, allow_emulation, &binfmt) {
         Ok(emulation::Decision::Native) => None,
-        Ok(emulation::Decision::Emulated { handler }) => {
+        Ok(emulation::Decision::Emulated { handler, .. }) => {
             eprintln!("{name}: {platform} runs here only through the binfmt handler {handler} (emulated)");
             Some(handler)
         }

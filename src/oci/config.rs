@@ -25,6 +25,8 @@ pub struct ExecConfig {
     pub cmd: Option<Vec<String>>,
     pub env: Option<Vec<String>>,
     pub working_dir: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`; empty means root.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

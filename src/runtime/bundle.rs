@@ -121,7 +121,14 @@ pub fn host_device(path: &Path) -> Result<HostDevice, BundleError> {
 /// The I/O before [`spec`]: resolves the user in the image's `/etc` files, reads the devices' numbers, and makes
 /// the named volumes' directories.
 pub fn prepare(c: &Container) -> Result<Resolved, BundleError> {
-    let user = match &c.settings.user {
+    // The settings' user wins over the image's USER, as `docker run --user` does.
+    let image_user = c
+        .image
+        .config
+        .as_ref()
+        .and_then(|e| e.user.as_deref())
+        .filter(|u| !u.is_empty());
+    let user = match c.settings.user.as_deref().or(image_user) {
         Some(spec) => user::resolve(spec, &EtcFiles::read(c.rootfs)?)?,
         None => ResolvedUser::ROOT,
     };
@@ -512,6 +519,7 @@ mod tests {
                     "TZ=UTC".into(),
                 ]),
                 working_dir: Some("/srv".into()),
+                user: None,
             }),
             rootfs: None,
         }
@@ -737,5 +745,35 @@ mod tests {
             host_device(Path::new("/etc/hostname")),
             Err(BundleError::NotADevice { .. }) | Err(BundleError::Device { .. })
         ));
+    }
+
+    #[test]
+    fn the_image_s_user_applies_unless_the_settings_name_one() {
+        let rootfs = tempfile::tempdir().unwrap();
+        std::fs::create_dir(rootfs.path().join("etc")).unwrap();
+        std::fs::write(
+            rootfs.path().join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+        )
+        .unwrap();
+        let volumes = tempfile::tempdir().unwrap();
+        let mut img = image();
+        if let Some(e) = img.config.as_mut() {
+            e.user = Some("app".into());
+        }
+        let mut settings = RunSettings::new();
+        let c = |settings: &RunSettings| -> Resolved {
+            prepare(&Container {
+                name: "sensor",
+                image: &img,
+                settings,
+                rootfs: rootfs.path(),
+                volumes_dir: volumes.path(),
+            })
+            .unwrap()
+        };
+        assert_eq!((c(&settings).user.uid, c(&settings).user.gid), (1000, 1000));
+        settings.user = Some("0".into());
+        assert_eq!(c(&settings).user.uid, 0);
     }
 }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::container::{Container, ContainerError, State};
+use super::container::{Container, State};
 use super::supervisor::SuperviseError;
 use crate::runtime::{self, Runtime};
 
@@ -147,10 +147,10 @@ pub fn adopt_orphans(state_dir: &Path) -> Result<Vec<String>, SuperviseError> {
 }
 
 /// Whether the container's own process runs, by the runtime's word.
-pub fn is_running(container: &Container, runtime: &dyn Runtime) -> Result<bool, ContainerError> {
-    Ok(runtime
+pub fn is_running(container: &Container, runtime: &dyn Runtime) -> bool {
+    runtime
         .state(&container.name)
         .ok()
         .flatten()
-        .is_some_and(|s| s.status == runtime::Status::Running))
+        .is_some_and(|s| s.status == runtime::Status::Running)
 }

@@ -5,29 +5,36 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::policy::ProbeResult;
 use crate::runtime::Runtime;
 use crate::runtime::settings::{HealthCheck, Probe};
 
-/// Whether the probe passed within the check's timeout.
-pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) -> bool {
+/// Runs the check's probe once, bounded by its timeout.
+pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) -> ProbeResult {
     let timeout = check.timeout;
+    let passed = |ok: bool| if ok { ProbeResult::Passed } else { ProbeResult::Failed };
     match &check.probe {
         Probe::Exec(args) => {
             let rt = runtime.clone();
             let id = id.to_string();
             let args = args.clone();
-            // The runtime kills the command at the timeout; the outer bound only guards against a runtime that hangs.
+            // The runtime kills the command at the timeout (an error); the outer bound only guards against a runtime
+            // that hangs.
             let run = tokio::task::spawn_blocking(move || rt.exec(&id, &args, timeout));
-            matches!(
-                tokio::time::timeout(timeout * 2, run).await,
-                Ok(Ok(Ok(0)))
-            )
+            match tokio::time::timeout(timeout * 2, run).await {
+                Ok(Ok(Ok(code))) => passed(code == 0),
+                Ok(Ok(Err(crate::runtime::RuntimeError::ExecTimeout { .. }))) | Err(_) => ProbeResult::TimedOut,
+                _ => ProbeResult::Failed,
+            }
         }
-        Probe::Tcp { address } => matches!(
-            tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await,
-            Ok(Ok(_))
-        ),
-        Probe::Http { url } => matches!(tokio::time::timeout(timeout, http_get(url)).await, Ok(Ok(true))),
+        Probe::Tcp { address } => match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
+            Ok(r) => passed(r.is_ok()),
+            Err(_) => ProbeResult::TimedOut,
+        },
+        Probe::Http { url } => match tokio::time::timeout(timeout, http_get(url)).await {
+            Ok(r) => passed(r.unwrap_or(false)),
+            Err(_) => ProbeResult::TimedOut,
+        },
     }
 }
 
@@ -95,19 +102,22 @@ mod tests {
     async fn http_and_tcp_probes() {
         let rt: Arc<dyn Runtime> = Arc::new(crate::runtime::fake::Recording::default());
         let ok = serve_once("204 No Content").await;
-        assert!(probe(&rt, "x", &check(Probe::Http { url: ok })).await);
+        assert_eq!(probe(&rt, "x", &check(Probe::Http { url: ok })).await, ProbeResult::Passed);
         let bad = serve_once("503 Service Unavailable").await;
-        assert!(!probe(&rt, "x", &check(Probe::Http { url: bad })).await);
+        assert_eq!(probe(&rt, "x", &check(Probe::Http { url: bad })).await, ProbeResult::Failed);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        assert!(probe(&rt, "x", &check(Probe::Tcp { address })).await);
+        assert_eq!(probe(&rt, "x", &check(Probe::Tcp { address })).await, ProbeResult::Passed);
         drop(listener);
         // A port nothing listens on (the one just closed) refuses.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        assert!(!probe(&rt, "x", &check(Probe::Tcp { address: closed })).await);
-        assert!(!probe(&rt, "x", &check(Probe::Http { url: "https://127.0.0.1/".into() })).await);
+        assert_eq!(probe(&rt, "x", &check(Probe::Tcp { address: closed })).await, ProbeResult::Failed);
+        assert_eq!(
+            probe(&rt, "x", &check(Probe::Http { url: "https://127.0.0.1/".into() })).await,
+            ProbeResult::Failed
+        );
     }
 }

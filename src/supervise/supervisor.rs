@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use super::container::{ArchFailure, Container, ContainerError, ContainerSpec, Exit, State, Status};
 use super::health;
 use super::logs::{LineSplitter, LogLimits, LogWriter, Stream};
-use super::policy::{self, Classification, HealthTracker, RestartDecision};
+use super::policy::{self, Backoff, Decision, Failure, Health, HealthState, StopReason};
 use crate::runtime::{self, Io, Runtime, RuntimeError};
 
 /// How much of the container's last output is kept to classify a failure: the Go runtime's and the loader's
@@ -76,6 +76,14 @@ impl Tail {
             .lock()
             .map(|mut t| String::from_utf8_lossy(&std::mem::take(&mut *t)).into_owned())
             .unwrap_or_default()
+    }
+}
+
+fn health_word(h: Health) -> &'static str {
+    match h {
+        Health::Starting => "starting",
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
     }
 }
 
@@ -132,7 +140,7 @@ impl Supervisor {
     /// started, or a stop was requested. Returns the final status.
     pub async fn run(mut self, mut stop: StopRequest) -> Result<Status, SuperviseError> {
         let id = self.container.name.clone();
-        let mut consecutive_failures: u32 = 0;
+        let mut streak: u32 = 0;
         // Adoption: a container that is still up was started by a supervisor that has since died.
         let mut adopted = match self.blocking({
             let id = id.clone();
@@ -198,53 +206,66 @@ impl Supervisor {
                 Ended::NotStarted(m) => (None, Some(m.as_str())),
             };
             self.status.exit = exit;
-            let classification = policy::classify(exit.as_ref().map(|e| (e.code, e.signal)), runtime_error, &output);
-            if let Some(Classification::WrongArchitecture { evidence }) = &classification {
+            // An exit nobody saw (adopted) counts as a failure: keeping the app up matters more than guessing.
+            let policy_exit = exit.map(|e| match (e.code, e.signal) {
+                (Some(c), _) => policy::Exit::Code(c),
+                (None, Some(sig)) => policy::Exit::Signal(sig),
+                (None, None) => policy::Exit::Code(-1),
+            });
+            let classification = policy::classify(&Failure {
+                exit: policy_exit,
+                runtime_error,
+                output: &output,
+            });
+            if let Some(c) = &classification {
                 self.status.wrong_architecture = Some(ArchFailure {
-                    evidence: evidence.clone(),
+                    evidence: c.evidence.clone(),
                     host: self.spec.host.clone(),
                 });
             }
-            self.status.message = runtime_error.map(str::to_string).or_else(|| exit.map(|e| e.describe()));
+            self.status.message = runtime_error
+                .map(str::to_string)
+                .or_else(|| exit.map(|e| e.describe()));
             if stopping {
                 self.status.state = State::Stopped;
                 self.status.health = None;
                 self.save()?;
                 return Ok(self.status);
             }
-            let ran = SystemTime::now().duration_since(started).unwrap_or_default();
-            let failed = match &ended {
-                Ended::Exited(e) => e.code != Some(0),
-                Ended::NotStarted(_) => true,
+            // A container the runtime refused to create will be refused again: it is failed, not restarted.
+            let Some(policy_exit) = policy_exit else {
+                self.status.state = State::Failed;
+                self.status.health = None;
+                self.save()?;
+                return Ok(self.status);
             };
-            consecutive_failures = if failed && ran < policy::STABLE_RUN {
-                consecutive_failures + 1
-            } else if failed {
-                1
-            } else {
-                0
-            };
-            // A wrong-architecture failure will fail the same way every time: restarting only hides it.
-            let decision = if classification.is_some() || matches!(ended, Ended::NotStarted(_)) && runtime_error.is_some_and(|m| m.contains("exec format error")) {
-                RestartDecision::GiveUp
-            } else {
-                policy::restart_decision(&self.spec.settings.restart, failed, consecutive_failures)
-            };
-            match decision {
-                RestartDecision::GiveUp => {
-                    self.status.state = match ended {
-                        Ended::NotStarted(_) => State::Failed,
-                        Ended::Exited(_) => State::Exited,
-                    };
+            let ran_for = SystemTime::now().duration_since(started).unwrap_or_default();
+            match policy::restart(
+                self.spec.settings.restart,
+                policy_exit,
+                ran_for,
+                streak,
+                classification.as_ref(),
+                &Backoff::default(),
+            ) {
+                Decision::Stop(reason) => {
+                    if let StopReason::GaveUp { failures } = reason {
+                        self.status.message = Some(format!(
+                            "{}; gave up after {failures} failures in a row",
+                            self.status.message.as_deref().unwrap_or("failed")
+                        ));
+                    }
+                    self.status.state = State::Exited;
                     self.status.health = None;
                     self.save()?;
                     return Ok(self.status);
                 }
-                RestartDecision::RestartAfter(delay) => {
+                Decision::Restart { after, streak: s } => {
+                    streak = s;
                     self.status.state = State::Restarting;
                     self.save()?;
                     tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(after) => {}
                         _ = stop.changed() => {}
                     }
                     if stop.borrow().is_none() {
@@ -356,9 +377,10 @@ impl Supervisor {
     /// Waits for the container's process to end, probing its health meanwhile, and stops it gracefully when asked.
     async fn watch(&mut self, child: Child, stop: &mut StopRequest) -> Result<Ended, SuperviseError> {
         let mut exited = child.wait();
-        let mut tracker = self.spec.settings.health.clone().map(|h| HealthTracker::new(h, std::time::Instant::now()));
-        let mut next_probe = tokio::time::Instant::now()
-            + self.spec.settings.health.as_ref().map_or(Duration::from_secs(3600), |h| h.interval);
+        let check = self.spec.settings.health.clone();
+        let started = tokio::time::Instant::now();
+        let mut health = HealthState::default();
+        let mut next_probe = started + check.as_ref().map_or(Duration::ZERO, |c| c.interval);
         loop {
             tokio::select! {
                 exit = &mut exited => return Ok(Ended::Exited(exit)),
@@ -366,13 +388,14 @@ impl Supervisor {
                     let grace = stop.borrow().unwrap_or(self.spec.settings.stop_grace);
                     return Ok(Ended::Exited(self.stop_gracefully(grace, exited).await));
                 }
-                _ = tokio::time::sleep_until(next_probe), if tracker.is_some() => {
-                    let Some(t) = tracker.as_mut() else { continue };
-                    let check = t.check().clone();
-                    let healthy = health::probe(&self.runtime, &self.container.name, &check).await;
+                _ = tokio::time::sleep_until(next_probe), if check.is_some() => {
+                    let Some(check) = &check else { continue };
+                    let result = health::probe(&self.runtime, &self.container.name, check).await;
                     next_probe = tokio::time::Instant::now() + check.interval;
-                    if let Some(changed) = t.observe(healthy, std::time::Instant::now()) {
-                        self.status.health = Some(changed.to_string());
+                    let before = health.health;
+                    health = health.observe(check, started.elapsed(), result);
+                    if health.health != before {
+                        self.status.health = Some(health_word(health.health).to_string());
                         self.save()?;
                     }
                 }
@@ -451,17 +474,28 @@ fn wait_child(pid: i32) -> Exit {
 }
 
 async fn wait_adopted(pid: i32) -> Exit {
+    tokio::task::spawn_blocking(move || wait_pidfd(pid))
+        .await
+        .unwrap_or_default()
+}
+
+/// Blocks until the process `pid`, which is not our child, ends: a pidfd turns readable then.
+fn wait_pidfd(pid: i32) -> Exit {
+    use rustix::event::{PollFd, PollFlags, poll};
     let Some(raw) = rustix::process::Pid::from_raw(pid) else {
         return Exit::default();
     };
-    let fd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::NONBLOCK) {
-        Ok(fd) => fd,
-        Err(_) => return Exit::default(),
+    // Gone already (or never there): nothing to wait for.
+    let Ok(fd) = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) else {
+        return Exit::default();
     };
-    if let Ok(async_fd) = tokio::io::unix::AsyncFd::new(fd) {
-        let _ = async_fd.readable().await;
+    loop {
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, None) {
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return Exit::default(),
+        }
     }
-    Exit::default()
 }
 
 /// The output pumps of one run.
