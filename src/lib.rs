@@ -20,6 +20,7 @@ pub mod registry;
 pub mod runtime;
 pub mod store;
 mod sys;
+pub mod unpack;
 pub mod verify;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.
