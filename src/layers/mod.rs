@@ -154,7 +154,11 @@ impl LayerIndex {
             return EntryMeaning::Opaque(parent.to_string());
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-            let hidden = join(parent, hidden);
+            // `.wh..` or `.wh...` would hide the directory itself or its parent: normalised, never the root.
+            let hidden = normalize(&join(parent, hidden));
+            if hidden.is_empty() {
+                return EntryMeaning::Root;
+            }
             self.whiteouts.insert(hidden.clone());
             return EntryMeaning::Whiteout(hidden);
         }

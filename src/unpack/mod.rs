@@ -26,7 +26,7 @@ use crate::durable::DurableError;
 use crate::layers::LayerError;
 
 pub use extract::{Extracted, Skipped, extract};
-pub use rootfs::{PreparedRoot, RootKind, prepare, release};
+pub use rootfs::{PreparedRoot, RootKind, prepare, prepare_as, release};
 pub use snapshots::Snapshots;
 
 /// Bounds on what one layer may expand to. The defaults take any real image; a hostile or broken layer stops

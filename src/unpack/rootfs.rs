@@ -56,6 +56,17 @@ pub fn prepare(
     diff_ids: &[Digest],
     container_dir: &Path,
 ) -> Result<PreparedRoot, UnpackError> {
+    let overlay = std::env::var(ENV_NO_OVERLAY).as_deref() != Ok("1");
+    prepare_as(snapshots, diff_ids, container_dir, overlay)
+}
+
+/// [`prepare`], with the overlay tried only when `overlay` is true (tests take the copy without the environment).
+pub fn prepare_as(
+    snapshots: &Snapshots,
+    diff_ids: &[Digest],
+    container_dir: &Path,
+    overlay: bool,
+) -> Result<PreparedRoot, UnpackError> {
     fs::create_dir_all(container_dir).map_err(io_err("create", container_dir))?;
     let rootfs = container_dir.join("rootfs");
     if container_dir.join(COPY_MARKER).is_file() {
@@ -77,8 +88,7 @@ pub fn prepare(
     // A half-made copy from an interrupted prepare.
     remove_dir_if_present(&rootfs)?;
     fs::create_dir(&rootfs).map_err(io_err("create", &rootfs))?;
-    let wanted = std::env::var(ENV_NO_OVERLAY).as_deref() != Ok("1");
-    if wanted && metas.iter().all(|(m, _)| m.overlay_ready) {
+    if overlay && metas.iter().all(|(m, _)| m.overlay_ready) {
         let lowers: Vec<&Path> = metas.iter().map(|(_, p)| p.as_path()).collect();
         if mount_overlay(&lowers, container_dir, &rootfs)? {
             return Ok(PreparedRoot {

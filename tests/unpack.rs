@@ -1,0 +1,527 @@
+//! Unpacking layers: hostile layers stay inside the root, whatever the layer tries; OCI layer semantics hold with
+//! overlayfs and with the flattened copy; a crash mid-unpack is never taken for a whole snapshot.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use common::tarcraft::RawTar;
+use flotilla::digest::Digest;
+use flotilla::layers::LayerSource;
+use flotilla::unpack::extract::extract_stream;
+use flotilla::unpack::{Limits, RootKind, Snapshots, UnpackError, prepare_as, release};
+
+const CANARY: &[u8] = b"precious";
+const CANARY_MTIME: u64 = 1_234_567_890;
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A directory with a canary outside the root being written, and a record of everything outside the root.
+struct Sandbox {
+    _dir: tempfile::TempDir,
+    base: PathBuf,
+    canary: PathBuf,
+    before: BTreeMap<PathBuf, String>,
+}
+
+/// Where the tests write: the root, the snapshots, the container. Everything else under `base` is "outside".
+const INSIDE: [&str; 3] = ["work/root", "work/state", "work/ctr"];
+
+impl Sandbox {
+    fn new() -> Sandbox {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = dir.path().to_path_buf();
+        fs::create_dir_all(base.join("outside")).unwrap();
+        for d in INSIDE {
+            fs::create_dir_all(base.join(d)).unwrap();
+        }
+        let canary = base.join("outside/canary");
+        fs::write(&canary, CANARY).unwrap();
+        fs::set_permissions(&canary, fs::Permissions::from_mode(0o644)).unwrap();
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(CANARY_MTIME);
+        fs::File::options()
+            .write(true)
+            .open(&canary)
+            .unwrap()
+            .set_times(fs::FileTimes::new().set_modified(t).set_accessed(t))
+            .unwrap();
+        let mut s = Sandbox {
+            _dir: dir,
+            base,
+            canary,
+            before: BTreeMap::new(),
+        };
+        s.before = s.outside();
+        s
+    }
+
+    fn root(&self) -> PathBuf {
+        self.base.join("work/root")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.base.join("work/state")
+    }
+
+    fn ctr(&self) -> PathBuf {
+        self.base.join("work/ctr")
+    }
+
+    /// Every path outside the written directories, with what it is.
+    fn outside(&self) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        let mut todo = vec![self.base.clone()];
+        while let Some(dir) = todo.pop() {
+            for e in fs::read_dir(&dir).unwrap() {
+                let p = e.unwrap().path();
+                let rel = p.strip_prefix(&self.base).unwrap().to_path_buf();
+                if INSIDE.iter().any(|i| rel == Path::new(i)) {
+                    continue;
+                }
+                let md = fs::symlink_metadata(&p).unwrap();
+                out.insert(
+                    rel,
+                    format!(
+                        "{:?} mode {:o} len {} mtime {} nlink {}",
+                        md.file_type(),
+                        md.mode(),
+                        md.len(),
+                        md.mtime(),
+                        md.nlink()
+                    ),
+                );
+                if md.is_dir() {
+                    todo.push(p);
+                }
+            }
+        }
+        out
+    }
+
+    fn check(&self, what: &str) {
+        assert_eq!(
+            fs::read(&self.canary).unwrap(),
+            CANARY,
+            "{what}: canary content"
+        );
+        let md = fs::symlink_metadata(&self.canary).unwrap();
+        assert_eq!(md.mode() & 0o7777, 0o644, "{what}: canary mode");
+        assert_eq!(md.mtime() as u64, CANARY_MTIME, "{what}: canary mtime");
+        assert_eq!(md.nlink(), 1, "{what}: a hard link to the canary was made");
+        assert_eq!(
+            self.outside(),
+            self.before,
+            "{what}: something changed outside the root"
+        );
+    }
+
+    fn abs(&self, rel: &str) -> String {
+        self.base.join(rel).display().to_string()
+    }
+
+    /// Writes `tar` as a layer blob (gzip when `gz`) and describes it.
+    fn layer(&self, tar: &[u8], gz: bool) -> LayerSource {
+        let blob = if gz {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(tar).unwrap();
+            e.finish().unwrap()
+        } else {
+            tar.to_vec()
+        };
+        let digest = Digest::sha256_of(&blob);
+        let blobs = self.base.join("work/state/blobs");
+        fs::create_dir_all(&blobs).unwrap();
+        let path = blobs.join(digest.hex());
+        fs::write(&path, &blob).unwrap();
+        LayerSource {
+            digest,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            path,
+            diff_id: Some(Digest::sha256_of(tar)),
+        }
+    }
+
+    /// Unpacks each layer into its snapshot; the diff_ids of those that were made, base first.
+    fn snapshots(&self, layers: &[Vec<u8>]) -> (Snapshots, Vec<Digest>) {
+        let snapshots = Snapshots::open(&self.state()).unwrap();
+        let mut ids = Vec::new();
+        for tar in layers {
+            let source = self.layer(tar, true);
+            if snapshots.ensure(&source, &Limits::default()).is_ok() {
+                ids.push(source.diff_id.unwrap());
+            }
+        }
+        (snapshots, ids)
+    }
+}
+
+/// One crafted stream per attack; some need several layers. Each layer ends with the write that would escape, so
+/// an entry refused early cannot hide a later one. Each is run three ways below.
+fn attacks(s: &Sandbox) -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let outside = s.abs("outside");
+    let canary = s.abs("outside/canary");
+    let pwn = b"pwned".as_slice();
+    vec![
+        (
+            "dot-dot paths",
+            vec![
+                RawTar::new()
+                    .file("../outside/canary", pwn)
+                    .file("../../../../../../../../outside/new", pwn)
+                    .file("../escaped", pwn)
+                    .dir("../newdir/")
+                    .file("a/../../../outside/canary", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "absolute paths",
+            vec![
+                RawTar::new()
+                    .file(&canary, pwn)
+                    .file(&format!("../../..{canary}"), pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "relative symlink planted then written through, same layer",
+            vec![
+                RawTar::new()
+                    .symlink("rel", "../../outside")
+                    .file("rel/canary", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "absolute symlink planted then written through, same layer",
+            vec![
+                RawTar::new()
+                    .symlink("abs", &outside)
+                    .file("abs/new", pwn)
+                    .file("abs/canary", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "symlink to a file, then the file written, same layer",
+            vec![
+                RawTar::new()
+                    .symlink("file", &canary)
+                    .file("file", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "absolute symlink in an earlier layer, written through in the next",
+            vec![
+                RawTar::new().symlink("abs", &outside).finish(),
+                RawTar::new().dir("abs/newdir/").finish(),
+                RawTar::new().file("abs/canary", pwn).finish(),
+            ],
+        ),
+        (
+            "relative symlink in an earlier layer, written through in the next",
+            vec![
+                RawTar::new().symlink("rel", "../../outside").finish(),
+                RawTar::new().file("rel/canary", pwn).finish(),
+            ],
+        ),
+        (
+            "symlink to a file in an earlier layer, the file written in the next",
+            vec![
+                RawTar::new().symlink("file", &canary).finish(),
+                RawTar::new().file("file", pwn).finish(),
+            ],
+        ),
+        (
+            "hard link to an absolute outside file, then written through",
+            vec![
+                RawTar::new()
+                    .hardlink("h1", &canary)
+                    .file("h1", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "hard link to a dot-dot outside file, then written through",
+            vec![
+                RawTar::new()
+                    .hardlink("h2", "../../outside/canary")
+                    .file("h2", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "directory replaced by a symlink, then written into",
+            vec![
+                RawTar::new()
+                    .dir("d/")
+                    .file("d/inner", b"ok")
+                    .symlink("d", &outside)
+                    .file("d/new", pwn)
+                    .file("d/canary", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "symlink replaced by a directory in the next layer, then written into",
+            vec![
+                RawTar::new().symlink("e", &outside).finish(),
+                RawTar::new().dir("e/").file("e/canary", pwn).finish(),
+            ],
+        ),
+        (
+            "CVE-2018-20990: hard link through an absolute symlink",
+            vec![
+                RawTar::new()
+                    .symlink("s", &outside)
+                    .hardlink("h", "s/canary")
+                    .file("h", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "CVE-2018-20990: hard link through a dot-dot symlink",
+            vec![
+                RawTar::new()
+                    .symlink("up", "../..")
+                    .hardlink("h2", "up/outside/canary")
+                    .file("h2", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "CVE-2021-38511: directories created through a symlink",
+            vec![
+                RawTar::new()
+                    .symlink("s", &outside)
+                    .dir("s/newdir/")
+                    .dir("s/newdir/deeper/")
+                    .file("s/newdir/deeper/f", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "CVE-2021-29136: the root replaced by a symlink (entry and whiteout)",
+            vec![
+                RawTar::new()
+                    .symlink(".", &outside)
+                    .symlink("./", &outside)
+                    .symlink("/", &outside)
+                    .file(".wh..", b"")
+                    .file(".wh...", b"")
+                    .file("canary", pwn)
+                    .finish(),
+                RawTar::new()
+                    .file("./.wh..wh..opq", b"")
+                    .symlink(".", &outside)
+                    .file("canary", pwn)
+                    .finish(),
+            ],
+        ),
+        (
+            "CVE-2021-32760: chmod through a symlink",
+            vec![
+                RawTar::new()
+                    .raw_mode("s", b'2', &canary, 0o777)
+                    .raw_mode("d", b'2', &outside, 0o777)
+                    .finish(),
+                RawTar::new()
+                    .raw_mode("d", b'5', "", 0o777)
+                    .raw_mode("s", b'0', "", 0o777)
+                    .finish(),
+            ],
+        ),
+        (
+            "CVE-2025-62518: PAX size against the ustar size",
+            vec![smuggling_layer(&canary)],
+        ),
+    ]
+}
+
+/// A file whose PAX header says 1536 bytes while its ustar header says 0; the 1536 bytes hold a whole tar
+/// header and content, which a reader trusting the ustar size would take for an entry.
+fn smuggling_layer(target: &str) -> Vec<u8> {
+    let mut inner = common::tarcraft::header(target.as_bytes(), b'0', b"", 5, 0o644, 0).to_vec();
+    inner.extend_from_slice(b"pwned");
+    inner.resize(1536, 0);
+    RawTar::new()
+        .pax(&[("size", b"1536")])
+        .raw("carrier", b'0', "", 0, &inner)
+        .file("after", b"after")
+        .finish()
+}
+
+#[test]
+fn hostile_layers_stay_inside_the_root_in_one_tree() {
+    let probe = Sandbox::new();
+    for (name, _) in attacks(&probe) {
+        let s = Sandbox::new();
+        let (_, layers) = attacks(&s).into_iter().find(|(n, _)| *n == name).unwrap();
+        for tar in &layers {
+            // Refusing is as good as containing; either way nothing outside may change.
+            let _ = extract_stream(&tar[..], name, None, &s.root(), &Limits::default());
+        }
+        s.check(name);
+    }
+}
+
+#[test]
+fn hostile_layers_stay_inside_the_root_through_snapshots_and_the_flattened_copy() {
+    let probe = Sandbox::new();
+    for (name, _) in attacks(&probe) {
+        let s = Sandbox::new();
+        let (_, layers) = attacks(&s).into_iter().find(|(n, _)| *n == name).unwrap();
+        let (snapshots, ids) = s.snapshots(&layers);
+        s.check(&format!("{name} (snapshots)"));
+        let _ = prepare_as(&snapshots, &ids, &s.ctr(), false);
+        s.check(&format!("{name} (flattened copy)"));
+        if is_root() {
+            let _ = release(&s.ctr());
+            if let Ok(root) = prepare_as(&snapshots, &ids, &s.ctr(), true) {
+                // Writing into the mounted root as a container would: through whatever the layers left there.
+                for rel in [
+                    "abs/canary",
+                    "rel/canary",
+                    "d/canary",
+                    "e/canary",
+                    "file",
+                    "s",
+                ] {
+                    let _ = fs::write(root.path.join(rel), b"pwned");
+                }
+                release(&s.ctr()).unwrap();
+                s.check(&format!("{name} (overlay)"));
+            }
+        }
+    }
+}
+
+#[test]
+fn pax_size_wins_over_the_ustar_size_as_gnu_tar_reads_it() {
+    let s = Sandbox::new();
+    let tar = smuggling_layer("smuggled");
+    let out = extract_stream(&tar[..], "pax", None, &s.root(), &Limits::default()).unwrap();
+    assert_eq!(fs::metadata(s.root().join("carrier")).unwrap().len(), 1536);
+    assert!(!s.root().join("smuggled").exists(), "an entry was smuggled");
+    assert_eq!(fs::read(s.root().join("after")).unwrap(), b"after");
+    assert_eq!(out.entries, 2);
+    if let Some(gnu) = common::required_tool("tar") {
+        let path = s.base.join("work/state/pax.tar");
+        fs::write(&path, &tar).unwrap();
+        let listed = std::process::Command::new(gnu)
+            .arg("-tf")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&listed.stdout), "carrier\nafter\n");
+    }
+}
+
+#[test]
+fn decompression_bomb_stops_at_the_limit_and_leaves_no_snapshot() {
+    let s = Sandbox::new();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(64 << 20);
+    h.set_mode(0o644);
+    let zeros = std::io::Read::take(std::io::repeat(0), 64 << 20);
+    b.append_data(&mut h, "zeros", zeros).unwrap();
+    let tar = b.into_inner().unwrap();
+    let source = s.layer(&tar, true);
+    assert!(
+        fs::metadata(&source.path).unwrap().len() < 1 << 20,
+        "a small blob"
+    );
+    let snapshots = Snapshots::open(&s.state()).unwrap();
+    let limits = Limits {
+        max_bytes: 8 << 20,
+        ..Limits::default()
+    };
+    let err = snapshots.ensure(&source, &limits).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::Limit {
+                what: "uncompressed size",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("FLOTILLA_UNPACK_MAX_BYTES"),
+        "{err}"
+    );
+    assert!(snapshots.rootfs(source.diff_id.as_ref().unwrap()).is_none());
+    let left: Vec<_> = fs::read_dir(snapshots.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tmp-"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn other_limits_name_themselves() {
+    let s = Sandbox::new();
+    let many = {
+        let mut t = RawTar::new();
+        for i in 0..20 {
+            t.file(&format!("f{i}"), b"x");
+        }
+        t.finish()
+    };
+    let limits = Limits {
+        max_entries: 10,
+        ..Limits::default()
+    };
+    let err = extract_stream(&many[..], "many", None, &s.root(), &limits).unwrap_err();
+    assert!(
+        err.to_string().contains("FLOTILLA_UNPACK_MAX_ENTRIES"),
+        "{err}"
+    );
+    let long = RawTar::new().file(&"a".repeat(90), b"x").finish();
+    let limits = Limits {
+        max_path: 50,
+        ..Limits::default()
+    };
+    let err = extract_stream(&long[..], "long", None, &s.root(), &limits).unwrap_err();
+    assert!(
+        err.to_string().contains("FLOTILLA_UNPACK_MAX_PATH"),
+        "{err}"
+    );
+    let big = vec![b'v'; 2000];
+    let xattr = RawTar::new()
+        .pax(&[("SCHILY.xattr.user.big", &big)])
+        .file("x", b"x")
+        .finish();
+    let limits = Limits {
+        max_xattr_bytes: 1000,
+        ..Limits::default()
+    };
+    let err = extract_stream(&xattr[..], "xattr", None, &s.root(), &limits).unwrap_err();
+    assert!(
+        err.to_string().contains("FLOTILLA_UNPACK_MAX_XATTR_BYTES"),
+        "{err}"
+    );
+}
+
+#[test]
+fn diff_id_mismatch_is_refused_and_leaves_no_snapshot() {
+    let s = Sandbox::new();
+    let tar = RawTar::new().file("x", b"x").finish();
+    let mut source = s.layer(&tar, false);
+    source.diff_id = Some(Digest::sha256_of(b"another layer"));
+    let snapshots = Snapshots::open(&s.state()).unwrap();
+    let err = snapshots.ensure(&source, &Limits::default()).unwrap_err();
+    assert!(matches!(err, UnpackError::DiffIdMismatch { .. }), "{err}");
+    assert!(snapshots.rootfs(source.diff_id.as_ref().unwrap()).is_none());
+}
