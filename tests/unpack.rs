@@ -154,8 +154,9 @@ impl Sandbox {
         let mut ids = Vec::new();
         for tar in layers {
             let source = self.layer(tar, true);
-            if snapshots.ensure(&source, &Limits::default()).is_ok() {
-                ids.push(source.diff_id.unwrap());
+            match snapshots.ensure(&source, &Limits::default()) {
+                Ok(_) => ids.push(source.diff_id.unwrap()),
+                Err(e) => eprintln!("layer refused: {}", flotilla::error_chain(&e)),
             }
         }
         (snapshots, ids)
@@ -524,4 +525,240 @@ fn diff_id_mismatch_is_refused_and_leaves_no_snapshot() {
     let err = snapshots.ensure(&source, &Limits::default()).unwrap_err();
     assert!(matches!(err, UnpackError::DiffIdMismatch { .. }), "{err}");
     assert!(snapshots.rootfs(source.diff_id.as_ref().unwrap()).is_none());
+}
+
+/// Entries of a behaviour layer, built with the tar crate (PAX records through a raw 'x' header).
+enum E<'a> {
+    Dir(&'a str, u32, u64),
+    File(&'a str, &'a [u8], u32, u64),
+    Owned(
+        &'a str,
+        &'a [u8],
+        u32,
+        (u64, u64),
+        &'a [(&'a str, &'a [u8])],
+    ),
+    Sym(&'a str, &'a str),
+    Hard(&'a str, &'a str),
+    Dev(&'a str, (u32, u32)),
+    Fifo(&'a str),
+}
+
+fn layer(entries: &[E]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_000_000);
+        h.set_mode(0o644);
+        h.set_size(0);
+        match e {
+            E::Dir(p, mode, mtime) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(*mode);
+                h.set_mtime(*mtime);
+                b.append_data(&mut h, p, std::io::empty()).unwrap();
+            }
+            E::File(p, data, mode, mtime) => {
+                h.set_mode(*mode);
+                h.set_mtime(*mtime);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, *data).unwrap();
+            }
+            E::Owned(p, data, mode, (uid, gid), xattrs) => {
+                let records: Vec<u8> = xattrs
+                    .iter()
+                    .flat_map(|(k, v)| {
+                        common::tarcraft::pax_record(&format!("SCHILY.xattr.{k}"), v)
+                    })
+                    .collect();
+                let mut x = tar::Header::new_ustar();
+                x.set_entry_type(tar::EntryType::XHeader);
+                x.set_path("PaxHeaders/x").unwrap();
+                x.set_size(records.len() as u64);
+                x.set_cksum();
+                b.append(&x, &records[..]).unwrap();
+                h.set_mode(*mode);
+                h.set_uid(*uid);
+                h.set_gid(*gid);
+                h.set_mtime(1_500_000);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, *data).unwrap();
+            }
+            E::Sym(p, t) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                b.append_link(&mut h, p, t).unwrap();
+            }
+            E::Hard(p, t) => {
+                h.set_entry_type(tar::EntryType::Link);
+                b.append_link(&mut h, p, t).unwrap();
+            }
+            E::Dev(p, (major, minor)) => {
+                h.set_entry_type(tar::EntryType::Char);
+                h.set_mode(0o666);
+                h.set_device_major(*major).unwrap();
+                h.set_device_minor(*minor).unwrap();
+                b.append_data(&mut h, p, std::io::empty()).unwrap();
+            }
+            E::Fifo(p) => {
+                h.set_entry_type(tar::EntryType::Fifo);
+                b.append_data(&mut h, p, std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::lgetxattr(path, name, &mut buf[..]).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// What the two layers below must look like merged, whichever way the root was made.
+fn check_merged(root: &Path, kind: RootKind) {
+    let what = format!("{kind:?}");
+    let p = |rel: &str| root.join(rel);
+    assert_eq!(fs::read(p("a/keep")).unwrap(), b"keep", "{what}");
+    assert_eq!(fs::read(p("a/keep2")).unwrap(), b"keep2", "{what}");
+    assert!(
+        fs::symlink_metadata(p("a/gone")).is_err(),
+        "{what}: whiteout"
+    );
+    assert!(
+        fs::symlink_metadata(p("b/hidden")).is_err(),
+        "{what}: opaque"
+    );
+    assert_eq!(fs::read(p("b/new")).unwrap(), b"new", "{what}");
+    assert_eq!(
+        fs::read_link(p("c")).unwrap(),
+        Path::new("a"),
+        "{what}: dir replaced by symlink"
+    );
+    assert_eq!(
+        fs::read_link(p("abs")).unwrap(),
+        Path::new("/etc/passwd"),
+        "{what}"
+    );
+    let suid = fs::symlink_metadata(p("suid")).unwrap();
+    assert_eq!(suid.mode() & 0o7777, 0o4755, "{what}: setuid kept");
+    assert_eq!(suid.mtime(), 1_500_000, "{what}");
+    assert_eq!(
+        xattr(&p("suid"), "user.test").as_deref(),
+        Some(&b"hello"[..]),
+        "{what}"
+    );
+    assert_eq!(
+        xattr(&p("suid"), "trusted.evil"),
+        None,
+        "{what}: trusted.* dropped"
+    );
+    assert_eq!(
+        fs::symlink_metadata(p("a")).unwrap().mtime(),
+        1_000_000,
+        "{what}: directory times last"
+    );
+    assert_eq!(
+        fs::symlink_metadata(p("a")).unwrap().mode() & 0o7777,
+        0o750,
+        "{what}"
+    );
+    assert_eq!(
+        fs::symlink_metadata(p("a/hl")).unwrap().ino(),
+        fs::symlink_metadata(p("a/keep")).unwrap().ino(),
+        "{what}: hard link"
+    );
+    assert!(
+        fs::symlink_metadata(p("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo(),
+        "{what}"
+    );
+    if is_root() {
+        assert_eq!((suid.uid(), suid.gid()), (1234, 5678), "{what}: owner");
+        let null = fs::symlink_metadata(p("dev/null")).unwrap();
+        assert!(null.file_type().is_char_device(), "{what}");
+        assert_eq!(null.rdev(), rustix::fs::makedev(1, 3), "{what}");
+    }
+}
+
+#[test]
+fn layer_semantics_hold_with_overlay_and_with_the_flattened_copy() {
+    let s = Sandbox::new();
+    let base = layer(&[
+        E::Dir("a/", 0o750, 1_000_000),
+        E::File("a/keep", b"keep", 0o644, 1_000_000),
+        E::File("a/gone", b"gone", 0o644, 1_000_000),
+        E::Dir("b/", 0o755, 1_000_000),
+        E::File("b/hidden", b"hidden", 0o644, 1_000_000),
+        E::Dir("c/", 0o755, 1_000_000),
+        E::File("c/inside", b"inside", 0o644, 1_000_000),
+        E::Owned(
+            "suid",
+            b"suid",
+            0o4755,
+            (1234, 5678),
+            &[("user.test", b"hello"), ("trusted.evil", b"x")],
+        ),
+        E::Sym("abs", "/etc/passwd"),
+        E::Hard("a/hl", "a/keep"),
+        E::Dir("dev/", 0o755, 1_000_000),
+        E::Dev("dev/null", (1, 3)),
+        E::Fifo("fifo"),
+    ]);
+    let top = layer(&[
+        E::Dir("a/", 0o750, 1_000_000),
+        E::File("a/.wh.gone", b"", 0o644, 1_000_000),
+        E::File("a/keep2", b"keep2", 0o644, 1_000_000),
+        E::Dir("b/", 0o755, 1_000_000),
+        E::File("b/.wh..wh..opq", b"", 0o644, 1_000_000),
+        E::File("b/new", b"new", 0o644, 1_000_000),
+        E::Sym("c", "a"),
+    ]);
+    let (snapshots, ids) = s.snapshots(&[base, top]);
+    assert_eq!(ids.len(), 2, "both layers unpack");
+    let top_root = snapshots.rootfs(&ids[1]).unwrap();
+    if is_root() {
+        let wh = fs::symlink_metadata(top_root.join("a/gone")).unwrap();
+        assert!(
+            wh.file_type().is_char_device() && wh.rdev() == 0,
+            "an overlayfs whiteout"
+        );
+        assert_eq!(
+            xattr(&top_root.join("b"), "trusted.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+    }
+
+    let copy = prepare_as(&snapshots, &ids, &s.ctr(), false).unwrap();
+    assert_eq!(copy.kind, RootKind::Copy);
+    check_merged(&copy.path, copy.kind);
+    // Idempotent: the finished copy is reused as it is.
+    assert_eq!(prepare_as(&snapshots, &ids, &s.ctr(), true).unwrap(), copy);
+    release(&s.ctr()).unwrap();
+    assert!(!copy.path.exists());
+
+    if is_root() {
+        let overlay = prepare_as(&snapshots, &ids, &s.ctr(), true).unwrap();
+        if overlay.kind == RootKind::Overlay {
+            check_merged(&overlay.path, overlay.kind);
+            assert_eq!(
+                prepare_as(&snapshots, &ids, &s.ctr(), true).unwrap(),
+                overlay,
+                "reused"
+            );
+            fs::write(overlay.path.join("written"), b"upper").unwrap();
+            assert!(
+                !snapshots.rootfs(&ids[1]).unwrap().join("written").exists(),
+                "writes go to upper/"
+            );
+            release(&s.ctr()).unwrap();
+            assert!(!s.ctr().join("upper").exists());
+        } else {
+            eprintln!("overlayfs could not be mounted here; the copy was checked");
+        }
+    }
+    s.check("behaviour layers");
 }

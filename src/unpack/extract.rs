@@ -186,9 +186,12 @@ fn write_entries<R: Read>(
         let header = entry.header().clone();
         let mut meta = Meta {
             mode: header.mode().map_err(read)?,
-            uid: header.uid().map_err(read)?,
-            gid: header.gid().map_err(read)?,
-            mtime: i64::try_from(header.mtime().map_err(read)?).unwrap_or(i64::MAX),
+            // Some writers leave these fields blank; GNU tar reads blank as 0, and so does this.
+            uid: header.uid().unwrap_or(0),
+            gid: header.gid().unwrap_or(0),
+            mtime: header
+                .mtime()
+                .map_or(0, |t| i64::try_from(t).unwrap_or(i64::MAX)),
             xattrs: Vec::new(),
         };
         let mut xattr_bytes = 0usize;
@@ -254,8 +257,8 @@ fn write_entries<R: Read>(
                     // Global PAX headers, GNU volume labels and the like carry no file.
                     _ => continue,
                 };
-                let major = header.device_major().map_err(read)?.unwrap_or(0);
-                let minor = header.device_minor().map_err(read)?.unwrap_or(0);
+                let major = header.device_major().ok().flatten().unwrap_or(0);
+                let minor = header.device_minor().ok().flatten().unwrap_or(0);
                 writer.special(&p, kind, (major, minor), &meta)?;
             }
         }
