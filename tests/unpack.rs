@@ -762,3 +762,221 @@ fn layer_semantics_hold_with_overlay_and_with_the_flattened_copy() {
     }
     s.check("behaviour layers");
 }
+
+/// Runs flotilla with an empty configuration, so the machine's /etc/flotilla/config.toml plays no part.
+fn flotilla(state: &Path) -> std::process::Command {
+    let config = state.with_extension("toml");
+    fs::write(&config, "").expect("empty config");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--platform", "linux/amd64"]);
+    cmd
+}
+
+fn pull_unpack(state: &Path, source: &str) -> serde_json::Value {
+    let out = flotilla(state)
+        .args(["pull", "--unpack", "--json", source])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Each path under `root` with its type, mode, size, link target, owner and mtime.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let md = fs::symlink_metadata(&p).unwrap();
+            let link = fs::read_link(&p).ok();
+            out.insert(
+                p.strip_prefix(root).unwrap().display().to_string(),
+                format!(
+                    "{:?} {:o} {} {:?} {}:{} {}",
+                    md.file_type(),
+                    md.mode() & 0o7777,
+                    if md.is_dir() { 0 } else { md.len() },
+                    link,
+                    md.uid(),
+                    md.gid(),
+                    md.mtime()
+                ),
+            );
+            if md.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn stale_snapshots(state: &Path) -> Vec<String> {
+    fs::read_dir(state.join("snapshots"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("tmp-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn pull_unpack_of_busybox_matches_umoci_and_gc_removes_unused_snapshots() {
+    let (Some(busybox), Some(umoci), Some(skopeo)) = (
+        common::required_busybox("amd64"),
+        common::required_tool("umoci"),
+        common::required_tool("skopeo"),
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let layout = common::registry::OciLayoutBuilder::new(&dir.path().join("layout"));
+    let written = layout.write(
+        "v1",
+        &[common::registry::LayoutImage {
+            os: "linux",
+            architecture: "amd64",
+            variant: None,
+            busybox,
+        }],
+    );
+    let state = dir.path().join("state");
+    let source = format!("oci:{}:v1", layout.dir().display());
+    let report = pull_unpack(&state, &source);
+    assert_eq!(report["layers_unpacked"], 1, "{report}");
+    assert_eq!(report["proof_from_snapshots"], true, "{report}");
+    let diff_id = &written.images[0].diff_id;
+    let snapshots = Snapshots::open(&state).unwrap();
+    let ours = snapshots
+        .rootfs(diff_id)
+        .expect("the snapshot is published");
+
+    // umoci unpacks a single manifest: skopeo picks the amd64 one out of the index first.
+    let single = dir.path().join("single");
+    let policy = dir.path().join("policy.json");
+    fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .unwrap();
+    let out = std::process::Command::new(skopeo)
+        .arg("--policy")
+        .arg(&policy)
+        .args(["--override-arch", "amd64", "copy"])
+        .arg(&source)
+        .arg(format!("oci:{}:v1", single.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    let bundle = dir.path().join("bundle");
+    let out = std::process::Command::new(umoci)
+        .args(["unpack", "--image"])
+        .arg(format!("{}:v1", single.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    let theirs = tree(&bundle.join("rootfs"));
+    assert!(!theirs.is_empty());
+    assert_eq!(tree(&ours), theirs);
+
+    // A second pull finds the snapshot and leaves it alone.
+    let again = pull_unpack(&state, &source);
+    assert_eq!(again["layers_unpacked"], 0, "{again}");
+
+    // Without a reference, gc removes the snapshot, and any interrupted one.
+    fs::create_dir_all(state.join("snapshots/tmp-dead-0/rootfs")).unwrap();
+    let store = flotilla::store::Store::open(&state).unwrap();
+    assert!(store.remove_ref("v1").unwrap());
+    drop(store);
+    let out = flotilla(&state).arg("gc").output().unwrap();
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    assert!(
+        snapshots.rootfs(diff_id).is_none(),
+        "{}",
+        common::output_text(&out)
+    );
+    assert!(stale_snapshots(&state).is_empty());
+}
+
+#[test]
+fn a_pull_killed_mid_unpack_leaves_no_snapshot_and_the_next_pull_redoes_it() {
+    let Some(busybox) = common::required_busybox("amd64") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // Many small files: the unpack takes long enough to be caught in the middle.
+    let files = dir.path().join("files");
+    fs::create_dir(&files).unwrap();
+    let mut extra = Vec::new();
+    let names: Vec<String> = (0..20_000).map(|i| format!("data/f{i:05}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        let path = files.join(i.to_string());
+        fs::write(&path, format!("{i}").repeat(100)).unwrap();
+        extra.push((name.as_str(), path));
+    }
+    let layout = common::registry::OciLayoutBuilder::new(&dir.path().join("layout"));
+    let written = layout.write_with_files(
+        "v1",
+        &[common::registry::LayoutImage {
+            os: "linux",
+            architecture: "amd64",
+            variant: None,
+            busybox,
+        }],
+        &[extra],
+    );
+    let state = dir.path().join("state");
+    let source = format!("oci:{}:v1", layout.dir().display());
+    let mut child = flotilla(&state)
+        .args(["pull", "--unpack", &source])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut caught = false;
+    for _ in 0..20_000 {
+        if !stale_snapshots(&state).is_empty() {
+            child.kill().unwrap();
+            caught = true;
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        caught,
+        "the pull ended ({status}) before a tmp- snapshot was seen"
+    );
+    let diff_id = &written.images[0].diff_id;
+    let snapshots = Snapshots::open(&state).unwrap();
+    assert!(
+        snapshots.rootfs(diff_id).is_none(),
+        "a half-made snapshot was published"
+    );
+    assert!(!stale_snapshots(&state).is_empty());
+
+    let report = pull_unpack(&state, &source);
+    assert_eq!(report["layers_unpacked"], 1, "{report}");
+    assert!(
+        stale_snapshots(&state).is_empty(),
+        "the leftover was removed"
+    );
+    let rootfs = snapshots.rootfs(diff_id).unwrap();
+    assert_eq!(
+        fs::read_dir(rootfs.join("data")).unwrap().count(),
+        names.len()
+    );
+    assert_eq!(
+        fs::read(rootfs.join("data/f19999")).unwrap(),
+        "19999".repeat(100).as_bytes()
+    );
+}
