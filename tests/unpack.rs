@@ -847,11 +847,25 @@ fn pull_unpack_of_busybox_matches_umoci_and_gc_removes_unused_snapshots() {
     );
     let state = dir.path().join("state");
     let source = format!("oci:{}:v1", layout.dir().display());
+    let diff_id = &written.images[0].diff_id;
+    // A plain pull stores the image but unpacks nothing; the run command asks before it runs.
+    let out = flotilla(&state).args(["pull", &source]).output().unwrap();
+    assert!(out.status.success(), "{}", common::output_text(&out));
+    let snapshots = Snapshots::open(&state).unwrap();
+    let state_of = || {
+        let store = flotilla::store::Store::open(&state).unwrap();
+        flotilla::pull::unpack_state(&store, &snapshots, "v1").unwrap()
+    };
+    let before = state_of();
+    assert!(!before.is_complete());
+    assert_eq!(before.diff_ids, [diff_id.clone()]);
+    assert_eq!(before.missing, [diff_id.clone()]);
+
     let report = pull_unpack(&state, &source);
     assert_eq!(report["layers_unpacked"], 1, "{report}");
+    assert_eq!(report["layers_fetched"], 0, "the blob was there: {report}");
     assert_eq!(report["proof_from_snapshots"], true, "{report}");
-    let diff_id = &written.images[0].diff_id;
-    let snapshots = Snapshots::open(&state).unwrap();
+    assert!(state_of().is_complete());
     let ours = snapshots
         .rootfs(diff_id)
         .expect("the snapshot is published");
@@ -979,4 +993,64 @@ fn a_pull_killed_mid_unpack_leaves_no_snapshot_and_the_next_pull_redoes_it() {
         fs::read(rootfs.join("data/f19999")).unwrap(),
         "19999".repeat(100).as_bytes()
     );
+}
+
+#[test]
+fn images_on_one_base_share_its_snapshot_through_the_registry() {
+    let Some(lab) = common::registry::Lab::start() else {
+        return;
+    };
+    let Some(sh) = common::required_busybox("amd64") else {
+        return;
+    };
+    let layout = common::registry::OciLayoutBuilder::new(&lab.root.join("layout"));
+    let image = || common::registry::LayoutImage {
+        os: "linux",
+        architecture: "amd64",
+        variant: None,
+        busybox: sh.clone(),
+    };
+    let base_file = lab.root.join("base-file");
+    fs::write(&base_file, b"shared").unwrap();
+    let (_, base) =
+        layout.write_on_base("v1", &[image()], &[("etc/shared", base_file.clone())], &[]);
+    let host = lab.registry.host();
+    common::registry::skopeo_copy(layout.dir(), "v1", &host, "one", "v1", None, None);
+    let extra = lab.root.join("extra");
+    fs::write(&extra, b"two").unwrap();
+    let layout2 = common::registry::OciLayoutBuilder::new(&lab.root.join("layout2"));
+    let (_, base2) = layout2.write_on_base(
+        "v1",
+        &[image()],
+        &[("etc/shared", base_file)],
+        &[vec![("etc/two", extra)]],
+    );
+    assert_eq!(base, base2, "one base layer");
+    common::registry::skopeo_copy(layout2.dir(), "v1", &host, "two", "v1", None, None);
+
+    let state = lab.root.join("state");
+    let pull = |repo: &str| {
+        let out = flotilla(&state)
+            .args(["--insecure-registry", &host])
+            .args(["pull", "--unpack", "--json", &format!("{host}/{repo}:v1")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", common::output_text(&out));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let one = pull("one");
+    assert_eq!(one["layers_unpacked"], 2, "{one}");
+    let two = pull("two");
+    assert_eq!(two["layers_unpacked"], 1, "only its own top layer: {two}");
+    assert_eq!(two["proof_from_snapshots"], true);
+    let snapshots = Snapshots::open(&state).unwrap();
+    let store = flotilla::store::Store::open(&state).unwrap();
+    let unpacked =
+        flotilla::pull::unpack_state(&store, &snapshots, &format!("{host}/two:v1")).unwrap();
+    assert!(unpacked.is_complete());
+    let root = prepare_as(&snapshots, &unpacked.diff_ids, &lab.root.join("ctr"), false).unwrap();
+    assert_eq!(fs::read(root.path.join("etc/shared")).unwrap(), b"shared");
+    assert_eq!(fs::read(root.path.join("etc/two")).unwrap(), b"two");
+    assert!(root.path.join("bin/busybox").is_file());
+    release(&lab.root.join("ctr")).unwrap();
 }
