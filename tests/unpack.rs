@@ -858,8 +858,8 @@ fn pull_unpack_of_busybox_matches_umoci_and_gc_removes_unused_snapshots() {
     };
     let before = state_of();
     assert!(!before.is_complete());
-    assert_eq!(before.diff_ids, [diff_id.clone()]);
-    assert_eq!(before.missing, [diff_id.clone()]);
+    assert_eq!(before.diff_ids, std::slice::from_ref(diff_id));
+    assert_eq!(before.missing, std::slice::from_ref(diff_id));
 
     let report = pull_unpack(&state, &source);
     assert_eq!(report["layers_unpacked"], 1, "{report}");
