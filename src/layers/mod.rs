@@ -839,6 +839,24 @@ mod tests {
     }
 
     #[test]
+    fn whiteouts_of_the_directory_itself_or_its_parent_hide_nothing() {
+        let mut index = LayerIndex::default();
+        let h = tar::Header::new_gnu();
+        let expected = [
+            (".wh..", EntryMeaning::Root),
+            (".wh...", EntryMeaning::Root),
+            ("a/.wh...", EntryMeaning::Root),
+            ("a/.wh..", EntryMeaning::Whiteout("a".into())),
+        ];
+        for (raw, meaning) in expected {
+            assert_eq!(index.record(raw.as_bytes(), &h, None, 0), meaning, "{raw}");
+        }
+        assert!(index.whiteouts().all(|w| !w.is_empty() && !w.contains('.')));
+        let json = serde_json::to_string(&index).unwrap();
+        assert_eq!(serde_json::from_str::<LayerIndex>(&json).unwrap(), index);
+    }
+
+    #[test]
     fn diff_id_mismatch_is_refused() {
         let mut f = Fixture::new();
         f.add(&[E::File("x", b"x")], true);

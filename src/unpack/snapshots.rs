@@ -222,3 +222,62 @@ impl Snapshots {
         remove_dir_if_present(&path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(dir: &Path, files: &[(&str, &[u8])]) -> LayerSource {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let digest = Digest::sha256_of(&tar);
+        let path = dir.join(digest.hex());
+        fs::write(&path, &tar).unwrap();
+        LayerSource {
+            digest,
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            path,
+            diff_id: Some(Digest::sha256_of(&tar)),
+        }
+    }
+
+    #[test]
+    fn a_leftover_of_the_same_layer_is_removed_and_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(dir.path()).unwrap();
+        let source = layer(dir.path(), &[("bin/app", b"app")]);
+        let diff_id = source.diff_id.clone().unwrap();
+        let leftover = snapshots
+            .dir()
+            .join(format!("{TMP_SNAPSHOT_PREFIX}{}-dead", diff_id.hex()));
+        fs::create_dir_all(leftover.join("rootfs/bin")).unwrap();
+        fs::write(leftover.join("rootfs/bin/app"), b"half").unwrap();
+        assert!(
+            snapshots.rootfs(&diff_id).is_none(),
+            "a tmp- directory is not a snapshot"
+        );
+        assert!(matches!(
+            snapshots.ensure(&source, &Limits::default()).unwrap(),
+            Ensured::Unpacked(_)
+        ));
+        assert!(!leftover.exists());
+        let rootfs = snapshots.rootfs(&diff_id).unwrap();
+        assert_eq!(fs::read(rootfs.join("bin/app")).unwrap(), b"app");
+        let meta = snapshots.meta(&diff_id).unwrap();
+        assert_eq!(meta.diff_id, diff_id);
+        assert_eq!(
+            snapshots.ensure(&source, &Limits::default()).unwrap(),
+            Ensured::Present
+        );
+        assert_eq!(snapshots.list().unwrap(), [diff_id.clone()]);
+        snapshots.remove(&diff_id).unwrap();
+        assert!(snapshots.rootfs(&diff_id).is_none());
+        assert!(snapshots.list().unwrap().is_empty());
+    }
+}
