@@ -275,7 +275,7 @@ mod tests {
             snapshots.ensure(&source, &Limits::default()).unwrap(),
             Ensured::Present
         );
-        assert_eq!(snapshots.list().unwrap(), [diff_id.clone()]);
+        assert_eq!(snapshots.list().unwrap(), std::slice::from_ref(&diff_id));
         snapshots.remove(&diff_id).unwrap();
         assert!(snapshots.rootfs(&diff_id).is_none());
         assert!(snapshots.list().unwrap().is_empty());
