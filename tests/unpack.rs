@@ -1054,3 +1054,33 @@ fn images_on_one_base_share_its_snapshot_through_the_registry() {
     assert!(root.path.join("bin/busybox").is_file());
     release(&lab.root.join("ctr")).unwrap();
 }
+
+#[test]
+fn multi_member_gzip_zstd_and_plain_layers_unpack_alike() {
+    let s = Sandbox::new();
+    let first = RawTar::new().dir("d/").file("d/one", b"one").finish();
+    // Two gzip members, split inside the tar stream, as parallel compressors write them.
+    let (head, tail) = first.split_at(700);
+    let mut blob = Vec::new();
+    for part in [head, tail] {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(part).unwrap();
+        blob.extend(e.finish().unwrap());
+    }
+    let zstd = zstd::encode_all(&first[..], 3).unwrap();
+    for (name, bytes) in [("gzip", blob), ("zstd", zstd), ("plain", first.clone())] {
+        let path = s.state().join(name);
+        fs::write(&path, &bytes).unwrap();
+        let source = LayerSource {
+            digest: Digest::sha256_of(&bytes),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            path,
+            diff_id: Some(Digest::sha256_of(&first)),
+        };
+        let extracted = flotilla::unpack::extract(&source, &s.root(), &Limits::default()).unwrap();
+        assert_eq!(extracted.diff_id, Digest::sha256_of(&first), "{name}");
+        assert_eq!(fs::read(s.root().join("d/one")).unwrap(), b"one", "{name}");
+        fs::remove_dir_all(s.root()).unwrap();
+        fs::create_dir(s.root()).unwrap();
+    }
+}
