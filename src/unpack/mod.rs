@@ -134,6 +134,11 @@ pub enum UnpackError {
         "snapshot {path} has an unreadable index ({reason}); remove the directory and pull the image again"
     )]
     BadIndex { path: PathBuf, reason: String },
+    #[error(
+        "layer {layer} has no diff_id to key its snapshot; the image config must list one per layer (a bug in the \
+         caller if it does)"
+    )]
+    NoDiffId { layer: Digest },
     #[error("layer {diff_id} is not unpacked; pull the image with --unpack first")]
     NotUnpacked { diff_id: Digest },
     #[error("cannot mount the container root at {path}: {source}")]

@@ -116,9 +116,8 @@ impl Snapshots {
 
     /// Unpacks `layer` (its `diff_id` must be set) into its snapshot unless it is there already.
     pub fn ensure(&self, layer: &LayerSource, limits: &Limits) -> Result<Ensured, UnpackError> {
-        let diff_id = layer.diff_id.clone().ok_or_else(|| UnpackError::BadIndex {
-            path: layer.path.clone(),
-            reason: "the layer has no diff_id to key its snapshot (a bug in the caller)".into(),
+        let diff_id = layer.diff_id.clone().ok_or_else(|| UnpackError::NoDiffId {
+            layer: layer.digest.clone(),
         })?;
         let lock_path = self.dir.join("locks").join(format!(
             "{}-{}.lock",
