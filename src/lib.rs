@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod store;
 pub mod supervise;
 mod sys;
+pub mod unpack;
 pub mod verify;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.

@@ -297,6 +297,7 @@ fn the_stored_reference_is_stamped_by_the_pull_clock() {
     let options = PullOptions {
         parallel_layers: 2,
         clock: FakeClock::new(0.0),
+        unpack: None,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

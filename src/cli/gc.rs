@@ -1,4 +1,5 @@
-//! `flotilla gc`: remove blobs no reference reaches, partial downloads and stale temporary files.
+//! `flotilla gc`: remove blobs no reference reaches, partial downloads, stale temporary files, layer snapshots no
+//! stored image uses and snapshots left by an interrupted unpack.
 
 use std::process::ExitCode;
 
@@ -39,6 +40,8 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
             RemovedKind::Blob => "blob",
             RemovedKind::Partial => "partial download",
             RemovedKind::TempFile => "temporary file",
+            RemovedKind::Snapshot => "unused layer snapshot",
+            RemovedKind::SnapshotTemp => "interrupted layer snapshot",
         };
         println!(
             "{verb} {kind} {} ({})",
@@ -47,10 +50,11 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         );
     }
     println!(
-        "{verb} {} blobs, {} partial downloads, {} temporary files: {} {}; kept {} blobs",
+        "{verb} {} blobs, {} partial downloads, {} temporary files, {} snapshots: {} {}; kept {} blobs",
         report.count(RemovedKind::Blob),
         report.count(RemovedKind::Partial),
         report.count(RemovedKind::TempFile),
+        report.count(RemovedKind::Snapshot) + report.count(RemovedKind::SnapshotTemp),
         crate::human::bytes(report.bytes_freed()),
         if report.dry_run { "to free" } else { "freed" },
         report.kept,

@@ -6,6 +6,7 @@ use crate::pull::progress::Reporter;
 use crate::pull::{self, PullOptions, Source};
 use crate::registry::RegistryClient;
 use crate::store::Store;
+use crate::unpack::Limits;
 
 use super::{CliError, Context};
 
@@ -16,6 +17,10 @@ pub struct Args {
     /// Print the result as JSON
     #[arg(long)]
     pub json: bool,
+    /// Also unpack each layer into its snapshot as it arrives, ready to run (bounds: FLOTILLA_UNPACK_MAX_BYTES,
+    /// FLOTILLA_UNPACK_MAX_ENTRIES, FLOTILLA_UNPACK_MAX_PATH, FLOTILLA_UNPACK_MAX_XATTR_BYTES)
+    #[arg(long)]
+    pub unpack: bool,
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
@@ -30,7 +35,10 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         Source::Registry(_) => Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?),
         Source::Layout(_) => None,
     };
-    let options = PullOptions::from_config(&ctx.config);
+    let mut options = PullOptions::from_config(&ctx.config);
+    if args.unpack {
+        options.unpack = Some(Limits::from_env().map_err(pull::PullError::from)?);
+    }
     let reporter = Reporter::for_stderr();
     let report = super::runtime()?.block_on(pull::pull(
         &ctx.config,
@@ -54,6 +62,17 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         report.manifest_digest, report.platform
     );
     println!("  signature {}", report.signature);
+    if args.unpack {
+        println!(
+            "  unpacked  {} layers now; proof read {}",
+            report.layers_unpacked,
+            if report.proof_from_snapshots {
+                "the snapshots"
+            } else {
+                "the layers"
+            }
+        );
+    }
     for line in &report.proof {
         println!("  proof     {line}");
     }

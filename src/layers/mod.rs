@@ -14,12 +14,14 @@ use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use crate::digest::{Algorithm, Digest, Verifier};
 
 const MAX_SYMLINK_HOPS: usize = 40;
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-const OPAQUE_MARKER: &str = ".wh..wh..opq";
-const WHITEOUT_PREFIX: &str = ".wh.";
+pub(crate) const OPAQUE_MARKER: &str = ".wh..wh..opq";
+pub(crate) const WHITEOUT_PREFIX: &str = ".wh.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
@@ -78,7 +80,8 @@ pub struct LayerSource {
 }
 
 /// What a path is in one layer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Node {
     File {
         size: u64,
@@ -107,14 +110,91 @@ impl Resolved {
     }
 }
 
-#[derive(Debug, Default)]
-struct LayerIndex {
+/// What one layer holds, by normalised path: all the proof needs, built in the one pass that reads the layer (by
+/// the proof itself, or by the snapshot writer, which stores it beside the snapshot).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerIndex {
     nodes: HashMap<String, Node>,
     /// Parents of entries that have no entry of their own: tar does not require them, and an extractor creates
     /// them as directories only where no lower layer already has that path (a symlink there is followed).
     implied_dirs: HashSet<String>,
     whiteouts: HashSet<String>,
     opaque: HashSet<String>,
+}
+
+/// What one tar entry means for the layer, once whiteouts are told apart from content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryMeaning {
+    /// `.wh..wh..opq`: the directory (normalised, "" for the root) hides what lower layers have in it.
+    Opaque(String),
+    /// `.wh.NAME`: the path hides the lower layers' entry of that name.
+    Whiteout(String),
+    /// Content at this normalised path.
+    Node(String, Node),
+    /// The root itself, or a path that normalises to it: nothing to record.
+    Root,
+}
+
+impl LayerIndex {
+    /// Classifies one entry and records it.
+    pub fn record(
+        &mut self,
+        raw_path: &[u8],
+        entry: &tar::Header,
+        link: Option<&[u8]>,
+        size: u64,
+    ) -> EntryMeaning {
+        let path = normalize(&String::from_utf8_lossy(raw_path));
+        if path.is_empty() {
+            return EntryMeaning::Root;
+        }
+        let (parent, name) = parent_and_name(&path);
+        if name == OPAQUE_MARKER {
+            self.opaque.insert(parent.to_string());
+            return EntryMeaning::Opaque(parent.to_string());
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            // `.wh..` or `.wh...` would hide the directory itself or its parent: normalised, never the root.
+            let hidden = normalize(&join(parent, hidden));
+            if hidden.is_empty() {
+                return EntryMeaning::Root;
+            }
+            self.whiteouts.insert(hidden.clone());
+            return EntryMeaning::Whiteout(hidden);
+        }
+        let link = || {
+            link.map(|l| String::from_utf8_lossy(l).into_owned())
+                .unwrap_or_default()
+        };
+        let kind = entry.entry_type();
+        let node = if kind.is_dir() {
+            Node::Dir
+        } else if kind.is_symlink() {
+            Node::Symlink(link())
+        } else if kind.is_hard_link() {
+            Node::Hardlink(normalize(&link()))
+        } else if kind.is_file() || kind.is_contiguous() {
+            Node::File { size }
+        } else {
+            Node::Special
+        };
+        let mut parent = parent;
+        while !parent.is_empty() && self.implied_dirs.insert(parent.to_string()) {
+            parent = parent_and_name(parent).0;
+        }
+        self.nodes.insert(path.clone(), node.clone());
+        EntryMeaning::Node(path, node)
+    }
+
+    /// Paths hidden by `.wh.` entries, normalised.
+    pub fn whiteouts(&self) -> impl Iterator<Item = &str> {
+        self.whiteouts.iter().map(String::as_str)
+    }
+
+    /// Directories marked opaque, normalised ("" is the root).
+    pub fn opaque_dirs(&self) -> impl Iterator<Item = &str> {
+        self.opaque.iter().map(String::as_str)
+    }
 }
 
 fn is_layer_media_type(media_type: &str) -> bool {
@@ -164,9 +244,9 @@ pub fn open_layer(layer: &LayerSource) -> Result<Box<dyn Read>, LayerError> {
 }
 
 /// Hashes everything read through it, so the diff_id comes from the same pass that reads the tar.
-struct HashingReader<R> {
-    inner: R,
-    verifier: Verifier,
+pub(crate) struct HashingReader<R> {
+    pub(crate) inner: R,
+    pub(crate) verifier: Verifier,
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -192,14 +272,14 @@ pub(crate) fn normalize(path: &str) -> String {
     parts.join("/")
 }
 
-fn parent_and_name(path: &str) -> (&str, &str) {
+pub(crate) fn parent_and_name(path: &str) -> (&str, &str) {
     match path.rsplit_once('/') {
         Some((parent, name)) => (parent, name),
         None => ("", path),
     }
 }
 
-fn join(dir: &str, name: &str) -> String {
+pub(crate) fn join(dir: &str, name: &str) -> String {
     if dir.is_empty() {
         name.to_string()
     } else {
@@ -226,43 +306,13 @@ fn build_index(layer: &LayerSource) -> Result<LayerIndex, LayerError> {
         let mut archive = tar::Archive::new(&mut reader);
         for entry in archive.entries().map_err(read_err)? {
             let entry = entry.map_err(read_err)?;
-            let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-            let path = normalize(&raw);
-            if path.is_empty() {
-                continue;
-            }
-            let (parent, name) = parent_and_name(&path);
-            if name == OPAQUE_MARKER {
-                index.opaque.insert(parent.to_string());
-                continue;
-            }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-                index.whiteouts.insert(join(parent, hidden));
-                continue;
-            }
-            let link = || {
-                entry
-                    .link_name_bytes()
-                    .map(|l| String::from_utf8_lossy(&l).into_owned())
-                    .unwrap_or_default()
-            };
-            let kind = entry.header().entry_type();
-            let node = if kind.is_dir() {
-                Node::Dir
-            } else if kind.is_symlink() {
-                Node::Symlink(link())
-            } else if kind.is_hard_link() {
-                Node::Hardlink(normalize(&link()))
-            } else if kind.is_file() || kind.is_contiguous() {
-                Node::File { size: entry.size() }
-            } else {
-                Node::Special
-            };
-            let mut parent = parent;
-            while !parent.is_empty() && index.implied_dirs.insert(parent.to_string()) {
-                parent = parent_and_name(parent).0;
-            }
-            index.nodes.insert(path, node);
+            let link = entry.link_name_bytes();
+            index.record(
+                &entry.path_bytes(),
+                entry.header(),
+                link.as_deref(),
+                entry.size(),
+            );
         }
     }
     // The diff_id covers the whole uncompressed stream, including the end-of-archive blocks tar stops before.
@@ -280,9 +330,18 @@ fn build_index(layer: &LayerSource) -> Result<LayerIndex, LayerError> {
     Ok(index)
 }
 
+/// Where one layer of the merged view is read from.
+#[derive(Debug, Clone)]
+enum TreeLayer {
+    /// The compressed blob: indexed by reading it, files extracted by reading it again.
+    Blob(LayerSource),
+    /// An unpacked snapshot: its index was built when it was unpacked, and files are read from its directory.
+    Snapshot { diff_id: Digest, rootfs: PathBuf },
+}
+
 /// The merged view of an image's layers, indexed on demand.
 pub struct ImageTree {
-    layers: Vec<LayerSource>,
+    layers: Vec<TreeLayer>,
     indexes: Vec<Option<LayerIndex>>,
 }
 
@@ -290,7 +349,24 @@ impl ImageTree {
     /// `layers` base first, as in the manifest.
     pub fn new(layers: Vec<LayerSource>) -> ImageTree {
         let indexes = layers.iter().map(|_| None).collect();
-        ImageTree { layers, indexes }
+        ImageTree {
+            layers: layers.into_iter().map(TreeLayer::Blob).collect(),
+            indexes,
+        }
+    }
+
+    /// Over unpacked snapshots, base first: (diff_id, the snapshot's root directory, its index). Nothing is
+    /// decompressed again; [`Self::extract`] reads the snapshot's file.
+    pub fn from_snapshots(layers: Vec<(Digest, PathBuf, LayerIndex)>) -> ImageTree {
+        let mut tree = ImageTree {
+            layers: Vec::new(),
+            indexes: Vec::new(),
+        };
+        for (diff_id, rootfs, index) in layers {
+            tree.layers.push(TreeLayer::Snapshot { diff_id, rootfs });
+            tree.indexes.push(Some(index));
+        }
+        tree
     }
 
     /// How many layers have been read so far: the top-down laziness, made observable.
@@ -300,7 +376,9 @@ impl ImageTree {
 
     fn index(&mut self, i: usize) -> Result<&LayerIndex, LayerError> {
         if self.indexes[i].is_none() {
-            self.indexes[i] = Some(build_index(&self.layers[i])?);
+            if let TreeLayer::Blob(source) = &self.layers[i] {
+                self.indexes[i] = Some(build_index(source)?);
+            }
         }
         Ok(self.indexes[i].get_or_insert_with(LayerIndex::default))
     }
@@ -435,13 +513,18 @@ impl ImageTree {
                 _ => break,
             }
         }
-        let layer = self.layers[layer_no].clone();
         let size = match self.index(layer_no)?.nodes.get(&wanted) {
             Some(Node::File { size }) => *size,
             _ => {
                 return Err(LayerError::NotFound {
                     path: format!("/{wanted}"),
                 });
+            }
+        };
+        let layer = match self.layers[layer_no].clone() {
+            TreeLayer::Blob(layer) => layer,
+            TreeLayer::Snapshot { diff_id, rootfs } => {
+                return extract_from_snapshot(&diff_id, &rootfs, &wanted, size, dest, limit);
             }
         };
         if size > limit {
@@ -482,6 +565,56 @@ impl ImageTree {
             path: format!("/{wanted}"),
         })
     }
+}
+
+/// Copies `wanted` (normalised, a regular file in the index) out of a snapshot. The kernel keeps the open inside
+/// the snapshot and refuses symlinks on the way: the index said it is a file reached through directories.
+fn extract_from_snapshot(
+    diff_id: &Digest,
+    rootfs: &Path,
+    wanted: &str,
+    size: u64,
+    dest: &Path,
+    limit: u64,
+) -> Result<(), LayerError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+    let shown = rootfs.join(wanted);
+    let read_err = |source: io::Error| LayerError::Read {
+        layer: diff_id.clone(),
+        path: shown.clone(),
+        source,
+    };
+    if size > limit {
+        return Err(LayerError::TooLarge {
+            path: format!("/{wanted}"),
+            layer: diff_id.clone(),
+            size,
+            limit,
+        });
+    }
+    let root = File::open(rootfs).map_err(read_err)?;
+    let fd = openat2(
+        &root,
+        wanted,
+        OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS,
+    )
+    .map_err(|e| read_err(e.into()))?;
+    let mut out = File::create(dest).map_err(|source| LayerError::Write {
+        path: dest.to_path_buf(),
+        source,
+    })?;
+    let copied = io::copy(&mut File::from(fd).take(limit), &mut out).map_err(read_err)?;
+    if copied != size {
+        return Err(read_err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!(
+                "/{wanted} is {copied} bytes in the snapshot, the layer said {size}; remove the snapshot with `flotilla gc` after removing the image, and pull again"
+            ),
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -703,6 +836,24 @@ mod tests {
             t.resolve("/bin/sh/x"),
             Err(LayerError::NotADirectory { .. })
         ));
+    }
+
+    #[test]
+    fn whiteouts_of_the_directory_itself_or_its_parent_hide_nothing() {
+        let mut index = LayerIndex::default();
+        let h = tar::Header::new_gnu();
+        let expected = [
+            (".wh..", EntryMeaning::Root),
+            (".wh...", EntryMeaning::Root),
+            ("a/.wh...", EntryMeaning::Root),
+            ("a/.wh..", EntryMeaning::Whiteout("a".into())),
+        ];
+        for (raw, meaning) in expected {
+            assert_eq!(index.record(raw.as_bytes(), &h, None, 0), meaning, "{raw}");
+        }
+        assert!(index.whiteouts().all(|w| !w.is_empty() && !w.contains('.')));
+        let json = serde_json::to_string(&index).unwrap();
+        assert_eq!(serde_json::from_str::<LayerIndex>(&json).unwrap(), index);
     }
 
     #[test]

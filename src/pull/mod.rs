@@ -8,6 +8,8 @@
 //!    chosen), check free space, fetch the missing layers in parallel (resuming partials), then prove the
 //!    architecture from the image's own executables ([`proof`]). A refused variant is recorded and the next one
 //!    tried.
+//!    With `--unpack` ([`PullOptions::unpack`]) each layer is unpacked into its snapshot ([`crate::unpack`]) in
+//!    the same parallel task that fetched it, so it is decompressed once, and the proof then reads the snapshots.
 //! 5. Only then is the reference written, in one atomic update of the store's `index.json`. An interrupted or
 //!    refused pull leaves no reference, only blobs and resumable partials for the next pull or `flotilla gc`.
 
@@ -35,6 +37,8 @@ use crate::registry::{BlobSpec, Reference, RegistryClient, RegistryError};
 use crate::store::layout::{OCI_SCHEME, OciLayout, OciLayoutRef};
 use crate::store::space::Statvfs;
 use crate::store::{RefRecord, Slot, Store, StoreError};
+use crate::unpack::snapshots::Ensured;
+use crate::unpack::{Limits, Snapshots, UnpackError};
 use crate::verify::VerifyError;
 use crate::verify::policy::{Acceptance, Policy};
 use progress::Reporter;
@@ -88,6 +92,10 @@ pub enum PullError {
         "{image} is in a registry, but no registry client was given to fetch it (a bug in the caller)"
     )]
     NoRegistryClient { image: String },
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
+    #[error("no image named {name:?} is stored; pull it first")]
+    NotStored { name: String },
 }
 
 fn list(refused: &[Refusal]) -> String {
@@ -157,6 +165,10 @@ pub struct PullReport {
     pub proof: Vec<String>,
     pub layers_fetched: usize,
     pub bytes_fetched: u64,
+    /// Layers unpacked into snapshots by this pull (layers whose snapshot was there already are not counted).
+    pub layers_unpacked: usize,
+    /// The architecture proof read the unpacked snapshots rather than decompressing layers.
+    pub proof_from_snapshots: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +176,8 @@ pub struct PullOptions {
     pub parallel_layers: usize,
     /// Stamps the time of the pull on the stored reference.
     pub clock: Arc<dyn Clock>,
+    /// Unpack each layer into its snapshot as it arrives, with these limits; `None` pulls without unpacking.
+    pub unpack: Option<Limits>,
 }
 
 impl PullOptions {
@@ -171,8 +185,53 @@ impl PullOptions {
         PullOptions {
             parallel_layers: config.pull.parallel_layers.max(1),
             clock: Arc::new(SystemClock),
+            unpack: None,
         }
     }
+}
+
+/// Whether a stored image is ready to run from snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpackState {
+    /// The image's layers, base first, by diff_id: what [`crate::unpack::prepare`] takes.
+    pub diff_ids: Vec<Digest>,
+    /// Those without a snapshot; empty when the image is fully unpacked.
+    pub missing: Vec<Digest>,
+}
+
+impl UnpackState {
+    pub fn is_complete(&self) -> bool {
+        self.missing.is_empty()
+    }
+}
+
+/// Is the image stored under `name` fully unpacked, and what are its layers? When it is not, pull it again with
+/// [`PullOptions::unpack`] set: the blobs are there, so only the missing snapshots are made.
+pub fn unpack_state(
+    store: &Store,
+    snapshots: &Snapshots,
+    name: &str,
+) -> Result<UnpackState, PullError> {
+    let entry = store
+        .images()?
+        .into_iter()
+        .find(|i| i.name.as_deref() == Some(name))
+        .ok_or_else(|| PullError::NotStored {
+            name: name.to_string(),
+        })?;
+    let bytes = crate::store::layout::read_bounded(
+        &store.layout().blob_path(&entry.digest),
+        MAX_MANIFEST_BYTES,
+        "a manifest",
+    )?;
+    let manifest: ImageManifest =
+        serde_json::from_slice(&bytes).map_err(|e| PullError::BadManifest {
+            digest: entry.digest.clone(),
+            reason: e.to_string(),
+        })?;
+    let diff_ids = crate::store::gc::image_diff_ids(store.layout(), &manifest)?;
+    let missing = snapshots.missing(&diff_ids);
+    Ok(UnpackState { diff_ids, missing })
 }
 
 /// The manifest bytes, wherever they come from.
@@ -408,6 +467,8 @@ pub async fn pull(
                     proof: done.proof,
                     layers_fetched: done.layers_fetched,
                     bytes_fetched: done.bytes_fetched,
+                    layers_unpacked: done.layers_unpacked,
+                    proof_from_snapshots: done.proof_from_snapshots,
                 });
             }
             Err(Refused::Variant(reason)) => {
@@ -461,6 +522,8 @@ struct VariantDone {
     proof: Vec<String>,
     layers_fetched: usize,
     bytes_fetched: u64,
+    layers_unpacked: usize,
+    proof_from_snapshots: bool,
 }
 
 enum Refused {
@@ -635,25 +698,83 @@ impl Trial<'_> {
             unique.len(),
             crate::human::bytes(download)
         ));
-        let fetched: Vec<u64> =
-            stream::iter(unique.iter().map(|l| fetcher.layer(store, l, reporter)))
-                .buffer_unordered(options.parallel_layers.max(1))
-                .try_collect()
-                .await?;
-        let layers_fetched = fetched.iter().filter(|n| **n > 0).count();
-        let bytes_fetched = fetched.iter().sum();
+        let snapshots = match options.unpack {
+            Some(_) => Some(Snapshots::open(store.state_dir()).map_err(PullError::from)?),
+            None => None,
+        };
+        let source_of = |l: &Descriptor, diff_id: &Digest| LayerSource {
+            digest: l.digest.clone(),
+            media_type: l.media_type.clone(),
+            path: store.layout().blob_path(&l.digest),
+            diff_id: Some(diff_id.clone()),
+        };
+        let diff_id_of = |digest: &Digest| {
+            manifest_layers
+                .iter()
+                .zip(&diff_ids)
+                .find(|(l, _)| &l.digest == digest)
+                .map(|(_, d)| d.clone())
+        };
+        // Each task fetches its layer, then unpacks it on a blocking thread while the other fetches go on.
+        let tasks = unique.iter().map(|l| {
+            let unpack = match (&snapshots, options.unpack, diff_id_of(&l.digest)) {
+                (Some(s), Some(limits), Some(d)) => Some((s.clone(), limits, source_of(l, &d), d)),
+                _ => None,
+            };
+            async move {
+                let fetched = fetcher.layer(store, l, reporter).await?;
+                let Some((snapshots, limits, source, diff_id)) = unpack else {
+                    return Ok::<_, Refused>((fetched, false));
+                };
+                if snapshots.rootfs(&diff_id).is_some() {
+                    return Ok((fetched, false));
+                }
+                let ensured =
+                    tokio::task::spawn_blocking(move || snapshots.ensure(&source, &limits))
+                        .await
+                        .map_err(|e| PullError::Task(e.to_string()))?;
+                match ensured {
+                    Ok(Ensured::Unpacked(_)) => Ok((fetched, true)),
+                    Ok(Ensured::Present) => Ok((fetched, false)),
+                    // A layer that is not what the config says refuses this variant, as the proof would.
+                    Err(e @ UnpackError::DiffIdMismatch { .. }) => {
+                        Err(Refused::Variant(e.to_string()))
+                    }
+                    Err(e) => Err(Refused::Fatal(e.into())),
+                }
+            }
+        });
+        let fetched: Vec<(u64, bool)> = stream::iter(tasks)
+            .buffer_unordered(options.parallel_layers.max(1))
+            .try_collect()
+            .await?;
+        let layers_fetched = fetched.iter().filter(|(n, _)| *n > 0).count();
+        let bytes_fetched = fetched.iter().map(|(n, _)| n).sum();
+        let layers_unpacked = fetched.iter().filter(|(_, u)| *u).count();
 
-        // Architecture proof over the image's own executables.
-        let layers: Vec<LayerSource> = manifest_layers
-            .iter()
-            .zip(diff_ids)
-            .map(|(l, diff_id)| LayerSource {
-                digest: l.digest.clone(),
-                media_type: l.media_type.clone(),
-                path: store.layout().blob_path(&l.digest),
-                diff_id: Some(diff_id),
-            })
-            .collect();
+        // Architecture proof over the image's own executables: from the snapshots when there are some, so no
+        // layer is decompressed twice.
+        let tree = match &snapshots {
+            Some(snapshots) => {
+                let mut layers = Vec::new();
+                for diff_id in &diff_ids {
+                    let meta = snapshots.meta(diff_id).map_err(PullError::from)?;
+                    layers.push((
+                        diff_id.clone(),
+                        snapshots.path(diff_id).join("rootfs"),
+                        meta.index,
+                    ));
+                }
+                ImageTree::from_snapshots(layers)
+            }
+            None => ImageTree::new(
+                manifest_layers
+                    .iter()
+                    .zip(&diff_ids)
+                    .map(|(l, diff_id)| source_of(l, diff_id))
+                    .collect(),
+            ),
+        };
         let scratch_dir = store.state_dir().join("tmp");
         tokio::fs::create_dir_all(&scratch_dir)
             .await
@@ -662,7 +783,7 @@ impl Trial<'_> {
                 source,
             })?;
         let (_, proved) = proof::prove_blocking(
-            ImageTree::new(layers),
+            tree,
             config,
             host.candidates.clone(),
             host.page_size,
@@ -676,6 +797,8 @@ impl Trial<'_> {
                 proof: proof.checked,
                 layers_fetched,
                 bytes_fetched,
+                layers_unpacked,
+                proof_from_snapshots: snapshots.is_some(),
             }),
             Err(e) => Err(Refused::Variant(e.to_string())),
         }

@@ -16,7 +16,11 @@ use super::layout::{self, Kind, OciLayout, read_bounded};
 use super::{ANNOTATION_KEEP, PARTIAL_DIR, Store, StoreError, io_err};
 use crate::digest::{Algorithm, Digest};
 use crate::durable::{TMP_PREFIX, fsync_dir};
-use crate::oci::{Descriptor, MAX_MANIFEST_BYTES};
+use crate::oci::{Descriptor, ImageConfig, ImageManifest, MAX_MANIFEST_BYTES};
+use crate::unpack::{Snapshots, UnpackError};
+
+/// Image configs are a few KiB; the pull refuses those over this too.
+const MAX_CONFIG_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -27,6 +31,10 @@ pub enum RemovedKind {
     Partial,
     /// A temporary file left by an interrupted write.
     TempFile,
+    /// A layer snapshot no stored image uses.
+    Snapshot,
+    /// A snapshot directory left by an interrupted unpack.
+    SnapshotTemp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -109,9 +117,55 @@ pub fn collect_garbage(state_dir: &Path, options: GcOptions) -> Result<GcReport,
             bytes,
         });
     }
+    let snapshot_err = |e: UnpackError| StoreError::Io {
+        step: "collect snapshots in",
+        path: state_dir.join(crate::unpack::snapshots::SNAPSHOTS_DIR),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let snapshots = Snapshots::open(state_dir).map_err(snapshot_err)?;
+    let mut used = BTreeSet::new();
+    for digest in &marked {
+        if let Some(diff_ids) = manifest_diff_ids(layout, digest) {
+            used.extend(diff_ids);
+        }
+    }
+    let mut doomed = Vec::new();
+    for diff_id in snapshots.list().map_err(snapshot_err)? {
+        if !used.contains(&diff_id) {
+            let path = snapshots.path(&diff_id);
+            removed.push(Removed {
+                kind: RemovedKind::Snapshot,
+                bytes: tree_bytes(&path),
+                path,
+            });
+            doomed.push(diff_id);
+        }
+    }
+    for entry in fs::read_dir(snapshots.dir()).map_err(io_err("list", snapshots.dir()))? {
+        let entry = entry.map_err(io_err("list", snapshots.dir()))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(crate::unpack::snapshots::TMP_SNAPSHOT_PREFIX)
+        {
+            removed.push(Removed {
+                kind: RemovedKind::SnapshotTemp,
+                bytes: tree_bytes(&entry.path()),
+                path: entry.path(),
+            });
+        }
+    }
     if !dry_run {
+        // No pull runs while gc holds the store exclusively, so every tmp- snapshot is a crash's leftover.
+        snapshots.remove_stale(None).map_err(snapshot_err)?;
+        for diff_id in &doomed {
+            snapshots.remove(diff_id).map_err(snapshot_err)?;
+        }
         let mut dirs = BTreeSet::new();
-        for r in &removed {
+        for r in removed
+            .iter()
+            .filter(|r| !matches!(r.kind, RemovedKind::Snapshot | RemovedKind::SnapshotTemp))
+        {
             fs::remove_file(&r.path).map_err(io_err("remove", &r.path))?;
             if let Some(dir) = r.path.parent() {
                 dirs.insert(dir.to_path_buf());
@@ -126,6 +180,63 @@ pub fn collect_garbage(state_dir: &Path, options: GcOptions) -> Result<GcReport,
         kept: marked.len(),
         removed,
     })
+}
+
+/// The diff_ids (base first) of `digest` if it is an image manifest in the layout with a readable config; `None`
+/// for any other blob.
+fn manifest_diff_ids(layout: &OciLayout, digest: &Digest) -> Option<Vec<Digest>> {
+    let path = layout.blob_path(digest);
+    if path.symlink_metadata().ok()?.len() > MAX_MANIFEST_BYTES {
+        return None;
+    }
+    let bytes = read_bounded(&path, MAX_MANIFEST_BYTES, "a manifest").ok()?;
+    let manifest: ImageManifest = serde_json::from_slice(&bytes).ok()?;
+    image_diff_ids(layout, &manifest).ok()
+}
+
+/// The diff_ids, base first, that the config of `manifest` lists.
+pub fn image_diff_ids(
+    layout: &OciLayout,
+    manifest: &ImageManifest,
+) -> Result<Vec<Digest>, StoreError> {
+    let config = manifest
+        .config
+        .as_ref()
+        .ok_or_else(|| StoreError::NotLayout {
+            path: layout.root().to_path_buf(),
+            reason: "an image manifest has no config".into(),
+        })?;
+    let path = layout.blob_path(&config.digest);
+    let bytes = read_bounded(&path, MAX_CONFIG_BYTES, "an image config")?;
+    let config: ImageConfig =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Json {
+            path,
+            what: "image config",
+            source,
+        })?;
+    Ok(config.rootfs.map(|r| r.diff_ids).unwrap_or_default())
+}
+
+/// Bytes of the files under `path`, not following symlinks; what removing it frees, near enough for a report.
+fn tree_bytes(path: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(md) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                todo.push(entry.path());
+            } else {
+                total = total.saturating_add(md.len());
+            }
+        }
+    }
+    total
 }
 
 /// Regular files and symlinks directly in `dir`, with their sizes; names that are not UTF-8 are not flotilla's.

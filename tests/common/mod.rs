@@ -5,6 +5,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod registry;
+pub mod tarcraft;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
