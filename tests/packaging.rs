@@ -7,7 +7,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use flotilla::config::{Config, PullConfig, RegistryConfig, SignaturePolicyConfig};
+use flotilla::config::{Config, PullConfig, RegistryConfig, RunConfig, SignaturePolicyConfig};
 
 mod common;
 
@@ -76,9 +76,15 @@ fn shipped_config_examples_name_every_key() {
         ca_bundle,
         docker_config,
         pull,
+        run,
         registries,
         signature_policies,
     } = config;
+    let RunConfig {
+        runtime: _,
+        allow_emulation: _,
+    } = run;
+    assert!(enabled.contains("\nruntime =") && enabled.contains("\nallow_emulation ="));
     assert!(
         state_dir.is_some() && platform.is_some() && ca_bundle.is_some() && docker_config.is_some()
     );

@@ -25,10 +25,7 @@ fn prerequisites() -> Option<()> {
         rustix::process::geteuid().is_root().then_some(()),
     )?;
     common::required_tool("runc")?;
-    require(
-        "busybox-static fixtures (tests/setup)",
-        busybox_images(),
-    )?;
+    require("busybox-static fixtures (tests/setup)", busybox_images())?;
     Some(())
 }
 
@@ -58,7 +55,11 @@ impl Lab {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.flotilla(args);
-        assert!(out.status.success(), "flotilla {args:?}: {}", output_text(&out));
+        assert!(
+            out.status.success(),
+            "flotilla {args:?}: {}",
+            output_text(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -118,7 +119,16 @@ fn mounted(dir: &Path) -> bool {
 #[test]
 fn runs_natively_logs_stops_gracefully_and_removes() {
     let Some(lab) = Lab::new() else { return };
-    let name = lab.ok(&["run", &lab.image, "--name", "web", "--detach", "--", "-c", LONG_RUNNING]);
+    let name = lab.ok(&[
+        "run",
+        &lab.image,
+        "--name",
+        "web",
+        "--detach",
+        "--",
+        "-c",
+        LONG_RUNNING,
+    ]);
     assert_eq!(name.trim(), "web");
     wait_for("the container's output", Duration::from_secs(30), || {
         let logs = lab.logs("web");
@@ -144,19 +154,34 @@ fn runs_natively_logs_stops_gracefully_and_removes() {
     assert!(lab.logs("web").contains("bye"));
 
     let dir = lab.container_dir("web");
-    assert!(mounted(&dir) || c["rootfs"] == "copy", "the root is mounted until rm");
+    assert!(
+        mounted(&dir) || c["rootfs"] == "copy",
+        "the root is mounted until rm"
+    );
     lab.ok(&["rm", "web"]);
     assert!(!dir.exists());
     assert!(!mounted(&dir), "rm unmounts the root");
     let out = lab.flotilla(&["logs", "web"]);
     assert!(!out.status.success());
-    assert!(output_text(&out).contains("no container named web"), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("no container named web"),
+        "{}",
+        output_text(&out)
+    );
 }
 
 #[test]
 fn foreground_run_returns_the_exit_code_and_names_are_unique() {
     let Some(lab) = Lab::new() else { return };
-    let out = lab.flotilla(&["run", &lab.image, "--name", "fg", "--", "-c", "echo out; exit 7"]);
+    let out = lab.flotilla(&[
+        "run",
+        &lab.image,
+        "--name",
+        "fg",
+        "--",
+        "-c",
+        "echo out; exit 7",
+    ]);
     assert_eq!(out.status.code(), Some(7), "{}", output_text(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("out"));
     let c = lab.container("fg");
@@ -165,7 +190,11 @@ fn foreground_run_returns_the_exit_code_and_names_are_unique() {
 
     let again = lab.flotilla(&["run", &lab.image, "--name", "fg", "--", "-c", "true"]);
     assert_eq!(again.status.code(), Some(1), "{}", output_text(&again));
-    assert!(output_text(&again).contains("flotilla rm fg"), "{}", output_text(&again));
+    assert!(
+        output_text(&again).contains("flotilla rm fg"),
+        "{}",
+        output_text(&again)
+    );
     let bad = lab.flotilla(&["run", &lab.image, "--name", "../x"]);
     assert_eq!(bad.status.code(), Some(2), "{}", output_text(&bad));
 }
@@ -174,7 +203,15 @@ fn foreground_run_returns_the_exit_code_and_names_are_unique() {
 fn the_restart_policy_restarts_a_crash_and_gives_up_after_its_limit() {
     let Some(lab) = Lab::new() else { return };
     lab.ok(&[
-        "run", &lab.image, "--name", "crash", "--restart", "on-failure:2", "--detach", "--", "-c",
+        "run",
+        &lab.image,
+        "--name",
+        "crash",
+        "--restart",
+        "on-failure:2",
+        "--detach",
+        "--",
+        "-c",
         "echo run; exit 3",
     ]);
     wait_for("the restarts to end", Duration::from_secs(60), || {
@@ -189,12 +226,27 @@ fn the_restart_policy_restarts_a_crash_and_gives_up_after_its_limit() {
 #[test]
 fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
     let Some(lab) = Lab::new() else { return };
-    lab.ok(&["run", &lab.image, "--name", "adopt", "--detach", "--", "-c", LONG_RUNNING]);
-    wait_for("the container's output", Duration::from_secs(30), || lab.logs("adopt").contains("hello"));
+    lab.ok(&[
+        "run",
+        &lab.image,
+        "--name",
+        "adopt",
+        "--detach",
+        "--",
+        "-c",
+        LONG_RUNNING,
+    ]);
+    wait_for("the container's output", Duration::from_secs(30), || {
+        lab.logs("adopt").contains("hello")
+    });
     let before = lab.container("adopt");
     let pid = before["pid"].as_i64().expect("pid");
     let lock = lab.container_dir("adopt").join("supervisor.lock");
-    let supervisor: i32 = std::fs::read_to_string(&lock).unwrap().trim().parse().unwrap();
+    let supervisor: i32 = std::fs::read_to_string(&lock)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(supervisor).unwrap(),
         rustix::process::Signal::KILL,
@@ -202,15 +254,24 @@ fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
     .unwrap();
     wait_for("the supervisor to die", Duration::from_secs(10), || {
         !Path::new(&format!("/proc/{supervisor}")).exists()
-            || std::fs::read_to_string(format!("/proc/{supervisor}/stat")).is_ok_and(|s| s.contains(") Z "))
+            || std::fs::read_to_string(format!("/proc/{supervisor}/stat"))
+                .is_ok_and(|s| s.contains(") Z "))
     });
 
     let out = lab.flotilla(&["ps"]);
     assert!(out.status.success(), "{}", output_text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("adopted"), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("adopted"),
+        "{}",
+        output_text(&out)
+    );
     let after = lab.container("adopt");
     assert_eq!(after["state"], "running", "{after}");
-    assert_eq!(after["pid"].as_i64(), Some(pid), "adopted, not started again: {after}");
+    assert_eq!(
+        after["pid"].as_i64(),
+        Some(pid),
+        "adopted, not started again: {after}"
+    );
     assert_eq!(after["restarts"], 0, "{after}");
     assert_eq!(after["supervised"], true, "{after}");
     // The new supervisor reads the same pipes: the output written at the stop still reaches the log.
@@ -225,11 +286,22 @@ fn a_sigill_exit_is_recorded_as_the_wrong_architecture_variant() {
     // A child shell dies of SIGILL (as an ARMv7 instruction on an ARMv6 CPU would make it); the container's init
     // exits with 128 + 4.
     let out = lab.flotilla(&[
-        "run", &lab.image, "--name", "ill", "--restart", "always", "--", "-c",
+        "run",
+        &lab.image,
+        "--name",
+        "ill",
+        "--restart",
+        "always",
+        "--",
+        "-c",
         "busybox sh -c 'kill -ILL $$'; exit $?",
     ]);
     assert_eq!(out.status.code(), Some(132), "{}", output_text(&out));
-    assert!(output_text(&out).contains("wrong architecture variant"), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("wrong architecture variant"),
+        "{}",
+        output_text(&out)
+    );
     let c = lab.container("ill");
     assert_eq!(c["state"], "exited", "never restarted: {c}");
     assert_eq!(c["restarts"], 0, "{c}");
@@ -249,34 +321,85 @@ fn foreign_variants_run_only_with_a_registered_handler_and_permission() {
     };
     binfmt.unregister_all();
     let refused = lab.flotilla(&[
-        "--platform", "linux/arm64", "run", &lab.image, "--name", "a64", "--allow-emulation", "--", "-c",
+        "--platform",
+        "linux/arm64",
+        "run",
+        &lab.image,
+        "--name",
+        "a64",
+        "--allow-emulation",
+        "--",
+        "-c",
         "busybox uname -m",
     ]);
     assert!(!refused.status.success(), "{}", output_text(&refused));
-    assert!(output_text(&refused).contains("binfmt"), "{}", output_text(&refused));
-    assert!(!lab.container_dir("a64").exists(), "a refused run leaves no container");
+    assert!(
+        output_text(&refused).contains("binfmt"),
+        "{}",
+        output_text(&refused)
+    );
+    assert!(
+        !lab.container_dir("a64").exists(),
+        "a refused run leaves no container"
+    );
 
     binfmt.register_all();
     let refused = lab.flotilla(&[
-        "--platform", "linux/arm64", "run", &lab.image, "--name", "a64", "--", "-c", "busybox uname -m",
+        "--platform",
+        "linux/arm64",
+        "run",
+        &lab.image,
+        "--name",
+        "a64",
+        "--",
+        "-c",
+        "busybox uname -m",
     ]);
     assert!(!refused.status.success(), "{}", output_text(&refused));
-    assert!(output_text(&refused).contains("--allow-emulation"), "{}", output_text(&refused));
+    assert!(
+        output_text(&refused).contains("--allow-emulation"),
+        "{}",
+        output_text(&refused)
+    );
 
     let out = lab.flotilla(&[
-        "--platform", "linux/arm64", "run", &lab.image, "--name", "a64", "--allow-emulation", "--", "-c",
+        "--platform",
+        "linux/arm64",
+        "run",
+        &lab.image,
+        "--name",
+        "a64",
+        "--allow-emulation",
+        "--",
+        "-c",
         "busybox uname -m",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("aarch64"), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("aarch64"),
+        "{}",
+        output_text(&out)
+    );
     assert!(lab.ok(&["ps", "-a"]).contains("emulated"));
 
     let out = lab.flotilla(&[
-        "--platform", "linux/arm/v6", "run", &lab.image, "--name", "v6", "--allow-emulation", "--", "-c",
+        "--platform",
+        "linux/arm/v6",
+        "run",
+        &lab.image,
+        "--name",
+        "v6",
+        "--allow-emulation",
+        "--",
+        "-c",
         "busybox uname -m",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("armv"), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("armv"),
+        "{}",
+        output_text(&out)
+    );
     drop(binfmt);
 }
 
@@ -308,7 +431,9 @@ impl Binfmt {
             let conf = std::fs::read_to_string(format!("/usr/lib/binfmt.d/{name}.conf")).ok()?;
             let line = conf.lines().find(|l| l.starts_with(':'))?.to_string();
             // Debian ships OPF; F is what matters here, and is there, but make sure.
-            let line = if line.ends_with('F') || line.rsplit(':').next().is_some_and(|f| f.contains('F')) {
+            let line = if line.ends_with('F')
+                || line.rsplit(':').next().is_some_and(|f| f.contains('F'))
+            {
                 line
             } else {
                 format!("{line}F")
@@ -333,7 +458,8 @@ impl Binfmt {
     fn register_all(&self) {
         for (name, line, _) in &self.entries {
             if !Path::new(BINFMT).join(name).exists() {
-                std::fs::write(Path::new(BINFMT).join("register"), line).expect("register binfmt handler");
+                std::fs::write(Path::new(BINFMT).join("register"), line)
+                    .expect("register binfmt handler");
             }
         }
     }

@@ -60,12 +60,19 @@ fn print_record(r: &Record, timestamps: bool) -> std::io::Result<()> {
 
 /// For `flotilla run` in the foreground: prints the container's output until its supervisor is done with it.
 /// Ctrl-C stops the container.
-pub fn follow_until_done(container: &Container, runtime: &Arc<dyn Runtime>, tail: Option<usize>) -> Result<(), CliError> {
+pub fn follow_until_done(
+    container: &Container,
+    runtime: &Arc<dyn Runtime>,
+    tail: Option<usize>,
+) -> Result<(), CliError> {
     let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = interrupted.clone();
     // A thread with its own small runtime waits for Ctrl-C, so the follow loop stays plain blocking code.
     std::thread::spawn(move || {
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             rt.block_on(async {
                 if tokio::signal::ctrl_c().await.is_ok() {
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -82,7 +89,10 @@ pub fn follow_until_done(container: &Container, runtime: &Arc<dyn Runtime>, tail
             if interrupted.load(std::sync::atomic::Ordering::SeqCst) && !stopping {
                 stopping = true;
                 eprintln!("stopping {}", container.name);
-                let grace = container.spec().map(|s| s.settings.stop_grace).unwrap_or_default();
+                let grace = container
+                    .spec()
+                    .map(|s| s.settings.stop_grace)
+                    .unwrap_or_default();
                 if let Err(e) = crate::supervise::control::stop(container, runtime, grace) {
                     eprintln!("{}", crate::error_chain(&e));
                 }

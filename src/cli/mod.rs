@@ -227,7 +227,10 @@ pub fn init_logging(verbose: u8) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
             use tracing_subscriber::prelude::*;
-            tracing_subscriber::registry().with(filter).with(journald).init();
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journald)
+                .init();
             return;
         }
     }
@@ -239,7 +242,10 @@ pub fn init_logging(verbose: u8) {
 
 /// The OCI runtime the configuration names, checked to exist.
 pub fn open_runtime(ctx: &Context) -> Result<crate::runtime::runc::Runc, CliError> {
-    Ok(crate::runtime::runc::Runc::new(&ctx.config.run.runtime, &ctx.state_dir)?)
+    Ok(crate::runtime::runc::Runc::new(
+        &ctx.config.run.runtime,
+        &ctx.state_dir,
+    )?)
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode, CliError> {

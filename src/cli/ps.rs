@@ -78,7 +78,10 @@ fn describe(r: &Row) -> String {
             Some(e) => format!("{} ({})", r.state, e.describe()),
             None => r.state.to_string(),
         },
-        State::Failed => format!("failed: {}", s.message.as_deref().unwrap_or("see flotilla logs")),
+        State::Failed => format!(
+            "failed: {}",
+            s.message.as_deref().unwrap_or("see flotilla logs")
+        ),
         _ => r.state.to_string(),
     };
     if let Some(h) = &s.health {
@@ -108,7 +111,10 @@ fn table(rows: &[Row]) -> String {
                 platform,
                 describe(r),
                 r.status.restarts.to_string(),
-                r.status.started_at.clone().unwrap_or_else(|| "-".to_string()),
+                r.status
+                    .started_at
+                    .clone()
+                    .unwrap_or_else(|| "-".to_string()),
             ]
         })
         .collect();
@@ -120,7 +126,11 @@ fn table(rows: &[Row]) -> String {
     }
     let mut out = String::new();
     for row in std::iter::once(&header).chain(&body) {
-        let cells: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

@@ -21,7 +21,9 @@ pub struct Args {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RmError {
-    #[error("container {0} is {1}: stop it first (flotilla stop {0}) or use flotilla rm --force {0}")]
+    #[error(
+        "container {0} is {1}: stop it first (flotilla stop {0}) or use flotilla rm --force {0}"
+    )]
     Running(String, &'static str),
     #[error("cannot remove {path}: {source}")]
     Remove {
@@ -38,7 +40,8 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     };
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
     let state = container.status().state;
-    let alive = container.supervisor_pid().is_some() || control::is_running(&container, runtime.as_ref());
+    let alive =
+        container.supervisor_pid().is_some() || control::is_running(&container, runtime.as_ref());
     if alive || !state.is_final() {
         if !args.force && alive {
             return Err(RmError::Running(container.name.clone(), state.as_str()).into());

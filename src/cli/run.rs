@@ -196,11 +196,13 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         Some(image) => image,
         None => {
             let client = match &source {
-                Source::Registry(_) => Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?),
+                Source::Registry(_) => {
+                    Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?)
+                }
                 Source::Layout(_) => None,
             };
             let options = PullOptions {
-                unpack: true,
+                unpack: Some(crate::unpack::Limits::from_env()?),
                 ..PullOptions::from_config(&ctx.config)
             };
             let reporter = crate::pull::progress::Reporter::for_stderr();
@@ -236,11 +238,14 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let live = crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
         .0
         .host();
-    let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR)).map_err(RunError::from)?;
+    let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
+        .map_err(RunError::from)?;
     let emulated_by = match emulation::decide(&platform, &live, allow_emulation, &binfmt) {
         Ok(emulation::Decision::Native) => None,
         Ok(emulation::Decision::Emulated { handler, .. }) => {
-            eprintln!("{name}: {platform} runs here only through the binfmt handler {handler} (emulated)");
+            eprintln!(
+                "{name}: {platform} runs here only through the binfmt handler {handler} (emulated)"
+            );
             Some(handler)
         }
         Err(e) => return Err(RunError::Emulation(e).into()),
@@ -271,7 +276,9 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     if state == State::Failed {
         return Err(RunError::StartFailed {
             name,
-            reason: status.message.unwrap_or_else(|| "see flotilla logs".to_string()),
+            reason: status
+                .message
+                .unwrap_or_else(|| "see flotilla logs".to_string()),
         }
         .into());
     }
@@ -282,9 +289,15 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     super::logs::follow_until_done(&container, &runtime, None)?;
     let status = container.status();
     if let Some(w) = &status.wrong_architecture {
-        eprintln!("{name}: wrong architecture variant for this device: {} (device: {})", w.evidence, w.host);
+        eprintln!(
+            "{name}: wrong architecture variant for this device: {} (device: {})",
+            w.evidence, w.host
+        );
     }
-    let code = status.exit.and_then(|e| e.code.or(e.signal.map(|s| 128 + s))).unwrap_or(0);
+    let code = status
+        .exit
+        .and_then(|e| e.code.or(e.signal.map(|s| 128 + s)))
+        .unwrap_or(0);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
@@ -296,8 +309,9 @@ fn make_container(
     settings: &RunSettings,
 ) -> Result<(), CliError> {
     let spec = container.spec()?;
-    let root = rootfs::prepare(snapshots, &spec.diff_ids, &container.dir).map_err(RunError::from)?;
-    if root.kind == rootfs::Kind::Copy {
+    let root =
+        rootfs::prepare(snapshots, &spec.diff_ids, &container.dir).map_err(RunError::from)?;
+    if root.kind == rootfs::RootKind::Copy {
         eprintln!(
             "{}: overlayfs is not available here; the root is a flattened copy of the layers",
             container.name
@@ -315,7 +329,13 @@ fn make_container(
     let oci = bundle::spec(&c, &resolved).map_err(RunError::from)?;
     bundle::write(&container.bundle_dir(), &oci).map_err(RunError::from)?;
     let mut status = container.status();
-    status.rootfs = Some(root.kind.as_str().to_string());
+    status.rootfs = Some(
+        match root.kind {
+            rootfs::RootKind::Overlay => "overlay",
+            rootfs::RootKind::Copy => "copy",
+        }
+        .to_string(),
+    );
     container.write_status(&status)?;
     Ok(())
 }
@@ -335,8 +355,14 @@ mod tests {
 
     #[test]
     fn default_names_come_from_the_repository() {
-        assert_eq!(default_name("ghcr.io/org/web-ui:1.2").as_deref(), Some("web-ui"));
-        assert_eq!(default_name("localhost:5000/busybox@sha256:ab").as_deref(), Some("busybox"));
+        assert_eq!(
+            default_name("ghcr.io/org/web-ui:1.2").as_deref(),
+            Some("web-ui")
+        );
+        assert_eq!(
+            default_name("localhost:5000/busybox@sha256:ab").as_deref(),
+            Some("busybox")
+        );
         assert_eq!(default_name("busybox").as_deref(), Some("busybox"));
     }
 }

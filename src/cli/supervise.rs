@@ -20,21 +20,26 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let _ = rustix::process::setsid();
     // The container's init is re-parented to us when the runtime's create command exits, so its exit status is ours
     // to read (see supervise::supervisor).
-    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).map_err(|e| CliError::Io {
-        what: "the subreaper flag".to_string(),
-        source: e.into(),
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).map_err(|e| {
+        CliError::Io {
+            what: "the subreaper flag".to_string(),
+            source: e.into(),
+        }
     })?;
     let container = Container::open(&ctx.state_dir, &args.name)?;
     let _lock = match container.lock_supervisor() {
         Ok(l) => l,
         // Another supervisor has it: nothing to do.
-        Err(ContainerError::Durable(crate::durable::DurableError::Locked { .. })) => return Ok(ExitCode::SUCCESS),
+        Err(ContainerError::Durable(crate::durable::DurableError::Locked { .. })) => {
+            return Ok(ExitCode::SUCCESS);
+        }
         Err(e) => return Err(e.into()),
     };
     let spec = container.spec()?;
     // After a reboot the root's overlay mount is gone; mounting again is a no-op when it is still there.
     let snapshots = Snapshots::open(&ctx.state_dir)?;
-    rootfs::prepare(&snapshots, &spec.diff_ids, &container.dir).map_err(super::run::RunError::from)?;
+    rootfs::prepare(&snapshots, &spec.diff_ids, &container.dir)
+        .map_err(super::run::RunError::from)?;
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -46,7 +51,10 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         let stop_file = container.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 return;
             };
             tokio::select! {

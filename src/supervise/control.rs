@@ -70,7 +70,10 @@ pub fn wait_started(container: &Container, limit: Duration) -> State {
     let deadline = Instant::now() + limit;
     loop {
         let state = container.status().state;
-        if state != State::Created || container.supervisor_pid().is_none() || Instant::now() >= deadline {
+        if state != State::Created
+            || container.supervisor_pid().is_none()
+            || Instant::now() >= deadline
+        {
             return state;
         }
         std::thread::sleep(POLL);
@@ -79,7 +82,11 @@ pub fn wait_started(container: &Container, limit: Duration) -> State {
 
 /// Stops the container: through its supervisor when one lives (so that it records the stop and does not restart),
 /// else directly through the runtime. Returns once the container's process is gone.
-pub fn stop(container: &Container, runtime: &Arc<dyn Runtime>, grace: Duration) -> Result<(), SuperviseError> {
+pub fn stop(
+    container: &Container,
+    runtime: &Arc<dyn Runtime>,
+    grace: Duration,
+) -> Result<(), SuperviseError> {
     if let Some(pid) = container.supervisor_pid() {
         container.request_stop(grace)?;
         if let Some(pid) = rustix::process::Pid::from_raw(pid) {
@@ -98,12 +105,19 @@ pub fn stop(container: &Container, runtime: &Arc<dyn Runtime>, grace: Duration) 
     stop_unsupervised(container, runtime, grace)
 }
 
-fn stop_unsupervised(container: &Container, runtime: &Arc<dyn Runtime>, grace: Duration) -> Result<(), SuperviseError> {
+fn stop_unsupervised(
+    container: &Container,
+    runtime: &Arc<dyn Runtime>,
+    grace: Duration,
+) -> Result<(), SuperviseError> {
     let id = &container.name;
     let running = |rt: &Arc<dyn Runtime>| -> Result<bool, SuperviseError> {
-        Ok(rt
-            .state(id)?
-            .is_some_and(|s| matches!(s.status, runtime::Status::Running | runtime::Status::Paused | runtime::Status::Created)))
+        Ok(rt.state(id)?.is_some_and(|s| {
+            matches!(
+                s.status,
+                runtime::Status::Running | runtime::Status::Paused | runtime::Status::Created
+            )
+        }))
     };
     if running(runtime)? {
         let _ = runtime.kill(id, libc::SIGTERM, false);

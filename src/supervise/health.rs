@@ -12,7 +12,13 @@ use crate::runtime::settings::{HealthCheck, Probe};
 /// Runs the check's probe once, bounded by its timeout.
 pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) -> ProbeResult {
     let timeout = check.timeout;
-    let passed = |ok: bool| if ok { ProbeResult::Passed } else { ProbeResult::Failed };
+    let passed = |ok: bool| {
+        if ok {
+            ProbeResult::Passed
+        } else {
+            ProbeResult::Failed
+        }
+    };
     match &check.probe {
         Probe::Exec(args) => {
             let rt = runtime.clone();
@@ -23,14 +29,18 @@ pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) ->
             let run = tokio::task::spawn_blocking(move || rt.exec(&id, &args, timeout));
             match tokio::time::timeout(timeout * 2, run).await {
                 Ok(Ok(Ok(code))) => passed(code == 0),
-                Ok(Ok(Err(crate::runtime::RuntimeError::ExecTimeout { .. }))) | Err(_) => ProbeResult::TimedOut,
+                Ok(Ok(Err(crate::runtime::RuntimeError::ExecTimeout { .. }))) | Err(_) => {
+                    ProbeResult::TimedOut
+                }
                 _ => ProbeResult::Failed,
             }
         }
-        Probe::Tcp { address } => match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
-            Ok(r) => passed(r.is_ok()),
-            Err(_) => ProbeResult::TimedOut,
-        },
+        Probe::Tcp { address } => {
+            match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
+                Ok(r) => passed(r.is_ok()),
+                Err(_) => ProbeResult::TimedOut,
+            }
+        }
         Probe::Http { url } => match tokio::time::timeout(timeout, http_get(url)).await {
             Ok(r) => passed(r.unwrap_or(false)),
             Err(_) => ProbeResult::TimedOut,
@@ -41,7 +51,12 @@ pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) ->
 /// A plain-HTTP GET answered with 2xx or 3xx. Written by hand: a probe of an app on this host needs one request
 /// line and one status line, not a TLS stack, redirects and a connection pool.
 async fn http_get(url: &str) -> std::io::Result<bool> {
-    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("not an http:// URL: {url}"));
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not an http:// URL: {url}"),
+        )
+    };
     let parsed = url::Url::parse(url).map_err(|_| bad())?;
     if parsed.scheme() != "http" {
         return Err(bad());
@@ -53,7 +68,9 @@ async fn http_get(url: &str) -> std::io::Result<bool> {
         Some(q) => format!("{}?{q}", parsed.path()),
         None => parsed.path().to_string(),
     };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: flotilla-health\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: flotilla-health\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut head = [0u8; 32];
     let mut got = 0;
@@ -86,7 +103,9 @@ mod tests {
             if let Ok((mut s, _)) = listener.accept().await {
                 let mut buf = [0u8; 512];
                 let _ = s.read(&mut buf).await;
-                let _ = s.write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
             }
         });
         format!("http://{addr}/health")
@@ -102,21 +121,40 @@ mod tests {
     async fn http_and_tcp_probes() {
         let rt: Arc<dyn Runtime> = Arc::new(crate::runtime::fake::Recording::default());
         let ok = serve_once("204 No Content").await;
-        assert_eq!(probe(&rt, "x", &check(Probe::Http { url: ok })).await, ProbeResult::Passed);
+        assert_eq!(
+            probe(&rt, "x", &check(Probe::Http { url: ok })).await,
+            ProbeResult::Passed
+        );
         let bad = serve_once("503 Service Unavailable").await;
-        assert_eq!(probe(&rt, "x", &check(Probe::Http { url: bad })).await, ProbeResult::Failed);
+        assert_eq!(
+            probe(&rt, "x", &check(Probe::Http { url: bad })).await,
+            ProbeResult::Failed
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
-        assert_eq!(probe(&rt, "x", &check(Probe::Tcp { address })).await, ProbeResult::Passed);
+        assert_eq!(
+            probe(&rt, "x", &check(Probe::Tcp { address })).await,
+            ProbeResult::Passed
+        );
         drop(listener);
         // A port nothing listens on (the one just closed) refuses.
         let closed = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        assert_eq!(probe(&rt, "x", &check(Probe::Tcp { address: closed })).await, ProbeResult::Failed);
         assert_eq!(
-            probe(&rt, "x", &check(Probe::Http { url: "https://127.0.0.1/".into() })).await,
+            probe(&rt, "x", &check(Probe::Tcp { address: closed })).await,
+            ProbeResult::Failed
+        );
+        assert_eq!(
+            probe(
+                &rt,
+                "x",
+                &check(Probe::Http {
+                    url: "https://127.0.0.1/".into()
+                })
+            )
+            .await,
             ProbeResult::Failed
         );
     }

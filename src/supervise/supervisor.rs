@@ -24,7 +24,9 @@ use rustix::fs::{Mode, OFlags};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use super::container::{ArchFailure, Container, ContainerError, ContainerSpec, Exit, State, Status};
+use super::container::{
+    ArchFailure, Container, ContainerError, ContainerSpec, Exit, State, Status,
+};
 use super::health;
 use super::logs::{LineSplitter, LogLimits, LogWriter, Stream};
 use super::policy::{self, Backoff, Decision, Failure, Health, HealthState, StopReason};
@@ -103,7 +105,10 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(container: Container, runtime: Arc<dyn Runtime>) -> Result<Supervisor, SuperviseError> {
+    pub fn new(
+        container: Container,
+        runtime: Arc<dyn Runtime>,
+    ) -> Result<Supervisor, SuperviseError> {
         let spec = container.spec()?;
         let status = container.status();
         Ok(Supervisor {
@@ -142,11 +147,12 @@ impl Supervisor {
         let id = self.container.name.clone();
         let mut streak: u32 = 0;
         // Adoption: a container that is still up was started by a supervisor that has since died.
-        let mut adopted = match self.blocking({
-            let id = id.clone();
-            move |rt| rt.state(&id)
-        })
-        .await?
+        let mut adopted = match self
+            .blocking({
+                let id = id.clone();
+                move |rt| rt.state(&id)
+            })
+            .await?
         {
             Some(s) if matches!(s.status, runtime::Status::Running | runtime::Status::Paused) => {
                 Some(s.pid as i32)
@@ -185,7 +191,12 @@ impl Supervisor {
                         self.status.pid = Some(pid);
                         self.status.started_at = Some(super::logs::timestamp(started));
                         self.status.exit = None;
-                        self.status.health = self.spec.settings.health.as_ref().map(|_| "starting".to_string());
+                        self.status.health = self
+                            .spec
+                            .settings
+                            .health
+                            .as_ref()
+                            .map(|_| "starting".to_string());
                         self.save()?;
                         self.watch(Child::Own(pid), &mut stop).await?
                     }
@@ -239,7 +250,9 @@ impl Supervisor {
                 self.save()?;
                 return Ok(self.status);
             };
-            let ran_for = SystemTime::now().duration_since(started).unwrap_or_default();
+            let ran_for = SystemTime::now()
+                .duration_since(started)
+                .unwrap_or_default();
             match policy::restart(
                 self.spec.settings.restart,
                 policy_exit,
@@ -279,9 +292,13 @@ impl Supervisor {
     /// Creates and starts the container; the runtime's error message when it cannot.
     async fn start(&mut self, id: &str) -> Result<i32, String> {
         let opened = (|| -> io::Result<(OwnedFd, OwnedFd)> {
-            Ok((self.container_end(Stream::Stdout)?, self.container_end(Stream::Stderr)?))
+            Ok((
+                self.container_end(Stream::Stdout)?,
+                self.container_end(Stream::Stderr)?,
+            ))
         })();
-        let (stdout, stderr) = opened.map_err(|e| format!("cannot open the container's output pipes: {e}"))?;
+        let (stdout, stderr) =
+            opened.map_err(|e| format!("cannot open the container's output pipes: {e}"))?;
         let pid_file = self.container.dir.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let io = Io {
@@ -300,7 +317,8 @@ impl Supervisor {
         if let Err(e) = created {
             return Err(crate::error_chain(&e));
         }
-        let text = std::fs::read_to_string(&pid_file).map_err(|e| format!("the runtime wrote no pid file: {e}"))?;
+        let text = std::fs::read_to_string(&pid_file)
+            .map_err(|e| format!("the runtime wrote no pid file: {e}"))?;
         text.trim()
             .parse()
             .map_err(|_| format!("the runtime's pid file holds {text:?}, not a pid"))
@@ -310,11 +328,16 @@ impl Supervisor {
     fn container_end(&self, stream: Stream) -> io::Result<OwnedFd> {
         let path = self.container.fifo(stream.as_str());
         make_fifo(&path)?;
-        Ok(rustix::fs::open(&path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?)
+        Ok(rustix::fs::open(
+            &path,
+            OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)
     }
 
     fn start_pumps(&self, tail: &Tail) -> Result<Pumps, SuperviseError> {
-        let writer = LogWriter::open(&self.container.log_dir(), self.limits).map_err(self.io_err("the log directory"))?;
+        let writer = LogWriter::open(&self.container.log_dir(), self.limits)
+            .map_err(self.io_err("the log directory"))?;
         let writer = Arc::new(Mutex::new(writer));
         let (done_tx, done_rx) = watch::channel(false);
         let mut tasks = Vec::new();
@@ -371,11 +394,18 @@ impl Supervisor {
                 splitter.finish(&mut emit);
             }));
         }
-        Ok(Pumps { done: done_tx, tasks })
+        Ok(Pumps {
+            done: done_tx,
+            tasks,
+        })
     }
 
     /// Waits for the container's process to end, probing its health meanwhile, and stops it gracefully when asked.
-    async fn watch(&mut self, child: Child, stop: &mut StopRequest) -> Result<Ended, SuperviseError> {
+    async fn watch(
+        &mut self,
+        child: Child,
+        stop: &mut StopRequest,
+    ) -> Result<Ended, SuperviseError> {
         let mut exited = child.wait();
         let check = self.spec.settings.health.clone();
         let started = tokio::time::Instant::now();
