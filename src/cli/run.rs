@@ -29,7 +29,7 @@ pub struct Args {
     pub env: Vec<String>,
     /// A named volume (NAME:/path, kept under the state directory across updates) or a bind mount
     /// (/host/path:/path), optionally :ro (repeatable)
-    #[arg(short, long = "volume", value_name = "SOURCE:/PATH[:ro]")]
+    #[arg(long = "volume", value_name = "SOURCE:/PATH[:ro]")]
     pub volume: Vec<settings::Volume>,
     /// Pass a host device through (repeatable), e.g. /dev/i2c-1
     #[arg(long = "device", value_name = "/dev/…", value_parser = settings::parse_device)]
@@ -183,14 +183,17 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let host = detection.host();
     let store = Store::open(&ctx.state_dir)?;
     let snapshots = Snapshots::open(&ctx.state_dir)?;
+    // The stored image serves when it is whole, unpacked, and a variant for this device (a pull for another
+    // --platform stores under the same name).
     let unpacked = |store: &Store| -> Option<crate::store::StoredImage> {
         let image = store.image(&stored_name).ok()?;
-        let all = image
-            .config
-            .rootfs
-            .as_ref()
-            .is_some_and(|r| r.diff_ids.iter().all(|d| snapshots.rootfs(d).is_some()));
-        all.then_some(image)
+        let state = crate::pull::unpack_state(store, &snapshots, &stored_name).ok()?;
+        let stated = crate::platform::Platform::of_config(&image.config);
+        let fits = host.candidates.iter().any(|c| {
+            *c == stated
+                || (stated.variant.is_none() && c.os == stated.os && c.architecture == stated.architecture)
+        });
+        (state.is_complete() && fits).then_some(image)
     };
     let image = match unpacked(&store).filter(|_| !args.pull) {
         Some(image) => image,
@@ -327,6 +330,7 @@ fn make_container(
     };
     let resolved = bundle::prepare(&c).map_err(RunError::from)?;
     let oci = bundle::spec(&c, &resolved).map_err(RunError::from)?;
+    crate::durable::create_dir(&container.bundle_dir()).map_err(crate::supervise::container::ContainerError::from)?;
     bundle::write(&container.bundle_dir(), &oci).map_err(RunError::from)?;
     let mut status = container.status();
     status.rootfs = Some(
