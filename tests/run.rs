@@ -400,6 +400,42 @@ fn foreign_variants_run_only_with_a_registered_handler_and_permission() {
         "{}",
         output_text(&out)
     );
+
+    // An image labelled arm/v7 whose shell is ARMv5 code (armel busybox) but which carries one armhf program, run on
+    // a Pi Zero's CPU (qemu takes QEMU_CPU from the container's environment): the program's ARMv7 instructions kill
+    // it with SIGILL, the shell exits 132, and the run is recorded as the wrong variant with the host's evidence.
+    // (The armhf busybox cannot be the container's init here: qemu as PID 1 cannot deliver SIGILL to itself.)
+    let mixed = OciLayoutBuilder::new(&lab.state.with_file_name("mixed"));
+    let armel = busybox_images().expect("checked")[3].busybox.clone();
+    let armhf = busybox_images().expect("checked")[2].busybox.clone();
+    mixed.write_with_files(
+        "v7",
+        &[common::registry::LayoutImage {
+            os: "linux",
+            architecture: "arm",
+            variant: Some("v7"),
+            busybox: armel,
+        }],
+        &[vec![("bin/busybox-v7", armhf)]],
+    );
+    let image = format!("oci:{}:v7", mixed.dir().display());
+    let out = lab.flotilla(&[
+        "--platform",
+        "linux/arm/v7",
+        "run",
+        &image,
+        "--name",
+        "v7-on-v6",
+        "--allow-emulation",
+        "--env",
+        "QEMU_CPU=arm1176",
+        "--",
+        "-c",
+        "busybox-v7 true; exit $?",
+    ]);
+    assert_eq!(out.status.code(), Some(132), "{}", output_text(&out));
+    let c = lab.container("v7-on-v6");
+    assert!(c["wrong_architecture"]["evidence"].is_string(), "{c}");
     drop(binfmt);
 }
 

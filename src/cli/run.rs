@@ -191,7 +191,9 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         let stated = crate::platform::Platform::of_config(&image.config);
         let fits = host.candidates.iter().any(|c| {
             *c == stated
-                || (stated.variant.is_none() && c.os == stated.os && c.architecture == stated.architecture)
+                || (stated.variant.is_none()
+                    && c.os == stated.os
+                    && c.architecture == stated.architecture)
         });
         (state.is_complete() && fits).then_some(image)
     };
@@ -330,7 +332,8 @@ fn make_container(
     };
     let resolved = bundle::prepare(&c).map_err(RunError::from)?;
     let oci = bundle::spec(&c, &resolved).map_err(RunError::from)?;
-    crate::durable::create_dir(&container.bundle_dir()).map_err(crate::supervise::container::ContainerError::from)?;
+    crate::durable::create_dir(&container.bundle_dir())
+        .map_err(crate::supervise::container::ContainerError::from)?;
     bundle::write(&container.bundle_dir(), &oci).map_err(RunError::from)?;
     let mut status = container.status();
     status.rootfs = Some(
