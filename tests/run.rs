@@ -517,3 +517,50 @@ impl Drop for Binfmt {
         }
     }
 }
+
+#[test]
+fn gc_keeps_the_layers_of_existing_containers() {
+    let Some(lab) = Lab::new() else { return };
+    lab.ok(&[
+        "run",
+        &lab.image,
+        "--name",
+        "keep",
+        "--detach",
+        "--",
+        "-c",
+        LONG_RUNNING,
+    ]);
+    let spec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(lab.container_dir("keep").join("container.json")).unwrap(),
+    )
+    .unwrap();
+    let diff_id = spec["diff_ids"][0].as_str().unwrap().to_string();
+    let snapshot = lab
+        .state
+        .join("snapshots/sha256")
+        .join(diff_id.trim_start_matches("sha256:"));
+    assert!(snapshot.is_dir(), "{}", snapshot.display());
+    // A new build pulled under the same name: the running container's layer is no longer any image's.
+    let rebuilt = OciLayoutBuilder::new(&lab.state.with_file_name("rebuilt"));
+    let images = busybox_images().expect("checked");
+    let extra: Vec<Vec<(&str, PathBuf)>> = images
+        .iter()
+        .map(|_| vec![("etc/release", images[0].busybox.clone())])
+        .collect();
+    rebuilt.write_with_files("v1", &images, &extra);
+    lab.ok(&[
+        "pull",
+        "--unpack",
+        &format!("oci:{}:v1", rebuilt.dir().display()),
+    ]);
+    lab.ok(&["gc"]);
+    assert!(
+        snapshot.is_dir(),
+        "gc removed the layer of a running container"
+    );
+    lab.ok(&["stop", "keep"]);
+    lab.ok(&["rm", "keep"]);
+    lab.ok(&["gc"]);
+    assert!(!snapshot.exists(), "without the container, the layer goes");
+}

@@ -136,7 +136,11 @@ fn stream_blob(store: &Store, bytes: &[u8]) {
 
 /// Tests wait for the store lock: another test's child process may hold a copy of it between fork and exec.
 fn gc(dry_run: bool, wait: bool) -> GcOptions {
-    GcOptions { dry_run, wait }
+    GcOptions {
+        dry_run,
+        wait,
+        keep_snapshots: Default::default(),
+    }
 }
 
 fn run_ok(cmd: &mut Command) -> String {

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use super::{CliError, Context};
 use crate::store::StoreError;
 use crate::store::gc::{self, GcOptions, RemovedKind};
+use crate::supervise::container::Container;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -15,11 +16,16 @@ pub struct Args {
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    let mut keep_snapshots = std::collections::BTreeSet::new();
+    for c in Container::list(&ctx.state_dir)? {
+        keep_snapshots.extend(c.spec()?.diff_ids);
+    }
     let mut options = GcOptions {
         dry_run: args.dry_run,
         wait: false,
+        keep_snapshots,
     };
-    let report = match gc::collect_garbage(&ctx.state_dir, options) {
+    let report = match gc::collect_garbage(&ctx.state_dir, options.clone()) {
         Err(StoreError::Busy { path }) => {
             eprintln!(
                 "flotilla: waiting for the running pull to finish ({} is locked)",

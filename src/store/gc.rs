@@ -66,12 +66,15 @@ impl GcReport {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GcOptions {
     /// Report, delete nothing.
     pub dry_run: bool,
     /// Wait for running pulls instead of failing with [`StoreError::Busy`].
     pub wait: bool,
+    /// Snapshots to keep although no stored image uses them: the layers of existing containers, whose roots are
+    /// made of them (an image pulled again under the same name no longer references the old layers).
+    pub keep_snapshots: BTreeSet<Digest>,
 }
 
 /// Collects the store under `state_dir`, holding `store.lock` exclusively.
@@ -123,7 +126,7 @@ pub fn collect_garbage(state_dir: &Path, options: GcOptions) -> Result<GcReport,
         source: std::io::Error::other(e.to_string()),
     };
     let snapshots = Snapshots::open(state_dir).map_err(snapshot_err)?;
-    let mut used = BTreeSet::new();
+    let mut used = options.keep_snapshots.clone();
     for digest in &marked {
         if let Some(diff_ids) = manifest_diff_ids(layout, digest) {
             used.extend(diff_ids);
