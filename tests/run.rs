@@ -564,3 +564,26 @@ fn gc_keeps_the_layers_of_existing_containers() {
     lab.ok(&["gc"]);
     assert!(!snapshot.exists(), "without the container, the layer goes");
 }
+
+#[test]
+fn a_health_check_sees_the_app_become_healthy_then_unhealthy() {
+    let Some(lab) = Lab::new() else { return };
+    // The app is ready after a moment, then loses its readiness: the probe (a command in the container) follows.
+    lab.ok(&[
+        "run", &lab.image, "--name", "probed", "--detach", "--health-cmd", "busybox test -e /ready",
+        "--health-interval", "200ms", "--health-retries", "2", "--", "-c",
+        "busybox sleep 1; busybox touch /ready; busybox sleep 3; busybox rm /ready; busybox sleep 1000",
+    ]);
+    wait_for("healthy", Duration::from_secs(30), || {
+        lab.container("probed")["health"] == "healthy"
+    });
+    wait_for("unhealthy", Duration::from_secs(30), || {
+        lab.container("probed")["health"] == "unhealthy"
+    });
+    assert_eq!(
+        lab.container("probed")["state"],
+        "running",
+        "unhealthy is reported, not restarted"
+    );
+    lab.ok(&["rm", "--force", "probed"]);
+}

@@ -9,10 +9,10 @@ use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use flotilla::app::RunSettings;
 use flotilla::oci::{ExecConfig, ImageConfig};
 use flotilla::runtime::bundle::{self, Container};
 use flotilla::runtime::runc::Runc;
-use flotilla::runtime::settings::RunSettings;
 use flotilla::runtime::{Io, Runtime, RuntimeError, Status};
 
 const APPLETS: [&str; 12] = [

@@ -227,6 +227,11 @@ pub fn init_logging(verbose: u8) {
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(journald) = tracing_journald::layer() {
             use tracing_subscriber::prelude::*;
+            // Containers' output lines are info events of their own target: the journal gets them at any -v.
+            let filter = match "container=info".parse() {
+                Ok(d) if std::env::var_os("FLOTILLA_LOG").is_none() => filter.add_directive(d),
+                _ => filter,
+            };
             tracing_subscriber::registry()
                 .with(filter)
                 .with(journald)

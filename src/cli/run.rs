@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CliError, Context};
+use crate::app::{self as settings, HealthCheck, Probe, RunSettings, SettingsError};
 use crate::pull::{self, PullOptions, Source};
 use crate::registry::RegistryClient;
 use crate::runtime::emulation;
-use crate::runtime::settings::{self, HealthCheck, Probe, RunSettings, SettingsError};
 use crate::runtime::{Runtime, bundle};
 use crate::store::Store;
 use crate::supervise::container::{Container, ContainerSpec, State};

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CliError, Context};
+use crate::app as settings;
 use crate::runtime::Runtime;
-use crate::runtime::settings;
 use crate::supervise::container::Container;
 use crate::supervise::control;
 

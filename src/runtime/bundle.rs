@@ -21,8 +21,8 @@ use oci_spec::runtime::{
     PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
-use super::settings::{Network, RunSettings, VolumeSource};
 use super::user::{self, EtcFiles, ResolvedUser, UserError};
+use crate::app::{Network, RunSettings, VolumeSource};
 use crate::oci::ImageConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -502,8 +502,8 @@ pub fn write(bundle_dir: &Path, spec: &Spec) -> Result<(), BundleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::app::{Volume, parse_env};
     use crate::oci::ExecConfig;
-    use crate::runtime::settings::{Volume, parse_env};
 
     fn image() -> ImageConfig {
         ImageConfig {

@@ -1,4 +1,4 @@
-//! Running containers with an existing OCI runtime: the run settings, the runtime bundle, and the runtime itself.
+//! Running containers with an existing OCI runtime: the runtime bundle, and the runtime itself.
 //!
 //! flotilla does not set up namespaces or cgroups itself. It writes a bundle ([`bundle`]) and drives runc (or crun,
 //! or youki: the same command line) through the small [`Runtime`] interface, whose one real implementation is
@@ -9,7 +9,6 @@ pub mod bundle;
 pub mod emulation;
 pub mod fake;
 pub mod runc;
-pub mod settings;
 pub mod user;
 
 use std::os::fd::OwnedFd;

@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FlockOperation;
 use serde::{Deserialize, Serialize};
 
+use crate::app::RunSettings;
 use crate::digest::Digest;
 use crate::durable::{self, DurableError};
-use crate::runtime::settings::RunSettings;
 
 pub const CONTAINERS_DIR: &str = "containers";
 const SPEC_FILE: &str = "container.json";

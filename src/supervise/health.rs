@@ -6,8 +6,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::policy::ProbeResult;
+use crate::app::{HealthCheck, Probe};
 use crate::runtime::Runtime;
-use crate::runtime::settings::{HealthCheck, Probe};
 
 /// Runs the check's probe once, bounded by its timeout.
 pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) -> ProbeResult {

@@ -250,26 +250,38 @@ pub fn follow(
     mut emit: impl FnMut(&Record) -> io::Result<()>,
     mut keep_going: impl FnMut() -> bool,
 ) -> io::Result<()> {
-    for r in read(dir, tail)? {
-        emit(&r)?;
-    }
     let path = dir.join(LOG_FILE);
-    let open = |path: &Path| -> io::Result<Option<(File, u64)>> {
-        match File::open(path) {
-            Ok(mut f) => {
-                let end = f.seek(SeekFrom::End(0))?;
-                let ino = inode(&f)?;
-                f.seek(SeekFrom::Start(end))?;
-                Ok(Some((f, ino)))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+    // The current file is opened before the history is read, and the history of that file is read through the same
+    // descriptor: a record written in between is then either in the history or after `offset`, never lost.
+    let mut current = match File::open(&path) {
+        Ok(f) => {
+            let ino = inode(&f)?;
+            Some((f, ino))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    let mut history = VecDeque::new();
+    let mut keep = |r: Record| {
+        history.push_back(r);
+        if tail.is_some_and(|t| history.len() > t) {
+            history.pop_front();
         }
     };
-    let mut current = open(&path)?;
-    let mut offset = current
-        .as_ref()
-        .map_or(Ok(0), |(f, _)| f.metadata().map(|m| m.len()))?;
+    let rotated = files(dir);
+    for p in &rotated[..rotated.len() - 1] {
+        if let Ok(f) = File::open(p) {
+            read_records(&mut BufReader::new(f), &mut keep)?;
+        }
+    }
+    let mut offset = match &current {
+        Some((f, _)) => read_records(&mut BufReader::new(f), &mut keep)?,
+        None => 0,
+    };
+    for r in &history {
+        emit(r)?;
+    }
+    let mut finishing = false;
     loop {
         let mut progressed = false;
         if let Some((file, ino)) = &mut current {
@@ -301,10 +313,14 @@ pub fn follow(
             }
         }
         if !progressed {
-            if !keep_going() {
+            if finishing {
                 return Ok(());
             }
-            std::thread::sleep(Duration::from_millis(200));
+            // What was written before the writer was seen gone is read in one more pass.
+            finishing = !keep_going();
+            if !finishing {
+                std::thread::sleep(Duration::from_millis(200));
+            }
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::runtime::settings::{HealthCheck, RestartPolicy};
+use crate::app::{HealthCheck, RestartPolicy};
 
 /// How a container's process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,7 +263,7 @@ pub fn classify(f: &Failure) -> Option<Classification> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::settings::Probe;
+    use crate::app::Probe;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
     const MS: fn(u64) -> Duration = Duration::from_millis;

@@ -1,4 +1,4 @@
-//! How an app is run: the settings `flotilla run` takes on its command line and the fleet stores per app.
+//! How an app runs: the settings `flotilla run` takes on its command line and the fleet stores per app.
 //!
 //! One type for both, serialised into each container's state, so a container started by hand and one started by
 //! the agent are described (and restarted, and health-checked) the same way.
