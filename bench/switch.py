@@ -46,7 +46,13 @@ def build(path, busybox):
         json.dump({"schemaVersion": 2, "manifests": descs}, f)
 
 
-def run(cmd):
+def run(cmd, quiet=False):
+    # A detached container inherits runc's stdio: capturing it would wait for the container to end.
+    if quiet:
+        out = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if out.returncode != 0:
+            sys.exit(f"bench: {' '.join(cmd)} failed ({out.returncode})")
+        return ""
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
@@ -104,7 +110,7 @@ def main():
             bundles.append(b)
         runc = ["runc", "--root", runc_root]
         peer = []
-        run(runc + ["run", "--detach", "--bundle", bundles[0], "peer-0"])
+        run(runc + ["run", "--detach", "--bundle", bundles[0], "peer-0"], quiet=True)
         old = 0
         for r in range(1, args.rounds + 1):
             new = r % 2
@@ -116,7 +122,7 @@ def main():
                     break
                 time.sleep(0.005)
             run(runc + ["delete", f"peer-{old}"])
-            run(runc + ["run", "--detach", "--bundle", bundles[new], f"peer-{new}"])
+            run(runc + ["run", "--detach", "--bundle", bundles[new], f"peer-{new}"], quiet=True)
             peer.append(time.monotonic() - start)
             old = new
         run(runc + ["delete", "--force", f"peer-{old}"])
