@@ -183,7 +183,11 @@ fn foreground_run_returns_the_exit_code_and_names_are_unique() {
         "echo out; exit 7",
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", output_text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("out"), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("out"),
+        "{}",
+        output_text(&out)
+    );
     let c = lab.container("fg");
     assert_eq!(c["state"], "exited", "{c}");
     assert_eq!(c["exit"]["code"], 7, "{c}");

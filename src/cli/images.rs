@@ -24,7 +24,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
 }
 
 fn table(images: &[ImageEntry]) -> String {
-    let header = ["REFERENCE", "PLATFORM", "MANIFEST", "SIZE", "PULLED"].map(str::to_string);
+    let header = ["REFERENCE", "PLATFORM", "MANIFEST", "SIZE", "PULLED"];
     let rows: Vec<[String; 5]> = images
         .iter()
         .map(|i| {
@@ -42,23 +42,7 @@ fn table(images: &[ImageEntry]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&rows) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::table(header, &rows)
 }
 
 #[cfg(test)]

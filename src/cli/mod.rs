@@ -283,3 +283,122 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .build()
         .map_err(CliError::Runtime)
 }
+
+/// A plain-text table: the header, then one line per row, columns padded to their widest cell.
+pub(crate) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let header = header.map(str::to_string);
+    let mut widths = header.clone().map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Pulls `source` for `host` into `store` with the configuration's registry client and progress on stderr: what
+/// `pull` and `run` share.
+pub(crate) fn pull_into(
+    ctx: &Context,
+    store: &crate::store::Store,
+    source: &crate::pull::Source,
+    host: &crate::platform::host::Host,
+    options: &crate::pull::PullOptions,
+) -> Result<crate::pull::PullReport, CliError> {
+    let client = match source {
+        crate::pull::Source::Registry(_) => Some(crate::registry::RegistryClient::new(
+            &ctx.config,
+            &ctx.insecure_registries,
+        )?),
+        crate::pull::Source::Layout(_) => None,
+    };
+    let reporter = crate::pull::progress::Reporter::for_stderr();
+    Ok(runtime()?.block_on(crate::pull::pull(
+        &ctx.config,
+        client.as_ref(),
+        store,
+        source,
+        host,
+        options,
+        &reporter,
+    ))?)
+}
+
+/// stdout records to stdout and stderr records to stderr, as the container wrote them.
+pub(crate) fn print_record(
+    r: &crate::supervise::logs::Record,
+    timestamps: bool,
+) -> std::io::Result<()> {
+    let mut line = Vec::with_capacity(r.text.len() + 32);
+    if timestamps {
+        line.extend_from_slice(r.time.as_bytes());
+        line.push(b' ');
+    }
+    line.extend_from_slice(&r.text);
+    line.push(b'\n');
+    match r.stream {
+        crate::supervise::logs::Stream::Stdout => {
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &line)
+        }
+        crate::supervise::logs::Stream::Stderr => {
+            std::io::Write::write_all(&mut std::io::stderr().lock(), &line)
+        }
+    }
+}
+
+/// For `flotilla run` in the foreground: prints the container's output until its supervisor is done with it.
+/// Ctrl-C stops the container.
+pub(crate) fn follow_until_done(
+    container: &crate::supervise::container::Container,
+    runtime: &std::sync::Arc<dyn crate::runtime::Runtime>,
+) -> Result<(), CliError> {
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    // A thread with its own small runtime waits for Ctrl-C, so the follow loop stays plain blocking code.
+    std::thread::spawn(move || {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            rt.block_on(async {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let mut stopping = false;
+    crate::supervise::logs::follow(
+        &container.log_dir(),
+        None,
+        |r| print_record(r, false),
+        || {
+            if interrupted.load(std::sync::atomic::Ordering::SeqCst) && !stopping {
+                stopping = true;
+                eprintln!("stopping {}", container.name);
+                let grace = container
+                    .spec()
+                    .map(|s| s.settings.stop_grace)
+                    .unwrap_or_default();
+                if let Err(e) = crate::supervise::control::stop(container, runtime, grace) {
+                    eprintln!("{}", crate::error_chain(&e));
+                }
+            }
+            container.supervisor_pid().is_some() && !container.status().state.is_final()
+        },
+    )
+    .map_err(|e| CliError::Io {
+        what: format!("the logs of {}", container.name),
+        source: e,
+    })
+}

@@ -97,7 +97,7 @@ fn describe(r: &Row) -> String {
 }
 
 fn table(rows: &[Row]) -> String {
-    let header = ["NAME", "IMAGE", "PLATFORM", "STATE", "RESTARTS", "STARTED"].map(str::to_string);
+    let header = ["NAME", "IMAGE", "PLATFORM", "STATE", "RESTARTS", "STARTED"];
     let body: Vec<[String; 6]> = rows
         .iter()
         .map(|r| {
@@ -118,21 +118,5 @@ fn table(rows: &[Row]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.clone().map(|h| h.len());
-    for row in &body {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for row in std::iter::once(&header).chain(&body) {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    super::table(header, &body)
 }

@@ -2,9 +2,7 @@
 
 use std::process::ExitCode;
 
-use crate::pull::progress::Reporter;
 use crate::pull::{self, PullOptions, Source};
-use crate::registry::RegistryClient;
 use crate::store::Store;
 use crate::unpack::Limits;
 
@@ -31,24 +29,11 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     }
     let host = detection.host();
     let store = Store::open(&ctx.state_dir)?;
-    let client = match &source {
-        Source::Registry(_) => Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?),
-        Source::Layout(_) => None,
-    };
     let mut options = PullOptions::from_config(&ctx.config);
     if args.unpack {
         options.unpack = Some(Limits::from_env().map_err(pull::PullError::from)?);
     }
-    let reporter = Reporter::for_stderr();
-    let report = super::runtime()?.block_on(pull::pull(
-        &ctx.config,
-        client.as_ref(),
-        &store,
-        &source,
-        &host,
-        &options,
-        &reporter,
-    ))?;
+    let report = super::pull_into(ctx, &store, &source, &host, &options)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);

@@ -51,7 +51,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     if runtime.state(&container.name)?.is_some() {
         runtime.delete(&container.name, true)?;
     }
-    rootfs::release(&container.dir).map_err(super::run::RunError::from)?;
+    rootfs::release(&container.dir)?;
     std::fs::remove_dir_all(&container.dir).map_err(|source| RmError::Remove {
         path: container.dir.clone(),
         source,

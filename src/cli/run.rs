@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use super::{CliError, Context};
 use crate::app::{self as settings, HealthCheck, Probe, RunSettings, SettingsError};
-use crate::pull::{self, PullOptions, Source};
-use crate::registry::RegistryClient;
+use crate::pull::{PullOptions, Source};
 use crate::runtime::emulation;
 use crate::runtime::{Runtime, bundle};
 use crate::store::Store;
@@ -200,26 +199,11 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let image = match unpacked(&store).filter(|_| !args.pull) {
         Some(image) => image,
         None => {
-            let client = match &source {
-                Source::Registry(_) => {
-                    Some(RegistryClient::new(&ctx.config, &ctx.insecure_registries)?)
-                }
-                Source::Layout(_) => None,
-            };
             let options = PullOptions {
                 unpack: Some(crate::unpack::Limits::from_env()?),
                 ..PullOptions::from_config(&ctx.config)
             };
-            let reporter = crate::pull::progress::Reporter::for_stderr();
-            let report = super::runtime()?.block_on(pull::pull(
-                &ctx.config,
-                client.as_ref(),
-                &store,
-                &source,
-                &host,
-                &options,
-                &reporter,
-            ))?;
+            let report = super::pull_into(ctx, &store, &source, &host, &options)?;
             eprintln!("pulled {} ({})", report.name, report.platform);
             store.image(&report.name)?
         }
@@ -291,7 +275,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         println!("{name}");
         return Ok(ExitCode::SUCCESS);
     }
-    super::logs::follow_until_done(&container, &runtime, None)?;
+    super::follow_until_done(&container, &runtime)?;
     let status = container.status();
     if let Some(w) = &status.wrong_architecture {
         eprintln!(

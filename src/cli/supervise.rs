@@ -38,8 +38,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let spec = container.spec()?;
     // After a reboot the root's overlay mount is gone; mounting again is a no-op when it is still there.
     let snapshots = Snapshots::open(&ctx.state_dir)?;
-    rootfs::prepare(&snapshots, &spec.diff_ids, &container.dir)
-        .map_err(super::run::RunError::from)?;
+    rootfs::prepare(&snapshots, &spec.diff_ids, &container.dir)?;
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
