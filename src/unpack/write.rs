@@ -212,16 +212,22 @@ impl TreeWriter {
             }
         }
         let fd = self.open_existing_dir(path)?;
-        if self.as_root {
-            if let (Ok(uid), Ok(gid)) = (u32::try_from(meta.uid), u32::try_from(meta.gid)) {
-                fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-                    .map_err(errno_err("set the owner of", shown.clone()))?;
-            }
-        } else {
-            self.skipped.owners += 1;
-        }
+        self.set_owner_fd(&fd, &meta, &shown)?;
         self.set_xattrs(&fd, &meta, &shown)?;
         self.dirs.push((path.to_string(), meta));
+        Ok(())
+    }
+
+    /// [`Self::set_owner`] through a descriptor already open on the entry (a directory, or a file just written).
+    fn set_owner_fd(&mut self, fd: &OwnedFd, meta: &Meta, shown: &Path) -> Result<(), UnpackError> {
+        if !self.as_root {
+            self.skipped.owners += 1;
+            return Ok(());
+        }
+        if let (Ok(uid), Ok(gid)) = (u32::try_from(meta.uid), u32::try_from(meta.gid)) {
+            fchown(fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+                .map_err(errno_err("set the owner of", shown.to_path_buf()))?;
+        }
         Ok(())
     }
 
@@ -276,14 +282,7 @@ impl TreeWriter {
             }
         })?;
         let fd: OwnedFd = file.into();
-        if self.as_root {
-            if let (Ok(uid), Ok(gid)) = (u32::try_from(meta.uid), u32::try_from(meta.gid)) {
-                fchown(&fd, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
-                    .map_err(errno_err("set the owner of", shown.clone()))?;
-            }
-        } else {
-            self.skipped.owners += 1;
-        }
+        self.set_owner_fd(&fd, meta, &shown)?;
         // After the owner: chown clears setuid and setgid, which the tar may ask for.
         fchmod(&fd, Mode::from_raw_mode(meta.mode & 0o7777))
             .map_err(errno_err("set the mode of", shown.clone()))?;
