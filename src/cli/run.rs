@@ -182,11 +182,18 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let host = detection.host();
     let store = Store::open(&ctx.state_dir)?;
     let snapshots = Snapshots::open(&ctx.state_dir)?;
+    let layers = |image: &crate::store::StoredImage| {
+        image
+            .config
+            .rootfs
+            .as_ref()
+            .map(|r| r.diff_ids.clone())
+            .unwrap_or_default()
+    };
     // The stored image serves when it is whole, unpacked, and a variant for this device (a pull for another
     // --platform stores under the same name).
     let unpacked = |store: &Store| -> Option<crate::store::StoredImage> {
         let image = store.image(&stored_name).ok()?;
-        let state = crate::pull::unpack_state(store, &snapshots, &stored_name).ok()?;
         let stated = crate::platform::Platform::of_config(&image.config);
         let fits = host.candidates.iter().any(|c| {
             *c == stated
@@ -194,7 +201,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
                     && c.os == stated.os
                     && c.architecture == stated.architecture)
         });
-        (state.is_complete() && fits).then_some(image)
+        (fits && snapshots.missing(&layers(&image)).is_empty()).then_some(image)
     };
     let image = match unpacked(&store).filter(|_| !args.pull) {
         Some(image) => image,
@@ -208,13 +215,8 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
             store.image(&report.name)?
         }
     };
-    let diff_ids = image
-        .config
-        .rootfs
-        .as_ref()
-        .map(|r| r.diff_ids.clone())
-        .unwrap_or_default();
-    if let Some(missing) = diff_ids.iter().find(|d| snapshots.rootfs(d).is_none()) {
+    let diff_ids = layers(&image);
+    if let Some(missing) = snapshots.missing(&diff_ids).first() {
         return Err(RunError::NotUnpacked {
             image: stored_name,
             diff_id: missing.to_string(),
@@ -224,9 +226,13 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let platform = crate::platform::Platform::of_config(&image.config);
     // The gate is this machine, whatever --platform or --evidence chose to pull: they pick a variant, they do not
     // make this CPU run it.
-    let live = crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
-        .0
-        .host();
+    let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
+        host.clone()
+    } else {
+        crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
+            .0
+            .host()
+    };
     let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
         .map_err(RunError::from)?;
     let emulated_by = match emulation::decide(&platform, &live, allow_emulation, &binfmt) {

@@ -324,10 +324,9 @@ impl Supervisor {
             .map_err(|_| format!("the runtime's pid file holds {text:?}, not a pid"))
     }
 
-    /// The container's end of one output FIFO: opened read-write (see the module doc), created if missing.
+    /// The container's end of one output FIFO, opened read-write (see the module doc); `start_pumps` made it.
     fn container_end(&self, stream: Stream) -> io::Result<OwnedFd> {
         let path = self.container.fifo(stream.as_str());
-        make_fifo(&path)?;
         Ok(rustix::fs::open(
             &path,
             OFlags::RDWR | OFlags::CLOEXEC,
