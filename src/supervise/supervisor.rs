@@ -14,7 +14,7 @@
 
 use std::future::Future;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -379,11 +379,13 @@ impl Supervisor {
                         },
                         _ = done.changed() => {
                             // The container is gone: take what it left in the pipe, without waiting for more.
+                            // A plain read on the non-blocking fd, not tokio's `try_read`: that one answers
+                            // WouldBlock from the reactor's cached readiness when the last write arrived after the
+                            // reactor's last poll, and the app's final lines were lost.
                             loop {
-                                match receiver.try_read(&mut buf) {
-                                    Ok(0) => break,
+                                match rustix::io::read(receiver.as_fd(), &mut buf) {
+                                    Ok(0) | Err(_) => break,
                                     Ok(n) => splitter.feed(&buf[..n], &mut emit),
-                                    Err(_) => break,
                                 }
                             }
                             break;
