@@ -18,6 +18,7 @@ pub mod oci;
 pub mod platform;
 pub mod pull;
 pub mod registry;
+pub mod rollout;
 pub mod runtime;
 pub mod store;
 pub mod supervise;
