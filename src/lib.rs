@@ -24,6 +24,7 @@ pub mod store;
 pub mod supervise;
 mod sys;
 pub mod unpack;
+pub mod update;
 pub mod verify;
 
 /// The version, commit and target of this build, as `flotilla --version` prints them.
