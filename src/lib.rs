@@ -12,6 +12,7 @@ pub mod config;
 pub mod digest;
 pub mod durable;
 pub mod elf;
+pub mod fleet;
 pub mod human;
 pub mod layers;
 pub mod oci;

@@ -1,0 +1,165 @@
+//! The fleet protocol: the JSON the agent and the server exchange under `/v1`, and nothing else. The agent never
+//! imports the server and the server never imports the agent; both import this.
+//!
+//! - `POST /v1/enroll` (enrollment token in `Authorization: Bearer`): [`EnrollRequest`] → [`Enrolled`], whose
+//!   credential is shown once; the server keeps only its hash.
+//! - `GET /v1/devices/self/desired` (device credential; `If-None-Match` with the last ETag): [`Desired`].
+//! - `POST /v1/devices/self/reports`: [`ReportBatch`], answered with [`Accepted`]. Every event carries an id the
+//!   agent chose, so a batch sent again after a lost answer is taken once.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::app::RunSettings;
+use crate::update::Report;
+
+/// The longest request body the server reads; a larger one is refused with 413 before it is parsed.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub name: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    pub agent_version: String,
+    pub platform: PlatformReport,
+}
+
+/// What the device runs, as its detection decided: the candidates best first, and the evidence summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformReport {
+    pub candidates: Vec<String>,
+    pub page_size: Option<u64>,
+    /// The host as detection described it (CPU model, kernel, userland), for people reading the fleet's view.
+    pub description: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrolled {
+    pub device_id: String,
+    /// 256 random bits, base64url; the device's only credential.
+    pub credential: String,
+}
+
+/// The device's desired state: each app at a release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desired {
+    pub apps: Vec<DesiredApp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredApp {
+    pub name: String,
+    pub release: String,
+    /// The image as the release resolved it: the index digest, pinned.
+    pub image: String,
+    /// Each platform's manifest digest at release time: the agent checks that what it pulls is what was released.
+    pub manifests: BTreeMap<String, String>,
+    pub settings: RunSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportBatch {
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// Chosen by the agent, unique per device: the server takes an id once.
+    pub id: String,
+    /// Seconds since the Unix epoch, by the device's clock.
+    pub at: u64,
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Adjacently tagged: an internal tag would be an unknown field to the variants' strict structs.
+#[serde(tag = "kind", content = "data", rename_all = "kebab-case")]
+pub enum EventBody {
+    Heartbeat(Metrics),
+    Platform(PlatformReport),
+    App(AppStatus),
+    Update { app: String, report: Report },
+}
+
+/// System metrics; each is absent when the board cannot tell (no thermal sensor, for one).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    pub cpu_percent: Option<f32>,
+    pub memory_used: Option<u64>,
+    pub memory_total: Option<u64>,
+    pub disk_used: Option<u64>,
+    pub disk_total: Option<u64>,
+    pub uptime: Option<u64>,
+    pub load: Option<[f64; 3]>,
+    pub temperature_celsius: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppStatus {
+    pub app: String,
+    pub release: Option<String>,
+    pub manifest: Option<String>,
+    /// As `flotilla ps` says it: running, exited, restarting…
+    pub state: String,
+    pub restarts: u32,
+    pub health: Option<String>,
+    /// Set when a run failed in a way that shows the variant is wrong for this device.
+    pub wrong_variant: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accepted {
+    /// Ids taken now, or taken before (a replay): the agent drops both from its outbox.
+    pub accepted: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_and_unknown_fields_are_refused() {
+        let batch = ReportBatch {
+            events: vec![
+                Event {
+                    id: "e1".into(),
+                    at: 1_700_000_000,
+                    body: EventBody::Heartbeat(Metrics {
+                        load: Some([0.1, 0.2, 0.3]),
+                        ..Metrics::default()
+                    }),
+                },
+                Event {
+                    id: "e2".into(),
+                    at: 1_700_000_001,
+                    body: EventBody::Update {
+                        app: "sensor".into(),
+                        report: Report::RolledBack {
+                            release: "r2".into(),
+                            to: Some("r1".into()),
+                            reason: "exit code 132".into(),
+                            wrong_variant: true,
+                        },
+                    },
+                },
+            ],
+        };
+        let json = serde_json::to_string(&batch).unwrap();
+        assert_eq!(serde_json::from_str::<ReportBatch>(&json).unwrap(), batch);
+        assert!(json.contains(r#""kind":"update""#), "{json}");
+        let forged = json.replacen(r#""id":"e1""#, r#""id":"e1","device":"someone-else""#, 1);
+        assert!(serde_json::from_str::<ReportBatch>(&forged).is_err());
+    }
+}
