@@ -5,6 +5,7 @@
 // `deny`, not `forbid`: src/sys.rs alone allows unsafe code, and says why there.
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod app;
 pub mod cli;
 pub mod clock;

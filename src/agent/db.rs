@@ -1,0 +1,331 @@
+//! The agent's SQLite database under the state directory: the device's identity, each app's update state, and the
+//! outbox of events for the fleet server.
+//!
+//! WAL with `synchronous = FULL`: an update state is written before its actions run, so it must survive a power cut
+//! the moment the write returns.
+//!
+//! The outbox is bounded. When it is full, heartbeats are coalesced (the oldest go first: the server only needs the
+//! latest metrics), while update, app and platform events are never dropped: they are the fleet's record of what
+//! happened, and there are few of them.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::fleet::{Event, EventBody};
+use crate::update::State;
+
+pub const DB_FILE: &str = "agent.db";
+/// Outbox rows kept before heartbeats are coalesced: a week offline at one heartbeat a minute, and then some.
+pub const DEFAULT_OUTBOX_LIMIT: usize = 12_000;
+
+const SCHEMA: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE identity (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE app_state (app TEXT PRIMARY KEY, state TEXT NOT NULL);
+     CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+                          heartbeat INTEGER NOT NULL, event TEXT NOT NULL);",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(
+        "the agent database {path}: {source}; if it is damaged, move it aside and enroll the device again"
+    )]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("the agent database {path} holds a value that does not read: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "the agent database {path} has schema version {found}, newer than this flotilla knows ({known}); \
+         install the newer flotilla again, or move the file aside"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
+}
+
+pub struct Db {
+    conn: Connection,
+    path: PathBuf,
+    outbox_limit: usize,
+}
+
+impl Db {
+    pub fn open(state_dir: &Path) -> Result<Db, DbError> {
+        Db::open_with_limit(state_dir, DEFAULT_OUTBOX_LIMIT)
+    }
+
+    pub fn open_with_limit(state_dir: &Path, outbox_limit: usize) -> Result<Db, DbError> {
+        let path = state_dir.join(DB_FILE);
+        let err = |source| DbError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        let db = Db {
+            conn,
+            path,
+            outbox_limit: outbox_limit.max(1),
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> DbError + '_ {
+        move |source| DbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&self) -> Result<(), DbError> {
+        let version: usize = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(self.err())?;
+        if version > SCHEMA.len() {
+            return Err(DbError::TooNew {
+                path: self.path.clone(),
+                found: version,
+                known: SCHEMA.len(),
+            });
+        }
+        for (i, sql) in SCHEMA.iter().enumerate().skip(version) {
+            let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+            tx.execute_batch(sql).map_err(self.err())?;
+            tx.pragma_update(None, "user_version", i + 1)
+                .map_err(self.err())?;
+            tx.commit().map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    pub fn identity(&self, key: &str) -> Result<Option<String>, DbError> {
+        self.conn
+            .query_row("SELECT value FROM identity WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())
+    }
+
+    pub fn set_identity(&self, key: &str, value: &str) -> Result<(), DbError> {
+        self.conn
+            .execute(
+                "INSERT INTO identity (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [key, value],
+            )
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    /// The app's update state; a new app starts steady with nothing.
+    pub fn app_state(&self, app: &str) -> Result<State, DbError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT state FROM app_state WHERE app = ?1", [app], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        match json {
+            None => Ok(State::initial()),
+            Some(j) => serde_json::from_str(&j).map_err(|e| DbError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("the update state of {app}: {e}"),
+            }),
+        }
+    }
+
+    /// Persists the state, durably, before the caller runs its actions.
+    pub fn set_app_state(&self, app: &str, state: &State) -> Result<(), DbError> {
+        let json = serde_json::to_string(state).map_err(|e| DbError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.conn
+            .execute(
+                "INSERT INTO app_state (app, state) VALUES (?1, ?2)
+                 ON CONFLICT(app) DO UPDATE SET state = excluded.state",
+                params![app, json],
+            )
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    /// Queues an event. A full outbox drops its oldest heartbeats to make room; other events always go in.
+    pub fn push(&self, event: &Event) -> Result<(), DbError> {
+        let heartbeat = matches!(event.body, EventBody::Heartbeat(_));
+        let json = serde_json::to_string(event).map_err(|e| DbError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let count: usize = tx
+            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+            .map_err(self.err())?;
+        if count >= self.outbox_limit {
+            let excess = count + 1 - self.outbox_limit;
+            let dropped = tx
+                .execute(
+                    "DELETE FROM outbox WHERE seq IN
+                     (SELECT seq FROM outbox WHERE heartbeat = 1 ORDER BY seq LIMIT ?1)",
+                    [excess],
+                )
+                .map_err(self.err())?;
+            // Nothing left to coalesce but this heartbeat itself: the outbox holds only events worth more.
+            if dropped < excess && heartbeat {
+                return tx.commit().map_err(self.err());
+            }
+        }
+        tx.execute(
+            "INSERT OR IGNORE INTO outbox (id, heartbeat, event) VALUES (?1, ?2, ?3)",
+            params![event.id, heartbeat, json],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())
+    }
+
+    /// The oldest `limit` events, in order.
+    pub fn pending(&self, limit: usize) -> Result<Vec<Event>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT event FROM outbox ORDER BY seq LIMIT ?1")
+            .map_err(self.err())?;
+        let rows = stmt
+            .query_map([limit], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let json = row.map_err(self.err())?;
+            out.push(serde_json::from_str(&json).map_err(|e| DbError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("an outbox event: {e}"),
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Drops events the server accepted.
+    pub fn acknowledge(&self, ids: &[String]) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for id in ids {
+            tx.execute("DELETE FROM outbox WHERE id = ?1", [id])
+                .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{AppStatus, Metrics};
+    use crate::update::Release;
+
+    fn heartbeat(id: &str) -> Event {
+        Event {
+            id: id.to_string(),
+            at: 0,
+            body: EventBody::Heartbeat(Metrics::default()),
+        }
+    }
+
+    fn app_event(id: &str) -> Event {
+        Event {
+            id: id.to_string(),
+            at: 0,
+            body: EventBody::App(AppStatus {
+                app: "a".into(),
+                release: None,
+                manifest: None,
+                state: "running".into(),
+                restarts: 0,
+                health: None,
+                wrong_variant: None,
+            }),
+        }
+    }
+
+    fn ids(db: &Db) -> Vec<String> {
+        db.pending(100).unwrap().into_iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn state_and_identity_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::Steady {
+            committed: Some(Release {
+                id: "r1".into(),
+                image: "x@sha256:1".into(),
+            }),
+            rejected: None,
+        };
+        {
+            let db = Db::open(dir.path()).unwrap();
+            assert_eq!(db.app_state("a").unwrap(), State::initial());
+            db.set_app_state("a", &state).unwrap();
+            db.set_identity("device_id", "d1").unwrap();
+        }
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.app_state("a").unwrap(), state);
+        assert_eq!(db.identity("device_id").unwrap().as_deref(), Some("d1"));
+        assert_eq!(db.identity("credential").unwrap(), None);
+    }
+
+    #[test]
+    fn a_full_outbox_coalesces_heartbeats_and_keeps_every_other_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open_with_limit(dir.path(), 3).unwrap();
+        db.push(&heartbeat("h1")).unwrap();
+        db.push(&app_event("a1")).unwrap();
+        db.push(&heartbeat("h2")).unwrap();
+        db.push(&heartbeat("h3")).unwrap();
+        assert_eq!(
+            ids(&db),
+            ["a1", "h2", "h3"],
+            "the oldest heartbeat made room"
+        );
+        db.push(&app_event("a2")).unwrap();
+        db.push(&app_event("a3")).unwrap();
+        assert_eq!(ids(&db), ["a1", "a2", "a3"]);
+        db.push(&heartbeat("h4")).unwrap();
+        assert_eq!(
+            ids(&db),
+            ["a1", "a2", "a3"],
+            "no heartbeat displaces an app event"
+        );
+        db.push(&app_event("a4")).unwrap();
+        assert_eq!(
+            ids(&db),
+            ["a1", "a2", "a3", "a4"],
+            "app events are never dropped"
+        );
+        db.push(&app_event("a4")).unwrap();
+        assert_eq!(ids(&db).len(), 4, "an id is queued once");
+        db.acknowledge(&["a1".into(), "a3".into(), "unknown".into()])
+            .unwrap();
+        assert_eq!(ids(&db), ["a2", "a4"]);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+            conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let err = Db::open(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("move the file aside"), "{err}");
+    }
+}
