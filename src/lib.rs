@@ -22,6 +22,8 @@ pub mod pull;
 pub mod registry;
 pub mod rollout;
 pub mod runtime;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod store;
 pub mod supervise;
 mod sys;

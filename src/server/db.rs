@@ -1,0 +1,366 @@
+//! The fleet server's SQLite: enrollment tokens, devices and their credentials, and the events devices report.
+//!
+//! Secrets are 256 random bits, shown once; only their SHA-256 is stored. A slow password hash would add nothing for
+//! secrets that were never chosen by a person, and a lookup by hash keeps authentication one indexed query.
+//! Events are keyed by (device, event id), so a batch an agent sends again after a lost answer is taken once.
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use rand::RngCore;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest as _, Sha256};
+
+use crate::fleet::{EnrollRequest, Enrolled, Event};
+
+const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires INTEGER, uses_left INTEGER);
+     CREATE TABLE devices (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, credential_hash TEXT NOT NULL UNIQUE,
+                           tags TEXT NOT NULL, platform TEXT NOT NULL, agent_version TEXT NOT NULL,
+                           enrolled INTEGER NOT NULL, last_seen INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+     CREATE TABLE events (device TEXT NOT NULL REFERENCES devices(id), id TEXT NOT NULL, at INTEGER NOT NULL,
+                          received INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (device, id));"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerDbError {
+    #[error("the fleet database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "the fleet database {path} has schema version {found}, newer than this flotilla-server knows ({known})"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
+    #[error(
+        "the enrollment token is unknown, expired or used up; create one with flotilla-server token create"
+    )]
+    BadToken,
+    #[error("a device named {0} is enrolled already; choose another name or revoke it first")]
+    NameTaken(String),
+    #[error("cannot encode {0}")]
+    Encode(String),
+}
+
+pub struct ServerDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+/// 256 random bits, base64url without padding.
+pub fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+pub fn hash_secret(secret: &str) -> String {
+    let d = Sha256::digest(secret.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ServerDb {
+    pub fn open(path: &Path) -> Result<ServerDb, ServerDbError> {
+        let err = |source| ServerDbError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        let db = ServerDb {
+            conn,
+            path: path.to_path_buf(),
+        };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> ServerDbError + '_ {
+        move |source| ServerDbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn migrate(&self) -> Result<(), ServerDbError> {
+        let version: usize = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(self.err())?;
+        if version > SCHEMA.len() {
+            return Err(ServerDbError::TooNew {
+                path: self.path.clone(),
+                found: version,
+                known: SCHEMA.len(),
+            });
+        }
+        for (i, sql) in SCHEMA.iter().enumerate().skip(version) {
+            let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+            tx.execute_batch(sql).map_err(self.err())?;
+            tx.pragma_update(None, "user_version", i + 1)
+                .map_err(self.err())?;
+            tx.commit().map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// A new enrollment token, valid until `expires` (seconds since the epoch) for `uses` enrollments.
+    pub fn create_token(
+        &self,
+        expires: Option<u64>,
+        uses: Option<u32>,
+    ) -> Result<String, ServerDbError> {
+        let token = new_secret();
+        self.conn
+            .execute(
+                "INSERT INTO tokens (hash, expires, uses_left) VALUES (?1, ?2, ?3)",
+                params![hash_secret(&token), expires, uses],
+            )
+            .map_err(self.err())?;
+        Ok(token)
+    }
+
+    /// Enrolls a device with a token: the token's use is taken and the device's credential made in one transaction.
+    pub fn enroll(
+        &self,
+        token: &str,
+        req: &EnrollRequest,
+        now: u64,
+    ) -> Result<Enrolled, ServerDbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let hash = hash_secret(token);
+        let row: Option<(Option<u64>, Option<i64>)> = tx
+            .query_row(
+                "SELECT expires, uses_left FROM tokens WHERE hash = ?1",
+                [&hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())?;
+        match row {
+            Some((expires, uses))
+                if expires.is_none_or(|e| now < e) && uses.is_none_or(|u| u > 0) =>
+            {
+                if uses.is_some() {
+                    tx.execute(
+                        "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
+                        [&hash],
+                    )
+                    .map_err(self.err())?;
+                }
+            }
+            _ => return Err(ServerDbError::BadToken),
+        }
+        let taken: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM devices WHERE name = ?1 AND revoked = 0)",
+                [&req.name],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
+        if taken {
+            return Err(ServerDbError::NameTaken(req.name.clone()));
+        }
+        // A revoked device's name may be taken by a new enrollment; the old row keeps its history under a new name.
+        tx.execute(
+            "UPDATE devices SET name = name || '~revoked~' || id WHERE name = ?1 AND revoked = 1",
+            [&req.name],
+        )
+        .map_err(self.err())?;
+        let device_id = new_secret()[..16].to_string();
+        let credential = new_secret();
+        tx.execute(
+            "INSERT INTO devices (id, name, credential_hash, tags, platform, agent_version, enrolled, last_seen)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            params![
+                device_id,
+                req.name,
+                hash_secret(&credential),
+                to_json(&req.tags)?,
+                to_json(&req.platform)?,
+                req.agent_version,
+                now
+            ],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(Enrolled {
+            device_id,
+            credential,
+        })
+    }
+
+    /// The device a credential belongs to, unless it is revoked. Marks it seen.
+    pub fn authenticate(
+        &self,
+        credential: &str,
+        now: u64,
+    ) -> Result<Option<String>, ServerDbError> {
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT id FROM devices WHERE credential_hash = ?1 AND revoked = 0",
+                [hash_secret(credential)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        if let Some(id) = &id {
+            self.conn
+                .execute(
+                    "UPDATE devices SET last_seen = ?2 WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(self.err())?;
+        }
+        Ok(id)
+    }
+
+    pub fn revoke(&self, device_id: &str) -> Result<bool, ServerDbError> {
+        self.conn
+            .execute("UPDATE devices SET revoked = 1 WHERE id = ?1", [device_id])
+            .map(|n| n > 0)
+            .map_err(self.err())
+    }
+
+    /// Stores a device's events; returns every id of the batch, those taken before included (the agent may drop
+    /// them all from its outbox).
+    pub fn record(
+        &self,
+        device_id: &str,
+        events: &[Event],
+        now: u64,
+    ) -> Result<Vec<String>, ServerDbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for e in events {
+            let body =
+                serde_json::to_string(&e.body).map_err(|x| ServerDbError::Encode(x.to_string()))?;
+            tx.execute(
+                "INSERT OR IGNORE INTO events (device, id, at, received, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![device_id, e.id, e.at, now, body],
+            )
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(events.iter().map(|e| e.id.clone()).collect())
+    }
+
+    pub fn event_count(&self, device_id: &str) -> Result<usize, ServerDbError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE device = ?1",
+                [device_id],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ServerDbError> {
+    serde_json::to_string(v).map_err(|e| ServerDbError::Encode(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::{EventBody, Metrics, PlatformReport};
+
+    fn request(name: &str) -> EnrollRequest {
+        EnrollRequest {
+            name: name.to_string(),
+            tags: [("site".to_string(), "north".to_string())].into(),
+            agent_version: "0.1.0".into(),
+            platform: PlatformReport {
+                candidates: vec!["linux/arm/v6".into()],
+                page_size: Some(4096),
+                description: "Pi Zero".into(),
+            },
+        }
+    }
+
+    fn heartbeat(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            at: 1,
+            body: EventBody::Heartbeat(Metrics::default()),
+        }
+    }
+
+    #[test]
+    fn tokens_expire_and_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
+        let once = db.create_token(Some(100), Some(1)).unwrap();
+        db.enroll(&once, &request("a"), 50).unwrap();
+        assert!(matches!(
+            db.enroll(&once, &request("b"), 50),
+            Err(ServerDbError::BadToken)
+        ));
+        let expired = db.create_token(Some(100), None).unwrap();
+        assert!(matches!(
+            db.enroll(&expired, &request("b"), 100),
+            Err(ServerDbError::BadToken)
+        ));
+        assert!(matches!(
+            db.enroll("forged", &request("b"), 0),
+            Err(ServerDbError::BadToken)
+        ));
+        let open = db.create_token(None, None).unwrap();
+        assert!(matches!(
+            db.enroll(&open, &request("a"), 0),
+            Err(ServerDbError::NameTaken(_))
+        ));
+    }
+
+    #[test]
+    fn credentials_are_stored_hashed_revocation_refuses_and_events_are_taken_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleet.db");
+        let db = ServerDb::open(&path).unwrap();
+        let token = db.create_token(None, None).unwrap();
+        let a = db.enroll(&token, &request("a"), 0).unwrap();
+        let b = db.enroll(&token, &request("b"), 0).unwrap();
+        assert_eq!(a.credential.len(), 43, "256 bits in base64url");
+        assert_eq!(
+            db.authenticate(&a.credential, 5).unwrap(),
+            Some(a.device_id.clone())
+        );
+        assert_eq!(
+            db.authenticate(&b.credential, 5).unwrap(),
+            Some(b.device_id.clone())
+        );
+        let raw = std::fs::read(&path).unwrap();
+        let needle = a.credential.as_bytes();
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle),
+            "the credential itself is not stored"
+        );
+
+        let accepted = db
+            .record(&a.device_id, &[heartbeat("e1"), heartbeat("e2")], 6)
+            .unwrap();
+        assert_eq!(accepted, ["e1", "e2"]);
+        db.record(&a.device_id, &[heartbeat("e2"), heartbeat("e3")], 7)
+            .unwrap();
+        assert_eq!(
+            db.event_count(&a.device_id).unwrap(),
+            3,
+            "a replayed id is taken once"
+        );
+        assert_eq!(db.event_count(&b.device_id).unwrap(), 0);
+
+        assert!(db.revoke(&a.device_id).unwrap());
+        assert_eq!(db.authenticate(&a.credential, 8).unwrap(), None);
+        let again = db.enroll(&token, &request("a"), 9).unwrap();
+        assert_ne!(
+            again.device_id, a.device_id,
+            "a revoked name can enroll anew"
+        );
+    }
+}
