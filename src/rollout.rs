@@ -115,6 +115,43 @@ pub struct WaveStatus {
     pub failed: usize,
 }
 
+/// One step of `--waves`: `10%` of the compatible devices, or `5` devices.
+pub fn parse_wave(s: &str) -> Result<WaveSize, String> {
+    let s = s.trim();
+    let bad = || format!("the wave {s:?} is neither a percent (10%) nor a device count (5)");
+    match s.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!("the wave {s:?} is not between 0% and 100%"));
+            }
+            Ok(WaveSize::Percent(p))
+        }
+        None => match s.parse::<u32>() {
+            Ok(0) | Err(_) => Err(bad()),
+            Ok(n) => Ok(WaveSize::Count(n)),
+        },
+    }
+}
+
+/// `10%` (of the devices ordered so far) or `3` (devices).
+pub fn parse_threshold(s: &str) -> Result<Threshold, String> {
+    let s = s.trim();
+    let bad = || format!("the failure threshold {s:?} is neither a percent (10%) nor a count (3)");
+    match s.strip_suffix('%') {
+        Some(p) => {
+            let p: f64 = p.trim().parse().map_err(|_| bad())?;
+            if !(p > 0.0 && p <= 100.0) {
+                return Err(format!(
+                    "the failure threshold {s:?} is not between 0% and 100%"
+                ));
+            }
+            Ok(Threshold::Ratio(p / 100.0))
+        }
+        None => s.parse::<u32>().map(Threshold::Count).map_err(|_| bad()),
+    }
+}
+
 /// Cumulative device counts of the waves for `n` compatible devices: non-decreasing, at most `n`, the last one
 /// `n` (a rollout always ends with every device, whatever its last wave says).
 pub fn wave_bounds(waves: &[WaveSize], n: usize) -> Vec<usize> {

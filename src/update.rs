@@ -121,6 +121,20 @@ pub enum Report {
     },
 }
 
+impl Report {
+    /// The release the report is about.
+    pub fn release(&self) -> &str {
+        match self {
+            Report::Preparing { release }
+            | Report::PrepareFailed { release, .. }
+            | Report::Probation { release }
+            | Report::Committed { release }
+            | Report::RolledBack { release, .. }
+            | Report::Removed { release } => release,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Pull, verify and unpack.

@@ -23,6 +23,19 @@ pub struct Args {
     /// The container's name [default: the image's repository name]
     #[arg(long)]
     pub name: Option<String>,
+    #[command(flatten)]
+    pub settings: SettingsArgs,
+    /// Pull the image even when the store has it
+    #[arg(long)]
+    pub pull: bool,
+    /// Return once the container started, instead of following its output until it ends
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+/// The app settings `run` takes, and the fleet server's `app create`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SettingsArgs {
     /// Set an environment variable (repeatable)
     #[arg(short, long = "env", value_name = "NAME=VALUE", value_parser = settings::parse_env)]
     pub env: Vec<String>,
@@ -84,19 +97,14 @@ pub struct Args {
     /// Run an image built for another architecture through a registered binfmt handler (qemu-user)
     #[arg(long)]
     pub allow_emulation: bool,
-    /// Pull the image even when the store has it
-    #[arg(long)]
-    pub pull: bool,
-    /// Return once the container started, instead of following its output until it ends
-    #[arg(short, long)]
-    pub detach: bool,
     /// Replaces the image's Cmd
     #[arg(trailing_var_arg = true)]
     pub command: Vec<String>,
 }
 
-impl Args {
-    fn settings(&self, allow_emulation: bool) -> Result<RunSettings, SettingsError> {
+impl SettingsArgs {
+    /// `allow_emulation`: the configuration allows it, whatever the flag says.
+    pub fn settings(&self, allow_emulation: bool) -> Result<RunSettings, SettingsError> {
         let probe = match (&self.health_cmd, &self.health_http, &self.health_tcp) {
             (Some(cmd), _, _) => Some(Probe::shell(cmd)?),
             (_, Some(url), _) => Some(Probe::Http { url: url.clone() }),
@@ -127,7 +135,7 @@ impl Args {
             user: self.user.clone(),
             command: self.command.clone(),
             stop_grace: self.stop_timeout,
-            allow_emulation,
+            allow_emulation: allow_emulation || self.allow_emulation,
         })
     }
 }
@@ -162,8 +170,11 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         return Err(RunError::NotRoot.into());
     }
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
-    let allow_emulation = args.allow_emulation || ctx.config.run.allow_emulation;
-    let settings = args.settings(allow_emulation).map_err(RunError::from)?;
+    let settings = args
+        .settings
+        .settings(ctx.config.run.allow_emulation)
+        .map_err(RunError::from)?;
+    let allow_emulation = settings.allow_emulation;
     let source: Source = args.reference.parse()?;
     let stored_name = match &source {
         Source::Registry(r) => r.to_string(),

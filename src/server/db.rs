@@ -11,14 +11,32 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest as _, Sha256};
 
-use crate::fleet::{EnrollRequest, Enrolled, Event};
+use crate::fleet::{EnrollRequest, Enrolled, Event, EventBody};
 
 const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires INTEGER, uses_left INTEGER);
      CREATE TABLE devices (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, credential_hash TEXT NOT NULL UNIQUE,
                            tags TEXT NOT NULL, platform TEXT NOT NULL, agent_version TEXT NOT NULL,
                            enrolled INTEGER NOT NULL, last_seen INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
      CREATE TABLE events (device TEXT NOT NULL REFERENCES devices(id), id TEXT NOT NULL, at INTEGER NOT NULL,
-                          received INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (device, id));"];
+                          received INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (device, id));",
+    // The fleet model. Heartbeats only refresh `devices.metrics`: kept as events they would cost about 2 MB per
+    // device per day, for numbers nobody reads once newer ones arrived.
+    "ALTER TABLE devices ADD COLUMN metrics TEXT;
+     CREATE TABLE admin_tokens (hash TEXT PRIMARY KEY, created INTEGER NOT NULL);
+     CREATE TABLE apps (name TEXT PRIMARY KEY, settings TEXT NOT NULL, created INTEGER NOT NULL);
+     CREATE TABLE releases (id TEXT PRIMARY KEY, app TEXT NOT NULL REFERENCES apps(name), image TEXT NOT NULL,
+                            pinned TEXT NOT NULL, manifests TEXT NOT NULL, created INTEGER NOT NULL);
+     CREATE TABLE rollouts (id INTEGER PRIMARY KEY, release TEXT NOT NULL REFERENCES releases(id),
+                            app TEXT NOT NULL, spec TEXT NOT NULL, previous TEXT, state TEXT NOT NULL,
+                            waves_started INTEGER NOT NULL, plan TEXT, created INTEGER NOT NULL);
+     CREATE TABLE desired (device TEXT NOT NULL REFERENCES devices(id), app TEXT NOT NULL, release TEXT,
+                           PRIMARY KEY (device, app));
+     CREATE TABLE device_apps (device TEXT NOT NULL REFERENCES devices(id), app TEXT NOT NULL,
+                               status TEXT NOT NULL, PRIMARY KEY (device, app));
+     CREATE TABLE device_updates (device TEXT NOT NULL REFERENCES devices(id), app TEXT NOT NULL,
+                                  release TEXT NOT NULL, report TEXT NOT NULL, at INTEGER NOT NULL,
+                                  received INTEGER NOT NULL, PRIMARY KEY (device, app, release));",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerDbError {
@@ -43,10 +61,16 @@ pub enum ServerDbError {
     NameTaken(String),
     #[error("cannot encode {0}")]
     Encode(String),
+    #[error("the stored {what} is damaged: {message}")]
+    Damaged { what: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
 }
 
 pub struct ServerDb {
-    conn: Connection,
+    pub(super) conn: Connection,
     path: PathBuf,
 }
 
@@ -73,6 +97,12 @@ impl ServerDb {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
+        // WAL with NORMAL survives a crash of the server with every committed transaction; a power cut may lose
+        // the last ones, which the agents send again (they keep events until acknowledged).
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         let db = ServerDb {
             conn,
             path: path.to_path_buf(),
@@ -81,7 +111,7 @@ impl ServerDb {
         Ok(db)
     }
 
-    fn err(&self) -> impl Fn(rusqlite::Error) -> ServerDbError + '_ {
+    pub(super) fn err(&self) -> impl Fn(rusqlite::Error) -> ServerDbError + '_ {
         move |source| ServerDbError::Sqlite {
             path: self.path.clone(),
             source,
@@ -229,8 +259,8 @@ impl ServerDb {
             .map_err(self.err())
     }
 
-    /// Stores a device's events; returns every id of the batch, those taken before included (the agent may drop
-    /// them all from its outbox).
+    /// Stores a device's events and applies them to what the server knows of it; returns every id of the batch,
+    /// those taken before included (the agent may drop them all from its outbox). A replayed event changes nothing.
     pub fn record(
         &self,
         device_id: &str,
@@ -239,13 +269,54 @@ impl ServerDb {
     ) -> Result<Vec<String>, ServerDbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
         for e in events {
-            let body =
-                serde_json::to_string(&e.body).map_err(|x| ServerDbError::Encode(x.to_string()))?;
-            tx.execute(
-                "INSERT OR IGNORE INTO events (device, id, at, received, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![device_id, e.id, e.at, now, body],
-            )
-            .map_err(self.err())?;
+            if let EventBody::Heartbeat(m) = &e.body {
+                tx.execute(
+                    "UPDATE devices SET metrics = ?2 WHERE id = ?1",
+                    params![device_id, to_json(m)?],
+                )
+                .map_err(self.err())?;
+                continue;
+            }
+            let body = to_json(&e.body)?;
+            let fresh = tx
+                .execute(
+                    "INSERT OR IGNORE INTO events (device, id, at, received, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![device_id, e.id, e.at, now, body],
+                )
+                .map_err(self.err())?
+                > 0;
+            if !fresh {
+                continue;
+            }
+            match &e.body {
+                EventBody::Heartbeat(_) => {}
+                EventBody::Platform(p) => {
+                    tx.execute(
+                        "UPDATE devices SET platform = ?2 WHERE id = ?1",
+                        params![device_id, to_json(p)?],
+                    )
+                    .map_err(self.err())?;
+                }
+                EventBody::App(status) => {
+                    tx.execute(
+                        "INSERT INTO device_apps (device, app, status) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (device, app) DO UPDATE SET status = excluded.status",
+                        params![device_id, status.app, to_json(status)?],
+                    )
+                    .map_err(self.err())?;
+                }
+                EventBody::Update { app, report } => {
+                    // Events may arrive out of order after days offline: an older report never replaces a newer one.
+                    tx.execute(
+                        "INSERT INTO device_updates (device, app, release, report, at, received)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (device, app, release) DO UPDATE SET report = excluded.report,
+                         at = excluded.at, received = excluded.received WHERE excluded.at >= device_updates.at",
+                        params![device_id, app, report.release(), to_json(report)?, e.at, now],
+                    )
+                    .map_err(self.err())?;
+                }
+            }
         }
         tx.commit().map_err(self.err())?;
         Ok(events.iter().map(|e| e.id.clone()).collect())
@@ -262,14 +333,14 @@ impl ServerDb {
     }
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ServerDbError> {
+pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ServerDbError> {
     serde_json::to_string(v).map_err(|e| ServerDbError::Encode(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::{EventBody, Metrics, PlatformReport};
+    use crate::fleet::{AppStatus, PlatformReport};
 
     fn request(name: &str) -> EnrollRequest {
         EnrollRequest {
@@ -284,11 +355,19 @@ mod tests {
         }
     }
 
-    fn heartbeat(id: &str) -> Event {
+    fn app_event(id: &str) -> Event {
         Event {
             id: id.into(),
             at: 1,
-            body: EventBody::Heartbeat(Metrics::default()),
+            body: EventBody::App(AppStatus {
+                app: "sensor".into(),
+                release: None,
+                manifest: None,
+                state: "running".into(),
+                restarts: 0,
+                health: None,
+                wrong_variant: None,
+            }),
         }
     }
 
@@ -343,10 +422,10 @@ mod tests {
         );
 
         let accepted = db
-            .record(&a.device_id, &[heartbeat("e1"), heartbeat("e2")], 6)
+            .record(&a.device_id, &[app_event("e1"), app_event("e2")], 6)
             .unwrap();
         assert_eq!(accepted, ["e1", "e2"]);
-        db.record(&a.device_id, &[heartbeat("e2"), heartbeat("e3")], 7)
+        db.record(&a.device_id, &[app_event("e2"), app_event("e3")], 7)
             .unwrap();
         assert_eq!(
             db.event_count(&a.device_id).unwrap(),

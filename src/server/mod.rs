@@ -1,3 +1,7 @@
-//! The fleet server: its SQLite (`db`). The axum API, the rollout driver and the operator CLI come next (issue 9).
+//! The fleet server: its SQLite (`db`), the fleet model and rollout driver (`model`), the HTTP API (`api`) and the
+//! operator CLI that talks to it (`cli`).
 
+pub mod api;
+pub mod cli;
 pub mod db;
+pub mod model;

@@ -1,0 +1,501 @@
+//! The HTTP JSON API under `/v1`, documented in `docs/openapi.yaml` (a test checks the two agree).
+//!
+//! Devices authenticate with their credential and only ever see routes about themselves (`/v1/device/...`): the
+//! device is whoever the credential says, so no request can name another one. Operators use an admin token.
+//! SQLite work runs on the blocking pool behind one mutex: the database serialises writers anyway, and this keeps
+//! the async workers free for the long polls.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use super::db::{ServerDb, ServerDbError};
+use super::model::{
+    AppRequest, Control, ReleaseRequest, RolloutRequest, TokenCreated, TokenRequest,
+};
+use crate::fleet::{Accepted, EnrollRequest, EventBody, MAX_BODY_BYTES, ReportBatch};
+
+/// Every route, as `METHOD /path`, for the OpenAPI check.
+pub const ROUTES: &[&str] = &[
+    "POST /v1/enroll",
+    "GET /v1/device/desired",
+    "POST /v1/device/reports",
+    "POST /v1/tokens",
+    "GET /v1/devices",
+    "POST /v1/devices/{name}/revoke",
+    "GET /v1/apps",
+    "POST /v1/apps",
+    "GET /v1/releases",
+    "POST /v1/releases",
+    "GET /v1/releases/{id}",
+    "GET /v1/rollouts",
+    "POST /v1/rollouts",
+    "GET /v1/rollouts/{id}",
+    "POST /v1/rollouts/{id}/{action}",
+];
+
+/// Reads an image's index from its registry when a release is made: the release is pinned to what it read.
+pub trait Resolver: Send + Sync {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Resolved, String>> + Send + 'a>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub pinned: String,
+    pub manifests: std::collections::BTreeMap<String, String>,
+}
+
+pub struct Server {
+    db: Mutex<ServerDb>,
+    resolver: Box<dyn Resolver>,
+    /// Bumped whenever a device's desired state may have changed, to wake its long poll.
+    desired_version: watch::Sender<u64>,
+}
+
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A refusal: its status and a message for the caller.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+#[derive(Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<ServerDbError> for ApiError {
+    fn from(e: ServerDbError) -> ApiError {
+        let status = match &e {
+            ServerDbError::BadToken => StatusCode::UNAUTHORIZED,
+            ServerDbError::NameTaken(_) => StatusCode::CONFLICT,
+            ServerDbError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ServerDbError::NotFound(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("{}", crate::error_chain(&e));
+        }
+        ApiError(status, e.to_string())
+    }
+}
+
+fn rejected(e: JsonRejection) -> ApiError {
+    ApiError(e.status(), e.body_text())
+}
+
+fn unauthorized() -> ApiError {
+    ApiError(
+        StatusCode::UNAUTHORIZED,
+        "missing, unknown or revoked credential (Authorization: Bearer ...)".into(),
+    )
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let t = v.strip_prefix("Bearer ")?.trim();
+    (!t.is_empty() && t.len() <= 256).then(|| t.to_string())
+}
+
+type Shared = Arc<Server>;
+
+impl Server {
+    pub fn new(db: ServerDb, resolver: Box<dyn Resolver>) -> Shared {
+        Arc::new(Server {
+            db: Mutex::new(db),
+            resolver,
+            desired_version: watch::channel(0).0,
+        })
+    }
+
+    /// Runs `f` on the database, off the async workers.
+    async fn with_db<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = me.db.lock().map_err(|_| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "database lock poisoned".into(),
+                )
+            })?;
+            f(&db).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+
+    async fn device(self: &Arc<Self>, headers: &HeaderMap) -> Result<String, ApiError> {
+        let token = bearer(headers).ok_or_else(unauthorized)?;
+        self.with_db(move |db| db.authenticate(&token, now()))
+            .await?
+            .ok_or_else(unauthorized)
+    }
+
+    async fn admin(self: &Arc<Self>, headers: &HeaderMap) -> Result<(), ApiError> {
+        let token = bearer(headers).ok_or_else(unauthorized)?;
+        if self.with_db(move |db| db.is_admin(&token)).await? {
+            Ok(())
+        } else {
+            Err(unauthorized())
+        }
+    }
+
+    /// Re-plans the rollouts and wakes the long polls.
+    pub async fn drive(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.with_db(|db| db.drive(now())).await?;
+        self.desired_version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+}
+
+pub fn router(server: Shared) -> Router {
+    Router::new()
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/device/desired", get(desired))
+        .route("/v1/device/reports", post(reports))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{name}/revoke", post(revoke))
+        .route("/v1/apps", get(apps).post(create_app))
+        .route("/v1/releases", get(releases).post(create_release))
+        .route("/v1/releases/{id}", get(release))
+        .route("/v1/rollouts", get(rollouts).post(create_rollout))
+        .route("/v1/rollouts/{id}", get(rollout))
+        .route("/v1/rollouts/{id}/{action}", post(control_rollout))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(server)
+}
+
+async fn enroll(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let token = bearer(&headers).ok_or_else(|| {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "enrollment needs a token (Authorization: Bearer ...); create one with flotilla-server token create"
+                .into(),
+        )
+    })?;
+    let Json(req) = body.map_err(rejected)?;
+    super::model::check_name("device name", &req.name)?;
+    for (k, v) in &req.tags {
+        super::model::check_name("tag", k)?;
+        super::model::check_name("tag value", v)?;
+    }
+    let enrolled = s.with_db(move |db| db.enroll(&token, &req, now())).await?;
+    s.drive().await?;
+    Ok((StatusCode::CREATED, Json(enrolled)))
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    /// Seconds to hold the request while the desired state equals the caller's `If-None-Match`.
+    wait: Option<u64>,
+}
+
+/// The longest a long poll is held: below the agent's HTTP timeout and common proxy idle limits.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+async fn desired(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, ApiError> {
+    let device = s.device(&headers).await?;
+    let known = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
+    let mut version = s.desired_version.subscribe();
+    loop {
+        version.borrow_and_update();
+        let id = device.clone();
+        let desired = s.with_db(move |db| db.desired_for(&id)).await?;
+        let body = serde_json::to_vec(&desired)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let etag = format!("\"{:x}\"", Sha256::digest(&body));
+        if known.as_deref() != Some(etag.as_str()) {
+            let mut resp = (StatusCode::OK, body).into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                h.insert(header::ETAG, v);
+            }
+            return Ok(resp);
+        }
+        if tokio::time::timeout_at(deadline, version.changed())
+            .await
+            .is_err()
+        {
+            let mut resp = StatusCode::NOT_MODIFIED.into_response();
+            if let Ok(v) = HeaderValue::from_str(&etag) {
+                resp.headers_mut().insert(header::ETAG, v);
+            }
+            return Ok(resp);
+        }
+    }
+}
+
+async fn reports(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<ReportBatch>, JsonRejection>,
+) -> Result<Json<Accepted>, ApiError> {
+    let device = s.device(&headers).await?;
+    let Json(batch) = body.map_err(rejected)?;
+    if batch.events.len() > 1000 {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "at most 1000 events per batch".into(),
+        ));
+    }
+    let replans = batch
+        .events
+        .iter()
+        .any(|e| matches!(e.body, EventBody::Update { .. }));
+    let accepted = s
+        .with_db(move |db| db.record(&device, &batch.events, now()))
+        .await?;
+    if replans {
+        s.drive().await?;
+    }
+    Ok(Json(Accepted { accepted }))
+}
+
+async fn create_token(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<TokenRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let Json(req) = body.map_err(rejected)?;
+    let expires = req.expires_in.map(|d| now().saturating_add(d));
+    let token = s
+        .with_db(move |db| db.create_token(expires, req.uses))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(TokenCreated {
+            token,
+            expires,
+            uses: req.uses,
+        }),
+    ))
+}
+
+async fn devices(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    Ok(Json(s.with_db(|db| db.devices()).await?))
+}
+
+async fn revoke(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let done = s
+        .with_db(move |db| {
+            let id = db
+                .devices()?
+                .into_iter()
+                .find(|d| d.name == name && !d.revoked)
+                .map(|d| d.id)
+                .ok_or_else(|| ServerDbError::NotFound(format!("the device {name}")))?;
+            db.revoke(&id)
+        })
+        .await?;
+    Ok(Json(serde_json::json!({ "revoked": done })))
+}
+
+async fn apps(State(s): State<Shared>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    Ok(Json(s.with_db(|db| db.apps()).await?))
+}
+
+async fn create_app(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<AppRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let Json(req) = body.map_err(rejected)?;
+    let app = s.with_db(move |db| db.create_app(&req, now())).await?;
+    Ok((StatusCode::CREATED, Json(app)))
+}
+
+async fn releases(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    Ok(Json(s.with_db(|db| db.releases(None)).await?))
+}
+
+async fn release(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    Ok(Json(s.with_db(move |db| db.release(&id)).await?))
+}
+
+async fn create_release(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<ReleaseRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let Json(req) = body.map_err(rejected)?;
+    let app = req.app.clone();
+    if !s
+        .with_db(move |db| Ok(db.apps()?.iter().any(|a| a.name == app)))
+        .await?
+    {
+        return Err(ServerDbError::NotFound(format!("the app {}", req.app)).into());
+    }
+    let resolved = s.resolver.resolve(&req.image).await.map_err(|e| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("cannot read the image {}: {e}", req.image),
+        )
+    })?;
+    let r = s
+        .with_db(move |db| {
+            db.create_release(
+                &req.app,
+                &req.image,
+                &resolved.pinned,
+                &resolved.manifests,
+                now(),
+            )
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn rollouts(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    Ok(Json(s.with_db(|db| db.rollouts(None)).await?))
+}
+
+fn rollout_id(id: &str) -> Result<u64, ApiError> {
+    id.parse().map_err(|_| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no rollout {id:?}: ids are numbers"),
+        )
+    })
+}
+
+async fn rollout(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let id = rollout_id(&id)?;
+    Ok(Json(s.with_db(move |db| db.rollout(id)).await?))
+}
+
+async fn create_rollout(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<RolloutRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let Json(req) = body.map_err(rejected)?;
+    let r = s.with_db(move |db| db.create_rollout(&req, now())).await?;
+    s.desired_version.send_modify(|v| *v += 1);
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn control_rollout(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let id = rollout_id(&id)?;
+    let control = match action.as_str() {
+        "pause" => Control::Pause,
+        "resume" => Control::Resume,
+        "abort" => Control::Abort,
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no rollout action {other:?}: use pause, resume or abort"),
+            ));
+        }
+    };
+    let r = s
+        .with_db(move |db| db.control_rollout(id, control, now()))
+        .await?;
+    s.desired_version.send_modify(|v| *v += 1);
+    Ok(Json(r))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; re-plans the rollouts every `tick` (soak timers).
+pub async fn serve(
+    server: Shared,
+    listener: tokio::net::TcpListener,
+    tick: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ticker = server.clone();
+    let ticking = tokio::spawn(async move {
+        let mut every = tokio::time::interval(tick);
+        loop {
+            every.tick().await;
+            if let Err(e) = ticker.drive().await {
+                tracing::warn!("planning the rollouts failed: {}", e.1);
+            }
+        }
+    });
+    let app = router(server).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    ticking.abort();
+    result
+}

@@ -1,0 +1,730 @@
+//! `flotilla-server`: `serve` runs the fleet server; every other command is an operator's client of its API, and
+//! `--json` prints the API's own answer.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::api::{self, Resolved, Resolver};
+use super::db::{ServerDb, ServerDbError};
+use super::model::{
+    AppRequest, AppView, DeviceView, ReleaseRequest, ReleaseView, RolloutRequest, RolloutView,
+    StateView, TokenCreated, TokenRequest,
+};
+use crate::cli::run::SettingsArgs;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
+pub const DEFAULT_DB: &str = "/var/lib/flotilla-server/server.db";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "flotilla-server",
+    version,
+    about = "The flotilla fleet server, and its operator CLI"
+)]
+pub struct Cli {
+    /// The server's URL, for the operator commands
+    #[arg(
+        long,
+        global = true,
+        env = "FLOTILLA_SERVER",
+        default_value = "http://127.0.0.1:8470"
+    )]
+    pub server: String,
+    /// A file holding the admin token [default: admin-token beside the default database]
+    #[arg(long, global = true, env = "FLOTILLA_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for the server's TLS
+    #[arg(long, global = true)]
+    pub ca_bundle: Option<PathBuf>,
+    /// Print the API's JSON instead of a table
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the fleet server
+    Serve(ServeArgs),
+    /// Enrollment tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Apps and their run settings
+    #[command(subcommand)]
+    App(Box<AppCommand>),
+    /// Releases: an app at an image, pinned to its digests
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Rollouts of a release in waves
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// The devices, what they run and when they were last seen
+    Devices,
+    /// Refuse a device's credential from now on
+    Revoke { name: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: std::net::SocketAddr,
+    /// The SQLite database (made, and migrated, when needed)
+    #[arg(long, default_value = DEFAULT_DB)]
+    pub db: PathBuf,
+    /// Serve plain HTTP on an address that is not loopback (the devices' credentials then cross the network in
+    /// clear)
+    #[arg(long)]
+    pub insecure_http: bool,
+    /// A registry reached over plain HTTP when releases are resolved (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// How often rollouts are re-planned (soak timers); reports re-plan at once
+    #[arg(long, default_value = "2s", value_parser = |s: &str| crate::app::parse_duration("--tick", s))]
+    pub tick: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// A new enrollment token
+    Create {
+        /// How long it is valid (24h, 30m, 7d…)
+        #[arg(long, value_parser = |s: &str| crate::app::parse_duration("--expires", s))]
+        expires: Option<Duration>,
+        /// How many devices may enroll with it
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Define an app and how its containers run
+    Create {
+        name: String,
+        #[command(flatten)]
+        settings: Box<SettingsArgs>,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleaseCommand {
+    /// Pin APP to IMAGE as it is now in its registry (the index digest and each platform's manifest)
+    Create {
+        app: String,
+        image: String,
+    },
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RolloutCommand {
+    /// Roll RELEASE out to the selected devices in waves
+    Start {
+        release: String,
+        /// Only devices with this tag (repeatable; all must match)
+        #[arg(long = "select", value_name = "TAG=VALUE")]
+        select: Vec<String>,
+        /// Cumulative waves: percents (1%,10%,100% or 1,10,100) or device counts (2,5,#all)
+        #[arg(long, default_value = "100", value_delimiter = ',')]
+        waves: Vec<String>,
+        /// Interpret the waves as device counts instead of percents
+        #[arg(long)]
+        counts: bool,
+        /// Pause at this many failed devices, or this share of those ordered (10%)
+        #[arg(long, default_value = "1")]
+        max_failures: String,
+        /// How long a wave stays healthy before the next one starts
+        #[arg(long, default_value = "0s", value_parser = |s: &str| crate::app::parse_duration("--soak", s))]
+        soak: Duration,
+        /// Do not order the failed wave back to the previous release when the rollout pauses
+        #[arg(long)]
+        no_rollback: bool,
+    },
+    Status {
+        id: u64,
+    },
+    List,
+    Pause {
+        id: u64,
+    },
+    Resume {
+        id: u64,
+    },
+    Abort {
+        id: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerCliError {
+    #[error(transparent)]
+    Db(#[from] ServerDbError),
+    #[error(
+        "refusing plain HTTP on {0}, which is not a loopback address: devices would send their credentials in \
+         clear. Put the server behind a TLS proxy and pass --insecure-http"
+    )]
+    PlainHttp(std::net::SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error("cannot reach the fleet server at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("the fleet server refused: {0}")]
+    Refused(String),
+    #[error(
+        "cannot read the admin token from {path}: {source}; pass --token-file or set FLOTILLA_ADMIN_TOKEN_FILE"
+    )]
+    NoToken {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ServerCliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ServerCliError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, ServerCliError> {
+    let rt = crate::cli::runtime().map_err(|e| ServerCliError::Usage(e.to_string()))?;
+    match &cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        _ => rt.block_on(operate(&cli)),
+    }
+}
+
+fn admin_token_path(db: &Path) -> PathBuf {
+    db.with_file_name("admin-token")
+}
+
+async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
+    if !args.listen.ip().is_loopback() && !args.insecure_http {
+        return Err(ServerCliError::PlainHttp(args.listen));
+    }
+    if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| ServerCliError::Io {
+            what: format!("cannot make {}", dir.display()),
+            source,
+        })?;
+    }
+    let db = ServerDb::open(&args.db)?;
+    if let Some(token) = db.ensure_admin_token(api::now())? {
+        let path = admin_token_path(&args.db);
+        write_private(&path, &token)?;
+        eprintln!(
+            "flotilla-server: a new admin token is in {} (operator commands read it from there)",
+            path.display()
+        );
+    }
+    let config = crate::config::Config::default();
+    let client = crate::registry::RegistryClient::new(&config, &args.insecure_registries)?;
+    let server = api::Server::new(db, Box::new(RegistryResolver(client)));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServerCliError::Listen {
+            addr: args.listen,
+            source,
+        })?;
+    eprintln!("flotilla-server: serving the fleet API on http://{}/v1", args.listen);
+    let shutdown = async {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    };
+    api::serve(server, listener, args.tick, shutdown)
+        .await
+        .map_err(|source| ServerCliError::Io {
+            what: "serving the API".into(),
+            source,
+        })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), ServerCliError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| ServerCliError::Io {
+        what: format!("cannot write {}", path.display()),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    f.write_all(format!("{text}\n").as_bytes()).map_err(io)
+}
+
+struct RegistryResolver(crate::registry::RegistryClient);
+
+impl Resolver for RegistryResolver {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Resolved, String>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let reference = image
+                .parse::<crate::registry::Reference>()
+                .map_err(|e| e.to_string())?;
+            let manifest = self
+                .0
+                .fetch_manifest(&reference)
+                .await
+                .map_err(|e| crate::error_chain(&e))?;
+            let pinned = format!("{}@{}", reference.repository(), manifest.digest);
+            let mut manifests = BTreeMap::new();
+            match &manifest.content {
+                crate::registry::ManifestContent::Index(index) => {
+                    for d in &index.manifests {
+                        let Some(p) = d
+                            .other
+                            .get("platform")
+                            .and_then(crate::platform::Platform::from_oci_json)
+                        else {
+                            continue;
+                        };
+                        // Attestation entries of buildx are `unknown/unknown`: nothing a device runs.
+                        if p.os == "unknown" {
+                            continue;
+                        }
+                        manifests
+                            .entry(p.to_string())
+                            .or_insert_with(|| d.digest.to_string());
+                    }
+                }
+                crate::registry::ManifestContent::Image(_) => {
+                    return Err(
+                        "it is a single-platform image; a release needs a multi-arch index so each device \
+                         can pick its variant"
+                            .to_string(),
+                    );
+                }
+            }
+            if manifests.is_empty() {
+                return Err("its index lists no platform".to_string());
+            }
+            Ok(Resolved { pinned, manifests })
+        })
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Client {
+    fn new(cli: &Cli) -> Result<Client, ServerCliError> {
+        let path = cli
+            .token_file
+            .clone()
+            .unwrap_or_else(|| admin_token_path(Path::new(DEFAULT_DB)));
+        let token = std::fs::read_to_string(&path)
+            .map_err(|source| ServerCliError::NoToken {
+                path: path.clone(),
+                source,
+            })?
+            .trim()
+            .to_string();
+        Ok(Client {
+            http: crate::fleet::http_client(cli.ca_bundle.as_deref(), Duration::from_secs(60))?,
+            base: cli.server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<(T, serde_json::Value), ServerCliError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            let bytes = serde_json::to_vec(b)
+                .map_err(|e| ServerCliError::Usage(format!("cannot encode the request: {e}")))?;
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(bytes);
+        }
+        let unreachable = |e: reqwest::Error| ServerCliError::Unreachable {
+            url: url.clone(),
+            message: crate::error_chain(&e),
+        };
+        let resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let message = serde_json::from_str::<api::ErrorBody>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            return Err(ServerCliError::Refused(format!("{status}: {message}")));
+        }
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ServerCliError::Refused(format!("an answer that is not JSON: {e}")))?;
+        let typed = serde_json::from_value(raw.clone()).map_err(|e| {
+            ServerCliError::Refused(format!("an answer this CLI does not understand: {e}"))
+        })?;
+        Ok((typed, raw))
+    }
+}
+
+const NONE: Option<&()> = None;
+
+async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
+    use reqwest::Method;
+    let c = Client::new(cli)?;
+    let print_json = |v: &serde_json::Value| {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    };
+    match &cli.command {
+        Command::Serve(_) => unreachable!("serve is handled by run"),
+        Command::Token(TokenCommand::Create { expires, uses }) => {
+            let req = TokenRequest {
+                expires_in: expires.map(|d| d.as_secs()),
+                uses: *uses,
+            };
+            let (t, raw): (TokenCreated, _) =
+                c.call(Method::POST, "/v1/tokens", Some(&req)).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                println!("{}", t.token);
+            }
+        }
+        Command::App(app) => match &**app {
+            AppCommand::Create { name, settings } => {
+                let settings = settings
+                    .settings(false)
+                    .map_err(|e| ServerCliError::Usage(e.to_string()))?;
+                let req = AppRequest {
+                    name: name.clone(),
+                    settings,
+                };
+                let (a, raw): (AppView, _) = c.call(Method::POST, "/v1/apps", Some(&req)).await?;
+                if cli.json {
+                    print_json(&raw);
+                } else {
+                    println!("{}", a.name);
+                }
+            }
+            AppCommand::List => {
+                let (apps, raw): (Vec<AppView>, _) = c.call(Method::GET, "/v1/apps", NONE).await?;
+                if cli.json {
+                    print_json(&raw);
+                } else {
+                    let rows: Vec<[String; 2]> = apps
+                        .iter()
+                        .map(|a| [a.name.clone(), a.settings.restart.to_string()])
+                        .collect();
+                    print!("{}", crate::cli::table(["APP", "RESTART"], &rows));
+                }
+            }
+        },
+        Command::Release(ReleaseCommand::Create { app, image }) => {
+            let req = ReleaseRequest {
+                app: app.clone(),
+                image: image.clone(),
+            };
+            let (r, raw): (ReleaseView, _) =
+                c.call(Method::POST, "/v1/releases", Some(&req)).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                println!("{}", r.id);
+                for (platform, digest) in &r.manifests {
+                    eprintln!("  {platform}  {digest}");
+                }
+            }
+        }
+        Command::Release(ReleaseCommand::List) => {
+            let (rs, raw): (Vec<ReleaseView>, _) =
+                c.call(Method::GET, "/v1/releases", NONE).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                let rows: Vec<[String; 4]> = rs
+                    .iter()
+                    .map(|r| {
+                        [
+                            r.id.clone(),
+                            r.app.clone(),
+                            r.image.clone(),
+                            r.manifests.keys().cloned().collect::<Vec<_>>().join(", "),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    crate::cli::table(["RELEASE", "APP", "IMAGE", "PLATFORMS"], &rows)
+                );
+            }
+        }
+        Command::Rollout(RolloutCommand::Start {
+            release,
+            select,
+            waves,
+            counts,
+            max_failures,
+            soak,
+            no_rollback,
+        }) => {
+            let mut selector = BTreeMap::new();
+            for s in select {
+                let (k, v) = s.split_once('=').ok_or_else(|| {
+                    ServerCliError::Usage(format!("--select {s:?} is not TAG=VALUE"))
+                })?;
+                selector.insert(k.to_string(), v.to_string());
+            }
+            let waves = waves
+                .iter()
+                .map(|w| {
+                    let w = w.trim();
+                    if *counts || w.ends_with('%') {
+                        w.to_string()
+                    } else {
+                        format!("{w}%")
+                    }
+                })
+                .collect();
+            let req = RolloutRequest {
+                release: release.clone(),
+                select: selector,
+                waves,
+                max_failures: max_failures.clone(),
+                soak_secs: soak.as_secs(),
+                rollback: !no_rollback,
+            };
+            let (r, raw): (RolloutView, _) =
+                c.call(Method::POST, "/v1/rollouts", Some(&req)).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                println!("{}", r.id);
+            }
+        }
+        Command::Rollout(RolloutCommand::Status { id }) => {
+            let (r, raw): (RolloutView, _) = c
+                .call(Method::GET, &format!("/v1/rollouts/{id}"), NONE)
+                .await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                print!("{}", describe_rollout(&r));
+            }
+        }
+        Command::Rollout(RolloutCommand::List) => {
+            let (rs, raw): (Vec<RolloutView>, _) =
+                c.call(Method::GET, "/v1/rollouts", NONE).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                let rows: Vec<[String; 4]> = rs
+                    .iter()
+                    .map(|r| {
+                        [
+                            r.id.to_string(),
+                            r.spec.release.clone(),
+                            state_word(&r.status),
+                            format!("{}/{}", r.waves_started, r.waves.len()),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    crate::cli::table(["ID", "RELEASE", "STATE", "WAVES"], &rows)
+                );
+            }
+        }
+        Command::Rollout(RolloutCommand::Pause { id })
+        | Command::Rollout(RolloutCommand::Resume { id })
+        | Command::Rollout(RolloutCommand::Abort { id }) => {
+            let action = match &cli.command {
+                Command::Rollout(RolloutCommand::Pause { .. }) => "pause",
+                Command::Rollout(RolloutCommand::Resume { .. }) => "resume",
+                _ => "abort",
+            };
+            let (r, raw): (RolloutView, _) = c
+                .call(Method::POST, &format!("/v1/rollouts/{id}/{action}"), NONE)
+                .await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                print!("{}", describe_rollout(&r));
+            }
+        }
+        Command::Devices => {
+            let (ds, raw): (Vec<DeviceView>, _) = c.call(Method::GET, "/v1/devices", NONE).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                print!("{}", devices_table(&ds, api::now()));
+            }
+        }
+        Command::Revoke { name } => {
+            let (_, raw): (serde_json::Value, _) = c
+                .call(Method::POST, &format!("/v1/devices/{name}/revoke"), NONE)
+                .await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                println!("revoked {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn state_word(s: &StateView) -> String {
+    match s {
+        StateView::Running => "running".into(),
+        StateView::Paused { reason } => format!("paused: {reason}"),
+        StateView::Aborted => "aborted".into(),
+        StateView::Done => "done".into(),
+    }
+}
+
+fn describe_rollout(r: &RolloutView) -> String {
+    let mut out = format!(
+        "rollout {} of {} ({}): {}\n",
+        r.id,
+        r.spec.release,
+        r.app,
+        state_word(&r.status)
+    );
+    for (k, w) in r.waves.iter().enumerate() {
+        let started = if k < r.waves_started {
+            "ordered"
+        } else {
+            "waiting"
+        };
+        out.push_str(&format!(
+            "  wave {}: {} devices, {} healthy, {} failed ({started})\n",
+            k + 1,
+            w.devices.len(),
+            w.healthy,
+            w.failed
+        ));
+    }
+    for i in &r.incompatible {
+        out.push_str(&format!(
+            "  incompatible: {} ({})\n",
+            i.device,
+            i.platforms.join(", ")
+        ));
+    }
+    let rows: Vec<[String; 2]> = r
+        .devices
+        .iter()
+        .map(|(d, s)| [d.clone(), s.clone()])
+        .collect();
+    out.push_str(&crate::cli::table(["DEVICE", "PROGRESS"], &rows));
+    out
+}
+
+fn ago(now: u64, then: u64) -> String {
+    let s = now.saturating_sub(then);
+    match s {
+        0..=59 => format!("{s}s ago"),
+        60..=3599 => format!("{}m ago", s / 60),
+        3600..=86399 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// Name, platform, app, release, state and last seen: one line per device and app.
+pub fn devices_table(devices: &[DeviceView], now: u64) -> String {
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    for d in devices.iter().filter(|d| !d.revoked) {
+        let platform = d.platform.candidates.first().cloned().unwrap_or_default();
+        let seen = ago(now, d.last_seen);
+        if d.apps.is_empty() {
+            rows.push([
+                d.name.clone(),
+                platform,
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                seen,
+            ]);
+            continue;
+        }
+        for a in &d.apps {
+            let status = a.status.as_ref();
+            let release = status
+                .and_then(|s| s.release.clone())
+                .unwrap_or_else(|| "-".into());
+            let mut state = status
+                .map(|s| s.state.clone())
+                .unwrap_or_else(|| "-".into());
+            if let Some(h) = status.and_then(|s| s.health.as_ref()) {
+                state = format!("{state} ({h})");
+            }
+            if let Some(w) = status.and_then(|s| s.wrong_variant.as_ref()) {
+                state = format!("{state}; wrong variant: {w}");
+            }
+            if let Some(want) = a
+                .desired
+                .as_ref()
+                .filter(|w| Some(*w) != status.and_then(|s| s.release.as_ref()))
+            {
+                state = format!("{state} → {want}");
+            }
+            let variant = status
+                .and_then(|s| s.manifest.as_ref())
+                .map(|m| format!("{release} ({})", short(m)))
+                .unwrap_or(release);
+            rows.push([
+                d.name.clone(),
+                platform.clone(),
+                a.app.clone(),
+                variant,
+                state,
+                seen.clone(),
+            ]);
+        }
+    }
+    crate::cli::table(
+        ["DEVICE", "PLATFORM", "APP", "RELEASE", "STATE", "LAST SEEN"],
+        &rows,
+    )
+}
+
+fn short(digest: &str) -> &str {
+    let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+    &hex[..hex.len().min(12)]
+}

@@ -1,0 +1,828 @@
+//! The fleet model the operator works with: apps, releases pinned to digests, rollouts and the devices' view, and
+//! the rollout driver that turns [`crate::rollout::plan`] into each device's desired releases.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use super::db::{ServerDb, ServerDbError, hash_secret, new_secret, to_json};
+use crate::app::RunSettings;
+use crate::fleet::{AppStatus, Desired, DesiredApp, Metrics, PlatformReport};
+use crate::rollout::{self, Progress, RolloutState};
+use crate::update::Report;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// Seconds from now.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+    #[serde(default)]
+    pub uses: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreated {
+    pub token: String,
+    pub expires: Option<u64>,
+    pub uses: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppRequest {
+    pub name: String,
+    #[serde(default)]
+    pub settings: RunSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppView {
+    pub name: String,
+    pub settings: RunSettings,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    pub app: String,
+    pub image: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseView {
+    pub id: String,
+    pub app: String,
+    /// As the operator gave it.
+    pub image: String,
+    /// `repo@sha256:…` of the index: what devices pull.
+    pub pinned: String,
+    /// Platform (`linux/arm/v6`) → manifest digest, read from the index when the release was made.
+    pub manifests: BTreeMap<String, String>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    pub release: String,
+    /// Tag selector: every pair must match; empty selects every device.
+    #[serde(default)]
+    pub select: BTreeMap<String, String>,
+    /// Cumulative waves: `["10%", "50%", "100%"]` or device counts `["1", "5"]`.
+    pub waves: Vec<String>,
+    /// `10%` or a count.
+    pub max_failures: String,
+    #[serde(default)]
+    pub soak_secs: u64,
+    /// Order the failed wave back to the previous release when the threshold pauses the rollout.
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum StateView {
+    Running,
+    Paused { reason: String },
+    Aborted,
+    Done,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaveView {
+    pub devices: Vec<String>,
+    pub healthy: usize,
+    pub failed: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Incompatible {
+    pub device: String,
+    pub platforms: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutView {
+    pub id: u64,
+    pub app: String,
+    pub spec: RolloutRequest,
+    pub previous: Option<String>,
+    pub status: StateView,
+    pub waves_started: usize,
+    pub waves: Vec<WaveView>,
+    pub incompatible: Vec<Incompatible>,
+    /// Per device of the selection: what it reports about the release.
+    pub devices: BTreeMap<String, String>,
+    pub created: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceApp {
+    pub app: String,
+    /// The release the fleet wants here.
+    pub desired: Option<String>,
+    /// What the device last said of the app.
+    pub status: Option<AppStatus>,
+    /// Its last update report.
+    pub update: Option<Report>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceView {
+    pub id: String,
+    pub name: String,
+    pub tags: BTreeMap<String, String>,
+    pub platform: PlatformReport,
+    pub agent_version: String,
+    pub enrolled: u64,
+    pub last_seen: u64,
+    pub revoked: bool,
+    pub metrics: Option<Metrics>,
+    pub apps: Vec<DeviceApp>,
+}
+
+/// Operator actions on a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Pause,
+    Resume,
+    Abort,
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, ServerDbError> {
+    serde_json::from_str(text).map_err(|e| ServerDbError::Damaged {
+        what: what.to_string(),
+        message: e.to_string(),
+    })
+}
+
+fn state_of(v: &StateView) -> RolloutState {
+    match v {
+        StateView::Running => RolloutState::Running,
+        StateView::Paused { reason } => RolloutState::Paused {
+            reason: reason.clone(),
+        },
+        StateView::Aborted => RolloutState::Aborted,
+        StateView::Done => RolloutState::Done,
+    }
+}
+
+fn view_of(s: &RolloutState) -> StateView {
+    match s {
+        RolloutState::Running => StateView::Running,
+        RolloutState::Paused { reason } => StateView::Paused {
+            reason: reason.clone(),
+        },
+        RolloutState::Aborted => StateView::Aborted,
+        RolloutState::Done => StateView::Done,
+    }
+}
+
+/// The waves and threshold of a request, checked.
+pub fn parse_spec(
+    req: &RolloutRequest,
+) -> Result<(Vec<rollout::WaveSize>, rollout::Threshold), ServerDbError> {
+    if req.waves.is_empty() {
+        return Err(ServerDbError::Invalid(
+            "a rollout needs at least one wave (--waves 10%,50%,100%)".into(),
+        ));
+    }
+    let waves = req
+        .waves
+        .iter()
+        .map(|w| rollout::parse_wave(w))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ServerDbError::Invalid)?;
+    let threshold = rollout::parse_threshold(&req.max_failures).map_err(ServerDbError::Invalid)?;
+    Ok((waves, threshold))
+}
+
+/// Device names, tags and app names are plain words: they end up in container names, tables and URLs.
+pub fn check_name(what: &str, name: &str) -> Result<(), ServerDbError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ServerDbError::Invalid(format!(
+            "the {what} {name:?} must be 1 to 63 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+        )))
+    }
+}
+
+impl ServerDb {
+    /// Makes the first admin token when there is none; `None` when one exists.
+    pub fn ensure_admin_token(&self, now: u64) -> Result<Option<String>, ServerDbError> {
+        let any: bool = self
+            .conn
+            .query_row("SELECT EXISTS (SELECT 1 FROM admin_tokens)", [], |r| {
+                r.get(0)
+            })
+            .map_err(self.err())?;
+        if any {
+            return Ok(None);
+        }
+        let token = new_secret();
+        self.conn
+            .execute(
+                "INSERT INTO admin_tokens (hash, created) VALUES (?1, ?2)",
+                params![hash_secret(&token), now],
+            )
+            .map_err(self.err())?;
+        Ok(Some(token))
+    }
+
+    pub fn is_admin(&self, token: &str) -> Result<bool, ServerDbError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM admin_tokens WHERE hash = ?1)",
+                [hash_secret(token)],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    pub fn create_app(&self, req: &AppRequest, now: u64) -> Result<AppView, ServerDbError> {
+        check_name("app name", &req.name)?;
+        let n = self
+            .conn
+            .execute(
+                "INSERT OR IGNORE INTO apps (name, settings, created) VALUES (?1, ?2, ?3)",
+                params![req.name, to_json(&req.settings)?, now],
+            )
+            .map_err(self.err())?;
+        if n == 0 {
+            return Err(ServerDbError::Invalid(format!(
+                "the app {} exists already",
+                req.name
+            )));
+        }
+        Ok(AppView {
+            name: req.name.clone(),
+            settings: req.settings.clone(),
+            created: now,
+        })
+    }
+
+    pub fn apps(&self) -> Result<Vec<AppView>, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, settings, created FROM apps ORDER BY name")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(|(name, settings, created)| {
+                Ok(AppView {
+                    settings: from_json("app settings", &settings)?,
+                    name,
+                    created,
+                })
+            })
+            .collect()
+    }
+
+    fn app_exists(&self, name: &str) -> Result<bool, ServerDbError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM apps WHERE name = ?1)",
+                [name],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// A release of `app`: `pinned` and `manifests` come from the registry, read by the caller.
+    pub fn create_release(
+        &self,
+        app: &str,
+        image: &str,
+        pinned: &str,
+        manifests: &BTreeMap<String, String>,
+        now: u64,
+    ) -> Result<ReleaseView, ServerDbError> {
+        if !self.app_exists(app)? {
+            return Err(ServerDbError::NotFound(format!("the app {app}")));
+        }
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let n: u64 = tx
+            .query_row("SELECT COUNT(*) FROM releases WHERE app = ?1", [app], |r| {
+                r.get(0)
+            })
+            .map_err(self.err())?;
+        let id = format!("{app}-{}", n + 1);
+        tx.execute(
+            "INSERT INTO releases (id, app, image, pinned, manifests, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, app, image, pinned, to_json(manifests)?, now],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(ReleaseView {
+            id,
+            app: app.to_string(),
+            image: image.to_string(),
+            pinned: pinned.to_string(),
+            manifests: manifests.clone(),
+            created: now,
+        })
+    }
+
+    pub fn releases(&self, only: Option<&str>) -> Result<Vec<ReleaseView>, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, app, image, pinned, manifests, created FROM releases
+                 WHERE ?1 IS NULL OR id = ?1 ORDER BY created, id",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([only], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, u64>(5)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(|(id, app, image, pinned, manifests, created)| {
+                Ok(ReleaseView {
+                    manifests: from_json("release manifests", &manifests)?,
+                    id,
+                    app,
+                    image,
+                    pinned,
+                    created,
+                })
+            })
+            .collect()
+    }
+
+    pub fn release(&self, id: &str) -> Result<ReleaseView, ServerDbError> {
+        self.releases(Some(id))?
+            .pop()
+            .ok_or_else(|| ServerDbError::NotFound(format!("the release {id}")))
+    }
+
+    /// Starts a rollout; the previous release is the one of the app's last rollout that was not aborted.
+    pub fn create_rollout(
+        &self,
+        req: &RolloutRequest,
+        now: u64,
+    ) -> Result<RolloutView, ServerDbError> {
+        parse_spec(req)?;
+        let release = self.release(&req.release)?;
+        let previous: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT release FROM rollouts WHERE app = ?1 AND release != ?2
+                 AND json_extract(state, '$.state') != 'aborted' ORDER BY id DESC LIMIT 1",
+                params![release.app, release.id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?;
+        // One rollout per app at a time: a newer one supersedes what is still running.
+        self.conn
+            .execute(
+                "UPDATE rollouts SET state = ?2 WHERE app = ?1
+                 AND json_extract(state, '$.state') IN ('running', 'paused')",
+                params![
+                    release.app,
+                    to_json(&StateView::Paused {
+                        reason: "superseded by a newer rollout".into()
+                    })?
+                ],
+            )
+            .map_err(self.err())?;
+        self.conn
+            .execute(
+                "INSERT INTO rollouts (release, app, spec, previous, state, waves_started, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6)",
+                params![
+                    release.id,
+                    release.app,
+                    to_json(req)?,
+                    previous,
+                    to_json(&StateView::Running)?,
+                    now
+                ],
+            )
+            .map_err(self.err())?;
+        let id = self.conn.last_insert_rowid() as u64;
+        self.drive(now)?;
+        self.rollout(id)
+    }
+
+    pub fn rollouts(&self, only: Option<u64>) -> Result<Vec<RolloutView>, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, app, spec, previous, state, waves_started, plan, created FROM rollouts
+                 WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([only], |r| {
+                Ok((
+                    r.get::<_, u64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, usize>(5)?,
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, u64>(7)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(
+                |(id, app, spec, previous, state, waves_started, plan, created)| {
+                    let plan: PlanRecord = match plan {
+                        Some(p) => from_json("rollout plan", &p)?,
+                        None => PlanRecord::default(),
+                    };
+                    Ok(RolloutView {
+                        id,
+                        app,
+                        spec: from_json("rollout", &spec)?,
+                        previous,
+                        status: from_json("rollout state", &state)?,
+                        waves_started,
+                        waves: plan.waves,
+                        incompatible: plan.incompatible,
+                        devices: plan.devices,
+                        created,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    pub fn rollout(&self, id: u64) -> Result<RolloutView, ServerDbError> {
+        self.rollouts(Some(id))?
+            .pop()
+            .ok_or_else(|| ServerDbError::NotFound(format!("the rollout {id}")))
+    }
+
+    pub fn control_rollout(
+        &self,
+        id: u64,
+        control: Control,
+        now: u64,
+    ) -> Result<RolloutView, ServerDbError> {
+        let current = self.rollout(id)?;
+        let next = match (control, &current.status) {
+            (_, StateView::Done | StateView::Aborted) => {
+                return Err(ServerDbError::Invalid(format!(
+                    "the rollout {id} has ended ({}); start a new one",
+                    match current.status {
+                        StateView::Done => "done",
+                        _ => "aborted",
+                    }
+                )));
+            }
+            (Control::Pause, _) => StateView::Paused {
+                reason: "paused by the operator".into(),
+            },
+            (Control::Resume, _) => StateView::Running,
+            (Control::Abort, _) => StateView::Aborted,
+        };
+        self.conn
+            .execute(
+                "UPDATE rollouts SET state = ?2 WHERE id = ?1",
+                params![id, to_json(&next)?],
+            )
+            .map_err(self.err())?;
+        // An aborted rollout is planned this once, to order its devices back; `drive` skips it afterwards.
+        let devices = self.devices()?;
+        self.drive_one(&self.rollout(id)?, &devices, now)?;
+        self.rollout(id)
+    }
+
+    /// Every device, with what it runs and what the fleet wants of it.
+    pub fn devices(&self) -> Result<Vec<DeviceView>, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, name, tags, platform, agent_version, enrolled, last_seen, revoked, metrics
+                 FROM devices ORDER BY name",
+            )
+            .map_err(self.err())?;
+        type Row = (
+            String,
+            String,
+            String,
+            String,
+            String,
+            u64,
+            u64,
+            bool,
+            Option<String>,
+        );
+        let rows: Vec<Row> = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let mut apps: BTreeMap<String, BTreeMap<String, DeviceApp>> = BTreeMap::new();
+        fn entry(
+            apps: &mut BTreeMap<String, BTreeMap<String, DeviceApp>>,
+            device: String,
+            app: String,
+        ) -> &mut DeviceApp {
+            apps.entry(device)
+                .or_default()
+                .entry(app.clone())
+                .or_insert(DeviceApp {
+                    app,
+                    desired: None,
+                    status: None,
+                    update: None,
+                })
+        }
+        for (device, app, release) in self.query3("SELECT device, app, release FROM desired")? {
+            entry(&mut apps, device, app).desired = release;
+        }
+        for (device, app, status) in self.query3("SELECT device, app, status FROM device_apps")? {
+            if let Some(s) = status {
+                entry(&mut apps, device, app).status = Some(from_json("app status", &s)?);
+            }
+        }
+        // The newest report per app.
+        for (device, app, report) in self.query3(
+            "SELECT device, app, report FROM device_updates d WHERE at = (SELECT MAX(at) FROM device_updates e
+             WHERE e.device = d.device AND e.app = d.app) ORDER BY at",
+        )? {
+            if let Some(r) = report {
+                entry(&mut apps, device, app).update = Some(from_json("update report", &r)?);
+            }
+        }
+        rows.into_iter()
+            .map(
+                |(
+                    id,
+                    name,
+                    tags,
+                    platform,
+                    agent_version,
+                    enrolled,
+                    last_seen,
+                    revoked,
+                    metrics,
+                )| {
+                    Ok(DeviceView {
+                        apps: apps.remove(&id).unwrap_or_default().into_values().collect(),
+                        tags: from_json("device tags", &tags)?,
+                        platform: from_json("device platform", &platform)?,
+                        metrics: metrics
+                            .map(|m| from_json("device metrics", &m))
+                            .transpose()?,
+                        id,
+                        name,
+                        agent_version,
+                        enrolled,
+                        last_seen,
+                        revoked,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    fn query3(&self, sql: &str) -> Result<Vec<(String, String, Option<String>)>, ServerDbError> {
+        let mut st = self.conn.prepare(sql).map_err(self.err())?;
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())
+    }
+
+    /// What `device_id` should run: only its own rows, pinned to digests.
+    pub fn desired_for(&self, device_id: &str) -> Result<Desired, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT d.app, r.id, r.pinned, r.manifests, a.settings FROM desired d
+                 JOIN releases r ON r.id = d.release JOIN apps a ON a.name = d.app
+                 WHERE d.device = ?1 ORDER BY d.app",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([device_id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.err())?;
+        let apps = rows
+            .into_iter()
+            .map(|(name, release, image, manifests, settings)| {
+                Ok(DesiredApp {
+                    name,
+                    release,
+                    image,
+                    manifests: from_json("release manifests", &manifests)?,
+                    settings: from_json("app settings", &settings)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ServerDbError>>()?;
+        Ok(Desired { apps })
+    }
+
+    /// Plans every rollout that is running or paused and applies its orders. Called on every report and on a
+    /// timer.
+    pub fn drive(&self, now: u64) -> Result<(), ServerDbError> {
+        let devices = self.devices()?;
+        for r in self.rollouts(None)? {
+            if matches!(r.status, StateView::Running | StateView::Paused { .. }) {
+                self.drive_one(&r, &devices, now)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn drive_one(
+        &self,
+        r: &RolloutView,
+        devices: &[DeviceView],
+        now: u64,
+    ) -> Result<(), ServerDbError> {
+        let release = self.release(&r.spec.release)?;
+        let (waves, max_failures) = parse_spec(&r.spec)?;
+        let current = rollout::Rollout {
+            release: release.id.clone(),
+            previous: r.previous.clone(),
+            waves,
+            max_failures,
+            soak: Duration::from_secs(r.spec.soak_secs),
+            rollback: r.spec.rollback,
+            state: state_of(&r.status),
+            waves_started: r.waves_started,
+        };
+        let mut st = self
+            .conn
+            .prepare("SELECT device, report, received FROM device_updates WHERE app = ?1 AND release = ?2")
+            .map_err(self.err())?;
+        let mut reports: BTreeMap<String, (Report, u64)> = BTreeMap::new();
+        for row in st
+            .query_map(params![release.app, release.id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u64>(2)?,
+                ))
+            })
+            .map_err(self.err())?
+        {
+            let (device, report, received) = row.map_err(self.err())?;
+            reports.insert(device, (from_json("update report", &report)?, received));
+        }
+        let input: Vec<rollout::Device> = devices
+            .iter()
+            .filter(|d| !d.revoked)
+            .map(|d| rollout::Device {
+                name: d.name.clone(),
+                selected: r.spec.select.iter().all(|(k, v)| d.tags.get(k) == Some(v)),
+                compatible: d
+                    .platform
+                    .candidates
+                    .iter()
+                    .any(|c| release.manifests.contains_key(c)),
+                platforms: d.platform.candidates.clone(),
+                progress: progress(reports.get(&d.id)),
+            })
+            .collect();
+        let plan = rollout::plan(&current, &input, now);
+        let record = PlanRecord {
+            waves: plan
+                .waves
+                .iter()
+                .map(|w| WaveView {
+                    devices: w.devices.clone(),
+                    healthy: w.healthy,
+                    failed: w.failed,
+                })
+                .collect(),
+            incompatible: plan
+                .incompatible
+                .iter()
+                .map(|(device, platforms)| Incompatible {
+                    device: device.clone(),
+                    platforms: platforms.clone(),
+                })
+                .collect(),
+            devices: input
+                .iter()
+                .filter(|d| d.selected)
+                .map(|d| (d.name.clone(), describe(&d.progress)))
+                .collect(),
+        };
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for order in &plan.orders {
+            let Some(d) = devices.iter().find(|d| d.name == order.device) else {
+                continue;
+            };
+            tx.execute(
+                "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device, app) DO UPDATE SET release = excluded.release",
+                params![d.id, release.app, order.release],
+            )
+            .map_err(self.err())?;
+        }
+        tx.execute(
+            "UPDATE rollouts SET state = ?2, waves_started = ?3, plan = ?4 WHERE id = ?1",
+            params![
+                r.id,
+                to_json(&view_of(&plan.state))?,
+                plan.waves_started,
+                to_json(&record)?
+            ],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PlanRecord {
+    waves: Vec<WaveView>,
+    incompatible: Vec<Incompatible>,
+    devices: BTreeMap<String, String>,
+}
+
+/// What a device's last report on a release says; `received` is the server's clock, so the soak does not depend
+/// on a device's (a Pi has no real-time clock).
+fn progress(report: Option<&(Report, u64)>) -> Progress {
+    match report {
+        Some((Report::Preparing { .. } | Report::Probation { .. }, _)) => Progress::Updating,
+        Some((Report::Committed { .. }, received)) => Progress::Healthy { since: *received },
+        Some((Report::PrepareFailed { reason, .. } | Report::RolledBack { reason, .. }, _)) => {
+            Progress::Failed {
+                reason: reason.clone(),
+            }
+        }
+        Some((Report::Removed { .. }, _)) | None => Progress::Waiting,
+    }
+}
+
+fn describe(p: &Progress) -> String {
+    match p {
+        Progress::Waiting => "waiting".into(),
+        Progress::Updating => "updating".into(),
+        Progress::Healthy { .. } => "healthy".into(),
+        Progress::Failed { reason } => format!("failed: {reason}"),
+    }
+}
