@@ -9,7 +9,6 @@ use super::{CliError, Context};
 use crate::runtime::Runtime;
 use crate::supervise::container::{Container, ContainerError};
 use crate::supervise::control;
-use crate::unpack::rootfs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,11 +24,6 @@ pub enum RmError {
         "container {0} is {1}: stop it first (flotilla stop {0}) or use flotilla rm --force {0}"
     )]
     Running(String, &'static str),
-    #[error("cannot remove {path}: {source}")]
-    Remove {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
@@ -42,20 +36,10 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let state = container.status().state;
     let alive =
         container.supervisor_pid().is_some() || control::is_running(&container, runtime.as_ref());
-    if alive || !state.is_final() {
-        if !args.force && alive {
-            return Err(RmError::Running(container.name.clone(), state.as_str()).into());
-        }
-        control::stop(&container, &runtime, Duration::ZERO)?;
+    if alive && !args.force {
+        return Err(RmError::Running(container.name.clone(), state.as_str()).into());
     }
-    if runtime.state(&container.name)?.is_some() {
-        runtime.delete(&container.name, true)?;
-    }
-    rootfs::release(&container.dir)?;
-    std::fs::remove_dir_all(&container.dir).map_err(|source| RmError::Remove {
-        path: container.dir.clone(),
-        source,
-    })?;
+    control::remove(&container, &runtime, Duration::ZERO)?;
     println!("{}", container.name);
     Ok(ExitCode::SUCCESS)
 }

@@ -9,11 +9,11 @@ use std::time::Duration;
 use super::{CliError, Context};
 use crate::app::{self as settings, HealthCheck, Probe, RunSettings, SettingsError};
 use crate::pull::{PullOptions, Source};
+use crate::runtime::Runtime;
 use crate::runtime::emulation;
-use crate::runtime::{Runtime, bundle};
 use crate::store::Store;
-use crate::supervise::container::{Container, ContainerSpec, State};
-use crate::supervise::control;
+use crate::supervise::container::{Container, State};
+use crate::supervise::{control, launch};
 use crate::unpack::{Snapshots, rootfs};
 
 #[derive(Debug, clap::Args)]
@@ -154,13 +154,7 @@ pub enum RunError {
     #[error(transparent)]
     Emulation(#[from] emulation::EmulationError),
     #[error(transparent)]
-    Bundle(#[from] bundle::BundleError),
-    #[error(transparent)]
-    Unpack(#[from] crate::unpack::UnpackError),
-    #[error(
-        "the image {image} is stored, but layer {diff_id} is not unpacked; run flotilla pull --unpack {image}"
-    )]
-    NotUnpacked { image: String, diff_id: String },
+    Launch(#[from] launch::LaunchError),
     #[error("container {name} could not start: {reason}")]
     StartFailed { name: String, reason: String },
 }
@@ -174,7 +168,6 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         .settings
         .settings(ctx.config.run.allow_emulation)
         .map_err(RunError::from)?;
-    let allow_emulation = settings.allow_emulation;
     let source: Source = args.reference.parse()?;
     let stored_name = match &source {
         Source::Registry(r) => r.to_string(),
@@ -193,14 +186,6 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let host = detection.host();
     let store = Store::open(&ctx.state_dir)?;
     let snapshots = Snapshots::open(&ctx.state_dir)?;
-    let layers = |image: &crate::store::StoredImage| {
-        image
-            .config
-            .rootfs
-            .as_ref()
-            .map(|r| r.diff_ids.clone())
-            .unwrap_or_default()
-    };
     // The stored image serves when it is whole, unpacked, and a variant for this device (a pull for another
     // --platform stores under the same name).
     let unpacked = |store: &Store| -> Option<crate::store::StoredImage> {
@@ -212,7 +197,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
                     && c.os == stated.os
                     && c.architecture == stated.architecture)
         });
-        (fits && snapshots.missing(&layers(&image)).is_empty()).then_some(image)
+        (fits && snapshots.missing(&launch::diff_ids(&image)).is_empty()).then_some(image)
     };
     let image = match unpacked(&store).filter(|_| !args.pull) {
         Some(image) => image,
@@ -226,15 +211,6 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
             store.image(&report.name)?
         }
     };
-    let diff_ids = layers(&image);
-    if let Some(missing) = snapshots.missing(&diff_ids).first() {
-        return Err(RunError::NotUnpacked {
-            image: stored_name,
-            diff_id: missing.to_string(),
-        }
-        .into());
-    }
-    let platform = crate::platform::Platform::of_config(&image.config);
     // The gate is this machine, whatever --platform or --evidence chose to pull: they pick a variant, they do not
     // make this CPU run it.
     let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
@@ -246,37 +222,29 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     };
     let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
         .map_err(RunError::from)?;
-    let emulated_by = match emulation::decide(&platform, &live, allow_emulation, &binfmt) {
-        Ok(emulation::Decision::Native) => None,
-        Ok(emulation::Decision::Emulated { handler, .. }) => {
-            eprintln!(
-                "{name}: {platform} runs here only through the binfmt handler {handler} (emulated)"
-            );
-            Some(handler)
-        }
-        Err(e) => return Err(RunError::Emulation(e).into()),
-    };
-
-    let spec = ContainerSpec {
-        name: name.clone(),
-        image: stored_name,
-        manifest_digest: image.descriptor.digest.clone(),
-        platform: platform.to_string(),
-        diff_ids: diff_ids.clone(),
-        settings: settings.clone(),
-        created: crate::store::rfc3339(std::time::SystemTime::now()),
-        emulated_by,
-        host: host.describe(),
-    };
-    let container = Container::create(&ctx.state_dir, &spec)?;
-    // Whatever fails from here on leaves no half-made container behind.
-    let made = make_container(ctx, &container, &snapshots, &image.config, &settings);
-    if let Err(e) = made {
-        let _ = rootfs::release(&container.dir);
-        let _ = std::fs::remove_dir_all(&container.dir);
-        return Err(e);
+    let launched = launch::launch(&launch::Launch {
+        state_dir: &ctx.state_dir,
+        name: &name,
+        image_name: &stored_name,
+        image: &image,
+        settings: &settings,
+        host: &host,
+        live: &live,
+        binfmt: &binfmt,
+    })
+    .map_err(RunError::from)?;
+    if let Some(handler) = &launched.emulated_by {
+        eprintln!(
+            "{name}: {} runs here only through the binfmt handler {handler} (emulated)",
+            launched.platform
+        );
     }
-    control::spawn_supervisor(&ctx.state_dir, &container)?;
+    if launched.root == rootfs::RootKind::Copy {
+        eprintln!(
+            "{name}: overlayfs is not available here; the root is a flattened copy of the layers"
+        );
+    }
+    let container = launched.container;
     let state = control::wait_started(&container, Duration::from_secs(60));
     let status = container.status();
     if state == State::Failed {
@@ -305,47 +273,6 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         .and_then(|e| e.code.or(e.signal.map(|s| 128 + s)))
         .unwrap_or(0);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-}
-
-fn make_container(
-    ctx: &Context,
-    container: &Container,
-    snapshots: &Snapshots,
-    config: &crate::oci::ImageConfig,
-    settings: &RunSettings,
-) -> Result<(), CliError> {
-    let spec = container.spec()?;
-    let root =
-        rootfs::prepare(snapshots, &spec.diff_ids, &container.dir).map_err(RunError::from)?;
-    if root.kind == rootfs::RootKind::Copy {
-        eprintln!(
-            "{}: overlayfs is not available here; the root is a flattened copy of the layers",
-            container.name
-        );
-    }
-    let volumes_dir = ctx.state_dir.join("volumes");
-    let c = bundle::Container {
-        name: &container.name,
-        image: config,
-        settings,
-        rootfs: &root.path,
-        volumes_dir: &volumes_dir,
-    };
-    let resolved = bundle::prepare(&c).map_err(RunError::from)?;
-    let oci = bundle::spec(&c, &resolved).map_err(RunError::from)?;
-    crate::durable::create_dir(&container.bundle_dir())
-        .map_err(crate::supervise::container::ContainerError::from)?;
-    bundle::write(&container.bundle_dir(), &oci).map_err(RunError::from)?;
-    let mut status = container.status();
-    status.rootfs = Some(
-        match root.kind {
-            rootfs::RootKind::Overlay => "overlay",
-            rootfs::RootKind::Copy => "copy",
-        }
-        .to_string(),
-    );
-    container.write_status(&status)?;
-    Ok(())
 }
 
 /// `ghcr.io/org/web-ui:1.2` → `web-ui`.

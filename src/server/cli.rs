@@ -248,7 +248,10 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
             addr: args.listen,
             source,
         })?;
-    eprintln!("flotilla-server: serving the fleet API on http://{}/v1", args.listen);
+    eprintln!(
+        "flotilla-server: serving the fleet API on http://{}/v1",
+        args.listen
+    );
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -168,3 +168,25 @@ pub fn is_running(container: &Container, runtime: &dyn Runtime) -> bool {
         .flatten()
         .is_some_and(|s| s.status == runtime::Status::Running)
 }
+
+/// Stops the container if it runs and removes it entirely: the runtime's record, its root's mounts and its
+/// directory. Named volumes stay.
+pub fn remove(
+    container: &Container,
+    runtime: &Arc<dyn Runtime>,
+    grace: Duration,
+) -> Result<(), SuperviseError> {
+    let alive = container.supervisor_pid().is_some() || is_running(container, runtime.as_ref());
+    if alive || !container.status().state.is_final() {
+        stop(container, runtime, grace)?;
+    }
+    if runtime.state(&container.name)?.is_some() {
+        runtime.delete(&container.name, true)?;
+    }
+    crate::unpack::rootfs::release(&container.dir)?;
+    std::fs::remove_dir_all(&container.dir).map_err(|source| SuperviseError::Io {
+        what: format!("removing {}", container.dir.display()),
+        name: container.name.clone(),
+        source,
+    })
+}

@@ -5,6 +5,7 @@
 pub mod container;
 pub mod control;
 pub mod health;
+pub mod launch;
 pub mod logs;
 pub mod policy;
 pub mod supervisor;

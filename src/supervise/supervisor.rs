@@ -52,6 +52,8 @@ pub enum SuperviseError {
     },
     #[error("a background task of the supervisor failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Unpack(#[from] crate::unpack::UnpackError),
 }
 
 /// A stop asked of the supervisor: the grace period between SIGTERM and SIGKILL.
