@@ -154,7 +154,7 @@ pub enum RunError {
     #[error(transparent)]
     Emulation(#[from] emulation::EmulationError),
     #[error(transparent)]
-    Launch(#[from] launch::LaunchError),
+    Launch(Box<launch::LaunchError>),
     #[error("container {name} could not start: {reason}")]
     StartFailed { name: String, reason: String },
 }
@@ -232,7 +232,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         live: &live,
         binfmt: &binfmt,
     })
-    .map_err(RunError::from)?;
+    .map_err(|e| RunError::Launch(Box::new(e)))?;
     if let Some(handler) = &launched.emulated_by {
         eprintln!(
             "{name}: {} runs here only through the binfmt handler {handler} (emulated)",
