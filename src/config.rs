@@ -39,6 +39,8 @@ pub struct Config {
     pub pull: PullConfig,
     #[serde(default)]
     pub run: RunConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
     #[serde(default, rename = "registry")]
     pub registries: Vec<RegistryConfig>,
     #[serde(default, rename = "signature_policy")]
@@ -82,6 +84,49 @@ impl Default for RunConfig {
             allow_emulation: false,
         }
     }
+}
+
+/// `[fleet]`: what `flotilla agent` needs to join a fleet server. Without `server`, the agent keeps the apps it
+/// committed running and reports to nobody.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// `https://fleet.example:8470` (plain `http://` only for a server on loopback or a trusted network).
+    pub server: Option<String>,
+    /// A file holding the enrollment token, read once, at the first enrollment.
+    pub token_file: PathBuf,
+    /// The device's name in the fleet [default: the hostname].
+    pub name: Option<String>,
+    /// Tags rollouts select devices by: `tags = { site = "north", ring = "canary" }`.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// How long one long poll of the desired state may wait for a change.
+    #[serde(deserialize_with = "duration")]
+    pub poll_interval: std::time::Duration,
+    /// How long a new release must stay up and healthy, without a restart, before it is committed.
+    #[serde(deserialize_with = "duration")]
+    pub probation: std::time::Duration,
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: std::time::Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> FleetConfig {
+        FleetConfig {
+            server: None,
+            token_file: PathBuf::from("/etc/flotilla/enroll-token"),
+            name: None,
+            tags: Default::default(),
+            poll_interval: std::time::Duration::from_secs(30),
+            probation: std::time::Duration::from_secs(30),
+            heartbeat_interval: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// `30s`, `5m`, `1h`: the same durations the command line takes.
+fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<std::time::Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::app::parse_duration("duration", &text).map_err(serde::de::Error::custom)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -342,7 +342,11 @@ pub fn step(state: State, event: Event, probation: Duration) -> (State, Vec<Acti
 pub fn resume(state: &State) -> Vec<Action> {
     match state {
         State::Steady { committed, .. } => vec![Action::Run(committed.clone())],
-        State::Preparing { target, .. } => vec![Action::Prepare(target.clone())],
+        // The committed release runs while the target is prepared: after a reboot it must be started again.
+        State::Preparing { committed, target } => vec![
+            Action::Run(committed.clone()),
+            Action::Prepare(target.clone()),
+        ],
         State::Switching { target, .. } | State::Probation { target, .. } => {
             vec![Action::Run(Some(target.clone()))]
         }
@@ -530,20 +534,20 @@ mod tests {
     #[test]
     fn every_state_survives_a_restart_through_its_resume_actions() {
         let cases = [
-            (steady("v1"), Action::Run(Some(r("v1")))),
+            (steady("v1"), vec![Action::Run(Some(r("v1")))]),
             (
                 State::Preparing {
                     committed: Some(r("v1")),
                     target: r("v2"),
                 },
-                Action::Prepare(r("v2")),
+                vec![Action::Run(Some(r("v1"))), Action::Prepare(r("v2"))],
             ),
             (
                 State::Switching {
                     committed: Some(r("v1")),
                     target: r("v2"),
                 },
-                Action::Run(Some(r("v2"))),
+                vec![Action::Run(Some(r("v2")))],
             ),
             (
                 State::Probation {
@@ -552,7 +556,7 @@ mod tests {
                     until: 5,
                     healthy: true,
                 },
-                Action::Run(Some(r("v2"))),
+                vec![Action::Run(Some(r("v2")))],
             ),
             (
                 State::RollingBack {
@@ -561,14 +565,14 @@ mod tests {
                     reason: "x".into(),
                     wrong_variant: false,
                 },
-                Action::Run(Some(r("v1"))),
+                vec![Action::Run(Some(r("v1")))],
             ),
         ];
         for (state, want) in cases {
             let json = serde_json::to_string(&state).unwrap();
             let back: State = serde_json::from_str(&json).unwrap();
             assert_eq!(back, state, "{json}");
-            assert_eq!(resume(&back), [want], "{json}");
+            assert_eq!(resume(&back), want, "{json}");
         }
     }
 }

@@ -7,7 +7,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use flotilla::config::{Config, PullConfig, RegistryConfig, RunConfig, SignaturePolicyConfig};
+use flotilla::config::{
+    Config, FleetConfig, PullConfig, RegistryConfig, RunConfig, SignaturePolicyConfig,
+};
 
 mod common;
 
@@ -77,9 +79,28 @@ fn shipped_config_examples_name_every_key() {
         docker_config,
         pull,
         run,
+        fleet,
         registries,
         signature_policies,
     } = config;
+    let FleetConfig {
+        server,
+        token_file: _,
+        name,
+        tags,
+        poll_interval: _,
+        probation: _,
+        heartbeat_interval: _,
+    } = fleet;
+    assert!(server.is_some() && name.is_some() && !tags.is_empty());
+    for key in [
+        "token_file",
+        "poll_interval",
+        "probation",
+        "heartbeat_interval",
+    ] {
+        assert!(enabled.contains(&format!("\n{key} =")), "{key}");
+    }
     let RunConfig {
         runtime: _,
         allow_emulation: _,

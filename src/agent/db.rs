@@ -15,6 +15,19 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::fleet::{Event, EventBody};
 use crate::update::State;
 
+/// A release as the agent keeps it: what the fleet ordered, and the name its image is stored under once pulled.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AppRelease {
+    pub id: String,
+    pub app: String,
+    /// The pinned index (`repo@sha256:…`).
+    pub image: String,
+    pub manifests: std::collections::BTreeMap<String, String>,
+    pub settings: crate::app::RunSettings,
+    /// Set once prepared.
+    pub stored: Option<String>,
+}
+
 pub const DB_FILE: &str = "agent.db";
 /// Outbox rows kept before heartbeats are coalesced: a week offline at one heartbeat a minute, and then some.
 pub const DEFAULT_OUTBOX_LIMIT: usize = 12_000;
@@ -25,6 +38,8 @@ const SCHEMA: &[&str] = &[
      CREATE TABLE app_state (app TEXT PRIMARY KEY, state TEXT NOT NULL);
      CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
                           heartbeat INTEGER NOT NULL, event TEXT NOT NULL);",
+    // 2: the releases the fleet ordered, with their settings, so a committed one starts again offline.
+    "CREATE TABLE releases (id TEXT PRIMARY KEY, app TEXT NOT NULL, body TEXT NOT NULL);",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +176,50 @@ impl Db {
             )
             .map(|_| ())
             .map_err(self.err())
+    }
+
+    /// Every app with an update state.
+    pub fn apps(&self) -> Result<Vec<String>, DbError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT app FROM app_state ORDER BY app")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))
+            .map_err(self.err())?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(self.err())
+    }
+
+    pub fn put_release(&self, release: &AppRelease) -> Result<(), DbError> {
+        let json = serde_json::to_string(release).map_err(|e| DbError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.conn
+            .execute(
+                "INSERT INTO releases (id, app, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                params![release.id, release.app, json],
+            )
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    pub fn release(&self, id: &str) -> Result<Option<AppRelease>, DbError> {
+        let json: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM releases WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(self.err())?;
+        json.map(|j| {
+            serde_json::from_str(&j).map_err(|e| DbError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("the release {id}: {e}"),
+            })
+        })
+        .transpose()
     }
 
     /// Queues an event. A full outbox drops its oldest heartbeats to make room; other events always go in.

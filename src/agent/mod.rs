@@ -1,4 +1,655 @@
-//! The device agent: its SQLite state and outbox (`db`). The reconcile loop, the fleet client and sd_notify come
-//! next (issue 9).
+//! `flotilla agent`: the daemon that keeps a device's apps at the fleet's desired releases.
+//!
+//! One loop owns the state. Each app has an update state ([`crate::update::State`]) in SQLite; every event goes
+//! through the pure [`crate::update::step`], and the new state is written, durably, before its actions run, so a
+//! crash or power cut at any point resumes with [`crate::update::resume`]'s idempotent actions. Pulls run as tasks
+//! (they take minutes on a slow link; the loop keeps polling, reporting and pinging the watchdog meanwhile) and
+//! come back as events. Reports go through the outbox: kept across reboots and days offline, sent in order, taken
+//! once by the server by their ids.
 
+pub mod apps;
 pub mod db;
+pub mod link;
+pub mod metrics;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::FleetConfig;
+use crate::fleet::{AppStatus, Desired, EnrollRequest, Event, EventBody, PlatformReport};
+use crate::supervise::container::{State as CState, Status};
+use crate::update::{self, Action, Release, State};
+use apps::Apps;
+use db::{AppRelease, Db, DbError};
+use link::{Fetched, Link, LinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(
+        "cannot read the enrollment token from {path}: {source}; put the token `flotilla-server token create` printed there, or set [fleet] token_file"
+    )]
+    Token {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the agent reports about the device when it enrolls and whenever its platform changes.
+pub struct Identity {
+    pub name: String,
+    pub platform: PlatformReport,
+}
+
+pub struct Agent {
+    db: Db,
+    apps: Apps,
+    fleet: FleetConfig,
+    identity: Identity,
+    link: Option<Link>,
+    sampler: Box<dyn metrics::Sampler>,
+    /// Pulls in flight, per app: their outcome becomes `Prepared` or `PrepareFailed`.
+    preparing: HashMap<String, tokio::task::JoinHandle<Result<String, String>>>,
+    /// The last status reported per app, so only changes are sent.
+    reported: HashMap<String, AppStatus>,
+    /// A test hook: stop (and wait to be killed) right after this update state is written.
+    halt_at: Option<String>,
+    seq: u64,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn state_name(s: &State) -> &'static str {
+    match s {
+        State::Steady { .. } => "steady",
+        State::Preparing { .. } => "preparing",
+        State::Switching { .. } => "switching",
+        State::Probation { .. } => "probation",
+        State::RollingBack { .. } => "rolling-back",
+    }
+}
+
+/// The event a container's status means for the app's update, if any: the pure part of watching an update.
+pub fn observe(state: &State, status: Option<&Status>) -> Option<update::Event> {
+    let failed = |reason: String, s: Option<&Status>| update::Event::Failed {
+        reason,
+        wrong_variant: s.is_some_and(|s| s.wrong_architecture.is_some()),
+    };
+    let why = |s: &Status| {
+        if let Some(w) = &s.wrong_architecture {
+            format!("wrong architecture variant: {}", w.evidence)
+        } else {
+            s.message
+                .clone()
+                .unwrap_or_else(|| s.state.as_str().to_string())
+        }
+    };
+    match state {
+        State::Switching { .. } => match status {
+            Some(s) if s.state == CState::Running => Some(update::Event::Started),
+            Some(s) if s.state.is_final() || s.state == CState::Restarting => {
+                Some(failed(why(s), Some(s)))
+            }
+            None => Some(failed("the container is gone".into(), None)),
+            _ => None,
+        },
+        State::Probation { healthy, .. } => match status {
+            None => Some(failed("the container is gone".into(), None)),
+            Some(s) if s.restarts > 0 || s.state != CState::Running => {
+                Some(failed(format!("{} during probation", why(s)), Some(s)))
+            }
+            Some(s) if s.health.as_deref() == Some("unhealthy") => {
+                Some(failed("unhealthy during probation".into(), Some(s)))
+            }
+            Some(s) if !healthy && matches!(s.health.as_deref(), None | Some("healthy")) => {
+                Some(update::Event::Healthy)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl Agent {
+    pub fn new(
+        db: Db,
+        apps: Apps,
+        fleet: FleetConfig,
+        identity: Identity,
+        sampler: Box<dyn metrics::Sampler>,
+    ) -> Result<Agent, AgentError> {
+        let link = match &fleet.server {
+            Some(url) => Some(Link::new(
+                url,
+                apps.config.ca_bundle.as_deref(),
+                fleet.poll_interval,
+            )?),
+            None => None,
+        };
+        Ok(Agent {
+            db,
+            apps,
+            fleet,
+            identity,
+            link,
+            sampler,
+            preparing: HashMap::new(),
+            reported: HashMap::new(),
+            halt_at: std::env::var("FLOTILLA_TEST_HALT_AT").ok(),
+            seq: 0,
+        })
+    }
+
+    /// Starts what the local state says should run, without the server: the offline boot.
+    pub async fn boot(&mut self) -> Result<(), AgentError> {
+        for app in self.db.apps()? {
+            let state = self.db.app_state(&app)?;
+            tracing::info!(app, state = state_name(&state), "resuming");
+            for action in update::resume(&state) {
+                self.execute(&app, &state, action).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, body: EventBody) -> Result<(), AgentError> {
+        self.seq += 1;
+        let at = now();
+        // Unique across restarts without a counter on disk: the time, this run's sequence and random bits.
+        let id = format!("{at:x}-{:x}-{:08x}", self.seq, rand::random::<u32>());
+        self.db.push(&Event { id, at, body })?;
+        Ok(())
+    }
+
+    /// Feeds one event to an app's state machine: persist, then act.
+    async fn apply(&mut self, app: &str, event: update::Event) -> Result<(), AgentError> {
+        let state = self.db.app_state(app)?;
+        let (next, actions) = update::step(state.clone(), event, self.fleet.probation);
+        if next == state && actions.is_empty() {
+            return Ok(());
+        }
+        self.db.set_app_state(app, &next)?;
+        if state_name(&next) != state_name(&state) {
+            tracing::info!(
+                app,
+                from = state_name(&state),
+                to = state_name(&next),
+                "update state"
+            );
+        }
+        if self.halt_at.as_deref() == Some(state_name(&next)) {
+            tracing::warn!(
+                app,
+                "FLOTILLA_TEST_HALT_AT: halted after writing {}",
+                state_name(&next)
+            );
+            std::future::pending::<()>().await;
+        }
+        for action in actions {
+            self.execute(app, &next, action).await?;
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &mut self,
+        app: &str,
+        state: &State,
+        action: Action,
+    ) -> Result<(), AgentError> {
+        match action {
+            Action::Prepare(r) => {
+                let Some(release) = self.db.release(&r.id)? else {
+                    return Box::pin(self.apply(
+                        app,
+                        update::Event::PrepareFailed {
+                            reason: format!("the release {} is unknown here", r.id),
+                        },
+                    ))
+                    .await;
+                };
+                if !self.preparing.contains_key(app) {
+                    let apps = self.apps_handle();
+                    // On the blocking pool with the runtime's handle: the pull's future is not Send (its layer
+                    // tasks borrow descriptors), so it cannot be a task of its own.
+                    let handle = tokio::runtime::Handle::current();
+                    self.preparing.insert(
+                        app.to_string(),
+                        tokio::task::spawn_blocking(move || {
+                            handle.block_on(apps.prepare(&release))
+                        }),
+                    );
+                }
+            }
+            Action::Run(target) => {
+                let release = match &target {
+                    Some(r) => self.db.release(&r.id)?,
+                    None => None,
+                };
+                let result = match (&target, &release) {
+                    (Some(r), None) => Err(format!("the release {} is unknown here", r.id)),
+                    _ => tokio::task::block_in_place(|| self.apps.run(app, release.as_ref())),
+                };
+                match (state, result) {
+                    (State::RollingBack { .. }, Ok(())) => {
+                        Box::pin(self.apply(app, update::Event::RolledBack)).await?;
+                    }
+                    (State::Switching { .. }, Err(reason)) => {
+                        Box::pin(self.apply(
+                            app,
+                            update::Event::Failed {
+                                reason,
+                                wrong_variant: false,
+                            },
+                        ))
+                        .await?;
+                    }
+                    (_, Err(reason)) => {
+                        // Tried again on the next boot or desire; the report says why meanwhile.
+                        tracing::error!(app, "cannot run the release: {reason}");
+                    }
+                    _ => {}
+                }
+            }
+            Action::Commit(r) => tracing::info!(app, release = r.id, "committed"),
+            Action::Discard(r) => {
+                tracing::info!(app, release = r.id, "rejected; it is not tried again")
+            }
+            Action::Report(report) => {
+                self.event(EventBody::Update {
+                    app: app.to_string(),
+                    report,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apps_handle(&self) -> std::sync::Arc<Apps> {
+        std::sync::Arc::new(Apps {
+            state_dir: self.apps.state_dir.clone(),
+            config: self.apps.config.clone(),
+            insecure_registries: self.apps.insecure_registries.clone(),
+            host: self.apps.host.clone(),
+            live: self.apps.live.clone(),
+            runtime: self.apps.runtime.clone(),
+        })
+    }
+
+    /// A new desired state from the server: remember the releases, then tell every app, those no longer
+    /// wanted included.
+    async fn desire(&mut self, desired: &Desired) -> Result<(), AgentError> {
+        let mut wanted: BTreeMap<String, Option<Release>> = BTreeMap::new();
+        for a in &desired.apps {
+            let known = self.db.release(&a.release)?;
+            let release = AppRelease {
+                id: a.release.clone(),
+                app: a.name.clone(),
+                image: a.image.clone(),
+                manifests: a.manifests.clone(),
+                settings: a.settings.clone(),
+                stored: known.and_then(|k| k.stored),
+            };
+            self.db.put_release(&release)?;
+            wanted.insert(
+                a.name.clone(),
+                Some(Release {
+                    id: a.release.clone(),
+                    image: a.image.clone(),
+                }),
+            );
+        }
+        let local: BTreeSet<String> = self.db.apps()?.into_iter().collect();
+        for app in local {
+            wanted.entry(app).or_insert(None);
+        }
+        for (app, release) in wanted {
+            self.apply(&app, update::Event::Desired(release)).await?;
+        }
+        Ok(())
+    }
+
+    /// Pulls that finished, container changes during updates, and the probation clock.
+    async fn progress(&mut self) -> Result<(), AgentError> {
+        let finished: Vec<String> = self
+            .preparing
+            .iter()
+            .filter(|(_, h)| h.is_finished())
+            .map(|(a, _)| a.clone())
+            .collect();
+        for app in finished {
+            let Some(handle) = self.preparing.remove(&app) else {
+                continue;
+            };
+            let outcome = handle
+                .await
+                .unwrap_or_else(|e| Err(format!("the pull task failed: {e}")));
+            let event = match outcome {
+                Ok(stored) => {
+                    if let State::Preparing { target, .. } = self.db.app_state(&app)? {
+                        if let Some(mut r) = self.db.release(&target.id)? {
+                            r.stored = Some(stored);
+                            self.db.put_release(&r)?;
+                        }
+                    }
+                    update::Event::Prepared
+                }
+                Err(reason) => update::Event::PrepareFailed { reason },
+            };
+            self.apply(&app, event).await?;
+        }
+        for app in self.db.apps()? {
+            let state = self.db.app_state(&app)?;
+            let status = self.apps.status(&app).map(|(s, _)| s);
+            if let Some(e) = observe(&state, status.as_ref()) {
+                self.apply(&app, e).await?;
+            }
+            if matches!(self.db.app_state(&app)?, State::Probation { .. }) {
+                self.apply(&app, update::Event::Tick { now: now() }).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn busy(&self) -> Result<bool, AgentError> {
+        Ok(!self.preparing.is_empty()
+            || self
+                .db
+                .apps()?
+                .iter()
+                .map(|a| self.db.app_state(a))
+                .collect::<Result<Vec<_>, _>>()?
+                .iter()
+                .any(|s| !matches!(s, State::Steady { .. } | State::Preparing { .. })))
+    }
+
+    /// App statuses that changed since they were last reported.
+    fn report_apps(&mut self) -> Result<(), AgentError> {
+        for app in self.db.apps()? {
+            let state = self.db.app_state(&app)?;
+            let release = match &state {
+                State::Steady { committed, .. }
+                | State::Preparing { committed, .. }
+                | State::RollingBack { committed, .. } => committed.as_ref().map(|r| r.id.clone()),
+                State::Switching { target, .. } | State::Probation { target, .. } => {
+                    Some(target.id.clone())
+                }
+            };
+            let observed = self.apps.status(&app);
+            let status = AppStatus {
+                app: app.clone(),
+                release,
+                manifest: observed.as_ref().map(|(_, d)| d.clone()),
+                state: observed
+                    .as_ref()
+                    .map(|(s, _)| s.state.as_str().to_string())
+                    .unwrap_or_else(|| "absent".into()),
+                restarts: observed.as_ref().map(|(s, _)| s.restarts).unwrap_or(0),
+                health: observed.as_ref().and_then(|(s, _)| s.health.clone()),
+                wrong_variant: observed
+                    .as_ref()
+                    .and_then(|(s, _)| s.wrong_architecture.as_ref())
+                    .map(|w| w.evidence.clone()),
+            };
+            if self.reported.get(&app) != Some(&status) {
+                self.event(EventBody::App(status.clone()))?;
+                self.reported.insert(app, status);
+            }
+        }
+        Ok(())
+    }
+
+    async fn credential(&mut self) -> Result<Option<String>, AgentError> {
+        let Some(link) = &self.link else {
+            return Ok(None);
+        };
+        if let Some(c) = self.db.identity("credential")? {
+            return Ok(Some(c));
+        }
+        let token = std::fs::read_to_string(&self.fleet.token_file).map_err(|source| {
+            AgentError::Token {
+                path: self.fleet.token_file.clone(),
+                source,
+            }
+        })?;
+        let enrolled = link
+            .enroll(
+                token.trim(),
+                &EnrollRequest {
+                    name: self.identity.name.clone(),
+                    tags: self.fleet.tags.clone(),
+                    agent_version: env!("CARGO_PKG_VERSION").to_string(),
+                    platform: self.identity.platform.clone(),
+                },
+            )
+            .await?;
+        self.db.set_identity("device_id", &enrolled.device_id)?;
+        self.db.set_identity("credential", &enrolled.credential)?;
+        tracing::info!(
+            device = enrolled.device_id,
+            name = self.identity.name,
+            "enrolled"
+        );
+        Ok(Some(enrolled.credential))
+    }
+
+    /// Sends the outbox, oldest first; what the server took leaves it.
+    async fn flush(&mut self, credential: &str) -> Result<(), AgentError> {
+        let Some(link) = self.link.clone() else {
+            return Ok(());
+        };
+        for _ in 0..20 {
+            let events = self.db.pending(500)?;
+            if events.is_empty() {
+                break;
+            }
+            let accepted = link.report(credential, events).await?;
+            self.db.acknowledge(&accepted)?;
+        }
+        Ok(())
+    }
+
+    /// The loop; returns only on an error that retrying cannot fix.
+    pub async fn run(mut self) -> Result<(), AgentError> {
+        let platform_json = serde_json::to_string(&self.identity.platform).unwrap_or_default();
+        if self.db.identity("platform")?.as_deref() != Some(platform_json.as_str()) {
+            self.event(EventBody::Platform(self.identity.platform.clone()))?;
+            self.db.set_identity("platform", &platform_json)?;
+        }
+        let mut etag: Option<String> = None;
+        let mut poll: Option<tokio::task::JoinHandle<Result<Fetched, LinkError>>> = None;
+        let mut next_heartbeat = tokio::time::Instant::now();
+        let mut backoff = Duration::from_secs(1);
+        let mut retry_at = tokio::time::Instant::now();
+        loop {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            if tokio::time::Instant::now() >= next_heartbeat {
+                let m = self.sampler.sample();
+                self.event(EventBody::Heartbeat(m))?;
+                next_heartbeat = tokio::time::Instant::now() + self.fleet.heartbeat_interval;
+            }
+            let busy = self.busy()?;
+            let credential = if tokio::time::Instant::now() >= retry_at {
+                match self.credential().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("{}", crate::error_chain(&e));
+                        retry_at = tokio::time::Instant::now() + jitter(backoff);
+                        backoff =
+                            (backoff * 2).min(self.fleet.poll_interval.max(Duration::from_secs(1)));
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if let (Some(link), Some(cred)) = (self.link.clone(), credential.clone()) {
+                if poll.is_none() {
+                    // While an update is under way the loop ticks every second: no long poll then.
+                    let wait = if busy {
+                        Duration::ZERO
+                    } else {
+                        self.fleet.poll_interval
+                    };
+                    let tag = etag.clone();
+                    poll = Some(tokio::spawn(async move {
+                        link.desired(&cred, tag.as_deref(), wait).await
+                    }));
+                }
+            }
+            let tick = if busy || !self.preparing.is_empty() {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
+            let fetched = match poll.as_mut() {
+                Some(p) => tokio::select! {
+                    r = p => { poll = None; Some(r) }
+                    _ = tokio::time::sleep(tick) => None,
+                },
+                None => {
+                    tokio::time::sleep(tick).await;
+                    None
+                }
+            };
+            match fetched {
+                Some(Ok(Ok(Fetched::Changed { desired, etag: tag }))) => {
+                    backoff = Duration::from_secs(1);
+                    self.desire(&desired).await?;
+                    etag = tag;
+                }
+                Some(Ok(Ok(Fetched::Unchanged))) => backoff = Duration::from_secs(1),
+                Some(Ok(Err(e))) => {
+                    if e.is_unauthorized() {
+                        tracing::error!(
+                            "the fleet server refused this device's credential (revoked?): {e}"
+                        );
+                    } else {
+                        tracing::warn!("{}", crate::error_chain(&e));
+                    }
+                    retry_at = tokio::time::Instant::now() + jitter(backoff);
+                    backoff =
+                        (backoff * 2).min(self.fleet.poll_interval.max(Duration::from_secs(1)));
+                }
+                Some(Err(e)) => tracing::warn!("the poll task failed: {e}"),
+                None => {}
+            }
+            self.progress().await?;
+            self.report_apps()?;
+            if let Some(cred) = &credential {
+                if let Err(e) = self.flush(cred).await {
+                    tracing::warn!("reports stay queued: {}", crate::error_chain(&e));
+                }
+            }
+        }
+    }
+}
+
+/// Up to 50% more, so a fleet that lost its server does not come back in lockstep.
+fn jitter(d: Duration) -> Duration {
+    d + d.mul_f64(rand::random::<f64>() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::supervise::container::ArchFailure;
+
+    fn r(id: &str) -> Release {
+        Release {
+            id: id.into(),
+            image: format!("reg/app@{id}"),
+        }
+    }
+
+    fn status(state: CState, restarts: u32, health: Option<&str>) -> Status {
+        Status {
+            state,
+            restarts,
+            health: health.map(str::to_string),
+            ..Status::default()
+        }
+    }
+
+    #[test]
+    fn container_changes_become_update_events() {
+        let switching = State::Switching {
+            committed: None,
+            target: r("b"),
+        };
+        let probation = |healthy| State::Probation {
+            committed: Some(r("a")),
+            target: r("b"),
+            until: 10,
+            healthy,
+        };
+        let running = status(CState::Running, 0, None);
+        assert_eq!(
+            observe(&switching, Some(&running)),
+            Some(update::Event::Started)
+        );
+        assert_eq!(
+            observe(&switching, Some(&status(CState::Created, 0, None))),
+            None
+        );
+        assert!(matches!(
+            observe(&switching, Some(&status(CState::Failed, 0, None))),
+            Some(update::Event::Failed { .. })
+        ));
+        assert_eq!(
+            observe(&probation(false), Some(&running)),
+            Some(update::Event::Healthy)
+        );
+        assert_eq!(observe(&probation(true), Some(&running)), None);
+        assert_eq!(
+            observe(
+                &probation(false),
+                Some(&status(CState::Running, 0, Some("starting")))
+            ),
+            None
+        );
+        assert_eq!(
+            observe(
+                &probation(false),
+                Some(&status(CState::Running, 0, Some("healthy")))
+            ),
+            Some(update::Event::Healthy)
+        );
+        assert!(matches!(
+            observe(
+                &probation(true),
+                Some(&status(CState::Running, 0, Some("unhealthy")))
+            ),
+            Some(update::Event::Failed { .. })
+        ));
+        assert!(matches!(
+            observe(&probation(true), Some(&status(CState::Running, 1, None))),
+            Some(update::Event::Failed { .. })
+        ));
+        let mut sigill = status(CState::Restarting, 1, None);
+        sigill.wrong_architecture = Some(ArchFailure {
+            evidence: "SIGILL".into(),
+            host: "linux/arm/v6".into(),
+        });
+        assert_eq!(
+            observe(&probation(true), Some(&sigill)),
+            Some(update::Event::Failed {
+                reason: "wrong architecture variant: SIGILL during probation".into(),
+                wrong_variant: true
+            })
+        );
+        assert!(matches!(
+            observe(&probation(true), None),
+            Some(update::Event::Failed { .. })
+        ));
+        assert_eq!(observe(&State::initial(), None), None);
+    }
+}

@@ -3,6 +3,7 @@
 //! Commands take a [`Context`] built once from the global options and the configuration file, so every command
 //! sees the same precedence: command line over configuration file over defaults.
 
+pub mod agent;
 pub mod check_binary;
 
 use std::path::PathBuf;
@@ -95,6 +96,8 @@ pub enum Command {
     Stop(stop::Args),
     /// Remove a stopped container
     Rm(rm::Args),
+    /// Keep this device's apps at the fleet's desired releases (the daemon systemd runs)
+    Agent(agent::Args),
     /// Keep one container running (started by run; not for direct use)
     #[command(hide = true)]
     Supervise(supervise::Args),
@@ -171,6 +174,8 @@ pub enum CliError {
     #[error(transparent)]
     Run(#[from] run::RunError),
     #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
     Rm(#[from] rm::RmError),
     #[error(transparent)]
     ContainerRuntime(#[from] crate::runtime::RuntimeError),
@@ -202,7 +207,8 @@ impl CliError {
             | CliError::Rm(_)
             | CliError::ContainerRuntime(_)
             | CliError::Unpack(_)
-            | CliError::Io { .. } => 1,
+            | CliError::Io { .. }
+            | CliError::Agent(_) => 1,
             CliError::Store(_)
             | CliError::Json(_)
             | CliError::Pull(_)
@@ -270,6 +276,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Stop(args) => stop::run(args, &ctx),
         Command::Rm(args) => rm::run(args, &ctx),
         Command::Supervise(args) => supervise::run(args, &ctx),
+        Command::Agent(args) => agent::run(args, &ctx),
     }
 }
 

@@ -4,6 +4,7 @@
 //! missing piece skips the test with a printed reason, or fails it when `FLOTILLA_REQUIRE_ALL=1`, as CI sets.
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
+pub mod binfmt;
 pub mod registry;
 pub mod tarcraft;
 

@@ -1,0 +1,176 @@
+//! The agent's side of the fleet protocol: enroll once, long-poll the desired state with its ETag, and deliver
+//! the outbox. Every call is bounded by a timeout; failures are the caller's to retry (the loop does, with jitter).
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, header};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::fleet::{Accepted, Desired, EnrollRequest, Enrolled, Event, ReportBatch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot reach the fleet server at {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("the fleet server refused {what} ({status}): {message}")]
+    Refused {
+        what: &'static str,
+        status: u16,
+        message: String,
+    },
+    #[error("the fleet server's answer to {what} does not read: {message}")]
+    Garbled { what: &'static str, message: String },
+    #[error(transparent)]
+    Client(#[from] crate::registry::RegistryError),
+}
+
+impl LinkError {
+    /// The server no longer knows this credential: enroll again.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, LinkError::Refused { status: 401, .. })
+    }
+}
+
+/// A fresh desired state, or none when it equals the one the agent holds.
+#[derive(Debug)]
+pub enum Fetched {
+    Changed {
+        desired: Desired,
+        etag: Option<String>,
+    },
+    Unchanged,
+}
+
+#[derive(Clone)]
+pub struct Link {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Link {
+    /// `long_poll` bounds how long the server may hold a request; the timeout leaves room above it.
+    pub fn new(
+        server: &str,
+        ca_bundle: Option<&std::path::Path>,
+        long_poll: Duration,
+    ) -> Result<Link, LinkError> {
+        Ok(Link {
+            http: crate::fleet::http_client(ca_bundle, long_poll + Duration::from_secs(30))?,
+            base: server.trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        req: reqwest::RequestBuilder,
+        body: Option<&impl Serialize>,
+    ) -> Result<(StatusCode, Option<T>, header::HeaderMap), LinkError> {
+        let req = match body {
+            Some(b) => req.header(header::CONTENT_TYPE, "application/json").body(
+                serde_json::to_vec(b).map_err(|e| LinkError::Garbled {
+                    what,
+                    message: e.to_string(),
+                })?,
+            ),
+            None => req,
+        };
+        let unreachable = |e: reqwest::Error| LinkError::Unreachable {
+            url: self.base.clone(),
+            message: crate::error_chain(&e),
+        };
+        let resp = req.send().await.map_err(unreachable)?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        if status == StatusCode::NOT_MODIFIED {
+            return Ok((status, None, headers));
+        }
+        let bytes = resp.bytes().await.map_err(unreachable)?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(LinkError::Refused {
+                what,
+                status: status.as_u16(),
+                message,
+            });
+        }
+        let value = serde_json::from_slice(&bytes).map_err(|e| LinkError::Garbled {
+            what,
+            message: e.to_string(),
+        })?;
+        Ok((status, Some(value), headers))
+    }
+
+    pub async fn enroll(&self, token: &str, req: &EnrollRequest) -> Result<Enrolled, LinkError> {
+        let http = self
+            .http
+            .post(format!("{}/v1/enroll", self.base))
+            .bearer_auth(token);
+        match self.send("the enrollment", http, Some(req)).await? {
+            (_, Some(e), _) => Ok(e),
+            _ => Err(LinkError::Garbled {
+                what: "the enrollment",
+                message: "no body".into(),
+            }),
+        }
+    }
+
+    /// The desired state; with `etag`, the server holds the request up to `wait` while nothing changes.
+    pub async fn desired(
+        &self,
+        credential: &str,
+        etag: Option<&str>,
+        wait: Duration,
+    ) -> Result<Fetched, LinkError> {
+        let mut http = self
+            .http
+            .get(format!(
+                "{}/v1/device/desired?wait={}",
+                self.base,
+                wait.as_secs()
+            ))
+            .bearer_auth(credential);
+        if let Some(e) = etag {
+            http = http.header(header::IF_NONE_MATCH, e);
+        }
+        let (_, desired, headers) = self
+            .send::<Desired>("the desired state", http, None::<&()>)
+            .await?;
+        Ok(match desired {
+            Some(desired) => Fetched::Changed {
+                desired,
+                etag: headers
+                    .get(header::ETAG)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            },
+            None => Fetched::Unchanged,
+        })
+    }
+
+    pub async fn report(
+        &self,
+        credential: &str,
+        events: Vec<Event>,
+    ) -> Result<Vec<String>, LinkError> {
+        let http = self
+            .http
+            .post(format!("{}/v1/device/reports", self.base))
+            .bearer_auth(credential);
+        let batch = ReportBatch { events };
+        match self
+            .send::<Accepted>("the reports", http, Some(&batch))
+            .await?
+        {
+            (_, Some(a), _) => Ok(a.accepted),
+            _ => Err(LinkError::Garbled {
+                what: "the reports",
+                message: "no body".into(),
+            }),
+        }
+    }
+}

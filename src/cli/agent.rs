@@ -1,0 +1,73 @@
+//! `flotilla agent`: the daemon systemd runs. Starts the committed apps from local state (no server needed), says
+//! READY, then keeps the apps at the fleet's desired releases.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use super::{CliError, Context};
+use crate::agent::apps::Apps;
+use crate::agent::db::Db;
+use crate::agent::metrics::SystemSampler;
+use crate::agent::{Agent, AgentError, Identity};
+use crate::fleet::PlatformReport;
+use crate::runtime::Runtime;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    if !rustix::process::geteuid().is_root() {
+        return Err(super::run::RunError::NotRoot.into());
+    }
+    std::fs::create_dir_all(&ctx.state_dir).map_err(|source| CliError::Io {
+        what: format!("the state directory {}", ctx.state_dir.display()),
+        source,
+    })?;
+    let detection = super::platform::host_detection(ctx)?;
+    let host = detection.host();
+    let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
+        host.clone()
+    } else {
+        crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
+            .0
+            .host()
+    };
+    let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
+    let name = ctx.config.fleet.name.clone().unwrap_or_else(|| {
+        rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned()
+    });
+    let identity = Identity {
+        name,
+        platform: PlatformReport {
+            candidates: host.candidates.iter().map(|c| c.to_string()).collect(),
+            page_size: host.page_size,
+            description: detection.rules.join("; "),
+        },
+    };
+    let db = Db::open(&ctx.state_dir).map_err(AgentError::from)?;
+    let apps = Apps {
+        state_dir: ctx.state_dir.clone(),
+        config: ctx.config.clone(),
+        insecure_registries: ctx.insecure_registries.clone(),
+        host,
+        live,
+        runtime,
+    };
+    let sampler = Box::new(SystemSampler::new(&ctx.state_dir));
+    let agent = Agent::new(db, apps, ctx.config.fleet.clone(), identity, sampler)?;
+    super::runtime()?.block_on(async move {
+        let mut agent = agent;
+        agent.boot().await?;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        if ctx.config.fleet.server.is_none() {
+            tracing::warn!(
+                "no [fleet] server in the configuration: keeping the committed apps running, reporting to nobody"
+            );
+        }
+        agent.run().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
