@@ -79,7 +79,9 @@ impl Apps {
             Ok(c) => {
                 let spec = c.spec().map_err(|e| text(&e))?;
                 let same = target.is_some_and(|t| {
-                    t.stored.as_deref() == Some(spec.image.as_str()) && t.settings == spec.settings
+                    let mut wanted = t.settings.clone();
+                    wanted.allow_emulation |= self.config.run.allow_emulation;
+                    t.stored.as_deref() == Some(spec.image.as_str()) && wanted == spec.settings
                 });
                 let supervised = c.supervisor_pid().is_some();
                 let running = control::is_running(&c, self.runtime.as_ref());
@@ -107,12 +109,15 @@ impl Apps {
         let image = store.image(stored).map_err(|e| text(&e))?;
         let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
             .map_err(|e| text(&e))?;
+        // The device's own configuration may allow emulation for every app, as it does for `flotilla run`.
+        let mut settings = target.settings.clone();
+        settings.allow_emulation |= self.config.run.allow_emulation;
         launch::launch(&launch::Launch {
             state_dir: &self.state_dir,
             name: app,
             image_name: stored,
             image: &image,
-            settings: &target.settings,
+            settings: &settings,
             host: &self.host,
             live: &self.live,
             binfmt: &binfmt,

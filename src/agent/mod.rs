@@ -172,6 +172,16 @@ impl Agent {
     /// Feeds one event to an app's state machine: persist, then act.
     async fn apply(&mut self, app: &str, event: update::Event) -> Result<(), AgentError> {
         let state = self.db.app_state(app)?;
+        match &event {
+            update::Event::Failed { reason, .. } | update::Event::PrepareFailed { reason } => {
+                tracing::warn!(
+                    app,
+                    state = state_name(&state),
+                    "the update failed: {reason}"
+                );
+            }
+            _ => {}
+        }
         let (next, actions) = update::step(state.clone(), event, self.fleet.probation);
         if next == state && actions.is_empty() {
             return Ok(());

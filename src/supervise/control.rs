@@ -35,6 +35,11 @@ pub fn spawn_supervisor(state_dir: &Path, container: &Container) -> Result<(), S
         .arg(state_dir)
         .arg("supervise")
         .arg(&container.name)
+        // The agent's systemd notification socket is the agent's: runc hands NOTIFY_SOCKET on to the container
+        // and waits for the app to say READY, which a plain app never does.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

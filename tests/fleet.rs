@@ -1,0 +1,633 @@
+//! The fleet end to end on one machine, as root, with real parts: flotilla-server with its SQLite, a loopback
+//! docker-registry, runc, and three agents with their own state directories and platforms: a Pi Zero and a Pi
+//! with a 32-bit OS on a 64-bit kernel (board evidence through `--evidence`, their variants run by qemu-user
+//! through binfmt handlers this test registers), and this x86-64 host natively.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::binfmt::Binfmt;
+use common::registry::{
+    LayoutImage, OciLayoutBuilder, Registry, RegistryOptions, free_port, skopeo_copy,
+};
+use common::{output_text, require};
+use serde_json::Value;
+
+/// binfmt registration and the fixed container name are machine-wide: one scenario at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const APP_CMD: &str = "busybox cat /VERSION; if [ -e /crash ]; then echo crashing >&2; exit 3; fi; while :; do busybox sleep 1; done";
+
+fn shared_board(name: &str) -> PathBuf {
+    let root = match std::env::var_os("FLOTILLA_BOARDS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/boards"),
+    };
+    root.join(name)
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    registry: String,
+}
+
+impl Server {
+    fn start(dir: &Path, registry: &str) -> Server {
+        let mut s = Server {
+            child: None,
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            registry: registry.to_string(),
+        };
+        s.resume();
+        s
+    }
+
+    fn resume(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("server log");
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--db")
+            .arg(self.dir.join("server.db"))
+            .args(["--insecure-registry", &self.registry, "--tick", "1s"])
+            .env("FLOTILLA_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start flotilla-server");
+        self.child = Some(child);
+        wait_for("the server to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+        });
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
+            .args(["--server", &self.url(), "--token-file"])
+            .arg(self.dir.join("admin-token"))
+            .args(args)
+            .output()
+            .expect("run flotilla-server")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "flotilla-server {args:?}: {}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("JSON from --json")
+    }
+
+    fn device(&self, name: &str) -> Value {
+        self.json(&["devices"])
+            .as_array()
+            .and_then(|ds| ds.iter().find(|d| d["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    /// The status `name` last reported for the app.
+    fn app(&self, name: &str) -> Value {
+        self.device(name)["apps"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["app"] == "demo").cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            eprintln!("--- server log ---\n{}", self.log());
+        }
+    }
+}
+
+struct Agent {
+    name: String,
+    dir: PathBuf,
+    evidence: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn new(
+        root: &Path,
+        name: &str,
+        evidence: Option<PathBuf>,
+        server: &Server,
+        token: &Path,
+    ) -> Agent {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let config = format!(
+            "[fleet]\nserver = \"{}\"\ntoken_file = \"{}\"\nname = \"{name}\"\ntags = {{ site = \"lab\" }}\n\
+             poll_interval = \"3s\"\nprobation = \"2s\"\nheartbeat_interval = \"2s\"\n\
+             [run]\nallow_emulation = true\n[[registry]]\nhost = \"{}\"\ninsecure = true\n",
+            server.url(),
+            token.display(),
+            server.registry
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("agent config");
+        Agent {
+            name: name.to_string(),
+            dir,
+            evidence,
+            child: None,
+        }
+    }
+
+    fn flotilla(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        c.arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .env_remove("JOURNAL_STREAM");
+        c
+    }
+
+    fn start_with(&mut self, halt_at: Option<&str>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let mut c = self.flotilla();
+        if let Some(e) = &self.evidence {
+            c.arg("--evidence").arg(e);
+        }
+        c.arg("agent")
+            .env("FLOTILLA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        match halt_at {
+            Some(h) => c.env("FLOTILLA_TEST_HALT_AT", h),
+            None => c.env_remove("FLOTILLA_TEST_HALT_AT"),
+        };
+        self.child = Some(c.spawn().expect("start flotilla agent"));
+    }
+
+    fn start(&mut self) {
+        self.start_with(None);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's containers, as `flotilla ps -a --json` lists them.
+    fn containers(&self) -> Vec<Value> {
+        let out = self
+            .flotilla()
+            .args(["ps", "-a", "--json"])
+            .output()
+            .expect("flotilla ps");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    fn outbox_ids(&self) -> Vec<String> {
+        let db = rusqlite::Connection::open(self.dir.join("state/agent.db")).expect("agent.db");
+        let mut st = db
+            .prepare("SELECT id FROM outbox WHERE heartbeat = 0 ORDER BY seq")
+            .expect("outbox query");
+        st.query_map([], |r| r.get::<_, String>(0))
+            .expect("outbox rows")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("outbox ids")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- agent {} (last lines) ---", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        // The apps' supervisors outlive their agent by design; the test removes them.
+        let _ = self.flotilla().args(["rm", "--force", "demo"]).output();
+    }
+}
+
+/// The busybox images of the lab, each with a /VERSION file, and a /crash marker when `crash`.
+fn images() -> Option<Vec<LayoutImage>> {
+    common::registry::busybox_images()
+}
+
+struct Pushed {
+    index: String,
+    /// Platform → manifest digest.
+    manifests: Vec<(String, String)>,
+}
+
+fn push(root: &Path, registry: &Registry, tag: &str, crash: bool) -> Pushed {
+    let images = images().expect("busybox images");
+    let version = root.join(format!("VERSION-{tag}"));
+    std::fs::write(&version, format!("{tag}\n")).expect("version file");
+    let marker = root.join("crash-marker");
+    std::fs::write(&marker, "").expect("crash marker");
+    let extra: Vec<Vec<(&str, PathBuf)>> = images
+        .iter()
+        .map(|_| {
+            let mut files = vec![("VERSION", version.clone())];
+            if crash {
+                files.push(("crash", marker.clone()));
+            }
+            files
+        })
+        .collect();
+    let layout = OciLayoutBuilder::new(&root.join(format!("layout-{tag}")));
+    let written = layout.write_with_files(tag, &images, &extra);
+    skopeo_copy(layout.dir(), tag, &registry.host(), "demo", tag, None, None);
+    Pushed {
+        index: written.index.to_string(),
+        manifests: written
+            .images
+            .iter()
+            .map(|i| (i.platform.clone(), i.manifest.to_string()))
+            .collect(),
+    }
+}
+
+fn prerequisites() -> Option<Binfmt> {
+    require(
+        "root (runc needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )?;
+    common::required_tool("runc")?;
+    common::registry::registry_prerequisites()?;
+    require(
+        "board fixtures (../shared/fixtures/boards)",
+        shared_board("rpi-zero-w").is_dir().then_some(()),
+    )?;
+    let binfmt = require("binfmt_misc and qemu-user-static", Binfmt::take())?;
+    binfmt.register_all();
+    Some(binfmt)
+}
+
+fn rollout_status(server: &Server, id: &str) -> Value {
+    server.json(&["rollout", "status", id])
+}
+
+#[test]
+fn rollouts_reach_each_device_with_its_variant_in_waves_roll_back_and_survive_an_outage() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_binfmt) = prerequisites() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
+    let v1 = push(root, &registry, "v1", false);
+    let mut server = Server::start(root, &registry.host());
+
+    let token = server.ok(&["token", "create", "--uses", "3", "--expires", "1h"]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    // The images' entrypoint is busybox sh: the command is its arguments.
+    server.ok(&[
+        "app",
+        "create",
+        "demo",
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "2s",
+        "--",
+        "-c",
+        APP_CMD,
+    ]);
+
+    let mut agents = vec![
+        Agent::new(
+            root,
+            "pi-zero",
+            Some(shared_board("rpi-zero-w")),
+            &server,
+            &token_file,
+        ),
+        Agent::new(
+            root,
+            "pi-32os",
+            Some(shared_board("rpi-3b-32os-64kernel")),
+            &server,
+            &token_file,
+        ),
+        Agent::new(root, "x86", None, &server, &token_file),
+    ];
+    for a in &mut agents {
+        a.start();
+    }
+    wait_for("three enrolled devices", Duration::from_secs(60), || {
+        server.json(&["devices"]).as_array().map(Vec::len) == Some(3)
+    });
+    let expected = [
+        ("pi-zero", "linux/arm/v6"),
+        ("pi-32os", "linux/arm64/v8"),
+        ("x86", "linux/amd64"),
+    ];
+    for (name, platform) in expected {
+        let d = server.device(name);
+        let candidates = d["platform"]["candidates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert!(candidates.iter().any(|c| c == platform), "{d}");
+    }
+    assert_eq!(
+        server.device("pi-zero")["platform"]["candidates"][0],
+        "linux/arm/v6"
+    );
+    assert_eq!(
+        server.device("pi-32os")["platform"]["candidates"][0],
+        "linux/arm64/v8"
+    );
+
+    // v1 everywhere: each device runs, and reports, the variant the index pins for its platform.
+    let r1 = server.ok(&[
+        "release",
+        "create",
+        "demo",
+        &format!("{}/demo:v1", registry.host()),
+    ]);
+    assert_eq!(r1, "demo-1");
+    let release = server.json(&["release", "list"]);
+    assert!(
+        release[0]["pinned"].as_str().unwrap().ends_with(&v1.index),
+        "{release}"
+    );
+    let id1 = server.ok(&[
+        "rollout",
+        "start",
+        "demo-1",
+        "--select",
+        "site=lab",
+        "--waves",
+        "100",
+        "--max-failures",
+        "1",
+    ]);
+    wait_for("rollout 1 to finish", Duration::from_secs(240), || {
+        let s = rollout_status(&server, &id1);
+        assert_ne!(s["status"]["state"], "paused", "{s}");
+        s["status"]["state"] == "done"
+    });
+    for (name, platform) in expected {
+        let want = &v1
+            .manifests
+            .iter()
+            .find(|(p, _)| p == platform)
+            .expect("platform pushed")
+            .1;
+        wait_for(
+            &format!("{name} to report demo-1"),
+            Duration::from_secs(30),
+            || {
+                let a = server.app(name);
+                a["status"]["release"] == "demo-1" && a["status"]["state"] == "running"
+            },
+        );
+        let a = server.app(name);
+        assert_eq!(
+            a["status"]["manifest"].as_str(),
+            Some(want.as_str()),
+            "{name}: {a}"
+        );
+        let c = &agents.iter().find(|g| g.name == name).unwrap().containers()[0];
+        assert_eq!(c["platform"], platform, "{c}");
+    }
+    let table = server.ok(&["devices"]);
+    assert!(
+        table.contains("pi-zero") && table.contains("linux/arm/v6") && table.contains("demo-1"),
+        "{table}"
+    );
+
+    // v2 in two waves: one device, then the rest, after a soak.
+    push(root, &registry, "v2", false);
+    server.ok(&[
+        "release",
+        "create",
+        "demo",
+        &format!("{}/demo:v2", registry.host()),
+    ]);
+    let soak = 4;
+    let id2 = server.ok(&[
+        "rollout",
+        "start",
+        "demo-2",
+        "--counts",
+        "--waves",
+        "1,3",
+        "--max-failures",
+        "1",
+        "--soak",
+        &format!("{soak}s"),
+    ]);
+    let mut first_healthy: Option<Instant> = None;
+    let mut second_ordered: Option<Instant> = None;
+    wait_for("rollout 2 to finish", Duration::from_secs(240), || {
+        let s = rollout_status(&server, &id2);
+        if first_healthy.is_none() && s["waves"][0]["healthy"] == 1 {
+            first_healthy = Some(Instant::now());
+        }
+        if second_ordered.is_none() && s["waves_started"] == 2 {
+            second_ordered = Some(Instant::now());
+            assert!(
+                first_healthy.is_some(),
+                "the second wave started before the first was healthy: {s}"
+            );
+        }
+        s["status"]["state"] == "done"
+    });
+    let waited = second_ordered
+        .unwrap()
+        .duration_since(first_healthy.unwrap());
+    assert!(
+        waited >= Duration::from_secs(soak - 1),
+        "the soak was not kept: {waited:?}"
+    );
+    for (name, _) in expected {
+        wait_for(
+            &format!("{name} on demo-2"),
+            Duration::from_secs(30),
+            || server.app(name)["status"]["release"] == "demo-2",
+        );
+    }
+
+    // v3 crashes on start: the first wave rolls back to v2, the rollout pauses at the threshold and says why.
+    push(root, &registry, "v3", true);
+    server.ok(&[
+        "release",
+        "create",
+        "demo",
+        &format!("{}/demo:v3", registry.host()),
+    ]);
+    let id3 = server.ok(&[
+        "rollout",
+        "start",
+        "demo-3",
+        "--counts",
+        "--waves",
+        "1,3",
+        "--max-failures",
+        "1",
+    ]);
+    wait_for("rollout 3 to pause", Duration::from_secs(240), || {
+        rollout_status(&server, &id3)["status"]["state"] == "paused"
+    });
+    let s3 = rollout_status(&server, &id3);
+    assert!(
+        s3["status"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("1 of 1 devices failed"),
+        "{s3}"
+    );
+    assert_eq!(s3["waves_started"], 1, "{s3}");
+    let failed = s3["waves"][0]["devices"][0].as_str().unwrap().to_string();
+    wait_for(
+        "the failed device back on demo-2",
+        Duration::from_secs(60),
+        || {
+            let a = server.app(&failed);
+            a["status"]["release"] == "demo-2" && a["status"]["state"] == "running"
+        },
+    );
+    let a = server.app(&failed);
+    assert_eq!(a["update"]["event"], "rolled-back", "{a}");
+    assert_eq!(a["update"]["release"], "demo-3", "{a}");
+    assert!(
+        a["update"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exit code 3"),
+        "{a}"
+    );
+    assert!(
+        s3["devices"][&failed]
+            .as_str()
+            .unwrap()
+            .starts_with("failed"),
+        "{s3}"
+    );
+    for (name, _) in expected.iter().filter(|(n, _)| *n != failed) {
+        assert_eq!(
+            server.app(name)["status"]["release"],
+            "demo-2",
+            "{name} was never ordered demo-3"
+        );
+    }
+
+    // The server goes away: apps keep running, events queue, and all arrive exactly once when it returns.
+    server.stop();
+    let victim = &agents[2];
+    let out = victim
+        .flotilla()
+        .args(["stop", "demo"])
+        .output()
+        .expect("flotilla stop");
+    assert!(out.status.success(), "{}", output_text(&out));
+    std::thread::sleep(Duration::from_secs(6));
+    for a in &agents[..2] {
+        let c = &a.containers()[0];
+        assert_eq!(c["state"], "running", "{}: {c}", a.name);
+    }
+    let queued: Vec<(String, Vec<String>)> = agents
+        .iter()
+        .map(|a| (a.name.clone(), a.outbox_ids()))
+        .collect();
+    assert!(
+        !queued[2].1.is_empty(),
+        "the stopped app's status waits in the outbox"
+    );
+    server.resume();
+    for (a, (_, ids)) in agents.iter().zip(&queued) {
+        wait_for(
+            &format!("{}'s queued events to be delivered", a.name),
+            Duration::from_secs(60),
+            || {
+                let left = a.outbox_ids();
+                ids.iter().all(|id| !left.contains(id))
+            },
+        );
+    }
+    let db = rusqlite::Connection::open(root.join("server.db")).expect("server.db");
+    for (name, ids) in &queued {
+        for id in ids {
+            let n: i64 = db
+                .query_row(
+                    "SELECT COUNT(*) FROM events e JOIN devices d ON d.id = e.device WHERE d.name = ?1 AND e.id = ?2",
+                    [name, id],
+                    |r| r.get(0),
+                )
+                .expect("count");
+            assert_eq!(n, 1, "{name}'s event {id} is on the server once");
+        }
+    }
+    assert_eq!(server.app("x86")["status"]["state"], "stopped");
+    drop(db);
+    drop(agents);
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
