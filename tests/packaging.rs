@@ -169,10 +169,16 @@ fn build_deb(out: &Path, arch: &str, version: &str) -> PathBuf {
 }
 
 fn dpkg_install(root: &Path, deb: &Path) {
-    // runc is not in the scratch root; the dependency itself is checked through dpkg-query below.
+    // runc is not in the scratch root; the dependency itself is checked through dpkg-query below. The scratch root
+    // has no shell to chroot into for the maintainer scripts: they run here, with DPKG_ROOT naming the root.
     run(Command::new("dpkg")
         .arg(format!("--root={}", root.display()))
-        .args(["--log=/dev/null", "--force-depends", "--install"])
+        .args([
+            "--log=/dev/null",
+            "--force-depends",
+            "--force-script-chrootless",
+        ])
+        .arg("--install")
         .arg(deb));
 }
 
