@@ -631,3 +631,92 @@ fn rollouts_reach_each_device_with_its_variant_in_waves_roll_back_and_survive_an
     drop(agents);
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
+
+/// The agent is killed (SIGKILL) right after it wrote each update state, before that state's actions ran. Started
+/// again, it converges: the release is committed, or rolled back when it crashes, and the app runs.
+#[test]
+fn an_agent_killed_at_every_update_state_converges_after_its_restart() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_binfmt) = prerequisites() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
+    let server = Server::start(root, &registry.host());
+    let token = server.ok(&["token", "create"]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    server.ok(&[
+        "app",
+        "create",
+        "demo",
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "2s",
+        "--",
+        "-c",
+        APP_CMD,
+    ]);
+    let mut agent = Agent::new(root, "x86", None, &server, &token_file);
+    agent.start();
+
+    let rounds = [
+        (None, false, "committed"),
+        (Some("preparing"), false, "committed"),
+        (Some("switching"), false, "committed"),
+        (Some("probation"), false, "committed"),
+        (Some("rolling-back"), true, "rolled-back"),
+    ];
+    let mut running = String::new();
+    for (n, (halt, crash, outcome)) in rounds.into_iter().enumerate() {
+        let tag = format!("v{}", n + 1);
+        push(root, &registry, &tag, crash);
+        let release = server.ok(&[
+            "release",
+            "create",
+            "demo",
+            &format!("{}/demo:{tag}", registry.host()),
+        ]);
+        if let Some(state) = halt {
+            agent.kill();
+            agent.start_with(Some(state));
+        }
+        server.ok(&["rollout", "start", &release]);
+        if let Some(state) = halt {
+            let mark = format!("halted after writing {state}");
+            wait_for(
+                &format!("the agent to halt at {state}"),
+                Duration::from_secs(120),
+                || agent.log().matches(&mark).count() > 0,
+            );
+            agent.kill();
+            // Cleared so that the next round's wait sees only its own halt.
+            std::fs::write(agent.dir.join("agent.log"), "").expect("truncate log");
+            agent.start();
+        }
+        wait_for(
+            &format!("{release} to end {outcome} after a halt at {halt:?}"),
+            Duration::from_secs(120),
+            || {
+                let a = server.app("x86");
+                a["update"]["release"] == release.as_str() && a["update"]["event"] == outcome
+            },
+        );
+        if outcome == "committed" {
+            running = release.clone();
+        }
+        wait_for(
+            "the app to run the expected release",
+            Duration::from_secs(60),
+            || {
+                let a = server.app("x86");
+                a["status"]["release"] == running.as_str() && a["status"]["state"] == "running"
+            },
+        );
+        let containers = agent.containers();
+        assert_eq!(containers.len(), 1, "one container per app: {containers:?}");
+        assert_eq!(containers[0]["state"], "running", "{:?}", containers);
+    }
+}
