@@ -720,3 +720,77 @@ fn an_agent_killed_at_every_update_state_converges_after_its_restart() {
         assert_eq!(containers[0]["state"], "running", "{:?}", containers);
     }
 }
+
+/// HTTPS from a certificate and key path; plain HTTP only on loopback unless asked for.
+#[test]
+fn the_server_speaks_tls_from_pem_files_and_refuses_plain_http_off_loopback() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let ca = common::registry::TestCa::generate(dir);
+    let port = free_port();
+    let serve = |extra: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_flotilla-server"));
+        c.arg("serve")
+            .arg("--db")
+            .arg(dir.join("server.db"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    };
+    let refused = serve(&["--listen", "0.0.0.0:0"])
+        .output()
+        .expect("run flotilla-server");
+    assert_eq!(refused.status.code(), Some(1), "{}", output_text(&refused));
+    assert!(
+        output_text(&refused).contains("--tls-cert"),
+        "{}",
+        output_text(&refused)
+    );
+
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = serve(&["--listen", &listen, "--tls-cert"])
+        .arg(&ca.cert_pem)
+        .arg("--tls-key")
+        .arg(&ca.key_pem)
+        .spawn()
+        .expect("start flotilla-server");
+    wait_for("the TLS server to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let cli = |url: &str, ca_bundle: Option<&Path>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_flotilla-server"));
+        c.args(["--server", url, "--token-file"])
+            .arg(dir.join("admin-token"));
+        if let Some(ca) = ca_bundle {
+            c.arg("--ca-bundle").arg(ca);
+        }
+        c.args(["token", "create"])
+            .output()
+            .expect("run flotilla-server")
+    };
+    let https = format!("https://127.0.0.1:{port}");
+    let ok = cli(&https, Some(&ca.ca_pem));
+    assert!(ok.status.success(), "{}", output_text(&ok));
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim().len(),
+        43,
+        "a 256-bit token"
+    );
+    let untrusted = cli(&https, None);
+    assert_eq!(
+        untrusted.status.code(),
+        Some(1),
+        "{}",
+        output_text(&untrusted)
+    );
+    let plain = cli(&format!("http://127.0.0.1:{port}"), None);
+    assert_eq!(
+        plain.status.code(),
+        Some(1),
+        "plain HTTP to a TLS port: {}",
+        output_text(&plain)
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

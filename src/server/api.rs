@@ -5,7 +5,6 @@
 //! SQLite work runs on the blocking pool behind one mutex: the database serialises writers anyway, and this keeps
 //! the async workers free for the long polls.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -475,13 +474,17 @@ async fn control_rollout(
     Ok(Json(r))
 }
 
-/// Serves the API on `listener` until `shutdown` resolves; re-plans the rollouts every `tick` (soak timers).
-pub async fn serve(
+/// Serves the API on `listener` (plain TCP, or [`super::tls::TlsListener`]) until `shutdown` resolves; re-plans the
+/// rollouts every `tick` (soak timers).
+pub async fn serve<L: axum::serve::Listener>(
     server: Shared,
-    listener: tokio::net::TcpListener,
+    listener: L,
     tick: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L::Addr: std::fmt::Debug,
+{
     let ticker = server.clone();
     let ticking = tokio::spawn(async move {
         let mut every = tokio::time::interval(tick);
@@ -492,8 +495,7 @@ pub async fn serve(
             }
         }
     });
-    let app = router(server).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app)
+    let result = axum::serve(listener, router(server))
         .with_graceful_shutdown(shutdown)
         .await;
     ticking.abort();

@@ -78,9 +78,15 @@ pub struct ServeArgs {
     /// The SQLite database (made, and migrated, when needed)
     #[arg(long, default_value = DEFAULT_DB)]
     pub db: PathBuf,
+    /// Serve HTTPS with this certificate chain (PEM)
+    #[arg(long, requires = "tls_key", value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1)
+    #[arg(long, requires = "tls_cert", value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
     /// Serve plain HTTP on an address that is not loopback (the devices' credentials then cross the network in
-    /// clear)
-    #[arg(long)]
+    /// clear; for a TLS proxy in front)
+    #[arg(long, conflicts_with = "tls_cert")]
     pub insecure_http: bool,
     /// A registry reached over plain HTTP when releases are resolved (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
@@ -167,9 +173,11 @@ pub enum RolloutCommand {
 pub enum ServerCliError {
     #[error(transparent)]
     Db(#[from] ServerDbError),
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     #[error(
         "refusing plain HTTP on {0}, which is not a loopback address: devices would send their credentials in \
-         clear. Put the server behind a TLS proxy and pass --insecure-http"
+         clear. Give --tls-cert and --tls-key, or put a TLS proxy in front and pass --insecure-http"
     )]
     PlainHttp(std::net::SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
@@ -221,7 +229,11 @@ fn admin_token_path(db: &Path) -> PathBuf {
 }
 
 async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
-    if !args.listen.ip().is_loopback() && !args.insecure_http {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(super::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure_http {
         return Err(ServerCliError::PlainHttp(args.listen));
     }
     if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -263,12 +275,22 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    api::serve(server, listener, args.tick, shutdown)
-        .await
-        .map_err(|source| ServerCliError::Io {
-            what: "serving the API".into(),
-            source,
-        })?;
+    let served = match tls {
+        Some(config) => {
+            let listener = super::tls::TlsListener::new(listener, config).map_err(|source| {
+                ServerCliError::Listen {
+                    addr: args.listen,
+                    source,
+                }
+            })?;
+            api::serve(server, listener, args.tick, shutdown).await
+        }
+        None => api::serve(server, listener, args.tick, shutdown).await,
+    };
+    served.map_err(|source| ServerCliError::Io {
+        what: "serving the API".into(),
+        source,
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
