@@ -988,3 +988,43 @@ async fn admin_refusals_name_the_problem_and_change_nothing() {
         .await;
     assert!(a.refused(400).contains("has ended"));
 }
+
+/// Regression: u64 values beyond SQLite's i64 reached the database and failed to bind: a 500 (with the server's
+/// database path in its message) for a device's bad clock, an operator's long expiry or a made-up rollout id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_beyond_sqlite_integers_are_not_server_errors() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    let late = Event {
+        at: u64::MAX,
+        ..app_event("e1", "sensor")
+    };
+    let (a, seen) = f
+        .unchanged(f.post("/v1/device/reports", &dev.credential, &batch(vec![late])))
+        .await;
+    assert!(a.refused(400).contains("beyond any time"));
+    assert_eq!(seen, [dev.device_id.as_str()]);
+
+    for path in [
+        "/v1/rollouts/9223372036854775808",
+        "/v1/rollouts/18446744073709551615/pause",
+    ] {
+        let method = if path.ends_with("pause") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let (a, _) = f
+            .unchanged(f.send(method, path, Some(&bearer(&f.admin)), Body::None))
+            .await;
+        assert!(a.refused(404).contains("no rollout"), "{path}");
+    }
+
+    let forever = f
+        .admin_post("/v1/tokens", &json!({"expires_in": u64::MAX}), 201)
+        .await;
+    assert_eq!(forever["expires"], json!(i64::MAX));
+    f.enroll(forever["token"].as_str().unwrap(), "b", "north")
+        .await;
+}

@@ -282,6 +282,16 @@ async fn reports(
             "at most 1000 events per batch".into(),
         ));
     }
+    // SQLite stores i64: a larger time would fail to bind, a 500 for what is the device's mistake.
+    if let Some(e) = batch.events.iter().find(|e| i64::try_from(e.at).is_err()) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the event {:?} has at = {}, beyond any time (seconds since the epoch)",
+                e.id, e.at
+            ),
+        ));
+    }
     let replans = batch
         .events
         .iter()
@@ -302,7 +312,10 @@ async fn create_token(
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
     let Json(req) = body.map_err(rejected)?;
-    let expires = req.expires_in.map(|d| now().saturating_add(d));
+    // Capped to what SQLite stores (i64): later than that is never, as far as anyone can tell.
+    let expires = req
+        .expires_in
+        .map(|d| now().saturating_add(d).min(i64::MAX as u64));
     let token = s
         .with_db(move |db| db.create_token(expires, req.uses))
         .await?;
@@ -420,12 +433,16 @@ async fn rollouts(
 }
 
 fn rollout_id(id: &str) -> Result<u64, ApiError> {
-    id.parse().map_err(|_| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no rollout {id:?}: ids are numbers"),
-        )
-    })
+    // Rollout ids are SQLite rowids (i64): a larger number names none, and would fail to bind.
+    id.parse::<u64>()
+        .ok()
+        .filter(|n| i64::try_from(*n).is_ok())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no rollout {id:?}: ids are numbers"),
+            )
+        })
 }
 
 async fn rollout(
