@@ -1028,3 +1028,35 @@ async fn numbers_beyond_sqlite_integers_are_not_server_errors() {
     f.enroll(forever["token"].as_str().unwrap(), "b", "north")
         .await;
 }
+
+/// Regression: a `wait` that is not a number, or a path segment that is not UTF-8, was refused by axum's own
+/// extractors with a text/plain 400, before the credential was even looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_queries_and_paths_are_json_refusals_after_authentication() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    for wait in ["soon", "-1", ""] {
+        let path = format!("/v1/device/desired?wait={wait}");
+        let (a, seen) = f.unchanged(f.get(&path, &dev.credential)).await;
+        assert!(a.refused(400).contains("wait"), "{wait}");
+        assert_eq!(seen, [dev.device_id.as_str()]);
+        let (a, _) = f.unchanged(f.get(&path, "forged")).await;
+        a.refused(401);
+    }
+    for (method, path) in [
+        (Method::POST, "/v1/devices/%FF/revoke"),
+        (Method::GET, "/v1/releases/%FF"),
+        (Method::GET, "/v1/rollouts/%FF"),
+        (Method::POST, "/v1/rollouts/1/%FF"),
+    ] {
+        let (a, _) = f
+            .unchanged(f.send(method.clone(), path, Some(&bearer(&f.admin)), Body::None))
+            .await;
+        assert!(a.refused(400).contains("UTF-8"), "{path}");
+        let (a, _) = f
+            .unchanged(f.send(method, path, Some(&bearer("forged")), Body::None))
+            .await;
+        a.refused(401);
+    }
+}

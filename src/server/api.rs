@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -104,6 +104,15 @@ impl From<ServerDbError> for ApiError {
 }
 
 fn rejected(e: JsonRejection) -> ApiError {
+    ApiError(e.status(), e.body_text())
+}
+
+// The path and query extractors' own rejections are plain text; every refusal of this API is `{"error": ...}`.
+fn bad_path(e: PathRejection) -> ApiError {
+    ApiError(e.status(), e.body_text())
+}
+
+fn bad_query(e: QueryRejection) -> ApiError {
     ApiError(e.status(), e.body_text())
 }
 
@@ -227,9 +236,10 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 async fn desired(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<WaitQuery>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let device = s.device(&headers).await?;
+    let Query(q) = query.map_err(bad_query)?;
     let known = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -340,9 +350,10 @@ async fn devices(
 async fn revoke(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path(name) = path.map_err(bad_path)?;
     let done = s
         .with_db(move |db| {
             let id = db
@@ -384,9 +395,10 @@ async fn releases(
 async fn release(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path(id) = path.map_err(bad_path)?;
     Ok(Json(s.with_db(move |db| db.release(&id)).await?))
 }
 
@@ -448,9 +460,10 @@ fn rollout_id(id: &str) -> Result<u64, ApiError> {
 async fn rollout(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path(id) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     Ok(Json(s.with_db(move |db| db.rollout(id)).await?))
 }
@@ -470,9 +483,10 @@ async fn create_rollout(
 async fn control_rollout(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path((id, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path((id, action)) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     let control = match action.as_str() {
         "pause" => Control::Pause,
