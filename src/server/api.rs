@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -103,6 +103,15 @@ impl From<ServerDbError> for ApiError {
 }
 
 fn rejected(e: JsonRejection) -> ApiError {
+    ApiError(e.status(), e.body_text())
+}
+
+// The path and query extractors' own rejections are plain text; every refusal of this API is `{"error": ...}`.
+fn bad_path(e: PathRejection) -> ApiError {
+    ApiError(e.status(), e.body_text())
+}
+
+fn bad_query(e: QueryRejection) -> ApiError {
     ApiError(e.status(), e.body_text())
 }
 
@@ -226,9 +235,10 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 async fn desired(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Query(q): Query<WaitQuery>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let device = s.device(&headers).await?;
+    let Query(q) = query.map_err(bad_query)?;
     let known = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -281,6 +291,16 @@ async fn reports(
             "at most 1000 events per batch".into(),
         ));
     }
+    // SQLite stores i64: a larger time would fail to bind, a 500 for what is the device's mistake.
+    if let Some(e) = batch.events.iter().find(|e| i64::try_from(e.at).is_err()) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the event {:?} has at = {}, beyond any time (seconds since the epoch)",
+                e.id, e.at
+            ),
+        ));
+    }
     let replans = batch
         .events
         .iter()
@@ -301,7 +321,10 @@ async fn create_token(
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
     let Json(req) = body.map_err(rejected)?;
-    let expires = req.expires_in.map(|d| now().saturating_add(d));
+    // Capped to what SQLite stores (i64): later than that is never, as far as anyone can tell.
+    let expires = req
+        .expires_in
+        .map(|d| now().saturating_add(d).min(i64::MAX as u64));
     let token = s
         .with_db(move |db| db.create_token(expires, req.uses))
         .await?;
@@ -326,9 +349,10 @@ async fn devices(
 async fn revoke(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path(name) = path.map_err(bad_path)?;
     let done = s
         .with_db(move |db| {
             let id = db
@@ -370,9 +394,10 @@ async fn releases(
 async fn release(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path(id) = path.map_err(bad_path)?;
     Ok(Json(s.with_db(move |db| db.release(&id)).await?))
 }
 
@@ -419,20 +444,25 @@ async fn rollouts(
 }
 
 fn rollout_id(id: &str) -> Result<u64, ApiError> {
-    id.parse().map_err(|_| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no rollout {id:?}: ids are numbers"),
-        )
-    })
+    // Rollout ids are SQLite rowids (i64): a larger number names none, and would fail to bind.
+    id.parse::<u64>()
+        .ok()
+        .filter(|n| i64::try_from(*n).is_ok())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no rollout {id:?}: ids are numbers"),
+            )
+        })
 }
 
 async fn rollout(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path(id) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     Ok(Json(s.with_db(move |db| db.rollout(id)).await?))
 }
@@ -452,9 +482,10 @@ async fn create_rollout(
 async fn control_rollout(
     State(s): State<Shared>,
     headers: HeaderMap,
-    Path((id, action)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
+    let Path((id, action)) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     let control = match action.as_str() {
         "pause" => Control::Pause,

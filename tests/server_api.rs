@@ -1,0 +1,1062 @@
+//! The fleet API's refusals, over real HTTP against the real router (`api::serve` on 127.0.0.1:0, a fresh
+//! database per test, a resolver that answers fixed manifests for any image).
+//!
+//! Every refusal is checked twice: the answer is a 4xx with a JSON `{"error": "..."}` that says what is wrong, and
+//! the database is exactly as it was. "Exactly" is a dump of every row of every table (and the schema version),
+//! read through a separate read-only connection, before and after.
+//!
+//! One column is special. `authenticate` marks a device seen (`devices.last_seen`) before the handler looks at
+//! the body, so a request from a genuine device that is then refused for its body still moves that device's
+//! `last_seen`; that is intended (the device did reach the server). To tell the two kinds of refusal apart
+//! precisely, [`Fleet::unchanged`] first sets every `last_seen` to 0, compares the dumps with that one column
+//! masked, and returns the ids of the devices whose `last_seen` moved: `[]` when the refusal came before any
+//! credential was accepted, `[that device]` when it came after.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use flotilla::fleet::{AppStatus, Enrolled, Event, EventBody, MAX_BODY_BYTES, ReportBatch};
+use flotilla::server::api::{self, Resolved, Resolver};
+use flotilla::server::db::ServerDb;
+use flotilla::update::Report;
+use reqwest::Method;
+use reqwest::header::{HeaderMap, HeaderValue};
+use rusqlite::{Connection, OpenFlags};
+use serde_json::{Value, json};
+
+/// Answers every image with the same three platforms, pinned to a digest of the image's name.
+struct FixedResolver;
+
+impl Resolver for FixedResolver {
+    fn resolve<'a>(
+        &'a self,
+        image: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<Resolved, String>> + Send + 'a>> {
+        Box::pin(async move {
+            let digest = |what: &str| format!("sha256:{:0>64}", format!("{:x}", what.len()));
+            let repo = image.split(':').next().unwrap_or(image);
+            Ok(Resolved {
+                pinned: format!("{repo}@{}", digest(image)),
+                manifests: ["linux/arm/v6", "linux/arm64", "linux/amd64"]
+                    .into_iter()
+                    .map(|p| (p.to_string(), digest(p)))
+                    .collect(),
+            })
+        })
+    }
+}
+
+/// Every row of every table, each row as its columns' names and values, rows sorted; plus the schema version.
+type Dump = BTreeMap<String, Vec<Vec<(String, String)>>>;
+
+fn dump(db: &Path) -> Dump {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY).expect("open db");
+    let mut out = Dump::new();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    out.insert(
+        "(user_version)".into(),
+        vec![vec![("user_version".into(), version.to_string())]],
+    );
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for table in tables {
+        let mut st = conn
+            .prepare(&format!("SELECT * FROM \"{table}\" ORDER BY 1"))
+            .unwrap();
+        let names: Vec<String> = st.column_names().iter().map(|c| c.to_string()).collect();
+        let mut rows: Vec<Vec<(String, String)>> = st
+            .query_map([], |r| {
+                (0..names.len())
+                    .map(|i| {
+                        let v: rusqlite::types::Value = r.get(i)?;
+                        Ok((names[i].clone(), format!("{v:?}")))
+                    })
+                    .collect()
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        rows.sort();
+        out.insert(table, rows);
+    }
+    out
+}
+
+/// The dump with `devices.last_seen` blanked.
+fn without_last_seen(d: &Dump) -> Dump {
+    let mut masked = d.clone();
+    for row in masked.get_mut("devices").into_iter().flatten() {
+        for (column, value) in row.iter_mut() {
+            if column == "last_seen" {
+                *value = "*".into();
+            }
+        }
+    }
+    masked
+}
+
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} is not JSON ({e}): {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// Asserts the status and an error body of exactly `{"error": "..."}`; returns the message.
+    fn refused(&self, status: u16) -> String {
+        let body = String::from_utf8_lossy(&self.body);
+        assert_eq!(self.status, status, "{body}");
+        assert_eq!(
+            self.headers
+                .get("content-type")
+                .and_then(|v| v.to_str().ok()),
+            Some("application/json"),
+            "{status}: {body}"
+        );
+        let v = self.json();
+        let object = v.as_object().expect("an object");
+        assert_eq!(object.len(), 1, "only `error`: {body}");
+        let message = object["error"].as_str().expect("a string").to_string();
+        assert!(!message.is_empty());
+        message
+    }
+}
+
+/// A request body: none, JSON (with its content type), or raw bytes with the given content type.
+enum Body<'a> {
+    None,
+    Json(&'a Value),
+    Raw(Option<&'static str>, Vec<u8>),
+}
+
+struct Fleet {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+    base: String,
+    http: reqwest::Client,
+    admin: String,
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+fn now() -> u64 {
+    api::now()
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let db_path = dir.path().join("server.db");
+        let db = ServerDb::open(&db_path).unwrap();
+        let admin = db
+            .ensure_admin_token(now())
+            .unwrap()
+            .expect("a new admin token");
+        let server = api::Server::new(db, Box::new(FixedResolver));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        // An hour's tick: the only planning after the first is what requests cause.
+        tokio::spawn(api::serve(
+            server,
+            listener,
+            Duration::from_secs(3600),
+            std::future::pending(),
+        ));
+        Fleet {
+            _dir: dir,
+            db: db_path,
+            base,
+            http: flotilla::fleet::http_client(None, Duration::from_secs(30)).unwrap(),
+            admin,
+        }
+    }
+
+    async fn send(&self, method: Method, path: &str, auth: Option<&str>, body: Body<'_>) -> Answer {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(a) = auth {
+            req = req.header(
+                "authorization",
+                HeaderValue::from_bytes(a.as_bytes()).expect("a header value"),
+            );
+        }
+        req = match body {
+            Body::None => req,
+            Body::Json(v) => req
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(v).unwrap()),
+            Body::Raw(Some(ct), bytes) => req.header("content-type", ct).body(bytes),
+            Body::Raw(None, bytes) => req.body(bytes),
+        };
+        let resp = req.send().await.expect("an answer");
+        Answer {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.bytes().await.expect("a body").to_vec(),
+        }
+    }
+
+    async fn get(&self, path: &str, auth: &str) -> Answer {
+        self.send(Method::GET, path, Some(&bearer(auth)), Body::None)
+            .await
+    }
+
+    async fn post(&self, path: &str, auth: &str, body: &Value) -> Answer {
+        self.send(Method::POST, path, Some(&bearer(auth)), Body::Json(body))
+            .await
+    }
+
+    /// An admin POST that must succeed with `status`; its JSON answer.
+    async fn admin_post(&self, path: &str, body: &Value, status: u16) -> Value {
+        let a = self.post(path, &self.admin, body).await;
+        assert_eq!(a.status, status, "{}", String::from_utf8_lossy(&a.body));
+        a.json()
+    }
+
+    async fn token(&self, body: Value) -> String {
+        let v = self.admin_post("/v1/tokens", &body, 201).await;
+        v["token"].as_str().unwrap().to_string()
+    }
+
+    async fn enroll(&self, token: &str, name: &str, site: &str) -> Enrolled {
+        let a = self
+            .post("/v1/enroll", token, &enroll_request(name, site))
+            .await;
+        assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+        serde_json::from_slice(&a.body).unwrap()
+    }
+
+    /// Runs a request that must leave the database, bar `devices.last_seen`, exactly as it was. Returns the
+    /// answer and the ids of the devices the request marked seen (see the module comment).
+    async fn unchanged(&self, request: impl Future<Output = Answer>) -> (Answer, Vec<String>) {
+        let conn = Connection::open(&self.db).unwrap();
+        conn.execute("UPDATE devices SET last_seen = 0", [])
+            .unwrap();
+        drop(conn);
+        let before = dump(&self.db);
+        let answer = request.await;
+        let after = dump(&self.db);
+        assert_eq!(
+            without_last_seen(&before),
+            without_last_seen(&after),
+            "the request ({}: {}) changed the database",
+            answer.status,
+            String::from_utf8_lossy(&answer.body)
+        );
+        let conn = Connection::open_with_flags(&self.db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let seen = conn
+            .prepare("SELECT id FROM devices WHERE last_seen != 0 ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        (answer, seen)
+    }
+
+    fn events_of(&self) -> Vec<(String, String)> {
+        let conn = Connection::open_with_flags(&self.db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        conn.prepare("SELECT device, id FROM events ORDER BY device, id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+}
+
+fn enroll_request(name: &str, site: &str) -> Value {
+    json!({
+        "name": name,
+        "tags": {"site": site},
+        "agent_version": "0.1.0",
+        "platform": {"candidates": ["linux/arm/v6"], "page_size": 4096, "description": "Pi Zero W"},
+    })
+}
+
+fn app_event(id: &str, app: &str) -> Event {
+    Event {
+        id: id.into(),
+        at: 1_700_000_000,
+        body: EventBody::App(AppStatus {
+            app: app.into(),
+            release: None,
+            manifest: None,
+            state: "running".into(),
+            restarts: 0,
+            health: None,
+            wrong_variant: None,
+        }),
+    }
+}
+
+fn batch(events: Vec<Event>) -> Value {
+    serde_json::to_value(ReportBatch { events }).unwrap()
+}
+
+/// A body one byte over the limit that is otherwise valid JSON of the right shape.
+fn oversized(mut v: Value, field: &str) -> Vec<u8> {
+    v[field] = json!("");
+    let base = serde_json::to_vec(&v).unwrap().len();
+    v[field] = json!("x".repeat(MAX_BODY_BYTES + 1 - base));
+    let bytes = serde_json::to_vec(&v).unwrap();
+    assert_eq!(bytes.len(), MAX_BODY_BYTES + 1);
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_are_refused_with_413() {
+    let f = Fleet::start().await;
+    let once = f.token(json!({"uses": 1})).await;
+    let big = oversized(enroll_request("a", "north"), "agent_version");
+    let (a, seen) = f
+        .unchanged(f.send(
+            Method::POST,
+            "/v1/enroll",
+            Some(&bearer(&once)),
+            Body::Raw(Some("application/json"), big),
+        ))
+        .await;
+    assert!(a.refused(413).contains("length limit"));
+    assert!(seen.is_empty());
+
+    // The token's one use was not taken by the refused enrollment.
+    let dev = f.enroll(&once, "a", "north").await;
+    let mut events = batch(vec![app_event("e1", "sensor")]);
+    events["padding"] = json!("");
+    let big = oversized(events, "padding");
+    let (a, seen) = f
+        .unchanged(f.send(
+            Method::POST,
+            "/v1/device/reports",
+            Some(&bearer(&dev.credential)),
+            Body::Raw(Some("application/json"), big),
+        ))
+        .await;
+    assert!(a.refused(413).contains("length limit"));
+    assert_eq!(seen, [dev.device_id.as_str()]);
+
+    // Under the byte limit but over the event limit.
+    let many = batch(
+        (0..1001)
+            .map(|i| app_event(&format!("e{i}"), "sensor"))
+            .collect(),
+    );
+    assert!(serde_json::to_vec(&many).unwrap().len() < MAX_BODY_BYTES);
+    let (a, seen) = f
+        .unchanged(f.post("/v1/device/reports", &dev.credential, &many))
+        .await;
+    assert!(a.refused(413).contains("1000 events"));
+    assert_eq!(seen, [dev.device_id.as_str()]);
+}
+
+/// JSON as an owned body, with its content type.
+fn json_bytes(v: &Value) -> Body<'static> {
+    Body::Raw(Some("application/json"), serde_json::to_vec(v).unwrap())
+}
+
+/// Bodies a client may get wrong, each with the status axum's `Json` extractor (or the handler's own check) gives
+/// and a part of the message that names the problem.
+fn bad_bodies(good: &Value) -> Vec<(&'static str, Body<'static>, u16, String)> {
+    let raw = |ct, b: &str| Body::Raw(ct, b.as_bytes().to_vec());
+    let first_key = good.as_object().unwrap().keys().next().unwrap().clone();
+    let mut wrong_type = good.clone();
+    wrong_type[&first_key] = json!(5);
+    let mut unknown = good.clone();
+    unknown["device_id"] = json!("someone-else");
+    let mut missing = good.clone();
+    missing.as_object_mut().unwrap().remove(&first_key);
+    let good_text = serde_json::to_string(good).unwrap();
+    vec![
+        (
+            "no content type",
+            raw(None, &good_text),
+            415,
+            "Content-Type: application/json".into(),
+        ),
+        (
+            "text/plain",
+            raw(Some("text/plain"), &good_text),
+            415,
+            "Content-Type: application/json".into(),
+        ),
+        (
+            "not JSON",
+            raw(Some("application/json"), "name=a"),
+            400,
+            "Failed to parse the request body as JSON".into(),
+        ),
+        (
+            "empty",
+            raw(Some("application/json"), ""),
+            400,
+            "EOF while parsing".into(),
+        ),
+        (
+            "truncated",
+            raw(Some("application/json"), &good_text[..good_text.len() - 1]),
+            400,
+            "EOF while parsing".into(),
+        ),
+        (
+            "a string field as a number",
+            json_bytes(&wrong_type),
+            422,
+            format!("{first_key}: invalid type: integer `5`"),
+        ),
+        (
+            "an unknown field",
+            json_bytes(&unknown),
+            422,
+            "unknown field `device_id`".into(),
+        ),
+        (
+            "a missing field",
+            json_bytes(&missing),
+            422,
+            format!("missing field `{first_key}`"),
+        ),
+        (
+            "a string",
+            raw(Some("application/json"), "\"a\""),
+            422,
+            "invalid type: string \"a\", expected struct".into(),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_are_refused_with_what_is_wrong_and_change_nothing() {
+    let f = Fleet::start().await;
+    let once = f.token(json!({"uses": 1})).await;
+    for (what, body, status, says) in bad_bodies(&enroll_request("a", "north")) {
+        let (a, seen) = f
+            .unchanged(f.send(Method::POST, "/v1/enroll", Some(&bearer(&once)), body))
+            .await;
+        let message = a.refused(status);
+        assert!(message.contains(&says), "enroll, {what}: {message}");
+        assert!(seen.is_empty(), "enroll, {what}");
+    }
+    for (name, site, says) in [
+        ("../etc", "north", "device name \"../etc\""),
+        ("a", "north east", "tag value \"north east\""),
+        ("", "north", "device name \"\""),
+    ] {
+        let (a, _) = f
+            .unchanged(f.post("/v1/enroll", &once, &enroll_request(name, site)))
+            .await;
+        let message = a.refused(400);
+        assert!(message.contains(says), "{message}");
+    }
+    // None of that took the token's one use.
+    let dev = f.enroll(&once, "a", "north").await;
+
+    let good = batch(vec![app_event("e1", "sensor")]);
+    let mut bodies = bad_bodies(&good);
+    let mut bad_event = good.clone();
+    bad_event["events"][0]["body"]["kind"] = json!("reboot");
+    bodies.push((
+        "an unknown event kind",
+        json_bytes(&bad_event),
+        422,
+        "unknown variant `reboot`".into(),
+    ));
+    let mut forged = good.clone();
+    forged["events"][0]["device"] = json!("someone-else");
+    bodies.push((
+        "an event naming a device",
+        json_bytes(&forged),
+        422,
+        "events[0].device: unknown field `device`".into(),
+    ));
+    for (what, body, status, says) in bodies {
+        let (a, seen) = f
+            .unchanged(f.send(
+                Method::POST,
+                "/v1/device/reports",
+                Some(&bearer(&dev.credential)),
+                body,
+            ))
+            .await;
+        let message = a.refused(status);
+        assert!(message.contains(&says), "reports, {what}: {message}");
+        assert_eq!(seen, [dev.device_id.as_str()], "reports, {what}");
+    }
+
+    let rollout = json!({"release": "sensor-1", "waves": ["100%"], "max_failures": "0"});
+    for (what, body, status, says) in bad_bodies(&rollout) {
+        let (a, seen) = f
+            .unchanged(f.send(Method::POST, "/v1/rollouts", Some(&bearer(&f.admin)), body))
+            .await;
+        let message = a.refused(status);
+        assert!(message.contains(&says), "rollouts, {what}: {message}");
+        assert!(seen.is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_routes_refuse_missing_malformed_unknown_and_forged_credentials() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    let mut flipped = dev.credential.clone().into_bytes();
+    flipped[0] = if flipped[0] == b'A' { b'B' } else { b'A' };
+    let flipped = String::from_utf8(flipped).unwrap();
+    let headers: Vec<(&str, Option<String>)> = vec![
+        ("no header", None),
+        ("empty", Some(String::new())),
+        ("Bearer and nothing", Some("Bearer ".into())),
+        ("Bearer and spaces", Some("Bearer    ".into())),
+        ("no scheme", Some(dev.credential.clone())),
+        ("Basic", Some(format!("Basic {}", dev.credential))),
+        ("no space", Some(format!("Bearer{}", dev.credential))),
+        (
+            "unknown",
+            Some(bearer("dGhpcyBpcyBub3QgYSBjcmVkZW50aWFsIGF0IGFsbCEhIQ")),
+        ),
+        ("one character changed", Some(bearer(&flipped))),
+        ("the device id", Some(bearer(&dev.device_id))),
+        (
+            "the credential twice",
+            Some(bearer(&format!("{0}{0}", dev.credential))),
+        ),
+        ("over 256 bytes", Some(bearer(&"A".repeat(300)))),
+        ("not ASCII", Some("Bearer \u{fc}ber".into())),
+    ];
+    let report = batch(vec![app_event("e1", "sensor")]);
+    for (what, header) in &headers {
+        let header = header.as_deref();
+        let (a, seen) = f
+            .unchanged(f.send(Method::GET, "/v1/device/desired", header, Body::None))
+            .await;
+        assert!(a.refused(401).contains("credential"), "desired, {what}");
+        assert!(seen.is_empty(), "desired, {what}");
+        let (a, seen) = f
+            .unchanged(f.send(
+                Method::POST,
+                "/v1/device/reports",
+                header,
+                Body::Json(&report),
+            ))
+            .await;
+        assert!(a.refused(401).contains("credential"), "reports, {what}");
+        assert!(seen.is_empty(), "reports, {what}");
+    }
+    assert!(f.events_of().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_tokens_run_out_expire_and_names_stay_unique() {
+    let f = Fleet::start().await;
+    let once = f.token(json!({"uses": 1})).await;
+    let first = f.enroll(&once, "a", "north").await;
+    let (a, seen) = f
+        .unchanged(f.post("/v1/enroll", &once, &enroll_request("b", "north")))
+        .await;
+    assert!(a.refused(401).contains("unknown, expired or used up"));
+    assert!(seen.is_empty());
+
+    // Expires now: `expires` is exclusive, so a token of no seconds is never valid.
+    let expired = f.token(json!({"expires_in": 0})).await;
+    let (a, _) = f
+        .unchanged(f.post("/v1/enroll", &expired, &enroll_request("b", "north")))
+        .await;
+    assert!(a.refused(401).contains("unknown, expired or used up"));
+
+    // Neither the admin token nor a device credential enrolls.
+    for (what, token) in [
+        ("admin token", &f.admin),
+        ("device credential", &first.credential),
+    ] {
+        let (a, _) = f
+            .unchanged(f.post("/v1/enroll", token, &enroll_request("b", "north")))
+            .await;
+        assert!(a.refused(401).contains("enrollment token"), "{what}");
+    }
+    let (a, _) = f
+        .unchanged(f.send(
+            Method::POST,
+            "/v1/enroll",
+            None,
+            Body::Json(&enroll_request("b", "north")),
+        ))
+        .await;
+    assert!(a.refused(401).contains("needs a token"));
+
+    // A name in use: 409, and the token keeps the use the refused enrollment would have taken.
+    let twice = f.token(json!({"uses": 2})).await;
+    let (a, _) = f
+        .unchanged(f.post("/v1/enroll", &twice, &enroll_request("a", "south")))
+        .await;
+    assert!(
+        a.refused(409)
+            .contains("a device named a is enrolled already")
+    );
+    f.enroll(&twice, "b", "north").await;
+    f.enroll(&twice, "c", "north").await;
+}
+
+/// Two devices, an app with one release, and a rollout to the devices tagged `site: b` only.
+async fn two_devices_and_a_rollout_to_b(f: &Fleet) -> (Enrolled, Enrolled) {
+    let token = f.token(json!({"uses": 2})).await;
+    let a = f.enroll(&token, "dev-a", "a").await;
+    let b = f.enroll(&token, "dev-b", "b").await;
+    f.admin_post("/v1/apps", &json!({"name": "sensor"}), 201)
+        .await;
+    let r = f
+        .admin_post(
+            "/v1/releases",
+            &json!({"app": "sensor", "image": "registry.example/sensor:1"}),
+            201,
+        )
+        .await;
+    assert_eq!(r["id"], "sensor-1");
+    let rollout = json!({
+        "release": "sensor-1", "select": {"site": "b"}, "waves": ["100%"], "max_failures": "0"
+    });
+    let r = f.admin_post("/v1/rollouts", &rollout, 201).await;
+    assert_eq!(r["waves"][0]["devices"], json!(["dev-b"]), "{r}");
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_reads_and_writes_only_its_own_state() {
+    let f = Fleet::start().await;
+    let (a, b) = two_devices_and_a_rollout_to_b(&f).await;
+
+    let mine = f.get("/v1/device/desired", &a.credential).await;
+    assert_eq!(mine.status, 200);
+    assert_eq!(mine.json(), json!({"apps": []}));
+    let theirs = f.get("/v1/device/desired", &b.credential).await;
+    assert_eq!(theirs.status, 200);
+    let apps = theirs.json()["apps"].clone();
+    assert_eq!(apps.as_array().unwrap().len(), 1, "{apps}");
+    assert_eq!(apps[0]["release"], "sensor-1");
+    let release = f.get("/v1/releases/sensor-1", &f.admin).await.json();
+    assert_eq!(apps[0]["image"], release["pinned"]);
+
+    // A's reports about B's app, with ids B might use, land on A.
+    let report = batch(vec![
+        app_event("e1", "sensor"),
+        Event {
+            id: "e2".into(),
+            at: 1_700_000_001,
+            body: EventBody::Update {
+                app: "sensor".into(),
+                report: Report::Committed {
+                    release: "sensor-1".into(),
+                },
+            },
+        },
+    ]);
+    let ok = f.post("/v1/device/reports", &a.credential, &report).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.json(), json!({"accepted": ["e1", "e2"]}));
+    assert_eq!(
+        f.events_of(),
+        [
+            (a.device_id.clone(), "e1".to_string()),
+            (a.device_id.clone(), "e2".to_string())
+        ]
+    );
+    let conn = Connection::open_with_flags(&f.db, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    for table in ["device_apps", "device_updates"] {
+        let devices: Vec<String> = conn
+            .prepare(&format!("SELECT device FROM {table}"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(devices, [a.device_id.as_str()], "{table}");
+    }
+    // B's rollout counts only B: A's "committed" is not B's.
+    let rollout = f.get("/v1/rollouts/1", &f.admin).await.json();
+    assert_eq!(rollout["devices"], json!({"dev-b": "waiting"}), "{rollout}");
+    // And A still wants nothing.
+    assert_eq!(
+        f.get("/v1/device/desired", &a.credential).await.json(),
+        json!({"apps": []})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_is_refused_and_its_events_are_not_recorded() {
+    let f = Fleet::start().await;
+    let (a, b) = two_devices_and_a_rollout_to_b(&f).await;
+    let first = f
+        .post(
+            "/v1/device/reports",
+            &b.credential,
+            &batch(vec![app_event("e1", "sensor")]),
+        )
+        .await;
+    assert_eq!(first.status, 200);
+
+    let r = f
+        .admin_post("/v1/devices/dev-b/revoke", &json!({}), 200)
+        .await;
+    assert_eq!(r, json!({"revoked": true}));
+    let (ans, seen) = f
+        .unchanged(f.get("/v1/device/desired", &b.credential))
+        .await;
+    ans.refused(401);
+    assert!(seen.is_empty());
+    let (ans, seen) = f
+        .unchanged(f.post(
+            "/v1/device/reports",
+            &b.credential,
+            &batch(vec![app_event("e2", "sensor")]),
+        ))
+        .await;
+    ans.refused(401);
+    assert!(seen.is_empty());
+    assert_eq!(f.events_of(), [(b.device_id.clone(), "e1".to_string())]);
+
+    // Revoked once: the name no longer names an enrolled device.
+    let (ans, _) = f
+        .unchanged(f.post("/v1/devices/dev-b/revoke", &f.admin, &json!({})))
+        .await;
+    assert!(ans.refused(404).contains("dev-b"));
+    // The other device is untouched.
+    assert_eq!(f.get("/v1/device/desired", &a.credential).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_batch_is_accepted_and_stored_once() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    let report = batch(vec![app_event("e1", "sensor"), app_event("e2", "sensor")]);
+    let first = f.post("/v1/device/reports", &dev.credential, &report).await;
+    assert_eq!(first.json(), json!({"accepted": ["e1", "e2"]}));
+    // Accepted again, and nothing changes but `last_seen`.
+    let (again, seen) = f
+        .unchanged(f.post("/v1/device/reports", &dev.credential, &report))
+        .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json(), json!({"accepted": ["e1", "e2"]}));
+    assert_eq!(seen, [dev.device_id.as_str()]);
+    assert_eq!(f.events_of().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_credentials_and_admin_tokens_do_not_cross() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    for route in api::ROUTES {
+        let (method, path) = route.split_once(' ').unwrap();
+        let path = path
+            .replace("{name}", "a")
+            .replace("{id}", "1")
+            .replace("{action}", "pause");
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let body = json!({});
+        let device_route = path.starts_with("/v1/device/");
+        let credential = if device_route {
+            &f.admin
+        } else if path == "/v1/enroll" {
+            continue; // Covered by enrollment_tokens_run_out_expire_and_names_stay_unique.
+        } else {
+            &dev.credential
+        };
+        let (a, seen) = f
+            .unchanged(f.send(method, &path, Some(&bearer(credential)), Body::Json(&body)))
+            .await;
+        a.refused(401);
+        assert!(seen.is_empty(), "{route}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_answers_304_to_its_etag_and_a_long_poll_wakes_on_a_rollout() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    let first = f.get("/v1/device/desired", &dev.credential).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.headers["content-type"], "application/json");
+    let etag = first.headers["etag"].to_str().unwrap().to_string();
+    assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+
+    let conditional = |wait: u64| {
+        let mut headers = HeaderMap::new();
+        headers.insert("if-none-match", HeaderValue::from_str(&etag).unwrap());
+        headers.insert(
+            "authorization",
+            HeaderValue::from_str(&bearer(&dev.credential)).unwrap(),
+        );
+        f.http
+            .get(format!("{}/v1/device/desired?wait={wait}", f.base))
+            .headers(headers)
+            .send()
+    };
+    let started = Instant::now();
+    let same = conditional(0).await.unwrap();
+    assert_eq!(same.status(), 304);
+    assert_eq!(same.headers()["etag"].to_str().unwrap(), etag);
+    assert!(same.bytes().await.unwrap().is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // Another ETag gets the state at once.
+    let other = f
+        .http
+        .get(format!("{}/v1/device/desired?wait=5", f.base))
+        .header("if-none-match", "\"stale\"")
+        .header("authorization", bearer(&dev.credential))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Held for the whole wait when nothing changes.
+    let started = Instant::now();
+    assert_eq!(conditional(1).await.unwrap().status(), 304);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Woken by a rollout to this device.
+    f.admin_post("/v1/apps", &json!({"name": "sensor"}), 201)
+        .await;
+    f.admin_post(
+        "/v1/releases",
+        &json!({"app": "sensor", "image": "registry.example/sensor:1"}),
+        201,
+    )
+    .await;
+    let started = Instant::now();
+    let poll = tokio::spawn(conditional(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rollout = json!({"release": "sensor-1", "waves": ["100%"], "max_failures": "0"});
+    f.admin_post("/v1/rollouts", &rollout, 201).await;
+    let woken = poll.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert_eq!(woken.status(), 200);
+    assert!(
+        took >= Duration::from_millis(500),
+        "answered before the change: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "not woken by the rollout: {took:?}"
+    );
+    assert_ne!(woken.headers()["etag"].to_str().unwrap(), etag);
+    let body: Value = serde_json::from_slice(&woken.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["apps"][0]["release"], "sensor-1", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_refusals_name_the_problem_and_change_nothing() {
+    let f = Fleet::start().await;
+    f.admin_post("/v1/apps", &json!({"name": "sensor"}), 201)
+        .await;
+    let spec = |release: &str, waves: Value, max: &str| json!({"release": release, "waves": waves, "max_failures": max});
+    let cases = [
+        (
+            "POST /v1/apps",
+            json!({"name": "sensor"}),
+            400,
+            "exists already",
+        ),
+        ("POST /v1/apps", json!({"name": "a b"}), 400, "app name"),
+        (
+            "POST /v1/releases",
+            json!({"app": "nope", "image": "x"}),
+            404,
+            "the app nope",
+        ),
+        (
+            "GET /v1/releases/nope-1",
+            Value::Null,
+            404,
+            "the release nope-1",
+        ),
+        (
+            "POST /v1/rollouts",
+            spec("nope-1", json!(["1"]), "0"),
+            404,
+            "the release nope-1",
+        ),
+        (
+            "POST /v1/rollouts",
+            spec("sensor-1", json!([]), "0"),
+            400,
+            "at least one wave",
+        ),
+        (
+            "POST /v1/rollouts",
+            spec("sensor-1", json!(["150%"]), "0"),
+            400,
+            "150%",
+        ),
+        (
+            "POST /v1/rollouts",
+            spec("sensor-1", json!(["1"]), "x"),
+            400,
+            "failure threshold",
+        ),
+        ("GET /v1/rollouts/7", Value::Null, 404, "the rollout 7"),
+        (
+            "GET /v1/rollouts/seven",
+            Value::Null,
+            404,
+            "ids are numbers",
+        ),
+        (
+            "POST /v1/rollouts/7/pause",
+            Value::Null,
+            404,
+            "the rollout 7",
+        ),
+        (
+            "POST /v1/rollouts/1/restart",
+            Value::Null,
+            404,
+            "pause, resume or abort",
+        ),
+        (
+            "POST /v1/devices/nobody/revoke",
+            Value::Null,
+            404,
+            "the device nobody",
+        ),
+        (
+            "POST /v1/tokens",
+            json!({"uses": -1}),
+            422,
+            "uses: invalid value",
+        ),
+    ];
+    for (route, body, status, says) in cases {
+        let (method, path) = route.split_once(' ').unwrap();
+        let body = match &body {
+            Value::Null => Body::None,
+            v => Body::Json(v),
+        };
+        let (a, _) = f
+            .unchanged(f.send(method.parse().unwrap(), path, Some(&bearer(&f.admin)), body))
+            .await;
+        let message = a.refused(status);
+        assert!(message.contains(says), "{route}: {message}");
+    }
+    // A rollout that has ended takes no more orders.
+    let token = f.token(json!({})).await;
+    f.enroll(&token, "a", "north").await;
+    f.admin_post(
+        "/v1/releases",
+        &json!({"app": "sensor", "image": "r/sensor:1"}),
+        201,
+    )
+    .await;
+    let rollout = json!({"release": "sensor-1", "waves": ["100%"], "max_failures": "0"});
+    f.admin_post("/v1/rollouts", &rollout, 201).await;
+    let aborted = f
+        .admin_post("/v1/rollouts/1/abort", &json!(null), 200)
+        .await;
+    assert_eq!(aborted["status"], json!({"state": "aborted"}));
+    let (a, _) = f
+        .unchanged(f.post("/v1/rollouts/1/resume", &f.admin, &json!(null)))
+        .await;
+    assert!(a.refused(400).contains("has ended"));
+}
+
+/// Regression: u64 values beyond SQLite's i64 reached the database and failed to bind: a 500 (with the server's
+/// database path in its message) for a device's bad clock, an operator's long expiry or a made-up rollout id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbers_beyond_sqlite_integers_are_not_server_errors() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    let late = Event {
+        at: u64::MAX,
+        ..app_event("e1", "sensor")
+    };
+    let (a, seen) = f
+        .unchanged(f.post("/v1/device/reports", &dev.credential, &batch(vec![late])))
+        .await;
+    assert!(a.refused(400).contains("beyond any time"));
+    assert_eq!(seen, [dev.device_id.as_str()]);
+
+    for path in [
+        "/v1/rollouts/9223372036854775808",
+        "/v1/rollouts/18446744073709551615/pause",
+    ] {
+        let method = if path.ends_with("pause") {
+            Method::POST
+        } else {
+            Method::GET
+        };
+        let (a, _) = f
+            .unchanged(f.send(method, path, Some(&bearer(&f.admin)), Body::None))
+            .await;
+        assert!(a.refused(404).contains("no rollout"), "{path}");
+    }
+
+    let forever = f
+        .admin_post("/v1/tokens", &json!({"expires_in": u64::MAX}), 201)
+        .await;
+    assert_eq!(forever["expires"], json!(i64::MAX));
+    f.enroll(forever["token"].as_str().unwrap(), "b", "north")
+        .await;
+}
+
+/// Regression: a `wait` that is not a number, or a path segment that is not UTF-8, was refused by axum's own
+/// extractors with a text/plain 400, before the credential was even looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_queries_and_paths_are_json_refusals_after_authentication() {
+    let f = Fleet::start().await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    for wait in ["soon", "-1", ""] {
+        let path = format!("/v1/device/desired?wait={wait}");
+        let (a, seen) = f.unchanged(f.get(&path, &dev.credential)).await;
+        assert!(a.refused(400).contains("wait"), "{wait}");
+        assert_eq!(seen, [dev.device_id.as_str()]);
+        let (a, _) = f.unchanged(f.get(&path, "forged")).await;
+        a.refused(401);
+    }
+    for (method, path) in [
+        (Method::POST, "/v1/devices/%FF/revoke"),
+        (Method::GET, "/v1/releases/%FF"),
+        (Method::GET, "/v1/rollouts/%FF"),
+        (Method::POST, "/v1/rollouts/1/%FF"),
+    ] {
+        let (a, _) = f
+            .unchanged(f.send(method.clone(), path, Some(&bearer(&f.admin)), Body::None))
+            .await;
+        assert!(a.refused(400).contains("UTF-8"), "{path}");
+        let (a, _) = f
+            .unchanged(f.send(method, path, Some(&bearer("forged")), Body::None))
+            .await;
+        a.refused(401);
+    }
+}
