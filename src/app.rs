@@ -60,11 +60,15 @@ pub struct RunSettings {
     pub user: Option<String>,
     /// Replaces the image's Cmd (the Entrypoint stays).
     pub command: Vec<String>,
-    /// Time between SIGTERM and SIGKILL on stop.
-    #[serde(with = "seconds")]
+    /// Time between SIGTERM and SIGKILL on stop; absent, the same 10 s as the command line's default.
+    #[serde(with = "seconds", default = "default_stop_grace")]
     pub stop_grace: Duration,
     /// Run an image for another architecture through a registered binfmt handler.
     pub allow_emulation: bool,
+}
+
+fn default_stop_grace() -> Duration {
+    RunSettings::DEFAULT_STOP_GRACE
 }
 
 impl RunSettings {

@@ -3,8 +3,9 @@
 //!
 //! - `POST /v1/enroll` (enrollment token in `Authorization: Bearer`): [`EnrollRequest`] → [`Enrolled`], whose
 //!   credential is shown once; the server keeps only its hash.
-//! - `GET /v1/devices/self/desired` (device credential; `If-None-Match` with the last ETag): [`Desired`].
-//! - `POST /v1/devices/self/reports`: [`ReportBatch`], answered with [`Accepted`]. Every event carries an id the
+//! - `GET /v1/device/desired` (device credential; `If-None-Match` with the last ETag, `?wait=` seconds to hold the
+//!   request while nothing changes): [`Desired`].
+//! - `POST /v1/device/reports`: [`ReportBatch`], answered with [`Accepted`]. Every event carries an id the
 //!   agent chose, so a batch sent again after a lost answer is taken once.
 
 use std::collections::BTreeMap;
@@ -110,6 +111,8 @@ pub struct AppStatus {
     pub app: String,
     pub release: Option<String>,
     pub manifest: Option<String>,
+    /// The platform of the variant that runs.
+    pub platform: Option<String>,
     /// As `flotilla ps` says it: running, exited, restarting…
     pub state: String,
     pub restarts: u32,

@@ -24,6 +24,7 @@ pub mod rollout;
 pub mod runtime;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod sqlite;
 pub mod store;
 pub mod supervise;
 mod sys;

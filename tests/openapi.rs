@@ -720,6 +720,7 @@ fn app_status() -> AppStatus {
         app: "sensor".into(),
         release: Some("sensor-2".into()),
         manifest: Some("sha256:ab".into()),
+        platform: None,
         state: "running".into(),
         restarts: 1,
         health: Some("healthy".into()),

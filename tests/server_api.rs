@@ -303,6 +303,7 @@ fn app_event(id: &str, app: &str) -> Event {
             app: app.into(),
             release: None,
             manifest: None,
+            platform: None,
             state: "running".into(),
             restarts: 0,
             health: None,
@@ -884,7 +885,7 @@ async fn admin_refusals_name_the_problem_and_change_nothing() {
         (
             "POST /v1/apps",
             json!({"name": "sensor"}),
-            400,
+            409,
             "exists already",
         ),
         ("POST /v1/apps", json!({"name": "a b"}), 400, "app name"),

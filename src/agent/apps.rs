@@ -126,10 +126,10 @@ impl Apps {
         .map_err(|e| text(&e))
     }
 
-    /// The app's container status and its manifest digest, when it has a container.
-    pub fn status(&self, app: &str) -> Option<(Status, String)> {
+    /// The app's container status, its manifest digest and platform, when it has a container.
+    pub fn status(&self, app: &str) -> Option<(Status, String, String)> {
         let c = Container::open(&self.state_dir, app).ok()?;
         let spec = c.spec().ok()?;
-        Some((c.status(), spec.manifest_digest.to_string()))
+        Some((c.status(), spec.manifest_digest.to_string(), spec.platform))
     }
 }

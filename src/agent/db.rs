@@ -103,25 +103,17 @@ impl Db {
     }
 
     fn migrate(&self) -> Result<(), DbError> {
-        let version: usize = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(self.err())?;
-        if version > SCHEMA.len() {
-            return Err(DbError::TooNew {
+        crate::sqlite::migrate(&self.conn, SCHEMA).map_err(|e| match e {
+            crate::sqlite::MigrateError::Sqlite(source) => DbError::Sqlite {
                 path: self.path.clone(),
-                found: version,
-                known: SCHEMA.len(),
-            });
-        }
-        for (i, sql) in SCHEMA.iter().enumerate().skip(version) {
-            let tx = self.conn.unchecked_transaction().map_err(self.err())?;
-            tx.execute_batch(sql).map_err(self.err())?;
-            tx.pragma_update(None, "user_version", i + 1)
-                .map_err(self.err())?;
-            tx.commit().map_err(self.err())?;
-        }
-        Ok(())
+                source,
+            },
+            crate::sqlite::MigrateError::TooNew { found, known } => DbError::TooNew {
+                path: self.path.clone(),
+                found,
+                known,
+            },
+        })
     }
 
     pub fn identity(&self, key: &str) -> Result<Option<String>, DbError> {
@@ -308,6 +300,7 @@ mod tests {
                 app: "a".into(),
                 release: None,
                 manifest: None,
+                platform: None,
                 state: "running".into(),
                 restarts: 0,
                 health: None,

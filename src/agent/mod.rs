@@ -358,7 +358,7 @@ impl Agent {
         }
         for app in self.db.apps()? {
             let state = self.db.app_state(&app)?;
-            let status = self.apps.status(&app).map(|(s, _)| s);
+            let status = self.apps.status(&app).map(|(s, _, _)| s);
             if let Some(e) = observe(&state, status.as_ref()) {
                 self.apply(&app, e).await?;
             }
@@ -397,16 +397,17 @@ impl Agent {
             let status = AppStatus {
                 app: app.clone(),
                 release,
-                manifest: observed.as_ref().map(|(_, d)| d.clone()),
+                manifest: observed.as_ref().map(|(_, d, _)| d.clone()),
+                platform: observed.as_ref().map(|(_, _, p)| p.clone()),
                 state: observed
                     .as_ref()
-                    .map(|(s, _)| s.state.as_str().to_string())
+                    .map(|(s, _, _)| s.state.as_str().to_string())
                     .unwrap_or_else(|| "absent".into()),
-                restarts: observed.as_ref().map(|(s, _)| s.restarts).unwrap_or(0),
-                health: observed.as_ref().and_then(|(s, _)| s.health.clone()),
+                restarts: observed.as_ref().map(|(s, _, _)| s.restarts).unwrap_or(0),
+                health: observed.as_ref().and_then(|(s, _, _)| s.health.clone()),
                 wrong_variant: observed
                     .as_ref()
-                    .and_then(|(s, _)| s.wrong_architecture.as_ref())
+                    .and_then(|(s, _, _)| s.wrong_architecture.as_ref())
                     .map(|w| w.evidence.clone()),
             };
             if self.reported.get(&app) != Some(&status) {
@@ -504,10 +505,13 @@ impl Agent {
             if let (Some(link), Some(cred)) = (self.link.clone(), credential.clone()) {
                 if poll.is_none() {
                     // While an update is under way the loop ticks every second: no long poll then.
+                    // Jittered, so devices that came up together do not keep polling in step.
                     let wait = if busy {
                         Duration::ZERO
                     } else {
-                        self.fleet.poll_interval
+                        self.fleet
+                            .poll_interval
+                            .mul_f64(0.8 + 0.2 * rand::random::<f64>())
                     };
                     let tag = etag.clone();
                     poll = Some(tokio::spawn(async move {

@@ -90,7 +90,7 @@ impl From<ServerDbError> for ApiError {
     fn from(e: ServerDbError) -> ApiError {
         let status = match &e {
             ServerDbError::BadToken => StatusCode::UNAUTHORIZED,
-            ServerDbError::NameTaken(_) => StatusCode::CONFLICT,
+            ServerDbError::NameTaken(_) | ServerDbError::Exists(_) => StatusCode::CONFLICT,
             ServerDbError::Invalid(_) => StatusCode::BAD_REQUEST,
             ServerDbError::NotFound(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,

@@ -729,10 +729,14 @@ pub fn devices_table(devices: &[DeviceView], now: u64) -> String {
             {
                 state = format!("{state} → {want}");
             }
-            let variant = status
-                .and_then(|s| s.manifest.as_ref())
-                .map(|m| format!("{release} ({})", short(m)))
-                .unwrap_or(release);
+            let variant = match (
+                status.and_then(|s| s.platform.as_ref()),
+                status.and_then(|s| s.manifest.as_ref()),
+            ) {
+                (Some(p), Some(m)) => format!("{release} ({p} {})", short(m)),
+                (None, Some(m)) => format!("{release} ({})", short(m)),
+                _ => release,
+            };
             rows.push([
                 d.name.clone(),
                 platform.clone(),

@@ -67,6 +67,8 @@ pub enum ServerDbError {
     Invalid(String),
     #[error("{0} does not exist")]
     NotFound(String),
+    #[error("{0} exists already")]
+    Exists(String),
 }
 
 pub struct ServerDb {
@@ -119,25 +121,17 @@ impl ServerDb {
     }
 
     fn migrate(&self) -> Result<(), ServerDbError> {
-        let version: usize = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(self.err())?;
-        if version > SCHEMA.len() {
-            return Err(ServerDbError::TooNew {
+        crate::sqlite::migrate(&self.conn, SCHEMA).map_err(|e| match e {
+            crate::sqlite::MigrateError::Sqlite(source) => ServerDbError::Sqlite {
                 path: self.path.clone(),
-                found: version,
-                known: SCHEMA.len(),
-            });
-        }
-        for (i, sql) in SCHEMA.iter().enumerate().skip(version) {
-            let tx = self.conn.unchecked_transaction().map_err(self.err())?;
-            tx.execute_batch(sql).map_err(self.err())?;
-            tx.pragma_update(None, "user_version", i + 1)
-                .map_err(self.err())?;
-            tx.commit().map_err(self.err())?;
-        }
-        Ok(())
+                source,
+            },
+            crate::sqlite::MigrateError::TooNew { found, known } => ServerDbError::TooNew {
+                path: self.path.clone(),
+                found,
+                known,
+            },
+        })
     }
 
     /// A new enrollment token, valid until `expires` (seconds since the epoch) for `uses` enrollments.
@@ -363,6 +357,7 @@ mod tests {
                 app: "sensor".into(),
                 release: None,
                 manifest: None,
+                platform: None,
                 state: "running".into(),
                 restarts: 0,
                 health: None,

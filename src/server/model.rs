@@ -268,10 +268,7 @@ impl ServerDb {
             )
             .map_err(self.err())?;
         if n == 0 {
-            return Err(ServerDbError::Invalid(format!(
-                "the app {} exists already",
-                req.name
-            )));
+            return Err(ServerDbError::Exists(format!("the app {}", req.name)));
         }
         Ok(AppView {
             name: req.name.clone(),
