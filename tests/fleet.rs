@@ -589,6 +589,27 @@ fn rollouts_reach_each_device_with_its_variant_in_waves_roll_back_and_survive_an
         .output()
         .expect("flotilla stop");
     assert!(out.status.success(), "{}", output_text(&out));
+    // An offline reboot, as far as a test can make one: the agent dies and its container is gone with it. Started
+    // again with no server to ask, the agent brings the committed release back from its own state.
+    let rebooted = &mut agents[1];
+    rebooted.kill();
+    let out = rebooted
+        .flotilla()
+        .args(["rm", "--force", "demo"])
+        .output()
+        .expect("flotilla rm");
+    assert!(out.status.success(), "{}", output_text(&out));
+    rebooted.start();
+    wait_for(
+        "the committed app back without the server",
+        Duration::from_secs(60),
+        || {
+            rebooted
+                .containers()
+                .first()
+                .is_some_and(|c| c["state"] == "running")
+        },
+    );
     std::thread::sleep(Duration::from_secs(6));
     for a in &agents[..2] {
         let c = &a.containers()[0];
