@@ -63,7 +63,7 @@ cleanup() {
     done
     if [ "$rc" != 0 ]; then
         for log in server.log registry/registry.log agent/agent.log; do
-            [ -f "$WORK/$log" ] && { echo "--- $log (last lines)"; tail -20 "$WORK/$log"; }
+            [ -f "$WORK/$log" ] && { echo "--- $log (last lines)"; tail -8 "$WORK/$log"; }
         done
     fi
     [ -n "${KEEP:-}" ] || rm -rf "$WORK"
@@ -84,7 +84,10 @@ wait_for() {
 }
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1"); }
 # kib PID FIELD: a VmRSS/VmHWM line of /proc/PID/status, in KiB.
-kib() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+kib() {
+    [ -r "/proc/$1/status" ] || { echo "bench/agent-rss.sh: process $1 is gone" >&4; return 1; }
+    awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"
+}
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 # breakdown PID: anonymous and file pages, the binary's own mapping, PSS, threads.
 breakdown() {
@@ -279,7 +282,7 @@ AFTER_PARTS=$(breakdown "$AGENT_PID")
 
 verdict() { if [ "$1" -le $(($2 * 1024)) ]; then echo "MET (<= $2 MiB)"; else echo "NOT MET (> $2 MiB)"; fi; }
 echo
-echo "== results (flotilla $(cd "$ROOT" && git rev-parse --short HEAD), release build, $(uname -m), $(nproc) cores, binary $(stat -c %s "$FLOTILLA") bytes$([ "${COLD:-0}" = 1 ] && echo ", cold page cache"))"
+echo "== results (flotilla $(cd "$ROOT" && git rev-parse --short HEAD), $(uname -m), $(nproc) cores; $FLOTILLA, $(stat -c %s "$FLOTILLA") bytes$([ "${COLD:-0}" = 1 ] && echo ", cold page cache"))"
 echo "agent idle VmRSS          $(mib "$IDLE_RSS") (min $(mib "$MIN"), max $(mib "$MAX") over ${IDLE_SECONDS}s)"
 echo "   idle breakdown         $IDLE_PARTS"
 echo "agent VmHWM at idle       $(mib "$IDLE_HWM") (since start: enrollment and the first install; $(mib "$AGENT_START_HWM") when demo-1 was committed)"
