@@ -1,0 +1,611 @@
+//! A fleet of simulated devices against a running flotilla-server, speaking the real protocol (`flotilla::fleet`).
+//!
+//! Each device enrolls (at most `--enroll-concurrency` at once), then sends one heartbeat report every
+//! `--interval`; device `i` starts at `interval * i / devices`, so the fleet's reports are spread evenly over the
+//! interval and the load is uniform. With `--long-poll` each device also keeps one long poll of its desired state
+//! open (`?wait=--poll-wait` with `If-None-Match`), as the agent does between its reports.
+//!
+//! Each device has its own HTTP client, so its own keep-alive connection, as an agent has; a long poll needs a
+//! second one (HTTP/1.1 carries one request at a time). `--shared-heartbeats` sends every heartbeat through one
+//! client instead, whose pool opens only as many connections as are busy at once: that halves the descriptors a
+//! long-polling fleet needs, on both ends.
+//!
+//! Every request's latency is recorded, from the moment it is sent to the end of its answer's body; the run prints
+//! count, errors, p50/p90/p99/max and the achieved rate per kind of request. With `--db` it reads the server's
+//! database size (logical: `page_count * page_size`, WAL included) after enrollment, after the first heartbeat
+//! round and at the end; with `--server-pid`, the server's CPU time and memory over the run.
+//!
+//! bench/fleet-load.sh builds and starts everything; alone:
+//!
+//!     cargo run --release --example fleet-load -- --server http://127.0.0.1:8470 --token-file T --devices 1000
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use flotilla::fleet::{
+    Accepted, EnrollRequest, Enrolled, Event, EventBody, Metrics, PlatformReport, ReportBatch,
+};
+use reqwest::{StatusCode, header};
+use tokio::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Simulated devices speaking the fleet protocol to a flotilla-server")]
+struct Args {
+    /// The server's base URL
+    #[arg(long)]
+    server: String,
+    /// A file holding an enrollment token good for --devices enrollments
+    #[arg(long)]
+    token_file: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// How long the heartbeat phase runs, after enrollment
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Seconds between one device's heartbeats
+    #[arg(long, default_value_t = 10)]
+    interval: u64,
+    #[arg(long, default_value_t = 16)]
+    enroll_concurrency: usize,
+    /// Each device also holds a long poll of its desired state
+    #[arg(long)]
+    long_poll: bool,
+    /// The long poll's wait, in seconds (the agent's default poll_interval is 30 s)
+    #[arg(long, default_value_t = 30)]
+    poll_wait: u64,
+    /// Send heartbeats through one shared client instead of one connection per device
+    #[arg(long)]
+    shared_heartbeats: bool,
+    /// Device names are PREFIX-00000, PREFIX-00001…
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// The server's SQLite database, to read its size (read-only)
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// The server's process id, to read its CPU time and memory
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Worker threads of this generator's runtime
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Enroll,
+    Heartbeat,
+    /// A poll answered at once (the first one, with no ETag yet): a database read and a body.
+    Desired,
+    /// A poll the server held for its wait and answered 304.
+    LongPoll,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Enroll => "enroll",
+            Kind::Heartbeat => "heartbeat",
+            Kind::Desired => "desired (immediate)",
+            Kind::LongPoll => "long poll (held)",
+        }
+    }
+}
+
+struct Sample {
+    kind: Kind,
+    latency: Duration,
+    /// How late the request was sent after its scheduled time: the generator keeping up, or not.
+    lag: Duration,
+    error: Option<String>,
+}
+
+#[derive(Default)]
+struct Recorder {
+    samples: Mutex<Vec<Sample>>,
+}
+
+impl Recorder {
+    fn record(&self, kind: Kind, latency: Duration, lag: Duration, error: Option<String>) {
+        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        s.push(Sample {
+            kind,
+            latency,
+            lag,
+            error,
+        });
+    }
+
+    fn take(&self) -> Vec<Sample> {
+        std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One client per device: its own keep-alive connection, plain HTTP on loopback, rustls set up as the agent's
+/// (no roots: nothing here speaks TLS).
+fn client(tls: &rustls::ClientConfig, timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls.clone())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(timeout)
+        .user_agent("flotilla/fleet-load")
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
+fn error_text(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+async fn enroll(
+    http: &reqwest::Client,
+    server: &str,
+    token: &str,
+    name: String,
+) -> Result<Enrolled, String> {
+    let req = EnrollRequest {
+        name,
+        tags: [("site".to_string(), "load".to_string())].into(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        platform: PlatformReport {
+            candidates: vec!["linux/arm/v7".into(), "linux/arm/v6".into()],
+            page_size: Some(4096),
+            description: "Raspberry Pi 3 Model B Rev 1.2, Raspbian 12 armhf (simulated)".into(),
+        },
+    };
+    let resp = http
+        .post(format!("{server}/v1/enroll"))
+        .bearer_auth(token)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&req).map_err(|e| e.to_string())?)
+        .send()
+        .await
+        .map_err(|e| error_text(&e))?;
+    let status = resp.status();
+    let body = resp.bytes().await.map_err(|e| error_text(&e))?;
+    if status != StatusCode::CREATED {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("a garbled enrollment: {e}"))
+}
+
+fn heartbeat(seq: u64) -> ReportBatch {
+    // What a Pi reports: every field present, so the body is as large as a real one.
+    let jitter = (seq % 7) as f32;
+    ReportBatch {
+        events: vec![Event {
+            id: format!("hb-{seq}"),
+            at: unix_now(),
+            body: EventBody::Heartbeat(Metrics {
+                cpu_percent: Some(12.5 + jitter),
+                memory_used: Some(183_500_800 + seq * 4096),
+                memory_total: Some(969_748_480),
+                disk_used: Some(3_221_225_472),
+                disk_total: Some(15_634_268_160),
+                uptime: Some(86_400 + seq * 10),
+                load: Some([0.42, 0.37, 0.31]),
+                temperature_celsius: Some(48.3 + jitter / 10.0),
+            }),
+        }],
+    }
+}
+
+async fn report(
+    http: &reqwest::Client,
+    server: &str,
+    credential: &str,
+    seq: u64,
+) -> Result<(), String> {
+    let batch = heartbeat(seq);
+    let resp = http
+        .post(format!("{server}/v1/device/reports"))
+        .bearer_auth(credential)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&batch).map_err(|e| e.to_string())?)
+        .send()
+        .await
+        .map_err(|e| error_text(&e))?;
+    let status = resp.status();
+    let body = resp.bytes().await.map_err(|e| error_text(&e))?;
+    if status != StatusCode::OK {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    let accepted: Accepted =
+        serde_json::from_slice(&body).map_err(|e| format!("a garbled answer: {e}"))?;
+    if accepted.accepted != [batch.events[0].id.clone()] {
+        return Err(format!("the server took {:?}", accepted.accepted));
+    }
+    Ok(())
+}
+
+/// One poll: `Ok(Some(etag))` for a 200, `Ok(None)` for a 304.
+async fn poll(
+    http: &reqwest::Client,
+    server: &str,
+    credential: &str,
+    etag: Option<&str>,
+    wait: u64,
+) -> Result<Option<String>, String> {
+    let mut req = http
+        .get(format!("{server}/v1/device/desired?wait={wait}"))
+        .bearer_auth(credential);
+    if let Some(t) = etag {
+        req = req.header(header::IF_NONE_MATCH, t);
+    }
+    let resp = req.send().await.map_err(|e| error_text(&e))?;
+    let status = resp.status();
+    let tag = resp
+        .headers()
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp.bytes().await.map_err(|e| error_text(&e))?;
+    match status {
+        StatusCode::NOT_MODIFIED => Ok(None),
+        StatusCode::OK => tag
+            .map(Some)
+            .ok_or_else(|| "a 200 without an ETag".to_string()),
+        _ => Err(format!("{status}: {}", String::from_utf8_lossy(&body))),
+    }
+}
+
+/// The server's database size: logical bytes (`page_count * page_size`, what the WAL holds included) and the
+/// bytes of its files on disk (database and WAL).
+fn db_size(path: &Path) -> Result<(u64, u64), String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let logical: u64 = conn
+        .query_row(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let on_disk = ["", "-wal"]
+        .iter()
+        .filter_map(|s| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(s);
+            std::fs::metadata(p).ok()
+        })
+        .map(|m| m.len())
+        .sum();
+    Ok((logical, on_disk))
+}
+
+/// CPU seconds (user + system) and VmRSS/VmHWM in KiB of a process, from /proc.
+fn process_usage(pid: &str) -> Option<(f64, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which may hold spaces, closed by the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let hz = rustix::param::clock_ticks_per_second() as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    };
+    Some((ticks as f64 / hz, kib("VmRSS:")?, kib("VmHWM:")?))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Prints one line per kind of request; returns the heartbeats' p99.
+fn print_table(samples: &[Sample], seconds: f64) -> Option<Duration> {
+    let mut by_kind: BTreeMap<Kind, Vec<&Sample>> = BTreeMap::new();
+    for s in samples {
+        by_kind.entry(s.kind).or_default().push(s);
+    }
+    println!(
+        "{:<20} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "request", "count", "errors", "p50 ms", "p90 ms", "p99 ms", "max ms", "req/s"
+    );
+    let mut p99 = None;
+    for (kind, list) in &by_kind {
+        let mut ok: Vec<Duration> = list
+            .iter()
+            .filter(|s| s.error.is_none())
+            .map(|s| s.latency)
+            .collect();
+        ok.sort();
+        let errors = list.len() - ok.len();
+        if *kind == Kind::Heartbeat {
+            p99 = Some(pct(&ok, 99.0));
+        }
+        println!(
+            "{:<20} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9.1}",
+            kind.name(),
+            list.len(),
+            errors,
+            ms(pct(&ok, 50.0)),
+            ms(pct(&ok, 90.0)),
+            ms(pct(&ok, 99.0)),
+            ms(ok.last().copied().unwrap_or_default()),
+            list.len() as f64 / seconds,
+        );
+    }
+    let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in samples {
+        if let Some(e) = &s.error {
+            *errors.entry(e.as_str()).or_default() += 1;
+        }
+    }
+    for (e, n) in errors.iter().take(5) {
+        println!("  error x{n}: {e}");
+    }
+    p99
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.workers.max(1))
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(run(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleet-load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let server = args.server.trim_end_matches('/').to_string();
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(|e| format!("{}: {e}", args.token_file.display()))?
+        .trim()
+        .to_string();
+    let n = args.devices;
+    let conns_per_device = usize::from(!args.shared_heartbeats) + usize::from(args.long_poll);
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let needed = (n * conns_per_device.max(1) + 256) as u64;
+    if needed > limit {
+        return Err(format!(
+            "{n} devices with {conns_per_device} connection(s) each need about {needed} descriptors, above this \
+             process's limit of {limit}: raise it (ulimit -n), or pass --shared-heartbeats"
+        ));
+    }
+    let tls = flotilla::registry::tls::client_config(&[], &[]).map_err(|e| e.to_string())?;
+    let recorder = Arc::new(Recorder::default());
+    let pid = args.server_pid.map(|p| p.to_string());
+    println!(
+        "fleet-load: {n} devices, a heartbeat every {} s each ({:.0}/s expected), {} s run, long polls {}, \
+         heartbeats over {}",
+        args.interval,
+        n as f64 / args.interval as f64,
+        args.seconds,
+        if args.long_poll {
+            format!("ON (one per device, wait={} s)", args.poll_wait)
+        } else {
+            "OFF".to_string()
+        },
+        if args.shared_heartbeats {
+            "one shared client pool"
+        } else {
+            "one keep-alive connection per device"
+        },
+    );
+
+    // Enrollment, bounded.
+    let started = Instant::now();
+    let gate = Arc::new(tokio::sync::Semaphore::new(args.enroll_concurrency.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = gate
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| e.to_string())?;
+        let http = client(&tls, Duration::from_secs(60))?;
+        let (server, token, rec) = (server.clone(), token.clone(), recorder.clone());
+        let name = format!("{}-{i:05}", args.prefix);
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = enroll(&http, &server, &token, name).await;
+            rec.record(
+                Kind::Enroll,
+                t.elapsed(),
+                Duration::ZERO,
+                r.as_ref().err().cloned(),
+            );
+            drop(permit);
+            (i, http, r.ok())
+        });
+    }
+    let mut devices: Vec<Option<(reqwest::Client, Enrolled)>> = (0..n).map(|_| None).collect();
+    while let Some(joined) = set.join_next().await {
+        let (i, http, enrolled) = joined.map_err(|e| e.to_string())?;
+        devices[i] = enrolled.map(|e| (http, e));
+    }
+    let enroll_secs = started.elapsed().as_secs_f64();
+    let enroll_samples = recorder.take();
+    println!("\n== enrollment: {n} devices in {enroll_secs:.1} s");
+    print_table(&enroll_samples, enroll_secs);
+    let devices: Vec<(reqwest::Client, Enrolled)> = devices.into_iter().flatten().collect();
+    if devices.is_empty() {
+        return Err("no device enrolled".into());
+    }
+    let db_enrolled = args.db.as_deref().map(db_size).transpose()?;
+
+    // The run: device i's heartbeats at t0 + interval * i / n + k * interval, for as long as they fall before the end.
+    let interval = Duration::from_secs(args.interval.max(1));
+    let run_for = Duration::from_secs(args.seconds);
+    let t0 = Instant::now() + Duration::from_secs(1);
+    let end = t0 + run_for;
+    let server_before = pid.as_deref().and_then(process_usage);
+    let self_before = process_usage("self");
+    let shared = client(&tls, Duration::from_secs(10))?;
+    let mut heartbeats = tokio::task::JoinSet::new();
+    let mut polls = tokio::task::JoinSet::new();
+    let count = devices.len();
+    for (i, (own, enrolled)) in devices.into_iter().enumerate() {
+        let offset = interval.mul_f64(i as f64 / count as f64);
+        let http = if args.shared_heartbeats {
+            shared.clone()
+        } else {
+            own
+        };
+        let credential = enrolled.credential;
+        if args.long_poll {
+            let http = client(&tls, Duration::from_secs(args.poll_wait + 30))?;
+            let (server, credential, rec, wait) = (
+                server.clone(),
+                credential.clone(),
+                recorder.clone(),
+                args.poll_wait,
+            );
+            polls.spawn(async move {
+                tokio::time::sleep_until(t0 + offset).await;
+                let mut etag: Option<String> = None;
+                while Instant::now() < end {
+                    let sent = Instant::now();
+                    let r = poll(&http, &server, &credential, etag.as_deref(), wait).await;
+                    let kind = match (&etag, &r) {
+                        (Some(_), Ok(None)) => Kind::LongPoll,
+                        _ => Kind::Desired,
+                    };
+                    rec.record(
+                        kind,
+                        sent.elapsed(),
+                        Duration::ZERO,
+                        r.as_ref().err().cloned(),
+                    );
+                    match r {
+                        Ok(Some(tag)) => etag = Some(tag),
+                        Ok(None) => {}
+                        // As the agent: back off before trying again.
+                        Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                    }
+                }
+            });
+        }
+        let (server, rec) = (server.clone(), recorder.clone());
+        heartbeats.spawn(async move {
+            let mut at = t0 + offset;
+            let mut seq = 0u64;
+            while at < end {
+                tokio::time::sleep_until(at).await;
+                let sent = Instant::now();
+                let r = report(&http, &server, &credential, seq).await;
+                rec.record(Kind::Heartbeat, sent.elapsed(), sent - at, r.err());
+                seq += 1;
+                at += interval;
+            }
+        });
+    }
+    let mut first_round = None;
+    tokio::time::sleep_until(t0 + interval).await;
+    if let Some(db) = &args.db {
+        first_round = Some(db_size(db)?);
+    }
+    // Heartbeats end by themselves (their timeout is 10 s); long polls still held at the end are dropped uncounted.
+    let deadline = end + Duration::from_secs(15);
+    while tokio::time::timeout_at(deadline, heartbeats.join_next())
+        .await
+        .ok()
+        .flatten()
+        .is_some()
+    {}
+    let unfinished = heartbeats.len();
+    heartbeats.abort_all();
+    polls.abort_all();
+    let server_after = pid.as_deref().and_then(process_usage);
+    let self_after = process_usage("self");
+    let secs = run_for.as_secs_f64();
+    let samples = recorder.take();
+    println!("\n== run: {secs:.0} s (heartbeats not finished 15 s after the end: {unfinished})");
+    let p99 = print_table(&samples, secs);
+    let mut lags: Vec<Duration> = samples
+        .iter()
+        .filter(|s| s.kind == Kind::Heartbeat)
+        .map(|s| s.lag)
+        .collect();
+    lags.sort();
+    println!(
+        "all requests: {} in {secs:.0} s = {:.1} req/s; heartbeat send lag behind schedule p99 {} ms, max {} ms",
+        samples.len(),
+        samples.len() as f64 / secs,
+        ms(pct(&lags, 99.0)),
+        ms(lags.last().copied().unwrap_or_default()),
+    );
+    let cpu = |before: Option<(f64, u64, u64)>, after: Option<(f64, u64, u64)>, who: &str| {
+        if let (Some(b), Some(a)) = (before, after) {
+            println!(
+                "{who}: CPU {:.1} s over the run = {:.0}% of one core; VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+                a.0 - b.0,
+                (a.0 - b.0) / secs * 100.0,
+                a.1 as f64 / 1024.0,
+                a.2 as f64 / 1024.0
+            );
+        }
+    };
+    cpu(server_before, server_after, "server   ");
+    cpu(self_before, self_after, "generator");
+    if let (Some(db), Some(enrolled), Some(first)) = (&args.db, db_enrolled, first_round) {
+        let last = db_size(db)?;
+        let steady = secs - interval.as_secs_f64();
+        let per_day = (last.0 as f64 - first.0 as f64) / count as f64 / steady * 86_400.0;
+        println!(
+            "database (logical bytes, WAL included / files on disk): after enrollment {} / {}, after the first \
+             heartbeat round {} / {}, at the end {} / {}",
+            enrolled.0, enrolled.1, first.0, first.1, last.0, last.1
+        );
+        println!(
+            "database growth after the first round: {} bytes in {steady:.0} s = {per_day:.0} bytes per device per \
+             day (heartbeats update one row per device in place; the first round grew it {:.0} bytes per device)",
+            last.0 as i64 - first.0 as i64,
+            (first.0 as f64 - enrolled.0 as f64) / count as f64,
+        );
+    }
+    if let Some(p) = p99 {
+        let failed = samples
+            .iter()
+            .any(|s| s.kind == Kind::Heartbeat && s.error.is_some());
+        let met = p < Duration::from_millis(50) && !failed && unfinished == 0;
+        println!(
+            "TARGET heartbeat p99 < 50 ms with no error at {count} devices: {} (p99 {} ms)",
+            if met { "MET" } else { "NOT MET" },
+            ms(p)
+        );
+    }
+    Ok(())
+}
