@@ -14,6 +14,7 @@
 #   IDLE_SECONDS=20   how long the steady agent is sampled
 #   KEEP=DIR          keep the logs and state in DIR instead of a removed temporary directory
 #   FLOTILLA=PATH     measure this flotilla binary (another profile, say) instead of building target/release/flotilla
+#   The agent inherits the environment: MALLOC_ARENA_MAX=1 bench/agent-rss.sh measures glibc with one arena.
 #   COLD=1            run a copy of the binary whose pages were dropped from the page cache (as after a boot): only
 #                     the pages the processes touch, and their readahead, become resident
 # Needs: docker-registry, skopeo, runc, python3, and the busybox-static fixture for this machine's architecture
