@@ -174,10 +174,12 @@ impl Server {
         }
     }
 
-    /// Re-plans the rollouts and wakes the long polls.
+    /// Re-plans the rollouts, and wakes the long polls when a desired state changed: waking 10,000 held polls
+    /// on every tick queued their database work ahead of the heartbeats (p99 200 ms instead of 2 ms).
     pub async fn drive(self: &Arc<Self>) -> Result<(), ApiError> {
-        self.with_db(|db| db.drive(now())).await?;
-        self.desired_version.send_modify(|v| *v += 1);
+        if self.with_db(|db| db.drive(now())).await? {
+            self.desired_version.send_modify(|v| *v += 1);
+        }
         Ok(())
     }
 }

@@ -679,8 +679,8 @@ impl ServerDb {
     }
 
     /// Plans every rollout that is running or paused and applies its orders. Called on every report and on a
-    /// timer.
-    pub fn drive(&self, now: u64) -> Result<(), ServerDbError> {
+    /// timer. True when some device's desired state changed: only then are the long polls woken.
+    pub fn drive(&self, now: u64) -> Result<bool, ServerDbError> {
         // Most ticks have nothing to plan; reading every device for nothing would hold the database for
         // milliseconds per thousand devices.
         let active: bool = self
@@ -692,15 +692,16 @@ impl ServerDb {
             )
             .map_err(self.err())?;
         if !active {
-            return Ok(());
+            return Ok(false);
         }
         let devices = self.devices()?;
+        let mut changed = false;
         for r in self.rollouts(None)? {
             if matches!(r.status, StateView::Running | StateView::Paused { .. }) {
-                self.drive_one(&r, &devices, now)?;
+                changed |= self.drive_one(&r, &devices, now)?;
             }
         }
-        Ok(())
+        Ok(changed)
     }
 
     fn drive_one(
@@ -708,7 +709,7 @@ impl ServerDb {
         r: &RolloutView,
         devices: &[DeviceView],
         now: u64,
-    ) -> Result<(), ServerDbError> {
+    ) -> Result<bool, ServerDbError> {
         let release = self.release(&r.spec.release)?;
         let (waves, max_failures) = parse_spec(&r.spec)?;
         let current = rollout::Rollout {
@@ -780,16 +781,21 @@ impl ServerDb {
                 .collect(),
         };
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let mut changed = false;
         for order in &plan.orders {
             let Some(d) = devices.iter().find(|d| d.name == order.device) else {
                 continue;
             };
-            tx.execute(
-                "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (device, app) DO UPDATE SET release = excluded.release",
-                params![d.id, release.app, order.release],
-            )
-            .map_err(self.err())?;
+            // A row that already says so is not rewritten, so an unchanged order counts as no change.
+            changed |= tx
+                .execute(
+                    "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (device, app) DO UPDATE SET release = excluded.release
+                     WHERE desired.release IS NOT excluded.release",
+                    params![d.id, release.app, order.release],
+                )
+                .map_err(self.err())?
+                > 0;
         }
         tx.execute(
             "UPDATE rollouts SET state = ?2, waves_started = ?3, plan = ?4 WHERE id = ?1",
@@ -802,7 +808,7 @@ impl ServerDb {
         )
         .map_err(self.err())?;
         tx.commit().map_err(self.err())?;
-        Ok(())
+        Ok(changed)
     }
 }
 
