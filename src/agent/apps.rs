@@ -14,6 +14,7 @@ use crate::store::Store;
 use crate::supervise::container::{Container, ContainerError, Status};
 use crate::supervise::{control, launch};
 
+#[derive(Clone)]
 pub struct Apps {
     pub state_dir: PathBuf,
     pub config: Config,

@@ -227,7 +227,7 @@ impl Agent {
                     .await;
                 };
                 if !self.preparing.contains_key(app) {
-                    let apps = self.apps_handle();
+                    let apps = self.apps.clone();
                     // On the blocking pool with the runtime's handle: the pull's future is not Send (its layer
                     // tasks borrow descriptors), so it cannot be a task of its own.
                     let handle = tokio::runtime::Handle::current();
@@ -283,16 +283,6 @@ impl Agent {
         Ok(())
     }
 
-    fn apps_handle(&self) -> std::sync::Arc<Apps> {
-        std::sync::Arc::new(Apps {
-            state_dir: self.apps.state_dir.clone(),
-            config: self.apps.config.clone(),
-            insecure_registries: self.apps.insecure_registries.clone(),
-            host: self.apps.host.clone(),
-            live: self.apps.live.clone(),
-            runtime: self.apps.runtime.clone(),
-        })
-    }
 
     /// A new desired state from the server: remember the releases, then tell every app, those no longer
     /// wanted included.
