@@ -283,7 +283,6 @@ impl Agent {
         Ok(())
     }
 
-
     /// A new desired state from the server: remember the releases, then tell every app, those no longer
     /// wanted included.
     async fn desire(&mut self, desired: &Desired) -> Result<(), AgentError> {
