@@ -6,14 +6,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::binfmt::Binfmt;
-use common::registry::{
-    LayoutImage, OciLayoutBuilder, Registry, RegistryOptions, free_port, skopeo_copy,
-};
+use common::fleet::{Server, push, wait_for};
+use common::registry::{Registry, RegistryOptions, free_port};
 use common::{output_text, require};
 use serde_json::Value;
 
@@ -28,126 +27,6 @@ fn shared_board(name: &str) -> PathBuf {
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/boards"),
     };
     root.join(name)
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
-}
-
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: PathBuf,
-    registry: String,
-}
-
-impl Server {
-    fn start(dir: &Path, registry: &str) -> Server {
-        let mut s = Server {
-            child: None,
-            port: free_port(),
-            dir: dir.to_path_buf(),
-            registry: registry.to_string(),
-        };
-        s.resume();
-        s
-    }
-
-    fn resume(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("server.log"))
-            .expect("server log");
-        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
-            .arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
-            .arg("--db")
-            .arg(self.dir.join("server.db"))
-            .args(["--insecure-registry", &self.registry, "--tick", "1s"])
-            .env("FLOTILLA_LOG", "info")
-            .env_remove("JOURNAL_STREAM")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start flotilla-server");
-        self.child = Some(child);
-        wait_for("the server to listen", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
-            .args(["--server", &self.url(), "--token-file"])
-            .arg(self.dir.join("admin-token"))
-            .args(args)
-            .output()
-            .expect("run flotilla-server")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert!(
-            out.status.success(),
-            "flotilla-server {args:?}: {}",
-            output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = vec!["--json"];
-        all.extend_from_slice(args);
-        serde_json::from_str(&self.ok(&all)).expect("JSON from --json")
-    }
-
-    fn device(&self, name: &str) -> Value {
-        self.json(&["devices"])
-            .as_array()
-            .and_then(|ds| ds.iter().find(|d| d["name"] == name).cloned())
-            .unwrap_or(Value::Null)
-    }
-
-    /// The status `name` last reported for the app.
-    fn app(&self, name: &str) -> Value {
-        self.device(name)["apps"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["app"] == "demo").cloned())
-            .unwrap_or(Value::Null)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.stop();
-        if std::thread::panicking() {
-            eprintln!("--- server log ---\n{}", self.log());
-        }
-    }
 }
 
 struct Agent {
@@ -268,46 +147,6 @@ impl Drop for Agent {
         }
         // The apps' supervisors outlive their agent by design; the test removes them.
         let _ = self.flotilla().args(["rm", "--force", "demo"]).output();
-    }
-}
-
-/// The busybox images of the lab, each with a /VERSION file, and a /crash marker when `crash`.
-fn images() -> Option<Vec<LayoutImage>> {
-    common::registry::busybox_images()
-}
-
-struct Pushed {
-    index: String,
-    /// Platform → manifest digest.
-    manifests: Vec<(String, String)>,
-}
-
-fn push(root: &Path, registry: &Registry, tag: &str, crash: bool) -> Pushed {
-    let images = images().expect("busybox images");
-    let version = root.join(format!("VERSION-{tag}"));
-    std::fs::write(&version, format!("{tag}\n")).expect("version file");
-    let marker = root.join("crash-marker");
-    std::fs::write(&marker, "").expect("crash marker");
-    let extra: Vec<Vec<(&str, PathBuf)>> = images
-        .iter()
-        .map(|_| {
-            let mut files = vec![("VERSION", version.clone())];
-            if crash {
-                files.push(("crash", marker.clone()));
-            }
-            files
-        })
-        .collect();
-    let layout = OciLayoutBuilder::new(&root.join(format!("layout-{tag}")));
-    let written = layout.write_with_files(tag, &images, &extra);
-    skopeo_copy(layout.dir(), tag, &registry.host(), "demo", tag, None, None);
-    Pushed {
-        index: written.index.to_string(),
-        manifests: written
-            .images
-            .iter()
-            .map(|i| (i.platform.clone(), i.manifest.to_string()))
-            .collect(),
     }
 }
 

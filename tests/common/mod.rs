@@ -5,6 +5,9 @@
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 pub mod binfmt;
+// The fleet's host side needs the flotilla-server binary, built only with the feature.
+#[cfg(feature = "server")]
+pub mod fleet;
 pub mod registry;
 pub mod tarcraft;
 
