@@ -471,7 +471,8 @@ impl Machine {
     }
 
     /// Waits for the autologin shell, then makes it quiet: no echo of what is typed (neither the tty's nor
-    /// readline's), no pager, no colours.
+    /// readline's; `sh` gives commands /dev/null as stdin, so stty is pointed at the tty on stderr), no pager,
+    /// no colours.
     fn wait_for_shell(&mut self, limit: Duration) {
         let at = self.expect_since(self.seen, "(automatic login)", limit);
         self.seen = self.expect_since(at, "flotilla-vm:~#", Duration::from_secs(60));
@@ -479,7 +480,7 @@ impl Machine {
         // The first line typed can race the shell's own setup of the tty: retry until it answers.
         loop {
             let ran = self.sh(
-                "stty -echo; set +o emacs +o vi; \
+                "stty -echo 0<&2; set +o emacs +o vi; \
                  export SYSTEMD_PAGER= PAGER=cat SYSTEMD_COLORS=0 TERM=dumb",
                 Duration::from_secs(10),
             );
