@@ -52,6 +52,11 @@ pub fn spawn_supervisor(state_dir: &Path, container: &Container) -> Result<(), S
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
+            // A container that ends at once (a wrong variant dies on its first instruction) can take its
+            // supervisor's whole life between two polls: exit 0 means it ran the container and recorded the end.
+            if status.success() {
+                return Ok(());
+            }
             return Err(SuperviseError::Io {
                 what: format!(
                     "the supervisor (it exited with {status}; see {})",
