@@ -11,9 +11,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::binfmt::Binfmt;
-use common::fleet::{Server, push, wait_for};
+use common::fleet::{Server, push};
 use common::registry::{Registry, RegistryOptions, free_port};
-use common::{output_text, require};
+use common::{output_text, require, wait_for};
 use serde_json::Value;
 
 /// binfmt registration and the fixed container name are machine-wide: one scenario at a time.

@@ -5,11 +5,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::binfmt::Binfmt;
 use common::registry::{OciLayoutBuilder, busybox_images};
-use common::{output_text, require};
+use common::{output_text, require, wait_for};
 
 const LONG_RUNNING: &str =
     "echo hello; echo oops >&2; trap 'echo bye; exit 0' TERM; while :; do busybox sleep 0.1; done";
@@ -97,18 +97,6 @@ impl Drop for Lab {
             }
         }
     }
-}
-
-/// Polls `f` every 100 ms until it holds or `limit` passes.
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
 }
 
 fn mounted(dir: &Path) -> bool {

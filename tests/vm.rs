@@ -25,9 +25,9 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fleet::{Server, push, wait_for};
+use common::fleet::{Server, push};
 use common::registry::{Registry, RegistryOptions};
-use common::{output_text, require};
+use common::{output_text, require, wait_for};
 use serde_json::Value;
 
 /// The guest's addresses for the host's loopback services (slirp's guestfwd; nothing else is reachable).

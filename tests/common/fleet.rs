@@ -3,23 +3,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use super::output_text;
 use super::registry::{LayoutImage, OciLayoutBuilder, Registry, free_port, skopeo_copy};
-
-pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
-}
+use super::{output_text, wait_for};
 
 pub struct Server {
     child: Option<Child>,

@@ -13,6 +13,7 @@ pub mod tarcraft;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 /// Returns `Some(value)` when a piece is there; otherwise fails under `FLOTILLA_REQUIRE_ALL=1` or prints a skip
 /// reason.
@@ -77,4 +78,16 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Polls `f` every 100 ms until it holds; panics, naming `what`, when `limit` passes first.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
 }
