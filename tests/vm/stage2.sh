@@ -62,6 +62,8 @@ cat > /etc/systemd/system/serial-getty@ttyAMA0.service.d/autologin.conf <<'EOF'
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --noclear --keep-baud 115200,57600,38400,9600 - $TERM
 EOF
+# bash 5.2 wraps every prompt in bracketed-paste escapes; the driver reads the console as plain text.
+echo 'set enable-bracketed-paste off' > /root/.inputrc
 
 cat > /etc/systemd/network/80-dhcp.network <<'EOF'
 [Match]
