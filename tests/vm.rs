@@ -308,7 +308,17 @@ fn machine_scenario(arch: &'static Arch) {
     // A reboot with the server gone: the committed app comes back from the agent's own state.
     server.stop();
     let rebooted = Instant::now();
-    vm.reboot(Duration::from_secs(300));
+    let (down, up) = vm.reboot(Duration::from_secs(300));
+    timings.record("reboot: shutdown", down);
+    timings.record("reboot: boot to a shell", up);
+    // The containers live outside the agent's unit: the agent itself stops them when the machine goes down, while
+    // the system is whole, rather than leaving them to systemd-shutdown's last SIGTERM (src/agent/shutdown.rs).
+    let last = vm.ok("journalctl -b -1 --no-pager -o short-monotonic -u flotilla | tail -n 40");
+    let _ = std::fs::write(artefacts.join("shutdown.txt"), last.replace('\r', ""));
+    assert!(
+        last.contains("stopped demo for the system shutdown"),
+        "the agent did not stop the app at shutdown; the unit's journal of that boot:\n{last}"
+    );
     vm.ok("mkdir -p /mnt/host && mount -t 9p -o trans=virtio,version=9p2000.L,ro host0 /mnt/host");
     vm.poll(
         "the committed app to run after the reboot",
@@ -332,10 +342,13 @@ fn machine_scenario(arch: &'static Arch) {
     // Removal stops the unit and the app; purge leaves nothing behind.
     let removed = Instant::now();
     vm.ok_within("apt-get remove -y flotilla", Duration::from_secs(300));
+    timings.record("apt-get remove", removed.elapsed());
     vm.ok("! systemctl is-active flotilla");
     vm.ok("! pgrep -f 'flotilla supervise'");
     vm.ok("! test -e /sys/fs/cgroup/flotilla/demo");
+    let purged = Instant::now();
     vm.ok_within("apt-get purge -y flotilla", Duration::from_secs(300));
+    timings.record("apt-get purge", purged.elapsed());
     vm.ok("! test -e /var/lib/flotilla && ! test -e /etc/flotilla");
     vm.ok("! grep -q /var/lib/flotilla /proc/self/mountinfo");
     vm.ok("! dpkg-query -W -f '${Status}' flotilla 2>/dev/null | grep -q installed");
@@ -577,11 +590,16 @@ impl Machine {
             .unwrap_or_else(|| panic!("[vm {}] no container {name} in:\n{out}", self.arch))
     }
 
-    fn reboot(&mut self, limit: Duration) {
+    /// Reboots and waits for the shell; how long the shutdown took (until the kernel restarts) and the boot.
+    fn reboot(&mut self, limit: Duration) -> (Duration, Duration) {
         let from = self.len();
+        let asked = Instant::now();
         self.type_line("systemctl reboot");
-        self.seen = from;
+        self.seen = self.expect_since(from, "reboot: Restarting system", limit);
+        let down = asked.elapsed();
+        let restarted = Instant::now();
         self.wait_for_shell(limit);
+        (down, restarted.elapsed())
     }
 
     fn poweroff(&mut self) {

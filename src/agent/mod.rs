@@ -11,6 +11,7 @@ pub mod apps;
 pub mod db;
 pub mod link;
 pub mod metrics;
+pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -8,6 +8,7 @@ use super::{CliError, Context};
 use crate::agent::apps::Apps;
 use crate::agent::db::Db;
 use crate::agent::metrics::SystemSampler;
+use crate::agent::shutdown::{self, Systemd};
 use crate::agent::{Agent, AgentError, Identity};
 use crate::fleet::PlatformReport;
 use crate::runtime::Runtime;
@@ -33,6 +34,7 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
             .host()
     };
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
+    let apps_runtime = runtime.clone();
     let name = ctx.config.fleet.name.clone().unwrap_or_else(|| {
         rustix::system::uname()
             .nodename()
@@ -54,20 +56,35 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         insecure_registries: ctx.insecure_registries.clone(),
         host,
         live,
-        runtime,
+        runtime: apps_runtime,
     };
     let sampler = Box::new(SystemSampler::new(&ctx.state_dir));
     let agent = Agent::new(db, apps, ctx.config.fleet.clone(), identity, sampler)?;
-    super::runtime()?.block_on(async move {
+    let rt = super::runtime()?;
+    let terminated = rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
         let mut agent = agent;
+        // Until the handler below is in place, SIGTERM ends the agent at once, as systemd expects of a service
+        // that is still starting.
         agent.boot().await?;
+        let mut term = signal(SignalKind::terminate()).map_err(CliError::Runtime)?;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         if ctx.config.fleet.server.is_none() {
             tracing::warn!(
                 "no [fleet] server in the configuration: keeping the committed apps running, reporting to nobody"
             );
         }
-        agent.run().await
+        // The loop's state is durable at every await (an agent killed anywhere resumes), so dropping it is safe.
+        tokio::select! {
+            r = agent.run() => r.map(|()| false).map_err(CliError::from),
+            _ = term.recv() => Ok(true),
+        }
     })?;
+    // A pull or unpack may be under way on a blocking thread; like the SIGTERM that used to end the agent outright,
+    // this leaves it (its partial blobs are verified or discarded on the next start) rather than waiting for it.
+    rt.shutdown_background();
+    if terminated {
+        shutdown::on_terminate(&Systemd, &ctx.state_dir, &runtime);
+    }
     Ok(ExitCode::SUCCESS)
 }
