@@ -316,7 +316,7 @@ fn machine_scenario(arch: &'static Arch) {
     let last = vm.ok("journalctl -b -1 --no-pager -o short-monotonic -u flotilla | tail -n 40");
     let _ = std::fs::write(artefacts.join("shutdown.txt"), last.replace('\r', ""));
     assert!(
-        last.contains("stopped demo for the system shutdown"),
+        last.contains("stopped for the system shutdown: demo"),
         "the agent did not stop the app at shutdown; the unit's journal of that boot:\n{last}"
     );
     vm.ok("mkdir -p /mnt/host && mount -t 9p -o trans=virtio,version=9p2000.L,ro host0 /mnt/host");

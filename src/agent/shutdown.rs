@@ -49,7 +49,8 @@ pub fn on_terminate(
     if containers.is_empty() {
         return Vec::new();
     }
-    tracing::info!(
+    // Logged at the default level (warn): an operator asking why an app got SIGTERM finds the answer.
+    tracing::warn!(
         "the system is shutting down: stopping {} container(s), the longest grace period {longest:?}",
         containers.len()
     );
@@ -62,7 +63,9 @@ pub fn on_terminate(
             sd_notify::NotifyState::ExtendTimeoutUsec(u32::try_from(usec).unwrap_or(u32::MAX)),
         ],
     );
-    stop_all(containers, runtime)
+    let stopped = stop_all(containers, runtime);
+    tracing::warn!("stopped for the system shutdown: {}", stopped.join(", "));
+    stopped
 }
 
 /// The containers a shutdown must stop (those with a live supervisor) and the longest grace period among them.
@@ -97,10 +100,7 @@ fn stop_all(containers: Vec<(Container, Duration)>, runtime: &Arc<dyn Runtime>) 
             .into_iter()
             .map(|(c, grace)| {
                 scope.spawn(move || match control::stop(&c, runtime, grace) {
-                    Ok(()) => {
-                        tracing::info!("stopped {} for the system shutdown", c.name);
-                        Some(c.name)
-                    }
+                    Ok(()) => Some(c.name),
                     Err(e) => {
                         tracing::warn!(
                             "cannot stop {} for the system shutdown: {}",
