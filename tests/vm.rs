@@ -315,7 +315,12 @@ fn machine_scenario(arch: &'static Arch) {
     timings.record("reboot: boot to a shell", up);
     // The containers live outside the agent's unit: the agent itself stops them when the machine goes down, while
     // the system is whole, rather than leaving them to systemd-shutdown's last SIGTERM (src/agent/shutdown.rs).
-    let last = vm.ok("journalctl -b -1 --no-pager -o short-monotonic -u flotilla | tail -n 40");
+    // By identifier as well as by unit: the agent's last line can reach journald after the agent has exited, and
+    // then journald cannot tell its unit from /proc.
+    let last = vm.ok(
+        "journalctl -b -1 --no-pager -o short-monotonic \
+         _SYSTEMD_UNIT=flotilla.service + UNIT=flotilla.service + SYSLOG_IDENTIFIER=flotilla | tail -n 40",
+    );
     let _ = std::fs::write(artefacts.join("shutdown.txt"), last.replace('\r', ""));
     assert!(
         last.contains("stopped for the system shutdown: demo"),
