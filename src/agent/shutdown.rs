@@ -122,7 +122,6 @@ fn stop_all(containers: Vec<(Container, Duration)>, runtime: &Arc<dyn Runtime>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::RunSettings;
     use crate::runtime::fake::Recording;
     use crate::supervise::container::ContainerSpec;
 
@@ -136,18 +135,7 @@ mod tests {
     #[test]
     fn an_agent_stopped_while_the_system_runs_leaves_its_containers_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let spec = ContainerSpec {
-            name: "app".into(),
-            image: "localhost:5000/app:1".into(),
-            manifest_digest: format!("sha256:{}", "0".repeat(64)).parse().unwrap(),
-            platform: "linux/amd64".into(),
-            diff_ids: vec![],
-            settings: RunSettings::new(),
-            created: "2026-01-01T00:00:00Z".into(),
-            emulated_by: None,
-            host: "x86-64".into(),
-        };
-        let c = Container::create(dir.path(), &spec).unwrap();
+        let c = Container::create(dir.path(), &ContainerSpec::example("app")).unwrap();
         // This test process plays the container's live supervisor.
         let _lock = c.lock_supervisor().unwrap();
         let recording = Arc::new(Recording::new());

@@ -34,7 +34,6 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
             .host()
     };
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
-    let apps_runtime = runtime.clone();
     let name = ctx.config.fleet.name.clone().unwrap_or_else(|| {
         rustix::system::uname()
             .nodename()
@@ -56,7 +55,7 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         insecure_registries: ctx.insecure_registries.clone(),
         host,
         live,
-        runtime: apps_runtime,
+        runtime: runtime.clone(),
     };
     let sampler = Box::new(SystemSampler::new(&ctx.state_dir));
     let agent = Agent::new(db, apps, ctx.config.fleet.clone(), identity, sampler)?;

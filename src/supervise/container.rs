@@ -344,10 +344,9 @@ impl Container {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(name: &str) -> ContainerSpec {
+impl ContainerSpec {
+    /// A spec for tests that need a container on disk and nothing that runs.
+    pub(crate) fn example(name: &str) -> ContainerSpec {
         ContainerSpec {
             name: name.to_string(),
             image: "localhost:5000/app:1".into(),
@@ -363,6 +362,11 @@ mod tests {
             host: "x86-64".into(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     #[test]
     fn names() {
@@ -377,14 +381,14 @@ mod tests {
     #[test]
     fn create_open_list_and_a_second_create_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &spec("web")).unwrap();
-        assert_eq!(c.spec().unwrap(), spec("web"));
+        let c = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
+        assert_eq!(c.spec().unwrap(), ContainerSpec::example("web"));
         assert_eq!(c.status().state, State::Created);
         assert!(matches!(
-            Container::create(dir.path(), &spec("web")),
+            Container::create(dir.path(), &ContainerSpec::example("web")),
             Err(ContainerError::Exists(_))
         ));
-        Container::create(dir.path(), &spec("db")).unwrap();
+        Container::create(dir.path(), &ContainerSpec::example("db")).unwrap();
         let names: Vec<String> = Container::list(dir.path())
             .unwrap()
             .into_iter()
@@ -400,7 +404,7 @@ mod tests {
     #[test]
     fn the_lock_tells_whether_a_supervisor_lives() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &spec("web")).unwrap();
+        let c = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
         assert_eq!(c.supervisor_pid(), None);
         let held = c.lock_supervisor().unwrap();
         assert_eq!(c.supervisor_pid(), Some(std::process::id() as i32));
@@ -412,7 +416,7 @@ mod tests {
     #[test]
     fn stop_requests_carry_the_grace_period() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &spec("web")).unwrap();
+        let c = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
         assert_eq!(c.stop_requested(), None);
         c.request_stop(std::time::Duration::from_millis(1500))
             .unwrap();
