@@ -1,4 +1,4 @@
-//! The two host facts safe Rust cannot read.
+//! The host facts safe Rust cannot read, and the one hand-over of a file descriptor it cannot make.
 //!
 //! Everything else about the host (uname, page size, AT_HWCAP, AT_HWCAP2, files under /proc) is read through
 //! `rustix` and `std`, which are safe. What remains:
@@ -6,9 +6,15 @@
 //!   returns that pointer, and only `CStr::from_ptr` turns it into bytes.
 //! - CPUID leaf 0x8000_0001 (LAHF/SAHF in 64-bit mode, an x86-64-v2 requirement that
 //!   `is_x86_feature_detected!` does not cover): `__cpuid` was an `unsafe fn` before Rust 1.87 (our MSRV is 1.85).
+//! - Handing a supervisor the container's lock: std has no way to give a child one chosen descriptor (only stdio),
+//!   so the parent places it with `dup2` between fork and exec (`pre_exec`, which is unsafe), and the child turns
+//!   the number it is told into an `OwnedFd` (`from_raw_fd`, unsafe).
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
 
 /// The kernel's `AT_PLATFORM` string for this process (`v6l`, `v7l`, `aarch64`, `x86_64`), if it set one.
 pub fn auxv_platform() -> Option<String> {
@@ -37,4 +43,43 @@ pub fn has_lahf_lm() -> bool {
         let (max_extended, _) = __get_cpuid_max(0x8000_0000);
         max_extended >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & 1 == 1
     }
+}
+
+/// Makes `fd` the spawned child's descriptor `target`, open across exec. Only that child gets it: the descriptor
+/// stays close-on-exec in this process, so no other command started meanwhile (by another thread) inherits it.
+pub fn hand_over_fd(cmd: &mut Command, fd: BorrowedFd<'_>, target: RawFd) {
+    let source = fd.as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and calls only dup2 and fcntl, which are
+    // async-signal-safe; it touches no memory of the parent's other threads.
+    unsafe {
+        cmd.pre_exec(move || {
+            let placed = if source == target {
+                // dup2 onto itself would keep close-on-exec set.
+                libc::fcntl(target, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(source, target)
+            };
+            if placed == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Takes the descriptor `fd` that this process was started with (see [`hand_over_fd`]), marking it close-on-exec
+/// so the commands it runs do not inherit it. None when no such descriptor is open.
+pub fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 3 {
+        return None;
+    }
+    // SAFETY: F_GETFD on any number is harmless; it fails with EBADF when nothing is open there.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (checked above) and was placed for us by our parent; it is taken once, at
+    // start, before anything else in this process could have opened, closed or claimed that number.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC).ok()?;
+    Some(owned)
 }

@@ -217,6 +217,106 @@ fn the_restart_policy_restarts_a_crash_and_gives_up_after_its_limit() {
 }
 
 #[test]
+fn a_container_being_made_is_never_adopted_by_a_concurrent_ps() {
+    let Some(lab) = Lab::new() else { return };
+    // `ps` (as root) adopts containers whose supervisor is gone. One running in a loop must never take a container
+    // that `run` is still making for such an orphan: that started a second supervisor racing the first.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looper = {
+        let stop = stop.clone();
+        let state = lab.state.clone();
+        std::thread::spawn(move || {
+            let mut said = String::new();
+            let mut rounds = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && rounds < 100_000 {
+                let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+                    .arg("--state-dir")
+                    .arg(&state)
+                    .arg("ps")
+                    .output()
+                    .expect("run flotilla ps");
+                said.push_str(&String::from_utf8_lossy(&out.stderr));
+                rounds += 1;
+            }
+            (said, rounds)
+        })
+    };
+    let names = ["race0", "race1", "race2", "race3", "race4"];
+    for name in names {
+        lab.ok(&[
+            "run",
+            &lab.image,
+            "--name",
+            name,
+            "--detach",
+            "--",
+            "-c",
+            LONG_RUNNING,
+        ]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (said, rounds) = looper.join().expect("the ps loop");
+    assert!(rounds > 1, "ps ran alongside the runs");
+    assert!(
+        !said.contains("adopted"),
+        "ps adopted a container being made: {said}"
+    );
+    for name in names {
+        let c = lab.container(name);
+        assert_eq!(c["state"], "running", "{c}");
+        assert_eq!(c["restarts"], 0, "{c}");
+        let supervisors = common::processes_with(&["supervise", name]);
+        assert_eq!(
+            supervisors.len(),
+            1,
+            "{name}: one supervisor, not {supervisors:?}"
+        );
+    }
+}
+
+#[test]
+fn a_supervisor_that_does_not_answer_is_killed_and_the_stop_still_happens() {
+    let Some(lab) = Lab::new() else { return };
+    lab.ok(&[
+        "run",
+        &lab.image,
+        "--name",
+        "stuck",
+        "--detach",
+        "--",
+        "-c",
+        // Ignores SIGTERM, as a shell as PID 1 does: only SIGKILL ends it.
+        "trap '' TERM; echo hello; while :; do busybox sleep 0.1; done",
+    ]);
+    wait_for("the container's output", Duration::from_secs(30), || {
+        lab.logs("stuck").contains("hello")
+    });
+    let lock = lab.container_dir("stuck").join("supervisor.lock");
+    let supervisor: i32 = std::fs::read_to_string(&lock)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pid = rustix::process::Pid::from_raw(supervisor).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let out = lab.flotilla(&["stop", "stuck", "--time", "1"]);
+    // Whatever happened, the supervisor must not stay stopped behind a failed test.
+    let _ = rustix::process::kill_process(pid, rustix::process::Signal::CONT);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let alive = std::fs::read_to_string(format!("/proc/{supervisor}/stat"))
+        .is_ok_and(|s| !s.contains(") Z "));
+    assert!(!alive, "the supervisor that did not answer was killed");
+    let c = lab.container("stuck");
+    assert_eq!(c["state"], "stopped", "{c}");
+    assert_eq!(c["supervised"], false, "{c}");
+    assert!(
+        common::processes_with(&["trap '' TERM"]).is_empty(),
+        "the container's processes are gone"
+    );
+    lab.ok(&["rm", "stuck"]);
+}
+
+#[test]
 fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
     let Some(lab) = Lab::new() else { return };
     lab.ok(&[
@@ -268,8 +368,16 @@ fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
     assert_eq!(after["restarts"], 0, "{after}");
     assert_eq!(after["supervised"], true, "{after}");
     // The new supervisor reads the same pipes: the output written at the stop still reaches the log.
-    lab.ok(&["stop", "adopt", "--time", "20"]);
-    assert!(lab.logs("adopt").contains("bye"));
+    let stop = lab.flotilla(&["stop", "adopt", "--time", "20"]);
+    assert!(stop.status.success(), "{}", output_text(&stop));
+    let logs = lab.logs("adopt");
+    assert!(
+        logs.contains("bye"),
+        "stop: {}\nlogs: {logs}\nsupervisor.log: {}",
+        output_text(&stop),
+        std::fs::read_to_string(lab.container_dir("adopt").join("supervisor.log"))
+            .unwrap_or_default()
+    );
     assert_eq!(lab.container("adopt")["state"], "stopped");
 }
 

@@ -237,11 +237,21 @@ fn lifecycle_output_exec_and_volumes() {
         .runc
         .exec(
             &c.id,
-            &["sleep".into(), "1000".into()],
+            // 1001: the container's own process is a `sleep 1000`.
+            &["sleep".into(), "1001".into()],
             Duration::from_millis(200),
         )
         .unwrap_err();
     assert!(matches!(e, RuntimeError::ExecTimeout { .. }), "{e}");
+    // Nothing of it is left: not the probe, not runc's helpers (a timeout on a slow CPU lands mid-setup).
+    common::wait_for(
+        "the timed-out probe and its runc processes to be gone",
+        Duration::from_secs(10),
+        || {
+            common::processes_with(&["sleep", "1001"]).is_empty()
+                && common::processes_with(&["runc", "exec", &c.id]).is_empty()
+        },
+    );
     // runc's own failure reaches the error through its JSON log.
     let e = f
         .runc

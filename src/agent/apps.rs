@@ -84,14 +84,15 @@ impl Apps {
                     wanted.allow_emulation |= self.config.run.allow_emulation;
                     t.stored.as_deref() == Some(spec.image.as_str()) && wanted == spec.settings
                 });
-                let supervised = c.supervisor_pid().is_some();
+                let supervised = c.is_locked();
                 let running = control::is_running(&c, self.runtime.as_ref());
                 if same && supervised && !c.status().state.is_final() {
                     return Ok(());
                 }
                 if same && running {
                     // Its supervisor died (the machine did not reboot: the container runs): a new one adopts it.
-                    return control::spawn_supervisor(&self.state_dir, &c).map_err(|e| text(&e));
+                    return control::spawn_supervisor(&self.state_dir, &c, None)
+                        .map_err(|e| text(&e));
                 }
                 control::remove(&c, &self.runtime, spec.settings.stop_grace)
                     .map_err(|e| text(&e))?;

@@ -54,8 +54,9 @@ pub fn on_terminate(
         "the system is shutting down: stopping {} container(s), the longest grace period {longest:?}",
         containers.len()
     );
-    // The stop may outlast the unit's TimeoutStopSec= when an app's grace period is long.
-    let usec = (longest + Duration::from_secs(20)).as_micros();
+    // The stop may outlast the unit's TimeoutStopSec= when an app's grace period is long: ask for its worst case,
+    // a supervisor that does not answer included, so systemd does not kill the agent half-way through it.
+    let usec = (control::stop_deadline(longest) + Duration::from_secs(5)).as_micros();
     let _ = sd_notify::notify(
         false,
         &[
@@ -68,7 +69,7 @@ pub fn on_terminate(
     stopped
 }
 
-/// The containers a shutdown must stop (those with a live supervisor) and the longest grace period among them.
+/// The containers a shutdown must stop (those with a live supervisor, or being made) and the longest grace period among them.
 fn supervised(state_dir: &Path) -> (Vec<(Container, Duration)>, Duration) {
     let listed = Container::list(state_dir).unwrap_or_else(|e| {
         tracing::warn!(
@@ -79,7 +80,7 @@ fn supervised(state_dir: &Path) -> (Vec<(Container, Duration)>, Duration) {
     });
     let containers: Vec<(Container, Duration)> = listed
         .into_iter()
-        .filter(|c| c.supervisor_pid().is_some())
+        .filter(|c| c.is_locked())
         .map(|c| {
             let grace = c
                 .spec()
@@ -135,9 +136,9 @@ mod tests {
     #[test]
     fn an_agent_stopped_while_the_system_runs_leaves_its_containers_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &ContainerSpec::example("app")).unwrap();
+        let (c, made) = Container::create(dir.path(), &ContainerSpec::example("app")).unwrap();
         // This test process plays the container's live supervisor.
-        let _lock = c.lock_supervisor().unwrap();
+        let _lock = c.claim_lock(made).unwrap();
         let recording = Arc::new(Recording::new());
         let runtime: Arc<dyn Runtime> = recording.clone();
         assert!(on_terminate(&Running, dir.path(), &runtime).is_empty());

@@ -34,8 +34,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     };
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
     let state = container.status().state;
-    let alive =
-        container.supervisor_pid().is_some() || control::is_running(&container, runtime.as_ref());
+    let alive = container.is_locked() || control::is_running(&container, runtime.as_ref());
     if alive && !args.force {
         return Err(RmError::Running(container.name.clone(), state.as_str()).into());
     }

@@ -13,21 +13,29 @@ use crate::unpack::{Snapshots, rootfs};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     pub name: String,
+    /// The container's lock, already held: handed over by the process that made the container
+    #[arg(long, hide = true)]
+    pub lock_fd: Option<i32>,
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     // Own session: a terminal's hangup or the starting shell's exit must not reach the supervisor.
     let _ = rustix::process::setsid();
-    // The container's init is re-parented to us when the runtime's create command exits, so its exit status is ours
-    // to read (see supervise::supervisor).
-    rustix::process::set_child_subreaper(Some(rustix::process::getpid())).map_err(|e| {
-        CliError::Io {
-            what: "the subreaper flag".to_string(),
-            source: e.into(),
-        }
-    })?;
     let container = Container::open(&ctx.state_dir, &args.name)?;
-    let _lock = match container.lock_supervisor() {
+    let inherited = match args.lock_fd {
+        Some(fd) => Some(
+            crate::sys::take_inherited_fd(fd).ok_or_else(|| CliError::Io {
+                what: format!("the container's lock on descriptor {fd} (it was not handed over)"),
+                source: std::io::Error::from_raw_os_error(libc::EBADF),
+            })?,
+        ),
+        None => None,
+    };
+    let locked = match inherited {
+        Some(fd) => container.claim_lock(std::fs::File::from(fd)),
+        None => container.lock_supervisor(),
+    };
+    let _lock = match locked {
         Ok(l) => l,
         // Another supervisor has it: nothing to do.
         Err(ContainerError::Durable(crate::durable::DurableError::Locked { .. })) => {

@@ -7,7 +7,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -205,6 +205,9 @@ fn exit_code(status: ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
+/// How long a timed-out `runc exec` may take to start its process, so that the process can be killed by its pid.
+const EXEC_SETTLE: Duration = Duration::from_secs(5);
+
 impl Runtime for Runc {
     fn create(&self, id: &str, bundle: &Path, io: Io) -> Result<(), RuntimeError> {
         let mut cmd = self.command("create");
@@ -274,7 +277,11 @@ impl Runtime for Runc {
             // The probe's own output is not kept: only its exit code is the verdict, and an unread pipe would
             // block a chatty probe until its timeout.
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::null())
+            // A group of its own: runc's helper processes and the probe it starts are in it, so a timeout kills
+            // them all at once. Killing runc alone left its helpers orphaned, and a helper that is never reaped
+            // keeps the container's dying PID namespace from ending.
+            .process_group(0);
         let offset = self.log_len();
         let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
         let deadline = Instant::now() + timeout;
@@ -305,14 +312,30 @@ impl Runtime for Runc {
                 }
             }
             Err(()) => {
-                // Killing runc alone would leave the probe running inside the container: kill the process runc
-                // started, by the pid it wrote.
-                let pid = fs::read_to_string(&pid_file)
+                // Killing runc alone would leave the probe running inside the container (runc's init makes it a
+                // session of its own, out of runc's group): kill the process runc started, by the pid it writes
+                // once the process exists. A timeout during runc's own setup (a slow CPU) waits for that, bounded.
+                let settle = Instant::now() + EXEC_SETTLE;
+                loop {
+                    let pid = fs::read_to_string(&pid_file)
+                        .ok()
+                        .and_then(|p| p.trim().parse::<i32>().ok())
+                        .and_then(rustix::process::Pid::from_raw);
+                    if let Some(pid) = pid {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                        break;
+                    }
+                    if !matches!(child.try_wait(), Ok(None)) || Instant::now() >= settle {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Some(group) = i32::try_from(child.id())
                     .ok()
-                    .and_then(|p| p.trim().parse::<i32>().ok())
-                    .and_then(rustix::process::Pid::from_raw);
-                if let Some(pid) = pid {
-                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    let _ =
+                        rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
                 }
                 let _ = child.kill();
                 let _ = child.wait();

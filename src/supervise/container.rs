@@ -15,6 +15,12 @@
 //!
 //! A flock rather than a pid file decides liveness: the kernel drops it when the supervisor dies, however it dies,
 //! so a stale pid can never make a dead supervisor look alive (or a recycled pid make a stranger look like one).
+//!
+//! The lock is also what makes a container someone's: its creator takes it before the container can be listed
+//! (before `container.json` exists), holds it while the root and the bundle are made, and hands the very same
+//! lock to the supervisor it starts. A half-made container is therefore never unlocked, so `flotilla ps` cannot
+//! take it for an orphan and start a second supervisor on it, and whoever removes a container does so holding the
+//! lock. While its creator holds it the lock file names no pid: there is no supervisor to signal yet.
 
 use std::fs;
 use std::io::{Read, Seek, Write};
@@ -47,6 +53,10 @@ pub enum ContainerError {
         "a container named {0} exists already: remove it with flotilla rm {0}, or choose another --name"
     )]
     Exists(String),
+    #[error(
+        "container {0} is being made, supervised or removed by another process; wait for it, or see flotilla ps"
+    )]
+    Busy(String),
     #[error("{path} is damaged ({reason}); remove the container with flotilla rm --force {name}")]
     Damaged {
         name: String,
@@ -204,9 +214,15 @@ impl Container {
         Ok(c)
     }
 
-    /// Makes the directory and writes the spec. The name is claimed by `mkdir`, which fails for the second of two
-    /// racing creators.
-    pub fn create(state_dir: &Path, spec: &ContainerSpec) -> Result<Container, ContainerError> {
+    /// Makes the directory and writes the spec, holding the supervisor lock from before the container can be
+    /// listed: the returned lock is the one to hand to its supervisor ([`control::spawn_supervisor`]). The name is
+    /// claimed by `mkdir`, which fails for the second of two racing creators.
+    ///
+    /// [`control::spawn_supervisor`]: super::control::spawn_supervisor
+    pub fn create(
+        state_dir: &Path,
+        spec: &ContainerSpec,
+    ) -> Result<(Container, fs::File), ContainerError> {
         let c = Container::at(state_dir, &spec.name)?;
         durable::create_dir(&state_dir.join(CONTAINERS_DIR))?;
         match fs::create_dir(&c.dir) {
@@ -221,10 +237,14 @@ impl Container {
                 });
             }
         }
+        let lock = durable::lock_file(
+            &c.dir.join(LOCK_FILE),
+            FlockOperation::NonBlockingLockExclusive,
+        )?;
         let json = serde_json::to_vec_pretty(spec).map_err(|e| c.damaged(SPEC_FILE, e))?;
         durable::write_atomic(&c.dir, SPEC_FILE, &json)?;
         c.write_status(&Status::default())?;
-        Ok(c)
+        Ok((c, lock))
     }
 
     /// Every container under `state_dir`, by name.
@@ -287,12 +307,33 @@ impl Container {
     }
 
     /// Takes the supervisor lock for the life of the returned file and writes our pid into it. `Locked` when a
-    /// supervisor is alive.
+    /// supervisor is alive, or the container is being made or removed.
     pub fn lock_supervisor(&self) -> Result<fs::File, ContainerError> {
-        let mut file = durable::lock_file(
+        let file = durable::lock_file(
             &self.dir.join(LOCK_FILE),
             FlockOperation::NonBlockingLockExclusive,
         )?;
+        self.claim_lock(file)
+    }
+
+    /// Takes the lock to change the container from outside a supervisor (to remove it): `Busy` when anyone holds
+    /// it. The file is emptied, so the pid of the supervisor that last held it is never taken for ours.
+    pub fn hold(&self) -> Result<fs::File, ContainerError> {
+        let path = self.dir.join(LOCK_FILE);
+        let file = match durable::lock_file(&path, FlockOperation::NonBlockingLockExclusive) {
+            Ok(f) => f,
+            Err(DurableError::Locked { .. }) => {
+                return Err(ContainerError::Busy(self.name.clone()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        file.set_len(0)
+            .map_err(|source| ContainerError::Io { path, source })?;
+        Ok(file)
+    }
+
+    /// Makes a lock this process holds already (handed over by the container's creator) name us as its supervisor.
+    pub fn claim_lock(&self, mut file: fs::File) -> Result<fs::File, ContainerError> {
         let path = self.dir.join(LOCK_FILE);
         let io = |source| ContainerError::Io {
             path: path.clone(),
@@ -304,7 +345,18 @@ impl Container {
         Ok(file)
     }
 
-    /// The live supervisor's pid, or None when none holds the lock.
+    /// Whether anyone holds the lock: a live supervisor, or the container's creator or remover.
+    pub fn is_locked(&self) -> bool {
+        matches!(
+            durable::lock_file(
+                &self.dir.join(LOCK_FILE),
+                FlockOperation::NonBlockingLockShared
+            ),
+            Err(DurableError::Locked { .. })
+        )
+    }
+
+    /// The live supervisor's pid, or None when none holds the lock (or its holder is not a supervisor).
     pub fn supervisor_pid(&self) -> Option<i32> {
         let path = self.dir.join(LOCK_FILE);
         match durable::lock_file(&path, FlockOperation::NonBlockingLockShared) {
@@ -381,14 +433,14 @@ mod tests {
     #[test]
     fn create_open_list_and_a_second_create_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
+        let (c, _lock) = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
         assert_eq!(c.spec().unwrap(), ContainerSpec::example("web"));
         assert_eq!(c.status().state, State::Created);
         assert!(matches!(
             Container::create(dir.path(), &ContainerSpec::example("web")),
             Err(ContainerError::Exists(_))
         ));
-        Container::create(dir.path(), &ContainerSpec::example("db")).unwrap();
+        drop(Container::create(dir.path(), &ContainerSpec::example("db")).unwrap());
         let names: Vec<String> = Container::list(dir.path())
             .unwrap()
             .into_iter()
@@ -404,8 +456,10 @@ mod tests {
     #[test]
     fn the_lock_tells_whether_a_supervisor_lives() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
+        let (c, made) = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
+        drop(made);
         assert_eq!(c.supervisor_pid(), None);
+        assert!(!c.is_locked());
         let held = c.lock_supervisor().unwrap();
         assert_eq!(c.supervisor_pid(), Some(std::process::id() as i32));
         assert!(c.lock_supervisor().is_err());
@@ -414,9 +468,26 @@ mod tests {
     }
 
     #[test]
+    fn a_container_is_locked_by_its_creator_from_before_it_can_be_listed_until_its_supervisor_has_it()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, made) = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
+        // Listed, unfinished (created) and locked: nobody may adopt it, and there is no supervisor to signal.
+        assert_eq!(Container::list(dir.path()).unwrap().len(), 1);
+        assert!(c.is_locked());
+        assert_eq!(c.supervisor_pid(), None);
+        assert!(c.lock_supervisor().is_err());
+        // The same lock, handed over, names its new holder.
+        let held = c.claim_lock(made).unwrap();
+        assert_eq!(c.supervisor_pid(), Some(std::process::id() as i32));
+        drop(held);
+        assert!(!c.is_locked());
+    }
+
+    #[test]
     fn stop_requests_carry_the_grace_period() {
         let dir = tempfile::tempdir().unwrap();
-        let c = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
+        let (c, _lock) = Container::create(dir.path(), &ContainerSpec::example("web")).unwrap();
         assert_eq!(c.stop_requested(), None);
         c.request_stop(std::time::Duration::from_millis(1500))
             .unwrap();

@@ -1,6 +1,7 @@
 //! What the commands do to a container from outside its supervisor: start a supervisor process, stop, remove,
 //! and adopt containers whose supervisor died.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -15,10 +16,23 @@ const SPAWN_WAIT: Duration = Duration::from_secs(30);
 /// Added to the grace period while waiting for a stop: the runtime's own commands and the final status write.
 const STOP_SLACK: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(50);
+/// Time for a supervisor to die after SIGKILL: long only for a process stuck in the kernel.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The descriptor number a supervisor is handed its container's lock on.
+pub const LOCK_FD: i32 = 3;
 
 /// Starts `flotilla supervise NAME` in its own session, detached from the caller, and waits until it holds the
 /// container's lock. Its own messages go to `supervisor.log` in the container's directory.
-pub fn spawn_supervisor(state_dir: &Path, container: &Container) -> Result<(), SuperviseError> {
+///
+/// `made` is the lock the container's creator holds ([`Container::create`]): the supervisor inherits that very
+/// lock, so the container is never unlocked between its making and its supervision. The caller keeps its own
+/// handle until this returns, and so still holds the lock to clean up with when the supervisor failed.
+pub fn spawn_supervisor(
+    state_dir: &Path,
+    container: &Container,
+    made: Option<&std::fs::File>,
+) -> Result<(), SuperviseError> {
     let io = |what: &str| {
         let what = what.to_string();
         let name = container.name.clone();
@@ -30,11 +44,17 @@ pub fn spawn_supervisor(state_dir: &Path, container: &Container) -> Result<(), S
         .append(true)
         .open(container.dir.join("supervisor.log"))
         .map_err(io("supervisor.log"))?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .arg("--state-dir")
         .arg(state_dir)
         .arg("supervise")
-        .arg(&container.name)
+        .arg(&container.name);
+    if let Some(lock) = made {
+        crate::sys::hand_over_fd(&mut command, lock.as_fd(), LOCK_FD);
+        command.arg("--lock-fd").arg(LOCK_FD.to_string());
+    }
+    let mut child = command
         // The agent's systemd notification socket is the agent's: runc hands NOTIFY_SOCKET on to the container
         // and waits for the app to say READY, which a plain app never does.
         .env_remove("NOTIFY_SOCKET")
@@ -90,31 +110,74 @@ pub fn wait_started(container: &Container, limit: Duration) -> State {
     }
 }
 
+/// The container's supervisor, once any process that is still making the container (it holds the lock without
+/// naming a supervisor) has handed it over or given up.
+fn supervisor_after_making(container: &Container) -> Option<i32> {
+    let deadline = Instant::now() + SPAWN_WAIT;
+    loop {
+        let pid = container.supervisor_pid();
+        if pid.is_some() || !container.is_locked() || Instant::now() >= deadline {
+            return pid;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The longest a [`stop`] can take: the grace period, the supervisor's own slack, then, should the supervisor not
+/// answer, the wait for it to die and the runtime's kill and delete. What a caller tells systemd it needs.
+pub fn stop_deadline(grace: Duration) -> Duration {
+    grace + STOP_SLACK + KILL_WAIT + STOP_SLACK
+}
+
 /// Stops the container: through its supervisor when one lives (so that it records the stop and does not restart),
 /// else directly through the runtime. Returns once the container's process is gone.
+///
+/// A supervisor that does not finish within the grace period and its slack (stopped, stuck on a slow machine) is
+/// killed, and the container is killed through the runtime at once, its grace period being spent: a stop must
+/// not hang on the process that failed to do it.
 pub fn stop(
     container: &Container,
     runtime: &Arc<dyn Runtime>,
     grace: Duration,
 ) -> Result<(), SuperviseError> {
-    if let Some(pid) = container.supervisor_pid() {
+    if let Some(pid) = supervisor_after_making(container) {
         container.request_stop(grace)?;
-        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
+        let pid = rustix::process::Pid::from_raw(pid);
+        if let Some(pid) = pid {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
-        let deadline = Instant::now() + grace + STOP_SLACK;
-        while container.supervisor_pid().is_some() && Instant::now() < deadline {
-            std::thread::sleep(POLL);
-        }
-        if container.supervisor_pid().is_none() {
+        if wait_unlocked(container, grace + STOP_SLACK) {
             container.clear_stop_request();
             return Ok(());
         }
-        tracing::warn!(container = %container.name, "the supervisor did not stop in time; stopping through the runtime");
+        tracing::warn!(
+            container = %container.name,
+            "the supervisor did not stop the container within {:?}: killing the supervisor, then the container",
+            grace + STOP_SLACK
+        );
+        // Its lock names it; a pid read from a held lock is a live process, not a recycled number.
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+        if !wait_unlocked(container, KILL_WAIT) {
+            tracing::warn!(container = %container.name, "the supervisor survived SIGKILL for {KILL_WAIT:?}");
+        }
+        return stop_unsupervised(container, runtime, Duration::ZERO);
     }
     stop_unsupervised(container, runtime, grace)
 }
 
+/// Waits up to `limit` for the container's lock to be free; whether it is.
+fn wait_unlocked(container: &Container, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while container.is_locked() && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+    }
+    !container.is_locked()
+}
+
+/// SIGTERM and `grace` (none when zero), then SIGKILL to every process of the container, then the runtime's
+/// delete.
 fn stop_unsupervised(
     container: &Container,
     runtime: &Arc<dyn Runtime>,
@@ -130,10 +193,12 @@ fn stop_unsupervised(
         }))
     };
     if running(runtime)? {
-        let _ = runtime.kill(id, libc::SIGTERM, false);
-        let deadline = Instant::now() + grace;
-        while running(runtime)? && Instant::now() < deadline {
-            std::thread::sleep(POLL);
+        if !grace.is_zero() {
+            let _ = runtime.kill(id, libc::SIGTERM, false);
+            let deadline = Instant::now() + grace;
+            while running(runtime)? && Instant::now() < deadline {
+                std::thread::sleep(POLL);
+            }
         }
         if running(runtime)? {
             let _ = runtime.kill(id, libc::SIGKILL, true);
@@ -162,8 +227,9 @@ fn stop_unsupervised(
 pub fn adopt_orphans(state_dir: &Path) -> Result<Vec<String>, SuperviseError> {
     let mut adopted = Vec::new();
     for c in Container::list(state_dir)? {
-        if c.supervisor_pid().is_none() && !c.status().state.is_final() {
-            spawn_supervisor(state_dir, &c)?;
+        // Locked without a supervisor is a container being made or removed: its maker or remover owns it.
+        if !c.is_locked() && !c.status().state.is_final() {
+            spawn_supervisor(state_dir, &c, None)?;
             adopted.push(c.name.clone());
         }
     }
@@ -186,10 +252,12 @@ pub fn remove(
     runtime: &Arc<dyn Runtime>,
     grace: Duration,
 ) -> Result<(), SuperviseError> {
-    let alive = container.supervisor_pid().is_some() || is_running(container, runtime.as_ref());
+    let alive = container.is_locked() || is_running(container, runtime.as_ref());
     if alive || !container.status().state.is_final() {
         stop(container, runtime, grace)?;
     }
+    // Removed only by whoever holds the lock: a supervisor that adopted the container meanwhile keeps it.
+    let _held = container.hold()?;
     if runtime.state(&container.name)?.is_some() {
         runtime.delete(&container.name, true)?;
     }

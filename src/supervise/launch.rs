@@ -67,7 +67,8 @@ pub fn diff_ids(image: &StoredImage) -> Vec<crate::digest::Digest> {
 }
 
 /// Creates the container record, its root and bundle, and starts its supervisor. Whatever fails leaves no
-/// container behind.
+/// container behind. The container's lock is held throughout and handed to the supervisor, so nothing else takes
+/// the half-made container for an orphan, and the clean-up after a failure removes only what is still ours.
 pub fn launch(l: &Launch<'_>) -> Result<Launched, LaunchError> {
     crate::supervise::container::validate_name(l.name)?;
     let snapshots = Snapshots::open(l.state_dir)?;
@@ -95,9 +96,9 @@ pub fn launch(l: &Launch<'_>) -> Result<Launched, LaunchError> {
         emulated_by: emulated_by.clone(),
         host: l.host.describe(),
     };
-    let container = Container::create(l.state_dir, &spec)?;
+    let (container, lock) = Container::create(l.state_dir, &spec)?;
     let made = make(l, &container, &snapshots).and_then(|root| {
-        control::spawn_supervisor(l.state_dir, &container)?;
+        control::spawn_supervisor(l.state_dir, &container, Some(&lock))?;
         Ok(root)
     });
     match made {
@@ -108,8 +109,10 @@ pub fn launch(l: &Launch<'_>) -> Result<Launched, LaunchError> {
             root,
         }),
         Err(e) => {
+            // Still ours: a supervisor that started and failed has let go of the lock we hold too.
             let _ = rootfs::release(&container.dir);
             let _ = std::fs::remove_dir_all(&container.dir);
+            drop(lock);
             Err(e)
         }
     }

@@ -1,11 +1,15 @@
 //! The supervisor of one container: starts it through the runtime, pumps its output into the logs, probes its
 //! health, restarts it by its policy, stops it gracefully, and adopts it after a supervisor restart.
 //!
-//! The supervisor is the container's parent: it makes itself a child subreaper before the runtime forks the
-//! container's init, so when `runc create` exits the init is re-parented to the supervisor and its exit status
-//! (the code, or the signal) reaches us through `waitpid`. A supervisor that finds its container already running
-//! (it died, and this is its successor) is not the parent; it watches the process through a pidfd, which tells
-//! that it ended but not how.
+//! The supervisor is the container's parent: it makes itself a child subreaper while `runc create` runs, so when
+//! that command exits the init is re-parented to the supervisor and its exit status (the code, or the signal)
+//! reaches us through `waitpid`. It stops being a subreaper as soon as the create returns: every other orphan
+//! (the helpers of a health probe's `runc exec` that timed out on a slow CPU) then goes to the system's init,
+//! which reaps it. A supervisor that stayed a subreaper would have to reap them itself, and a `waitpid(-1)` of its
+//! own would steal the exit statuses of the runtime commands it waits for; an orphan nobody reaps keeps the
+//! container's dying PID namespace alive, and `runc delete` then fails at the stop. A supervisor that finds its
+//! container already running (it died, and this is its successor) is not the parent; it watches the process
+//! through a pidfd, which tells that it ended but not how.
 //!
 //! The container's stdout and stderr are FIFOs in its directory, handed to the container opened read-write. The
 //! container then holds a reader of its own pipe, so when the supervisor dies the container's writes never fail
@@ -310,13 +314,20 @@ impl Supervisor {
         };
         let bundle = self.container.bundle_dir();
         let id_owned = id.to_string();
+        let reaper = Subreaper::set()
+            .map_err(|e| format!("cannot become the container's subreaper: {e}"))?;
         let created = self
-            .blocking(move |rt| {
-                rt.create(&id_owned, &bundle, io)?;
-                rt.start(&id_owned)
+            .blocking({
+                let id = id_owned.clone();
+                move |rt| rt.create(&id, &bundle, io)
             })
             .await;
-        if let Err(e) = created {
+        drop(reaper);
+        let started = match created {
+            Ok(()) => self.blocking(move |rt| rt.start(&id_owned)).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
             return Err(crate::error_chain(&e));
         }
         let text = std::fs::read_to_string(&pid_file)
@@ -466,6 +477,22 @@ impl Supervisor {
 }
 
 type ExitFuture = Pin<Box<dyn Future<Output = Exit> + Send>>;
+
+/// This process as a child subreaper, for as long as the value lives (see the module doc).
+struct Subreaper;
+
+impl Subreaper {
+    fn set() -> io::Result<Subreaper> {
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
+        Ok(Subreaper)
+    }
+}
+
+impl Drop for Subreaper {
+    fn drop(&mut self) {
+        let _ = rustix::process::set_child_subreaper(None);
+    }
+}
 
 /// The container's init process: our child, or one we adopted.
 enum Child {

@@ -91,3 +91,22 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out after {limit:?} waiting for {what}");
 }
+
+/// The pids of live processes (zombies excluded: they have no command line) whose command line, its arguments
+/// joined by spaces, contains every one of `words`.
+pub fn processes_with(words: &[&str]) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let line = String::from_utf8_lossy(&raw).replace('\0', " ");
+            !raw.is_empty() && words.iter().all(|w| line.contains(w))
+        })
+        .collect()
+}
