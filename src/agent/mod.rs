@@ -56,6 +56,9 @@ pub struct Agent {
     preparing: HashMap<String, tokio::task::JoinHandle<Result<String, String>>>,
     /// The last status reported per app, so only changes are sent.
     reported: HashMap<String, AppStatus>,
+    /// Apps whose release could not be started, with when to try again and the wait after that: a device
+    /// without its server must still bring its committed release back once what stood in the way is gone.
+    rerun: HashMap<String, (tokio::time::Instant, Duration)>,
     /// A test hook: stop (and wait to be killed) right after this update state is written.
     halt_at: Option<String>,
     seq: u64,
@@ -144,6 +147,7 @@ impl Agent {
             sampler,
             preparing: HashMap::new(),
             reported: HashMap::new(),
+            rerun: HashMap::new(),
             halt_at: std::env::var("FLOTILLA_TEST_HALT_AT").ok(),
             seq: 0,
         })
@@ -249,6 +253,9 @@ impl Agent {
                     (Some(r), None) => Err(format!("the release {} is unknown here", r.id)),
                     _ => tokio::task::block_in_place(|| self.apps.run(app, release.as_ref())),
                 };
+                if result.is_ok() {
+                    self.rerun.remove(app);
+                }
                 match (state, result) {
                     (State::RollingBack { .. }, Ok(())) => {
                         Box::pin(self.apply(app, update::Event::RolledBack)).await?;
@@ -264,8 +271,19 @@ impl Agent {
                         .await?;
                     }
                     (_, Err(reason)) => {
-                        // Tried again on the next boot or desire; the report says why meanwhile.
-                        tracing::error!(app, "cannot run the release: {reason}");
+                        // Tried again with backoff (and on the next desire); the report says why meanwhile.
+                        let wait = self
+                            .rerun
+                            .get(app)
+                            .map_or(RERUN_FIRST, |(_, last)| (*last * 2).min(RERUN_MAX));
+                        tracing::error!(
+                            app,
+                            "cannot run the release: {reason}; trying again in {wait:?}"
+                        );
+                        self.rerun.insert(
+                            app.to_string(),
+                            (tokio::time::Instant::now() + jitter(wait), wait),
+                        );
                     }
                     _ => {}
                 }
@@ -345,6 +363,21 @@ impl Agent {
                 Err(reason) => update::Event::PrepareFailed { reason },
             };
             self.apply(&app, event).await?;
+        }
+        let due: Vec<String> = self
+            .rerun
+            .iter()
+            .filter(|(_, (at, _))| tokio::time::Instant::now() >= *at)
+            .map(|(app, _)| app.clone())
+            .collect();
+        for app in due {
+            let state = self.db.app_state(&app)?;
+            // Only the run: a pull that failed has its own retry, through the next desired state.
+            for action in update::resume(&state) {
+                if matches!(action, Action::Run(_)) {
+                    self.execute(&app, &state, action).await?;
+                }
+            }
         }
         for app in self.db.apps()? {
             let state = self.db.app_state(&app)?;
@@ -556,6 +589,10 @@ impl Agent {
         }
     }
 }
+
+/// The first wait before a release that could not be started is tried again, and the longest.
+const RERUN_FIRST: Duration = Duration::from_secs(2);
+const RERUN_MAX: Duration = Duration::from_secs(300);
 
 /// Up to 50% more, so a fleet that lost its server does not come back in lockstep.
 fn jitter(d: Duration) -> Duration {
