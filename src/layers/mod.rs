@@ -567,8 +567,8 @@ impl ImageTree {
     }
 }
 
-/// Copies `wanted` (normalised, a regular file in the index) out of a snapshot. The kernel keeps the open inside
-/// the snapshot and refuses symlinks on the way: the index said it is a file reached through directories.
+/// Copies `wanted` (normalised, a regular file in the index) out of a snapshot. The open stays inside the snapshot
+/// and refuses symlinks on the way ([`crate::fs_root`]): the index said it is a file reached through directories.
 fn extract_from_snapshot(
     diff_id: &Digest,
     rootfs: &Path,
@@ -577,7 +577,8 @@ fn extract_from_snapshot(
     dest: &Path,
     limit: u64,
 ) -> Result<(), LayerError> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+    use crate::fs_root::{Symlinks, open_in_root};
+    use rustix::fs::OFlags;
     let shown = rootfs.join(wanted);
     let read_err = |source: io::Error| LayerError::Read {
         layer: diff_id.clone(),
@@ -593,12 +594,11 @@ fn extract_from_snapshot(
         });
     }
     let root = File::open(rootfs).map_err(read_err)?;
-    let fd = openat2(
+    let fd = open_in_root(
         &root,
         wanted,
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS,
+        Symlinks::Refuse,
     )
     .map_err(|e| read_err(e.into()))?;
     let mut out = File::create(dest).map_err(|source| LayerError::Write {
