@@ -888,6 +888,49 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_file_is_read_inside_the_snapshot_and_never_through_a_symlink() {
+        use crate::fs_root::{Resolver, with_resolver};
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"host").unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::write(rootfs.join("bin/app"), b"app!").unwrap();
+        // A snapshot changed after it was indexed: the index says lib/secret is a file under a directory.
+        std::os::unix::fs::symlink(&outside, rootfs.join("lib")).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(4);
+        let mut index = LayerIndex::default();
+        index.record(b"bin/app", &h, None, 4);
+        index.record(b"lib/secret", &h, None, 4);
+        let diff_id = Digest::sha256_of(b"snapshot");
+        for resolver in Resolver::available() {
+            with_resolver(resolver, || {
+                let mut t = ImageTree::from_snapshots(vec![(
+                    diff_id.clone(),
+                    rootfs.clone(),
+                    index.clone(),
+                )]);
+                let dest = dir.path().join("out");
+                let found = t.resolve("/bin/app").unwrap();
+                t.extract(&found, &dest, 100).unwrap();
+                assert_eq!(std::fs::read(&dest).unwrap(), b"app!", "{resolver:?}");
+                let found = t.resolve("/lib/secret").unwrap();
+                match t.extract(&found, &dest, 100) {
+                    Err(LayerError::Read { source, .. }) => assert_eq!(
+                        source.raw_os_error(),
+                        Some(rustix::io::Errno::LOOP.raw_os_error()),
+                        "{resolver:?}"
+                    ),
+                    other => panic!("{resolver:?}: {other:?}"),
+                }
+            });
+        }
+    }
+
+    #[test]
     fn garbage_layer_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         for (i, junk) in [&b"\x1f\x8b\x08garbage"[..], &[0xffu8; 1500][..]]
