@@ -18,8 +18,8 @@
 //!   starts again at the root. After 40 symlinks (the kernel's own bound) the walk stops with ELOOP.
 //! - `..` goes back to the parent *as walked*: the names from the root down are kept, and the parent is opened again
 //!   from the root through them, each with `O_NOFOLLOW`. At the root, `..` stays at the root. `openat(dir, "..")` is
-//!   never used: a directory moved out of the root while the walk stands in it would lead outside (the rename race
-//!   that libpathrs checks for after the fact, and that this walk cannot lose).
+//!   never used: were a directory moved out of the root while the walk stands in it, its `..` would lead outside
+//!   (the rename race libpathrs detects after the fact); walking down again from the root cannot.
 //! - Symlinks on procfs are refused with ELOOP, as `RESOLVE_NO_MAGICLINKS` refuses magic links (stricter: it
 //!   refuses `/proc/self` too, which no image root flotilla writes has).
 //! - The last component is opened with the caller's flags plus `O_NOFOLLOW`, once the walk knows it is not a symlink
@@ -525,6 +525,23 @@ mod tests {
         assert!(opened > PATHS.len() * 2, "only {opened} opens succeeded");
         for e in [Errno::LOOP, Errno::NOENT, Errno::NOTDIR] {
             assert!(errors.contains(&e.raw_os_error()), "{e:?} never met");
+        }
+    }
+
+    #[test]
+    fn magic_links_are_refused_by_both() {
+        // /proc/self as the root: its `root` and `cwd` entries are magic links, which lead anywhere.
+        let proc_self = fs::File::open("/proc/self").unwrap();
+        for resolver in Resolver::available() {
+            for path in ["root/etc", "cwd", "root"] {
+                let got = outcome(resolver.open(
+                    &proc_self,
+                    path,
+                    OFlags::PATH | OFlags::DIRECTORY,
+                    Symlinks::InRoot,
+                ));
+                assert_eq!(got, Err(Errno::LOOP), "{resolver:?} {path}");
+            }
         }
     }
 

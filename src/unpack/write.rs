@@ -97,7 +97,7 @@ impl TreeWriter {
     /// Opens `path` (normalised, "." for the root) inside the root, symlinks on the way resolved inside it.
     fn open_in_root(&self, path: &str, flags: OFlags) -> Result<OwnedFd, Errno> {
         self.resolver
-            .open(&self.root, path, flags | OFlags::CLOEXEC, Symlinks::InRoot)
+            .open(&self.root, path, flags, Symlinks::InRoot)
     }
 
     /// Opens directory `dir` (normalised, "" for the root) inside the root, creating missing components as
