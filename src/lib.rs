@@ -14,6 +14,7 @@ pub mod digest;
 pub mod durable;
 pub mod elf;
 pub mod fleet;
+pub mod fs_root;
 pub mod human;
 pub mod layers;
 pub mod oci;

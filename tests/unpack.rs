@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use common::tarcraft::RawTar;
 use flotilla::digest::Digest;
+use flotilla::fs_root::{Resolver, with_resolver};
 use flotilla::layers::LayerSource;
 use flotilla::unpack::extract::extract_stream;
 use flotilla::unpack::{Limits, RootKind, Snapshots, UnpackError, prepare_as, release};
@@ -360,17 +361,77 @@ fn smuggling_layer(target: &str) -> Vec<u8> {
         .finish()
 }
 
+/// What a layer came to, the sandbox's own path taken out so that two sandboxes compare.
+fn outcome<T>(s: &Sandbox, result: Result<T, UnpackError>) -> String {
+    match result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => flotilla::error_chain(&e).replace(&s.base.display().to_string(), "<base>"),
+    }
+}
+
+/// Each path under `root` with its type, and a file's content or a link's target (times and owners left out: a
+/// directory a layer does not list is made at the time of the unpack).
+fn shape(s: &Sandbox, root: &Path) -> BTreeMap<String, String> {
+    tree(root)
+        .into_keys()
+        .map(|rel| {
+            let p = root.join(&rel);
+            let md = fs::symlink_metadata(&p).unwrap();
+            let what = if md.is_file() {
+                // Larger files by size: the smuggled tar header, say, holds the sandbox's path and its checksum.
+                let bytes = fs::read(&p).unwrap();
+                if bytes.len() < 64 {
+                    format!("file {:?}", String::from_utf8_lossy(&bytes))
+                } else {
+                    format!("file of {} bytes", bytes.len())
+                }
+            } else if md.is_symlink() {
+                let target = fs::read_link(&p).unwrap().display().to_string();
+                format!(
+                    "symlink {}",
+                    target.replace(&s.base.display().to_string(), "<base>")
+                )
+            } else {
+                format!("{:?} {:o}", md.file_type(), md.mode() & 0o7777)
+            };
+            // An escaping path mirrored inside the root holds the sandbox's own name.
+            let inner = s.base.strip_prefix("/").unwrap().display().to_string();
+            (rel.replace(&inner, "<base>"), what)
+        })
+        .collect()
+}
+
 #[test]
 fn hostile_layers_stay_inside_the_root_in_one_tree() {
     let probe = Sandbox::new();
     for (name, _) in attacks(&probe) {
-        let s = Sandbox::new();
-        let (_, layers) = attacks(&s).into_iter().find(|(n, _)| *n == name).unwrap();
-        for tar in &layers {
-            // Refusing is as good as containing; either way nothing outside may change.
-            let _ = extract_stream(&tar[..], name, None, &s.root(), &Limits::default());
+        let mut seen: Vec<(Resolver, Vec<String>, BTreeMap<String, String>)> = Vec::new();
+        for resolver in Resolver::available() {
+            let s = Sandbox::new();
+            let (_, layers) = attacks(&s).into_iter().find(|(n, _)| *n == name).unwrap();
+            let results = with_resolver(resolver, || {
+                layers
+                    .iter()
+                    // Refusing is as good as containing; either way nothing outside may change.
+                    .map(|tar| {
+                        let r = extract_stream(&tar[..], name, None, &s.root(), &Limits::default());
+                        outcome(&s, r)
+                    })
+                    .collect()
+            });
+            s.check(&format!("{name} ({})", resolver.name()));
+            seen.push((resolver, results, shape(&s, &s.root())));
         }
-        s.check(name);
+        // The userspace walk refuses what the kernel refuses, with the same error, and writes the same tree.
+        for pair in seen.windows(2) {
+            assert_eq!(
+                (&pair[0].1, &pair[0].2),
+                (&pair[1].1, &pair[1].2),
+                "{name}: {} and {} differ",
+                pair[0].0.name(),
+                pair[1].0.name()
+            );
+        }
     }
 }
 
@@ -378,30 +439,42 @@ fn hostile_layers_stay_inside_the_root_in_one_tree() {
 fn hostile_layers_stay_inside_the_root_through_snapshots_and_the_flattened_copy() {
     let probe = Sandbox::new();
     for (name, _) in attacks(&probe) {
-        let s = Sandbox::new();
-        let (_, layers) = attacks(&s).into_iter().find(|(n, _)| *n == name).unwrap();
-        let (snapshots, ids) = s.snapshots(&layers);
-        s.check(&format!("{name} (snapshots)"));
-        let _ = prepare_as(&snapshots, &ids, &s.ctr(), false);
-        s.check(&format!("{name} (flattened copy)"));
-        if is_root() {
-            let _ = release(&s.ctr());
-            if let Ok(root) = prepare_as(&snapshots, &ids, &s.ctr(), true) {
-                // Writing into the mounted root as a container would: through whatever the layers left there.
-                for rel in [
-                    "abs/canary",
-                    "rel/canary",
-                    "d/canary",
-                    "e/canary",
-                    "file",
-                    "s",
-                ] {
-                    let _ = fs::write(root.path.join(rel), b"pwned");
+        let mut accepted = Vec::new();
+        for resolver in Resolver::available() {
+            let s = Sandbox::new();
+            let (_, layers) = attacks(&s).into_iter().find(|(n, _)| *n == name).unwrap();
+            let name = format!("{name} ({})", resolver.name());
+            with_resolver(resolver, || {
+                let (snapshots, ids) = s.snapshots(&layers);
+                accepted.push(ids.len());
+                s.check(&format!("{name} (snapshots)"));
+                let _ = prepare_as(&snapshots, &ids, &s.ctr(), false);
+                s.check(&format!("{name} (flattened copy)"));
+                if is_root() {
+                    let _ = release(&s.ctr());
+                    if let Ok(root) = prepare_as(&snapshots, &ids, &s.ctr(), true) {
+                        // Writing into the mounted root as a container would: through whatever the layers left
+                        // there.
+                        for rel in [
+                            "abs/canary",
+                            "rel/canary",
+                            "d/canary",
+                            "e/canary",
+                            "file",
+                            "s",
+                        ] {
+                            let _ = fs::write(root.path.join(rel), b"pwned");
+                        }
+                        release(&s.ctr()).unwrap();
+                        s.check(&format!("{name} (overlay)"));
+                    }
                 }
-                release(&s.ctr()).unwrap();
-                s.check(&format!("{name} (overlay)"));
-            }
+            });
         }
+        assert!(
+            accepted.windows(2).all(|w| w[0] == w[1]),
+            "{name}: layers accepted by each resolver: {accepted:?}"
+        );
     }
 }
 
@@ -686,6 +759,13 @@ fn check_merged(root: &Path, kind: RootKind) {
 
 #[test]
 fn layer_semantics_hold_with_overlay_and_with_the_flattened_copy() {
+    for resolver in Resolver::available() {
+        eprintln!("resolver: {}", resolver.name());
+        with_resolver(resolver, layer_semantics_hold);
+    }
+}
+
+fn layer_semantics_hold() {
     let s = Sandbox::new();
     let base = layer(&[
         E::Dir("a/", 0o750, 1_000_000),
@@ -1082,5 +1162,221 @@ fn multi_member_gzip_zstd_and_plain_layers_unpack_alike() {
         assert_eq!(fs::read(s.root().join("d/one")).unwrap(), b"one", "{name}");
         fs::remove_dir_all(s.root()).unwrap();
         fs::create_dir(s.root()).unwrap();
+    }
+}
+
+/// Set in the re-run of this file under the filter of [`common::seccomp`], where `openat2` is ENOSYS.
+const ENV_WITHOUT_OPENAT2: &str = "FLOTILLA_TEST_WITHOUT_OPENAT2";
+const RERUN: &str = "the_unpack_tests_pass_again_on_a_kernel_without_openat2";
+const PULL_WITHOUT_OPENAT2: &str = "pull_unpack_without_openat2_unpacks_and_refuses_as_with_it";
+const FILTER_HOLDS: &str = "under_the_test_filter_openat2_is_enosys_and_the_walk_is_used";
+
+#[test]
+fn under_the_test_filter_openat2_is_enosys_and_the_walk_is_used() {
+    if std::env::var_os(ENV_WITHOUT_OPENAT2).is_none() {
+        return;
+    }
+    let root = fs::File::open("/").unwrap();
+    let direct = rustix::fs::openat2(
+        &root,
+        ".",
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::IN_ROOT,
+    );
+    assert_eq!(
+        direct.err(),
+        Some(rustix::io::Errno::NOSYS),
+        "the filter is in place"
+    );
+    assert_eq!(Resolver::current(), Resolver::Userspace);
+    assert_eq!(Resolver::available(), [Resolver::Userspace]);
+}
+
+/// Every test of this file again, in a process whose `openat2` fails as on Linux before 5.6: the corpus, the layer
+/// semantics and the pulls of the flotilla binary (which inherits the filter) all through the userspace walk.
+#[test]
+fn the_unpack_tests_pass_again_on_a_kernel_without_openat2() {
+    if std::env::var_os(ENV_WITHOUT_OPENAT2).is_some() {
+        return;
+    }
+    let me = std::env::current_exe().unwrap();
+    let list = std::process::Command::new(&me)
+        .arg("--list")
+        .output()
+        .unwrap();
+    let skipped = [RERUN, PULL_WITHOUT_OPENAT2];
+    let expected = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .filter(|name| !skipped.contains(name))
+        .count();
+    assert!(expected > 10, "{}", common::output_text(&list));
+    let mut cmd = std::process::Command::new(&me);
+    cmd.env(ENV_WITHOUT_OPENAT2, "1").arg("--exact");
+    for name in skipped {
+        cmd.args(["--skip", name]);
+    }
+    let out = common::seccomp::without_openat2(&mut cmd).output().unwrap();
+    let text = common::output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("test {FILTER_HOLDS} ... ok")),
+        "the filter was checked: {text}"
+    );
+    assert!(
+        stdout.contains(&format!("test result: ok. {expected} passed; 0 failed")),
+        "every test ran: {text}"
+    );
+}
+
+/// `text` with the random part of snapshot directories being written (`tmp-<hex>-<random>`) taken out.
+fn without_tmp_names(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("/tmp-") {
+        out.push_str(&rest[..at]);
+        out.push_str("/tmp-*");
+        rest = &rest[at + 1..];
+        rest = &rest[rest.find('/').unwrap_or(rest.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The snapshots of `layers` a pull published, each as [`shape`] gives it.
+fn published(
+    s: &Sandbox,
+    state: &Path,
+    layers: &[Vec<u8>],
+) -> BTreeMap<String, BTreeMap<String, String>> {
+    let snapshots = Snapshots::open(state).unwrap();
+    layers
+        .iter()
+        .map(|tar| Digest::sha256_of(tar))
+        .filter_map(|d| Some((d.to_string(), shape(s, &snapshots.rootfs(&d)?))))
+        .collect()
+}
+
+/// What a pull ended with: its error (from `flotilla:` on; the progress lines before it come in the order the
+/// layers' downloads finish) and the snapshots of `layers` it published.
+type PullEnd = (
+    Option<i32>,
+    String,
+    BTreeMap<String, BTreeMap<String, String>>,
+);
+
+/// `flotilla pull --unpack` of images made of each hostile corpus entry (and of a legitimate tree of symlinks),
+/// under the filter and without it: the same refusals with the same messages, the same snapshots, nothing outside
+/// touched; and `flotilla platform` says which resolver it used.
+#[test]
+fn pull_unpack_without_openat2_unpacks_and_refuses_as_with_it() {
+    let Some(busybox) = common::required_busybox("amd64") else {
+        return;
+    };
+    let s = Sandbox::new();
+    let platform = |filtered: bool, json: bool| {
+        let mut cmd = flotilla(&s.state().join("platform"));
+        if filtered {
+            common::seccomp::without_openat2(&mut cmd);
+        }
+        cmd.arg("platform");
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", common::output_text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let walk: serde_json::Value = serde_json::from_str(&platform(true, true)).unwrap();
+    assert_eq!(walk["path_resolver"], "userspace", "{walk}");
+    assert!(
+        walk["openat2_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Function not implemented")),
+        "{walk}"
+    );
+    let here: serde_json::Value = serde_json::from_str(&platform(false, true)).unwrap();
+    assert_eq!(
+        here["path_resolver"],
+        Resolver::current().name(),
+        "this kernel's own: {here}"
+    );
+    let line = platform(true, false);
+    assert!(
+        line.lines()
+            .any(|l| l.starts_with("path resolver: userspace (openat2 is not usable here")),
+        "{line}"
+    );
+
+    let legitimate = RawTar::new()
+        .dir("usr/")
+        .dir("usr/lib/")
+        .dir("usr/etc/")
+        .symlink("lib", "usr/lib")
+        .file("lib/libc.so", b"libc")
+        .symlink("etc", "/usr/etc")
+        .file("etc/hostname", b"device")
+        .symlink("up", "../../..")
+        .file("up/usr/through-up", b"up")
+        .finish();
+    let mut cases = attacks(&s);
+    cases.push(("legitimate symlinks", vec![legitimate]));
+    for (n, (name, layers)) in cases.iter().enumerate() {
+        let layout =
+            common::registry::OciLayoutBuilder::new(&s.state().join(format!("layout-{n}")));
+        let image = common::registry::LayoutImage {
+            os: "linux",
+            architecture: "amd64",
+            variant: None,
+            busybox: busybox.clone(),
+        };
+        layout.write_on_raw_base("v1", &[image], layers, &[]);
+        let source = format!("oci:{}:v1", layout.dir().display());
+        let mut seen: Vec<PullEnd> = Vec::new();
+        for filtered in [false, true] {
+            let state = s.state().join(format!("{n}-{filtered}"));
+            let mut cmd = flotilla(&state);
+            if filtered {
+                common::seccomp::without_openat2(&mut cmd);
+            }
+            let out = cmd
+                .args(["pull", "--unpack", "--json", &source])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let error = stderr.find("flotilla: ").map_or("", |at| &stderr[at..]);
+            let error = without_tmp_names(
+                &error
+                    .replace(&state.display().to_string(), "<state>")
+                    .replace(&s.base.display().to_string(), "<base>"),
+            );
+            seen.push((out.status.code(), error, published(&s, &state, layers)));
+        }
+        s.check(name);
+        let (kernel, walk) = (&seen[0], &seen[1]);
+        assert_eq!(
+            (kernel.0, &kernel.1),
+            (walk.0, &walk.1),
+            "{name}: with openat2, then without"
+        );
+        // Layers unpack in parallel: one failing may stop another before it is published, in either run.
+        for (diff_id, tree) in &kernel.2 {
+            if let Some(other) = walk.2.get(diff_id) {
+                assert_eq!(tree, other, "{name}: snapshot {diff_id}");
+            }
+        }
+        if *name == "legitimate symlinks" {
+            let (code, stderr, snapshots) = &seen[1];
+            assert_eq!(*code, Some(0), "{stderr}");
+            assert_eq!(snapshots.len(), 1, "the base layer's snapshot");
+            assert_eq!(kernel.2, walk.2);
+            let base = snapshots.values().next().unwrap();
+            assert_eq!(base["usr/lib/libc.so"], r#"file "libc""#);
+            assert_eq!(base["usr/etc/hostname"], r#"file "device""#);
+            assert_eq!(base["usr/through-up"], r#"file "up""#);
+            assert_eq!(base["lib"], "symlink usr/lib");
+        }
     }
 }

@@ -10,12 +10,13 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use super::{CliError, Context};
+use crate::fs_root::{Probe, Resolver};
 use crate::platform::detect::{DetectError, Detection};
 use crate::platform::host::{self, Override};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Print one JSON object: candidates (best first), signals, rules, page_size
+    /// Print one JSON object: candidates (best first), signals, rules, page_size, path_resolver
     #[arg(long)]
     pub json: bool,
     /// Also write this host's evidence to DIR, in the format --evidence reads; attach it to bug reports
@@ -37,6 +38,26 @@ struct JsonReport<'a> {
     #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
     platform_override: Option<&'a Override>,
     evidence: &'a str,
+    /// How paths inside an image's root are resolved when unpacking: `openat2`, or `userspace` on older kernels.
+    path_resolver: Resolver,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    openat2_error: Option<String>,
+}
+
+/// The one line saying how paths inside an image's root are resolved, and why the userspace walk when it is used.
+fn resolver_line(probe: &Probe) -> String {
+    match probe.openat2_error {
+        None => format!(
+            "path resolver: {} (the kernel keeps unpacking inside the root: RESOLVE_IN_ROOT)",
+            probe.resolver.name()
+        ),
+        Some(e) => format!(
+            "path resolver: {} (openat2 is not usable here: {}; unpacking resolves paths component by component \
+             instead)",
+            probe.resolver.name(),
+            std::io::Error::from(e)
+        ),
+    }
 }
 
 pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
@@ -49,11 +70,16 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     let origin = evidence.origin.clone();
     let (detection, report) = host::decide(Ok(evidence), ctx.platform_override.as_ref())?;
 
+    let resolver = crate::fs_root::probe();
     if args.json {
         let json = JsonReport {
             detection: &detection,
             platform_override: report.as_ref(),
             evidence: &origin,
+            path_resolver: resolver.resolver,
+            openat2_error: resolver
+                .openat2_error
+                .map(|e| std::io::Error::from(e).to_string()),
         };
         // Serialising plain strings and numbers cannot fail.
         let text = serde_json::to_string_pretty(&json).unwrap_or_default();
@@ -82,6 +108,7 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         println!("page size: {p}");
     }
     println!("evidence: {origin}");
+    println!("{}", resolver_line(&resolver));
     if let Some(dir) = &args.dump {
         println!("evidence written to {}", dir.display());
     }

@@ -567,8 +567,8 @@ impl ImageTree {
     }
 }
 
-/// Copies `wanted` (normalised, a regular file in the index) out of a snapshot. The kernel keeps the open inside
-/// the snapshot and refuses symlinks on the way: the index said it is a file reached through directories.
+/// Copies `wanted` (normalised, a regular file in the index) out of a snapshot. The open stays inside the snapshot
+/// and refuses symlinks on the way ([`crate::fs_root`]): the index said it is a file reached through directories.
 fn extract_from_snapshot(
     diff_id: &Digest,
     rootfs: &Path,
@@ -577,7 +577,8 @@ fn extract_from_snapshot(
     dest: &Path,
     limit: u64,
 ) -> Result<(), LayerError> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
+    use crate::fs_root::{Symlinks, open_in_root};
+    use rustix::fs::OFlags;
     let shown = rootfs.join(wanted);
     let read_err = |source: io::Error| LayerError::Read {
         layer: diff_id.clone(),
@@ -593,12 +594,11 @@ fn extract_from_snapshot(
         });
     }
     let root = File::open(rootfs).map_err(read_err)?;
-    let fd = openat2(
+    let fd = open_in_root(
         &root,
         wanted,
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS,
+        Symlinks::Refuse,
     )
     .map_err(|e| read_err(e.into()))?;
     let mut out = File::create(dest).map_err(|source| LayerError::Write {
@@ -885,6 +885,49 @@ mod tests {
             ImageTree::new(vec![bad]).resolve("/big"),
             Err(LayerError::UnsupportedMediaType { .. })
         ));
+    }
+
+    #[test]
+    fn a_snapshot_file_is_read_inside_the_snapshot_and_never_through_a_symlink() {
+        use crate::fs_root::{Resolver, with_resolver};
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"host").unwrap();
+        let rootfs = dir.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        std::fs::write(rootfs.join("bin/app"), b"app!").unwrap();
+        // A snapshot changed after it was indexed: the index says lib/secret is a file under a directory.
+        std::os::unix::fs::symlink(&outside, rootfs.join("lib")).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(4);
+        let mut index = LayerIndex::default();
+        index.record(b"bin/app", &h, None, 4);
+        index.record(b"lib/secret", &h, None, 4);
+        let diff_id = Digest::sha256_of(b"snapshot");
+        for resolver in Resolver::available() {
+            with_resolver(resolver, || {
+                let mut t = ImageTree::from_snapshots(vec![(
+                    diff_id.clone(),
+                    rootfs.clone(),
+                    index.clone(),
+                )]);
+                let dest = dir.path().join("out");
+                let found = t.resolve("/bin/app").unwrap();
+                t.extract(&found, &dest, 100).unwrap();
+                assert_eq!(std::fs::read(&dest).unwrap(), b"app!", "{resolver:?}");
+                let found = t.resolve("/lib/secret").unwrap();
+                match t.extract(&found, &dest, 100) {
+                    Err(LayerError::Read { source, .. }) => assert_eq!(
+                        source.raw_os_error(),
+                        Some(rustix::io::Errno::LOOP.raw_os_error()),
+                        "{resolver:?}"
+                    ),
+                    other => panic!("{resolver:?}: {other:?}"),
+                }
+            });
+        }
     }
 
     #[test]

@@ -1,15 +1,18 @@
 //! The container's user: `uid[:gid]` or `name[:group]`, resolved the way runc and Docker resolve it, against the
 //! image's own `/etc/passwd` and `/etc/group` (never the host's).
 //!
-//! Parsing and resolving are pure ([`resolve`]); reading the two files is [`EtcFiles::read`], which opens them with
-//! `openat2(RESOLVE_IN_ROOT)`: the image is untrusted, and a `/etc/passwd` symlinked to `/../../etc/shadow` must
-//! resolve inside the rootfs, as it would for the container, instead of reading a host file.
+//! Parsing and resolving are pure ([`resolve`]); reading the two files is [`EtcFiles::read`], which opens them
+//! inside the rootfs ([`crate::fs_root`]: `openat2(RESOLVE_IN_ROOT)`, or its userspace walk on older kernels): the
+//! image is untrusted, and a `/etc/passwd` symlinked to `/../../etc/shadow` must resolve inside the rootfs, as it
+//! would for the container, instead of reading a host file.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{Mode, OFlags, ResolveFlags};
+use rustix::fs::OFlags;
+
+use crate::fs_root::{Symlinks, open_in_root};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
@@ -25,9 +28,7 @@ pub enum UserError {
     UnknownGroup { group: String },
     #[error("user {0:?}: write uid[:gid] or name[:group]")]
     Malformed(String),
-    #[error(
-        "reading {path} inside the image's root filesystem {rootfs} failed (openat2 needs Linux 5.6 or newer)"
-    )]
+    #[error("reading {path} inside the image's root filesystem {rootfs} failed")]
     Read {
         rootfs: PathBuf,
         path: &'static str,
@@ -75,12 +76,11 @@ fn read_in_root(rootfs: &Path, path: &'static str) -> Result<String, UserError> 
         source,
     };
     let root = File::open(rootfs).map_err(err)?;
-    let fd = match rustix::fs::openat2(
+    let fd = match open_in_root(
         &root,
         path,
         OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOCTTY,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        Symlinks::InRoot,
     ) {
         Ok(fd) => fd,
         Err(rustix::io::Errno::NOENT) => return Ok(String::new()),
@@ -249,6 +249,12 @@ mod tests {
 
     #[test]
     fn a_symlinked_passwd_stays_inside_the_rootfs() {
+        for resolver in crate::fs_root::Resolver::available() {
+            crate::fs_root::with_resolver(resolver, a_symlinked_passwd_stays_inside);
+        }
+    }
+
+    fn a_symlinked_passwd_stays_inside() {
         let host = tempfile::tempdir().unwrap();
         std::fs::write(host.path().join("secret"), "host:x:7:7::/:/bin/sh\n").unwrap();
         let rootfs = tempfile::tempdir().unwrap();

@@ -1,10 +1,11 @@
 //! Unpacking layers: safe extraction into per-layer snapshots, and a container root made from them.
 //!
-//! Every path a layer names is resolved by the kernel inside the directory being written: the parent is opened
-//! with `openat2(root, parent, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, then the last component is made
-//! relative to that directory with `*at` calls that never follow it (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`). A
-//! symlink planted by a layer, pointing anywhere, can only ever lead back inside the root, so no string check on
-//! paths is the defence (paths are normalised only so that the index and the disk agree).
+//! Every path a layer names is resolved inside the directory being written: the parent is opened through
+//! [`crate::fs_root`] (the kernel's `openat2(root, parent, RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)`, or on kernels
+//! before 5.6 a userspace walk with the same outcome), then the last component is made relative to that directory
+//! with `*at` calls that never follow it (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`). A symlink planted by a layer,
+//! pointing anywhere, can only ever lead back inside the root, so no string check on paths is the defence (paths
+//! are normalised only so that the index and the disk agree).
 //!
 //! A layer is read once: the same pass writes the files, hashes the uncompressed stream against the config's
 //! `diff_id`, and builds the [`LayerIndex`](crate::layers::LayerIndex) the architecture proof uses.

@@ -248,6 +248,12 @@ mod tests {
 
     #[test]
     fn a_leftover_of_the_same_layer_is_removed_and_never_read() {
+        for resolver in crate::fs_root::Resolver::available() {
+            crate::fs_root::with_resolver(resolver, a_leftover_is_removed_and_never_read);
+        }
+    }
+
+    fn a_leftover_is_removed_and_never_read() {
         let dir = tempfile::tempdir().unwrap();
         let snapshots = Snapshots::open(dir.path()).unwrap();
         let source = layer(dir.path(), &[("bin/app", b"app")]);

@@ -1,10 +1,10 @@
-//! Writing a tree entry by entry, every path resolved by the kernel inside the root.
+//! Writing a tree entry by entry, every path resolved inside the root by [`crate::fs_root`].
 //!
 //! Both the layer extractor and the flattened copy write through [`TreeWriter`]. Paths given to it are normalised
 //! (no leading slash, no `.` or `..`), but that is for agreement with the index, not for safety: the parent of
-//! each entry is opened with `RESOLVE_IN_ROOT`, so a symlink anywhere on the way (`..`, absolute targets, links
-//! planted by this or an earlier layer) resolves inside the root, and the last component is created, replaced or
-//! changed without following it.
+//! each entry is opened inside the root (`openat2(RESOLVE_IN_ROOT)`, or the userspace walk that does the same on
+//! older kernels), so a symlink anywhere on the way (`..`, absolute targets, links planted by this or an earlier
+//! layer) resolves inside the root, and the last component is created, replaced or changed without following it.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -12,13 +12,14 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{
-    AtFlags, Dir, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid, XattrFlags,
-    chmodat, chownat, fchmod, fchown, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat,
-    openat, openat2, statat, symlinkat, unlinkat, utimensat,
+    AtFlags, Dir, FileType, Gid, Mode, OFlags, Timespec, Timestamps, Uid, XattrFlags, chmodat,
+    chownat, fchmod, fchown, fsetxattr, futimens, linkat, makedev, mkdirat, mknodat, openat,
+    statat, symlinkat, unlinkat, utimensat,
 };
 use rustix::io::Errno;
 
 use super::{UnpackError, io_err};
+use crate::fs_root::{Resolver, Symlinks};
 use crate::layers::parent_and_name;
 
 /// Directory nesting past this is refused when removing a tree (the path length limit keeps real trees far below).
@@ -48,6 +49,8 @@ pub struct Skipped {
 
 pub(crate) struct TreeWriter {
     root: OwnedFd,
+    /// Taken once, so one tree is written through one resolver from start to end.
+    resolver: Resolver,
     root_path: PathBuf,
     as_root: bool,
     /// Directories' modes and times, set last: writing into a directory changes its mtime, and a read-only mode
@@ -67,10 +70,6 @@ fn errno_err(step: &'static str, path: PathBuf) -> impl FnOnce(Errno) -> UnpackE
     }
 }
 
-fn in_root() -> ResolveFlags {
-    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS
-}
-
 impl TreeWriter {
     /// Writes under `root`, which must exist and be a directory.
     pub fn new(root: &Path) -> Result<TreeWriter, UnpackError> {
@@ -82,6 +81,7 @@ impl TreeWriter {
         .map_err(errno_err("open", root.to_path_buf()))?;
         Ok(TreeWriter {
             root: fd,
+            resolver: Resolver::current(),
             root_path: root.to_path_buf(),
             as_root: rustix::process::geteuid().is_root(),
             dirs: Vec::new(),
@@ -94,18 +94,25 @@ impl TreeWriter {
         self.root_path.join(path)
     }
 
+    /// Opens `path` (normalised, "." for the root) inside the root, symlinks on the way resolved inside it.
+    fn open_in_root(&self, path: &str, flags: OFlags) -> Result<OwnedFd, Errno> {
+        self.resolver
+            .open(&self.root, path, flags, Symlinks::InRoot)
+    }
+
     /// Opens directory `dir` (normalised, "" for the root) inside the root, creating missing components as
     /// directories (mode 0755, as tar extractors do for parents a layer does not list).
     fn open_dir(&self, dir: &str) -> Result<OwnedFd, UnpackError> {
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let target = if dir.is_empty() { "." } else { dir };
-        match openat2(&self.root, target, flags, Mode::empty(), in_root()) {
+        match self.open_in_root(target, flags) {
             Ok(fd) => return Ok(fd),
             Err(Errno::NOENT) => {}
             Err(e) => return Err(errno_err("open directory", self.shown(dir))(e)),
         }
         let mut prefix = String::new();
-        let mut fd = openat2(&self.root, ".", flags, Mode::empty(), in_root())
+        let mut fd = self
+            .open_in_root(".", flags)
             .map_err(errno_err("open", self.root_path.clone()))?;
         for component in dir.split('/') {
             let next = if prefix.is_empty() {
@@ -118,7 +125,8 @@ impl TreeWriter {
                 Err(e) => return Err(errno_err("create directory", self.shown(&next))(e)),
             }
             // Reopened from the root, not from `fd`: a component that exists as a symlink resolves like any other.
-            fd = openat2(&self.root, next.as_str(), flags, Mode::empty(), in_root())
+            fd = self
+                .open_in_root(&next, flags)
                 .map_err(errno_err("open directory", self.shown(&next)))?;
             prefix = next;
         }
@@ -234,12 +242,9 @@ impl TreeWriter {
     /// Opens a directory that must be there, for reading its attributes; a symlink in its place is refused.
     fn open_existing_dir(&self, path: &str) -> Result<OwnedFd, UnpackError> {
         let target = if path.is_empty() { "." } else { path };
-        openat2(
-            &self.root,
+        self.open_in_root(
             target,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            in_root(),
         )
         .map_err(errno_err("open directory", self.shown(path)))
     }
@@ -400,17 +405,12 @@ impl TreeWriter {
     pub fn remove(&mut self, path: &str) -> Result<(), UnpackError> {
         let (parent, name) = parent_and_name(path);
         let target = if parent.is_empty() { "." } else { parent };
-        let dir = match openat2(
-            &self.root,
-            target,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            in_root(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
-            Err(e) => return Err(errno_err("open directory", self.shown(parent))(e)),
-        };
+        let dir =
+            match self.open_in_root(target, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
+                Err(e) => return Err(errno_err("open directory", self.shown(parent))(e)),
+            };
         let shown = self.shown(path);
         self.clear_name(&dir, name, false, &shown).map(|_| ())
     }
@@ -418,12 +418,9 @@ impl TreeWriter {
     /// Empties directory `path` (an opaque marker applied to a flattened tree), if it is one.
     pub fn clear_dir(&mut self, path: &str) -> Result<(), UnpackError> {
         let target = if path.is_empty() { "." } else { path };
-        let fd = match openat2(
-            &self.root,
+        let fd = match self.open_in_root(
             target,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-            in_root(),
         ) {
             Ok(fd) => fd,
             Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(()),

@@ -9,6 +9,7 @@ pub mod binfmt;
 #[cfg(feature = "server")]
 pub mod fleet;
 pub mod registry;
+pub mod seccomp;
 pub mod tarcraft;
 
 use std::path::{Path, PathBuf};

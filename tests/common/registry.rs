@@ -454,7 +454,7 @@ impl OciLayoutBuilder {
         images: &[LayoutImage],
         extra: &[Vec<(&str, PathBuf)>],
     ) -> WrittenLayout {
-        self.write_layers(tag, images, extra, None)
+        self.write_layers(tag, images, extra, &[])
     }
 
     /// [`Self::write_with_files`], every image on one shared base layer holding `base_files` (path in the image,
@@ -477,12 +477,28 @@ impl OciLayoutBuilder {
                 .expect("tar base file");
         }
         let raw = tar.into_inner().expect("tar");
-        let diff_id = Digest::sha256_of(&raw);
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&raw).expect("gzip");
-        let (digest, size) = self.put(&gz.finish().expect("gzip"));
-        let base = (digest.clone(), size, diff_id);
-        (self.write_layers(tag, images, extra, Some(&base)), digest)
+        self.write_on_raw_base(tag, images, &[raw], extra)
+    }
+
+    /// [`Self::write_on_base`], the base layers being the tar streams `raw` as they are (crafted, hostile layers),
+    /// base first.
+    pub fn write_on_raw_base(
+        &self,
+        tag: &str,
+        images: &[LayoutImage],
+        raw: &[Vec<u8>],
+        extra: &[Vec<(&str, PathBuf)>],
+    ) -> (WrittenLayout, Digest) {
+        let mut bases = Vec::new();
+        for tar in raw {
+            let diff_id = Digest::sha256_of(tar);
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(tar).expect("gzip");
+            let (digest, size) = self.put(&gz.finish().expect("gzip"));
+            bases.push((digest, size, diff_id));
+        }
+        let first = bases.first().expect("a base layer").0.clone();
+        (self.write_layers(tag, images, extra, &bases), first)
     }
 
     fn write_layers(
@@ -490,7 +506,7 @@ impl OciLayoutBuilder {
         tag: &str,
         images: &[LayoutImage],
         extra: &[Vec<(&str, PathBuf)>],
-        base: Option<&(Digest, u64, Digest)>,
+        base: &[(Digest, u64, Digest)],
     ) -> WrittenLayout {
         let mut written = Vec::new();
         let mut entries = Vec::new();
