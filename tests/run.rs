@@ -317,6 +317,38 @@ fn a_supervisor_that_does_not_answer_is_killed_and_the_stop_still_happens() {
 }
 
 #[test]
+fn two_state_directories_run_containers_of_one_name_apart() {
+    let (Some(a), Some(b)) = (Lab::new(), Lab::new()) else {
+        return;
+    };
+    // Ignores SIGTERM, so the stop ends in `runc kill --all`, which kills every process of the container's cgroup.
+    let script = "trap '' TERM; echo hello; while :; do busybox sleep 0.1; done";
+    for lab in [&a, &b] {
+        lab.ok(&[
+            "run", &lab.image, "--name", "same", "--detach", "--", "-c", script,
+        ]);
+        wait_for("the container's output", Duration::from_secs(30), || {
+            lab.logs("same").contains("hello")
+        });
+    }
+    let pid_b = b.container("same")["pid"].as_i64().expect("b's pid");
+    a.ok(&["stop", "same", "--time", "1"]);
+    assert_eq!(a.container("same")["state"], "stopped");
+    let c = b.container("same");
+    assert_eq!(
+        c["state"], "running",
+        "stopping a's container left b's alone: {c}"
+    );
+    assert_eq!(c["pid"].as_i64(), Some(pid_b), "{c}");
+    assert!(
+        Path::new(&format!("/proc/{pid_b}")).exists(),
+        "b's container still runs"
+    );
+    // And b's log shows no restart: the container was never killed.
+    assert_eq!(c["restarts"], 0, "{c}");
+}
+
+#[test]
 fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
     let Some(lab) = Lab::new() else { return };
     lab.ok(&[

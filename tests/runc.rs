@@ -100,6 +100,7 @@ impl Fixture {
         let volumes = self.dir.path().join("volumes");
         let c = Container {
             name: &id,
+            instance: "test",
             image: &self.image,
             settings,
             rootfs: &rootfs,

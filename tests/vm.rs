@@ -295,8 +295,9 @@ fn machine_scenario(arch: &'static Arch) {
     assert_eq!(app["manifest"].as_str(), Some(want.as_str()), "{app}");
     let pid = app["pid"].as_i64().expect("the app's pid");
     // runc put the container's processes in its own cgroup, and systemd's unit for the agent is untouched by it.
+    // The cgroup is under the state directory's instance id.
     vm.ok(&format!(
-        "grep -qx {pid} /sys/fs/cgroup/flotilla/demo/cgroup.procs"
+        "grep -qx {pid} /sys/fs/cgroup/flotilla/$(cat /var/lib/flotilla/instance)/demo/cgroup.procs"
     ));
 
     // KillMode=process: restarting the agent leaves the app and its supervisor alone; the new agent adopts them.
@@ -352,7 +353,7 @@ fn machine_scenario(arch: &'static Arch) {
     timings.record("apt-get remove", removed.elapsed());
     vm.ok("! systemctl is-active flotilla");
     vm.ok("! pgrep -f 'flotilla supervise'");
-    vm.ok("! test -e /sys/fs/cgroup/flotilla/demo");
+    vm.ok("! ls -d /sys/fs/cgroup/flotilla/*/demo");
     let purged = Instant::now();
     vm.ok_within("apt-get purge -y flotilla", Duration::from_secs(300));
     timings.record("apt-get purge", purged.elapsed());

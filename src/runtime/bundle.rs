@@ -56,6 +56,9 @@ pub enum BundleError {
 pub struct Container<'a> {
     /// The container's name: its hostname unless the settings give one, and its cgroup's name.
     pub name: &'a str,
+    /// The state directory's instance id (see [`crate::supervise::container::instance_id`]): the container's
+    /// cgroup sits under it, so two state directories on one host never share a cgroup.
+    pub instance: &'a str,
     pub image: &'a ImageConfig,
     pub settings: &'a RunSettings,
     pub rootfs: &'a Path,
@@ -206,9 +209,11 @@ const ALLOWED_CHAR_DEVICES: [(i64, Option<i64>); 10] = [
     (10, Some(200)),
 ];
 
-/// The container's cgroup, under one `flotilla` parent so the agent's containers are found (and limited) together.
-pub fn cgroups_path(name: &str) -> String {
-    format!("/flotilla/{name}")
+/// The container's cgroup, under one `flotilla` parent so the agent's containers are found (and limited) together,
+/// and under its state directory's instance: names are unique only within one state directory, and a shared cgroup
+/// let one instance's `runc kill --all` kill another's container of the same name.
+pub fn cgroups_path(instance: &str, name: &str) -> String {
+    format!("/flotilla/{instance}/{name}")
 }
 
 /// The runtime configuration for `c`. Pure: `r` carries everything read from the host and the image.
@@ -342,7 +347,7 @@ pub fn spec(c: &Container, r: &Resolved) -> Result<Spec, BundleError> {
 
     let mut linux = LinuxBuilder::default()
         .resources(resources.build()?)
-        .cgroups_path(cgroups_path(c.name))
+        .cgroups_path(cgroups_path(c.instance, c.name))
         .namespaces(namespaces)
         .masked_paths(MASKED_PATHS.map(String::from).to_vec())
         .readonly_paths(READONLY_PATHS.map(String::from).to_vec());
@@ -531,6 +536,7 @@ mod tests {
     fn container<'a>(image: &'a ImageConfig, settings: &'a RunSettings) -> Container<'a> {
         Container {
             name: "sensor",
+            instance: "0123abcd",
             image,
             settings,
             rootfs: Path::new(ROOTFS),
@@ -765,6 +771,7 @@ mod tests {
         let c = |settings: &RunSettings| -> Resolved {
             prepare(&Container {
                 name: "sensor",
+                instance: "0123abcd",
                 image: &img,
                 settings,
                 rootfs: rootfs.path(),

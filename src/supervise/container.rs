@@ -39,6 +39,7 @@ const STATUS_FILE: &str = "status.json";
 const LOCK_FILE: &str = "supervisor.lock";
 const STOP_FILE: &str = "stop";
 const MAX_NAME: usize = 64;
+const INSTANCE_FILE: &str = "instance";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -57,6 +58,10 @@ pub enum ContainerError {
         "container {0} is being made, supervised or removed by another process; wait for it, or see flotilla ps"
     )]
     Busy(String),
+    #[error(
+        "{path} holds {text:?}, not an instance id (8 hex digits); delete the file and flotilla makes a new one"
+    )]
+    BadInstance { path: PathBuf, text: String },
     #[error("{path} is damaged ({reason}); remove the container with flotilla rm --force {name}")]
     Damaged {
         name: String,
@@ -177,6 +182,53 @@ pub struct Status {
 pub struct Container {
     pub name: String,
     pub dir: PathBuf,
+}
+
+/// This state directory's instance id, made on first use and kept in `<state_dir>/instance`: what keeps the
+/// containers of two state directories on one host apart where the host has one namespace (their cgroups).
+/// Containers made before it existed keep the cgroup their bundle names.
+pub fn instance_id(state_dir: &Path) -> Result<String, ContainerError> {
+    let path = state_dir.join(INSTANCE_FILE);
+    let valid = |text: &str| {
+        let id = text.trim();
+        (id.len() == 8 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
+    };
+    let read = |path: &Path| -> Result<Option<String>, ContainerError> {
+        match fs::read_to_string(path) {
+            Ok(text) => valid(&text)
+                .map(Some)
+                .ok_or_else(|| ContainerError::BadInstance {
+                    path: path.to_path_buf(),
+                    text: text.trim().chars().take(40).collect(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ContainerError::Io {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    };
+    if let Some(id) = read(&path)? {
+        return Ok(id);
+    }
+    // Written whole under a temporary name, then linked into place: link() fails when another process got there
+    // first, and a reader never sees a half-written id.
+    durable::create_dir(state_dir)?;
+    let id = format!("{:08x}", rand::random::<u32>());
+    let temporary = format!("{INSTANCE_FILE}.{}", std::process::id());
+    durable::write_atomic(state_dir, &temporary, id.as_bytes())?;
+    let linked = fs::hard_link(state_dir.join(&temporary), &path);
+    let _ = fs::remove_file(state_dir.join(&temporary));
+    match linked {
+        Ok(()) => Ok(id),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read(&path)?.ok_or_else(|| ContainerError::Io {
+                path: path.clone(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
+        }
+        Err(source) => Err(ContainerError::Io { path, source }),
+    }
 }
 
 pub fn validate_name(name: &str) -> Result<(), ContainerError> {
@@ -482,6 +534,25 @@ mod tests {
         assert_eq!(c.supervisor_pid(), Some(std::process::id() as i32));
         drop(held);
         assert!(!c.is_locked());
+    }
+
+    #[test]
+    fn the_instance_id_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = instance_id(dir.path()).unwrap();
+        assert_eq!(id.len(), 8);
+        assert_eq!(instance_id(dir.path()).unwrap(), id);
+        let other = tempfile::tempdir().unwrap();
+        assert_ne!(
+            instance_id(other.path()).unwrap(),
+            id,
+            "another state directory, another id"
+        );
+        fs::write(dir.path().join(INSTANCE_FILE), "../../x").unwrap();
+        assert!(matches!(
+            instance_id(dir.path()),
+            Err(ContainerError::BadInstance { .. })
+        ));
     }
 
     #[test]

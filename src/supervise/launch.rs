@@ -126,8 +126,10 @@ fn make(
     let spec = container.spec()?;
     let root = rootfs::prepare(snapshots, &spec.diff_ids, &container.dir)?;
     let volumes_dir = l.state_dir.join("volumes");
+    let instance = crate::supervise::container::instance_id(l.state_dir)?;
     let c = bundle::Container {
         name: &container.name,
+        instance: &instance,
         image: &l.image.config,
         settings: l.settings,
         rootfs: &root.path,
