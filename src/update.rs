@@ -3,8 +3,9 @@
 //! The agent persists the returned state *before* it carries out the actions, so a crash or a power cut at any
 //! point leaves a state whose [`resume`] actions finish the job: every action is idempotent (prepare what is
 //! prepared, stop what is stopped, start what runs). One update runs at a time; a new desire that arrives mid-way
-//! is not queued here but seen again by the reconcile loop once the machine is back to [`State::Steady`], which
-//! keeps the machine level-triggered: what counts is the desire at that moment, not the history of desires.
+//! is not queued here but offered again by the agent once the machine is back to [`State::Steady`]
+//! ([`pending_desire`]), which keeps the machine level-triggered: what counts is the desire at that moment, not
+//! the history of desires.
 //!
 //! The path of an update:
 //! 1. `Preparing`: download, verify and unpack the target while the committed release keeps running.
@@ -151,6 +152,21 @@ pub enum Action {
 
 fn id(r: &Option<Release>) -> Option<String> {
     r.as_ref().map(|r| r.id.clone())
+}
+
+/// The event that a desire kept from before calls for now: a desire that arrived mid-update was dropped by
+/// [`step`], and the fleet sends it only once (its long poll answers only changes), so the agent offers it again
+/// whenever the app is steady. None when steady already matches it (or rejected it) or the app is mid-update.
+pub fn pending_desire(state: &State, desired: &Option<Release>) -> Option<Event> {
+    match state {
+        State::Steady {
+            committed,
+            rejected,
+        } if desired != committed && !(desired.is_some() && desired == rejected) => {
+            Some(Event::Desired(desired.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// One transition. `probation` is how long a started target must stay up and healthy before it is committed.
@@ -364,6 +380,41 @@ mod tests {
         Release {
             id: id.to_string(),
             image: format!("registry.local/app@sha256:{id}"),
+        }
+    }
+
+    #[test]
+    fn a_desire_dropped_mid_update_is_offered_again_once_steady() {
+        let desired = Some(r("d"));
+        // Mid-update the desire is dropped by step, and not offered.
+        let rolling = State::RollingBack {
+            committed: Some(r("a")),
+            failed: r("c"),
+            reason: "crash".into(),
+            wrong_variant: false,
+        };
+        let (after, actions) = step(rolling.clone(), Event::Desired(desired.clone()), PROBATION);
+        assert_eq!((after, actions), (rolling.clone(), vec![]));
+        assert_eq!(pending_desire(&rolling, &desired), None);
+        // Back to steady, it is offered, and step acts on it.
+        let (steady, _) = step(rolling, Event::RolledBack, PROBATION);
+        let event = pending_desire(&steady, &desired).expect("offered again");
+        let (next, _) = step(steady, event, PROBATION);
+        assert!(matches!(next, State::Preparing { ref target, .. } if target.id == "d"));
+        // Nothing to offer when steady matches the desire, or rejected it.
+        assert_eq!(pending_desire(&steady_on("a"), &Some(r("a"))), None);
+        let rejected = State::Steady {
+            committed: Some(r("a")),
+            rejected: Some(r("c")),
+        };
+        assert_eq!(pending_desire(&rejected, &Some(r("c"))), None);
+        assert_eq!(pending_desire(&State::initial(), &None), None);
+    }
+
+    fn steady_on(c: &str) -> State {
+        State::Steady {
+            committed: Some(r(c)),
+            rejected: None,
         }
     }
 

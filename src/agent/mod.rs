@@ -59,6 +59,9 @@ pub struct Agent {
     /// Apps whose release could not be started, with when to try again and the wait after that: a device
     /// without its server must still bring its committed release back once what stood in the way is gone.
     rerun: HashMap<String, (tokio::time::Instant, Duration)>,
+    /// The fleet's last desire per app. The server answers a long poll only when the desire changed, so one that
+    /// an app in mid-update could not take is kept here and offered again once the app is steady.
+    wanted: BTreeMap<String, Option<Release>>,
     /// A test hook: stop (and wait to be killed) right after this update state is written.
     halt_at: Option<String>,
     seq: u64,
@@ -148,6 +151,7 @@ impl Agent {
             preparing: HashMap::new(),
             reported: HashMap::new(),
             rerun: HashMap::new(),
+            wanted: BTreeMap::new(),
             halt_at: std::env::var("FLOTILLA_TEST_HALT_AT").ok(),
             seq: 0,
         })
@@ -329,6 +333,7 @@ impl Agent {
         for app in local {
             wanted.entry(app).or_insert(None);
         }
+        self.wanted = wanted.clone();
         for (app, release) in wanted {
             self.apply(&app, update::Event::Desired(release)).await?;
         }
@@ -387,6 +392,15 @@ impl Agent {
             }
             if matches!(self.db.app_state(&app)?, State::Probation { .. }) {
                 self.apply(&app, update::Event::Tick { now: now() }).await?;
+            }
+        }
+        for (app, desired) in self.wanted.clone() {
+            if let Some(event) = update::pending_desire(&self.db.app_state(&app)?, &desired) {
+                tracing::info!(
+                    app,
+                    "taking the desired state that arrived during the last update"
+                );
+                self.apply(&app, event).await?;
             }
         }
         Ok(())
