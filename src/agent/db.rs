@@ -155,19 +155,23 @@ impl Db {
     }
 
     /// Persists the state, durably, before the caller runs its actions.
-    pub fn set_app_state(&self, app: &str, state: &State) -> Result<(), DbError> {
+    fn set_app_state_in(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        app: &str,
+        state: &State,
+    ) -> Result<(), DbError> {
         let json = serde_json::to_string(state).map_err(|e| DbError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        self.conn
-            .execute(
-                "INSERT INTO app_state (app, state) VALUES (?1, ?2)
+        tx.execute(
+            "INSERT INTO app_state (app, state) VALUES (?1, ?2)
                  ON CONFLICT(app) DO UPDATE SET state = excluded.state",
-                params![app, json],
-            )
-            .map(|_| ())
-            .map_err(self.err())
+            params![app, json],
+        )
+        .map(|_| ())
+        .map_err(self.err())
     }
 
     /// Every app with an update state.
@@ -216,12 +220,28 @@ impl Db {
 
     /// Queues an event. A full outbox drops its oldest heartbeats to make room; other events always go in.
     pub fn push(&self, event: &Event) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        self.push_in(&tx, event)?;
+        tx.commit().map_err(self.err())
+    }
+
+    /// An app's new update state and the reports the change owes the fleet, in one transaction: a power cut
+    /// between two writes lost a Committed or RolledBack report, and the rollout then waited for it forever.
+    pub fn transition(&self, app: &str, state: &State, reports: &[Event]) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        self.set_app_state_in(&tx, app, state)?;
+        for event in reports {
+            self.push_in(&tx, event)?;
+        }
+        tx.commit().map_err(self.err())
+    }
+
+    fn push_in(&self, tx: &rusqlite::Transaction<'_>, event: &Event) -> Result<(), DbError> {
         let heartbeat = matches!(event.body, EventBody::Heartbeat(_));
         let json = serde_json::to_string(event).map_err(|e| DbError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
         })?;
-        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
         let count: usize = tx
             .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
             .map_err(self.err())?;
@@ -236,15 +256,15 @@ impl Db {
                 .map_err(self.err())?;
             // Nothing left to coalesce but this heartbeat itself: the outbox holds only events worth more.
             if dropped < excess && heartbeat {
-                return tx.commit().map_err(self.err());
+                return Ok(());
             }
         }
         tx.execute(
             "INSERT OR IGNORE INTO outbox (id, heartbeat, event) VALUES (?1, ?2, ?3)",
             params![event.id, heartbeat, json],
         )
-        .map_err(self.err())?;
-        tx.commit().map_err(self.err())
+        .map(|_| ())
+        .map_err(self.err())
     }
 
     /// The oldest `limit` events, in order.
@@ -326,13 +346,27 @@ mod tests {
         {
             let db = Db::open(dir.path()).unwrap();
             assert_eq!(db.app_state("a").unwrap(), State::initial());
-            db.set_app_state("a", &state).unwrap();
+            db.transition("a", &state, &[]).unwrap();
             db.set_identity("device_id", "d1").unwrap();
         }
         let db = Db::open(dir.path()).unwrap();
         assert_eq!(db.app_state("a").unwrap(), state);
         assert_eq!(db.identity("device_id").unwrap().as_deref(), Some("d1"));
         assert_eq!(db.identity("credential").unwrap(), None);
+    }
+
+    #[test]
+    fn a_transition_writes_the_state_and_its_reports_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let state = State::Steady {
+            committed: None,
+            rejected: None,
+        };
+        db.transition("a", &state, &[app_event("r1"), app_event("r2")])
+            .unwrap();
+        assert_eq!(db.app_state("a").unwrap(), state);
+        assert_eq!(ids(&db), ["r1", "r2"]);
     }
 
     #[test]

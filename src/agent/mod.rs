@@ -170,12 +170,17 @@ impl Agent {
     }
 
     fn event(&mut self, body: EventBody) -> Result<(), AgentError> {
+        let event = self.new_event(body);
+        self.db.push(&event)?;
+        Ok(())
+    }
+
+    fn new_event(&mut self, body: EventBody) -> Event {
         self.seq += 1;
         let at = now();
         // Unique across restarts without a counter on disk: the time, this run's sequence and random bits.
         let id = format!("{at:x}-{:x}-{:08x}", self.seq, rand::random::<u32>());
-        self.db.push(&Event { id, at, body })?;
-        Ok(())
+        Event { id, at, body }
     }
 
     /// Feeds one event to an app's state machine: persist, then act.
@@ -195,7 +200,21 @@ impl Agent {
         if next == state && actions.is_empty() {
             return Ok(());
         }
-        self.db.set_app_state(app, &next)?;
+        // The reports the change owes are queued in the same transaction as the state: never one without the other.
+        let (reports, actions): (Vec<Action>, Vec<Action>) = actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Report(_)));
+        let reports: Vec<Event> = reports
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Report(report) => Some(self.new_event(EventBody::Update {
+                    app: app.to_string(),
+                    report,
+                })),
+                _ => None,
+            })
+            .collect();
+        self.db.transition(app, &next, &reports)?;
         if state_name(&next) != state_name(&state) {
             tracing::info!(
                 app,

@@ -99,9 +99,10 @@ impl ServerDb {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
-        // WAL with NORMAL survives a crash of the server with every committed transaction; a power cut may lose
-        // the last ones, which the agents send again (they keep events until acknowledged).
-        conn.pragma_update(None, "synchronous", "NORMAL")
+        // FULL: a report batch is acknowledged once its transaction commits, and the agent then deletes those
+        // events. Under NORMAL a power cut could lose the last commits of the WAL after the acknowledgement had
+        // gone out, and the events with them: nobody would send them again.
+        conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(err)?;
