@@ -201,6 +201,7 @@ fn heartbeat(seq: u64) -> ReportBatch {
                 uptime: Some(86_400 + seq * 10),
                 load: Some([0.42, 0.37, 0.31]),
                 temperature_celsius: Some(48.3 + jitter / 10.0),
+                dead_letters: None,
             }),
         }],
     }

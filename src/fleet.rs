@@ -103,6 +103,9 @@ pub struct Metrics {
     pub uptime: Option<u64>,
     pub load: Option<[f64; 3]>,
     pub temperature_celsius: Option<f32>,
+    /// Reports this device holds back because the server refused each of them alone as malformed (a newer agent's
+    /// event an older server cannot read): kept in the agent's `dead_letter` table instead of blocking the rest.
+    pub dead_letters: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

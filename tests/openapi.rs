@@ -712,6 +712,7 @@ fn metrics() -> Metrics {
         uptime: Some(3600),
         load: Some([0.5, 0.25, 0.125]),
         temperature_celsius: Some(48.5),
+        dead_letters: Some(1),
     }
 }
 

@@ -40,6 +40,8 @@ const SCHEMA: &[&str] = &[
                           heartbeat INTEGER NOT NULL, event TEXT NOT NULL);",
     // 2: the releases the fleet ordered, with their settings, so a committed one starts again offline.
     "CREATE TABLE releases (id TEXT PRIMARY KEY, app TEXT NOT NULL, body TEXT NOT NULL);",
+    // 3: events the server refused on their own, kept aside so they block nothing, with the server's reason.
+    "CREATE TABLE dead_letter (id TEXT PRIMARY KEY, event TEXT NOT NULL, reason TEXT NOT NULL);",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +289,27 @@ impl Db {
         Ok(out)
     }
 
+    /// Moves an event the server refused on its own out of the outbox, keeping it and the reason.
+    pub fn dead_letter(&self, id: &str, reason: &str) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        tx.execute(
+            "INSERT OR REPLACE INTO dead_letter (id, event, reason)
+             SELECT id, event, ?2 FROM outbox WHERE id = ?1",
+            params![id, reason],
+        )
+        .map_err(self.err())?;
+        tx.execute("DELETE FROM outbox WHERE id = ?1", [id])
+            .map_err(self.err())?;
+        tx.commit().map_err(self.err())
+    }
+
+    /// How many events are kept aside.
+    pub fn dead_letters(&self) -> Result<u64, DbError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM dead_letter", [], |r| r.get(0))
+            .map_err(self.err())
+    }
+
     /// Drops events the server accepted.
     pub fn acknowledge(&self, ids: &[String]) -> Result<(), DbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
@@ -353,6 +376,17 @@ mod tests {
         assert_eq!(db.app_state("a").unwrap(), state);
         assert_eq!(db.identity("device_id").unwrap().as_deref(), Some("d1"));
         assert_eq!(db.identity("credential").unwrap(), None);
+    }
+
+    #[test]
+    fn a_dead_letter_leaves_the_outbox_and_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        db.push(&app_event("a1")).unwrap();
+        db.push(&app_event("a2")).unwrap();
+        db.dead_letter("a1", "422: unknown variant").unwrap();
+        assert_eq!(ids(&db), ["a2"]);
+        assert_eq!(db.dead_letters().unwrap(), 1);
     }
 
     #[test]

@@ -30,6 +30,18 @@ impl LinkError {
     pub fn is_unauthorized(&self) -> bool {
         matches!(self, LinkError::Refused { status: 401, .. })
     }
+
+    /// The server read the request and refused what it carried (400, 413, 422): sending the same again fails
+    /// again, unlike a refusal of the credential, a rate limit or an outage.
+    pub fn is_refused_content(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Refused {
+                status: 400 | 413 | 422,
+                ..
+            }
+        )
+    }
 }
 
 /// A fresh desired state, or none when it equals the one the agent holds.

@@ -60,6 +60,8 @@ impl Sampler for SystemSampler {
             uptime: Some(System::uptime()),
             load: Some([load.one, load.five, load.fifteen]),
             temperature_celsius: temperature,
+            // The agent fills it in: the sampler does not see its database.
+            dead_letters: None,
         }
     }
 }

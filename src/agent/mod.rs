@@ -518,8 +518,17 @@ impl Agent {
             if events.is_empty() {
                 break;
             }
-            let accepted = link.report(credential, events).await?;
-            self.db.acknowledge(&accepted)?;
+            let db = &self.db;
+            deliver(
+                events,
+                |batch| link.report(credential, batch),
+                |accepted| db.acknowledge(accepted),
+                |id, reason| {
+                    tracing::warn!(event = id, "the fleet server refused this report on its own, so it is kept aside in the dead_letter table: {reason}");
+                    db.dead_letter(id, reason)
+                },
+            )
+            .await?;
         }
         Ok(())
     }
@@ -539,7 +548,8 @@ impl Agent {
         loop {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
             if tokio::time::Instant::now() >= next_heartbeat {
-                let m = self.sampler.sample();
+                let mut m = self.sampler.sample();
+                m.dead_letters = Some(self.db.dead_letters()?).filter(|n| *n > 0);
                 self.event(EventBody::Heartbeat(m))?;
                 next_heartbeat = tokio::time::Instant::now() + self.fleet.heartbeat_interval;
             }
@@ -623,6 +633,41 @@ impl Agent {
     }
 }
 
+/// Sends `events` in order. A batch whose content the server refuses is split in halves, down to the single event,
+/// so one event the server cannot take (a newer agent's, say) is set aside with `dead_letter` and the others flow
+/// around it; before, the whole batch was sent again for ever and the outbox never moved. At most 2n requests for
+/// n events. Any other failure stops the delivery: it is retried later as it is.
+async fn deliver<F, Fut>(
+    events: Vec<Event>,
+    mut send: F,
+    mut acknowledge: impl FnMut(&[String]) -> Result<(), DbError>,
+    mut dead_letter: impl FnMut(&str, &str) -> Result<(), DbError>,
+) -> Result<(), AgentError>
+where
+    F: FnMut(Vec<Event>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<String>, LinkError>>,
+{
+    // Batches still to send, the next one last.
+    let mut pending = vec![events];
+    while let Some(batch) = pending.pop() {
+        let ids: Vec<String> = batch.iter().map(|e| e.id.clone()).collect();
+        match send(batch.clone()).await {
+            Ok(accepted) => acknowledge(&accepted)?,
+            Err(e) if e.is_refused_content() && batch.len() == 1 => {
+                dead_letter(&ids[0], &e.to_string())?;
+            }
+            Err(e) if e.is_refused_content() => {
+                let mut first = batch;
+                let second = first.split_off(first.len() / 2);
+                pending.push(second);
+                pending.push(first);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// The first wait before a release that could not be started is tried again, and the longest.
 const RERUN_FIRST: Duration = Duration::from_secs(2);
 const RERUN_MAX: Duration = Duration::from_secs(300);
@@ -651,6 +696,77 @@ mod tests {
             health: health.map(str::to_string),
             ..Status::default()
         }
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_set_aside_and_the_others_are_delivered_around_it() {
+        use std::cell::RefCell;
+        let event = |id: &str| Event {
+            id: id.into(),
+            at: 0,
+            body: EventBody::Heartbeat(Default::default()),
+        };
+        let ids = ["e1", "e2", "e3", "bad", "e5", "e6", "e7"];
+        let requests = RefCell::new(0);
+        let acknowledged = RefCell::new(Vec::new());
+        let dead = RefCell::new(Vec::new());
+        deliver(
+            ids.iter().map(|i| event(i)).collect(),
+            |batch: Vec<Event>| {
+                *requests.borrow_mut() += 1;
+                let refused = batch.iter().any(|e| e.id == "bad");
+                async move {
+                    if refused {
+                        Err(LinkError::Refused {
+                            what: "the reports",
+                            status: 422,
+                            message: "unknown variant".into(),
+                        })
+                    } else {
+                        Ok(batch.into_iter().map(|e| e.id).collect())
+                    }
+                }
+            },
+            |ids| {
+                acknowledged.borrow_mut().extend_from_slice(ids);
+                Ok(())
+            },
+            |id, reason| {
+                dead.borrow_mut().push((id.to_string(), reason.to_string()));
+                Ok(())
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            *acknowledged.borrow(),
+            ["e1", "e2", "e3", "e5", "e6", "e7"],
+            "every other event, in order"
+        );
+        assert_eq!(dead.borrow().len(), 1);
+        assert_eq!(dead.borrow()[0].0, "bad");
+        assert!(dead.borrow()[0].1.contains("unknown variant"));
+        assert!(*requests.borrow() <= 2 * ids.len(), "{}", requests.borrow());
+
+        // A failure that is not about the content (the server is down) stops the delivery with nothing set aside.
+        let dead = RefCell::new(0);
+        let result = deliver(
+            vec![event("e1")],
+            |_| async {
+                Err(LinkError::Unreachable {
+                    url: "https://fleet".into(),
+                    message: "refused".into(),
+                })
+            },
+            |_| Ok(()),
+            |_, _| {
+                *dead.borrow_mut() += 1;
+                Ok(())
+            },
+        )
+        .await;
+        assert!(result.is_err());
+        assert_eq!(*dead.borrow(), 0);
     }
 
     #[test]
