@@ -192,6 +192,7 @@ fn heartbeat(seq: u64) -> ReportBatch {
         events: vec![Event {
             id: format!("hb-{seq}"),
             at: unix_now(),
+            seq: None,
             body: EventBody::Heartbeat(Metrics {
                 cpu_percent: Some(12.5 + jitter),
                 memory_used: Some(183_500_800 + seq * 4096),

@@ -78,6 +78,11 @@ pub struct Event {
     pub id: String,
     /// Seconds since the Unix epoch, by the device's clock.
     pub at: u64,
+    /// The event's place in the device's outbox, rising for the life of the device's database: what orders its
+    /// reports. The device's clock cannot: a Pi without a real-time clock steps back when NTP syncs. Absent from
+    /// agents before it existed; their reports order by `at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
     pub body: EventBody,
 }
 
@@ -159,6 +164,7 @@ mod tests {
                 Event {
                     id: "e1".into(),
                     at: 1_700_000_000,
+                    seq: None,
                     body: EventBody::Heartbeat(Metrics {
                         load: Some([0.1, 0.2, 0.3]),
                         ..Metrics::default()
@@ -167,6 +173,7 @@ mod tests {
                 Event {
                     id: "e2".into(),
                     at: 1_700_000_001,
+                    seq: None,
                     body: EventBody::Update {
                         app: "sensor".into(),
                         report: Report::RolledBack {

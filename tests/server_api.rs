@@ -299,6 +299,7 @@ fn app_event(id: &str, app: &str) -> Event {
     Event {
         id: id.into(),
         at: 1_700_000_000,
+        seq: None,
         body: EventBody::App(AppStatus {
             app: app.into(),
             release: None,
@@ -663,6 +664,7 @@ async fn a_device_reads_and_writes_only_its_own_state() {
         Event {
             id: "e2".into(),
             at: 1_700_000_001,
+            seq: None,
             body: EventBody::Update {
                 app: "sensor".into(),
                 report: Report::Committed {

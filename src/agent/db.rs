@@ -273,18 +273,23 @@ impl Db {
     pub fn pending(&self, limit: usize) -> Result<Vec<Event>, DbError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT event FROM outbox ORDER BY seq LIMIT ?1")
+            .prepare("SELECT seq, event FROM outbox ORDER BY seq LIMIT ?1")
             .map_err(self.err())?;
         let rows = stmt
-            .query_map([limit], |r| r.get::<_, String>(0))
+            .query_map([limit], |r| {
+                Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(self.err())?;
         let mut out = Vec::new();
         for row in rows {
-            let json = row.map_err(self.err())?;
-            out.push(serde_json::from_str(&json).map_err(|e| DbError::Corrupt {
+            let (seq, json) = row.map_err(self.err())?;
+            let mut event: Event = serde_json::from_str(&json).map_err(|e| DbError::Corrupt {
                 path: self.path.clone(),
                 reason: format!("an outbox event: {e}"),
-            })?);
+            })?;
+            // The outbox's own counter (AUTOINCREMENT never reuses one): the order the server keeps.
+            event.seq = Some(seq);
+            out.push(event);
         }
         Ok(out)
     }
@@ -331,6 +336,7 @@ mod tests {
         Event {
             id: id.to_string(),
             at: 0,
+            seq: None,
             body: EventBody::Heartbeat(Metrics::default()),
         }
     }
@@ -339,6 +345,7 @@ mod tests {
         Event {
             id: id.to_string(),
             at: 0,
+            seq: None,
             body: EventBody::App(AppStatus {
                 app: "a".into(),
                 release: None,

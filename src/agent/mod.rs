@@ -180,7 +180,12 @@ impl Agent {
         let at = now();
         // Unique across restarts without a counter on disk: the time, this run's sequence and random bits.
         let id = format!("{at:x}-{:x}-{:08x}", self.seq, rand::random::<u32>());
-        Event { id, at, body }
+        Event {
+            id,
+            at,
+            seq: None,
+            body,
+        }
     }
 
     /// Feeds one event to an app's state machine: persist, then act.
@@ -704,6 +709,7 @@ mod tests {
         let event = |id: &str| Event {
             id: id.into(),
             at: 0,
+            seq: None,
             body: EventBody::Heartbeat(Default::default()),
         };
         let ids = ["e1", "e2", "e3", "bad", "e5", "e6", "e7"];

@@ -36,6 +36,8 @@ const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires I
      CREATE TABLE device_updates (device TEXT NOT NULL REFERENCES devices(id), app TEXT NOT NULL,
                                   release TEXT NOT NULL, report TEXT NOT NULL, at INTEGER NOT NULL,
                                   received INTEGER NOT NULL, PRIMARY KEY (device, app, release));",
+    // Reports are ordered by the device's outbox sequence, not its clock (0: an agent that sent none).
+    "ALTER TABLE device_updates ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -301,13 +303,24 @@ impl ServerDb {
                     .map_err(self.err())?;
                 }
                 EventBody::Update { app, report } => {
-                    // Events may arrive out of order after days offline: an older report never replaces a newer one.
+                    // An older report never replaces a newer one. Older by the device's outbox sequence: its clock
+                    // may have stepped back (no RTC, then NTP) between two reports. Agents that send no sequence
+                    // (0) are ordered by their clock, as before.
                     tx.execute(
-                        "INSERT INTO device_updates (device, app, release, report, at, received)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                        "INSERT INTO device_updates (device, app, release, report, at, received, seq)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                          ON CONFLICT (device, app, release) DO UPDATE SET report = excluded.report,
-                         at = excluded.at, received = excluded.received WHERE excluded.at >= device_updates.at",
-                        params![device_id, app, report.release(), to_json(report)?, e.at, now],
+                         at = excluded.at, received = excluded.received, seq = excluded.seq
+                         WHERE (excluded.seq, excluded.at) >= (device_updates.seq, device_updates.at)",
+                        params![
+                            device_id,
+                            app,
+                            report.release(),
+                            to_json(report)?,
+                            e.at,
+                            now,
+                            e.seq.unwrap_or(0)
+                        ],
                     )
                     .map_err(self.err())?;
                 }
@@ -354,6 +367,7 @@ mod tests {
         Event {
             id: id.into(),
             at: 1,
+            seq: None,
             body: EventBody::App(AppStatus {
                 app: "sensor".into(),
                 release: None,
@@ -365,6 +379,52 @@ mod tests {
                 wrong_variant: None,
             }),
         }
+    }
+
+    #[test]
+    fn a_report_made_after_the_device_clock_stepped_back_still_replaces_the_older_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
+        let token = db.create_token(None, None).unwrap();
+        let a = db.enroll(&token, &request("a"), 0).unwrap();
+        let update = |id: &str, at: u64, seq: Option<u64>, report: crate::update::Report| Event {
+            id: id.into(),
+            at,
+            seq,
+            body: EventBody::Update {
+                app: "sensor".into(),
+                report,
+            },
+        };
+        let probation = crate::update::Report::Probation {
+            release: "r2".into(),
+        };
+        let committed = crate::update::Report::Committed {
+            release: "r2".into(),
+        };
+        let latest = |db: &ServerDb| -> String {
+            db.conn
+                .query_row(
+                    "SELECT report FROM device_updates WHERE device = ?1 AND release = 'r2'",
+                    [&a.device_id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        };
+        // The commit is made an hour "earlier" by the device's clock (NTP stepped it back), later in its outbox.
+        db.record(
+            &a.device_id,
+            &[update("p", 10_000, Some(7), probation.clone())],
+            1,
+        )
+        .unwrap();
+        db.record(&a.device_id, &[update("c", 6_400, Some(8), committed)], 2)
+            .unwrap();
+        assert!(latest(&db).contains("committed"), "{}", latest(&db));
+        // An older report arriving late (a lower sequence) changes nothing, whatever its clock says.
+        db.record(&a.device_id, &[update("p2", 20_000, Some(5), probation)], 3)
+            .unwrap();
+        assert!(latest(&db).contains("committed"), "{}", latest(&db));
     }
 
     #[test]

@@ -593,8 +593,8 @@ impl ServerDb {
         }
         // The newest report per app.
         for (device, app, report) in self.query3(
-            "SELECT device, app, report FROM device_updates d WHERE at = (SELECT MAX(at) FROM device_updates e
-             WHERE e.device = d.device AND e.app = d.app) ORDER BY at",
+            "SELECT device, app, report FROM device_updates d WHERE rowid = (SELECT rowid FROM device_updates e
+             WHERE e.device = d.device AND e.app = d.app ORDER BY seq DESC, at DESC LIMIT 1)",
         )? {
             if let Some(r) = report {
                 entry(&mut apps, device, app).update = Some(from_json("update report", &r)?);
