@@ -166,6 +166,39 @@ async fn build() -> Ready {
 mod tests {
     use super::*;
 
+    // `.local` names must find /etc/hosts before any mDNS query goes out: a pinned address wins, whatever case
+    // either side is written in, and a name it lacks is left to mDNS.
+    #[tokio::test]
+    async fn local_names_are_looked_up_in_the_hosts_file_first() {
+        let mut hosts = Hosts::default();
+        hosts
+            .read_hosts_conf(
+                &b"10.9.8.7 Registry.Local\nfe80::7 registry.local\n192.0.2.9 other.lan\n"[..],
+            )
+            .expect("hosts text");
+        let ready = Ready {
+            resolver: TokioResolver::builder_with_config(
+                ResolverConfig::new(),
+                TokioConnectionProvider::default(),
+            )
+            .build(),
+            no_servers: None,
+            hosts: Some(hosts),
+        };
+        let mut got = ready
+            .in_hosts_file("REGISTRY.local")
+            .expect("in the hosts file");
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "10.9.8.7".parse::<std::net::IpAddr>().expect("ip"),
+                "fe80::7".parse().expect("ip"),
+            ]
+        );
+        assert_eq!(ready.in_hosts_file("printer.local"), None);
+    }
+
     // /etc/hosts names `localhost` on every system this runs on, Debian's test machines included, so this checks
     // the hosts-file path without any name server.
     #[tokio::test]
