@@ -137,7 +137,8 @@ pub struct Accepted {
 }
 
 /// The HTTP client agents and the operator CLI use to reach the fleet server: rustls with the system roots plus
-/// `ca_bundle`, the same TLS setup as registries.
+/// `ca_bundle`, the same TLS setup as registries, and the same resolver (`/etc/hosts`, mDNS for `.local`, the
+/// name servers): without it reqwest would ask getaddrinfo, whose NSS modules a static binary cannot load.
 pub fn http_client(
     ca_bundle: Option<&std::path::Path>,
     timeout: std::time::Duration,
@@ -146,6 +147,9 @@ pub fn http_client(
     let tls = crate::registry::tls::client_config(&crate::registry::tls::system_roots(), &bundles)?;
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        .dns_resolver(std::sync::Arc::new(
+            crate::registry::dns::SystemResolver::default(),
+        ))
         .connect_timeout(std::time::Duration::from_secs(10))
         .timeout(timeout)
         .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))

@@ -9,6 +9,7 @@ pub mod client;
 pub mod credentials;
 pub mod dns;
 mod manifests;
+pub mod mdns;
 pub mod reference;
 pub mod retry;
 pub mod tls;
