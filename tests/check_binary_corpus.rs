@@ -221,12 +221,12 @@ fn identical_attributes_are_told_apart_by_the_code() {
             v6.platform.map(|p| p.to_string()).as_deref(),
             Some("linux/arm/v6")
         );
-        assert_eq!(v6.decided_by, Some(Evidence::CodeScan));
+        assert_eq!(v6.decided_by, Some(Evidence::ReachableCode));
         assert_eq!(
             a7.platform.map(|p| p.to_string()).as_deref(),
             Some("linux/arm/v7")
         );
-        assert_eq!(a7.decided_by, Some(Evidence::CodeScan));
+        assert_eq!(a7.decided_by, Some(Evidence::ReachableCode));
     }
 }
 
@@ -249,7 +249,7 @@ fn json_names_the_deciding_evidence() {
     };
     assert_eq!(
         decided("ring-probe-arm-unknown-linux-gnueabi.stripped"),
-        "code scan"
+        "reachable code"
     );
     assert_eq!(decided("go-goarm7.stripped"), "go build info");
     assert_eq!(decided("armel/busybox"), "attributes");

@@ -41,6 +41,8 @@ use std::fmt;
 
 use serde::Serialize;
 
+use super::arm_reach::{self, FirstV7, Program};
+
 /// In a stripped binary, fewer hits than this are taken for data that looks like instructions.
 pub const STRIPPED_THRESHOLD: u64 = 2;
 
@@ -96,6 +98,9 @@ pub enum V7Encoding {
     Barrier,
     #[serde(rename = "32-bit Thumb-2")]
     Thumb2,
+    /// The 16-bit instructions Thumb-2 added: IT, CBZ, CBNZ.
+    #[serde(rename = "IT/CBZ/CBNZ")]
+    ThumbNarrow,
 }
 
 impl fmt::Display for V7Encoding {
@@ -109,17 +114,22 @@ impl fmt::Display for V7Encoding {
             V7Encoding::Rbit => "RBIT",
             V7Encoding::Barrier => "DMB/DSB/ISB",
             V7Encoding::Thumb2 => "32-bit Thumb-2",
+            V7Encoding::ThumbNarrow => "IT/CBZ/CBNZ",
         })
     }
 }
 
-/// What the scan found.
+/// What the walk of the reachable code found ([`judge`]), or what a linear scan found ([`scan`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CodeScan {
     /// Whether mapping symbols said where ARM, Thumb and data are.
     #[serde(rename = "mapping_symbols")]
     pub mapped: bool,
-    /// Bytes of code scanned (ARM and Thumb; data left out where mapping symbols mark it).
+    /// How the code was found: `reachable code` (followed from the entry point) or `linear scan`.
+    pub method: &'static str,
+    /// Functions reached (entry points of the walk and the targets of calls), outside CPU-feature checks.
+    pub functions: u64,
+    /// Bytes of code reached (or scanned).
     pub code_bytes: u64,
     /// Advanced SIMD and VFP/coprocessor instructions: reported, never counted.
     #[serde(rename = "simd_instructions")]
@@ -130,6 +140,31 @@ pub struct CodeScan {
     /// The address of the first counted encoding, to look at with objdump.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_v7: Option<u64>,
+    /// The first counted encoding, the state it ran in and the path of calls that reached it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_v7_reached: Option<FirstV7>,
+    /// Functions reached only behind a CPU-feature check (AT_HWCAP, OPENSSL_armcap, IFUNC resolvers).
+    pub guarded_functions: u64,
+    /// ARMv7 encodings in those functions: they run only where the check found the feature, so not counted.
+    #[serde(rename = "guarded_v7_instructions")]
+    pub guarded_v7: u64,
+}
+
+/// Judges the code of `program` that can run: found by [`arm_reach::walk`], counted in the state it runs in.
+pub fn judge(program: &Program<'_>) -> CodeScan {
+    let reach = arm_reach::walk(program);
+    CodeScan {
+        mapped: !program.mappings.is_empty(),
+        method: "reachable code",
+        functions: reach.functions,
+        code_bytes: reach.code_bytes,
+        simd: reach.simd,
+        first_v7: reach.first_v7.as_ref().map(|f| f.address),
+        v7: reach.v7,
+        first_v7_reached: reach.first_v7,
+        guarded_functions: reach.guarded_functions,
+        guarded_v7: reach.guarded_v7,
+    }
 }
 
 impl CodeScan {
@@ -137,10 +172,11 @@ impl CodeScan {
         self.v7.values().sum()
     }
 
-    /// Whether the code needs ARMv6T2/ARMv7 by the rule in the module doc.
+    /// Whether the code needs ARMv6T2/ARMv7: for the walk, any counted encoding on reachable code; for the
+    /// linear scan, the rule in the module doc.
     pub fn needs_v7(&self) -> bool {
         let hits = self.v7_total();
-        if self.mapped {
+        if self.mapped || self.method == "reachable code" {
             hits > 0
         } else {
             hits >= STRIPPED_THRESHOLD
@@ -164,13 +200,15 @@ impl CodeScan {
     }
 }
 
-/// Scans little-endian code regions. `mappings` are the mapping symbols as (address, kind); with none, the
-/// stripped-binary rule applies.
+/// The linear scan that came before the walk, kept to compare with it (`bench/arm-code.sh`): every byte of the
+/// code regions, split by `mappings` (address, kind) where there are some, by the stripped-binary rule of the
+/// module doc where there are none.
 pub fn scan(regions: &[CodeRegion<'_>], mappings: &[(u64, Mapping)]) -> CodeScan {
     let mut sorted = mappings.to_vec();
     sorted.sort_by_key(|m| m.0);
     let mut result = CodeScan {
         mapped: !sorted.is_empty(),
+        method: "linear scan",
         ..CodeScan::default()
     };
     for region in regions {
@@ -293,13 +331,13 @@ fn scan_run(address: u64, bytes: &[u8], state: Mapping, stripped: bool, result: 
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum A32 {
+pub(super) enum A32 {
     Simd,
     V7(V7Encoding),
 }
 
 /// Classifies one ARM-state word; `None` for everything ARMv6K already has.
-fn classify_a32(word: u32) -> Option<A32> {
+pub(super) fn classify_a32(word: u32) -> Option<A32> {
     let cond = word >> 28;
     if cond == 0xf {
         // The unconditional space: Advanced SIMD data processing (1111 001x) and element/structure loads and
@@ -346,14 +384,14 @@ fn is_thumb32_prefix(first: u16) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum T32 {
+pub(super) enum T32 {
     /// BL, and BLX to ARM: Thumb-1 (ARMv5T/ARMv6) already has them as a pair of halfwords.
     Thumb1,
     Simd,
     V7,
 }
 
-fn classify_t32(first: u16, second: u16) -> T32 {
+pub(super) fn classify_t32(first: u16, second: u16) -> T32 {
     // BL: 11110 S imm10, 11 J1 1 J2 imm11; BLX (to ARM): 11110 S imm10, 11 J1 0 J2 imm10 0.
     if first >> 11 == 0b11110 && second >> 14 == 0b11 {
         return T32::Thumb1;

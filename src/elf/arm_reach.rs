@@ -1,0 +1,1457 @@
+//! Which code of a 32-bit ARM program can run, found by following it from where the program starts (recursive
+//! descent), in the state (ARM or Thumb) it runs in. [`super::arm_code`] then judges only that code.
+//!
+//! Counting encodings over whole executable sections confuses data with code (literal pools and constant tables
+//! live in `.text`) and, without mapping symbols (`$a`/`$t`/`$d`), ARM with Thumb. Following the code answers
+//! both: what a branch reaches is code, in the state the branch selects.
+//!
+//! **Where the walk starts**: the entry point; `DT_INIT`/`DT_FINI`; the words of `.init_array`, `.fini_array`,
+//! `.preinit_array`, `.data.rel.ro` and `.got` that point into executable sections; defined function symbols of
+//! `.dynsym`; every word of `.plt` (ARM stubs); and the resolvers named by `R_ARM_IRELATIVE` relocations and
+//! `STT_GNU_IFUNC` symbols. Bit 0 of an address selects Thumb; an even address must be word-aligned to be ARM.
+//!
+//! **What it follows**: `B`, `BL`, `BLX` (immediate, switching state), conditional branches, `CBZ`/`CBNZ`, IT
+//! blocks (a return inside one is conditional); `BX`/`BLX` and `LDR pc` through a register whose value the same
+//! run of code set; addresses loaded from literal pools (`LDR Rd, [pc, #n]`), built by `MOVW`/`MOVT`, or made
+//! position-independent by `ADD Rd, pc, Rd` — each taken for a function when it points into executable code;
+//! `TBB`/`TBH`, `LDR pc, [pc, Rm, LSL #2]` and `ADD pc, pc, Rm, LSL #2` jump tables bounded by a `CMP Rm, #n`
+//! before them. Where mapping symbols exist they correct the state and stop the walk at data.
+//!
+//! **Where it stops**: a return (`BX lr`, `POP {.., pc}`, `LDM .., {.., pc}`, `MOV pc, ..`), an indirect jump
+//! it cannot bound, an undefined instruction, the end of a section or data marked by `$d`. After a call it goes
+//! on with the next instruction, so after a call that never returns (`abort`) it may read a literal pool as
+//! code; encodings found on a word that some instruction loads as a literal, or in a jump table, do not count.
+//! Code reached only through function pointers in writable data (`.data`), C++ vtables in `.rodata`, or
+//! computed in ways other than those above, is not reached; nor is Thumb-1 switch code that calls
+//! `__gnu_thumb1_case_*` helpers (the table after the call is read as code). Binaries without section headers
+//! are walked from the entry point alone.
+//!
+//! **Code behind a CPU-feature check** is walked but not counted:
+//!
+//! - a call whose `r0` was just set to `AT_HWCAP` (16) or `AT_HWCAP2` (26) — `getauxval(AT_HWCAP)` — or a load
+//!   of the address of `OPENSSL_armcap_P` (ring's and OpenSSL's capability word, found by name, so only in
+//!   unstripped binaries) or glibc's `_dl_hwcap`, opens a window of a few instructions; the first conditional
+//!   branch in it guards the code it skips to and over: for `beq L` the instructions up to `L`, and when they
+//!   end in `B J` (an if/else) also those from `L` up to `J`; conditional calls and address loads in the window
+//!   select guarded functions. Everything those guarded blocks call, or whose address they load, is guarded;
+//!   branches out of a guarded block lead back to ordinary code.
+//! - an IFUNC resolver runs everywhere, but every function whose address it loads is chosen by it at run time
+//!   and guarded.
+//!
+//! Limits: a capability word kept in a register or variable and tested later, `/proc/self/auxv` parsed by hand,
+//! a stripped OpenSSL/ring `OPENSSL_armcap_P`, or a table of implementations indexed by a capability are not
+//! recognised, so their ARMv7 routines count (a false refusal, never a false acceptance). Conversely code a
+//! guard selects is trusted to need the feature the guard tested.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+
+use serde::Serialize;
+
+use super::arm_code::{A32, CodeRegion, Mapping, T32, V7Encoding, classify_a32, classify_t32};
+
+/// Jump tables larger than this are taken for a misread bound.
+const MAX_TABLE_ENTRIES: u32 = 4096;
+/// How many instructions after a capability read its test and branch must follow.
+const GUARD_WINDOW: u8 = 6;
+/// An if/else guarded by a capability test spans at most this many bytes; farther targets are not taken for one.
+const MAX_GUARDED_SPAN: u64 = 0x2000;
+
+/// Where a walk starts, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Root {
+    Entry,
+    InitFini,
+    DataPointer,
+    DynamicSymbol,
+    Plt,
+    IfuncResolver,
+}
+
+impl Root {
+    fn label(self) -> &'static str {
+        match self {
+            Root::Entry => "entry",
+            Root::InitFini => "init/fini",
+            Root::DataPointer => "data pointer",
+            Root::DynamicSymbol => "dynamic symbol",
+            Root::Plt => ".plt",
+            Root::IfuncResolver => "IFUNC resolver",
+        }
+    }
+}
+
+/// What the walk needs from the file.
+#[derive(Debug, Default)]
+pub struct Program<'a> {
+    /// Executable bytes, sorted by address or not.
+    pub regions: Vec<CodeRegion<'a>>,
+    /// Addresses to start from, bit 0 set for Thumb.
+    pub roots: Vec<(u64, Root)>,
+    /// Words to read as function addresses (from `.init_array`, `.got`, ...): kept only if they point into code.
+    pub pointers: Vec<(u64, Root)>,
+    /// IFUNC resolvers (bit 0 for Thumb).
+    pub resolvers: Vec<u64>,
+    /// Mapping symbols, where the symbol table has them.
+    pub mappings: Vec<(u64, Mapping)>,
+    /// Function names by address (bit 0 clear), for the path to the first ARMv7 instruction.
+    pub names: BTreeMap<u64, String>,
+    /// Addresses of capability words (`OPENSSL_armcap_P`, `_dl_hwcap`): loading one opens a guard window.
+    pub capability_words: Vec<u64>,
+}
+
+/// The first counted ARMv7 instruction and how the walk got there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FirstV7 {
+    pub address: u64,
+    pub instruction: V7Encoding,
+    /// `arm` or `thumb`.
+    pub state: &'static str,
+    /// From where the walk started to the function holding the instruction, e.g. `["entry 0x10100",
+    /// "0x10480", "main 0x10530"]`.
+    pub path: Vec<String>,
+}
+
+/// What the walk found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reach {
+    pub functions: u64,
+    pub code_bytes: u64,
+    pub simd: u64,
+    pub v7: BTreeMap<V7Encoding, u64>,
+    pub first_v7: Option<FirstV7>,
+    /// Functions and ARMv7 instructions reached only behind a CPU-feature check: reported, not counted.
+    pub guarded_functions: u64,
+    pub guarded_v7: u64,
+    /// The reached code as mapping symbols, sorted: what the walk gives back to a binary that lacks them.
+    pub recovered: Vec<(u64, Mapping)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum Guard {
+    #[default]
+    None,
+    /// Reached only through a guarded call or address: all of it is guarded.
+    Whole,
+    /// The blocks a capability test skips to or over, `[from, to)` within one function.
+    Range(u64, u64),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Item {
+    address: u64,
+    thumb: bool,
+    function: usize,
+    guard: Guard,
+}
+
+#[derive(Debug, Clone)]
+struct Function {
+    address: u64,
+    thumb: bool,
+    from: Result<usize, Root>,
+    guarded: bool,
+    resolver: bool,
+    /// Found only as a value in data or a literal: it may be data that looks like an address.
+    weak: bool,
+    /// A weak function whose code ran into data or into code already walked in the other state: it was no
+    /// function, and its encodings do not count.
+    invalid: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hit {
+    address: u64,
+    kind: V7Encoding,
+    thumb: bool,
+    function: usize,
+    guarded: bool,
+}
+
+/// Visited flags, per halfword of each region.
+const SEEN: u8 = 1;
+const SEEN_GUARDED: u8 = 2;
+const SEEN_THUMB: u8 = 4;
+
+struct Walker<'p, 'a> {
+    program: &'p Program<'a>,
+    /// Regions sorted by address.
+    regions: Vec<CodeRegion<'a>>,
+    seen: Vec<Vec<u8>>,
+    mappings: Vec<(u64, Mapping)>,
+    functions: Vec<Function>,
+    by_address: HashMap<u64, usize>,
+    queue: VecDeque<Item>,
+    weak_queue: VecDeque<Item>,
+    guarded_queue: VecDeque<Item>,
+    data_words: HashSet<u64>,
+    hits: Vec<Hit>,
+    hit_at: HashMap<u64, usize>,
+    resolvers: HashSet<u64>,
+    capability_words: HashSet<u64>,
+    code_bytes: u64,
+    simd: u64,
+    /// The function whose code is being decoded.
+    current: usize,
+}
+
+/// How [`Walker::visit`] found an address.
+enum Visit {
+    /// Walked before in the other state: one of the two walks read it wrongly.
+    Conflict,
+    /// Never reached before.
+    First,
+    /// Reached before only behind a guard, and now in the open.
+    Again,
+    /// Already walked in a way that covers this walk.
+    Covered,
+}
+
+/// Walks `program` and counts what it reaches.
+pub fn walk(program: &Program<'_>) -> Reach {
+    let mut regions = program.regions.clone();
+    regions.sort_by_key(|r| r.address);
+    let seen = regions
+        .iter()
+        .map(|r| vec![0u8; r.bytes.len() / 2 + 1])
+        .collect();
+    let mut mappings = program.mappings.clone();
+    mappings.sort_by_key(|m| m.0);
+    let mut walker = Walker {
+        program,
+        regions,
+        seen,
+        mappings,
+        functions: Vec::new(),
+        by_address: HashMap::new(),
+        queue: VecDeque::new(),
+        weak_queue: VecDeque::new(),
+        guarded_queue: VecDeque::new(),
+        data_words: HashSet::new(),
+        hits: Vec::new(),
+        hit_at: HashMap::new(),
+        resolvers: program.resolvers.iter().copied().collect(),
+        capability_words: program.capability_words.iter().copied().collect(),
+        code_bytes: 0,
+        simd: 0,
+        current: 0,
+    };
+    walker.run();
+    walker.finish()
+}
+
+fn sign_extend(value: u32, bits: u32) -> i64 {
+    let shift = 32 - bits;
+    i64::from(((value << shift) as i32) >> shift)
+}
+
+fn offset(address: u64, delta: i64) -> u64 {
+    address.wrapping_add_signed(delta) & 0xffff_ffff
+}
+
+/// An ARM modified immediate: 8 bits rotated right by twice the 4-bit rotation.
+fn arm_immediate(word: u32) -> u32 {
+    (word & 0xff).rotate_right(((word >> 8) & 0xf) * 2)
+}
+
+/// The branch offset of Thumb-2 `BL`/`BLX`/`B.W` (encoding T4): S:I1:I2:imm10:imm11:0.
+fn t32_long_offset(first: u16, second: u16) -> i64 {
+    let s = u32::from((first >> 10) & 1);
+    let j1 = u32::from((second >> 13) & 1);
+    let j2 = u32::from((second >> 11) & 1);
+    let i1 = !(j1 ^ s) & 1;
+    let i2 = !(j2 ^ s) & 1;
+    let imm = (s << 24)
+        | (i1 << 23)
+        | (i2 << 22)
+        | (u32::from(first & 0x3ff) << 12)
+        | (u32::from(second & 0x7ff) << 1);
+    sign_extend(imm, 25)
+}
+
+/// The offset of the conditional `B<c>.W` (encoding T3): S:J2:J1:imm6:imm11:0.
+fn t32_cond_offset(first: u16, second: u16) -> i64 {
+    let s = u32::from((first >> 10) & 1);
+    let j1 = u32::from((second >> 13) & 1);
+    let j2 = u32::from((second >> 11) & 1);
+    let imm = (s << 20)
+        | (j2 << 19)
+        | (j1 << 18)
+        | (u32::from(first & 0x3f) << 12)
+        | (u32::from(second & 0x7ff) << 1);
+    sign_extend(imm, 21)
+}
+
+/// What one instruction does to the flow of control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Next,
+    /// A jump to a known target; `conditional` ones also fall through.
+    Jump {
+        target: u64,
+        thumb: bool,
+        conditional: bool,
+    },
+    /// A call: the walk goes on after it.
+    Call {
+        target: u64,
+        thumb: bool,
+        conditional: bool,
+    },
+    /// The end of the run: a return, an unbounded indirect jump, a trap.
+    Stop,
+}
+
+impl<'a> Walker<'_, 'a> {
+    fn region_index(&self, address: u64) -> Option<usize> {
+        let i = self
+            .regions
+            .partition_point(|r| r.address <= address)
+            .checked_sub(1)?;
+        let region = self.regions.get(i)?;
+        (address - region.address < region.bytes.len() as u64).then_some(i)
+    }
+
+    fn bytes_at(&self, address: u64, len: usize) -> Option<&'a [u8]> {
+        let region = *self.regions.get(self.region_index(address)?)?;
+        let at = usize::try_from(address - region.address).ok()?;
+        region.bytes.get(at..at.checked_add(len)?)
+    }
+
+    fn word_at(&self, address: u64) -> Option<u32> {
+        self.bytes_at(address, 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn half_at(&self, address: u64) -> Option<u16> {
+        self.bytes_at(address, 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    /// A code address from data, or `None` when it cannot be one: Thumb with bit 0 set, ARM word-aligned.
+    fn code_pointer(&self, value: u64) -> Option<(u64, bool)> {
+        let (address, thumb) = if value & 1 == 1 {
+            (value & !1, true)
+        } else if value % 4 == 0 {
+            (value, false)
+        } else {
+            return None;
+        };
+        self.region_index(address)?;
+        Some((address, thumb))
+    }
+
+    fn mapping_at(&self, address: u64) -> Option<(Mapping, u64)> {
+        let i = self.mappings.partition_point(|m| m.0 <= address);
+        let current = self.mappings.get(i.checked_sub(1)?)?.1;
+        let next = self.mappings.get(i).map_or(u64::MAX, |m| m.0);
+        Some((current, next))
+    }
+
+    fn add_function(
+        &mut self,
+        address: u64,
+        thumb: bool,
+        from: Result<usize, Root>,
+        guarded: bool,
+        weak: bool,
+    ) {
+        let key = address | u64::from(thumb);
+        let resolver = self.resolvers.contains(&key);
+        // What a weak function calls is as doubtful as it is.
+        let weak = weak
+            || from
+                .ok()
+                .and_then(|parent| self.functions.get(parent))
+                .is_some_and(|p| p.weak);
+        let index = match self.by_address.get(&key) {
+            Some(&i) => {
+                let Some(function) = self.functions.get_mut(i) else {
+                    return;
+                };
+                // A function first reached behind a guard and then in the open is ordinary code after all.
+                if guarded || !function.guarded {
+                    return;
+                }
+                function.guarded = false;
+                function.from = from;
+                i
+            }
+            None => {
+                self.functions.push(Function {
+                    address,
+                    thumb,
+                    from,
+                    guarded,
+                    resolver,
+                    weak,
+                    invalid: false,
+                });
+                self.by_address.insert(key, self.functions.len() - 1);
+                self.functions.len() - 1
+            }
+        };
+        let guard = if guarded { Guard::Whole } else { Guard::None };
+        self.push(Item {
+            address,
+            thumb,
+            function: index,
+            guard,
+        });
+    }
+
+    /// Queues a run: ordinary code first, then code found only through values that may be addresses (so that
+    /// their walks meet the code and literals already known, and show themselves as data read as code), then
+    /// code behind CPU-feature checks (so that code also reached in the open is known as such first).
+    fn push(&mut self, item: Item) {
+        let weak = self.functions.get(item.function).is_some_and(|f| f.weak);
+        if item.guard != Guard::None {
+            self.guarded_queue.push_back(item);
+        } else if weak {
+            self.weak_queue.push_back(item);
+        } else {
+            self.queue.push_back(item);
+        }
+    }
+
+    fn run(&mut self) {
+        for &(address, root) in &self.program.roots {
+            if let Some((address, thumb)) = self.code_pointer(address) {
+                self.add_function(address, thumb, Err(root), false, false);
+            }
+        }
+        for &resolver in &self.program.resolvers {
+            if let Some((address, thumb)) = self.code_pointer(resolver) {
+                self.add_function(address, thumb, Err(Root::IfuncResolver), false, false);
+            }
+        }
+        // In the order of [`Walker::push`]; words of data that may be addresses join the weak ones once the
+        // code the roots reach is known.
+        let mut pointers_added = false;
+        loop {
+            if let Some(item) = self.queue.pop_front() {
+                self.run_from(item);
+                continue;
+            }
+            if let Some(item) = self.weak_queue.pop_front() {
+                self.run_from(item);
+                continue;
+            }
+            if !pointers_added {
+                pointers_added = true;
+                for &(value, root) in &self.program.pointers {
+                    // `.init_array` and `.fini_array` hold only functions; other data may hold anything.
+                    let weak = root != Root::InitFini;
+                    if let Some((address, thumb)) = self.code_pointer(value) {
+                        if weak && thumb && !self.thumb_prologue(address) {
+                            continue;
+                        }
+                        self.add_function(address, thumb, Err(root), false, weak);
+                    }
+                }
+                continue;
+            }
+            match self.guarded_queue.pop_front() {
+                Some(item) => self.run_from(item),
+                None => break,
+            }
+        }
+    }
+
+    fn finish(self) -> Reach {
+        let mut reach = Reach {
+            code_bytes: self.code_bytes,
+            simd: self.simd,
+            ..Reach::default()
+        };
+        for f in self.functions.iter().filter(|f| !f.invalid) {
+            if f.guarded {
+                reach.guarded_functions += 1;
+            } else {
+                reach.functions += 1;
+            }
+        }
+        for hit in &self.hits {
+            // A hit on a word some instruction loads as a literal, or in a jump table, is data read as code.
+            let data = [hit.address & !3, (hit.address + 2) & !3]
+                .iter()
+                .any(|w| self.data_words.contains(w));
+            let invalid = self.functions.get(hit.function).is_some_and(|f| f.invalid);
+            if data || invalid {
+                continue;
+            }
+            if hit.guarded {
+                reach.guarded_v7 += 1;
+                continue;
+            }
+            *reach.v7.entry(hit.kind).or_default() += 1;
+            if reach.first_v7.is_none() {
+                reach.first_v7 = Some(FirstV7 {
+                    address: hit.address,
+                    instruction: hit.kind,
+                    state: if hit.thumb { "thumb" } else { "arm" },
+                    path: self.path(hit.function),
+                });
+            }
+        }
+        // Runs of reached halfwords in one state, as mapping symbols.
+        for (region, seen) in self.regions.iter().zip(&self.seen) {
+            let mut current: Option<Mapping> = None;
+            for (i, &flags) in seen.iter().enumerate() {
+                let state = (flags & (SEEN | SEEN_GUARDED) != 0).then(|| {
+                    if flags & SEEN_THUMB != 0 {
+                        Mapping::Thumb
+                    } else {
+                        Mapping::Arm
+                    }
+                });
+                if state != current {
+                    reach.recovered.push((
+                        region.address + 2 * i as u64,
+                        state.unwrap_or(Mapping::Data),
+                    ));
+                    current = state;
+                }
+            }
+        }
+        reach
+    }
+
+    fn path(&self, function: usize) -> Vec<String> {
+        let mut path = Vec::new();
+        let mut at = Some(function);
+        // The parent chain has no cycles (a function's parent is found before it), but bound it anyway.
+        while let Some(i) = at.filter(|_| path.len() < 64) {
+            let Some(f) = self.functions.get(i) else {
+                break;
+            };
+            let name = self.program.names.get(&f.address);
+            let mut step = match name {
+                Some(name) => format!("{name} {:#x}", f.address),
+                None => format!("{:#x}", f.address),
+            };
+            if f.thumb {
+                step.push_str(" (thumb)");
+            }
+            match f.from {
+                Ok(parent) => at = Some(parent),
+                Err(root) => {
+                    step = format!("{} {step}", root.label());
+                    at = None;
+                }
+            }
+            path.push(step);
+        }
+        path.reverse();
+        path
+    }
+
+    /// Marks `address` as reached; `None` outside the executable regions.
+    fn visit(&mut self, address: u64, thumb: bool, guarded: bool) -> Option<Visit> {
+        let i = self.region_index(address)?;
+        let region = self.regions.get(i)?;
+        let slot = usize::try_from((address - region.address) / 2).ok()?;
+        let flags = self.seen.get_mut(i)?.get_mut(slot)?;
+        let covered = if guarded { SEEN | SEEN_GUARDED } else { SEEN };
+        if *flags & (SEEN | SEEN_GUARDED) != 0 && (*flags & SEEN_THUMB != 0) != thumb {
+            return Some(Visit::Conflict);
+        }
+        if *flags & covered != 0 {
+            return Some(Visit::Covered);
+        }
+        let first = *flags == 0;
+        *flags |= if guarded { SEEN_GUARDED } else { SEEN };
+        if thumb {
+            *flags |= SEEN_THUMB;
+        }
+        Some(if first { Visit::First } else { Visit::Again })
+    }
+
+    fn hit(&mut self, address: u64, kind: V7Encoding, thumb: bool, function: usize, guarded: bool) {
+        match self.hit_at.get(&address) {
+            Some(&i) => {
+                if let Some(hit) = self.hits.get_mut(i).filter(|h| h.guarded && !guarded) {
+                    hit.guarded = false;
+                    hit.function = function;
+                }
+            }
+            None => {
+                self.hit_at.insert(address, self.hits.len());
+                self.hits.push(Hit {
+                    address,
+                    kind,
+                    thumb,
+                    function,
+                    guarded,
+                });
+            }
+        }
+    }
+
+    /// Decodes from `item` on until the flow stops.
+    fn run_from(&mut self, item: Item) {
+        let mut state = Run {
+            thumb: item.thumb,
+            guard: item.guard,
+            ..Run::default()
+        };
+        self.current = item.function;
+        let mut address = item.address;
+        let mut boundary = 0u64;
+        loop {
+            if let Guard::Range(_, to) = state.guard {
+                if address >= to {
+                    // The guarded blocks end here; what follows is reached in the open if at all.
+                    break;
+                }
+            }
+            if address >= boundary {
+                match self.mapping_at(address) {
+                    Some((Mapping::Data, _)) => break,
+                    Some((mapping, next)) => {
+                        state.thumb = mapping == Mapping::Thumb;
+                        boundary = next;
+                    }
+                    None => boundary = self.mappings.first().map_or(u64::MAX, |m| m.0),
+                }
+            }
+            let guarded = state.guard != Guard::None;
+            // A weak function that runs into a literal or into code of the other state is data read as code.
+            let data = self.data_words.contains(&(address & !3));
+            let visit = self.visit(address, state.thumb, guarded);
+            if data || matches!(visit, Some(Visit::Conflict)) {
+                if let Some(f) = self.functions.get_mut(item.function).filter(|f| f.weak) {
+                    f.invalid = true;
+                }
+                break;
+            }
+            // Already walked: the rest of this run was walked too.
+            let first = match visit {
+                None | Some(Visit::Covered | Visit::Conflict) => break,
+                Some(Visit::First) => true,
+                Some(Visit::Again) => false,
+            };
+            let decoded = if state.thumb {
+                self.decode_thumb(address, &mut state)
+            } else {
+                self.decode_arm(address, &mut state)
+            };
+            let Some((size, flow, kind)) = decoded else {
+                break;
+            };
+            if first {
+                self.code_bytes += size;
+            }
+            if size == 4 {
+                // The second halfword too, so that a walk into the middle of the instruction finds it taken.
+                let _ = self.visit(address + 2, state.thumb, guarded);
+            }
+            if let Some(kind) = kind {
+                match kind {
+                    Some(kind) => self.hit(address, kind, state.thumb, item.function, guarded),
+                    None if first => self.simd += 1,
+                    None => {}
+                }
+            }
+            let next = address + size;
+            let stop = self.follow(next, flow, &mut state, item.function);
+            if stop {
+                break;
+            }
+            if !state.flushed.is_empty() {
+                self.flush(&mut state, item.function, false);
+            }
+            address = next;
+            state.tick();
+        }
+    }
+
+    /// Acts on one instruction's flow; true when the run ends.
+    fn follow(&mut self, next: u64, flow: Flow, state: &mut Run, function: usize) -> bool {
+        let conditional_in_window = state.window > 0;
+        match flow {
+            Flow::Next => false,
+            Flow::Stop => !state.conditional(),
+            Flow::Call {
+                target,
+                thumb,
+                conditional,
+            } => {
+                let guarded = state.guard != Guard::None || (conditional_in_window && conditional);
+                if state.hwcap_argument > 0 {
+                    state.window = GUARD_WINDOW;
+                } else {
+                    state.window = 0;
+                }
+                self.flush(state, function, true);
+                state.registers = [None; 16];
+                self.add_function(target, thumb, Ok(function), guarded, false);
+                false
+            }
+            Flow::Jump {
+                target,
+                thumb,
+                conditional,
+            } => {
+                let conditional = conditional || state.conditional();
+                if conditional && conditional_in_window && state.guard == Guard::None {
+                    state.window = 0;
+                    if target > next && target - next <= MAX_GUARDED_SPAN && thumb == state.thumb {
+                        let then = Guard::Range(next, target);
+                        let otherwise = self
+                            .else_part(target, state.thumb)
+                            .map(|join| Guard::Range(target, join));
+                        self.push(Item {
+                            address: next,
+                            thumb: state.thumb,
+                            function,
+                            guard: then,
+                        });
+                        self.push(Item {
+                            address: target,
+                            thumb,
+                            function,
+                            guard: otherwise.unwrap_or(Guard::None),
+                        });
+                        return true;
+                    }
+                    // A capability test that jumps elsewhere (a tail call, a loop): the target is guarded.
+                    self.add_function(target, thumb, Ok(function), true, false);
+                    return false;
+                }
+                let guard = match state.guard {
+                    Guard::Range(from, to) if target < from || target >= to => Guard::None,
+                    other => other,
+                };
+                // A branch into another function (a tail call) lands in its code all the same: it is walked as
+                // part of this one, which only changes the path reported.
+                self.push(Item {
+                    address: target,
+                    thumb,
+                    function,
+                    guard,
+                });
+                !conditional
+            }
+        }
+    }
+
+    /// For a capability test that skips to `target`: when the skipped blocks end in `B join` past `target`, the
+    /// code from `target` to `join` is the other arm of an if/else.
+    fn else_part(&self, target: u64, thumb: bool) -> Option<u64> {
+        if thumb {
+            let before = self.half_at(target.checked_sub(2)?)?;
+            if before & 0xf800 == 0xe000 {
+                let join = offset(target + 2, sign_extend(u32::from(before & 0x7ff) << 1, 12));
+                return (join > target).then_some(join);
+            }
+            let first = self.half_at(target.checked_sub(4)?)?;
+            if first >> 11 == 0b11110 && before & 0xd000 == 0x9000 {
+                let join = offset(target, t32_long_offset(first, before));
+                return (join > target).then_some(join);
+            }
+            None
+        } else {
+            let before = self.word_at(target.checked_sub(4)?)?;
+            if before & 0xff00_0000 == 0xea00_0000 {
+                let join = offset(target + 4, sign_extend((before & 0x00ff_ffff) << 2, 26));
+                return (join > target).then_some(join);
+            }
+            None
+        }
+    }
+
+    /// Whether an address the current instruction produces is chosen by a capability test or a resolver.
+    fn chosen(&self, state: &Run, function: usize, conditional: bool) -> bool {
+        let resolver = self.functions.get(function).is_some_and(|f| f.resolver);
+        state.guard != Guard::None
+            || resolver
+            || (state.window > 0 && (conditional || state.conditional()))
+    }
+
+    /// An address an instruction computed (MOVW/MOVT, pc-relative): a pointer into code becomes a function,
+    /// a capability word's address opens a guard window.
+    fn value(&mut self, value: u64, state: &mut Run, function: usize, conditional: bool) {
+        if self.capability_words.contains(&value) {
+            state.window = GUARD_WINDOW + 2;
+            return;
+        }
+        let guarded = self.chosen(state, function, conditional);
+        self.candidate(value, function, guarded);
+    }
+
+    fn candidate(&mut self, value: u64, function: usize, guarded: bool) {
+        if let Some((target, thumb)) = self.code_pointer(value) {
+            // A constant with bit 0 set that only looks like an address would send the walk into ARM code or
+            // data read as Thumb, where nearly every other halfword looks like Thumb-2: an odd value is taken
+            // for a Thumb function only if it starts as one does, by saving registers.
+            if thumb && !self.thumb_prologue(target) {
+                return;
+            }
+            self.add_function(target, thumb, Ok(function), guarded, true);
+        }
+    }
+
+    /// `PUSH {..}`, `PUSH.W {..}` / `STMDB sp!`, `SUB sp, #n` or `STR.W lr, [sp, #-n]!` at `address`.
+    fn thumb_prologue(&self, address: u64) -> bool {
+        let Some(first) = self.half_at(address) else {
+            return false;
+        };
+        let second = self.half_at(address + 2).unwrap_or_default();
+        first & 0xfe00 == 0xb400
+            || first & 0xff80 == 0xb080
+            || first == 0xe92d
+            || (first == 0xf84d && second & 0x0fff == 0x0d04)
+    }
+
+    /// A literal loaded into `register`: position-independent code adds pc to it (an offset, not an address),
+    /// and constants look like addresses in a program linked low, so it is taken for an address only when it is
+    /// passed on or returned unchanged (see [`Walker::flush`]).
+    fn literal_value(
+        &mut self,
+        value: u32,
+        register: usize,
+        state: &mut Run,
+        function: usize,
+        conditional: bool,
+    ) {
+        if self.capability_words.contains(&u64::from(value)) {
+            state.window = GUARD_WINDOW + 2;
+            return;
+        }
+        let guarded = self.chosen(state, function, conditional);
+        if let Some(slot) = state.pending.get_mut(register) {
+            *slot = Some((value, guarded));
+        }
+    }
+
+    /// Literals that turned out to be addresses: those in the argument registers `r0`–`r3` at a call or where
+    /// the flow stops (passed to a function, as `_start` passes `main`, or returned, as a resolver does).
+    fn flush(&mut self, state: &mut Run, function: usize, arguments: bool) {
+        if arguments {
+            for slot in state.pending.iter_mut().take(4) {
+                if let Some(p) = slot.take() {
+                    state.flushed.push(p);
+                }
+            }
+            state.pending = [None; 16];
+        }
+        for (value, guarded) in std::mem::take(&mut state.flushed) {
+            self.candidate(u64::from(value), function, guarded);
+        }
+    }
+
+    /// A literal the code loads: the word is data, and its value may be an address.
+    fn literal(&mut self, at: u64) -> Option<u32> {
+        let value = self.word_at(at)?;
+        self.data_words.insert(at & !3);
+        Some(value)
+    }
+
+    /// A jump table's entry count from the `CMP Rm, #n` before it.
+    fn table_len(state: &Run, register: u32) -> Option<u32> {
+        let bound = state.bounds.get(register as usize).copied().flatten()?;
+        let entries = bound.checked_add(1)?;
+        (entries <= MAX_TABLE_ENTRIES).then_some(entries)
+    }
+
+    fn decode_arm(
+        &mut self,
+        address: u64,
+        state: &mut Run,
+    ) -> Option<(u64, Flow, Option<Option<V7Encoding>>)> {
+        if address % 4 != 0 {
+            return None;
+        }
+        let word = self.word_at(address)?;
+        let function = self.current;
+        let kind = classify_a32(word).map(|c| match c {
+            A32::Simd => None,
+            A32::V7(kind) => Some(kind),
+        });
+        let cond = word >> 28;
+        let pc = address + 8;
+        let rd = ((word >> 12) & 0xf) as usize;
+        state.instruction_conditional = cond != 0xe && cond != 0xf;
+        let conditional = state.instruction_conditional;
+        // mov r0, #16 / #26: AT_HWCAP, AT_HWCAP2 for the call that follows.
+        if word == 0xe3a0_0010 || word == 0xe3a0_001a {
+            state.hwcap_argument = 3;
+        }
+        if cond == 0xf {
+            // BLX immediate: to Thumb, H adds a halfword.
+            if word & 0xfe00_0000 == 0xfa00_0000 {
+                let delta =
+                    sign_extend((word & 0x00ff_ffff) << 2, 26) + i64::from((word >> 24) & 1) * 2;
+                return Some((
+                    4,
+                    Flow::Call {
+                        target: offset(pc, delta),
+                        thumb: true,
+                        conditional: false,
+                    },
+                    kind,
+                ));
+            }
+            return Some((4, Flow::Next, kind));
+        }
+        // B, BL.
+        if word & 0x0e00_0000 == 0x0a00_0000 {
+            let target = offset(pc, sign_extend((word & 0x00ff_ffff) << 2, 26));
+            let flow = if word & 0x0100_0000 != 0 {
+                Flow::Call {
+                    target,
+                    thumb: false,
+                    conditional,
+                }
+            } else {
+                Flow::Jump {
+                    target,
+                    thumb: false,
+                    conditional,
+                }
+            };
+            return Some((4, flow, kind));
+        }
+        // BX Rm, BLX Rm.
+        if word & 0x0fff_ffd0 == 0x012f_ff10 {
+            let rm = (word & 0xf) as usize;
+            let known = state.registers.get(rm).copied().flatten();
+            let call = word & 0x20 != 0 || state.lr_set;
+            let flow = match known.and_then(|v| self.code_pointer(u64::from(v))) {
+                Some((target, thumb)) if call => Flow::Call {
+                    target,
+                    thumb,
+                    conditional,
+                },
+                Some((target, thumb)) => Flow::Jump {
+                    target,
+                    thumb,
+                    conditional,
+                },
+                None if call => Flow::Next,
+                None => Flow::Stop,
+            };
+            state.lr_set = false;
+            return Some((4, flow, kind));
+        }
+        // UDF and the permanently undefined space.
+        if word & 0x0ff0_00f0 == 0x07f0_00f0 {
+            return Some((4, Flow::Stop, kind));
+        }
+        let lr_set = std::mem::take(&mut state.lr_set);
+        // mov lr, pc: the old call sequence before an LDR pc or BX.
+        if word == 0xe1a0_e00f {
+            state.lr_set = true;
+            return Some((4, Flow::Next, kind));
+        }
+        // LDR Rd, [pc, #±imm12]: a literal.
+        if word & 0x0f7f_0000 == 0x051f_0000 {
+            let imm = i64::from(word & 0xfff);
+            let at = offset(pc, if word & 0x0080_0000 != 0 { imm } else { -imm });
+            let value = self.literal(at);
+            if rd == 15 {
+                let target = value.and_then(|v| self.code_pointer(u64::from(v)));
+                let flow = match target {
+                    Some((target, thumb)) if lr_set => Flow::Call {
+                        target,
+                        thumb,
+                        conditional,
+                    },
+                    Some((target, thumb)) => Flow::Jump {
+                        target,
+                        thumb,
+                        conditional,
+                    },
+                    None if lr_set => Flow::Next,
+                    None => Flow::Stop,
+                };
+                return Some((4, flow, kind));
+            }
+            state.set(rd, value);
+            if let Some(v) = value {
+                self.literal_value(v, rd, state, function, conditional);
+            }
+            return Some((4, Flow::Next, kind));
+        }
+        // LDR pc, [pc, Rm, LSL #2]: a table of addresses after the next instruction (the default branch).
+        if word & 0x0fff_fff0 == 0x079f_f100 {
+            let rm = word & 0xf;
+            let Some(entries) = Self::table_len(state, rm) else {
+                return Some((4, Flow::Stop, kind));
+            };
+            for i in 0..u64::from(entries) {
+                let at = pc + 4 * i;
+                if let Some((target, thumb)) = self
+                    .literal(at)
+                    .and_then(|v| self.code_pointer(u64::from(v)))
+                {
+                    self.push(Item {
+                        address: target,
+                        thumb,
+                        function,
+                        guard: state.guard,
+                    });
+                }
+            }
+            return Some((4, if conditional { Flow::Next } else { Flow::Stop }, kind));
+        }
+        // ADD pc, pc, Rm, LSL #2: a table of branch instructions after the next instruction.
+        if word & 0x0fff_fff0 == 0x008f_f100 {
+            let rm = word & 0xf;
+            let Some(entries) = Self::table_len(state, rm) else {
+                return Some((4, Flow::Stop, kind));
+            };
+            for i in 0..u64::from(entries) {
+                self.push(Item {
+                    address: pc + 4 * i,
+                    thumb: false,
+                    function,
+                    guard: state.guard,
+                });
+            }
+            return Some((4, if conditional { Flow::Next } else { Flow::Stop }, kind));
+        }
+        // CMP Rn, #imm: the bound of a jump table that may follow.
+        if word & 0x0ff0_f000 == 0x0350_0000 {
+            let rn = ((word >> 16) & 0xf) as usize;
+            if let Some(slot) = state.bounds.get_mut(rn) {
+                *slot = Some(arm_immediate(word));
+            }
+            return Some((4, Flow::Next, kind));
+        }
+        // MOVW, MOVT: an address built in two halves.
+        if word & 0x0ff0_0000 == 0x0300_0000 || word & 0x0ff0_0000 == 0x0340_0000 {
+            let imm = ((word >> 4) & 0xf000) | (word & 0xfff);
+            if word & 0x0040_0000 == 0 {
+                state.set(rd, Some(imm));
+            } else if let Some(low) = state.registers.get(rd).copied().flatten() {
+                let value = (imm << 16) | (low & 0xffff);
+                state.set(rd, Some(value));
+                self.value(u64::from(value), state, function, conditional);
+            }
+            return Some((4, Flow::Next, kind));
+        }
+        // ADD Rd, pc, Rm: a position-independent address from a literal offset.
+        if word & 0x0fff_0ff0 == 0x008f_0000 {
+            let rm = (word & 0xf) as usize;
+            state.consume(rm);
+            let known = state.registers.get(rm).copied().flatten();
+            let value = known.map(|v| v.wrapping_add(pc as u32));
+            if rd == 15 {
+                return Some((4, Flow::Stop, kind));
+            }
+            if let Some(v) = value {
+                self.value(u64::from(v), state, function, conditional);
+            }
+            state.set(rd, value);
+            return Some((4, Flow::Next, kind));
+        }
+        // LDM/POP with pc in the list: a return.
+        if word & 0x0e10_8000 == 0x0810_8000 {
+            return Some((4, if lr_set { Flow::Next } else { Flow::Stop }, kind));
+        }
+        // Any other load into pc (LDR pc, [sp], #4 and friends); the media space (SDIV, USAT) shares the bits.
+        if word & 0x0c10_f000 == 0x0410_f000 && word & 0x0200_0010 != 0x0200_0010 {
+            return Some((4, if lr_set { Flow::Next } else { Flow::Stop }, kind));
+        }
+        // Data processing into pc (MOV pc, lr; SUB pc, lr, #4): a return or a jump it cannot follow.
+        if word & 0x0c00_f000 == 0x0000_f000 && word & 0x0190_0000 != 0x0100_0000 {
+            let multiply = word & 0x0200_0090 == 0x0000_0090;
+            if !multiply {
+                return Some((4, if lr_set { Flow::Next } else { Flow::Stop }, kind));
+            }
+        }
+        // A register offset (LDR Rt, [Rn, Rm]): a literal used there was an offset (into the GOT), not an address.
+        if word & 0x0e00_0010 == 0x0600_0000 {
+            state.consume((word & 0xf) as usize);
+            state.consume(((word >> 16) & 0xf) as usize);
+        }
+        // Other writes to a register forget what it held (data processing, loads).
+        if word & 0x0c00_0000 == 0x0000_0000 || word & 0x0c10_0000 == 0x0410_0000 {
+            state.set(rd, None);
+        }
+        Some((4, Flow::Next, kind))
+    }
+
+    fn decode_thumb(
+        &mut self,
+        address: u64,
+        state: &mut Run,
+    ) -> Option<(u64, Flow, Option<Option<V7Encoding>>)> {
+        if address % 2 != 0 {
+            return None;
+        }
+        let first = self.half_at(address)?;
+        let function = self.current;
+        let pc = address + 4;
+        let aligned_pc = pc & !3;
+        let in_it = state.it > 0;
+        state.instruction_conditional = in_it;
+        if first >> 11 >= 0b11101 {
+            let second = self.half_at(address + 2)?;
+            let kind = match classify_t32(first, second) {
+                T32::Thumb1 => None,
+                T32::Simd => Some(None),
+                T32::V7 => Some(Some(V7Encoding::Thumb2)),
+            };
+            // mov.w r0, #16 / #26.
+            if first == 0xf04f && (second == 0x0010 || second == 0x001a) {
+                state.hwcap_argument = 3;
+            }
+            if first >> 11 == 0b11110 && second & 0x8000 != 0 {
+                match second & 0xd000 {
+                    // BL.
+                    0xd000 => {
+                        let target = offset(pc, t32_long_offset(first, second));
+                        return Some((
+                            4,
+                            Flow::Call {
+                                target,
+                                thumb: true,
+                                conditional: in_it,
+                            },
+                            kind,
+                        ));
+                    }
+                    // BLX to ARM: the target is word-aligned.
+                    0xc000 => {
+                        let target = offset(aligned_pc, t32_long_offset(first, second)) & !3;
+                        return Some((
+                            4,
+                            Flow::Call {
+                                target,
+                                thumb: false,
+                                conditional: in_it,
+                            },
+                            kind,
+                        ));
+                    }
+                    // B.W.
+                    0x9000 => {
+                        let target = offset(pc, t32_long_offset(first, second));
+                        return Some((
+                            4,
+                            Flow::Jump {
+                                target,
+                                thumb: true,
+                                conditional: in_it,
+                            },
+                            kind,
+                        ));
+                    }
+                    // B<c>.W, or the miscellaneous control space when the condition is 111x.
+                    _ => {
+                        if (first >> 6) & 0xe != 0xe {
+                            let target = offset(pc, t32_cond_offset(first, second));
+                            return Some((
+                                4,
+                                Flow::Jump {
+                                    target,
+                                    thumb: true,
+                                    conditional: true,
+                                },
+                                kind,
+                            ));
+                        }
+                        return Some((4, Flow::Next, kind));
+                    }
+                }
+            }
+            // TBB, TBH [pc, Rm].
+            if first == 0xe8df && second & 0xffe0 == 0xf000 {
+                let half = second & 0x10 != 0;
+                let rm = u32::from(second & 0xf);
+                if let Some(entries) = Self::table_len(state, rm) {
+                    for i in 0..u64::from(entries) {
+                        let (at, entry) = if half {
+                            (pc + 2 * i, self.half_at(pc + 2 * i).map(u64::from))
+                        } else {
+                            (
+                                pc + i,
+                                self.bytes_at(pc + i, 1)
+                                    .and_then(|b| b.first())
+                                    .map(|&b| u64::from(b)),
+                            )
+                        };
+                        self.data_words.insert(at & !3);
+                        if let Some(entry) = entry {
+                            self.push(Item {
+                                address: pc + 2 * entry,
+                                thumb: true,
+                                function,
+                                guard: state.guard,
+                            });
+                        }
+                    }
+                }
+                return Some((4, Flow::Stop, kind));
+            }
+            // LDR.W Rt, [pc, #±imm12].
+            if first & 0xff7f == 0xf85f {
+                let imm = i64::from(second & 0xfff);
+                let at = offset(aligned_pc, if first & 0x80 != 0 { imm } else { -imm });
+                let value = self.literal(at);
+                let rt = usize::from(second >> 12);
+                if rt == 15 {
+                    return Some((4, self.indirect(value, in_it, false), kind));
+                }
+                state.set(rt, value);
+                if let Some(v) = value {
+                    self.literal_value(v, rt, state, function, in_it);
+                }
+                return Some((4, Flow::Next, kind));
+            }
+            // MOVW, MOVT (T3, T1).
+            if first & 0xfbf0 == 0xf240 || first & 0xfbf0 == 0xf2c0 {
+                let imm = (u32::from(first & 0xf) << 12)
+                    | (u32::from((first >> 10) & 1) << 11)
+                    | (u32::from((second >> 12) & 7) << 8)
+                    | u32::from(second & 0xff);
+                let rd = usize::from((second >> 8) & 0xf);
+                if first & 0x80 == 0 {
+                    state.set(rd, Some(imm));
+                } else if let Some(low) = state.registers.get(rd).copied().flatten() {
+                    let value = (imm << 16) | (low & 0xffff);
+                    state.set(rd, Some(value));
+                    self.value(u64::from(value), state, function, in_it);
+                }
+                return Some((4, Flow::Next, kind));
+            }
+            // CMP.W Rn, #imm8 (no rotation): a table bound.
+            if first & 0xfbf0 == 0xf1b0
+                && second & 0x8f00 == 0x0f00
+                && first & 0x0400 == 0
+                && second & 0x7000 == 0
+            {
+                if let Some(slot) = state.bounds.get_mut(usize::from(first & 0xf)) {
+                    *slot = Some(u32::from(second & 0xff));
+                }
+                return Some((4, Flow::Next, kind));
+            }
+            // LDM/POP.W with pc, LDR.W pc: a return.
+            let load_multiple = first & 0xfe50 == 0xe810 && second & 0x8000 != 0;
+            let load_pc =
+                first & 0xff10 == 0xf810 && second >> 12 == 0xf && first & 0x0060 == 0x0040;
+            if load_multiple || load_pc {
+                return Some((4, if in_it { Flow::Next } else { Flow::Stop }, kind));
+            }
+            // Other 32-bit writes: forget the destination where it is the usual Rd field.
+            state.set(usize::from((second >> 8) & 0xf), None);
+            return Some((4, Flow::Next, kind));
+        }
+
+        // 16-bit instructions.
+        let mut kind = None;
+        let flow = if first & 0xf800 == 0xe000 {
+            // B (T2).
+            let target = offset(pc, sign_extend(u32::from(first & 0x7ff) << 1, 12));
+            Flow::Jump {
+                target,
+                thumb: true,
+                conditional: in_it,
+            }
+        } else if first & 0xf000 == 0xd000 {
+            match (first >> 8) & 0xf {
+                // UDF.
+                0xe => Flow::Stop,
+                // SVC.
+                0xf => Flow::Next,
+                _ => {
+                    let target = offset(pc, sign_extend(u32::from(first & 0xff) << 1, 9));
+                    Flow::Jump {
+                        target,
+                        thumb: true,
+                        conditional: true,
+                    }
+                }
+            }
+        } else if first & 0xf500 == 0xb100 {
+            // CBZ, CBNZ: Thumb-2.
+            kind = Some(Some(V7Encoding::ThumbNarrow));
+            let imm = (u32::from((first >> 9) & 1) << 6) | (u32::from((first >> 3) & 0x1f) << 1);
+            Flow::Jump {
+                target: pc + u64::from(imm),
+                thumb: true,
+                conditional: true,
+            }
+        } else if first & 0xff00 == 0xbf00 && first & 0xf != 0 {
+            // IT: Thumb-2. The next one to four instructions are conditional.
+            kind = Some(Some(V7Encoding::ThumbNarrow));
+            let mask = u32::from(first & 0xf);
+            state.it_next = (4 - mask.trailing_zeros()) as u8;
+            Flow::Next
+        } else if first & 0xff00 == 0xbe00 {
+            // BKPT.
+            Flow::Stop
+        } else if first & 0xff00 == 0xbd00 {
+            // POP {.., pc}.
+            if in_it { Flow::Next } else { Flow::Stop }
+        } else if first & 0xff00 == 0x4700 {
+            // BX Rm, BLX Rm; BX pc switches to ARM at the next word (PLT stubs).
+            let rm = usize::from((first >> 3) & 0xf);
+            let call = first & 0x80 != 0;
+            if rm == 15 && !call {
+                Flow::Jump {
+                    target: aligned_pc,
+                    thumb: false,
+                    conditional: in_it,
+                }
+            } else {
+                let known = state.registers.get(rm).copied().flatten();
+                match known.and_then(|v| self.code_pointer(u64::from(v))) {
+                    Some((target, thumb)) if call => Flow::Call {
+                        target,
+                        thumb,
+                        conditional: in_it,
+                    },
+                    Some((target, thumb)) => Flow::Jump {
+                        target,
+                        thumb,
+                        conditional: in_it,
+                    },
+                    None if call => Flow::Next,
+                    None => Flow::Stop,
+                }
+            }
+        } else if first & 0xff87 == 0x4687 || first & 0xff87 == 0x4487 {
+            // MOV pc, Rm; ADD pc, Rm.
+            Flow::Stop
+        } else if first & 0xf800 == 0x4800 {
+            // LDR Rt, [pc, #imm8 * 4].
+            let at = aligned_pc + u64::from(first & 0xff) * 4;
+            let value = self.literal(at);
+            let rt = usize::from((first >> 8) & 7);
+            state.set(rt, value);
+            if let Some(v) = value {
+                self.literal_value(v, rt, state, function, in_it);
+            }
+            Flow::Next
+        } else if first & 0xff78 == 0x4478 {
+            // ADD Rdn, pc: a position-independent address.
+            let rdn = usize::from(((first >> 4) & 8) | (first & 7));
+            state.consume(rdn);
+            let value = state
+                .registers
+                .get(rdn)
+                .copied()
+                .flatten()
+                .map(|v| v.wrapping_add(pc as u32));
+            if let Some(v) = value {
+                self.value(u64::from(v), state, function, in_it);
+            }
+            state.set(rdn, value);
+            Flow::Next
+        } else if first & 0xf000 == 0x5000 {
+            // Load/store with a register offset: a literal used there was an offset.
+            state.consume(usize::from((first >> 6) & 7));
+            state.consume(usize::from((first >> 3) & 7));
+            state.set(usize::from(first & 7), None);
+            Flow::Next
+        } else if first & 0xf800 == 0x2800 {
+            // CMP Rn, #imm8.
+            if let Some(slot) = state.bounds.get_mut(usize::from((first >> 8) & 7)) {
+                *slot = Some(u32::from(first & 0xff));
+            }
+            Flow::Next
+        } else {
+            // movs r0, #16 / #26.
+            if first == 0x2010 || first == 0x201a {
+                state.hwcap_argument = 3;
+            }
+            // Forget the low destination register of the common data-processing forms.
+            if first & 0xe000 == 0x0000 || first & 0xe000 == 0x2000 && first & 0x1800 != 0x0800 {
+                let rd = if first & 0xe000 == 0x2000 {
+                    (first >> 8) & 7
+                } else {
+                    first & 7
+                };
+                state.set(usize::from(rd), None);
+            }
+            Flow::Next
+        };
+        Some((2, flow, kind))
+    }
+
+    fn indirect(&self, value: Option<u32>, conditional: bool, call: bool) -> Flow {
+        match value.and_then(|v| self.code_pointer(u64::from(v))) {
+            Some((target, thumb)) if call => Flow::Call {
+                target,
+                thumb,
+                conditional,
+            },
+            Some((target, thumb)) => Flow::Jump {
+                target,
+                thumb,
+                conditional,
+            },
+            None if call || conditional => Flow::Next,
+            None => Flow::Stop,
+        }
+    }
+}
+
+/// What the walk knows inside one run of instructions.
+#[derive(Debug, Default, Clone)]
+struct Run {
+    thumb: bool,
+    guard: Guard,
+    /// Values that this run put in registers (literals, MOVW/MOVT, pc-relative sums).
+    registers: [Option<u32>; 16],
+    /// Literals loaded and not yet known to be offsets, with whether a capability test chose them.
+    pending: [Option<(u32, bool)>; 16],
+    /// Literals found to be addresses, to be walked.
+    flushed: Vec<(u32, bool)>,
+    /// The last `CMP Rn, #imm` per register: a jump table's bound.
+    bounds: [Option<u32>; 16],
+    /// Instructions left in which a call takes `r0` as `AT_HWCAP`.
+    hwcap_argument: u8,
+    /// Instructions left in which a conditional branch tests a capability.
+    window: u8,
+    /// Instructions left in the current IT block, and the count an IT just set for the next ones.
+    it: u8,
+    it_next: u8,
+    instruction_conditional: bool,
+    lr_set: bool,
+}
+
+impl Run {
+    /// A pending literal used as an offset: no address.
+    fn consume(&mut self, register: usize) {
+        if let Some(slot) = self.pending.get_mut(register) {
+            *slot = None;
+        }
+    }
+
+    /// A register written: a literal pending in it was used as data (stored, compared, computed with): a
+    /// constant that may only look like an address, so it is dropped.
+    fn set(&mut self, register: usize, value: Option<u32>) {
+        if let Some(slot) = self.pending.get_mut(register) {
+            *slot = None;
+        }
+        if let Some(slot) = self.registers.get_mut(register) {
+            *slot = value;
+        }
+        if let Some(slot) = self.bounds.get_mut(register) {
+            if value.is_some() {
+                *slot = None;
+            }
+        }
+    }
+
+    fn conditional(&self) -> bool {
+        self.instruction_conditional
+    }
+
+    /// Moves the per-instruction countdowns on by one instruction.
+    fn tick(&mut self) {
+        self.hwcap_argument = self.hwcap_argument.saturating_sub(1);
+        self.window = self.window.saturating_sub(1);
+        if self.it_next > 0 {
+            self.it = self.it_next;
+            self.it_next = 0;
+        } else {
+            self.it = self.it.saturating_sub(1);
+        }
+    }
+}
