@@ -63,6 +63,7 @@ pub enum Root {
     Entry,
     InitFini,
     DataPointer,
+    Got,
     DynamicSymbol,
     Plt,
     IfuncResolver,
@@ -74,6 +75,7 @@ impl Root {
             Root::Entry => "entry",
             Root::InitFini => "init/fini",
             Root::DataPointer => "data pointer",
+            Root::Got => ".got",
             Root::DynamicSymbol => "dynamic symbol",
             Root::Plt => ".plt",
             Root::IfuncResolver => "IFUNC resolver",
@@ -440,10 +442,11 @@ impl<'a> Walker<'_, 'a> {
             if !pointers_added {
                 pointers_added = true;
                 for &(value, root) in &self.program.pointers {
-                    // `.init_array` and `.fini_array` hold only functions; other data may hold anything.
+                    // `.init_array` and `.fini_array` hold only functions; `.got` holds the addresses of symbols
+                    // (an odd one in code is a Thumb function); other data may hold anything.
                     let weak = root != Root::InitFini;
                     if let Some((address, thumb)) = self.code_pointer(value) {
-                        if weak && thumb && !self.thumb_prologue(address) {
+                        if root == Root::DataPointer && thumb && !self.thumb_prologue(address) {
                             continue;
                         }
                         self.add_function(address, thumb, Err(root), false, weak);

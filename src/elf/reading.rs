@@ -532,9 +532,8 @@ where
             elf::SHT_INIT_ARRAY | elf::SHT_FINI_ARRAY | elf::SHT_PREINIT_ARRAY => {
                 Some(Root::InitFini)
             }
-            elf::SHT_PROGBITS if name.starts_with(b".data.rel.ro") || name == b".got" => {
-                Some(Root::DataPointer)
-            }
+            elf::SHT_PROGBITS if name.starts_with(b".data.rel.ro") => Some(Root::DataPointer),
+            elf::SHT_PROGBITS if name == b".got" => Some(Root::Got),
             _ => None,
         };
         if let Some(root) = pointers {
