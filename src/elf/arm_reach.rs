@@ -501,13 +501,11 @@ impl<'a> Walker<'_, 'a> {
         for (region, seen) in self.regions.iter().zip(&self.seen) {
             let mut current: Option<Mapping> = None;
             for (i, &flags) in seen.iter().enumerate() {
-                let state = (flags & (SEEN | SEEN_GUARDED) != 0).then(|| {
-                    if flags & SEEN_THUMB != 0 {
-                        Mapping::Thumb
-                    } else {
-                        Mapping::Arm
-                    }
-                });
+                let state = match (flags & (SEEN | SEEN_GUARDED) != 0, flags & SEEN_THUMB != 0) {
+                    (false, _) => None,
+                    (true, true) => Some(Mapping::Thumb),
+                    (true, false) => Some(Mapping::Arm),
+                };
                 if state != current {
                     reach.recovered.push((
                         region.address + 2 * i as u64,
@@ -609,10 +607,21 @@ impl<'a> Walker<'_, 'a> {
                 }
             }
             if address >= boundary {
+                // Mapping symbols decide where the flow crosses one, or where one sits exactly at a branch
+                // target. A branch target after a symbol of an earlier object (binaries that have them only
+                // partly: objects assembled without them, or stripped of local symbols) keeps the state the
+                // walk found; the walk then stands in for the missing symbols.
+                let exact_or_crossed = address > item.address
+                    || self
+                        .mappings
+                        .binary_search_by_key(&address, |m| m.0)
+                        .is_ok();
                 match self.mapping_at(address) {
-                    Some((Mapping::Data, _)) => break,
+                    Some((Mapping::Data, _)) if exact_or_crossed => break,
                     Some((mapping, next)) => {
-                        state.thumb = mapping == Mapping::Thumb;
+                        if exact_or_crossed && mapping != Mapping::Data {
+                            state.thumb = mapping == Mapping::Thumb;
+                        }
                         boundary = next;
                     }
                     None => boundary = self.mappings.first().map_or(u64::MAX, |m| m.0),
@@ -1177,7 +1186,10 @@ impl<'a> Walker<'_, 'a> {
                                     .map(|&b| u64::from(b)),
                             )
                         };
-                        self.data_words.insert(at & !3);
+                        // Words wholly in the table: its first may share a word with the TBB itself.
+                        if at & !3 >= pc {
+                            self.data_words.insert(at & !3);
+                        }
                         if let Some(entry) = entry {
                             self.push(Item {
                                 address: pc + 2 * entry,
@@ -1456,5 +1468,227 @@ impl Run {
         } else {
             self.it = self.it.saturating_sub(1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0x1000;
+
+    /// Hand-assembled code at `BASE`: ARM words and Thumb halfwords placed at given addresses.
+    struct Asm(Vec<u8>);
+
+    impl Asm {
+        fn new() -> Asm {
+            Asm(vec![0; 0x200])
+        }
+        fn arm(&mut self, at: u64, words: &[u32]) -> &mut Asm {
+            for (i, w) in words.iter().enumerate() {
+                let o = (at - BASE) as usize + 4 * i;
+                self.0.splice(o..o + 4, w.to_le_bytes());
+            }
+            self
+        }
+        fn thumb(&mut self, at: u64, halves: &[u16]) -> &mut Asm {
+            for (i, h) in halves.iter().enumerate() {
+                let o = (at - BASE) as usize + 2 * i;
+                self.0.splice(o..o + 2, h.to_le_bytes());
+            }
+            self
+        }
+        fn walk(&self, entry: u64, resolvers: &[u64]) -> Reach {
+            walk(&Program {
+                regions: vec![CodeRegion {
+                    address: BASE,
+                    bytes: &self.0,
+                }],
+                roots: vec![(entry, Root::Entry)],
+                resolvers: resolvers.to_vec(),
+                ..Program::default()
+            })
+        }
+    }
+
+    fn branch(op: u32, from: u64, to: u64) -> u32 {
+        let delta = to.wrapping_sub(from + 8) as u32;
+        op | ((delta >> 2) & 0x00ff_ffff)
+    }
+    fn bl(from: u64, to: u64) -> u32 {
+        branch(0xeb00_0000, from, to)
+    }
+    fn b(from: u64, to: u64) -> u32 {
+        branch(0xea00_0000, from, to)
+    }
+    fn beq(from: u64, to: u64) -> u32 {
+        branch(0x0a00_0000, from, to)
+    }
+    const BX_LR: u32 = 0xe12f_ff1e;
+    const NOP: u32 = 0xe1a0_0000;
+    const MOVW: u32 = 0xe301_0234;
+    const MOVT: u32 = 0xe345_0678;
+
+    #[test]
+    fn calls_are_followed_and_what_is_not_reached_does_not_count() {
+        let mut asm = Asm::new();
+        // entry: bl f; bx lr; then a word that looks like MOVT but nothing reaches. f: movw r0; bx lr.
+        asm.arm(0x1000, &[bl(0x1000, 0x1040), BX_LR, MOVT])
+            .arm(0x1040, &[MOVW, BX_LR]);
+        let reach = asm.walk(0x1000, &[]);
+        assert_eq!(reach.v7, BTreeMap::from([(V7Encoding::Movw, 1)]));
+        assert_eq!(reach.functions, 2);
+        assert_eq!(reach.code_bytes, 16);
+        let first = reach.first_v7.unwrap();
+        assert_eq!((first.address, first.state), (0x1040, "arm"));
+        assert_eq!(first.path, vec!["entry 0x1000", "0x1040"]);
+    }
+
+    #[test]
+    fn blx_switches_to_thumb_and_thumb2_counts_there() {
+        let mut asm = Asm::new();
+        // entry (ARM): blx t; bx lr. t (Thumb): push {r4, lr}; ldr.w r0, [r1, #4]; pop {r4, pc}.
+        let delta = 0x1010u32.wrapping_sub(0x1008);
+        asm.arm(
+            0x1000,
+            &[0xfa00_0000 | ((delta >> 1) & 1) << 24 | (delta >> 2), BX_LR],
+        )
+        .thumb(0x1010, &[0xb510, 0xf8d1, 0x0004, 0xbd10]);
+        let reach = asm.walk(0x1000, &[]);
+        assert_eq!(reach.v7, BTreeMap::from([(V7Encoding::Thumb2, 1)]));
+        let first = reach.first_v7.unwrap();
+        assert_eq!((first.address, first.state), (0x1012, "thumb"));
+        assert_eq!(first.path, vec!["entry 0x1000", "0x1010 (thumb)"]);
+        // The same bytes entered in ARM state (an even entry point) are ARM code: no Thumb-2.
+        let arm_only = asm.walk(0x1010, &[]);
+        assert!(!arm_only.v7.contains_key(&V7Encoding::Thumb2));
+        // Thumb entry point: bit 0.
+        let thumb = asm.walk(0x1011, &[]);
+        assert_eq!(thumb.v7.get(&V7Encoding::Thumb2), Some(&1));
+    }
+
+    #[test]
+    fn a_literal_after_a_call_that_never_returns_is_data() {
+        // ldr r1, [pc, #0] (the word at 0x1008); bl 0x1020 (never returns: b .); the literal, MOVT-like.
+        let mut asm = Asm::new();
+        asm.arm(0x1000, &[0xe59f_1000, bl(0x1004, 0x1020), MOVT, BX_LR])
+            .arm(0x1020, &[b(0x1020, 0x1020)]);
+        assert!(asm.walk(0x1000, &[]).v7.is_empty());
+        // Without the load that marks it, the walk after the call takes the word for code: the test can fail.
+        asm.arm(0x1000, &[NOP]);
+        assert_eq!(asm.walk(0x1000, &[]).v7.get(&V7Encoding::Movt), Some(&1));
+    }
+
+    /// `if (getauxval(AT_HWCAP) & HWCAP_NEON) v7(); else v6(); after();`
+    fn hwcap_dispatch(after: u32) -> Asm {
+        let mut asm = Asm::new();
+        asm.arm(
+            0x1000,
+            &[
+                0xe3a0_0010,         // mov r0, #16 (AT_HWCAP)
+                bl(0x1004, 0x1040),  // bl getauxval
+                0xe310_0a01,         // tst r0, #0x1000
+                beq(0x100c, 0x1018), // beq else
+                bl(0x1010, 0x1050),  // bl v7
+                b(0x1014, 0x101c),   // b join
+                bl(0x1018, 0x1060),  // else: bl v6
+                bl(0x101c, 0x1070),  // join: bl after
+                BX_LR,
+            ],
+        )
+        .arm(0x1040, &[0xe3a0_0000, BX_LR])
+        .arm(0x1050, &[MOVW, BX_LR])
+        .arm(0x1060, &[0xe3a0_0001, BX_LR])
+        .arm(0x1070, &[after, BX_LR]);
+        asm
+    }
+
+    #[test]
+    fn code_behind_a_hwcap_test_does_not_count_but_code_after_it_does() {
+        let reach = hwcap_dispatch(NOP).walk(0x1000, &[]);
+        assert!(reach.v7.is_empty(), "{reach:?}");
+        assert_eq!(reach.guarded_v7, 1);
+        assert_eq!(reach.guarded_functions, 2);
+        // The join after the if/else is ordinary code again.
+        let reach = hwcap_dispatch(MOVT).walk(0x1000, &[]);
+        assert_eq!(reach.v7, BTreeMap::from([(V7Encoding::Movt, 1)]));
+        assert_eq!(reach.guarded_v7, 1);
+        // Without the AT_HWCAP argument the same branch is no guard.
+        let mut plain = hwcap_dispatch(NOP);
+        plain.arm(0x1000, &[0xe3a0_0011]);
+        assert_eq!(
+            plain.walk(0x1000, &[]).v7,
+            BTreeMap::from([(V7Encoding::Movw, 1)])
+        );
+    }
+
+    #[test]
+    fn what_an_ifunc_resolver_chooses_does_not_count() {
+        let mut asm = Asm::new();
+        // resolver: ldr r3, [pc, #4]; add r0, pc, r3 (pc-relative address of 0x1020); bx lr; .word offset.
+        asm.arm(0x1000, &[0xe59f_3004, 0xe08f_0003, BX_LR, 0x1020 - 0x100c])
+            .arm(0x1020, &[MOVW, BX_LR])
+            .arm(0x1100, &[BX_LR]);
+        let reach = asm.walk(0x1100, &[0x1000]);
+        assert!(reach.v7.is_empty(), "{reach:?}");
+        assert_eq!((reach.guarded_v7, reach.guarded_functions), (1, 1));
+        // Called as an ordinary function, the same address counts.
+        let reach = asm.walk(0x1000, &[]);
+        assert_eq!(reach.v7, BTreeMap::from([(V7Encoding::Movw, 1)]));
+    }
+
+    #[test]
+    fn bounded_tbb_tables_are_followed_and_not_decoded() {
+        let mut asm = Asm::new();
+        // cmp r0, #2; tbb [pc, r0]; table (2, 3, 4, pad); bx lr; bx lr; ldr.w r0, [r1, #4]; bx lr
+        asm.thumb(
+            0x1000,
+            &[
+                0x2802, 0xe8df, 0xf000, 0x0302, 0x0004, 0x4770, 0x4770, 0xf8d1, 0x0004, 0x4770,
+            ],
+        );
+        let reach = asm.walk(0x1001, &[]);
+        // TBB itself and the ldr.w at 0x100e (0x1006 + 2 × 4); not the table's bytes.
+        assert_eq!(reach.v7.get(&V7Encoding::Thumb2), Some(&2), "{reach:?}");
+        // Unbounded: the walk stops at the TBB.
+        asm.thumb(0x1000, &[0x4600]);
+        assert_eq!(asm.walk(0x1001, &[]).v7.get(&V7Encoding::Thumb2), Some(&1));
+    }
+
+    #[test]
+    fn it_blocks_make_returns_conditional() {
+        let mut asm = Asm::new();
+        // cmp r0, #0; it eq; bxeq lr; ldr.w r0, [r1, #4]; bx lr
+        asm.thumb(0x1000, &[0x2800, 0xbf08, 0x4770, 0xf8d1, 0x0004, 0x4770]);
+        let reach = asm.walk(0x1001, &[]);
+        assert_eq!(reach.v7.get(&V7Encoding::ThumbNarrow), Some(&1));
+        assert_eq!(reach.v7.get(&V7Encoding::Thumb2), Some(&1), "{reach:?}");
+    }
+
+    #[test]
+    fn mapping_symbols_stop_the_walk_at_data() {
+        let mut asm = Asm::new();
+        // entry: nop; (data from 0x1004:) a MOVT-like word the flow runs into; bx lr.
+        asm.arm(0x1000, &[NOP, MOVT, BX_LR]);
+        let bytes = &asm.0;
+        let run = |mappings: Vec<(u64, Mapping)>| {
+            walk(&Program {
+                regions: vec![CodeRegion {
+                    address: BASE,
+                    bytes,
+                }],
+                roots: vec![(0x1000, Root::Entry)],
+                mappings,
+                ..Program::default()
+            })
+        };
+        assert_eq!(run(vec![]).v7.get(&V7Encoding::Movt), Some(&1));
+        assert!(
+            run(vec![(0x1000, Mapping::Arm), (0x1004, Mapping::Data)])
+                .v7
+                .is_empty()
+        );
+        let recovered = run(vec![]).recovered;
+        assert_eq!(recovered.first(), Some(&(0x1000, Mapping::Arm)));
     }
 }
