@@ -145,7 +145,8 @@ pub struct CodeScan {
     pub first_v7_reached: Option<FirstV7>,
     /// Functions reached only behind a CPU-feature check (AT_HWCAP, OPENSSL_armcap, IFUNC resolvers).
     pub guarded_functions: u64,
-    /// ARMv7 encodings in those functions: they run only where the check found the feature, so not counted.
+    /// ARMv7 encodings in those functions, or running straight into NEON code: they run only where the CPU
+    /// has the feature, so not counted.
     #[serde(rename = "guarded_v7_instructions")]
     pub guarded_v7: u64,
 }

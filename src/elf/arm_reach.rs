@@ -38,6 +38,11 @@
 //! - an IFUNC resolver runs everywhere, but every function whose address it loads is chosen by it at run time
 //!   and guarded.
 //!
+//! ARMv7 encodings followed, with no branch between, by an Advanced SIMD (NEON) instruction do not count either:
+//! NEON exists only from ARMv7 on, so that code runs only where NEON does, behind the run-time choice that NEON
+//! code always sits behind (OpenSSL's and ring's NEON routines start with an errata `DMB`). VFP, which an
+//! ARM1176 has, does not have this effect.
+//!
 //! Limits: a capability word kept in a register or variable and tested later, `/proc/self/auxv` parsed by hand,
 //! a stripped OpenSSL/ring `OPENSSL_armcap_P`, or a table of implementations indexed by a capability are not
 //! recognised, so their ARMv7 routines count (a false refusal, never a false acceptance). Conversely code a
@@ -122,7 +127,8 @@ pub struct Reach {
     pub simd: u64,
     pub v7: BTreeMap<V7Encoding, u64>,
     pub first_v7: Option<FirstV7>,
-    /// Functions and ARMv7 instructions reached only behind a CPU-feature check: reported, not counted.
+    /// Functions reached only behind a CPU-feature check, and the ARMv7 instructions there or running straight
+    /// into Advanced SIMD code: reported, not counted.
     pub guarded_functions: u64,
     pub guarded_v7: u64,
     /// The reached code as mapping symbols, sorted: what the walk gives back to a binary that lacks them.
@@ -168,6 +174,8 @@ struct Hit {
     thumb: bool,
     function: usize,
     guarded: bool,
+    /// Followed, with no branch between, by an Advanced SIMD instruction.
+    neon_run: bool,
 }
 
 /// Visited flags, per halfword of each region.
@@ -483,7 +491,7 @@ impl<'a> Walker<'_, 'a> {
             if data || invalid {
                 continue;
             }
-            if hit.guarded {
+            if hit.guarded || hit.neon_run {
                 reach.guarded_v7 += 1;
                 continue;
             }
@@ -568,13 +576,21 @@ impl<'a> Walker<'_, 'a> {
         Some(if first { Visit::First } else { Visit::Again })
     }
 
-    fn hit(&mut self, address: u64, kind: V7Encoding, thumb: bool, function: usize, guarded: bool) {
+    fn hit(
+        &mut self,
+        address: u64,
+        kind: V7Encoding,
+        thumb: bool,
+        function: usize,
+        guarded: bool,
+    ) -> usize {
         match self.hit_at.get(&address) {
             Some(&i) => {
                 if let Some(hit) = self.hits.get_mut(i).filter(|h| h.guarded && !guarded) {
                     hit.guarded = false;
                     hit.function = function;
                 }
+                i
             }
             None => {
                 self.hit_at.insert(address, self.hits.len());
@@ -584,7 +600,9 @@ impl<'a> Walker<'_, 'a> {
                     thumb,
                     function,
                     guarded,
+                    neon_run: false,
                 });
+                self.hits.len() - 1
             }
         }
     }
@@ -597,6 +615,8 @@ impl<'a> Walker<'_, 'a> {
             ..Run::default()
         };
         self.current = item.function;
+        // Hits since the last branch, call or return: what runs straight on from them.
+        let mut straight: Vec<usize> = Vec::new();
         let mut address = item.address;
         let mut boundary = 0u64;
         loop {
@@ -658,12 +678,31 @@ impl<'a> Walker<'_, 'a> {
                 // The second halfword too, so that a walk into the middle of the instruction finds it taken.
                 let _ = self.visit(address + 2, state.thumb, guarded);
             }
-            if let Some(kind) = kind {
-                match kind {
-                    Some(kind) => self.hit(address, kind, state.thumb, item.function, guarded),
-                    None if first => self.simd += 1,
-                    None => {}
+            match kind {
+                Some(Some(kind)) => {
+                    let i = self.hit(address, kind, state.thumb, item.function, guarded);
+                    straight.push(i);
                 }
+                Some(None) => {
+                    if first {
+                        self.simd += 1;
+                    }
+                    // Advanced SIMD exists only from ARMv7 on: ARMv7 encodings that run straight into it (the
+                    // errata DMB at the top of OpenSSL's NEON routines) run only where it runs, behind the
+                    // same run-time choice.
+                    if self.is_neon(address, state.thumb) {
+                        for &i in &straight {
+                            if let Some(hit) = self.hits.get_mut(i) {
+                                hit.neon_run = true;
+                            }
+                        }
+                        straight.clear();
+                    }
+                }
+                None => {}
+            }
+            if flow != Flow::Next {
+                straight.clear();
             }
             let next = address + size;
             let stop = self.follow(next, flow, &mut state, item.function);
@@ -801,6 +840,20 @@ impl<'a> Walker<'_, 'a> {
                 return;
             }
             self.add_function(target, thumb, Ok(function), guarded, true);
+        }
+    }
+
+    /// Whether the SIMD/VFP instruction at `address` is Advanced SIMD (NEON), which ARMv6 never has, rather
+    /// than VFP, which an ARM1176 has.
+    fn is_neon(&self, address: u64, thumb: bool) -> bool {
+        if thumb {
+            // Data processing 111x 1111, element/structure loads and stores 1111 1001 xxx0. The transfers
+            // between core and SIMD registers in the coprocessor space are left to VFP, as in ARM state.
+            self.half_at(address)
+                .is_some_and(|first| first & 0xef00 == 0xef00 || first & 0xff10 == 0xf900)
+        } else {
+            self.word_at(address)
+                .is_some_and(|w| (w >> 25) == 0b111_1001 || (w >> 20) & 0xff1 == 0xf40)
         }
     }
 
@@ -1620,6 +1673,22 @@ mod tests {
             plain.walk(0x1000, &[]).v7,
             BTreeMap::from([(V7Encoding::Movw, 1)])
         );
+    }
+
+    #[test]
+    fn a_barrier_running_into_neon_code_does_not_count() {
+        // dmb sy; vadd.i32 q0, q1, q2; bx lr: the routine runs only where NEON is.
+        let mut asm = Asm::new();
+        asm.arm(0x1000, &[0xf57f_f05f, 0xf222_0844, BX_LR]);
+        let reach = asm.walk(0x1000, &[]);
+        assert!(reach.v7.is_empty(), "{reach:?}");
+        assert_eq!((reach.simd, reach.guarded_v7), (1, 1));
+        // A VFP instruction (vldr, which an ARM1176 has) after it does not excuse it, nor NEON after a call.
+        asm.arm(0x1004, &[0xedd0_1b00]);
+        assert_eq!(asm.walk(0x1000, &[]).v7.get(&V7Encoding::Barrier), Some(&1));
+        asm.arm(0x1004, &[bl(0x1004, 0x1100), 0xf222_0844, BX_LR])
+            .arm(0x1100, &[BX_LR]);
+        assert_eq!(asm.walk(0x1000, &[]).v7.get(&V7Encoding::Barrier), Some(&1));
     }
 
     #[test]

@@ -227,7 +227,8 @@ fn arm_variant(
             }
             let guarded = if code.guarded_v7 > 0 {
                 format!(
-                    "; {} ARMv7 instructions in {} functions reached only behind a CPU-feature check, not counted",
+                    "; {} ARMv7 instructions behind a CPU-feature check ({} functions reached only through one) \
+                     or running straight into NEON code, not counted",
                     code.guarded_v7, code.guarded_functions
                 )
             } else {
