@@ -1,9 +1,10 @@
 //! `flotilla check-binary` for linux/arm/v6 and linux/arm/v7 against qemu's ARM1176 and Cortex-A7 models, over a
-//! corpus of real binaries: Debian's armel and armhf busybox-static, dash and hello (with their loader and libc),
-//! a Rust program using ring for three ARM targets, Go programs with GOARM 5, 6 and 7, C programs against the
-//! armel libc whose `main` is ARMv7 (ARM and Thumb state) or which reach an ARMv7 routine only through an
-//! AT_HWCAP test or an IFUNC (stripped and unstripped copies of those four), and flotilla's own ARMv6 build. Every verdict must agree with what qemu does: a binary
-//! that runs on the model is accepted, one that dies with SIGILL is refused.
+//! corpus of real binaries: Debian's armel and armhf busybox-static, dash, hello and coreutils' ls (with their
+//! loader and libraries, stripped as shipped); a Rust program using ring for three ARM targets, Go programs with
+//! GOARM 5, 6 and 7, C programs against the armel libc whose `main` is ARMv7 (ARM and Thumb state) or which reach
+//! an ARMv7 routine only through an AT_HWCAP test or an IFUNC (stripped and unstripped copies of those); and
+//! flotilla's own ARMv6 build. Every verdict must agree with what qemu does: a binary that runs on the model is
+//! accepted, one that dies with SIGILL is refused.
 //!
 //! `tests/setup` lays the corpus out (it calls `tests/build-corpus`); flotilla's build comes from
 //! `FLOTILLA_ARM_DIST` (`packaging/build armv6`). Missing pieces skip, or fail under `FLOTILLA_REQUIRE_ALL=1`.
@@ -76,7 +77,11 @@ fn corpus() -> Option<Vec<Case>> {
     for arch in ["armel", "armhf"] {
         add(common::required_busybox(arch)?, &["echo", "ok"], None);
         let sysroot = root.join("debian").join(arch);
-        for (program, args) in [("bin/dash", &["-c", "echo ok"][..]), ("usr/bin/hello", &[])] {
+        for (program, args) in [
+            ("bin/dash", &["-c", "echo ok"][..]),
+            ("usr/bin/hello", &[]),
+            ("bin/ls", &["/"]),
+        ] {
             let path = sysroot.join(program);
             common::require(
                 &format!("Debian's {program} for {arch} (run tests/setup)"),

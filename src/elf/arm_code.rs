@@ -6,35 +6,36 @@
 //!
 //! - **Counted** (the program needs ARMv6T2/ARMv7): encodings a compiler emits in ordinary code once it may use
 //!   v7 — in ARM state MOVW/MOVT, SDIV/UDIV, MLS, UBFX/SBFX/BFI/BFC, RBIT and the DMB/DSB/ISB barriers; in Thumb
-//!   state every 32-bit Thumb-2 instruction except the BL/BLX pair, which Thumb-1 already has.
+//!   state every 32-bit Thumb-2 instruction except the BL/BLX pair, which Thumb-1 already has, and the 16-bit
+//!   IT, CBZ and CBNZ.
 //! - **Not counted**: Advanced SIMD (NEON) and VFP/coprocessor encodings, which is what run-time-dispatched
 //!   routines consist of, nor the ARMv6K instructions an ARM1176JZF-S has (LDREX/STREX of every size, CLREX,
 //!   YIELD/WFE/WFI/SEV).
 //!
-//! Where the symbol table has mapping symbols (`$a`, `$t`, `$d`), they say which bytes are ARM, Thumb or data,
-//! and a single counted encoding decides. Stripped binaries have none, and literal pools and constant tables in
-//! `.text` (SHA-256's round constants, AES tables) read as instructions. Then:
+//! Which bytes are counted, and in which state, is decided by following the code from where the program starts
+//! ([`super::arm_reach`], through [`judge`]): only what a branch, a call or an address the code loads can reach is
+//! code, in the state (ARM or Thumb) it is reached in, and a single counted encoding there means the program
+//! needs ARMv7. Mapping symbols (`$a`, `$t`, `$d`), where the symbol table keeps them, correct the walk's state
+//! and stop it at data; stripped binaries, as images ship them, are walked the same way. Code reached only behind
+//! a CPU-feature check (AT_HWCAP, `OPENSSL_armcap_P`, an IFUNC resolver's choice), or running straight into NEON
+//! code, is reported and not counted; [`super::arm_reach`] says how far that recognition goes.
 //!
-//! - each executable region is taken for ARM or Thumb code by the share of its aligned words that carry the
-//!   always-true condition `AL` (nearly all compiled ARM instructions do; Thumb code rarely looks that way);
-//! - in ARM code, a hit counts only if it is `AL` and so are the words before and after it: compiled code is a
-//!   run of `AL` words, while a constant sits among other constants, which are rarely `0xe.......`;
-//! - at least [`STRIPPED_THRESHOLD`] hits are needed.
+//! Measured on the corpus of `tests/check_binary_corpus.rs` (Debian armel and armhf busybox, dash, hello and ls;
+//! ring, Go and C programs; flotilla's ARMv6 build), stripped and not, every verdict agrees with qemu's ARM1176
+//! and Cortex-A7. flotilla's ARMv6 build reaches 3.4 MB of code in 7,400 functions, with one ARMv7 encoding (the
+//! errata `DMB` of ring's SHA-512 NEON routine) not counted; a C `main` built for ARMv7 has a handful.
 //!
-//! Measured on the corpus of `tests/check_binary_corpus.rs` (Debian armel busybox, dash and libc, ring and Go
-//! programs, flotilla's ARMv6 build): flotilla's stripped ARMv6 build has two look-alikes without the neighbour
-//! test (one SHA-2 constant, `0xe3418acb` = MOVT, in two tables) and none with it; no other ARMv6 binary has
-//! any. Code built for ARMv7 has hundreds (Thumb-2 code tens of thousands); the smallest case, one Rust
-//! function built for a Cortex-A7 in an ARMv6 program, has three.
+//! Before the walk, a linear scan ([`scan`]) counted every executable byte: split by mapping symbols where there
+//! were some, and otherwise taking each region for ARM or Thumb by the share of words with the `AL` condition and
+//! counting an ARM hit only between two `AL` words, [`STRIPPED_THRESHOLD`] hits or more. It took a stripped
+//! program with a single MOVT in an ARMv7 `main`, or a Thumb-2 `main` in an ARM program, for ARMv6 (issue 19).
+//! It stays for `bench/arm-code.sh`, which compares the two.
 //!
-//! Limits: a program whose only v7 code is a routine it selects at run time by other than SIMD (say, a SDIV
-//! path behind a CPU check) is judged to need v7, and so is a stripped v6 program whose data in `.text` happens
-//! to match two patterns between instruction-like words; a stripped program with a single v7 instruction (or
-//! v7 instructions only next to literal pools) is accepted. A stripped program mixing ARM and Thumb-1 code could
-//! hide a few Thumb-2 instructions among ARM regions. Code reached only on a path that never runs still counts.
-//! Go binaries are left to GOARM: Go's runtime picks SDIV/UDIV and DMB at run time by CPU feature or GOARM.
-//! Hand-written matching is deliberate: a full disassembler (capstone) needs a C toolchain and cmake to build,
-//! and these few patterns are all the question needs.
+//! Limits of the counting itself: a program whose only v7 code is a routine it selects at run time in a way the
+//! walk does not recognise is judged to need v7. Go binaries are left to GOARM: Go's runtime picks SDIV/UDIV and
+//! DMB at run time by CPU feature or GOARM. Hand-written matching is deliberate: a full disassembler (capstone)
+//! needs a C toolchain and cmake to build, and these few patterns (and the control flow of [`super::arm_reach`])
+//! are all the question needs.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,7 +44,7 @@ use serde::Serialize;
 
 use super::arm_reach::{self, FirstV7, Program};
 
-/// In a stripped binary, fewer hits than this are taken for data that looks like instructions.
+/// In the linear scan of a stripped binary, fewer hits than this were taken for data that looks like instructions.
 pub const STRIPPED_THRESHOLD: u64 = 2;
 
 /// The share of aligned words with the `AL` condition above which a region without mapping symbols is taken
