@@ -1734,6 +1734,31 @@ mod tests {
         assert_eq!(reach.v7.get(&V7Encoding::Thumb2), Some(&1), "{reach:?}");
     }
 
+    proptest::proptest! {
+        /// Any bytes, any entry points, any mapping symbols: the walk ends, without panicking, and reaches no
+        /// more bytes than there are.
+        #[test]
+        fn walks_arbitrary_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            entries in proptest::collection::vec(0x0ff0u64..0x1300, 1..4),
+            mappings in proptest::collection::vec((0x1000u64..0x1300, 0u8..3), 0..4),
+        ) {
+            let mappings = mappings
+                .into_iter()
+                .map(|(a, m)| (a, [Mapping::Arm, Mapping::Thumb, Mapping::Data][usize::from(m)]))
+                .collect();
+            let reach = walk(&Program {
+                regions: vec![CodeRegion { address: BASE, bytes: &bytes }],
+                roots: entries.iter().map(|&e| (e, Root::Entry)).collect(),
+                pointers: vec![(0x1001, Root::DataPointer), (0x1004, Root::Got)],
+                resolvers: vec![0x1008],
+                mappings,
+                ..Program::default()
+            });
+            proptest::prop_assert!(reach.code_bytes <= bytes.len() as u64 + 4);
+        }
+    }
+
     #[test]
     fn mapping_symbols_stop_the_walk_at_data() {
         let mut asm = Asm::new();
