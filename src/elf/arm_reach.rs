@@ -30,10 +30,11 @@
 //!
 //! - a call whose `r0` was just set to `AT_HWCAP` (16) or `AT_HWCAP2` (26) — `getauxval(AT_HWCAP)` — or a load
 //!   of the address of `OPENSSL_armcap_P` (ring's and OpenSSL's capability word, found by name, so only in
-//!   unstripped binaries) or glibc's `_dl_hwcap`, opens a window of a few instructions; the first conditional
-//!   branch in it guards the code it skips to and over: for `beq L` the instructions up to `L`, and when they
-//!   end in `B J` (an if/else) also those from `L` up to `J`; conditional calls and address loads in the window
-//!   select guarded functions. Everything those guarded blocks call, or whose address they load, is guarded;
+//!   unstripped binaries) or glibc's `_dl_hwcap`, opens a window of a few instructions; once a bit of the value
+//!   is tested there (`TST`, `ANDS`, `LSLS`; a comparison with zero is no test of a feature), the first
+//!   conditional branch guards the code it skips to and over: for `beq L` the instructions up to `L`, and when
+//!   they end in `B J` (an if/else) also those from `L` up to `J`; conditional calls and address loads after the
+//!   test select guarded functions. Everything those guarded blocks call, or whose address they load, is guarded;
 //!   branches out of a guarded block lead back to ordinary code.
 //! - an IFUNC resolver runs everywhere, but every function whose address it loads is chosen by it at run time
 //!   and guarded.
@@ -719,7 +720,9 @@ impl<'a> Walker<'_, 'a> {
 
     /// Acts on one instruction's flow; true when the run ends.
     fn follow(&mut self, next: u64, flow: Flow, state: &mut Run, function: usize) -> bool {
-        let conditional_in_window = state.window > 0;
+        // A branch on a capability is a branch on one of its bits, tested just before (TST, ANDS, LSLS):
+        // `if (!getauxval(AT_HWCAP)) goto fail` compares it with zero and guards nothing.
+        let conditional_in_window = state.window > 0 && state.tested;
         match flow {
             Flow::Next => false,
             Flow::Stop => !state.conditional(),
@@ -729,6 +732,7 @@ impl<'a> Walker<'_, 'a> {
                 conditional,
             } => {
                 let guarded = state.guard != Guard::None || (conditional_in_window && conditional);
+                state.tested = false;
                 if state.hwcap_argument > 0 {
                     state.window = GUARD_WINDOW;
                 } else {
@@ -817,7 +821,7 @@ impl<'a> Walker<'_, 'a> {
         let resolver = self.functions.get(function).is_some_and(|f| f.resolver);
         state.guard != Guard::None
             || resolver
-            || (state.window > 0 && (conditional || state.conditional()))
+            || (state.window > 0 && state.tested && (conditional || state.conditional()))
     }
 
     /// An address an instruction computed (MOVW/MOVT, pc-relative): a pointer into code becomes a function,
@@ -825,6 +829,7 @@ impl<'a> Walker<'_, 'a> {
     fn value(&mut self, value: u64, state: &mut Run, function: usize, conditional: bool) {
         if self.capability_words.contains(&value) {
             state.window = GUARD_WINDOW + 2;
+            state.tested = false;
             return;
         }
         let guarded = self.chosen(state, function, conditional);
@@ -882,6 +887,7 @@ impl<'a> Walker<'_, 'a> {
     ) {
         if self.capability_words.contains(&u64::from(value)) {
             state.window = GUARD_WINDOW + 2;
+            state.tested = false;
             return;
         }
         let guarded = self.chosen(state, function, conditional);
@@ -938,6 +944,16 @@ impl<'a> Walker<'_, 'a> {
         let pc = address + 8;
         let rd = ((word >> 12) & 0xf) as usize;
         state.instruction_conditional = cond != 0xe && cond != 0xf;
+        // TST and ANDS (immediate or register), MOVS/LSLS by an immediate: a bit of the capability word tested.
+        if state.window > 0
+            && (word & 0x0ff0_0000 == 0x0310_0000
+                || word & 0x0ff0_0010 == 0x0110_0000
+                || word & 0x0ff0_0000 == 0x0210_0000
+                || word & 0x0ff0_0010 == 0x0010_0000
+                || word & 0x0fff_0010 == 0x01b0_0000)
+        {
+            state.tested = true;
+        }
         let conditional = state.instruction_conditional;
         // mov r0, #16 / #26: AT_HWCAP, AT_HWCAP2 for the call that follows.
         if word == 0xe3a0_0010 || word == 0xe3a0_001a {
@@ -1153,6 +1169,17 @@ impl<'a> Walker<'_, 'a> {
         let aligned_pc = pc & !3;
         let in_it = state.it > 0;
         state.instruction_conditional = in_it;
+        // TST, ANDS, LSLS/LSRS by an immediate (16-bit); TST.W/ANDS.W immediate or register: a bit tested.
+        if state.window > 0 {
+            let second = self.half_at(address + 2).unwrap_or_default();
+            let narrow =
+                first & 0xffc0 == 0x4200 || first & 0xffc0 == 0x4000 || first & 0xf000 == 0x0000;
+            let wide =
+                (first & 0xfbf0 == 0xf010 && second & 0x8000 == 0) || first & 0xfff0 == 0xea10;
+            if narrow || wide {
+                state.tested = true;
+            }
+        }
         if first >> 11 >= 0b11101 {
             let second = self.half_at(address + 2)?;
             let kind = match classify_t32(first, second) {
@@ -1476,6 +1503,8 @@ struct Run {
     hwcap_argument: u8,
     /// Instructions left in which a conditional branch tests a capability.
     window: u8,
+    /// Whether a bit of the capability was tested in the window.
+    tested: bool,
     /// Instructions left in the current IT block, and the count an IT just set for the next ones.
     it: u8,
     it_next: u8,
@@ -1666,6 +1695,13 @@ mod tests {
         let reach = hwcap_dispatch(MOVT).walk(0x1000, &[]);
         assert_eq!(reach.v7, BTreeMap::from([(V7Encoding::Movt, 1)]));
         assert_eq!(reach.guarded_v7, 1);
+        // Compared with zero rather than a bit tested: no guard.
+        let mut compared = hwcap_dispatch(NOP);
+        compared.arm(0x1008, &[0xe350_0000]);
+        assert_eq!(
+            compared.walk(0x1000, &[]).v7,
+            BTreeMap::from([(V7Encoding::Movw, 1)])
+        );
         // Without the AT_HWCAP argument the same branch is no guard.
         let mut plain = hwcap_dispatch(NOP);
         plain.arm(0x1000, &[0xe3a0_0011]);
