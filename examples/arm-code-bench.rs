@@ -40,7 +40,9 @@ fn linear(data: &[u8]) -> Result<arm_code::CodeScan, object::read::Error> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or("usage: arm-code-bench FILE [ITERATIONS]")?;
+    let path = args
+        .next()
+        .ok_or("usage: arm-code-bench FILE [ITERATIONS]")?;
     let iterations: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(20);
     let data = std::fs::read(&path)?;
 
@@ -61,7 +63,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         scanned = Some(scan);
     }
     let (walk, old) = (median(walk_times), median(linear_times));
-    println!("{path}: {} bytes, {iterations} iterations, medians", data.len());
+    println!(
+        "{path}: {} bytes, {iterations} iterations, medians",
+        data.len()
+    );
     if let Some(BinaryRequirements::Elf(req)) = &walked {
         let code = req.arm.as_ref().and_then(|a| a.code.as_ref());
         if let (Some(platform), Some(code)) = (&req.platform, code) {
