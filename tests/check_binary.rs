@@ -87,11 +87,11 @@ fn busybox_requirements_per_architecture() {
     assert_eq!(attributes.fp_arch, Some(FpArch(3)));
     assert_eq!(attributes.advanced_simd_arch, Some(SimdArch(1)));
     // The code decides: its Thumb-2 instructions, which no ARMv6 core runs, confirm the attributes' v7.
-    assert_eq!(req.decided_by, Some(elf::Evidence::CodeScan));
+    assert_eq!(req.decided_by, Some(elf::Evidence::ReachableCode));
     assert!(
         req.reasons
             .first()
-            .is_some_and(|r| r.starts_with("code scan: 32-bit Thumb-2 ×")),
+            .is_some_and(|r| r.starts_with("reachable code: ") && r.contains("32-bit Thumb-2 ×")),
         "{:?}",
         req.reasons
     );
@@ -128,9 +128,12 @@ fn verdicts_for_a_pi_zero_and_a_pi_5() {
     let verdict = elf::can_run(&armhf, &zero, Some(4096));
     assert_eq!(verdict.outcome, Outcome::CannotRun);
     assert!(
-        verdict.reasons.iter().any(|r| r
-            .starts_with("needs linux/arm/v7: code scan: 32-bit Thumb-2")
-            && r.ends_with("this host runs linux/arm/v6, linux/arm/v5")),
+        verdict
+            .reasons
+            .iter()
+            .any(|r| r.starts_with("needs linux/arm/v7: reachable code: ")
+                && r.contains("32-bit Thumb-2 ×")
+                && r.ends_with("this host runs linux/arm/v6, linux/arm/v5")),
         "{verdict:?}"
     );
     let armel = elf::inspect_file(&armel).unwrap();

@@ -1,8 +1,10 @@
 //! `flotilla check-binary` for linux/arm/v6 and linux/arm/v7 against qemu's ARM1176 and Cortex-A7 models, over a
-//! corpus of real binaries: Debian's armel and armhf busybox-static, dash and hello (with their loader and libc),
-//! a Rust program using ring for three ARM targets, Go programs with GOARM 5, 6 and 7 (stripped and unstripped
-//! copies of those two), and flotilla's own ARMv6 build. Every verdict must agree with what qemu does: a binary
-//! that runs on the model is accepted, one that dies with SIGILL is refused.
+//! corpus of real binaries: Debian's armel and armhf busybox-static, dash, hello and coreutils' ls (with their
+//! loader and libraries, stripped as shipped); a Rust program using ring for three ARM targets, Go programs with
+//! GOARM 5, 6 and 7, C programs against the armel libc whose `main` is ARMv7 (ARM and Thumb state) or which reach
+//! an ARMv7 routine only through an AT_HWCAP test or an IFUNC (stripped and unstripped copies of those); and
+//! flotilla's own ARMv6 build. Every verdict must agree with what qemu does: a binary that runs on the model is
+//! accepted, one that dies with SIGILL is refused.
 //!
 //! `tests/setup` lays the corpus out (it calls `tests/build-corpus`); flotilla's build comes from
 //! `FLOTILLA_ARM_DIST` (`packaging/build armv6`). Missing pieces skip, or fail under `FLOTILLA_REQUIRE_ALL=1`.
@@ -57,6 +59,11 @@ fn corpus() -> Option<Vec<Case>> {
     .map(|t| format!("ring-probe-{t}"))
     .collect();
     names.extend((5..=7).map(|goarm| format!("go-goarm{goarm}")));
+    names.extend(
+        ["c-v7-main-arm", "c-v7-main-thumb", "c-hwcap", "c-ifunc"]
+            .iter()
+            .map(|n| n.to_string()),
+    );
     for name in names {
         for file in [name.clone(), format!("{name}.stripped")] {
             let path = built.join(&file);
@@ -70,7 +77,11 @@ fn corpus() -> Option<Vec<Case>> {
     for arch in ["armel", "armhf"] {
         add(common::required_busybox(arch)?, &["echo", "ok"], None);
         let sysroot = root.join("debian").join(arch);
-        for (program, args) in [("bin/dash", &["-c", "echo ok"][..]), ("usr/bin/hello", &[])] {
+        for (program, args) in [
+            ("bin/dash", &["-c", "echo ok"][..]),
+            ("usr/bin/hello", &[]),
+            ("bin/ls", &["/"]),
+        ] {
             let path = sysroot.join(program);
             common::require(
                 &format!("Debian's {program} for {arch} (run tests/setup)"),
@@ -221,12 +232,80 @@ fn identical_attributes_are_told_apart_by_the_code() {
             v6.platform.map(|p| p.to_string()).as_deref(),
             Some("linux/arm/v6")
         );
-        assert_eq!(v6.decided_by, Some(Evidence::CodeScan));
+        assert_eq!(v6.decided_by, Some(Evidence::ReachableCode));
         assert_eq!(
             a7.platform.map(|p| p.to_string()).as_deref(),
             Some("linux/arm/v7")
         );
-        assert_eq!(a7.decided_by, Some(Evidence::CodeScan));
+        assert_eq!(a7.decided_by, Some(Evidence::ReachableCode));
+    }
+}
+
+/// Issue 19: three static armel programs whose attributes all say v7 (Thumb-2, NEON). Only the one that reaches its
+/// ARMv7 routine through an AT_HWCAP test (or an IFUNC) runs on an ARM1176; the ARMv7 `main`s, in ARM and in Thumb
+/// state, must be refused with and without their symbols, and the JSON must say which instruction and how the
+/// walk got there.
+#[test]
+fn stripped_v7_mains_are_refused_and_hwcap_dispatch_accepted() {
+    let Some(cases) = corpus() else { return };
+    let path = |name: &str| {
+        cases
+            .iter()
+            .find(|c| c.path.file_name().is_some_and(|f| f == name))
+            .map(|c| c.path.clone())
+            .unwrap_or_else(|| panic!("{name} is not in the corpus"))
+    };
+    for suffix in ["", ".stripped"] {
+        for (name, needs) in [
+            ("c-v7-main-arm", "linux/arm/v7"),
+            ("c-v7-main-thumb", "linux/arm/v7"),
+            ("c-hwcap", "linux/arm/v6"),
+            ("c-ifunc", "linux/arm/v6"),
+        ] {
+            let file = path(&format!("{name}{suffix}"));
+            let req = requirements(&file);
+            assert_eq!(
+                req.platform.map(|p| p.to_string()).as_deref(),
+                Some(needs),
+                "{name}{suffix}: {:?}",
+                req.reasons
+            );
+            assert_eq!(
+                req.decided_by,
+                Some(Evidence::ReachableCode),
+                "{name}{suffix}"
+            );
+            let out = check_binary("linux/arm/v6", &file);
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let code = &json["requirements"]["arm"]["code"];
+            assert_eq!(json["requirements"]["decided_by"], "reachable code");
+            assert!(code["functions"].as_u64().unwrap_or_default() > 0, "{code}");
+            assert!(
+                code["code_bytes"].as_u64().unwrap_or_default() > 0,
+                "{code}"
+            );
+            if needs == "linux/arm/v7" {
+                let first = &code["first_v7_reached"];
+                let state = if name.ends_with("thumb") {
+                    "thumb"
+                } else {
+                    "arm"
+                };
+                assert_eq!(first["state"], state, "{name}{suffix}: {first}");
+                assert!(first["address"].as_u64().is_some(), "{first}");
+                assert!(
+                    first["path"].as_array().is_some_and(|p| !p.is_empty()),
+                    "{first}"
+                );
+            } else {
+                // The ARMv7 routine is reached, but only behind the check.
+                assert!(
+                    code["guarded_v7_instructions"].as_u64().unwrap_or_default() > 0,
+                    "{code}"
+                );
+                assert!(code.get("first_v7_reached").is_none(), "{code}");
+            }
+        }
     }
 }
 
@@ -249,7 +328,7 @@ fn json_names_the_deciding_evidence() {
     };
     assert_eq!(
         decided("ring-probe-arm-unknown-linux-gnueabi.stripped"),
-        "code scan"
+        "reachable code"
     );
     assert_eq!(decided("go-goarm7.stripped"), "go build info");
     assert_eq!(decided("armel/busybox"), "attributes");

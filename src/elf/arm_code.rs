@@ -6,42 +6,45 @@
 //!
 //! - **Counted** (the program needs ARMv6T2/ARMv7): encodings a compiler emits in ordinary code once it may use
 //!   v7 — in ARM state MOVW/MOVT, SDIV/UDIV, MLS, UBFX/SBFX/BFI/BFC, RBIT and the DMB/DSB/ISB barriers; in Thumb
-//!   state every 32-bit Thumb-2 instruction except the BL/BLX pair, which Thumb-1 already has.
+//!   state every 32-bit Thumb-2 instruction except the BL/BLX pair, which Thumb-1 already has, and the 16-bit
+//!   IT, CBZ and CBNZ.
 //! - **Not counted**: Advanced SIMD (NEON) and VFP/coprocessor encodings, which is what run-time-dispatched
 //!   routines consist of, nor the ARMv6K instructions an ARM1176JZF-S has (LDREX/STREX of every size, CLREX,
 //!   YIELD/WFE/WFI/SEV).
 //!
-//! Where the symbol table has mapping symbols (`$a`, `$t`, `$d`), they say which bytes are ARM, Thumb or data,
-//! and a single counted encoding decides. Stripped binaries have none, and literal pools and constant tables in
-//! `.text` (SHA-256's round constants, AES tables) read as instructions. Then:
+//! Which bytes are counted, and in which state, is decided by following the code from where the program starts
+//! ([`super::arm_reach`], through [`judge`]): only what a branch, a call or an address the code loads can reach is
+//! code, in the state (ARM or Thumb) it is reached in, and a single counted encoding there means the program
+//! needs ARMv7. Mapping symbols (`$a`, `$t`, `$d`), where the symbol table keeps them, correct the walk's state
+//! and stop it at data; stripped binaries, as images ship them, are walked the same way. Code reached only behind
+//! a CPU-feature check (AT_HWCAP, `OPENSSL_armcap_P`, an IFUNC resolver's choice), or running straight into NEON
+//! code, is reported and not counted; [`super::arm_reach`] says how far that recognition goes.
 //!
-//! - each executable region is taken for ARM or Thumb code by the share of its aligned words that carry the
-//!   always-true condition `AL` (nearly all compiled ARM instructions do; Thumb code rarely looks that way);
-//! - in ARM code, a hit counts only if it is `AL` and so are the words before and after it: compiled code is a
-//!   run of `AL` words, while a constant sits among other constants, which are rarely `0xe.......`;
-//! - at least [`STRIPPED_THRESHOLD`] hits are needed.
+//! Measured on the corpus of `tests/check_binary_corpus.rs` (Debian armel and armhf busybox, dash, hello and ls;
+//! ring, Go and C programs; flotilla's ARMv6 build), stripped and not, every verdict agrees with qemu's ARM1176
+//! and Cortex-A7. flotilla's ARMv6 build reaches 3.4 MB of code in 7,400 functions, with one ARMv7 encoding (the
+//! errata `DMB` of ring's SHA-512 NEON routine) not counted; a C `main` built for ARMv7 has a handful.
 //!
-//! Measured on the corpus of `tests/check_binary_corpus.rs` (Debian armel busybox, dash and libc, ring and Go
-//! programs, flotilla's ARMv6 build): flotilla's stripped ARMv6 build has two look-alikes without the neighbour
-//! test (one SHA-2 constant, `0xe3418acb` = MOVT, in two tables) and none with it; no other ARMv6 binary has
-//! any. Code built for ARMv7 has hundreds (Thumb-2 code tens of thousands); the smallest case, one Rust
-//! function built for a Cortex-A7 in an ARMv6 program, has three.
+//! Before the walk, a linear scan ([`scan`]) counted every executable byte: split by mapping symbols where there
+//! were some, and otherwise taking each region for ARM or Thumb by the share of words with the `AL` condition and
+//! counting an ARM hit only between two `AL` words, [`STRIPPED_THRESHOLD`] hits or more. It took a stripped
+//! program with a single MOVT in an ARMv7 `main`, or a Thumb-2 `main` in an ARM program, for ARMv6 (issue 19).
+//! It stays for `bench/arm-code.sh`, which compares the two.
 //!
-//! Limits: a program whose only v7 code is a routine it selects at run time by other than SIMD (say, a SDIV
-//! path behind a CPU check) is judged to need v7, and so is a stripped v6 program whose data in `.text` happens
-//! to match two patterns between instruction-like words; a stripped program with a single v7 instruction (or
-//! v7 instructions only next to literal pools) is accepted. A stripped program mixing ARM and Thumb-1 code could
-//! hide a few Thumb-2 instructions among ARM regions. Code reached only on a path that never runs still counts.
-//! Go binaries are left to GOARM: Go's runtime picks SDIV/UDIV and DMB at run time by CPU feature or GOARM.
-//! Hand-written matching is deliberate: a full disassembler (capstone) needs a C toolchain and cmake to build,
-//! and these few patterns are all the question needs.
+//! Limits of the counting itself: a program whose only v7 code is a routine it selects at run time in a way the
+//! walk does not recognise is judged to need v7. Go binaries are left to GOARM: Go's runtime picks SDIV/UDIV and
+//! DMB at run time by CPU feature or GOARM. Hand-written matching is deliberate: a full disassembler (capstone)
+//! needs a C toolchain and cmake to build, and these few patterns (and the control flow of [`super::arm_reach`])
+//! are all the question needs.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::Serialize;
 
-/// In a stripped binary, fewer hits than this are taken for data that looks like instructions.
+use super::arm_reach::{self, FirstV7, Program};
+
+/// In the linear scan of a stripped binary, fewer hits than this were taken for data that looks like instructions.
 pub const STRIPPED_THRESHOLD: u64 = 2;
 
 /// The share of aligned words with the `AL` condition above which a region without mapping symbols is taken
@@ -96,6 +99,9 @@ pub enum V7Encoding {
     Barrier,
     #[serde(rename = "32-bit Thumb-2")]
     Thumb2,
+    /// The 16-bit instructions Thumb-2 added: IT, CBZ, CBNZ.
+    #[serde(rename = "IT/CBZ/CBNZ")]
+    ThumbNarrow,
 }
 
 impl fmt::Display for V7Encoding {
@@ -109,17 +115,22 @@ impl fmt::Display for V7Encoding {
             V7Encoding::Rbit => "RBIT",
             V7Encoding::Barrier => "DMB/DSB/ISB",
             V7Encoding::Thumb2 => "32-bit Thumb-2",
+            V7Encoding::ThumbNarrow => "IT/CBZ/CBNZ",
         })
     }
 }
 
-/// What the scan found.
+/// What the walk of the reachable code found ([`judge`]), or what a linear scan found ([`scan`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CodeScan {
     /// Whether mapping symbols said where ARM, Thumb and data are.
     #[serde(rename = "mapping_symbols")]
     pub mapped: bool,
-    /// Bytes of code scanned (ARM and Thumb; data left out where mapping symbols mark it).
+    /// How the code was found: `reachable code` (followed from the entry point) or `linear scan`.
+    pub method: &'static str,
+    /// Functions reached (entry points of the walk and the targets of calls), outside CPU-feature checks.
+    pub functions: u64,
+    /// Bytes of code reached (or scanned).
     pub code_bytes: u64,
     /// Advanced SIMD and VFP/coprocessor instructions: reported, never counted.
     #[serde(rename = "simd_instructions")]
@@ -130,6 +141,32 @@ pub struct CodeScan {
     /// The address of the first counted encoding, to look at with objdump.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_v7: Option<u64>,
+    /// The first counted encoding, the state it ran in and the path of calls that reached it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_v7_reached: Option<FirstV7>,
+    /// Functions reached only behind a CPU-feature check (AT_HWCAP, OPENSSL_armcap, IFUNC resolvers).
+    pub guarded_functions: u64,
+    /// ARMv7 encodings in those functions, or running straight into NEON code: they run only where the CPU
+    /// has the feature, so not counted.
+    #[serde(rename = "guarded_v7_instructions")]
+    pub guarded_v7: u64,
+}
+
+/// Judges the code of `program` that can run: found by [`arm_reach::walk`], counted in the state it runs in.
+pub fn judge(program: &Program<'_>) -> CodeScan {
+    let reach = arm_reach::walk(program);
+    CodeScan {
+        mapped: !program.mappings.is_empty(),
+        method: "reachable code",
+        functions: reach.functions,
+        code_bytes: reach.code_bytes,
+        simd: reach.simd,
+        first_v7: reach.first_v7.as_ref().map(|f| f.address),
+        v7: reach.v7,
+        first_v7_reached: reach.first_v7,
+        guarded_functions: reach.guarded_functions,
+        guarded_v7: reach.guarded_v7,
+    }
 }
 
 impl CodeScan {
@@ -137,10 +174,11 @@ impl CodeScan {
         self.v7.values().sum()
     }
 
-    /// Whether the code needs ARMv6T2/ARMv7 by the rule in the module doc.
+    /// Whether the code needs ARMv6T2/ARMv7: for the walk, any counted encoding on reachable code; for the
+    /// linear scan, the rule in the module doc.
     pub fn needs_v7(&self) -> bool {
         let hits = self.v7_total();
-        if self.mapped {
+        if self.mapped || self.method == "reachable code" {
             hits > 0
         } else {
             hits >= STRIPPED_THRESHOLD
@@ -164,13 +202,15 @@ impl CodeScan {
     }
 }
 
-/// Scans little-endian code regions. `mappings` are the mapping symbols as (address, kind); with none, the
-/// stripped-binary rule applies.
+/// The linear scan that came before the walk, kept to compare with it (`bench/arm-code.sh`): every byte of the
+/// code regions, split by `mappings` (address, kind) where there are some, by the stripped-binary rule of the
+/// module doc where there are none.
 pub fn scan(regions: &[CodeRegion<'_>], mappings: &[(u64, Mapping)]) -> CodeScan {
     let mut sorted = mappings.to_vec();
     sorted.sort_by_key(|m| m.0);
     let mut result = CodeScan {
         mapped: !sorted.is_empty(),
+        method: "linear scan",
         ..CodeScan::default()
     };
     for region in regions {
@@ -293,13 +333,13 @@ fn scan_run(address: u64, bytes: &[u8], state: Mapping, stripped: bool, result: 
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum A32 {
+pub(super) enum A32 {
     Simd,
     V7(V7Encoding),
 }
 
 /// Classifies one ARM-state word; `None` for everything ARMv6K already has.
-fn classify_a32(word: u32) -> Option<A32> {
+pub(super) fn classify_a32(word: u32) -> Option<A32> {
     let cond = word >> 28;
     if cond == 0xf {
         // The unconditional space: Advanced SIMD data processing (1111 001x) and element/structure loads and
@@ -346,14 +386,14 @@ fn is_thumb32_prefix(first: u16) -> bool {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum T32 {
+pub(super) enum T32 {
     /// BL, and BLX to ARM: Thumb-1 (ARMv5T/ARMv6) already has them as a pair of halfwords.
     Thumb1,
     Simd,
     V7,
 }
 
-fn classify_t32(first: u16, second: u16) -> T32 {
+pub(super) fn classify_t32(first: u16, second: u16) -> T32 {
     // BL: 11110 S imm10, 11 J1 1 J2 imm11; BLX (to ARM): 11110 S imm10, 11 J1 0 J2 imm10 0.
     if first >> 11 == 0b11110 && second >> 14 == 0b11 {
         return T32::Thumb1;

@@ -8,6 +8,7 @@
 
 pub mod arm_attributes;
 pub mod arm_code;
+pub mod arm_reach;
 pub mod go;
 mod reading;
 mod requirements;
@@ -77,6 +78,7 @@ mod tests {
             });
             let mut shstrtab = vec![0u8];
             let mut placed = Vec::new();
+            let mut entry = BASE;
             for (name, kind, data) in &self.sections {
                 let name_at = shstrtab.len() as u32;
                 shstrtab.extend_from_slice(name.as_bytes());
@@ -87,13 +89,12 @@ mod tests {
                 } else {
                     0
                 };
-                placed.push((
-                    name_at,
-                    *kind,
-                    flags,
-                    place(&mut body, data),
-                    data.len() as u64,
-                ));
+                let at = place(&mut body, data);
+                // The walk of the code starts at the entry point: the start of `.text`.
+                if *name == ".text" {
+                    entry = BASE + at;
+                }
+                placed.push((name_at, *kind, flags, at, data.len() as u64));
             }
             let shstr_name = shstrtab.len() as u32;
             shstrtab.extend_from_slice(b".shstrtab\0");
@@ -125,7 +126,7 @@ mod tests {
             out.u16(elf::ET_EXEC);
             out.u16(self.machine);
             out.u32(1);
-            out.word(BASE);
+            out.word(entry);
             out.word(ehsize as u64);
             out.word(if self.section_headers { shoff } else { 0 });
             out.u32(self.flags);
@@ -321,31 +322,36 @@ mod tests {
 
         let ring = build(merged(10), &neon_only);
         assert_eq!(ring.platform, Some("linux/arm/v6".parse().unwrap()));
-        assert_eq!(ring.decided_by, Some(Evidence::CodeScan));
-        assert!(ring.reasons[0].starts_with("code scan: no ARMv7 encodings"));
+        assert_eq!(ring.decided_by, Some(Evidence::ReachableCode));
+        assert!(ring.reasons[0].starts_with("reachable code: no ARMv7 encodings"));
         assert!(
             ring.reasons
                 .iter()
-                .any(|r| r.contains("overruled by the code scan"))
+                .any(|r| r.contains("overruled by the reachable code"))
         );
         let code = ring.arm.as_ref().and_then(|a| a.code.as_ref()).unwrap();
         assert_eq!((code.mapped, code.simd, code.v7_total()), (false, 2, 0));
 
         let v7 = build(merged(10), &with_movw);
         assert_eq!(v7.platform, Some("linux/arm/v7".parse().unwrap()));
-        assert_eq!(v7.decided_by, Some(Evidence::CodeScan));
+        assert_eq!(v7.decided_by, Some(Evidence::ReachableCode));
         assert!(v7.reasons[0].contains("MOVW ×2"));
 
         // Attributes that say v6 over v7 code: the code decides.
         let hidden = build(attributes(&[6, 6]), &with_movw);
         assert_eq!(hidden.platform, Some("linux/arm/v7".parse().unwrap()));
-        assert_eq!(hidden.decided_by, Some(Evidence::CodeScan));
+        assert_eq!(hidden.decided_by, Some(Evidence::ReachableCode));
 
         // v6 attributes and v6 code: the attributes decide, the scan is reported.
         let plain = build(attributes(&[6, 6]), &neon_only);
         assert_eq!(plain.platform, Some("linux/arm/v6".parse().unwrap()));
         assert_eq!(plain.decided_by, Some(Evidence::Attributes));
-        assert!(plain.reasons.iter().any(|r| r.starts_with("code scan:")));
+        assert!(
+            plain
+                .reasons
+                .iter()
+                .any(|r| r.starts_with("reachable code:"))
+        );
     }
 
     #[test]

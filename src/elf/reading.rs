@@ -12,6 +12,7 @@ use serde::{Serialize, Serializer};
 
 use super::arm_attributes::{self, ArmAttributes, AttributeError, VfpArgs};
 use super::arm_code::{self, CodeRegion, CodeScan, Mapping};
+use super::arm_reach::{Program, Root};
 use super::go::{self, GoBuildInfo, GoBuildInfoError};
 use super::requirements::{Evidence, required_platform};
 use crate::platform::Platform;
@@ -465,8 +466,9 @@ where
     Ok(requirements)
 }
 
-/// Scans the executable sections (the executable `PT_LOAD` segments when there are no section headers) for
-/// ARMv7-only encodings, with the mapping symbols of `.symtab` where it has them.
+/// Finds the code that can run (see [`arm_reach`]) in the executable sections (the executable `PT_LOAD`
+/// segments when there are no section headers) and judges it, with what the sections and symbols say about
+/// where code starts, which bytes are ARM, Thumb or data, and what the functions are called.
 fn scan_arm_code<'data, Elf, R>(
     header: &Elf,
     endian: Endianness,
@@ -478,7 +480,10 @@ where
     Elf: FileHeader<Endian = Endianness>,
     R: ReadRef<'data>,
 {
-    let mut regions = Vec::new();
+    let mut program = Program::default();
+    program
+        .roots
+        .push((header.e_entry(endian).into(), Root::Entry));
     if sections.is_empty() {
         for load in loads.iter().filter(|l| l.flags & elf::PF_X != 0) {
             let bytes = data
@@ -492,42 +497,152 @@ where
                 0
             };
             let skip = usize::try_from(skip).unwrap_or(usize::MAX).min(bytes.len());
-            regions.push(CodeRegion {
+            program.regions.push(CodeRegion {
                 address: load.vaddr + skip as u64,
                 bytes: bytes.get(skip..).unwrap_or_default(),
             });
         }
-    } else {
-        for section in sections.iter().filter(|s| {
-            s.sh_type(endian) == elf::SHT_PROGBITS
-                && s.sh_flags(endian).into() & u64::from(elf::SHF_EXECINSTR) != 0
-        }) {
+        return Ok(arm_code::judge(&program));
+    }
+    let words = |bytes: &[u8]| -> Vec<u64> {
+        bytes
+            .chunks_exact(4)
+            .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect()
+    };
+    for section in sections.iter() {
+        let kind = section.sh_type(endian);
+        let flags: u64 = section.sh_flags(endian).into();
+        let address: u64 = section.sh_addr(endian).into();
+        let name = sections.section_name(endian, section).unwrap_or_default();
+        if kind == elf::SHT_PROGBITS && flags & u64::from(elf::SHF_EXECINSTR) != 0 {
             let bytes = section
                 .data(endian, data)
                 .map_err(ElfError::malformed("executable section"))?;
-            regions.push(CodeRegion {
-                address: section.sh_addr(endian).into(),
-                bytes,
-            });
-        }
-    }
-    let mut mappings = Vec::new();
-    let symbols = sections
-        .symbols(endian, data, elf::SHT_SYMTAB)
-        .map_err(ElfError::malformed("symbol table"))?;
-    for symbol in symbols.iter() {
-        // Mapping symbols are local and untyped; checking that first spares reading every name.
-        if symbol.st_type() != elf::STT_NOTYPE || symbol.st_bind() != elf::STB_LOCAL {
+            program.regions.push(CodeRegion { address, bytes });
+            // PLT stubs are ARM code that only the calls through them reach; each word may start one.
+            if name == b".plt" || name == b".iplt" {
+                program
+                    .roots
+                    .extend((0..bytes.len() as u64 / 4).map(|i| (address + 4 * i, Root::Plt)));
+            }
             continue;
         }
-        let name = symbols
-            .symbol_name(endian, symbol)
-            .map_err(ElfError::malformed("symbol name"))?;
-        if let Some(mapping) = Mapping::from_symbol_name(name) {
-            mappings.push((symbol.st_value(endian).into(), mapping));
+        let pointers = match kind {
+            elf::SHT_INIT_ARRAY | elf::SHT_FINI_ARRAY | elf::SHT_PREINIT_ARRAY => {
+                Some(Root::InitFini)
+            }
+            elf::SHT_PROGBITS if name.starts_with(b".data.rel.ro") => Some(Root::DataPointer),
+            elf::SHT_PROGBITS if name == b".got" => Some(Root::Got),
+            _ => None,
+        };
+        if let Some(root) = pointers {
+            let bytes = section
+                .data(endian, data)
+                .map_err(ElfError::malformed("pointer section"))?;
+            program
+                .pointers
+                .extend(words(bytes).into_iter().map(|w| (w, root)));
+        }
+        if kind == elf::SHT_DYNAMIC {
+            let bytes = section
+                .data(endian, data)
+                .map_err(ElfError::malformed("dynamic section"))?;
+            for pair in words(bytes).chunks_exact(2) {
+                if let [tag, value] = *pair {
+                    if tag == u64::from(elf::DT_INIT) || tag == u64::from(elf::DT_FINI) {
+                        program.roots.push((value, Root::InitFini));
+                    }
+                }
+            }
+        }
+        // R_ARM_IRELATIVE: the word it relocates holds the resolver's address (REL keeps addends in place).
+        if kind == elf::SHT_REL || kind == elf::SHT_RELA {
+            let bytes = section
+                .data(endian, data)
+                .map_err(ElfError::malformed("relocation section"))?;
+            let entry = if kind == elf::SHT_REL { 2 } else { 3 };
+            for reloc in words(bytes).chunks_exact(entry) {
+                let (Some(&at), Some(&info)) = (reloc.first(), reloc.get(1)) else {
+                    continue;
+                };
+                if info & 0xff != u64::from(elf::R_ARM_IRELATIVE) {
+                    continue;
+                }
+                let resolver = match reloc.get(2) {
+                    Some(&addend) => Some(addend),
+                    None => read_vaddr(data, loads, at, 4)
+                        .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                };
+                program.resolvers.extend(resolver);
+            }
         }
     }
-    Ok(arm_code::scan(&regions, &mappings))
+    for table in [elf::SHT_SYMTAB, elf::SHT_DYNSYM] {
+        let symbols = sections
+            .symbols(endian, data, table)
+            .map_err(ElfError::malformed("symbol table"))?;
+        for symbol in symbols.iter() {
+            let kind = symbol.st_type();
+            let value: u64 = symbol.st_value(endian).into();
+            let defined = symbol.st_shndx(endian) != elf::SHN_UNDEF;
+            // Mapping symbols are local and untyped; checking that first spares reading every name.
+            let mapping = kind == elf::STT_NOTYPE && symbol.st_bind() == elf::STB_LOCAL;
+            let function = kind == elf::STT_FUNC || kind == elf::STT_GNU_IFUNC;
+            if !(defined && (mapping || function || kind == elf::STT_OBJECT)) {
+                continue;
+            }
+            let name = symbols
+                .symbol_name(endian, symbol)
+                .map_err(ElfError::malformed("symbol name"))?;
+            if mapping {
+                if let Some(mapping) = Mapping::from_symbol_name(name) {
+                    program.mappings.push((value, mapping));
+                }
+                continue;
+            }
+            if kind == elf::STT_OBJECT {
+                if is_capability_word(name) {
+                    program.capability_words.push(value);
+                }
+                continue;
+            }
+            if kind == elf::STT_GNU_IFUNC {
+                program.resolvers.push(value);
+            }
+            if table == elf::SHT_DYNSYM {
+                program.roots.push((value, Root::DynamicSymbol));
+            }
+            program
+                .names
+                .entry(value & !1)
+                .or_insert_with(|| String::from_utf8_lossy(name).into_owned());
+        }
+    }
+    Ok(arm_code::judge(&program))
+}
+
+/// The variables that hold the CPU's capabilities: ring's and OpenSSL's `OPENSSL_armcap_P` (ring prefixes it
+/// with its version), glibc's copy of `AT_HWCAP`.
+fn is_capability_word(name: &[u8]) -> bool {
+    name.ends_with(b"OPENSSL_armcap_P") || name == b"_dl_hwcap" || name == b"_dl_hwcap2"
+}
+
+/// `len` bytes at virtual address `address`, from the file bytes of the `PT_LOAD` segment holding them.
+fn read_vaddr<'data, R: ReadRef<'data>>(
+    data: R,
+    loads: &[Load],
+    address: u64,
+    len: u64,
+) -> Option<&'data [u8]> {
+    let load = loads
+        .iter()
+        .find(|l| address >= l.vaddr && address - l.vaddr < l.filesz)?;
+    let within = address - load.vaddr;
+    let offset = load.offset.checked_add(within)?;
+    data.read_bytes_at(offset, len.min(load.filesz - within))
+        .ok()
+        .filter(|b| b.len() as u64 == len)
 }
 
 fn read_go<'data, R: ReadRef<'data>>(

@@ -13,9 +13,9 @@ pub enum Evidence {
     /// The build settings the Go linker records (GOARM, GOAMD64, GOARM64).
     #[serde(rename = "go build info")]
     GoBuildInfo,
-    /// The encodings found in the executable code ([`super::arm_code`]).
-    #[serde(rename = "code scan")]
-    CodeScan,
+    /// The encodings found in the code that can run, followed from the entry point ([`super::arm_reach`]).
+    #[serde(rename = "reachable code")]
+    ReachableCode,
     /// `.ARM.attributes`.
     #[serde(rename = "attributes")]
     Attributes,
@@ -92,8 +92,8 @@ pub(super) fn required_platform(
 }
 
 /// ARM: every piece of evidence sets a lowest version; the binary needs the highest of them. The attributes'
-/// v7 is a merge over all linked objects, so where the code scan finds no ARMv7 encodings outside SIMD and VFP
-/// the code decides (see [`super::arm_code`]); Go binaries are judged by GOARM alone, since Go's runtime picks
+/// v7 is a merge over all linked objects, so where the reachable code has no ARMv7 encodings outside SIMD and
+/// VFP the code decides (see [`super::arm_code`]); Go binaries are judged by GOARM alone, since Go's runtime picks
 /// its barriers by GOARM at run time.
 fn arm_variant(
     req: &ElfRequirements,
@@ -184,52 +184,63 @@ fn arm_variant(
     }
     match (arm.and_then(|a| a.code.as_ref()), goarm) {
         (Some(code), Some(_)) if code.needs_v7() => reasons.push(format!(
-            "code scan: {} (not used: Go's runtime chooses its ARMv7 barriers by GOARM at run time)",
+            "reachable code: {} (not used: Go's runtime chooses its ARMv7 barriers by GOARM at run time)",
             code.describe_v7()
         )),
-        (Some(code), None) if code.needs_v7() => evidence.push((
-            7,
-            Evidence::CodeScan,
-            format!(
-                "code scan: {} in {} bytes of code{}, first at {:#x}: ARMv6 cores such as the ARM1176 lack them",
-                code.describe_v7(),
-                code.code_bytes,
-                if code.mapped {
-                    " (ARM, Thumb and data told apart by mapping symbols)"
-                } else {
-                    " (no mapping symbols)"
-                },
-                code.first_v7.unwrap_or_default()
-            ),
-        )),
+        (Some(code), None) if code.needs_v7() => {
+            let (state, path) = match &code.first_v7_reached {
+                Some(first) => (
+                    format!(" in {} state", first.state),
+                    format!(", reached by {}", first.path.join(" → ")),
+                ),
+                None => (String::new(), String::new()),
+            };
+            evidence.push((
+                7,
+                Evidence::ReachableCode,
+                format!(
+                    "reachable code: {} in {} bytes of code reached in {} functions{}, first at {:#x}{state}{path}: \
+                     ARMv6 cores such as the ARM1176 lack them",
+                    code.describe_v7(),
+                    code.code_bytes,
+                    code.functions,
+                    if code.mapped {
+                        " (with mapping symbols)"
+                    } else {
+                        " (no mapping symbols)"
+                    },
+                    code.first_v7.unwrap_or_default()
+                ),
+            ))
+        }
         (Some(code), None) if code.code_bytes > 0 => {
-            // The attributes' v7 came from objects whose only v7 code is SIMD chosen at run time: what the
-            // code runs otherwise is ARMv6 at most.
+            // The attributes' v7 came from objects whose only v7 code is SIMD, or code behind a CPU-feature
+            // check, chosen at run time: what the program runs otherwise is ARMv6 at most.
             let merged = evidence
                 .iter()
                 .any(|(v, kind, _)| *v == 7 && *kind == Evidence::Attributes);
             for (version, kind, why) in evidence.iter_mut() {
                 if *version == 7 && *kind == Evidence::Attributes {
                     *version = 6;
-                    why.push_str("; a merge over the linked objects, overruled by the code scan");
+                    why.push_str("; a merge over the linked objects, overruled by the reachable code");
                 }
             }
-            let found = if code.v7_total() > 0 {
+            let guarded = if code.guarded_v7 > 0 {
                 format!(
-                    " ({}: fewer than {} in code without mapping symbols are taken for data)",
-                    code.describe_v7(),
-                    super::arm_code::STRIPPED_THRESHOLD
+                    "; {} ARMv7 instructions behind a CPU-feature check ({} functions reached only through one) \
+                     or running straight into NEON code, not counted",
+                    code.guarded_v7, code.guarded_functions
                 )
             } else {
                 String::new()
             };
             let why = format!(
-                "code scan: no ARMv7 encodings outside SIMD and VFP in {} bytes of code{found}; {} SIMD/VFP \
-                 instructions, which run only where the program finds the CPU has them",
-                code.code_bytes, code.simd
+                "reachable code: no ARMv7 encodings outside SIMD and VFP in {} bytes of code reached in {} \
+                 functions; {} SIMD/VFP instructions, which run only where the program finds the CPU has them{guarded}",
+                code.code_bytes, code.functions, code.simd
             );
             if merged {
-                evidence.push((6, Evidence::CodeScan, why));
+                evidence.push((6, Evidence::ReachableCode, why));
             } else {
                 reasons.push(why);
             }
