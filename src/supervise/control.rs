@@ -142,8 +142,7 @@ pub fn stop(
 ) -> Result<(), SuperviseError> {
     if let Some(pid) = supervisor_after_making(container) {
         container.request_stop(grace)?;
-        let pid = rustix::process::Pid::from_raw(pid);
-        if let Some(pid) = pid {
+        if let Some(pid) = rustix::process::Pid::from_raw(pid) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
         if wait_unlocked(container, grace + STOP_SLACK) {
@@ -155,8 +154,11 @@ pub fn stop(
             "the supervisor did not stop the container within {:?}: killing the supervisor, then the container",
             grace + STOP_SLACK
         );
-        // Its lock names it; a pid read from a held lock is a live process, not a recycled number.
-        if let Some(pid) = pid {
+        // Read again from the lock that is still held: a live process, not a number recycled since the SIGTERM.
+        if let Some(pid) = container
+            .supervisor_pid()
+            .and_then(rustix::process::Pid::from_raw)
+        {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
         if !wait_unlocked(container, KILL_WAIT) {
