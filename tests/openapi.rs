@@ -888,7 +888,7 @@ fn schemas_match_the_serde_types() {
     let event = |id: &str, body| Event {
         id: id.into(),
         at: 1_700_000_000,
-        seq: None,
+        seq: Some(1),
         body,
     };
     let mut events = vec![
