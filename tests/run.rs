@@ -85,6 +85,16 @@ impl Lab {
     fn container_dir(&self, name: &str) -> PathBuf {
         self.state.join("containers").join(name)
     }
+
+    /// The pid of the container's supervisor, as its lock file names it.
+    fn supervisor(&self, name: &str) -> i32 {
+        let lock = self.container_dir(name).join("supervisor.lock");
+        std::fs::read_to_string(&lock)
+            .expect("the supervisor's lock file")
+            .trim()
+            .parse()
+            .expect("a pid in the lock file")
+    }
 }
 
 impl Drop for Lab {
@@ -291,12 +301,7 @@ fn a_supervisor_that_does_not_answer_is_killed_and_the_stop_still_happens() {
     wait_for("the container's output", Duration::from_secs(30), || {
         lab.logs("stuck").contains("hello")
     });
-    let lock = lab.container_dir("stuck").join("supervisor.lock");
-    let supervisor: i32 = std::fs::read_to_string(&lock)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let supervisor = lab.supervisor("stuck");
     let pid = rustix::process::Pid::from_raw(supervisor).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
     let out = lab.flotilla(&["stop", "stuck", "--time", "1"]);
@@ -366,12 +371,7 @@ fn a_killed_supervisor_is_replaced_and_the_container_adopted() {
     });
     let before = lab.container("adopt");
     let pid = before["pid"].as_i64().expect("pid");
-    let lock = lab.container_dir("adopt").join("supervisor.lock");
-    let supervisor: i32 = std::fs::read_to_string(&lock)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let supervisor = lab.supervisor("adopt");
     rustix::process::kill_process(
         rustix::process::Pid::from_raw(supervisor).unwrap(),
         rustix::process::Signal::KILL,
