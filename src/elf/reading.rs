@@ -635,6 +635,16 @@ fn read_vaddr<'data, R: ReadRef<'data>>(
     address: u64,
     len: u64,
 ) -> Option<&'data [u8]> {
+    read_vaddr_upto(data, loads, address, len).filter(|b| b.len() as u64 == len)
+}
+
+/// Up to `len` bytes at virtual address `address`: fewer where the segment's file bytes end first.
+fn read_vaddr_upto<'data, R: ReadRef<'data>>(
+    data: R,
+    loads: &[Load],
+    address: u64,
+    len: u64,
+) -> Option<&'data [u8]> {
     let load = loads
         .iter()
         .find(|l| address >= l.vaddr && address - l.vaddr < l.filesz)?;
@@ -642,7 +652,6 @@ fn read_vaddr<'data, R: ReadRef<'data>>(
     let offset = load.offset.checked_add(within)?;
     data.read_bytes_at(offset, len.min(load.filesz - within))
         .ok()
-        .filter(|b| b.len() as u64 == len)
 }
 
 fn read_go<'data, R: ReadRef<'data>>(
@@ -653,15 +662,7 @@ fn read_go<'data, R: ReadRef<'data>>(
     let Some(address) = magic else {
         return Ok(None);
     };
-    let read = |addr: u64, len: u64| -> Option<&'data [u8]> {
-        let load = loads
-            .iter()
-            .find(|l| addr >= l.vaddr && addr - l.vaddr < l.filesz)?;
-        let within = addr - load.vaddr;
-        let offset = load.offset.checked_add(within)?;
-        data.read_bytes_at(offset, len.min(load.filesz - within))
-            .ok()
-    };
+    let read = |addr: u64, len: u64| read_vaddr_upto(data, loads, addr, len);
     Ok(Some(go::decode(address, &read)?))
 }
 
