@@ -207,19 +207,22 @@ fn every_verdict_agrees_with_qemu() {
     assert!(table.iter().any(|r| r.contains("arm1176 Normally")));
 }
 
+/// The corpus binary named `name`.
+fn corpus_file(cases: &[Case], name: &str) -> PathBuf {
+    cases
+        .iter()
+        .find(|c| c.path.file_name().is_some_and(|f| f == name))
+        .map(|c| c.path.clone())
+        .unwrap_or_else(|| panic!("{name} is not in the corpus"))
+}
+
 /// The ARMv6 ring program and the same program with its own code built for a Cortex-A7 (tests/build-corpus gives
 /// it the ARMv6 build's `.ARM.attributes`): identical attributes, and only the first runs on an ARM1176. The
 /// attributes cannot tell them apart; the code does, with mapping symbols and without.
 #[test]
 fn identical_attributes_are_told_apart_by_the_code() {
     let Some(cases) = corpus() else { return };
-    let find = |name: &str| {
-        cases
-            .iter()
-            .find(|c| c.path.file_name().is_some_and(|f| f == name))
-            .map(|c| c.path.clone())
-            .unwrap_or_else(|| panic!("{name} is not in the corpus"))
-    };
+    let find = |name: &str| corpus_file(&cases, name);
     for suffix in ["", ".stripped"] {
         let v6 = requirements(&find(&format!(
             "ring-probe-arm-unknown-linux-gnueabi{suffix}"
@@ -248,13 +251,7 @@ fn identical_attributes_are_told_apart_by_the_code() {
 #[test]
 fn stripped_v7_mains_are_refused_and_hwcap_dispatch_accepted() {
     let Some(cases) = corpus() else { return };
-    let path = |name: &str| {
-        cases
-            .iter()
-            .find(|c| c.path.file_name().is_some_and(|f| f == name))
-            .map(|c| c.path.clone())
-            .unwrap_or_else(|| panic!("{name} is not in the corpus"))
-    };
+    let path = |name: &str| corpus_file(&cases, name);
     for suffix in ["", ".stripped"] {
         for (name, needs) in [
             ("c-v7-main-arm", "linux/arm/v7"),

@@ -26,6 +26,9 @@ const NAME: &str = "registry-test.local";
 /// The routes, the flag on `lo` and UDP port 5353 are machine-wide: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The IPv6 route the test adds for mDNS and removes again: ff02::fb on `lo` only.
+const V6_ROUTE: [&str; 6] = ["multicast", "ff02::fb/128", "dev", "lo", "table", "local"];
+
 fn ip(args: &[&str]) -> Output {
     Command::new("ip").args(args).output().expect("run ip")
 }
@@ -91,19 +94,7 @@ impl MulticastOnLo {
                 "ff02::fb/128",
             ]));
             if v6.is_empty() {
-                ip_ok(&[
-                    "-6",
-                    "route",
-                    "add",
-                    "multicast",
-                    "ff02::fb/128",
-                    "dev",
-                    "lo",
-                    "table",
-                    "local",
-                    "metric",
-                    "0",
-                ]);
+                ip_ok(&[&["-6", "route", "add"][..], &V6_ROUTE, &["metric", "0"]].concat());
                 guard.added_v6 = true;
             }
             let v6_route = stdout(&ip(&["-6", "route", "get", "ff02::fb"]));
@@ -116,17 +107,7 @@ impl MulticastOnLo {
 impl Drop for MulticastOnLo {
     fn drop(&mut self) {
         if self.added_v6 {
-            let _ = ip(&[
-                "-6",
-                "route",
-                "del",
-                "multicast",
-                "ff02::fb/128",
-                "dev",
-                "lo",
-                "table",
-                "local",
-            ]);
+            let _ = ip(&[&["-6", "route", "del"][..], &V6_ROUTE].concat());
         }
         if self.added_v4 {
             let _ = ip(&["route", "del", "224.0.0.0/4", "dev", "lo"]);
