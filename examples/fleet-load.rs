@@ -168,6 +168,7 @@ async fn enroll(
             page_size: Some(4096),
             description: "Raspberry Pi 3 Model B Rev 1.2, Raspbian 12 armhf (simulated)".into(),
         },
+        enrollment_id: Some(EnrollRequest::new_enrollment_id()),
     };
     let resp = http
         .post(format!("{server}/v1/enroll"))

@@ -26,6 +26,28 @@ pub struct EnrollRequest {
     pub tags: BTreeMap<String, String>,
     pub agent_version: String,
     pub platform: PlatformReport,
+    /// A secret the device drew once and keeps until it has a credential (base64url, at least 32 characters): a
+    /// retry with the same token and id gets the same device and credential, so a lost reply is harmless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment_id: Option<String>,
+}
+
+impl EnrollRequest {
+    /// A fresh enrollment id: 256 bits from the OS's generator, base64url.
+    pub fn new_enrollment_id() -> String {
+        let mut bytes = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+        base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes)
+    }
+
+    /// An enrollment id the server accepts: 192 bits or more, base64url, so that the credential derived from it
+    /// cannot be guessed.
+    pub fn enrollment_id_is_valid(id: &str) -> bool {
+        (32..=128).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
 }
 
 /// What the device runs, as its detection decided: the candidates best first, and the evidence summary.

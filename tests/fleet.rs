@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::binfmt::Binfmt;
-use common::fleet::{Server, push};
+use common::fleet::{LosingProxy, Server, push};
 use common::registry::{Registry, RegistryOptions, free_port};
 use common::{output_text, require, wait_for};
 use serde_json::Value;
@@ -653,4 +653,44 @@ fn the_server_speaks_tls_from_pem_files_and_refuses_plain_http_off_loopback() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The server's answer to an enrollment is lost on the way: the agent tries again with the same enrollment id and
+/// gets its credential, although the token had one use. One device, enrolled once.
+#[test]
+fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    // No app is deployed: the registry is never asked.
+    let server = Server::start(root, "127.0.0.1:9");
+    let proxy = LosingProxy::start(server.port);
+    let token = server.ok(&["token", "create", "--uses", "1", "--expires", "1h"]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let mut agent = Agent::new(root, "x86", None, &server, &token_file);
+    let config = agent.dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    std::fs::write(&config, text.replace(&server.url(), &proxy.url())).expect("agent config");
+    agent.start();
+    wait_for(
+        "the device to enroll and use its credential",
+        Duration::from_secs(60),
+        || {
+            let d = server.device("x86");
+            d["last_seen"].as_u64() > d["enrolled"].as_u64()
+        },
+    );
+    assert!(
+        proxy.enrollments.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the agent never sent its enrollment again:\n{}",
+        agent.log()
+    );
+    let devices = server.json(&["devices"]);
+    assert_eq!(devices.as_array().map(Vec::len), Some(1), "{devices}");
+    assert_eq!(
+        agent.log().matches("enrolled").count(),
+        1,
+        "{}",
+        agent.log()
+    );
 }

@@ -846,6 +846,7 @@ fn schemas_match_the_serde_types() {
             tags: tags.clone(),
             agent_version: "0.1.0".into(),
             platform: platform(),
+            enrollment_id: Some("Jx7lQmDq3CzYbKp9wTnR2sVfHgAeUo5i8XyZ-_0123".into()),
         },
     ));
     reached.extend(check(

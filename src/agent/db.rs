@@ -128,14 +128,21 @@ impl Db {
     }
 
     pub fn set_identity(&self, key: &str, value: &str) -> Result<(), DbError> {
-        self.conn
-            .execute(
+        self.set_identities(&[(key, value)])
+    }
+
+    /// Several identity keys in one transaction: a device id is never kept without its credential.
+    pub fn set_identities(&self, pairs: &[(&str, &str)]) -> Result<(), DbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for (key, value) in pairs {
+            tx.execute(
                 "INSERT INTO identity (key, value) VALUES (?1, ?2)
                  ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                 [key, value],
             )
-            .map(|_| ())
-            .map_err(self.err())
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())
     }
 
     /// The app's update state; a new app starts steady with nothing.

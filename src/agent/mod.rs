@@ -492,6 +492,16 @@ impl Agent {
                 source,
             }
         })?;
+        // Drawn and stored before the first try: every retry, across restarts too, sends the same id, so a reply
+        // lost on the way gets this device's credential back instead of a refusal.
+        let enrollment_id = match self.db.identity("enrollment_id")? {
+            Some(id) => id,
+            None => {
+                let id = EnrollRequest::new_enrollment_id();
+                self.db.set_identity("enrollment_id", &id)?;
+                id
+            }
+        };
         let enrolled = link
             .enroll(
                 token.trim(),
@@ -500,11 +510,14 @@ impl Agent {
                     tags: self.fleet.tags.clone(),
                     agent_version: env!("CARGO_PKG_VERSION").to_string(),
                     platform: self.identity.platform.clone(),
+                    enrollment_id: Some(enrollment_id),
                 },
             )
             .await?;
-        self.db.set_identity("device_id", &enrolled.device_id)?;
-        self.db.set_identity("credential", &enrolled.credential)?;
+        self.db.set_identities(&[
+            ("device_id", &enrolled.device_id),
+            ("credential", &enrolled.credential),
+        ])?;
         tracing::info!(
             device = enrolled.device_id,
             name = self.identity.name,

@@ -90,7 +90,10 @@ impl From<ServerDbError> for ApiError {
     fn from(e: ServerDbError) -> ApiError {
         let status = match &e {
             ServerDbError::BadToken => StatusCode::UNAUTHORIZED,
-            ServerDbError::NameTaken(_) | ServerDbError::Exists(_) => StatusCode::CONFLICT,
+            ServerDbError::NameTaken(_)
+            | ServerDbError::Exists(_)
+            | ServerDbError::EnrolledAlready(_) => StatusCode::CONFLICT,
+            ServerDbError::EnrollmentRevoked(_) => StatusCode::FORBIDDEN,
             ServerDbError::Invalid(_) => StatusCode::BAD_REQUEST,
             ServerDbError::NotFound(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -216,6 +219,15 @@ async fn enroll(
     })?;
     let Json(req) = body.map_err(rejected)?;
     super::model::check_name("device name", &req.name)?;
+    if let Some(id) = &req.enrollment_id {
+        if !EnrollRequest::enrollment_id_is_valid(id) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "the enrollment id must be 32 to 128 base64url characters (256 random bits, as the agent draws)"
+                    .into(),
+            ));
+        }
+    }
     for (k, v) in &req.tags {
         super::model::check_name("tag", k)?;
         super::model::check_name("tag value", v)?;

@@ -38,6 +38,12 @@ const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires I
                                   received INTEGER NOT NULL, PRIMARY KEY (device, app, release));",
     // Reports are ordered by the device's outbox sequence, not its clock (0: an agent that sent none).
     "ALTER TABLE device_updates ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;",
+    // Idempotent enrollment: the hash of the id the device drew, the token it came with, and whether the device has
+    // used its credential since (devices enrolled before this schema have).
+    "ALTER TABLE devices ADD COLUMN enrollment_hash TEXT;
+     ALTER TABLE devices ADD COLUMN token_hash TEXT;
+     ALTER TABLE devices ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
+     CREATE UNIQUE INDEX devices_enrollment ON devices (enrollment_hash) WHERE enrollment_hash IS NOT NULL;",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +67,14 @@ pub enum ServerDbError {
     BadToken,
     #[error("a device named {0} is enrolled already; choose another name or revoke it first")]
     NameTaken(String),
+    #[error(
+        "this enrollment id enrolled the device {0}, which has used its credential since; a device that lost its state enrolls again with a new enrollment id"
+    )]
+    EnrolledAlready(String),
+    #[error(
+        "this enrollment id enrolled the device {0}, which is revoked; enroll again with a new enrollment id and a new token"
+    )]
+    EnrollmentRevoked(String),
     #[error("cannot encode {0}")]
     Encode(String),
     #[error("the stored {what} is damaged: {message}")]
@@ -83,6 +97,18 @@ pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The credential of an enrollment that carries the device's enrollment id. It is derived, not drawn, so that a
+/// retry whose first reply was lost gets the same credential back although the server keeps only hashes. Its
+/// secrecy is the enrollment id's: at least 192 bits the device drew and sends nowhere else, over the fleet link.
+fn derived_credential(device_id: &str, enrollment_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"flotilla device credential\0");
+    h.update(device_id.as_bytes());
+    h.update([0]);
+    h.update(enrollment_id.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
 }
 
 pub fn hash_secret(secret: &str) -> String {
@@ -154,6 +180,10 @@ impl ServerDb {
     }
 
     /// Enrolls a device with a token: the token's use is taken and the device's credential made in one transaction.
+    ///
+    /// With an enrollment id, enrollment is idempotent: the same token and id get the same device and credential
+    /// back, even once the token is used up, until the device has used that credential. A reply lost on the way
+    /// then costs neither a token use nor a second device.
     pub fn enroll(
         &self,
         token: &str,
@@ -162,6 +192,33 @@ impl ServerDb {
     ) -> Result<Enrolled, ServerDbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
         let hash = hash_secret(token);
+        if let Some(eid) = &req.enrollment_id {
+            let prior: Option<(String, String, Option<String>, bool, bool)> = tx
+                .query_row(
+                    "SELECT id, name, token_hash, revoked, confirmed FROM devices WHERE enrollment_hash = ?1",
+                    [hash_secret(eid)],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
+                .optional()
+                .map_err(self.err())?;
+            if let Some((id, name, token_hash, revoked, confirmed)) = prior {
+                // Another token with a known id is a guess or a copy, not a retry: it learns nothing.
+                if token_hash.as_deref() != Some(hash.as_str()) {
+                    return Err(ServerDbError::BadToken);
+                }
+                if revoked {
+                    return Err(ServerDbError::EnrollmentRevoked(name));
+                }
+                if confirmed || name != req.name {
+                    return Err(ServerDbError::EnrolledAlready(name));
+                }
+                let credential = derived_credential(&id, eid);
+                return Ok(Enrolled {
+                    device_id: id,
+                    credential,
+                });
+            }
+        }
         let row: Option<(Option<u64>, Option<i64>)> = tx
             .query_row(
                 "SELECT expires, uses_left FROM tokens WHERE hash = ?1",
@@ -201,10 +258,14 @@ impl ServerDb {
         )
         .map_err(self.err())?;
         let device_id = new_secret()[..16].to_string();
-        let credential = new_secret();
+        let credential = match &req.enrollment_id {
+            Some(eid) => derived_credential(&device_id, eid),
+            None => new_secret(),
+        };
         tx.execute(
-            "INSERT INTO devices (id, name, credential_hash, tags, platform, agent_version, enrolled, last_seen)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            "INSERT INTO devices (id, name, credential_hash, tags, platform, agent_version, enrolled, last_seen,
+                                  enrollment_hash, token_hash, confirmed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9, ?10)",
             params![
                 device_id,
                 req.name,
@@ -212,7 +273,10 @@ impl ServerDb {
                 to_json(&req.tags)?,
                 to_json(&req.platform)?,
                 req.agent_version,
-                now
+                now,
+                req.enrollment_id.as_deref().map(hash_secret),
+                hash,
+                req.enrollment_id.is_none()
             ],
         )
         .map_err(self.err())?;
@@ -241,7 +305,7 @@ impl ServerDb {
         if let Some(id) = &id {
             self.conn
                 .execute(
-                    "UPDATE devices SET last_seen = ?2 WHERE id = ?1",
+                    "UPDATE devices SET last_seen = ?2, confirmed = 1 WHERE id = ?1",
                     params![id, now],
                 )
                 .map_err(self.err())?;
@@ -360,6 +424,7 @@ mod tests {
                 page_size: Some(4096),
                 description: "Pi Zero".into(),
             },
+            enrollment_id: None,
         }
     }
 
@@ -425,6 +490,56 @@ mod tests {
         db.record(&a.device_id, &[update("p2", 20_000, Some(5), probation)], 3)
             .unwrap();
         assert!(latest(&db).contains("committed"), "{}", latest(&db));
+    }
+
+    #[test]
+    fn a_retried_enrollment_gets_the_same_device_and_credential_until_the_credential_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
+        let once = db.create_token(Some(100), Some(1)).unwrap();
+        let mut req = request("a");
+        req.enrollment_id = Some(new_secret());
+        let first = db.enroll(&once, &req, 10).unwrap();
+        // The reply was lost: the retry finds the token used up, and is answered with the same enrollment.
+        let again = db.enroll(&once, &req, 20).unwrap();
+        assert_eq!(again, first);
+        let devices: u32 = db
+            .conn
+            .query_row("SELECT COUNT(*) FROM devices", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(devices, 1);
+        // Someone holding the id but another token learns nothing.
+        let other = db.create_token(None, None).unwrap();
+        assert!(matches!(
+            db.enroll(&other, &req, 20),
+            Err(ServerDbError::BadToken)
+        ));
+        // Once the device has used its credential the enrollment is over: a replay is refused.
+        assert_eq!(
+            db.authenticate(&first.credential, 30).unwrap(),
+            Some(first.device_id.clone())
+        );
+        assert!(matches!(
+            db.enroll(&once, &req, 40),
+            Err(ServerDbError::EnrolledAlready(_))
+        ));
+        // A revoked device's id is refused with a reason.
+        let mut b = request("b");
+        b.enrollment_id = Some(new_secret());
+        let enrolled_b = db.enroll(&other, &b, 50).unwrap();
+        db.revoke(&enrolled_b.device_id).unwrap();
+        assert!(matches!(
+            db.enroll(&other, &b, 60),
+            Err(ServerDbError::EnrollmentRevoked(_))
+        ));
+        // Without an id (an older agent) a retry is a second enrollment, as before.
+        let open = db.create_token(None, None).unwrap();
+        let c = db.enroll(&open, &request("c"), 70).unwrap();
+        assert_ne!(c.credential, first.credential);
+        assert!(matches!(
+            db.enroll(&open, &request("c"), 80),
+            Err(ServerDbError::NameTaken(_))
+        ));
     }
 
     #[test]

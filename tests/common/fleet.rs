@@ -1,8 +1,12 @@
 //! The fleet's host side, shared by the fleet tests and the ARM machine tests: flotilla-server on loopback with its
 //! operator CLI, and the lab's multi-arch busybox images pushed to a loopback registry.
 
+use std::io::Read;
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -157,4 +161,93 @@ pub fn push(root: &Path, registry: &Registry, tag: &str, crash: bool) -> Pushed 
             .map(|i| (i.platform.clone(), i.manifest.to_string()))
             .collect(),
     }
+}
+
+/// A TCP proxy in front of the server that forwards every connection, except that it swallows the answer to the
+/// first `POST /v1/enroll`: the server enrolls the device, and the device never hears of it.
+pub struct LosingProxy {
+    pub port: u16,
+    /// Connections whose first request was an enrollment.
+    pub enrollments: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LosingProxy {
+    pub fn start(upstream: u16) -> LosingProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listen");
+        let port = listener.local_addr().expect("proxy address").port();
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let enrollments = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, stopped) = (enrollments.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let seen = seen.clone();
+                        std::thread::spawn(move || proxy_connection(client, upstream, &seen));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        LosingProxy {
+            port,
+            enrollments,
+            stop,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for LosingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn proxy_connection(client: TcpStream, upstream: u16, enrollments: &AtomicUsize) {
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+        return;
+    };
+    let _ = client.set_nonblocking(false);
+    let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut head = [0u8; 15];
+    // The request line may come in pieces; a bounded wait for its first bytes.
+    let mut tries = 0;
+    let enroll = loop {
+        match client.peek(&mut head) {
+            Ok(n) if n == head.len() => break &head == b"POST /v1/enroll",
+            Ok(0) | Err(_) => return,
+            Ok(_) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(_) => break false,
+        }
+    };
+    let lose = enroll && enrollments.fetch_add(1, Ordering::SeqCst) == 0;
+    let (Ok(mut from_client), Ok(mut to_server)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_client, &mut to_server);
+        let _ = to_server.shutdown(Shutdown::Write);
+    });
+    let (mut from_server, mut to_client) = (server, client);
+    if lose {
+        // The server has committed the enrollment once its answer starts: read that much, and hang up.
+        let mut byte = [0u8; 1];
+        let _ = from_server.read(&mut byte);
+        let _ = to_client.shutdown(Shutdown::Both);
+        let _ = from_server.shutdown(Shutdown::Both);
+        return;
+    }
+    let _ = std::io::copy(&mut from_server, &mut to_client);
+    let _ = to_client.shutdown(Shutdown::Both);
 }
