@@ -5,17 +5,27 @@
 //! clock or a database, so the rules are tested with tables.
 //!
 //! The rules:
-//! - Only devices that match the rollout's selector take part. Among them, a device that can run no variant of the
-//!   release is *incompatible*: it is listed with its platforms, never ordered, and neither counted healthy nor
-//!   waited for. The waves are cut from the compatible devices, in a stable order (by name), so a device's wave
-//!   never changes while the rollout runs.
+//! - Membership is frozen when the rollout starts: the devices that match the selector and can run a variant of
+//!   the release are cut into waves, in a stable order (by name), and those waves are stored. A device that is
+//!   revoked later drops out of its wave; one that enrolls (or becomes compatible) later joins the last wave, and
+//!   the plan lists it as late. A selected device that can run no variant is *incompatible*: listed with its
+//!   platforms, never ordered, and neither counted healthy nor waited for.
 //! - Waves are cumulative sizes: `10%, 50%, 100%` or absolute counts. Wave `k + 1` is ordered once every device of
-//!   waves `0..=k` is healthy on the release and the soak time has passed since the last of them became healthy.
+//!   waves `0..=k` has settled (healthy, failed or timed out) and the soak time has passed since the last of them
+//!   became healthy.
+//! - Orders are reconciled on every plan, not only when a wave starts: every device of a started wave is ordered
+//!   what it should run now, and the server writes only what differs. A device that missed an order (a revoked
+//!   and re-enrolled device, a lost write) gets it on the next tick.
+//! - A device that has not been heard from for the device timeout while the rollout waits for it is *timed out*:
+//!   settled, and counted as failed unless the rollout says to skip such devices. A silent device never holds its
+//!   wave for ever.
 //! - A device that failed (rolled back, or failed to start) counts against the failure threshold. At the threshold
-//!   the rollout pauses by itself; with `rollback` set, the devices that failed and the rest of their wave are
-//!   ordered back to the previous release.
+//!   the rollout pauses by itself; with `rollback` set, the failed waves are ordered back, for good.
+//! - Back means each device's own last committed release (its *fallback*), not the release of the rollout
+//!   before: a device that never ran that one is not sent to it. A device that never committed any release of the
+//!   app is ordered to run none.
 //! - Paused: no new wave starts, and devices already ordered keep their orders. Aborted: every device that was
-//!   ordered the release is ordered back to the previous one.
+//!   ordered the release is ordered back. Superseded (a newer rollout of the app started): nothing more.
 
 use std::time::Duration;
 
@@ -40,25 +50,35 @@ pub enum Threshold {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RolloutState {
     Running,
-    Paused { reason: String },
+    Paused {
+        reason: String,
+    },
     Aborted,
     Done,
+    /// A newer rollout of the same app took over; this one orders nothing more.
+    Superseded,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rollout {
     /// The release this rollout installs.
     pub release: String,
-    /// What failed devices (and, on abort, every ordered device) go back to; `None` when there is none.
-    pub previous: Option<String>,
     pub waves: Vec<WaveSize>,
     pub max_failures: Threshold,
     pub soak: Duration,
-    /// Order the failed wave back to `previous` when the threshold pauses the rollout.
+    /// Order the failed waves back when the threshold pauses the rollout.
     pub rollback: bool,
+    /// A device not heard from for this long, while the rollout waits for it, is timed out.
+    pub device_timeout: Option<Duration>,
+    /// A timed-out device is left out (neither healthy nor failed) instead of counting as failed.
+    pub skip_timed_out: bool,
     pub state: RolloutState,
     /// Waves ordered so far (0 before the first).
     pub waves_started: usize,
+    /// The device ids of each wave, fixed by the first plan; `None` before it.
+    pub frozen: Option<Vec<Vec<String>>>,
+    /// The failed waves were ordered back; they stay so.
+    pub rolled_back: bool,
 }
 
 /// What one device reports about this rollout's release.
@@ -79,6 +99,8 @@ pub enum Progress {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
+    /// Stable across renames; a device revoked and enrolled again under the same name is another device.
+    pub id: String,
     pub name: String,
     /// The device matches the rollout's selector.
     pub selected: bool,
@@ -86,11 +108,16 @@ pub struct Device {
     pub compatible: bool,
     pub platforms: Vec<String>,
     pub progress: Progress,
+    /// When the server last heard from the device.
+    pub last_seen: Timestamp,
+    /// The device's own last committed release of the app, other than this rollout's: where "back" is for it.
+    pub fallback: Option<String>,
 }
 
 /// The release a device should run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Order {
+    /// The device's id.
     pub device: String,
     pub release: Option<String>,
 }
@@ -102,17 +129,25 @@ pub struct Plan {
     pub waves_started: usize,
     /// Desired releases for the devices whose desire this plan sets; others are left as they are.
     pub orders: Vec<Order>,
-    /// Per wave: (size, healthy, failed).
     pub waves: Vec<WaveStatus>,
     /// Selected devices that cannot run the release: name and platforms.
     pub incompatible: Vec<(String, Vec<String>)>,
+    /// The wave membership to store (device ids).
+    pub frozen: Vec<Vec<String>>,
+    pub rolled_back: bool,
+    /// Devices that joined the last wave after the rollout started, by name.
+    pub late: Vec<String>,
+    /// What each device of the rollout is doing, by name: waiting, updating, healthy, failed: why, timed out.
+    pub devices: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaveStatus {
+    /// Names.
     pub devices: Vec<String>,
     pub healthy: usize,
     pub failed: usize,
+    pub timed_out: usize,
 }
 
 /// One step of `--waves`: `10%` of the compatible devices, or `5` devices.
@@ -183,6 +218,44 @@ fn over_threshold(t: Threshold, failed: usize, ordered: usize) -> bool {
     }
 }
 
+/// What the plan makes of a device's progress: its report, or its silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Waiting,
+    Updating,
+    Healthy { since: Timestamp },
+    Failed,
+    TimedOut,
+}
+
+fn standing(rollout: &Rollout, d: &Device, now: Timestamp) -> Standing {
+    match &d.progress {
+        Progress::Healthy { since } => Standing::Healthy { since: *since },
+        Progress::Failed { .. } => Standing::Failed,
+        Progress::Waiting | Progress::Updating => {
+            let silent = rollout
+                .device_timeout
+                .is_some_and(|t| now.saturating_sub(d.last_seen) >= t.as_secs());
+            match (&d.progress, silent) {
+                (_, true) => Standing::TimedOut,
+                (Progress::Updating, false) => Standing::Updating,
+                _ => Standing::Waiting,
+            }
+        }
+    }
+}
+
+fn describe(rollout: &Rollout, d: &Device, now: Timestamp) -> String {
+    match (standing(rollout, d, now), &d.progress) {
+        (Standing::Failed, Progress::Failed { reason }) => format!("failed: {reason}"),
+        (Standing::Waiting, _) => "waiting".into(),
+        (Standing::Updating, _) => "updating".into(),
+        (Standing::Healthy { .. }, _) => "healthy".into(),
+        (Standing::TimedOut, _) => "timed out".into(),
+        (Standing::Failed, _) => "failed".into(),
+    }
+}
+
 /// The plan for `rollout` over `devices` at `now`.
 pub fn plan(rollout: &Rollout, devices: &[Device], now: Timestamp) -> Plan {
     let mut selected: Vec<&Device> = devices.iter().filter(|d| d.selected).collect();
@@ -192,109 +265,169 @@ pub fn plan(rollout: &Rollout, devices: &[Device], now: Timestamp) -> Plan {
         .filter(|d| !d.compatible)
         .map(|d| (d.name.clone(), d.platforms.clone()))
         .collect();
-    let compatible: Vec<&Device> = selected.into_iter().filter(|d| d.compatible).collect();
-    let bounds = wave_bounds(&rollout.waves, compatible.len());
-    let wave_devices = |k: usize| -> &[&Device] {
-        let start = if k == 0 { 0 } else { bounds[k - 1] };
-        &compatible[start..bounds[k]]
+    let frozen: Vec<Vec<String>> = rollout.frozen.clone().unwrap_or_else(|| {
+        let compatible: Vec<&&Device> = selected.iter().filter(|d| d.compatible).collect();
+        let mut start = 0;
+        wave_bounds(&rollout.waves, compatible.len())
+            .into_iter()
+            .map(|end| {
+                let ids = compatible[start..end]
+                    .iter()
+                    .map(|d| d.id.clone())
+                    .collect();
+                start = end;
+                ids
+            })
+            .collect()
+    });
+    let member: std::collections::BTreeSet<&str> =
+        frozen.iter().flatten().map(String::as_str).collect();
+    // Late: they matched after the start; they go last, so that earlier waves keep what they were promised.
+    let late: Vec<&Device> = selected
+        .iter()
+        .filter(|d| d.compatible && !member.contains(d.id.as_str()))
+        .copied()
+        .collect();
+    let by_id: std::collections::BTreeMap<&str, &Device> =
+        devices.iter().map(|d| (d.id.as_str(), d)).collect();
+    let waves: Vec<Vec<&Device>> = frozen
+        .iter()
+        .enumerate()
+        .map(|(k, ids)| {
+            let mut ds: Vec<&Device> = ids
+                .iter()
+                .filter_map(|id| by_id.get(id.as_str()).copied())
+                .filter(|d| d.compatible)
+                .collect();
+            if k + 1 == frozen.len() {
+                ds.extend(late.iter().copied());
+            }
+            ds
+        })
+        .collect();
+    let counts_failed = |st: Standing| {
+        st == Standing::Failed || (st == Standing::TimedOut && !rollout.skip_timed_out)
     };
     let status_of = |k: usize| -> WaveStatus {
-        let ds = wave_devices(k);
+        let ds = &waves[k];
+        let st: Vec<Standing> = ds.iter().map(|d| standing(rollout, d, now)).collect();
         WaveStatus {
             devices: ds.iter().map(|d| d.name.clone()).collect(),
-            healthy: ds
+            healthy: st
                 .iter()
-                .filter(|d| matches!(d.progress, Progress::Healthy { .. }))
+                .filter(|s| matches!(s, Standing::Healthy { .. }))
                 .count(),
-            failed: ds
-                .iter()
-                .filter(|d| matches!(d.progress, Progress::Failed { .. }))
-                .count(),
+            failed: st.iter().filter(|s| counts_failed(**s)).count(),
+            timed_out: st.iter().filter(|s| **s == Standing::TimedOut).count(),
         }
     };
-    let mut started = rollout.waves_started.min(bounds.len());
+    let mut started = rollout.waves_started.min(waves.len());
     let mut state = rollout.state.clone();
-    let mut orders = Vec::new();
-    let order_wave = |k: usize, release: Option<&String>, orders: &mut Vec<Order>| {
-        for d in wave_devices(k) {
-            orders.push(Order {
-                device: d.name.clone(),
-                release: release.cloned(),
-            });
-        }
-    };
+    let mut rolled_back = rollout.rolled_back;
 
-    match state {
-        RolloutState::Aborted => {
-            for k in 0..started {
-                order_wave(k, rollout.previous.as_ref(), &mut orders);
-            }
+    if state == RolloutState::Running && started > 0 {
+        let ordered: usize = waves[..started].iter().map(Vec::len).sum();
+        let failed: usize = (0..started).map(|k| status_of(k).failed).sum();
+        if over_threshold(rollout.max_failures, failed, ordered) {
+            state = RolloutState::Paused {
+                reason: format!(
+                    "{failed} of {ordered} devices failed the release, at the threshold {}",
+                    match rollout.max_failures {
+                        Threshold::Count(c) => format!("of {c}"),
+                        Threshold::Ratio(r) => format!("of {:.0}%", r * 100.0),
+                    }
+                ),
+            };
+            rolled_back |= rollout.rollback;
         }
-        RolloutState::Done | RolloutState::Paused { .. } => {}
-        RolloutState::Running => {
-            let ordered: usize = (0..started).map(|k| wave_devices(k).len()).sum();
-            let failed: usize = (0..started).map(|k| status_of(k).failed).sum();
-            if started > 0 && over_threshold(rollout.max_failures, failed, ordered) {
-                state = RolloutState::Paused {
-                    reason: format!(
-                        "{failed} of {ordered} devices failed the release, at the threshold {}",
-                        match rollout.max_failures {
-                            Threshold::Count(c) => format!("of {c}"),
-                            Threshold::Ratio(r) => format!("of {:.0}%", r * 100.0),
-                        }
-                    ),
-                };
-                if rollout.rollback {
-                    for k in 0..started {
-                        if status_of(k).failed > 0 {
-                            order_wave(k, rollout.previous.as_ref(), &mut orders);
-                        }
-                    }
-                }
-            } else if started == 0 {
-                if !bounds.is_empty() {
-                    order_wave(0, Some(&rollout.release), &mut orders);
-                    started = 1;
-                }
-            } else {
-                let last = started - 1;
-                let settled = (0..started).all(|k| {
-                    wave_devices(k).iter().all(|d| {
-                        matches!(
-                            d.progress,
-                            Progress::Healthy { .. } | Progress::Failed { .. }
-                        )
-                    })
-                });
-                let soaked_since = (0..started)
-                    .flat_map(|k| wave_devices(k).iter())
-                    .filter_map(|d| match d.progress {
-                        Progress::Healthy { since } => Some(since),
-                        _ => None,
-                    })
-                    .max();
-                let soaked =
-                    soaked_since.is_none_or(|s| now >= s.saturating_add(rollout.soak.as_secs()));
-                if settled && soaked {
-                    if last + 1 < bounds.len() {
-                        order_wave(last + 1, Some(&rollout.release), &mut orders);
-                        started += 1;
-                    } else {
-                        state = RolloutState::Done;
-                    }
+    }
+    if state == RolloutState::Running {
+        if started == 0 {
+            if !waves.is_empty() {
+                started = 1;
+            }
+        } else {
+            let settled = waves[..started].iter().flatten().all(|d| {
+                !matches!(
+                    standing(rollout, d, now),
+                    Standing::Waiting | Standing::Updating
+                )
+            });
+            let soaked_since = waves[..started]
+                .iter()
+                .flatten()
+                .filter_map(|d| match standing(rollout, d, now) {
+                    Standing::Healthy { since } => Some(since),
+                    _ => None,
+                })
+                .max();
+            let soaked =
+                soaked_since.is_none_or(|s| now >= s.saturating_add(rollout.soak.as_secs()));
+            if settled && soaked {
+                if started < waves.len() {
+                    started += 1;
+                } else {
+                    state = RolloutState::Done;
                 }
             }
         }
     }
-    if bounds.is_empty() && state == RolloutState::Running {
+    if waves.is_empty() && state == RolloutState::Running {
         state = RolloutState::Done;
     }
+
+    let mut orders = Vec::new();
+    let mut order = |d: &Device, release: Option<&String>| {
+        orders.push(Order {
+            device: d.id.clone(),
+            release: release.cloned(),
+        })
+    };
+    match state {
+        RolloutState::Done | RolloutState::Superseded => {}
+        RolloutState::Aborted => {
+            for d in waves[..started].iter().flatten() {
+                order(d, d.fallback.as_ref());
+            }
+        }
+        RolloutState::Running | RolloutState::Paused { .. } => {
+            for (k, ds) in waves[..started].iter().enumerate() {
+                let back = rolled_back && status_of(k).failed > 0;
+                for d in ds {
+                    order(
+                        d,
+                        if back {
+                            d.fallback.as_ref()
+                        } else {
+                            Some(&rollout.release)
+                        },
+                    );
+                }
+            }
+        }
+    }
+    let mut described: Vec<(String, String)> = selected
+        .iter()
+        .map(|d| (d.name.clone(), describe(rollout, d, now)))
+        .collect();
+    // Frozen members whose tags changed since still belong to the rollout.
+    described.extend(
+        waves
+            .iter()
+            .flatten()
+            .filter(|d| !d.selected)
+            .map(|d| (d.name.clone(), describe(rollout, d, now))),
+    );
     Plan {
         state,
         waves_started: started,
         orders,
-        waves: (0..bounds.len()).map(status_of).collect(),
+        waves: (0..waves.len()).map(status_of).collect(),
         incompatible,
+        frozen,
+        rolled_back,
+        late: late.iter().map(|d| d.name.clone()).collect(),
+        devices: described,
     }
 }
 
@@ -330,36 +463,55 @@ mod tests {
 
     fn device(name: &str, progress: Progress) -> Device {
         Device {
+            id: format!("id-{name}"),
             name: name.to_string(),
             selected: true,
             compatible: true,
             platforms: vec!["linux/arm/v6".to_string()],
             progress,
+            last_seen: 1_000_000,
+            fallback: Some("v1".to_string()),
         }
     }
 
     fn rollout(waves: &[WaveSize], started: usize) -> Rollout {
         Rollout {
             release: "v2".to_string(),
-            previous: Some("v1".to_string()),
             waves: waves.to_vec(),
             max_failures: Threshold::Count(1),
             soak: Duration::from_secs(300),
             rollback: true,
+            device_timeout: None,
+            skip_timed_out: false,
             state: RolloutState::Running,
             waves_started: started,
+            frozen: None,
+            rolled_back: false,
         }
     }
 
+    /// The orders by device name (ids are `id-<name>`), sorted.
     fn ordered(plan: &Plan) -> Vec<(String, Option<String>)> {
-        plan.orders
+        let mut o: Vec<_> = plan
+            .orders
             .iter()
-            .map(|o| (o.device.clone(), o.release.clone()))
-            .collect()
+            .map(|o| {
+                (
+                    o.device.trim_start_matches("id-").to_string(),
+                    o.release.clone(),
+                )
+            })
+            .collect();
+        o.sort();
+        o
     }
 
     fn v(s: &str) -> Option<String> {
         Some(s.to_string())
+    }
+
+    fn all(names: &[&str], release: &str) -> Vec<(String, Option<String>)> {
+        names.iter().map(|n| (n.to_string(), v(release))).collect()
     }
 
     #[test]
@@ -369,13 +521,20 @@ mod tests {
             .map(|n| device(n, Progress::Waiting))
             .collect();
         let p = plan(&rollout(&[Percent(50.0)], 0), &ds, 1000);
-        assert_eq!(ordered(&p), [("a".into(), v("v2")), ("b".into(), v("v2"))]);
+        assert_eq!(ordered(&p), all(&["a", "b"], "v2"));
         assert_eq!(p.waves_started, 1);
         assert_eq!(p.state, RolloutState::Running);
+        assert_eq!(
+            p.frozen,
+            [
+                vec!["id-a".to_string(), "id-b".into()],
+                vec!["id-c".into(), "id-d".into()]
+            ]
+        );
     }
 
     #[test]
-    fn the_next_wave_waits_for_health_and_the_soak() {
+    fn the_next_wave_waits_for_health_and_the_soak_and_orders_are_reconciled_every_time() {
         let r = rollout(&[Percent(50.0)], 1);
         let wave0_updating = [
             device("a", Progress::Healthy { since: 1000 }),
@@ -383,9 +542,12 @@ mod tests {
             device("c", Progress::Waiting),
             device("d", Progress::Waiting),
         ];
-        assert!(
-            plan(&r, &wave0_updating, 5000).orders.is_empty(),
-            "b is not healthy yet"
+        let p = plan(&r, &wave0_updating, 5000);
+        assert_eq!(p.waves_started, 1, "b is not healthy yet");
+        assert_eq!(
+            ordered(&p),
+            all(&["a", "b"], "v2"),
+            "the started wave, again"
         );
         let wave0_healthy = [
             device("a", Progress::Healthy { since: 1000 }),
@@ -394,9 +556,9 @@ mod tests {
             device("d", Progress::Waiting),
         ];
         let early = plan(&r, &wave0_healthy, 1100 + 299);
-        assert!(early.orders.is_empty(), "soak not over");
+        assert_eq!(early.waves_started, 1, "soak not over");
         let p = plan(&r, &wave0_healthy, 1100 + 300);
-        assert_eq!(ordered(&p), [("c".into(), v("v2")), ("d".into(), v("v2"))]);
+        assert_eq!(ordered(&p), all(&["a", "b", "c", "d"], "v2"));
         assert_eq!(p.waves_started, 2);
         let all_healthy: Vec<Device> = ["a", "b", "c", "d"]
             .iter()
@@ -408,8 +570,11 @@ mod tests {
     }
 
     #[test]
-    fn failures_at_the_threshold_pause_and_roll_the_failed_wave_back() {
+    fn failures_at_the_threshold_pause_and_roll_the_failed_wave_back_to_each_devices_own_release() {
         let mut r = rollout(&[Percent(50.0)], 1);
+        let mut b = device("b", Progress::Healthy { since: 1000 });
+        // b never ran v1: its own last committed release is v0.
+        b.fallback = v("v0");
         let ds = [
             device(
                 "a",
@@ -417,7 +582,7 @@ mod tests {
                     reason: "wrong architecture variant".into(),
                 },
             ),
-            device("b", Progress::Healthy { since: 1000 }),
+            b,
             device("c", Progress::Waiting),
             device("d", Progress::Waiting),
         ];
@@ -427,13 +592,26 @@ mod tests {
             "{:?}",
             p.state
         );
-        assert_eq!(ordered(&p), [("a".into(), v("v1")), ("b".into(), v("v1"))]);
+        assert!(p.rolled_back);
+        assert_eq!(ordered(&p), [("a".into(), v("v1")), ("b".into(), v("v0"))]);
         assert_eq!(p.waves_started, 1, "no new wave");
+        // The next plans, paused, keep the devices back: the rollback is not undone by reconciling.
+        r.state = p.state.clone();
+        r.rolled_back = p.rolled_back;
+        r.frozen = Some(p.frozen.clone());
+        assert_eq!(ordered(&plan(&r, &ds, 10_000)), ordered(&p));
+        // A device that never committed any release of the app is ordered to run none.
+        let mut fresh = ds.clone();
+        fresh[0].fallback = None;
+        assert_eq!(ordered(&plan(&r, &fresh, 10_000))[0], ("a".into(), None));
+
+        let mut r = rollout(&[Percent(50.0)], 1);
         r.rollback = false;
         let p = plan(&r, &ds, 9999);
         assert!(matches!(p.state, RolloutState::Paused { .. }));
-        assert!(
-            p.orders.is_empty(),
+        assert_eq!(
+            ordered(&p),
+            all(&["a", "b"], "v2"),
             "without rollback the devices keep their orders"
         );
         r.max_failures = Threshold::Ratio(0.6);
@@ -442,7 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn paused_starts_nothing_and_aborted_orders_everyone_back() {
+    fn paused_starts_nothing_aborted_orders_everyone_back_and_superseded_orders_nothing() {
         let ds: Vec<Device> = ["a", "b", "c", "d"]
             .iter()
             .map(|n| device(n, Progress::Healthy { since: 0 }))
@@ -452,11 +630,15 @@ mod tests {
             reason: "operator".into(),
         };
         let p = plan(&r, &ds, 10_000);
-        assert!(p.orders.is_empty());
+        assert_eq!(ordered(&p), all(&["a", "b"], "v2"));
         assert_eq!(p.waves_started, 2);
         r.state = RolloutState::Aborted;
         let p = plan(&r, &ds, 10_000);
-        assert_eq!(ordered(&p), [("a".into(), v("v1")), ("b".into(), v("v1"))]);
+        assert_eq!(ordered(&p), all(&["a", "b"], "v1"));
+        r.state = RolloutState::Superseded;
+        let p = plan(&r, &ds, 10_000);
+        assert!(p.orders.is_empty());
+        assert_eq!(p.state, RolloutState::Superseded);
     }
 
     #[test]
@@ -467,7 +649,7 @@ mod tests {
         other.selected = false;
         let ds = [device("a", Progress::Waiting), pi_zero, other];
         let p = plan(&rollout(&[Percent(100.0)], 0), &ds, 0);
-        assert_eq!(ordered(&p), [("a".into(), v("v2"))]);
+        assert_eq!(ordered(&p), all(&["a"], "v2"));
         assert_eq!(
             p.incompatible,
             [("zero".to_string(), vec!["linux/arm/v6".to_string()])]
@@ -480,5 +662,79 @@ mod tests {
             plan(&rollout(&[Percent(100.0)], 0), &none, 0).state,
             RolloutState::Done
         );
+    }
+
+    #[test]
+    fn membership_is_frozen_revoked_devices_drop_out_and_late_ones_join_the_last_wave() {
+        let ds: Vec<Device> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| device(n, Progress::Waiting))
+            .collect();
+        let first = plan(&rollout(&[Percent(50.0)], 0), &ds, 1000);
+        let mut r = rollout(&[Percent(50.0)], first.waves_started);
+        r.frozen = Some(first.frozen.clone());
+        // "a" enrolls as "a2" after a revoke, "e" enrolls mid-rollout: neither shifts a wave.
+        let mut now: Vec<Device> = ds[1..].to_vec();
+        now.push(device("e", Progress::Waiting));
+        now.push(device("0-first-by-name", Progress::Waiting));
+        let p = plan(&r, &now, 1001);
+        assert_eq!(
+            p.waves[0].devices,
+            ["b"],
+            "a is gone, and nobody took its place"
+        );
+        assert_eq!(p.waves[1].devices, ["c", "d", "0-first-by-name", "e"]);
+        assert_eq!(p.late, ["0-first-by-name", "e"]);
+        assert_eq!(ordered(&p), all(&["b"], "v2"));
+        // Once b is healthy and soaked the last wave, the late devices with it, is ordered, and the rollout
+        // waits for them too.
+        now[0].progress = Progress::Healthy { since: 1000 };
+        let p = plan(&r, &now, 1300);
+        assert_eq!(
+            ordered(&p),
+            all(&["0-first-by-name", "b", "c", "d", "e"], "v2")
+        );
+        r.waves_started = 2;
+        for d in &mut now[..3] {
+            d.progress = Progress::Healthy { since: 1400 };
+        }
+        assert_eq!(plan(&r, &now, 9000).state, RolloutState::Running, "e waits");
+        for d in &mut now {
+            d.progress = Progress::Healthy { since: 1400 };
+        }
+        assert_eq!(plan(&r, &now, 9000).state, RolloutState::Done);
+    }
+
+    #[test]
+    fn a_silent_device_times_out_and_counts_as_failed_unless_skipped() {
+        let mut silent = device("b", Progress::Updating);
+        silent.last_seen = 1000;
+        let ds = [device("a", Progress::Healthy { since: 1000 }), silent];
+        let mut r = rollout(&[Percent(100.0)], 1);
+        r.soak = Duration::ZERO;
+        assert_eq!(
+            plan(&r, &ds, 1_000_000).state,
+            RolloutState::Running,
+            "no timeout: b is waited for, for ever"
+        );
+        r.device_timeout = Some(Duration::from_secs(1800));
+        let p = plan(&r, &ds, 1000 + 1799);
+        assert_eq!(p.state, RolloutState::Running);
+        let p = plan(&r, &ds, 1000 + 1800);
+        assert!(
+            matches!(p.state, RolloutState::Paused { .. }),
+            "{:?}",
+            p.state
+        );
+        assert_eq!(p.waves[0].timed_out, 1);
+        assert_eq!(p.waves[0].failed, 1);
+        assert!(
+            p.devices
+                .contains(&("b".to_string(), "timed out".to_string()))
+        );
+        r.skip_timed_out = true;
+        let p = plan(&r, &ds, 1000 + 1800);
+        assert_eq!(p.state, RolloutState::Done);
+        assert_eq!(p.waves[0].failed, 0);
     }
 }

@@ -804,6 +804,8 @@ fn rollout_request() -> RolloutRequest {
         max_failures: "1".into(),
         soak_secs: 600,
         rollback: true,
+        device_timeout_secs: 1800,
+        skip_timed_out: false,
     }
 }
 
@@ -819,11 +821,13 @@ fn rollout_view(status: StateView) -> RolloutView {
             devices: vec!["pi-1".into()],
             healthy: 0,
             failed: 1,
+            timed_out: 0,
         }],
         incompatible: vec![Incompatible {
             device: "pi-2".into(),
             platforms: vec!["linux/riscv64".into()],
         }],
+        late: vec!["pi-3".into()],
         devices: [("pi-1".to_string(), "failed: exit code 132".to_string())].into(),
         created: 1_700_000_000,
     }
@@ -959,6 +963,7 @@ fn schemas_match_the_serde_types() {
         },
         StateView::Aborted,
         StateView::Done,
+        StateView::Superseded,
     ] {
         reached.extend(check(&doc, "RolloutView", &rollout_view(status)));
     }

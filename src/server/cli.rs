@@ -150,9 +150,17 @@ pub enum RolloutCommand {
         /// How long a wave stays healthy before the next one starts
         #[arg(long, default_value = "0s", value_parser = |s: &str| crate::app::parse_duration("--soak", s))]
         soak: Duration,
-        /// Do not order the failed wave back to the previous release when the rollout pauses
+        /// Do not order the failed waves back (each device to its own last committed release) when the
+        /// rollout pauses
         #[arg(long)]
         no_rollback: bool,
+        /// A device not heard from for this long while the rollout waits for it is timed out, and counts as
+        /// failed ("0s": wait for ever)
+        #[arg(long, default_value = "30m", value_parser = |s: &str| crate::app::parse_duration("--device-timeout", s))]
+        device_timeout: Duration,
+        /// Leave timed-out devices out instead of counting them as failed
+        #[arg(long)]
+        skip_timed_out: bool,
     },
     Status {
         id: u64,
@@ -527,6 +535,8 @@ async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
             max_failures,
             soak,
             no_rollback,
+            device_timeout,
+            skip_timed_out,
         }) => {
             let mut selector = BTreeMap::new();
             for s in select {
@@ -553,6 +563,8 @@ async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
                 max_failures: max_failures.clone(),
                 soak_secs: soak.as_secs(),
                 rollback: !no_rollback,
+                device_timeout_secs: device_timeout.as_secs(),
+                skip_timed_out: *skip_timed_out,
             };
             let (r, raw): (RolloutView, _) =
                 c.call(Method::POST, "/v1/rollouts", Some(&req)).await?;
@@ -640,6 +652,7 @@ fn state_word(s: &StateView) -> String {
         StateView::Paused { reason } => format!("paused: {reason}"),
         StateView::Aborted => "aborted".into(),
         StateView::Done => "done".into(),
+        StateView::Superseded => "superseded by a newer rollout".into(),
     }
 }
 
@@ -657,12 +670,23 @@ fn describe_rollout(r: &RolloutView) -> String {
         } else {
             "waiting"
         };
+        let timed_out = if w.timed_out > 0 {
+            format!(", {} timed out", w.timed_out)
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "  wave {}: {} devices, {} healthy, {} failed ({started})\n",
+            "  wave {}: {} devices, {} healthy, {} failed{timed_out} ({started})\n",
             k + 1,
             w.devices.len(),
             w.healthy,
             w.failed
+        ));
+    }
+    if !r.late.is_empty() {
+        out.push_str(&format!(
+            "  joined the last wave late: {}\n",
+            r.late.join(", ")
         ));
     }
     for i in &r.incompatible {

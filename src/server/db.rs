@@ -44,6 +44,12 @@ const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires I
      ALTER TABLE devices ADD COLUMN token_hash TEXT;
      ALTER TABLE devices ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
      CREATE UNIQUE INDEX devices_enrollment ON devices (enrollment_hash) WHERE enrollment_hash IS NOT NULL;",
+    // Rollouts freeze their waves' membership when they start, and remember that they ordered failed waves back.
+    // Superseded is a state of its own: it was a pause, which the planner kept reconciling.
+    "ALTER TABLE rollouts ADD COLUMN frozen TEXT;
+     ALTER TABLE rollouts ADD COLUMN rolled_back INTEGER NOT NULL DEFAULT 0;
+     UPDATE rollouts SET state = '{\"state\":\"superseded\"}'
+      WHERE json_extract(state, '$.reason') = 'superseded by a newer rollout';",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -81,18 +81,37 @@ pub struct RolloutRequest {
     pub max_failures: String,
     #[serde(default)]
     pub soak_secs: u64,
-    /// Order the failed wave back to the previous release when the threshold pauses the rollout.
+    /// Order the failed waves back, each device to its own last committed release, when the threshold pauses
+    /// the rollout.
     #[serde(default)]
     pub rollback: bool,
+    /// A device not heard from for this long while the rollout waits for it is timed out; 0: never.
+    #[serde(default = "default_device_timeout")]
+    pub device_timeout_secs: u64,
+    /// A timed-out device is left out instead of counting as failed.
+    #[serde(default)]
+    pub skip_timed_out: bool,
+}
+
+/// 30 minutes: many heartbeats (and long polls) missed, so the device is down, not slow; a slow update still
+/// heartbeats.
+pub const DEFAULT_DEVICE_TIMEOUT_SECS: u64 = 30 * 60;
+
+fn default_device_timeout() -> u64 {
+    DEFAULT_DEVICE_TIMEOUT_SECS
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum StateView {
     Running,
-    Paused { reason: String },
+    Paused {
+        reason: String,
+    },
     Aborted,
     Done,
+    /// A newer rollout of the app started; this one orders nothing more.
+    Superseded,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,7 +119,10 @@ pub enum StateView {
 pub struct WaveView {
     pub devices: Vec<String>,
     pub healthy: usize,
+    /// Timed-out devices included, unless the rollout skips them.
     pub failed: usize,
+    #[serde(default)]
+    pub timed_out: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,7 +143,9 @@ pub struct RolloutView {
     pub waves_started: usize,
     pub waves: Vec<WaveView>,
     pub incompatible: Vec<Incompatible>,
-    /// Per device of the selection: what it reports about the release.
+    /// Devices that joined the last wave after the rollout started.
+    pub late: Vec<String>,
+    /// Per device of the rollout: what it reports about the release, or "timed out".
     pub devices: BTreeMap<String, String>,
     pub created: u64,
 }
@@ -176,6 +200,7 @@ fn state_of(v: &StateView) -> RolloutState {
         },
         StateView::Aborted => RolloutState::Aborted,
         StateView::Done => RolloutState::Done,
+        StateView::Superseded => RolloutState::Superseded,
     }
 }
 
@@ -187,6 +212,7 @@ fn view_of(s: &RolloutState) -> StateView {
         },
         RolloutState::Aborted => StateView::Aborted,
         RolloutState::Done => StateView::Done,
+        RolloutState::Superseded => StateView::Superseded,
     }
 }
 
@@ -414,12 +440,7 @@ impl ServerDb {
             .execute(
                 "UPDATE rollouts SET state = ?2 WHERE app = ?1
                  AND json_extract(state, '$.state') IN ('running', 'paused')",
-                params![
-                    release.app,
-                    to_json(&StateView::Paused {
-                        reason: "superseded by a newer rollout".into()
-                    })?
-                ],
+                params![release.app, to_json(&StateView::Superseded)?],
             )
             .map_err(self.err())?;
         self.conn
@@ -442,11 +463,20 @@ impl ServerDb {
     }
 
     pub fn rollouts(&self, only: Option<u64>) -> Result<Vec<RolloutView>, ServerDbError> {
+        Ok(self
+            .rollout_rows(only)?
+            .into_iter()
+            .map(|(view, _)| view)
+            .collect())
+    }
+
+    /// Rollouts with what only the planner reads: the frozen waves and whether they were ordered back.
+    fn rollout_rows(&self, only: Option<u64>) -> Result<Vec<(RolloutView, Frozen)>, ServerDbError> {
         let mut st = self
             .conn
             .prepare(
-                "SELECT id, app, spec, previous, state, waves_started, plan, created FROM rollouts
-                 WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+                "SELECT id, app, spec, previous, state, waves_started, plan, created, frozen, rolled_back
+                 FROM rollouts WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
             )
             .map_err(self.err())?;
         let rows = st
@@ -460,6 +490,8 @@ impl ServerDb {
                     r.get::<_, usize>(5)?,
                     r.get::<_, Option<String>>(6)?,
                     r.get::<_, u64>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                    r.get::<_, bool>(9)?,
                 ))
             })
             .map_err(self.err())?
@@ -467,23 +499,43 @@ impl ServerDb {
             .map_err(self.err())?;
         rows.into_iter()
             .map(
-                |(id, app, spec, previous, state, waves_started, plan, created)| {
+                |(
+                    id,
+                    app,
+                    spec,
+                    previous,
+                    state,
+                    waves_started,
+                    plan,
+                    created,
+                    frozen,
+                    rolled_back,
+                )| {
                     let plan: PlanRecord = match plan {
                         Some(p) => from_json("rollout plan", &p)?,
                         None => PlanRecord::default(),
                     };
-                    Ok(RolloutView {
-                        id,
-                        app,
-                        spec: from_json("rollout", &spec)?,
-                        previous,
-                        status: from_json("rollout state", &state)?,
-                        waves_started,
-                        waves: plan.waves,
-                        incompatible: plan.incompatible,
-                        devices: plan.devices,
-                        created,
-                    })
+                    Ok((
+                        RolloutView {
+                            id,
+                            app,
+                            spec: from_json("rollout", &spec)?,
+                            previous,
+                            status: from_json("rollout state", &state)?,
+                            waves_started,
+                            waves: plan.waves,
+                            incompatible: plan.incompatible,
+                            late: plan.late,
+                            devices: plan.devices,
+                            created,
+                        },
+                        Frozen {
+                            waves: frozen
+                                .map(|f| from_json("rollout membership", &f))
+                                .transpose()?,
+                            rolled_back,
+                        },
+                    ))
                 },
             )
             .collect()
@@ -503,11 +555,12 @@ impl ServerDb {
     ) -> Result<RolloutView, ServerDbError> {
         let current = self.rollout(id)?;
         let next = match (control, &current.status) {
-            (_, StateView::Done | StateView::Aborted) => {
+            (_, StateView::Done | StateView::Aborted | StateView::Superseded) => {
                 return Err(ServerDbError::Invalid(format!(
                     "the rollout {id} has ended ({}); start a new one",
                     match current.status {
                         StateView::Done => "done",
+                        StateView::Superseded => "superseded by a newer rollout of the app",
                         _ => "aborted",
                     }
                 )));
@@ -526,7 +579,9 @@ impl ServerDb {
             .map_err(self.err())?;
         // An aborted rollout is planned this once, to order its devices back; `drive` skips it afterwards.
         let devices = self.devices()?;
-        self.drive_one(&self.rollout(id)?, &devices, now)?;
+        for (r, frozen) in self.rollout_rows(Some(id))? {
+            self.drive_one(&r, &frozen, &devices, now)?;
+        }
         self.rollout(id)
     }
 
@@ -696,9 +751,9 @@ impl ServerDb {
         }
         let devices = self.devices()?;
         let mut changed = false;
-        for r in self.rollouts(None)? {
+        for (r, frozen) in self.rollout_rows(None)? {
             if matches!(r.status, StateView::Running | StateView::Paused { .. }) {
-                changed |= self.drive_one(&r, &devices, now)?;
+                changed |= self.drive_one(&r, &frozen, &devices, now)?;
             }
         }
         Ok(changed)
@@ -707,6 +762,7 @@ impl ServerDb {
     fn drive_one(
         &self,
         r: &RolloutView,
+        frozen: &Frozen,
         devices: &[DeviceView],
         now: u64,
     ) -> Result<bool, ServerDbError> {
@@ -714,36 +770,53 @@ impl ServerDb {
         let (waves, max_failures) = parse_spec(&r.spec)?;
         let current = rollout::Rollout {
             release: release.id.clone(),
-            previous: r.previous.clone(),
             waves,
             max_failures,
             soak: Duration::from_secs(r.spec.soak_secs),
             rollback: r.spec.rollback,
+            device_timeout: (r.spec.device_timeout_secs > 0)
+                .then(|| Duration::from_secs(r.spec.device_timeout_secs)),
+            skip_timed_out: r.spec.skip_timed_out,
             state: state_of(&r.status),
             waves_started: r.waves_started,
+            frozen: frozen.waves.clone(),
+            rolled_back: frozen.rolled_back,
         };
+        let mut reports: BTreeMap<String, (Report, u64)> = BTreeMap::new();
+        // Each device's last committed release of the app other than this one: where "back" is for it. Ordered by
+        // the device's outbox sequence, then the server's clock (agents that send no sequence).
+        let mut fallback: BTreeMap<String, String> = BTreeMap::new();
         let mut st = self
             .conn
-            .prepare("SELECT device, report, received FROM device_updates WHERE app = ?1 AND release = ?2")
+            .prepare(
+                "SELECT device, release, report, received FROM device_updates WHERE app = ?1
+                 ORDER BY seq, received",
+            )
             .map_err(self.err())?;
-        let mut reports: BTreeMap<String, (Report, u64)> = BTreeMap::new();
         for row in st
-            .query_map(params![release.app, release.id], |r| {
+            .query_map(params![release.app], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    r.get::<_, u64>(2)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, u64>(3)?,
                 ))
             })
             .map_err(self.err())?
         {
-            let (device, report, received) = row.map_err(self.err())?;
-            reports.insert(device, (from_json("update report", &report)?, received));
+            let (device, on, report, received) = row.map_err(self.err())?;
+            let report: Report = from_json("update report", &report)?;
+            if on == release.id {
+                reports.insert(device, (report, received));
+            } else if matches!(report, Report::Committed { .. }) {
+                fallback.insert(device, on);
+            }
         }
         let input: Vec<rollout::Device> = devices
             .iter()
             .filter(|d| !d.revoked)
             .map(|d| rollout::Device {
+                id: d.id.clone(),
                 name: d.name.clone(),
                 selected: r.spec.select.iter().all(|(k, v)| d.tags.get(k) == Some(v)),
                 compatible: d
@@ -753,6 +826,8 @@ impl ServerDb {
                     .any(|c| release.manifests.contains_key(c)),
                 platforms: d.platform.candidates.clone(),
                 progress: progress(reports.get(&d.id)),
+                last_seen: d.last_seen,
+                fallback: fallback.get(&d.id).cloned(),
             })
             .collect();
         let plan = rollout::plan(&current, &input, now);
@@ -764,6 +839,7 @@ impl ServerDb {
                     devices: w.devices.clone(),
                     healthy: w.healthy,
                     failed: w.failed,
+                    timed_out: w.timed_out,
                 })
                 .collect(),
             incompatible: plan
@@ -774,36 +850,44 @@ impl ServerDb {
                     platforms: platforms.clone(),
                 })
                 .collect(),
-            devices: input
-                .iter()
-                .filter(|d| d.selected)
-                .map(|d| (d.name.clone(), describe(&d.progress)))
-                .collect(),
+            late: plan.late.clone(),
+            devices: plan.devices.iter().cloned().collect(),
         };
+        // Orders are reconciled on every plan; only those that differ from the stored desire are written, so a
+        // tick over a large fleet costs one read, and an unchanged order counts as no change.
+        let mut st = self
+            .conn
+            .prepare("SELECT device, release FROM desired WHERE app = ?1")
+            .map_err(self.err())?;
+        let stored: BTreeMap<String, Option<String>> = st
+            .query_map([&release.app], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
         let mut changed = false;
         for order in &plan.orders {
-            let Some(d) = devices.iter().find(|d| d.name == order.device) else {
+            if stored.get(&order.device) == Some(&order.release) {
                 continue;
-            };
-            // A row that already says so is not rewritten, so an unchanged order counts as no change.
-            changed |= tx
-                .execute(
-                    "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (device, app) DO UPDATE SET release = excluded.release
-                     WHERE desired.release IS NOT excluded.release",
-                    params![d.id, release.app, order.release],
-                )
-                .map_err(self.err())?
-                > 0;
+            }
+            tx.execute(
+                "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (device, app) DO UPDATE SET release = excluded.release",
+                params![order.device, release.app, order.release],
+            )
+            .map_err(self.err())?;
+            changed = true;
         }
         tx.execute(
-            "UPDATE rollouts SET state = ?2, waves_started = ?3, plan = ?4 WHERE id = ?1",
+            "UPDATE rollouts SET state = ?2, waves_started = ?3, plan = ?4, frozen = ?5, rolled_back = ?6
+             WHERE id = ?1",
             params![
                 r.id,
                 to_json(&view_of(&plan.state))?,
                 plan.waves_started,
-                to_json(&record)?
+                to_json(&record)?,
+                to_json(&plan.frozen)?,
+                plan.rolled_back
             ],
         )
         .map_err(self.err())?;
@@ -812,10 +896,19 @@ impl ServerDb {
     }
 }
 
+/// What the planner keeps of a rollout besides its view.
+struct Frozen {
+    /// Device ids per wave, fixed by the first plan.
+    waves: Option<Vec<Vec<String>>>,
+    rolled_back: bool,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct PlanRecord {
     waves: Vec<WaveView>,
     incompatible: Vec<Incompatible>,
+    #[serde(default)]
+    late: Vec<String>,
     devices: BTreeMap<String, String>,
 }
 
@@ -831,14 +924,5 @@ fn progress(report: Option<&(Report, u64)>) -> Progress {
             }
         }
         Some((Report::Removed { .. }, _)) | None => Progress::Waiting,
-    }
-}
-
-fn describe(p: &Progress) -> String {
-    match p {
-        Progress::Waiting => "waiting".into(),
-        Progress::Updating => "updating".into(),
-        Progress::Healthy { .. } => "healthy".into(),
-        Progress::Failed { reason } => format!("failed: {reason}"),
     }
 }
