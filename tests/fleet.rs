@@ -694,3 +694,184 @@ fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
         agent.log()
     );
 }
+
+/// Rollouts finish however the fleet changes under them, with four agents of this host:
+/// - a failed wave goes back to each device's own last committed release: the canary to demo-2, the others to
+///   demo-1, which is all they ever ran;
+/// - a device revoked mid-wave drops out, one that enrolls mid-rollout joins the last wave, and a silent one
+///   times out;
+/// - a desired state that changes while a device is busy with an update is taken when the update ends.
+#[test]
+fn rollouts_finish_when_the_fleet_changes_and_roll_each_device_back_to_its_own_release() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if require(
+        "root (runc needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )
+    .and(common::required_tool("runc").map(drop))
+    .and(common::registry::registry_prerequisites())
+    .is_none()
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
+    let server = Server::start(root, &registry.host());
+    let token = server.ok(&["token", "create"]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    server.ok(&[
+        "app",
+        "create",
+        "demo",
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "2s",
+        "--",
+        "-c",
+        APP_CMD,
+    ]);
+    for (tag, crash) in [("v1", false), ("v2", false), ("v3", true), ("v4", false)] {
+        push(root, &registry, tag, crash);
+        server.ok(&[
+            "release",
+            "create",
+            "demo",
+            &format!("{}/demo:{tag}", registry.host()),
+        ]);
+    }
+    let mut agents: Vec<Agent> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| Agent::new(root, n, None, &server, &token_file))
+        .collect();
+    for a in &mut agents {
+        a.start();
+    }
+    wait_for("four enrolled devices", Duration::from_secs(60), || {
+        server.json(&["devices"]).as_array().map(Vec::len) == Some(4)
+    });
+    let start = |args: &[&str]| -> String {
+        let mut all = vec!["rollout", "start"];
+        all.extend_from_slice(args);
+        server.ok(&all)
+    };
+    let state = |id: &str| rollout_status(&server, id)["status"]["state"].clone();
+    let runs = |name: &str, release: &str| {
+        let a = server.app(name);
+        a["status"]["release"] == release && a["status"]["state"] == "running"
+    };
+
+    let id1 = start(&["demo-1", "--waves", "100"]);
+    wait_for("demo-1 everywhere", Duration::from_secs(180), || {
+        state(&id1) == "done"
+    });
+    // demo-2 on one canary: the second wave would start after an hour's soak.
+    let id2 = start(&["demo-2", "--counts", "--waves", "1,4", "--soak", "1h"]);
+    wait_for(
+        "the canary healthy on demo-2",
+        Duration::from_secs(120),
+        || rollout_status(&server, &id2)["waves"][0]["healthy"] == 1,
+    );
+    let canary = rollout_status(&server, &id2)["waves"][0]["devices"][0]
+        .as_str()
+        .expect("the canary's name")
+        .to_string();
+    let own = |name: &str| if name == canary { "demo-2" } else { "demo-1" };
+
+    // demo-3 crashes, everywhere at once: the wave goes back, each device to what it ran.
+    let id3 = start(&["demo-3", "--waves", "100", "--max-failures", "1"]);
+    assert_eq!(state(&id2), "superseded");
+    wait_for("rollout 3 to pause", Duration::from_secs(180), || {
+        state(&id3) == "paused"
+    });
+    for name in ["a", "b", "c", "d"] {
+        wait_for(
+            &format!("{name} back on its own release, {}", own(name)),
+            Duration::from_secs(120),
+            || runs(name, own(name)) && server.app(name)["desired"] == own(name),
+        );
+    }
+
+    // demo-4: d goes silent, b is revoked as its wave is ordered, and e enrolls mid-rollout.
+    let d = agents.pop().expect("agent d");
+    drop(d);
+    let id4 = start(&[
+        "demo-4",
+        "--counts",
+        "--waves",
+        "2,4",
+        "--max-failures",
+        "1",
+        "--device-timeout",
+        "15s",
+        "--skip-timed-out",
+    ]);
+    server.ok(&["revoke", "b"]);
+    let mut e = Agent::new(root, "e", None, &server, &token_file);
+    e.start();
+    wait_for("rollout 4 to finish", Duration::from_secs(240), || {
+        let s = rollout_status(&server, &id4);
+        assert_ne!(s["status"]["state"], "paused", "{s}");
+        s["status"]["state"] == "done"
+    });
+    let s4 = rollout_status(&server, &id4);
+    assert_eq!(s4["late"], serde_json::json!(["e"]), "{s4}");
+    assert_eq!(s4["devices"]["d"], "timed out", "{s4}");
+    assert_eq!(s4["waves"][0]["devices"], serde_json::json!(["a"]), "{s4}");
+    assert_eq!(s4["waves"][1]["timed_out"], 1, "{s4}");
+    for name in ["a", "c", "e"] {
+        wait_for(
+            &format!("{name} on demo-4"),
+            Duration::from_secs(60),
+            || runs(name, "demo-4"),
+        );
+    }
+
+    // A lost wake-up: a's desired state moves on while a is in a long probation.
+    let a = &mut agents[0];
+    a.kill();
+    let config = a.dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    std::fs::write(
+        &config,
+        text.replace("probation = \"2s\"", "probation = \"15s\""),
+    )
+    .expect("agent config");
+    a.start();
+    for tag in ["v5", "v6"] {
+        push(root, &registry, tag, false);
+        server.ok(&[
+            "release",
+            "create",
+            "demo",
+            &format!("{}/demo:{tag}", registry.host()),
+        ]);
+    }
+    start(&["demo-5", "--select", "site=lab", "--waves", "100"]);
+    wait_for("a in probation on demo-5", Duration::from_secs(120), || {
+        let u = server.app("a")["update"].clone();
+        u["release"] == "demo-5" && u["event"] == "probation"
+    });
+    // d, silent since rollout 4, is still a device of the fleet: it times out here too.
+    let id6 = start(&[
+        "demo-6",
+        "--waves",
+        "100",
+        "--device-timeout",
+        "10s",
+        "--skip-timed-out",
+    ]);
+    wait_for(
+        "a to take demo-6 after its probation of demo-5",
+        Duration::from_secs(90),
+        || runs("a", "demo-6"),
+    );
+    wait_for("rollout 6 to finish", Duration::from_secs(120), || {
+        state(&id6) == "done"
+    });
+    drop(e);
+    drop(agents);
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+}
