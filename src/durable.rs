@@ -70,6 +70,14 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DurableE
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
+    } else {
+        // A name made unique by a pid (`instance.1234`) is named without it, so that a test can aim at it.
+        crate::crash_points::passed(|| match name.rsplit_once('.') {
+            Some((stem, pid)) if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) => {
+                format!("file {stem}")
+            }
+            _ => format!("file {name}"),
+        });
     }
     result
 }

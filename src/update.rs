@@ -61,6 +61,19 @@ pub enum State {
 }
 
 impl State {
+    /// The state's name in logs and in the agent's database.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::Steady { .. } => "steady",
+            State::Preparing { .. } => "preparing",
+            State::Switching { .. } => "switching",
+            State::Probation { .. } => "probation",
+            State::RollingBack { .. } => "rolling-back",
+        }
+    }
+}
+
+impl State {
     pub fn initial() -> State {
         State::Steady {
             committed: None,

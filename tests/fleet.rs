@@ -875,3 +875,89 @@ fn rollouts_finish_when_the_fleet_changes_and_roll_each_device_back_to_its_own_r
     drop(agents);
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
+
+/// An event the server refuses on its own (a time beyond any, which SQLite cannot store) sits in the middle of the
+/// agent's outbox: the batch is split down to it, it is kept aside and counted in the next heartbeat, and the
+/// events after it reach the server.
+#[test]
+fn a_poison_event_in_the_outbox_is_set_aside_and_the_rest_flows() {
+    if require(
+        "root (the agent needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )
+    .is_none()
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let server = Server::start(root, "127.0.0.1:9");
+    let token = server.ok(&["token", "create"]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let mut agent = Agent::new(root, "x86", None, &server, &token_file);
+    agent.start();
+    wait_for("the enrollment", Duration::from_secs(60), || {
+        server.device("x86")["id"].is_string()
+    });
+    agent.kill();
+    let status = |id: &str, at: u64| {
+        serde_json::json!({
+            "id": id,
+            "at": at,
+            "body": {"kind": "app", "data": {
+                "app": "sensor", "release": null, "manifest": null, "platform": null, "state": "absent",
+                "restarts": 0, "health": null, "wrong_variant": null
+            }}
+        })
+        .to_string()
+    };
+    {
+        let db = rusqlite::Connection::open(agent.dir.join("state/agent.db")).expect("agent.db");
+        for (id, at) in [
+            ("before-poison", 1_700_000_000),
+            ("poison", u64::MAX),
+            ("after-poison", 1_700_000_001),
+        ] {
+            db.execute(
+                "INSERT INTO outbox (id, heartbeat, event) VALUES (?1, 0, ?2)",
+                rusqlite::params![id, status(id, at)],
+            )
+            .expect("queue an event");
+        }
+    }
+    agent.start();
+    let on_server = |id: &str| -> bool {
+        let db = rusqlite::Connection::open_with_flags(
+            root.join("server.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("server.db");
+        db.query_row("SELECT COUNT(*) FROM events WHERE id = ?1", [id], |r| {
+            r.get::<_, i64>(0)
+        })
+        .expect("events query")
+            == 1
+    };
+    wait_for(
+        "the events around the poison on the server",
+        Duration::from_secs(60),
+        || on_server("before-poison") && on_server("after-poison"),
+    );
+    assert!(!on_server("poison"));
+    assert!(agent.outbox_ids().is_empty(), "{:?}", agent.outbox_ids());
+    let db = rusqlite::Connection::open(agent.dir.join("state/agent.db")).expect("agent.db");
+    let reason: String = db
+        .query_row(
+            "SELECT reason FROM dead_letter WHERE id = 'poison'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the poison kept aside");
+    assert!(reason.contains("beyond any time"), "{reason}");
+    wait_for(
+        "the heartbeat to count the dead letter",
+        Duration::from_secs(30),
+        || server.device("x86")["metrics"]["dead_letters"] == 1,
+    );
+}

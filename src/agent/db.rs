@@ -142,7 +142,9 @@ impl Db {
             )
             .map_err(self.err())?;
         }
-        tx.commit().map_err(self.err())
+        tx.commit().map_err(self.err())?;
+        crate::crash_points::passed(|| format!("identity {}", pairs[0].0));
+        Ok(())
     }
 
     /// The app's update state; a new app starts steady with nothing.
@@ -206,8 +208,9 @@ impl Db {
                  ON CONFLICT(id) DO UPDATE SET body = excluded.body",
                 params![release.id, release.app, json],
             )
-            .map(|_| ())
-            .map_err(self.err())
+            .map_err(self.err())?;
+        crate::crash_points::passed(|| "release".into());
+        Ok(())
     }
 
     pub fn release(&self, id: &str) -> Result<Option<AppRelease>, DbError> {
@@ -231,7 +234,16 @@ impl Db {
     pub fn push(&self, event: &Event) -> Result<(), DbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
         self.push_in(&tx, event)?;
-        tx.commit().map_err(self.err())
+        tx.commit().map_err(self.err())?;
+        // Heartbeats come on a timer: crashing after one would make the sweep's numbering depend on timing.
+        if !matches!(event.body, EventBody::Heartbeat(_)) {
+            crate::crash_points::passed(|| match &event.body {
+                EventBody::Update { report, .. } => format!("event {}", report.release()),
+                EventBody::App(status) => format!("event app {}", status.state),
+                _ => "event platform".into(),
+            });
+        }
+        Ok(())
     }
 
     /// An app's new update state and the reports the change owes the fleet, in one transaction: a power cut
@@ -242,7 +254,9 @@ impl Db {
         for event in reports {
             self.push_in(&tx, event)?;
         }
-        tx.commit().map_err(self.err())
+        tx.commit().map_err(self.err())?;
+        crate::crash_points::passed(|| format!("state {}", state.name()));
+        Ok(())
     }
 
     fn push_in(&self, tx: &rusqlite::Transaction<'_>, event: &Event) -> Result<(), DbError> {
@@ -312,7 +326,9 @@ impl Db {
         .map_err(self.err())?;
         tx.execute("DELETE FROM outbox WHERE id = ?1", [id])
             .map_err(self.err())?;
-        tx.commit().map_err(self.err())
+        tx.commit().map_err(self.err())?;
+        crate::crash_points::passed(|| "dead letter".into());
+        Ok(())
     }
 
     /// How many events are kept aside.
@@ -329,7 +345,9 @@ impl Db {
             tx.execute("DELETE FROM outbox WHERE id = ?1", [id])
                 .map_err(self.err())?;
         }
-        tx.commit().map_err(self.err())
+        tx.commit().map_err(self.err())?;
+        crate::crash_points::passed(|| "acknowledge".into());
+        Ok(())
     }
 }
 

@@ -74,16 +74,6 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-fn state_name(s: &State) -> &'static str {
-    match s {
-        State::Steady { .. } => "steady",
-        State::Preparing { .. } => "preparing",
-        State::Switching { .. } => "switching",
-        State::Probation { .. } => "probation",
-        State::RollingBack { .. } => "rolling-back",
-    }
-}
-
 /// The event a container's status means for the app's update, if any: the pure part of watching an update.
 pub fn observe(state: &State, status: Option<&Status>) -> Option<update::Event> {
     let failed = |reason: String, s: Option<&Status>| update::Event::Failed {
@@ -161,7 +151,7 @@ impl Agent {
     pub async fn boot(&mut self) -> Result<(), AgentError> {
         for app in self.db.apps()? {
             let state = self.db.app_state(&app)?;
-            tracing::info!(app, state = state_name(&state), "resuming");
+            tracing::info!(app, state = state.name(), "resuming");
             for action in update::resume(&state) {
                 self.execute(&app, &state, action).await?;
             }
@@ -193,11 +183,7 @@ impl Agent {
         let state = self.db.app_state(app)?;
         match &event {
             update::Event::Failed { reason, .. } | update::Event::PrepareFailed { reason } => {
-                tracing::warn!(
-                    app,
-                    state = state_name(&state),
-                    "the update failed: {reason}"
-                );
+                tracing::warn!(app, state = state.name(), "the update failed: {reason}");
             }
             _ => {}
         }
@@ -220,19 +206,14 @@ impl Agent {
             })
             .collect();
         self.db.transition(app, &next, &reports)?;
-        if state_name(&next) != state_name(&state) {
-            tracing::info!(
-                app,
-                from = state_name(&state),
-                to = state_name(&next),
-                "update state"
-            );
+        if next.name() != state.name() {
+            tracing::info!(app, from = state.name(), to = next.name(), "update state");
         }
-        if self.halt_at.as_deref() == Some(state_name(&next)) {
+        if self.halt_at.as_deref() == Some(next.name()) {
             tracing::warn!(
                 app,
                 "FLOTILLA_TEST_HALT_AT: halted after writing {}",
-                state_name(&next)
+                next.name()
             );
             std::future::pending::<()>().await;
         }

@@ -17,6 +17,7 @@ use crate::runtime::Runtime;
 pub struct Args {}
 
 pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
+    crate::crash_points::arm();
     if !rustix::process::geteuid().is_root() {
         return Err(super::run::RunError::NotRoot.into());
     }

@@ -220,7 +220,12 @@ pub fn instance_id(state_dir: &Path) -> Result<String, ContainerError> {
     let linked = fs::hard_link(state_dir.join(&temporary), &path);
     let _ = fs::remove_file(state_dir.join(&temporary));
     match linked {
-        Ok(()) => Ok(id),
+        Ok(()) => {
+            // The link is the id's only durable name: lost at a power cut, the next boot would draw another id
+            // and look for the containers under cgroups that are not theirs.
+            durable::fsync_dir(state_dir)?;
+            Ok(id)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             read(&path)?.ok_or_else(|| ContainerError::Io {
                 path: path.clone(),
