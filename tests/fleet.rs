@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::binfmt::Binfmt;
-use common::fleet::{LosingProxy, Server, push};
+use common::fleet::{Proxy, Server, Verdict, push};
 use common::registry::{Registry, RegistryOptions, free_port};
 use common::{output_text, require, wait_for};
 use serde_json::Value;
@@ -663,7 +663,8 @@ fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
     let root = tmp.path();
     // No app is deployed: the registry is never asked.
     let server = Server::start(root, "127.0.0.1:9");
-    let proxy = LosingProxy::start(server.port);
+    let enrollments = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let proxy = Proxy::losing_first_enrollment(server.port, enrollments.clone());
     let token = server.ok(&["token", "create", "--uses", "1", "--expires", "1h"]);
     let token_file = root.join("enroll-token");
     std::fs::write(&token_file, &token).expect("token file");
@@ -681,7 +682,7 @@ fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
         },
     );
     assert!(
-        proxy.enrollments.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        enrollments.load(std::sync::atomic::Ordering::SeqCst) >= 2,
         "the agent never sent its enrollment again:\n{}",
         agent.log()
     );
@@ -960,4 +961,90 @@ fn a_poison_event_in_the_outbox_is_set_aside_and_the_rest_flows() {
         Duration::from_secs(30),
         || server.device("x86")["metrics"]["dead_letters"] == 1,
     );
+}
+
+/// The server is killed with SIGKILL right after it acknowledged a batch of reports, before anything else: started
+/// again, it holds every event of that batch, once, and the agent does not send them again.
+#[test]
+fn the_server_killed_right_after_an_acknowledgement_keeps_what_it_acknowledged() {
+    if require(
+        "root (the agent needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )
+    .is_none()
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let mut server = Server::start(root, "127.0.0.1:9");
+    let token = server.ok(&["token", "create"]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let pid = server.pid().expect("the server's pid");
+    let acknowledged: std::sync::Arc<Mutex<Option<Vec<String>>>> = Default::default();
+    let seen = acknowledged.clone();
+    let proxy = Proxy::start(server.port, move |req, answer| {
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.is_some()
+            || !req.head.starts_with("POST /v1/device/reports ")
+            || !answer.head.starts_with("HTTP/1.1 200")
+        {
+            return Verdict::Forward;
+        }
+        let batch: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+        // Heartbeats refresh the device's metrics and are not kept as events: wait for a batch with others.
+        let ids: Vec<String> = batch["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["body"]["kind"] != "heartbeat")
+            .filter_map(|e| e["id"].as_str().map(str::to_string))
+            .collect();
+        if ids.is_empty() {
+            return Verdict::Forward;
+        }
+        *seen = Some(ids);
+        Verdict::ForwardThen(Box::new(move || {
+            let pid = rustix::process::Pid::from_raw(pid as i32).expect("a pid");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }))
+    });
+    let mut agent = Agent::new(root, "x86", None, &server, &token_file);
+    let config = agent.dir.join("config.toml");
+    let text = std::fs::read_to_string(&config).expect("agent config");
+    std::fs::write(&config, text.replace(&server.url(), &proxy.url())).expect("agent config");
+    agent.start();
+    wait_for("a batch acknowledged", Duration::from_secs(60), || {
+        acknowledged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    });
+    let ids = acknowledged
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default();
+    server.stop();
+    server.resume();
+    let db = rusqlite::Connection::open_with_flags(
+        root.join("server.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("server.db");
+    for id in &ids {
+        let n: i64 = db
+            .query_row("SELECT COUNT(*) FROM events WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .expect("events query");
+        assert_eq!(n, 1, "the acknowledged event {id} after the SIGKILL");
+    }
+    wait_for(
+        "the agent's outbox to let the acknowledged events go",
+        Duration::from_secs(30),
+        || agent.outbox_ids().iter().all(|o| !ids.contains(o)),
+    );
+    drop(proxy);
 }

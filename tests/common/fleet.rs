@@ -1,7 +1,7 @@
 //! The fleet's host side, shared by the fleet tests and the ARM machine tests: flotilla-server on loopback with its
 //! operator CLI, and the lab's multi-arch busybox images pushed to a loopback registry.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -56,6 +56,10 @@ impl Server {
         wait_for("the server to listen", Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
         });
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn stop(&mut self) {
@@ -163,41 +167,76 @@ pub fn push(root: &Path, registry: &Registry, tag: &str, crash: bool) -> Pushed 
     }
 }
 
-/// A TCP proxy in front of the server that forwards every connection, except that it swallows the answer to the
-/// first `POST /v1/enroll`: the server enrolls the device, and the device never hears of it.
-pub struct LosingProxy {
+/// One HTTP/1.1 message as the proxy framed it: the head (request or status line and headers) and the body.
+pub struct Message {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Message {
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = self.head.as_bytes().to_vec();
+        b.extend_from_slice(&self.body);
+        b
+    }
+}
+
+/// What the proxy does with the server's answer to one request.
+pub enum Verdict {
+    Forward,
+    /// The server has done the work; the client never hears of it, and its connection is closed.
+    Lose,
+    /// Forward the answer, then run the closure (to kill the server right after it acknowledged something).
+    ForwardThen(Box<dyn FnOnce() + Send>),
+}
+
+type Judge = dyn Fn(&Message, &Message) -> Verdict + Send + Sync;
+
+/// An HTTP/1.1 proxy in front of the server for the fleet link's failures: each request and its answer are framed
+/// (Content-Length; the agent sends no chunked bodies and the server answers none), and a judge decides per answer.
+pub struct Proxy {
     pub port: u16,
-    /// Connections whose first request was an enrollment.
-    pub enrollments: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
 }
 
-impl LosingProxy {
-    pub fn start(upstream: u16) -> LosingProxy {
+impl Proxy {
+    pub fn start(
+        upstream: u16,
+        judge: impl Fn(&Message, &Message) -> Verdict + Send + Sync + 'static,
+    ) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy listen");
         let port = listener.local_addr().expect("proxy address").port();
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");
-        let enrollments = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (seen, stopped) = (enrollments.clone(), stop.clone());
+        let stopped = stop.clone();
+        let judge: Arc<Judge> = Arc::new(judge);
         std::thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
-                        let seen = seen.clone();
-                        std::thread::spawn(move || proxy_connection(client, upstream, &seen));
+                        let judge = judge.clone();
+                        std::thread::spawn(move || proxy_connection(client, upstream, &*judge));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
         });
-        LosingProxy {
-            port,
-            enrollments,
-            stop,
-        }
+        Proxy { port, stop }
+    }
+
+    /// Loses the answer to the first `POST /v1/enroll`; `enrollments` counts the enrollment requests.
+    pub fn losing_first_enrollment(upstream: u16, enrollments: Arc<AtomicUsize>) -> Proxy {
+        Proxy::start(upstream, move |req, _| {
+            if req.head.starts_with("POST /v1/enroll ")
+                && enrollments.fetch_add(1, Ordering::SeqCst) == 0
+            {
+                Verdict::Lose
+            } else {
+                Verdict::Forward
+            }
+        })
     }
 
     pub fn url(&self) -> String {
@@ -205,49 +244,64 @@ impl LosingProxy {
     }
 }
 
-impl Drop for LosingProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
 }
 
-fn proxy_connection(client: TcpStream, upstream: u16, enrollments: &AtomicUsize) {
-    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+/// Reads one message: the head up to the blank line, then Content-Length bytes. None at a clean end of stream.
+fn read_message(r: &mut impl Read) -> Option<Message> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 * 1024 || r.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).ok()?;
+    let length = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body).ok()?;
+    Some(Message { head, body })
+}
+
+fn proxy_connection(mut client: TcpStream, upstream: u16, judge: &Judge) {
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else {
         return;
     };
     let _ = client.set_nonblocking(false);
-    let _ = client.set_read_timeout(Some(Duration::from_secs(30)));
-    let mut head = [0u8; 15];
-    // The request line may come in pieces; a bounded wait for its first bytes.
-    let mut tries = 0;
-    let enroll = loop {
-        match client.peek(&mut head) {
-            Ok(n) if n == head.len() => break &head == b"POST /v1/enroll",
-            Ok(0) | Err(_) => return,
-            Ok(_) if tries < 100 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Ok(_) => break false,
+    // Bounded: a long poll is held at most 60 s by the server.
+    let _ = client.set_read_timeout(Some(Duration::from_secs(120)));
+    let _ = server.set_read_timeout(Some(Duration::from_secs(120)));
+    while let Some(request) = read_message(&mut client) {
+        if server.write_all(&request.bytes()).is_err() {
+            return;
         }
-    };
-    let lose = enroll && enrollments.fetch_add(1, Ordering::SeqCst) == 0;
-    let (Ok(mut from_client), Ok(mut to_server)) = (client.try_clone(), server.try_clone()) else {
-        return;
-    };
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from_client, &mut to_server);
-        let _ = to_server.shutdown(Shutdown::Write);
-    });
-    let (mut from_server, mut to_client) = (server, client);
-    if lose {
-        // The server has committed the enrollment once its answer starts: read that much, and hang up.
-        let mut byte = [0u8; 1];
-        let _ = from_server.read(&mut byte);
-        let _ = to_client.shutdown(Shutdown::Both);
-        let _ = from_server.shutdown(Shutdown::Both);
-        return;
+        let Some(answer) = read_message(&mut server) else {
+            return;
+        };
+        match judge(&request, &answer) {
+            Verdict::Forward => {
+                if client.write_all(&answer.bytes()).is_err() {
+                    return;
+                }
+            }
+            Verdict::Lose => {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            Verdict::ForwardThen(then) => {
+                let _ = client.write_all(&answer.bytes());
+                let _ = client.flush();
+                then();
+            }
+        }
     }
-    let _ = std::io::copy(&mut from_server, &mut to_client);
-    let _ = to_client.shutdown(Shutdown::Both);
 }
