@@ -21,6 +21,8 @@ use flotilla::store::{
 
 mod common;
 
+use common::Flotilla;
+
 const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 
@@ -692,19 +694,15 @@ fn hostile_layouts_give_errors_naming_the_file() {
 fn the_cli_lists_and_collects() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
-    let bin = env!("CARGO_BIN_EXE_flotilla");
     let config = tmp.path().join("config.toml");
-    std::fs::write(&config, "").unwrap();
     let flotilla = |args: &[&str]| {
-        let mut c = Command::new(bin);
-        c.args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--config")
-            .arg(&config);
-        c
+        Flotilla::new()
+            .empty_config(&config)
+            .state(&state)
+            .args(args)
+            .stdout()
     };
-    assert_eq!(run_ok(&mut flotilla(&["images", "--json"])).trim(), "[]");
+    assert_eq!(flotilla(&["images", "--json"]).trim(), "[]");
     let image = TestImage::small("cli");
     {
         let store = Store::open(&state).unwrap();
@@ -714,23 +712,26 @@ fn the_cli_lists_and_collects() {
             .put_blob(&Digest::sha256_of(b"stray"), b"stray")
             .unwrap();
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&run_ok(&mut flotilla(&["images", "--json"]))).unwrap();
+    let json = Flotilla::new()
+        .empty_config(&config)
+        .state(&state)
+        .args(["images", "--json"])
+        .json();
     assert_eq!(json[0]["name"], "app");
     assert_eq!(json[0]["platform"], "linux/amd64");
-    let table = run_ok(&mut flotilla(&["images"]));
+    let table = flotilla(&["images"]);
     assert!(
         table.starts_with("REFERENCE") && table.contains("app"),
         "{table}"
     );
-    let dry = run_ok(&mut flotilla(&["gc", "--dry-run"]));
+    let dry = flotilla(&["gc", "--dry-run"]);
     assert!(dry.contains("would remove 1 blobs"), "{dry}");
     assert!(
         Store::open(&state)
             .unwrap()
             .has_blob(&Digest::sha256_of(b"stray"))
     );
-    let done = run_ok(&mut flotilla(&["gc"]));
+    let done = flotilla(&["gc"]);
     assert!(
         done.contains("removed 1 blobs") && done.contains("5 B freed"),
         "{done}"
