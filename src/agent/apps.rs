@@ -14,6 +14,51 @@ use crate::store::Store;
 use crate::supervise::container::{Container, ContainerError, Status};
 use crate::supervise::{control, launch};
 
+#[derive(Debug, thiserror::Error)]
+pub enum AppsError {
+    #[error("the release's image {image:?} is not a reference: {source}")]
+    Reference {
+        image: String,
+        source: crate::registry::ReferenceError,
+    },
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Unpack(#[from] crate::unpack::UnpackError),
+    #[error(transparent)]
+    Pull(#[from] crate::pull::PullError),
+    #[error(
+        "the registry served {served} for {platform}, but the release pinned {pinned}: the tag moved since the \
+         release was made; publish a release that pins the new digest"
+    )]
+    NotPinned {
+        platform: String,
+        served: String,
+        pinned: String,
+    },
+    #[error(
+        "the pull chose {platform}, which the release does not list ({listed}): add a {platform} image to the \
+         release"
+    )]
+    NotListed { platform: String, listed: String },
+    #[error("the release {0} is unknown here; the server will send it again")]
+    UnknownRelease(String),
+    #[error("the release {0} was never prepared here")]
+    NotPrepared(String),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
+    Supervise(#[from] crate::supervise::supervisor::SuperviseError),
+    #[error(transparent)]
+    Emulation(#[from] emulation::EmulationError),
+    #[error(transparent)]
+    Launch(#[from] launch::LaunchError),
+    #[error("the pull task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 #[derive(Clone)]
 pub struct Apps {
     pub state_dir: PathBuf,
@@ -29,16 +74,18 @@ pub struct Apps {
 impl Apps {
     /// Pulls and unpacks `release` for this device; the name its image is stored under. The variant the pull
     /// proved must be the one the release pinned for that platform.
-    pub async fn prepare(&self, release: &AppRelease) -> Result<String, String> {
+    pub async fn prepare(&self, release: &AppRelease) -> Result<String, AppsError> {
         let reference = release
             .image
             .parse::<crate::registry::Reference>()
-            .map_err(|e| e.to_string())?;
-        let client = crate::registry::RegistryClient::new(&self.config, &self.insecure_registries)
-            .map_err(|e| crate::error_chain(&e))?;
-        let store = Store::open(&self.state_dir).map_err(|e| crate::error_chain(&e))?;
+            .map_err(|source| AppsError::Reference {
+                image: release.image.clone(),
+                source,
+            })?;
+        let client = crate::registry::RegistryClient::new(&self.config, &self.insecure_registries)?;
+        let store = Store::open(&self.state_dir)?;
         let options = PullOptions {
-            unpack: Some(crate::unpack::Limits::from_env().map_err(|e| crate::error_chain(&e))?),
+            unpack: Some(crate::unpack::Limits::from_env()?),
             ..PullOptions::from_config(&self.config)
         };
         let reporter = crate::pull::progress::Reporter::for_stderr();
@@ -51,34 +98,33 @@ impl Apps {
             &options,
             &reporter,
         )
-        .await
-        .map_err(|e| crate::error_chain(&e))?;
+        .await?;
         let platform = report.platform.to_string();
         match release.manifests.get(&platform) {
             Some(d) if *d == report.manifest_digest.to_string() => Ok(report.name),
-            Some(d) => Err(format!(
-                "the registry served {} for {platform}, but the release pinned {d}",
-                report.manifest_digest
-            )),
-            None => Err(format!(
-                "the pull chose {platform}, which the release does not list ({})",
-                release
+            Some(d) => Err(AppsError::NotPinned {
+                platform,
+                served: report.manifest_digest.to_string(),
+                pinned: d.clone(),
+            }),
+            None => Err(AppsError::NotListed {
+                platform,
+                listed: release
                     .manifests
                     .keys()
                     .cloned()
                     .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+                    .join(", "),
+            }),
         }
     }
 
     /// Makes `target` the release of `app` that runs (`None`: nothing runs). Blocking: stopping waits for the
     /// old container's grace period.
-    pub fn run(&self, app: &str, target: Option<&AppRelease>) -> Result<(), String> {
-        let text = |e: &dyn std::error::Error| crate::error_chain(e);
+    pub fn run(&self, app: &str, target: Option<&AppRelease>) -> Result<(), AppsError> {
         match Container::open(&self.state_dir, app) {
             Ok(c) => {
-                let spec = c.spec().map_err(|e| text(&e))?;
+                let spec = c.spec()?;
                 let same = target.is_some_and(|t| {
                     let mut wanted = t.settings.clone();
                     wanted.allow_emulation |= self.config.run.allow_emulation;
@@ -91,14 +137,12 @@ impl Apps {
                 }
                 if same && running {
                     // Its supervisor died (the machine did not reboot: the container runs): a new one adopts it.
-                    return control::spawn_supervisor(&self.state_dir, &c, None)
-                        .map_err(|e| text(&e));
+                    return Ok(control::spawn_supervisor(&self.state_dir, &c, None)?);
                 }
-                control::remove(&c, &self.runtime, spec.settings.stop_grace)
-                    .map_err(|e| text(&e))?;
+                control::remove(&c, &self.runtime, spec.settings.stop_grace)?;
             }
             Err(ContainerError::NotFound(_)) => {}
-            Err(e) => return Err(text(&e)),
+            Err(e) => return Err(e.into()),
         }
         let Some(target) = target else {
             return Ok(());
@@ -106,11 +150,10 @@ impl Apps {
         let stored = target
             .stored
             .as_deref()
-            .ok_or_else(|| format!("the release {} was never prepared here", target.id))?;
-        let store = Store::open(&self.state_dir).map_err(|e| text(&e))?;
-        let image = store.image(stored).map_err(|e| text(&e))?;
-        let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
-            .map_err(|e| text(&e))?;
+            .ok_or_else(|| AppsError::NotPrepared(target.id.clone()))?;
+        let store = Store::open(&self.state_dir)?;
+        let image = store.image(stored)?;
+        let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))?;
         // The device's own configuration may allow emulation for every app, as it does for `flotilla run`.
         let mut settings = target.settings.clone();
         settings.allow_emulation |= self.config.run.allow_emulation;
@@ -123,9 +166,8 @@ impl Apps {
             host: &self.host,
             live: &self.live,
             binfmt: &binfmt,
-        })
-        .map(|_| ())
-        .map_err(|e| text(&e))
+        })?;
+        Ok(())
     }
 
     /// The app's container status, its manifest digest and platform, when it has a container.

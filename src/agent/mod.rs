@@ -53,7 +53,7 @@ pub struct Agent {
     link: Option<Link>,
     sampler: Box<dyn metrics::Sampler>,
     /// Pulls in flight, per app: their outcome becomes `Prepared` or `PrepareFailed`.
-    preparing: HashMap<String, tokio::task::JoinHandle<Result<String, String>>>,
+    preparing: HashMap<String, tokio::task::JoinHandle<Result<String, apps::AppsError>>>,
     /// The last status reported per app, so only changes are sent.
     reported: HashMap<String, AppStatus>,
     /// Apps whose release could not be started, with when to try again and the wait after that: a device
@@ -278,9 +278,11 @@ impl Agent {
                     None => None,
                 };
                 let result = match (&target, &release) {
-                    (Some(r), None) => Err(format!("the release {} is unknown here", r.id)),
+                    (Some(r), None) => Err(apps::AppsError::UnknownRelease(r.id.clone())),
                     _ => tokio::task::block_in_place(|| self.apps.run(app, release.as_ref())),
-                };
+                }
+                // The state machine and the report carry the reason as text.
+                .map_err(|e| crate::error_chain(&e));
                 if result.is_ok() {
                     self.rerun.remove(app);
                 }
@@ -376,9 +378,7 @@ impl Agent {
             let Some(handle) = self.preparing.remove(&app) else {
                 continue;
             };
-            let outcome = handle
-                .await
-                .unwrap_or_else(|e| Err(format!("the pull task failed: {e}")));
+            let outcome = handle.await.unwrap_or_else(|e| Err(e.into()));
             let event = match outcome {
                 Ok(stored) => {
                     if let State::Preparing { target, .. } = self.db.app_state(&app)? {
@@ -389,7 +389,9 @@ impl Agent {
                     }
                     update::Event::Prepared
                 }
-                Err(reason) => update::Event::PrepareFailed { reason },
+                Err(e) => update::Event::PrepareFailed {
+                    reason: crate::error_chain(&e),
+                },
             };
             self.apply(&app, event).await?;
         }

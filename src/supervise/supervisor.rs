@@ -58,6 +58,12 @@ pub enum SuperviseError {
     Task(String),
     #[error(transparent)]
     Unpack(#[from] crate::unpack::UnpackError),
+    #[error(
+        "the runtime wrote no pid file for container {name}: {source}; see the runtime's log line above"
+    )]
+    NoPidFile { name: String, source: io::Error },
+    #[error("the runtime's pid file for container {name} holds {text:?}, not a pid")]
+    BadPidFile { name: String, text: String },
 }
 
 /// A stop asked of the supervisor: the grace period between SIGTERM and SIGKILL.
@@ -206,7 +212,7 @@ impl Supervisor {
                         self.save()?;
                         self.watch(Child::Own(pid), &mut stop).await?
                     }
-                    Err(message) => Ended::NotStarted(message),
+                    Err(e) => Ended::NotStarted(crate::error_chain(&e)),
                 },
             };
             pumps.finish().await;
@@ -295,16 +301,15 @@ impl Supervisor {
         }
     }
 
-    /// Creates and starts the container; the runtime's error message when it cannot.
-    async fn start(&mut self, id: &str) -> Result<i32, String> {
+    /// Creates and starts the container, returning its pid.
+    async fn start(&mut self, id: &str) -> Result<i32, SuperviseError> {
         let opened = (|| -> io::Result<(OwnedFd, OwnedFd)> {
             Ok((
                 self.container_end(Stream::Stdout)?,
                 self.container_end(Stream::Stderr)?,
             ))
         })();
-        let (stdout, stderr) =
-            opened.map_err(|e| format!("cannot open the container's output pipes: {e}"))?;
+        let (stdout, stderr) = opened.map_err(self.io_err("the output pipes"))?;
         let pid_file = self.container.dir.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let io = Io {
@@ -314,8 +319,7 @@ impl Supervisor {
         };
         let bundle = self.container.bundle_dir();
         let id_owned = id.to_string();
-        let reaper = Subreaper::set()
-            .map_err(|e| format!("cannot become the container's subreaper: {e}"))?;
+        let reaper = Subreaper::set().map_err(self.io_err("the subreaper (prctl)"))?;
         let created = self
             .blocking({
                 let id = id_owned.clone();
@@ -327,14 +331,16 @@ impl Supervisor {
             Ok(()) => self.blocking(move |rt| rt.start(&id_owned)).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = started {
-            return Err(crate::error_chain(&e));
-        }
-        let text = std::fs::read_to_string(&pid_file)
-            .map_err(|e| format!("the runtime wrote no pid file: {e}"))?;
+        started?;
+        let name = self.container.name.clone();
+        let text =
+            std::fs::read_to_string(&pid_file).map_err(|source| SuperviseError::NoPidFile {
+                name: name.clone(),
+                source,
+            })?;
         text.trim()
             .parse()
-            .map_err(|_| format!("the runtime's pid file holds {text:?}, not a pid"))
+            .map_err(|_| SuperviseError::BadPidFile { name, text })
     }
 
     /// The container's end of one output FIFO, opened read-write (see the module doc); `start_pumps` made it.
