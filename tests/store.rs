@@ -13,11 +13,12 @@ use flotilla::oci::{
     DOCKER_MANIFEST_LIST, Descriptor, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
 use flotilla::platform::Platform;
-use flotilla::store::gc::{GcOptions, RemovedKind, collect_garbage};
+use flotilla::store::gc::{GcOptions, GcReport, RemovedKind, collect_garbage};
 use flotilla::store::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, FreeSpace, OciLayout, OciLayoutRef, RefRecord,
     Slot, Store, StoreError,
 };
+use flotilla::unpack::Snapshots;
 
 mod common;
 
@@ -145,6 +146,12 @@ fn gc(dry_run: bool, wait: bool) -> GcOptions {
     }
 }
 
+/// gc with the state directory's layer snapshots, as `flotilla gc` runs it.
+fn collect(state: &Path, options: GcOptions) -> Result<GcReport, StoreError> {
+    let snapshots = Snapshots::open(state).expect("snapshots directory");
+    collect_garbage(state, options, &snapshots)
+}
+
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(
@@ -269,7 +276,7 @@ fn interrupted_download_resumes_from_its_partial_and_gc_removes_leftovers() {
     std::fs::write(&tmp_file, b"torn").unwrap();
     drop(store);
 
-    let report = collect_garbage(state, gc(false, true)).unwrap();
+    let report = collect(state, gc(false, true)).unwrap();
     assert_eq!(report.count(RemovedKind::Partial), 1, "{report:?}");
     assert_eq!(report.count(RemovedKind::TempFile), 1, "{report:?}");
     assert_eq!(report.count(RemovedKind::Blob), 0, "{report:?}");
@@ -396,7 +403,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
         garbage.config_digest(),
         garbage.layer_digest(),
     ];
-    let dry = collect_garbage(state, gc(true, true)).unwrap();
+    let dry = collect(state, gc(true, true)).unwrap();
     assert!(dry.dry_run);
     let mut would: Vec<PathBuf> = dry
         .removed
@@ -419,7 +426,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
     );
     assert!(stray_tmp.exists());
 
-    let report = collect_garbage(state, gc(false, true)).unwrap();
+    let report = collect(state, gc(false, true)).unwrap();
     assert_eq!(report.removed, dry.removed);
     assert!(expected.iter().all(|p| !p.exists()));
     assert!(!stray_tmp.exists());
@@ -433,10 +440,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
         }
     }
     assert!(layout.has_blob(&outer_d.digest) && layout.has_blob(&inner_d.digest));
-    assert_eq!(
-        collect_garbage(state, gc(false, true)).unwrap().removed,
-        vec![]
-    );
+    assert_eq!(collect(state, gc(false, true)).unwrap().removed, vec![]);
     let entries = Store::open(state).unwrap().images().unwrap();
     let kept_entry = entries
         .iter()
@@ -451,10 +455,10 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
 fn gc_waits_for_no_pull() {
     let tmp = tempfile::tempdir().unwrap();
     let pulling = Store::open(tmp.path()).unwrap();
-    let err = collect_garbage(tmp.path(), gc(true, false)).unwrap_err();
+    let err = collect(tmp.path(), gc(true, false)).unwrap_err();
     assert!(matches!(err, StoreError::Busy { .. }), "{err}");
     drop(pulling);
-    collect_garbage(tmp.path(), gc(true, true)).unwrap();
+    collect(tmp.path(), gc(true, true)).unwrap();
 }
 
 struct FixedSpace(u64);
@@ -620,7 +624,7 @@ fn hostile_layouts_give_errors_naming_the_file() {
         std::fs::write(&index, junk).unwrap();
         let err = layout.resolve(None).unwrap_err();
         assert!(err.to_string().contains(&index.display().to_string()), "{err}");
-        let err = collect_garbage(state, gc(false, true)).unwrap_err();
+        let err = collect(state, gc(false, true)).unwrap_err();
         assert!(matches!(err, StoreError::Json { .. }), "{err}");
     }
     let deep = "[".repeat(100_000);
@@ -658,7 +662,7 @@ fn hostile_layouts_give_errors_naming_the_file() {
     .unwrap();
     let manifest_path = layout.blob_path(&image.manifest_descriptor().digest);
     std::fs::write(&manifest_path, b"\x00\xff garbage").unwrap();
-    let err = collect_garbage(state, gc(false, true)).unwrap_err();
+    let err = collect(state, gc(false, true)).unwrap_err();
     assert!(
         err.to_string()
             .contains(&manifest_path.display().to_string()),
