@@ -10,6 +10,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod deploy;
 pub mod digest;
 pub mod durable;
 pub mod elf;

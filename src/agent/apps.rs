@@ -1,18 +1,15 @@
-//! The agent's hands: preparing a release (pull, verify, prove, unpack) and making one release of an app the one
-//! that runs. Containers are named after their app, so there is never more than one per app, and `run` is
+//! The agent's hands: preparing a release (the deploy service's pull, verification, proof and unpack, then the
+//! release's pinned digest) and making one release of an app the one that runs. Containers are named after their app, so there is never more than one per app, and `run` is
 //! idempotent: it adopts what already runs as asked, and replaces anything else.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::agent::db::AppRelease;
-use crate::config::Config;
-use crate::platform::host::Host;
-use crate::pull::{PullOptions, Source};
-use crate::runtime::{Runtime, emulation};
-use crate::store::Store;
+use crate::deploy::{DeployError, Deployer};
+use crate::pull::Source;
+use crate::runtime::Runtime;
 use crate::supervise::container::{Container, ContainerError, Status};
-use crate::supervise::{control, launch};
+use crate::supervise::control;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppsError {
@@ -21,14 +18,9 @@ pub enum AppsError {
         image: String,
         source: crate::registry::ReferenceError,
     },
+    // Boxed: a pull's error is large, and every result of the agent's loop would carry its size.
     #[error(transparent)]
-    Registry(#[from] crate::registry::RegistryError),
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error(transparent)]
-    Unpack(#[from] crate::unpack::UnpackError),
-    #[error(transparent)]
-    Pull(#[from] crate::pull::PullError),
+    Deploy(Box<DeployError>),
     #[error(
         "the registry served {served} for {platform}, but the release pinned {pinned}: the tag moved since the \
          release was made; publish a release that pins the new digest"
@@ -51,23 +43,19 @@ pub enum AppsError {
     Container(#[from] ContainerError),
     #[error(transparent)]
     Supervise(#[from] crate::supervise::supervisor::SuperviseError),
-    #[error(transparent)]
-    Emulation(#[from] emulation::EmulationError),
-    #[error(transparent)]
-    Launch(#[from] launch::LaunchError),
     #[error("the pull task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
 
+impl From<DeployError> for AppsError {
+    fn from(e: DeployError) -> AppsError {
+        AppsError::Deploy(Box::new(e))
+    }
+}
+
 #[derive(Clone)]
 pub struct Apps {
-    pub state_dir: PathBuf,
-    pub config: Config,
-    pub insecure_registries: Vec<String>,
-    /// The platform variants are chosen for.
-    pub host: Host,
-    /// This machine, the gate for emulation.
-    pub live: Host,
+    pub deploy: Deployer,
     pub runtime: Arc<dyn Runtime>,
 }
 
@@ -82,23 +70,7 @@ impl Apps {
                 image: release.image.clone(),
                 source,
             })?;
-        let client = crate::registry::RegistryClient::new(&self.config, &self.insecure_registries)?;
-        let store = Store::open(&self.state_dir)?;
-        let options = PullOptions {
-            unpack: Some(crate::unpack::Limits::from_env()?),
-            ..PullOptions::from_config(&self.config)
-        };
-        let reporter = crate::pull::progress::Reporter::for_stderr();
-        let report = crate::pull::pull(
-            &self.config,
-            Some(&client),
-            &store,
-            &Source::Registry(reference),
-            &self.host,
-            &options,
-            &reporter,
-        )
-        .await?;
+        let report = self.deploy.prepare(&Source::Registry(reference)).await?;
         let platform = report.platform.to_string();
         match release.manifests.get(&platform) {
             Some(d) if *d == report.manifest_digest.to_string() => Ok(report.name),
@@ -122,13 +94,13 @@ impl Apps {
     /// Makes `target` the release of `app` that runs (`None`: nothing runs). Blocking: stopping waits for the
     /// old container's grace period.
     pub fn run(&self, app: &str, target: Option<&AppRelease>) -> Result<(), AppsError> {
-        match Container::open(&self.state_dir, app) {
+        let state_dir = &self.deploy.state_dir;
+        match Container::open(state_dir, app) {
             Ok(c) => {
                 let spec = c.spec()?;
                 let same = target.is_some_and(|t| {
-                    let mut wanted = t.settings.clone();
-                    wanted.allow_emulation |= self.config.run.allow_emulation;
-                    t.stored.as_deref() == Some(spec.image.as_str()) && wanted == spec.settings
+                    t.stored.as_deref() == Some(spec.image.as_str())
+                        && self.deploy.settings(&t.settings) == spec.settings
                 });
                 let supervised = c.is_locked();
                 let running = control::is_running(&c, self.runtime.as_ref());
@@ -137,7 +109,7 @@ impl Apps {
                 }
                 if same && running {
                     // Its supervisor died (the machine did not reboot: the container runs): a new one adopts it.
-                    return Ok(control::spawn_supervisor(&self.state_dir, &c, None)?);
+                    return Ok(control::spawn_supervisor(state_dir, &c, None)?);
                 }
                 control::remove(&c, &self.runtime, spec.settings.stop_grace)?;
             }
@@ -151,28 +123,14 @@ impl Apps {
             .stored
             .as_deref()
             .ok_or_else(|| AppsError::NotPrepared(target.id.clone()))?;
-        let store = Store::open(&self.state_dir)?;
-        let image = store.image(stored)?;
-        let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))?;
-        // The device's own configuration may allow emulation for every app, as it does for `flotilla run`.
-        let mut settings = target.settings.clone();
-        settings.allow_emulation |= self.config.run.allow_emulation;
-        launch::launch(&launch::Launch {
-            state_dir: &self.state_dir,
-            name: app,
-            image_name: stored,
-            image: &image,
-            settings: &settings,
-            host: &self.host,
-            live: &self.live,
-            binfmt: &binfmt,
-        })?;
+        let image = self.deploy.image(stored)?;
+        self.deploy.launch(app, stored, &image, &target.settings)?;
         Ok(())
     }
 
     /// The app's container status, its manifest digest and platform, when it has a container.
     pub fn status(&self, app: &str) -> Option<(Status, String, String)> {
-        let c = Container::open(&self.state_dir, app).ok()?;
+        let c = Container::open(&self.deploy.state_dir, app).ok()?;
         let spec = c.spec().ok()?;
         Some((c.status(), spec.manifest_digest.to_string(), spec.platform))
     }

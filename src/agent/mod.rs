@@ -136,7 +136,7 @@ impl Agent {
         let link = match &fleet.server {
             Some(url) => Some(Link::new(
                 url,
-                apps.config.ca_bundle.as_deref(),
+                apps.deploy.config.ca_bundle.as_deref(),
                 fleet.poll_interval,
             )?),
             None => None,

@@ -26,13 +26,6 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     })?;
     let detection = super::platform::host_detection(ctx)?;
     let host = detection.host();
-    let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
-        host.clone()
-    } else {
-        crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
-            .0
-            .host()
-    };
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
     let name = ctx.config.fleet.name.clone().unwrap_or_else(|| {
         rustix::system::uname()
@@ -50,11 +43,7 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     };
     let db = Db::open(&ctx.state_dir).map_err(AgentError::from)?;
     let apps = Apps {
-        state_dir: ctx.state_dir.clone(),
-        config: ctx.config.clone(),
-        insecure_registries: ctx.insecure_registries.clone(),
-        host,
-        live,
+        deploy: super::deployer(ctx, host)?,
         runtime: runtime.clone(),
     };
     let sampler = Box::new(SystemSampler::new(&ctx.state_dir));
