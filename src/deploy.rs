@@ -7,8 +7,10 @@
 //! machine), `live` is this machine, the gate for emulation.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::app::RunSettings;
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::platform::Platform;
 use crate::platform::host::Host;
@@ -79,6 +81,7 @@ pub struct Deployer {
     pub host: Host,
     /// This machine, the gate for emulation.
     pub live: Host,
+    pub clock: Arc<dyn Clock>,
 }
 
 /// An image ready to launch: stored, proven and unpacked.
@@ -175,6 +178,7 @@ impl Deployer {
             host: &self.host,
             live: &self.live,
             binfmt: &binfmt,
+            clock: self.clock.as_ref(),
         })?)
     }
 }

@@ -47,7 +47,14 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         runtime: runtime.clone(),
     };
     let sampler = Box::new(SystemSampler::new(&ctx.state_dir));
-    let agent = Agent::new(db, apps, ctx.config.fleet.clone(), identity, sampler)?;
+    let agent = Agent::new(
+        db,
+        apps,
+        ctx.config.fleet.clone(),
+        identity,
+        sampler,
+        Arc::new(crate::clock::SystemClock),
+    )?;
     let rt = super::runtime()?;
     let terminated = rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};

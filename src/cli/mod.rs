@@ -352,6 +352,7 @@ pub(crate) fn deployer(
         insecure_registries: ctx.insecure_registries.clone(),
         host,
         live,
+        clock: std::sync::Arc::new(crate::clock::SystemClock),
     })
 }
 

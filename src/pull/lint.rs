@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -152,11 +151,9 @@ struct Scratch {
 
 impl Scratch {
     fn create() -> Result<Scratch, PullError> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        let salt = rand::random::<u32>();
         let dir =
-            std::env::temp_dir().join(format!("flotilla-lint-{}-{nanos}", std::process::id()));
+            std::env::temp_dir().join(format!("flotilla-lint-{}-{salt:08x}", std::process::id()));
         // Private: a registry's layers may be private too.
         std::fs::DirBuilder::new()
             .mode(0o700)
