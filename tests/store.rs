@@ -8,11 +8,15 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use flotilla::clock::FakeClock;
+use flotilla::config::Config;
+use flotilla::deploy::Deployer;
 use flotilla::digest::{Digest, Verifier};
 use flotilla::oci::{
     DOCKER_MANIFEST_LIST, Descriptor, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
 use flotilla::platform::Platform;
+use flotilla::platform::host::Host;
 use flotilla::store::gc::{GcOptions, GcReport, RemovedKind, collect_garbage};
 use flotilla::store::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, FreeSpace, OciLayout, OciLayoutRef, RefRecord,
@@ -745,4 +749,48 @@ fn the_cli_lists_and_collects() {
             .unwrap()
             .has_blob(&Digest::sha256_of(b"stray"))
     );
+}
+
+/// `flotilla run` and the agent take a stored image without pulling only when it is a variant for the device and
+/// every layer is unpacked; anything else is pulled again.
+#[test]
+fn a_stored_image_serves_a_deploy_only_for_its_platform_once_unpacked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let image = TestImage::small("deploy");
+    {
+        let store = Store::open(&state).unwrap();
+        image.publish(&store);
+        store.commit(&[image.record("app")]).unwrap();
+    }
+    let deployer = |platform: &str| {
+        let host = Host {
+            candidates: vec![platform.parse().unwrap()],
+            page_size: None,
+        };
+        Deployer {
+            state_dir: state.clone(),
+            config: Config::default(),
+            insecure_registries: Vec::new(),
+            live: host.clone(),
+            host,
+            clock: FakeClock::new(0.0),
+        }
+    };
+    let amd64 = deployer("linux/amd64");
+    assert!(
+        amd64.ready("app").unwrap().is_none(),
+        "its layer is not unpacked"
+    );
+
+    // A published snapshot is a directory with its index; what is in it does not matter here.
+    let diff_ids = amd64.image("app").unwrap().config.rootfs.unwrap().diff_ids;
+    let snapshots = Snapshots::open(&state).unwrap();
+    for d in &diff_ids {
+        std::fs::create_dir_all(snapshots.path(d)).unwrap();
+        std::fs::write(snapshots.path(d).join("index.json"), "{}").unwrap();
+    }
+    assert!(amd64.ready("app").unwrap().is_some());
+    assert!(deployer("linux/arm64").ready("app").unwrap().is_none());
+    assert!(amd64.ready("other").unwrap().is_none());
 }
