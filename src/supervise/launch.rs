@@ -1,5 +1,5 @@
-//! Making a container from an image that is stored and unpacked, and handing it to a supervisor: what `flotilla
-//! run` and the agent share.
+//! Making a container from an image that is stored and unpacked, and handing it to a supervisor: the last step
+//! of the deploy service (`crate::deploy`), through which `flotilla run` and the agent launch.
 
 use std::path::Path;
 
