@@ -33,6 +33,8 @@ pub enum SettingsError {
     Cpus(String),
     #[error("--health-cmd is empty")]
     HealthCmd,
+    #[error("--network {0:?}: write host or none")]
+    Network(String),
 }
 
 /// An app's run settings. Every field has a default, so a stored older form still reads.
@@ -93,12 +95,12 @@ pub enum Network {
 }
 
 impl FromStr for Network {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Network, String> {
+    type Err = SettingsError;
+    fn from_str(s: &str) -> Result<Network, SettingsError> {
         match s {
             "host" => Ok(Network::Host),
             "none" => Ok(Network::None),
-            other => Err(format!("--network {other:?}: write host or none")),
+            other => Err(SettingsError::Network(other.to_string())),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The crate's one source of time: wall-clock and monotonic time, sleeping, and the randomness that jitters
-//! waits. Retries, the bandwidth cap and timestamps take a [`Clock`], so their schedules are tested without
-//! sleeping; only [`SystemClock`] touches the real clock, and [`FakeClock`] is the test fixture.
+//! waits. Retries, the bandwidth cap, timestamps, the supervisor's and the agent's backoff and deadlines take a
+//! [`Clock`], so their schedules are tested without sleeping; only [`SystemClock`] touches the real clock, and
+//! [`FakeClock`] is the test fixture.
 
 use std::future::Future;
 use std::pin::Pin;

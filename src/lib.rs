@@ -11,6 +11,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crash_points;
+pub mod deploy;
 pub mod digest;
 pub mod durable;
 pub mod elf;

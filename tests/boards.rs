@@ -3,9 +3,12 @@
 //! Boards live in the shared fixtures (`../shared/fixtures/boards`, or `FLOTILLA_BOARDS_DIR`) and in this crate's
 //! `tests/fixtures/boards`. All boards are checked before the test fails, so one run names every wrong board.
 
+mod common;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use common::Flotilla;
 use flotilla::platform::detect::detect;
 use flotilla::platform::evidence::Evidence;
 
@@ -81,12 +84,10 @@ fn every_board_gives_exactly_its_expected_platforms() {
 
 /// Runs `flotilla platform --evidence DIR` and returns (exit code, stderr).
 fn platform_on(dir: &Path) -> (Option<i32>, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    let out = Flotilla::new()
         .args(["platform", "--evidence"])
         .arg(dir)
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .expect("run flotilla");
+        .output();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -15,6 +15,8 @@ use proptest::prelude::*;
 
 mod common;
 
+use common::Flotilla;
+
 fn busybox(arch: &str) -> Option<PathBuf> {
     common::required_busybox(arch)
 }
@@ -37,22 +39,12 @@ fn platform(s: &str) -> Platform {
     s.parse().unwrap()
 }
 
-fn flotilla(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("FLOTILLA_CONFIG")
-        .env_remove("FLOTILLA_LOG")
-        .output()
-        .unwrap()
-}
-
 fn check(file: &Path, extra: &[&str], dir: &Path) -> Output {
     let mut args = vec!["check-binary", "--platform", "linux/arm/v6"];
     args.extend_from_slice(extra);
     let file = file.to_str().unwrap();
     args.push(file);
-    flotilla(&args, dir)
+    Flotilla::new().args(args).current_dir(dir).output()
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -305,17 +297,12 @@ fn scripts_name_their_interpreter_and_bad_page_sizes_are_refused() {
         "{stdout}"
     );
 
-    let out = flotilla(
-        &[
-            "check-binary",
-            "--platform",
-            "linux/arm/v6",
-            "--page-size",
-            "5000",
-            script.to_str().unwrap(),
-        ],
-        dir.path(),
-    );
+    let out = Flotilla::new()
+        .args(["check-binary", "--platform", "linux/arm/v6"])
+        .args(["--page-size", "5000"])
+        .arg(&script)
+        .current_dir(dir.path())
+        .output();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(text(&out.stderr).contains("power of two"));
 }
@@ -331,12 +318,13 @@ fn the_detected_host_is_compared_when_no_platform_is_given() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let out = flotilla(
-        &["check-binary", "--json", amd64.to_str().unwrap()],
-        dir.path(),
-    );
+    let out = Flotilla::new()
+        .args(["check-binary", "--json"])
+        .arg(&amd64)
+        .current_dir(dir.path())
+        .output();
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = common::json_of(&out);
     assert_eq!(report["host"]["source"], "detected");
     assert!(
         report["host"]["platforms"]
@@ -344,7 +332,11 @@ fn the_detected_host_is_compared_when_no_platform_is_given() {
             .is_some_and(|p| p.iter().any(|p| p == "linux/amd64")),
         "{report}"
     );
-    let out = flotilla(&["check-binary", armel.to_str().unwrap()], dir.path());
+    let out = Flotilla::new()
+        .arg("check-binary")
+        .arg(&armel)
+        .current_dir(dir.path())
+        .output();
     assert_eq!(out.status.code(), Some(3), "{out:?}");
 }
 

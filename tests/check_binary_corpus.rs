@@ -17,6 +17,8 @@ use flotilla::elf::{self, BinaryRequirements, ElfRequirements, Evidence};
 
 mod common;
 
+use common::Flotilla;
+
 /// SIGILL: what an instruction the CPU model lacks ends in.
 const SIGILL: i32 = 4;
 
@@ -134,13 +136,10 @@ fn qemu(qemu: &Path, cpu: &str, case: &Case) -> Ran {
 }
 
 fn check_binary(platform: &str, path: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    Flotilla::new()
         .args(["--platform", platform, "check-binary", "--json"])
         .arg(path)
-        .env_remove("FLOTILLA_CONFIG")
-        .env_remove("FLOTILLA_LOG")
         .output()
-        .unwrap()
 }
 
 /// flotilla's verdict, from its exit status: 0 runs, 3 does not.

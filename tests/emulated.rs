@@ -11,6 +11,8 @@ use std::process::{Command, Output, Stdio};
 
 mod common;
 
+use common::Flotilla;
+
 const ARMV6: &str = "arm-unknown-linux-gnueabi";
 const ARMV7: &str = "armv7-unknown-linux-gnueabihf";
 const AARCH64: &str = "aarch64-unknown-linux-gnu";
@@ -210,12 +212,10 @@ fn armv6_build_is_soft_float_and_not_linked_against_armhf_libc() {
         bin.display()
     );
 
-    let check = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    let check = Flotilla::new()
         .args(["--platform", "linux/arm/v6", "check-binary"])
         .arg(&bin)
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .unwrap();
+        .output();
     assert!(
         check.status.success(),
         "flotilla --platform linux/arm/v6 check-binary {}: {}\n{}{}",

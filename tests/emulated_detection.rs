@@ -16,7 +16,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{require, tool};
+use common::{Flotilla, require, tool};
 
 struct Emulated {
     qemu: PathBuf,
@@ -84,18 +84,10 @@ fn check(
     let tmp = tempfile::tempdir().expect("temp dir");
     emulated.capture(tmp.path(), word_bytes);
 
-    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    let json = Flotilla::new()
         .args(["platform", "--json", "--evidence"])
         .arg(tmp.path())
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .expect("run flotilla");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        .json();
     let got: Vec<&str> = json["candidates"]
         .as_array()
         .expect("candidates")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::binfmt::Binfmt;
 use common::fleet::{Proxy, Server, Verdict, push};
 use common::registry::{Registry, RegistryOptions, free_port};
-use common::{output_text, require, wait_for};
+use common::{Flotilla, output_text, require, wait_for};
 use serde_json::Value;
 
 /// binfmt registration and the fixed container name are machine-wide: one scenario at a time.
@@ -64,13 +64,10 @@ impl Agent {
     }
 
     fn flotilla(&self) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_flotilla"));
-        c.arg("--config")
-            .arg(self.dir.join("config.toml"))
-            .arg("--state-dir")
-            .arg(self.dir.join("state"))
-            .env_remove("JOURNAL_STREAM");
-        c
+        Flotilla::new()
+            .config(self.dir.join("config.toml"))
+            .state(self.dir.join("state"))
+            .command()
     }
 
     fn start_with(&mut self, halt_at: Option<&str>) {

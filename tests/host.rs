@@ -10,19 +10,9 @@ use flotilla::platform::evidence::{AuxValue, Auxv};
 use flotilla::platform::{cpuinfo, x86};
 use serde_json::Value;
 
-fn flotilla(args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .expect("run flotilla");
-    assert!(
-        out.status.success(),
-        "flotilla {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("flotilla --json prints JSON")
-}
+mod common;
+
+use common::Flotilla;
 
 fn signal<'a>(json: &'a Value, source: &str, name: &str) -> Option<&'a str> {
     json["signals"]
@@ -55,7 +45,7 @@ fn bits(value: &Option<AuxValue>) -> u64 {
 
 #[test]
 fn auxv_signals_match_ld_show_auxv() {
-    let json = flotilla(&["platform", "--json"]);
+    let json = Flotilla::new().args(["platform", "--json"]).json();
     let glibc = glibc_auxv();
     assert_eq!(
         signal(&json, "auxv", "AT_HWCAP").map(hex),
@@ -107,7 +97,7 @@ fn level_from_std() -> u8 {
 
 #[test]
 fn level_matches_cpuid_and_cpuinfo_flags() {
-    let json = flotilla(&["platform", "--json"]);
+    let json = Flotilla::new().args(["platform", "--json"]).json();
     let candidates: Vec<&str> = json["candidates"]
         .as_array()
         .expect("candidates")
@@ -146,8 +136,12 @@ fn a_dump_replays_to_the_same_answer() {
     let dir = tempfile::tempdir().expect("temp dir");
     let dump = dir.path().join("evidence");
     let dump_arg = dump.to_str().expect("utf-8 temp path");
-    let live = flotilla(&["platform", "--json", "--dump", dump_arg]);
-    let replayed = flotilla(&["platform", "--json", "--evidence", dump_arg]);
+    let live = Flotilla::new()
+        .args(["platform", "--json", "--dump", dump_arg])
+        .json();
+    let replayed = Flotilla::new()
+        .args(["platform", "--json", "--evidence", dump_arg])
+        .json();
     assert_eq!(live["candidates"], replayed["candidates"]);
     assert_eq!(live["page_size"], replayed["page_size"]);
     let source = std::fs::read_to_string(dump.join("SOURCE")).expect("SOURCE written");

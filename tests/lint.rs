@@ -4,10 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::output_text as text;
 use common::registry::*;
+use common::{Flotilla, json_of};
 use serde_json::Value;
 
 const EXIT_LINT_FAILED: i32 = 3;
@@ -15,23 +16,14 @@ const EXIT_LINT_FAILED: i32 = 3;
 /// Runs flotilla with an empty configuration, a state directory lint must leave alone, and its own `TMPDIR`
 /// (`root/tmp`), which lint must leave empty.
 fn flotilla(root: &Path, registry: &str, args: &[&str]) -> Output {
-    let config = root.join("empty.toml");
-    std::fs::write(&config, "").expect("empty config");
     std::fs::create_dir_all(root.join("tmp")).expect("tmp");
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+    Flotilla::new()
         .env("TMPDIR", root.join("tmp"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(root.join("state"))
-        .args(["--insecure-registry", registry])
+        .empty_config(root.join("empty.toml"))
+        .state(root.join("state"))
+        .registry(registry)
         .args(args)
         .output()
-        .expect("run flotilla")
-}
-
-fn json_of(out: &Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
 }
 
 /// The entry labelled `platform`, from `--json` output.

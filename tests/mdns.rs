@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::registry::{HttpServer, Lab, Response, busybox_images};
-use common::{output_text, require, required_tool};
+use common::{Flotilla, output_text, require, required_tool};
 use flotilla::agent::link::{Fetched, Link};
 use flotilla::registry::dns::{LookupError, SystemResolver};
 use flotilla::registry::mdns::{self, MdnsError, MdnsOptions};
@@ -197,20 +197,14 @@ fn pull_from_a_registry_named_by_mdns() {
     let _responder = Responder::start();
 
     let host = format!("{NAME}:{}", lab.registry.port);
-    let config = lab.root.join("config.toml");
-    std::fs::write(&config, "").expect("config");
-    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(lab.root.join("state"))
-        .args(["--insecure-registry", &host, "--platform", "linux/arm/v7"])
+    let report = Flotilla::new()
+        .empty_config(lab.root.join("config.toml"))
+        .state(lab.root.join("state"))
+        .registry(&host)
+        .args(["--platform", "linux/arm/v7"])
         .args(["pull", "--json", &format!("{host}/multi:v1")])
-        .output()
-        .expect("run flotilla");
-    assert!(out.status.success(), "{}", output_text(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
-    assert_eq!(report["platform"], "linux/arm/v7", "{}", output_text(&out));
+        .json();
+    assert_eq!(report["platform"], "linux/arm/v7", "{report}");
     assert_eq!(report["index_digest"], written.index.to_string());
 }
 
@@ -308,19 +302,13 @@ fn a_local_name_nobody_answers_fails_clearly_within_the_bound() {
     std::fs::write(&config, "[pull]\nretries = 1\n").expect("config");
     let host = format!("{nobody}:5000");
     let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args([
-            "--insecure-registry",
-            &host,
-            "pull",
-            &format!("{host}/app:v1"),
-        ])
-        .output()
-        .expect("run flotilla");
+    let out = Flotilla::new()
+        .config(&config)
+        .state(dir.path().join("state"))
+        .registry(&host)
+        .arg("pull")
+        .arg(format!("{host}/app:v1"))
+        .output();
     let took = started.elapsed();
     assert!(!out.status.success(), "{}", output_text(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);

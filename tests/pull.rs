@@ -10,6 +10,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use common::output_text as text;
 use common::registry::*;
+use common::{Flotilla, json_of};
 use flotilla::digest::Digest;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
@@ -18,26 +19,12 @@ use serde_json::{Value, json};
 
 /// Runs flotilla with an empty configuration, so the machine's /etc/flotilla/config.toml plays no part.
 fn flotilla(state: &Path, registry: &str, args: &[&str]) -> Output {
-    let config = state.with_extension("toml");
-    std::fs::write(&config, "").expect("empty config");
-    flotilla_with_config(state, &config, registry, args)
-}
-
-fn flotilla_with_config(state: &Path, config: &Path, registry: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .arg("--config")
-        .arg(config)
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--insecure-registry", registry])
+    Flotilla::new()
+        .empty_config(state.with_extension("toml"))
+        .state(state)
+        .registry(registry)
         .args(args)
         .output()
-        .expect("run flotilla")
-}
-
-fn json_of(out: &Output) -> Value {
-    assert!(out.status.success(), "{}", text(out));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
 }
 
 fn stored_refs(state: &Path) -> Vec<String> {
@@ -442,17 +429,13 @@ fn signature_policy_refuses_wrong_missing_and_misdirected_signatures() {
 
     let pull = |repo: &str| {
         let state = s.root.join(format!("state-{repo}"));
-        let out = flotilla_with_config(
-            &state,
-            &config,
-            &host,
-            &[
-                "--platform",
-                "linux/amd64",
-                "pull",
-                &format!("{host}/{repo}:v1"),
-            ],
-        );
+        let out = Flotilla::new()
+            .config(&config)
+            .state(&state)
+            .registry(&host)
+            .args(["--platform", "linux/amd64", "pull"])
+            .arg(format!("{host}/{repo}:v1"))
+            .output();
         (out, stored_refs(&state))
     };
     let (out, refs) = pull("signed");

@@ -4,12 +4,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use common::binfmt::Binfmt;
 use common::registry::{OciLayoutBuilder, busybox_images};
-use common::{output_text, require, wait_for};
+use common::{Flotilla, output_text, require, wait_for};
 
 const LONG_RUNNING: &str =
     "echo hello; echo oops >&2; trap 'echo bye; exit 0' TERM; while :; do busybox sleep 0.1; done";
@@ -45,23 +45,11 @@ impl Lab {
     }
 
     fn flotilla(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_flotilla"))
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(args)
-            .env_remove("JOURNAL_STREAM")
-            .output()
-            .expect("run flotilla")
+        Flotilla::new().state(&self.state).args(args).output()
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.flotilla(args);
-        assert!(
-            out.status.success(),
-            "flotilla {args:?}: {}",
-            output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        Flotilla::new().state(&self.state).args(args).stdout()
     }
 
     fn container(&self, name: &str) -> serde_json::Value {
@@ -239,12 +227,7 @@ fn a_container_being_made_is_never_adopted_by_a_concurrent_ps() {
             let mut said = String::new();
             let mut rounds = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && rounds < 100_000 {
-                let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
-                    .arg("--state-dir")
-                    .arg(&state)
-                    .arg("ps")
-                    .output()
-                    .expect("run flotilla ps");
+                let out = Flotilla::new().state(&state).arg("ps").output();
                 said.push_str(&String::from_utf8_lossy(&out.stderr));
                 rounds += 1;
             }

@@ -8,18 +8,25 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use flotilla::clock::FakeClock;
+use flotilla::config::Config;
+use flotilla::deploy::Deployer;
 use flotilla::digest::{Digest, Verifier};
 use flotilla::oci::{
     DOCKER_MANIFEST_LIST, Descriptor, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST,
 };
 use flotilla::platform::Platform;
-use flotilla::store::gc::{GcOptions, RemovedKind, collect_garbage};
+use flotilla::platform::host::Host;
+use flotilla::store::gc::{GcOptions, GcReport, RemovedKind, collect_garbage};
 use flotilla::store::{
     ANNOTATION_INDEX_DIGEST, ANNOTATION_PLATFORM, FreeSpace, OciLayout, OciLayoutRef, RefRecord,
     Slot, Store, StoreError,
 };
+use flotilla::unpack::Snapshots;
 
 mod common;
+
+use common::Flotilla;
 
 const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -141,6 +148,12 @@ fn gc(dry_run: bool, wait: bool) -> GcOptions {
         wait,
         keep_snapshots: Default::default(),
     }
+}
+
+/// gc with the state directory's layer snapshots, as `flotilla gc` runs it.
+fn collect(state: &Path, options: GcOptions) -> Result<GcReport, StoreError> {
+    let snapshots = Snapshots::open(state).expect("snapshots directory");
+    collect_garbage(state, options, &snapshots)
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -267,7 +280,7 @@ fn interrupted_download_resumes_from_its_partial_and_gc_removes_leftovers() {
     std::fs::write(&tmp_file, b"torn").unwrap();
     drop(store);
 
-    let report = collect_garbage(state, gc(false, true)).unwrap();
+    let report = collect(state, gc(false, true)).unwrap();
     assert_eq!(report.count(RemovedKind::Partial), 1, "{report:?}");
     assert_eq!(report.count(RemovedKind::TempFile), 1, "{report:?}");
     assert_eq!(report.count(RemovedKind::Blob), 0, "{report:?}");
@@ -394,7 +407,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
         garbage.config_digest(),
         garbage.layer_digest(),
     ];
-    let dry = collect_garbage(state, gc(true, true)).unwrap();
+    let dry = collect(state, gc(true, true)).unwrap();
     assert!(dry.dry_run);
     let mut would: Vec<PathBuf> = dry
         .removed
@@ -417,7 +430,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
     );
     assert!(stray_tmp.exists());
 
-    let report = collect_garbage(state, gc(false, true)).unwrap();
+    let report = collect(state, gc(false, true)).unwrap();
     assert_eq!(report.removed, dry.removed);
     assert!(expected.iter().all(|p| !p.exists()));
     assert!(!stray_tmp.exists());
@@ -431,10 +444,7 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
         }
     }
     assert!(layout.has_blob(&outer_d.digest) && layout.has_blob(&inner_d.digest));
-    assert_eq!(
-        collect_garbage(state, gc(false, true)).unwrap().removed,
-        vec![]
-    );
+    assert_eq!(collect(state, gc(false, true)).unwrap().removed, vec![]);
     let entries = Store::open(state).unwrap().images().unwrap();
     let kept_entry = entries
         .iter()
@@ -449,10 +459,10 @@ fn gc_keeps_what_references_reach_through_nested_indexes_and_removes_the_rest() 
 fn gc_waits_for_no_pull() {
     let tmp = tempfile::tempdir().unwrap();
     let pulling = Store::open(tmp.path()).unwrap();
-    let err = collect_garbage(tmp.path(), gc(true, false)).unwrap_err();
+    let err = collect(tmp.path(), gc(true, false)).unwrap_err();
     assert!(matches!(err, StoreError::Busy { .. }), "{err}");
     drop(pulling);
-    collect_garbage(tmp.path(), gc(true, true)).unwrap();
+    collect(tmp.path(), gc(true, true)).unwrap();
 }
 
 struct FixedSpace(u64);
@@ -618,7 +628,7 @@ fn hostile_layouts_give_errors_naming_the_file() {
         std::fs::write(&index, junk).unwrap();
         let err = layout.resolve(None).unwrap_err();
         assert!(err.to_string().contains(&index.display().to_string()), "{err}");
-        let err = collect_garbage(state, gc(false, true)).unwrap_err();
+        let err = collect(state, gc(false, true)).unwrap_err();
         assert!(matches!(err, StoreError::Json { .. }), "{err}");
     }
     let deep = "[".repeat(100_000);
@@ -656,7 +666,7 @@ fn hostile_layouts_give_errors_naming_the_file() {
     .unwrap();
     let manifest_path = layout.blob_path(&image.manifest_descriptor().digest);
     std::fs::write(&manifest_path, b"\x00\xff garbage").unwrap();
-    let err = collect_garbage(state, gc(false, true)).unwrap_err();
+    let err = collect(state, gc(false, true)).unwrap_err();
     assert!(
         err.to_string()
             .contains(&manifest_path.display().to_string()),
@@ -692,19 +702,15 @@ fn hostile_layouts_give_errors_naming_the_file() {
 fn the_cli_lists_and_collects() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
-    let bin = env!("CARGO_BIN_EXE_flotilla");
     let config = tmp.path().join("config.toml");
-    std::fs::write(&config, "").unwrap();
     let flotilla = |args: &[&str]| {
-        let mut c = Command::new(bin);
-        c.args(args)
-            .arg("--state-dir")
-            .arg(&state)
-            .arg("--config")
-            .arg(&config);
-        c
+        Flotilla::new()
+            .empty_config(&config)
+            .state(&state)
+            .args(args)
+            .stdout()
     };
-    assert_eq!(run_ok(&mut flotilla(&["images", "--json"])).trim(), "[]");
+    assert_eq!(flotilla(&["images", "--json"]).trim(), "[]");
     let image = TestImage::small("cli");
     {
         let store = Store::open(&state).unwrap();
@@ -714,23 +720,26 @@ fn the_cli_lists_and_collects() {
             .put_blob(&Digest::sha256_of(b"stray"), b"stray")
             .unwrap();
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&run_ok(&mut flotilla(&["images", "--json"]))).unwrap();
+    let json = Flotilla::new()
+        .empty_config(&config)
+        .state(&state)
+        .args(["images", "--json"])
+        .json();
     assert_eq!(json[0]["name"], "app");
     assert_eq!(json[0]["platform"], "linux/amd64");
-    let table = run_ok(&mut flotilla(&["images"]));
+    let table = flotilla(&["images"]);
     assert!(
         table.starts_with("REFERENCE") && table.contains("app"),
         "{table}"
     );
-    let dry = run_ok(&mut flotilla(&["gc", "--dry-run"]));
+    let dry = flotilla(&["gc", "--dry-run"]);
     assert!(dry.contains("would remove 1 blobs"), "{dry}");
     assert!(
         Store::open(&state)
             .unwrap()
             .has_blob(&Digest::sha256_of(b"stray"))
     );
-    let done = run_ok(&mut flotilla(&["gc"]));
+    let done = flotilla(&["gc"]);
     assert!(
         done.contains("removed 1 blobs") && done.contains("5 B freed"),
         "{done}"
@@ -740,4 +749,48 @@ fn the_cli_lists_and_collects() {
             .unwrap()
             .has_blob(&Digest::sha256_of(b"stray"))
     );
+}
+
+/// `flotilla run` and the agent take a stored image without pulling only when it is a variant for the device and
+/// every layer is unpacked; anything else is pulled again.
+#[test]
+fn a_stored_image_serves_a_deploy_only_for_its_platform_once_unpacked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let image = TestImage::small("deploy");
+    {
+        let store = Store::open(&state).unwrap();
+        image.publish(&store);
+        store.commit(&[image.record("app")]).unwrap();
+    }
+    let deployer = |platform: &str| {
+        let host = Host {
+            candidates: vec![platform.parse().unwrap()],
+            page_size: None,
+        };
+        Deployer {
+            state_dir: state.clone(),
+            config: Config::default(),
+            insecure_registries: Vec::new(),
+            live: host.clone(),
+            host,
+            clock: FakeClock::new(0.0),
+        }
+    };
+    let amd64 = deployer("linux/amd64");
+    assert!(
+        amd64.ready("app").unwrap().is_none(),
+        "its layer is not unpacked"
+    );
+
+    // A published snapshot is a directory with its index; what is in it does not matter here.
+    let diff_ids = amd64.image("app").unwrap().config.rootfs.unwrap().diff_ids;
+    let snapshots = Snapshots::open(&state).unwrap();
+    for d in &diff_ids {
+        std::fs::create_dir_all(snapshots.path(d)).unwrap();
+        std::fs::write(snapshots.path(d).join("index.json"), "{}").unwrap();
+    }
+    assert!(amd64.ready("app").unwrap().is_some());
+    assert!(deployer("linux/arm64").ready("app").unwrap().is_none());
+    assert!(amd64.ready("other").unwrap().is_none());
 }

@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use common::Flotilla;
 use common::tarcraft::RawTar;
 use flotilla::digest::Digest;
 use flotilla::fs_root::{Resolver, with_resolver};
@@ -843,26 +844,19 @@ fn layer_semantics_hold() {
     s.check("behaviour layers");
 }
 
-/// Runs flotilla with an empty configuration, so the machine's /etc/flotilla/config.toml plays no part.
-fn flotilla(state: &Path) -> std::process::Command {
-    let config = state.with_extension("toml");
-    fs::write(&config, "").expect("empty config");
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla"));
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--platform", "linux/amd64"]);
-    cmd
+/// flotilla as an amd64 host, with an empty configuration, so the machine's /etc/flotilla/config.toml plays no
+/// part.
+fn flotilla(state: &Path) -> Flotilla {
+    Flotilla::new()
+        .empty_config(state.with_extension("toml"))
+        .state(state)
+        .args(["--platform", "linux/amd64"])
 }
 
 fn pull_unpack(state: &Path, source: &str) -> serde_json::Value {
-    let out = flotilla(state)
+    flotilla(state)
         .args(["pull", "--unpack", "--json", source])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", common::output_text(&out));
-    serde_json::from_slice(&out.stdout).unwrap()
+        .json()
 }
 
 /// Each path under `root` with its type, mode, size, link target, owner and mtime.
@@ -929,8 +923,7 @@ fn pull_unpack_of_busybox_matches_umoci_and_gc_removes_unused_snapshots() {
     let source = format!("oci:{}:v1", layout.dir().display());
     let diff_id = &written.images[0].diff_id;
     // A plain pull stores the image but unpacks nothing; the run command asks before it runs.
-    let out = flotilla(&state).args(["pull", &source]).output().unwrap();
-    assert!(out.status.success(), "{}", common::output_text(&out));
+    flotilla(&state).args(["pull", &source]).ok();
     let snapshots = Snapshots::open(&state).unwrap();
     let state_of = || {
         let store = flotilla::store::Store::open(&state).unwrap();
@@ -988,8 +981,7 @@ fn pull_unpack_of_busybox_matches_umoci_and_gc_removes_unused_snapshots() {
     let store = flotilla::store::Store::open(&state).unwrap();
     assert!(store.remove_ref("v1").unwrap());
     drop(store);
-    let out = flotilla(&state).arg("gc").output().unwrap();
-    assert!(out.status.success(), "{}", common::output_text(&out));
+    let out = flotilla(&state).arg("gc").ok();
     assert!(
         snapshots.rootfs(diff_id).is_none(),
         "{}",
@@ -1029,6 +1021,7 @@ fn a_pull_killed_mid_unpack_leaves_no_snapshot_and_the_next_pull_redoes_it() {
     let source = format!("oci:{}:v1", layout.dir().display());
     let mut child = flotilla(&state)
         .args(["pull", "--unpack", &source])
+        .command()
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -1110,13 +1103,10 @@ fn images_on_one_base_share_its_snapshot_through_the_registry() {
 
     let state = lab.root.join("state");
     let pull = |repo: &str| {
-        let out = flotilla(&state)
-            .args(["--insecure-registry", &host])
+        flotilla(&state)
+            .registry(&host)
             .args(["pull", "--unpack", "--json", &format!("{host}/{repo}:v1")])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", common::output_text(&out));
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+            .json()
     };
     let one = pull("one");
     assert_eq!(one["layers_unpacked"], 2, "{one}");
@@ -1277,7 +1267,7 @@ fn pull_unpack_without_openat2_unpacks_and_refuses_as_with_it() {
     };
     let s = Sandbox::new();
     let platform = |filtered: bool, json: bool| {
-        let mut cmd = flotilla(&s.state().join("platform"));
+        let mut cmd = flotilla(&s.state().join("platform")).command();
         if filtered {
             common::seccomp::without_openat2(&mut cmd);
         }
@@ -1337,7 +1327,7 @@ fn pull_unpack_without_openat2_unpacks_and_refuses_as_with_it() {
         let mut seen: Vec<PullEnd> = Vec::new();
         for filtered in [false, true] {
             let state = s.state().join(format!("{n}-{filtered}"));
-            let mut cmd = flotilla(&state);
+            let mut cmd = flotilla(&state).command();
             if filtered {
                 common::seccomp::without_openat2(&mut cmd);
             }

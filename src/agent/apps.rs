@@ -1,88 +1,106 @@
-//! The agent's hands: preparing a release (pull, verify, prove, unpack) and making one release of an app the one
-//! that runs. Containers are named after their app, so there is never more than one per app, and `run` is
+//! The agent's hands: preparing a release (the deploy service's pull, verification, proof and unpack, then the
+//! release's pinned digest) and making one release of an app the one that runs. Containers are named after their app, so there is never more than one per app, and `run` is
 //! idempotent: it adopts what already runs as asked, and replaces anything else.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::agent::db::AppRelease;
-use crate::config::Config;
-use crate::platform::host::Host;
-use crate::pull::{PullOptions, Source};
-use crate::runtime::{Runtime, emulation};
-use crate::store::Store;
+use crate::deploy::{DeployError, Deployer};
+use crate::pull::Source;
+use crate::runtime::Runtime;
 use crate::supervise::container::{Container, ContainerError, Status};
-use crate::supervise::{control, launch};
+use crate::supervise::control;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppsError {
+    #[error("the release's image {image:?} is not a reference: {source}")]
+    Reference {
+        image: String,
+        source: crate::registry::ReferenceError,
+    },
+    // Boxed: a pull's error is large, and every result of the agent's loop would carry its size.
+    #[error(transparent)]
+    Deploy(Box<DeployError>),
+    #[error(
+        "the registry served {served} for {platform}, but the release pinned {pinned}: the tag moved since the \
+         release was made; publish a release that pins the new digest"
+    )]
+    NotPinned {
+        platform: String,
+        served: String,
+        pinned: String,
+    },
+    #[error(
+        "the pull chose {platform}, which the release does not list ({listed}): add a {platform} image to the \
+         release"
+    )]
+    NotListed { platform: String, listed: String },
+    #[error("the release {0} is unknown here; the server will send it again")]
+    UnknownRelease(String),
+    #[error("the release {0} was never prepared here")]
+    NotPrepared(String),
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error(transparent)]
+    Supervise(#[from] crate::supervise::supervisor::SuperviseError),
+    #[error("the pull task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+impl From<DeployError> for AppsError {
+    fn from(e: DeployError) -> AppsError {
+        AppsError::Deploy(Box::new(e))
+    }
+}
 
 #[derive(Clone)]
 pub struct Apps {
-    pub state_dir: PathBuf,
-    pub config: Config,
-    pub insecure_registries: Vec<String>,
-    /// The platform variants are chosen for.
-    pub host: Host,
-    /// This machine, the gate for emulation.
-    pub live: Host,
+    pub deploy: Deployer,
     pub runtime: Arc<dyn Runtime>,
 }
 
 impl Apps {
     /// Pulls and unpacks `release` for this device; the name its image is stored under. The variant the pull
     /// proved must be the one the release pinned for that platform.
-    pub async fn prepare(&self, release: &AppRelease) -> Result<String, String> {
+    pub async fn prepare(&self, release: &AppRelease) -> Result<String, AppsError> {
         let reference = release
             .image
             .parse::<crate::registry::Reference>()
-            .map_err(|e| e.to_string())?;
-        let client = crate::registry::RegistryClient::new(&self.config, &self.insecure_registries)
-            .map_err(|e| crate::error_chain(&e))?;
-        let store = Store::open(&self.state_dir).map_err(|e| crate::error_chain(&e))?;
-        let options = PullOptions {
-            unpack: Some(crate::unpack::Limits::from_env().map_err(|e| crate::error_chain(&e))?),
-            ..PullOptions::from_config(&self.config)
-        };
-        let reporter = crate::pull::progress::Reporter::for_stderr();
-        let report = crate::pull::pull(
-            &self.config,
-            Some(&client),
-            &store,
-            &Source::Registry(reference),
-            &self.host,
-            &options,
-            &reporter,
-        )
-        .await
-        .map_err(|e| crate::error_chain(&e))?;
+            .map_err(|source| AppsError::Reference {
+                image: release.image.clone(),
+                source,
+            })?;
+        let report = self.deploy.prepare(&Source::Registry(reference)).await?;
         let platform = report.platform.to_string();
         match release.manifests.get(&platform) {
             Some(d) if *d == report.manifest_digest.to_string() => Ok(report.name),
-            Some(d) => Err(format!(
-                "the registry served {} for {platform}, but the release pinned {d}",
-                report.manifest_digest
-            )),
-            None => Err(format!(
-                "the pull chose {platform}, which the release does not list ({})",
-                release
+            Some(d) => Err(AppsError::NotPinned {
+                platform,
+                served: report.manifest_digest.to_string(),
+                pinned: d.clone(),
+            }),
+            None => Err(AppsError::NotListed {
+                platform,
+                listed: release
                     .manifests
                     .keys()
                     .cloned()
                     .collect::<Vec<_>>()
-                    .join(", ")
-            )),
+                    .join(", "),
+            }),
         }
     }
 
     /// Makes `target` the release of `app` that runs (`None`: nothing runs). Blocking: stopping waits for the
     /// old container's grace period.
-    pub fn run(&self, app: &str, target: Option<&AppRelease>) -> Result<(), String> {
-        let text = |e: &dyn std::error::Error| crate::error_chain(e);
-        match Container::open(&self.state_dir, app) {
+    pub fn run(&self, app: &str, target: Option<&AppRelease>) -> Result<(), AppsError> {
+        let state_dir = &self.deploy.state_dir;
+        match Container::open(state_dir, app) {
             Ok(c) => {
-                let spec = c.spec().map_err(|e| text(&e))?;
+                let spec = c.spec()?;
                 let same = target.is_some_and(|t| {
-                    let mut wanted = t.settings.clone();
-                    wanted.allow_emulation |= self.config.run.allow_emulation;
-                    t.stored.as_deref() == Some(spec.image.as_str()) && wanted == spec.settings
+                    t.stored.as_deref() == Some(spec.image.as_str())
+                        && self.deploy.settings(&t.settings) == spec.settings
                 });
                 let supervised = c.is_locked();
                 let running = control::is_running(&c, self.runtime.as_ref());
@@ -91,14 +109,12 @@ impl Apps {
                 }
                 if same && running {
                     // Its supervisor died (the machine did not reboot: the container runs): a new one adopts it.
-                    return control::spawn_supervisor(&self.state_dir, &c, None)
-                        .map_err(|e| text(&e));
+                    return Ok(control::spawn_supervisor(state_dir, &c, None)?);
                 }
-                control::remove(&c, &self.runtime, spec.settings.stop_grace)
-                    .map_err(|e| text(&e))?;
+                control::remove(&c, &self.runtime, spec.settings.stop_grace)?;
             }
             Err(ContainerError::NotFound(_)) => {}
-            Err(e) => return Err(text(&e)),
+            Err(e) => return Err(e.into()),
         }
         let Some(target) = target else {
             return Ok(());
@@ -106,31 +122,15 @@ impl Apps {
         let stored = target
             .stored
             .as_deref()
-            .ok_or_else(|| format!("the release {} was never prepared here", target.id))?;
-        let store = Store::open(&self.state_dir).map_err(|e| text(&e))?;
-        let image = store.image(stored).map_err(|e| text(&e))?;
-        let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
-            .map_err(|e| text(&e))?;
-        // The device's own configuration may allow emulation for every app, as it does for `flotilla run`.
-        let mut settings = target.settings.clone();
-        settings.allow_emulation |= self.config.run.allow_emulation;
-        launch::launch(&launch::Launch {
-            state_dir: &self.state_dir,
-            name: app,
-            image_name: stored,
-            image: &image,
-            settings: &settings,
-            host: &self.host,
-            live: &self.live,
-            binfmt: &binfmt,
-        })
-        .map(|_| ())
-        .map_err(|e| text(&e))
+            .ok_or_else(|| AppsError::NotPrepared(target.id.clone()))?;
+        let image = self.deploy.image(stored)?;
+        self.deploy.launch(app, stored, &image, &target.settings)?;
+        Ok(())
     }
 
     /// The app's container status, its manifest digest and platform, when it has a container.
     pub fn status(&self, app: &str) -> Option<(Status, String, String)> {
-        let c = Container::open(&self.state_dir, app).ok()?;
+        let c = Container::open(&self.deploy.state_dir, app).ok()?;
         let spec = c.spec().ok()?;
         Some((c.status(), spec.manifest_digest.to_string(), spec.platform))
     }

@@ -14,8 +14,10 @@ pub mod metrics;
 pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use crate::clock::Clock;
 use crate::config::FleetConfig;
 use crate::fleet::{AppStatus, Desired, EnrollRequest, Event, EventBody, PlatformReport};
 use crate::supervise::container::{State as CState, Status};
@@ -53,25 +55,20 @@ pub struct Agent {
     link: Option<Link>,
     sampler: Box<dyn metrics::Sampler>,
     /// Pulls in flight, per app: their outcome becomes `Prepared` or `PrepareFailed`.
-    preparing: HashMap<String, tokio::task::JoinHandle<Result<String, String>>>,
+    preparing: HashMap<String, tokio::task::JoinHandle<Result<String, apps::AppsError>>>,
     /// The last status reported per app, so only changes are sent.
     reported: HashMap<String, AppStatus>,
     /// Apps whose release could not be started, with when to try again and the wait after that: a device
     /// without its server must still bring its committed release back once what stood in the way is gone.
-    rerun: HashMap<String, (tokio::time::Instant, Duration)>,
+    rerun: HashMap<String, (Instant, Duration)>,
     /// The fleet's last desire per app. The server answers a long poll only when the desire changed, so one that
     /// an app in mid-update could not take is kept here and offered again once the app is steady.
     wanted: BTreeMap<String, Option<Release>>,
     /// A test hook: stop (and wait to be killed) right after this update state is written.
     halt_at: Option<String>,
     seq: u64,
-}
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    /// Event times, probation, and every backoff and deadline of the loop.
+    clock: Arc<dyn Clock>,
 }
 
 /// The event a container's status means for the app's update, if any: the pure part of watching an update.
@@ -116,17 +113,32 @@ pub fn observe(state: &State, status: Option<&Status>) -> Option<update::Event> 
 }
 
 impl Agent {
+    /// Wall-clock seconds since the epoch, as events and probation count them.
+    fn now(&self) -> u64 {
+        self.clock
+            .now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    /// Up to 50% more, so a fleet that lost its server does not come back in lockstep.
+    fn jitter(&self, d: Duration) -> Duration {
+        d + d.mul_f64(self.clock.random() * 0.5)
+    }
+
     pub fn new(
         db: Db,
         apps: Apps,
         fleet: FleetConfig,
         identity: Identity,
         sampler: Box<dyn metrics::Sampler>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Agent, AgentError> {
         let link = match &fleet.server {
             Some(url) => Some(Link::new(
                 url,
-                apps.config.ca_bundle.as_deref(),
+                apps.deploy.config.ca_bundle.as_deref(),
                 fleet.poll_interval,
             )?),
             None => None,
@@ -144,6 +156,7 @@ impl Agent {
             wanted: BTreeMap::new(),
             halt_at: std::env::var("FLOTILLA_TEST_HALT_AT").ok(),
             seq: 0,
+            clock,
         })
     }
 
@@ -167,7 +180,7 @@ impl Agent {
 
     fn new_event(&mut self, body: EventBody) -> Event {
         self.seq += 1;
-        let at = now();
+        let at = self.now();
         // Unique across restarts without a counter on disk: the time, this run's sequence and random bits.
         let id = format!("{at:x}-{:x}-{:08x}", self.seq, rand::random::<u32>());
         Event {
@@ -259,9 +272,11 @@ impl Agent {
                     None => None,
                 };
                 let result = match (&target, &release) {
-                    (Some(r), None) => Err(format!("the release {} is unknown here", r.id)),
+                    (Some(r), None) => Err(apps::AppsError::UnknownRelease(r.id.clone())),
                     _ => tokio::task::block_in_place(|| self.apps.run(app, release.as_ref())),
-                };
+                }
+                // The state machine and the report carry the reason as text.
+                .map_err(|e| crate::error_chain(&e));
                 if result.is_ok() {
                     self.rerun.remove(app);
                 }
@@ -291,7 +306,7 @@ impl Agent {
                         );
                         self.rerun.insert(
                             app.to_string(),
-                            (tokio::time::Instant::now() + jitter(wait), wait),
+                            (self.clock.instant() + self.jitter(wait), wait),
                         );
                     }
                     _ => {}
@@ -357,9 +372,7 @@ impl Agent {
             let Some(handle) = self.preparing.remove(&app) else {
                 continue;
             };
-            let outcome = handle
-                .await
-                .unwrap_or_else(|e| Err(format!("the pull task failed: {e}")));
+            let outcome = handle.await.unwrap_or_else(|e| Err(e.into()));
             let event = match outcome {
                 Ok(stored) => {
                     if let State::Preparing { target, .. } = self.db.app_state(&app)? {
@@ -370,14 +383,16 @@ impl Agent {
                     }
                     update::Event::Prepared
                 }
-                Err(reason) => update::Event::PrepareFailed { reason },
+                Err(e) => update::Event::PrepareFailed {
+                    reason: crate::error_chain(&e),
+                },
             };
             self.apply(&app, event).await?;
         }
         let due: Vec<String> = self
             .rerun
             .iter()
-            .filter(|(_, (at, _))| tokio::time::Instant::now() >= *at)
+            .filter(|(_, (at, _))| self.clock.instant() >= *at)
             .map(|(app, _)| app.clone())
             .collect();
         for app in due {
@@ -396,7 +411,8 @@ impl Agent {
                 self.apply(&app, e).await?;
             }
             if matches!(self.db.app_state(&app)?, State::Probation { .. }) {
-                self.apply(&app, update::Event::Tick { now: now() }).await?;
+                let now = self.now();
+                self.apply(&app, update::Event::Tick { now }).await?;
             }
         }
         for (app, desired) in self.wanted.clone() {
@@ -541,24 +557,25 @@ impl Agent {
         }
         let mut etag: Option<String> = None;
         let mut poll: Option<tokio::task::JoinHandle<Result<Fetched, LinkError>>> = None;
-        let mut next_heartbeat = tokio::time::Instant::now();
+        let clock = self.clock.clone();
+        let mut next_heartbeat = clock.instant();
         let mut backoff = Duration::from_secs(1);
-        let mut retry_at = tokio::time::Instant::now();
+        let mut retry_at = clock.instant();
         loop {
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-            if tokio::time::Instant::now() >= next_heartbeat {
+            if clock.instant() >= next_heartbeat {
                 let mut m = self.sampler.sample();
                 m.dead_letters = Some(self.db.dead_letters()?).filter(|n| *n > 0);
                 self.event(EventBody::Heartbeat(m))?;
-                next_heartbeat = tokio::time::Instant::now() + self.fleet.heartbeat_interval;
+                next_heartbeat = clock.instant() + self.fleet.heartbeat_interval;
             }
             let busy = self.busy()?;
-            let credential = if tokio::time::Instant::now() >= retry_at {
+            let credential = if clock.instant() >= retry_at {
                 match self.credential().await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::warn!("{}", crate::error_chain(&e));
-                        retry_at = tokio::time::Instant::now() + jitter(backoff);
+                        retry_at = clock.instant() + self.jitter(backoff);
                         backoff =
                             (backoff * 2).min(self.fleet.poll_interval.max(Duration::from_secs(1)));
                         None
@@ -574,9 +591,7 @@ impl Agent {
                     let wait = if busy {
                         Duration::ZERO
                     } else {
-                        self.fleet
-                            .poll_interval
-                            .mul_f64(0.8 + 0.2 * rand::random::<f64>())
+                        self.fleet.poll_interval.mul_f64(0.8 + 0.2 * clock.random())
                     };
                     let tag = etag.clone();
                     poll = Some(tokio::spawn(async move {
@@ -592,10 +607,10 @@ impl Agent {
             let fetched = match poll.as_mut() {
                 Some(p) => tokio::select! {
                     r = p => { poll = None; Some(r) }
-                    _ = tokio::time::sleep(tick) => None,
+                    _ = clock.sleep(tick) => None,
                 },
                 None => {
-                    tokio::time::sleep(tick).await;
+                    clock.sleep(tick).await;
                     None
                 }
             };
@@ -614,7 +629,7 @@ impl Agent {
                     } else {
                         tracing::warn!("{}", crate::error_chain(&e));
                     }
-                    retry_at = tokio::time::Instant::now() + jitter(backoff);
+                    retry_at = clock.instant() + self.jitter(backoff);
                     backoff =
                         (backoff * 2).min(self.fleet.poll_interval.max(Duration::from_secs(1)));
                 }
@@ -670,11 +685,6 @@ where
 /// The first wait before a release that could not be started is tried again, and the longest.
 const RERUN_FIRST: Duration = Duration::from_secs(2);
 const RERUN_MAX: Duration = Duration::from_secs(300);
-
-/// Up to 50% more, so a fleet that lost its server does not come back in lockstep.
-fn jitter(d: Duration) -> Duration {
-    d + d.mul_f64(rand::random::<f64>() * 0.5)
-}
 
 #[cfg(test)]
 mod tests {

@@ -27,13 +27,6 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     })?;
     let detection = super::platform::host_detection(ctx)?;
     let host = detection.host();
-    let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
-        host.clone()
-    } else {
-        crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
-            .0
-            .host()
-    };
     let runtime: Arc<dyn Runtime> = Arc::new(super::open_runtime(ctx)?);
     let name = ctx.config.fleet.name.clone().unwrap_or_else(|| {
         rustix::system::uname()
@@ -51,15 +44,18 @@ pub fn run(_args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     };
     let db = Db::open(&ctx.state_dir).map_err(AgentError::from)?;
     let apps = Apps {
-        state_dir: ctx.state_dir.clone(),
-        config: ctx.config.clone(),
-        insecure_registries: ctx.insecure_registries.clone(),
-        host,
-        live,
+        deploy: super::deployer(ctx, host)?,
         runtime: runtime.clone(),
     };
     let sampler = Box::new(SystemSampler::new(&ctx.state_dir));
-    let agent = Agent::new(db, apps, ctx.config.fleet.clone(), identity, sampler)?;
+    let agent = Agent::new(
+        db,
+        apps,
+        ctx.config.fleet.clone(),
+        identity,
+        sampler,
+        Arc::new(crate::clock::SystemClock),
+    )?;
     let rt = super::runtime()?;
     let terminated = rt.block_on(async move {
         use tokio::signal::unix::{SignalKind, signal};

@@ -37,24 +37,28 @@ pub enum CheckBinaryError {
     Elf(#[from] ElfError),
     #[error("cannot write the report: {0}")]
     Output(#[source] std::io::Error),
+    #[error("--page-size {0:?} is not a number of bytes, e.g. 4096 or 16384")]
+    PageSizeNumber(String),
+    #[error("--page-size {0} is not a page size: give a power of two such as 4096, 16384 or 65536")]
+    PageSize(u64),
 }
 
 impl CheckBinaryError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CheckBinaryError::Elf(_) | CheckBinaryError::Output(_) => 1,
+            // clap reports these before the command runs, with its own usage exit code.
+            CheckBinaryError::PageSizeNumber(_) | CheckBinaryError::PageSize(_) => 2,
         }
     }
 }
 
-fn parse_page_size(s: &str) -> Result<u64, String> {
+fn parse_page_size(s: &str) -> Result<u64, CheckBinaryError> {
     let size: u64 = s
         .parse()
-        .map_err(|_| format!("{s:?} is not a number of bytes, e.g. 4096 or 16384"))?;
+        .map_err(|_| CheckBinaryError::PageSizeNumber(s.to_string()))?;
     if size < 1024 || !size.is_power_of_two() {
-        return Err(format!(
-            "{size} is not a page size: give a power of two such as 4096, 16384 or 65536"
-        ));
+        return Err(CheckBinaryError::PageSize(size));
     }
     Ok(size)
 }

@@ -7,6 +7,7 @@ use super::{CliError, Context};
 use crate::store::StoreError;
 use crate::store::gc::{self, GcOptions, RemovedKind};
 use crate::supervise::container::Container;
+use crate::unpack::Snapshots;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,14 +26,15 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
         wait: false,
         keep_snapshots,
     };
-    let report = match gc::collect_garbage(&ctx.state_dir, options.clone()) {
+    let snapshots = Snapshots::open(&ctx.state_dir)?;
+    let report = match gc::collect_garbage(&ctx.state_dir, options.clone(), &snapshots) {
         Err(StoreError::Busy { path }) => {
             eprintln!(
                 "flotilla: waiting for the running pull to finish ({} is locked)",
                 path.display()
             );
             options.wait = true;
-            gc::collect_garbage(&ctx.state_dir, options)?
+            gc::collect_garbage(&ctx.state_dir, options, &snapshots)?
         }
         other => other?,
     };

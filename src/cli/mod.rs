@@ -174,6 +174,8 @@ pub enum CliError {
     #[error(transparent)]
     Run(#[from] run::RunError),
     #[error(transparent)]
+    Deploy(Box<crate::deploy::DeployError>),
+    #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
     #[error(transparent)]
     Rm(#[from] rm::RmError),
@@ -186,6 +188,22 @@ pub enum CliError {
         what: String,
         source: std::io::Error,
     },
+}
+
+/// Each deploy error keeps the variant, and so the exit code, it has when a command meets it directly.
+impl From<crate::deploy::DeployError> for CliError {
+    fn from(e: crate::deploy::DeployError) -> CliError {
+        use crate::deploy::DeployError;
+        match e {
+            DeployError::Registry(e) => CliError::Registry(e),
+            DeployError::Store(e) => CliError::Store(e),
+            DeployError::Unpack(e) => CliError::Unpack(e),
+            DeployError::Pull(e) => CliError::Pull(e),
+            e @ (DeployError::Emulation(_) | DeployError::Launch(_)) => {
+                CliError::Deploy(Box::new(e))
+            }
+        }
+    }
 }
 
 impl CliError {
@@ -204,6 +222,7 @@ impl CliError {
             CliError::Container(_)
             | CliError::Supervise(_)
             | CliError::Run(_)
+            | CliError::Deploy(_)
             | CliError::Rm(_)
             | CliError::ContainerRuntime(_)
             | CliError::Unpack(_)
@@ -314,32 +333,27 @@ pub(crate) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> 
     out
 }
 
-/// Pulls `source` for `host` into `store` with the configuration's registry client and progress on stderr: what
-/// `pull` and `run` share.
-pub(crate) fn pull_into(
+/// The deploy service for `host`, the platform that chooses variants. The emulation gate is this machine,
+/// whatever `--platform` or `--evidence` chose: they pick a variant, they do not make this CPU run it.
+pub(crate) fn deployer(
     ctx: &Context,
-    store: &crate::store::Store,
-    source: &crate::pull::Source,
-    host: &crate::platform::host::Host,
-    options: &crate::pull::PullOptions,
-) -> Result<crate::pull::PullReport, CliError> {
-    let client = match source {
-        crate::pull::Source::Registry(_) => Some(crate::registry::RegistryClient::new(
-            &ctx.config,
-            &ctx.insecure_registries,
-        )?),
-        crate::pull::Source::Layout(_) => None,
+    host: crate::platform::host::Host,
+) -> Result<crate::deploy::Deployer, CliError> {
+    let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
+        host.clone()
+    } else {
+        crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
+            .0
+            .host()
     };
-    let reporter = crate::pull::progress::Reporter::for_stderr();
-    Ok(runtime()?.block_on(crate::pull::pull(
-        &ctx.config,
-        client.as_ref(),
-        store,
-        source,
+    Ok(crate::deploy::Deployer {
+        state_dir: ctx.state_dir.clone(),
+        config: ctx.config.clone(),
+        insecure_registries: ctx.insecure_registries.clone(),
         host,
-        options,
-        &reporter,
-    ))?)
+        live,
+        clock: std::sync::Arc::new(crate::clock::SystemClock),
+    })
 }
 
 /// stdout records to stdout and stderr records to stderr, as the container wrote them.

@@ -5,11 +5,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::SystemTime;
 
 use serde::Serialize;
 
 use super::{CliError, Context};
+use crate::clock::{Clock, SystemClock};
 use crate::fs_root::{Probe, Resolver};
 use crate::platform::detect::{DetectError, Detection};
 use crate::platform::host::{self, Override};
@@ -131,6 +131,6 @@ fn dump_source() -> String {
     format!(
         "flotilla {} platform --dump on host {host}, {}",
         crate::VERSION,
-        httpdate::fmt_http_date(SystemTime::now())
+        httpdate::fmt_http_date(SystemClock.now())
     )
 }

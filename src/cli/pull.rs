@@ -33,7 +33,14 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     if args.unpack {
         options.unpack = Some(Limits::from_env().map_err(pull::PullError::from)?);
     }
-    let report = super::pull_into(ctx, &store, &source, &host, &options)?;
+    let report = super::runtime()?.block_on(crate::deploy::pull(
+        &ctx.config,
+        &ctx.insecure_registries,
+        &store,
+        &source,
+        &host,
+        &options,
+    ))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);

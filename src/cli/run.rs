@@ -1,5 +1,5 @@
-//! `flotilla run`: pull (and unpack) when needed, check that this device may run the image, make the container's
-//! root and bundle, and hand the container to a supervisor.
+//! `flotilla run`: the deploy service resolves, pulls and launches the image; this prints what it did and follows
+//! the container.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,13 +8,11 @@ use std::time::Duration;
 
 use super::{CliError, Context};
 use crate::app::{self as settings, HealthCheck, Probe, RunSettings, SettingsError};
-use crate::pull::{PullOptions, Source};
+use crate::pull::Source;
 use crate::runtime::Runtime;
-use crate::runtime::emulation;
-use crate::store::Store;
 use crate::supervise::container::{Container, State};
-use crate::supervise::{control, launch};
-use crate::unpack::{Snapshots, rootfs};
+use crate::supervise::control;
+use crate::unpack::rootfs;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -151,10 +149,6 @@ pub enum RunError {
     Settings(#[from] SettingsError),
     #[error("cannot name the container after {0:?}: give it one with --name")]
     NoName(String),
-    #[error(transparent)]
-    Emulation(#[from] emulation::EmulationError),
-    #[error(transparent)]
-    Launch(Box<launch::LaunchError>),
     #[error("container {name} could not start: {reason}")]
     StartFailed { name: String, reason: String },
 }
@@ -183,56 +177,13 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
     }
 
     let detection = super::platform::host_detection(ctx)?;
-    let host = detection.host();
-    let store = Store::open(&ctx.state_dir)?;
-    let snapshots = Snapshots::open(&ctx.state_dir)?;
-    // The stored image serves when it is whole, unpacked, and a variant for this device (a pull for another
-    // --platform stores under the same name).
-    let unpacked = |store: &Store| -> Option<crate::store::StoredImage> {
-        let image = store.image(&stored_name).ok()?;
-        let stated = crate::platform::Platform::of_config(&image.config);
-        let fits = host.candidates.iter().any(|c| {
-            *c == stated
-                || (stated.variant.is_none()
-                    && c.os == stated.os
-                    && c.architecture == stated.architecture)
-        });
-        (fits && snapshots.missing(&launch::diff_ids(&image)).is_empty()).then_some(image)
-    };
-    let image = match unpacked(&store).filter(|_| !args.pull) {
-        Some(image) => image,
-        None => {
-            let options = PullOptions {
-                unpack: Some(crate::unpack::Limits::from_env()?),
-                ..PullOptions::from_config(&ctx.config)
-            };
-            let report = super::pull_into(ctx, &store, &source, &host, &options)?;
-            eprintln!("pulled {} ({})", report.name, report.platform);
-            store.image(&report.name)?
-        }
-    };
-    // The gate is this machine, whatever --platform or --evidence chose to pull: they pick a variant, they do not
-    // make this CPU run it.
-    let live = if ctx.platform_override.is_none() && ctx.evidence.is_none() {
-        host.clone()
-    } else {
-        crate::platform::host::decide(crate::platform::host::read_evidence(None), None)?
-            .0
-            .host()
-    };
-    let binfmt = emulation::Binfmt::read(std::path::Path::new(emulation::Binfmt::DIR))
-        .map_err(RunError::from)?;
-    let launched = launch::launch(&launch::Launch {
-        state_dir: &ctx.state_dir,
-        name: &name,
-        image_name: &stored_name,
-        image: &image,
-        settings: &settings,
-        host: &host,
-        live: &live,
-        binfmt: &binfmt,
-    })
-    .map_err(|e| RunError::Launch(Box::new(e)))?;
+    let deployer = super::deployer(ctx, detection.host())?;
+    let resolved =
+        super::runtime()?.block_on(deployer.resolve(&source, &stored_name, !args.pull))?;
+    if let Some(report) = &resolved.pulled {
+        eprintln!("pulled {} ({})", report.name, report.platform);
+    }
+    let launched = deployer.launch(&name, &stored_name, &resolved.image, &settings)?;
     if let Some(handler) = &launched.emulated_by {
         eprintln!(
             "{name}: {} runs here only through the binfmt handler {handler} (emulated)",

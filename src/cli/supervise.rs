@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use super::{CliError, Context};
+use crate::clock::SystemClock;
 use crate::runtime::Runtime;
 use crate::supervise::container::{Container, ContainerError};
 use crate::supervise::supervisor::Supervisor;
@@ -70,7 +71,9 @@ pub fn run(args: Args, ctx: &Context) -> Result<ExitCode, CliError> {
             }
             let _ = tx.send(Some(stop_file.stop_requested().unwrap_or(default_grace)));
         });
-        Supervisor::new(container, runtime)?.run(rx).await
+        Supervisor::new(container, runtime, Arc::new(SystemClock))?
+            .run(rx)
+            .await
     })?;
     tracing::info!(container = %args.name, state = status.state.as_str(), "supervisor done");
     Ok(ExitCode::SUCCESS)

@@ -45,6 +45,36 @@ pub enum EvidenceError {
     Empty { dir: PathBuf },
     #[error("cannot write evidence to {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error("evidence file {path} is not valid: {source}")]
+    Auxv { path: PathBuf, source: AuxvError },
+}
+
+/// Why an auxiliary vector, as text or as `/proc/<pid>/auxv`, could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum AuxvError {
+    #[error(
+        "line {line}: {text:?} is not `AT_NAME: value`, as `LD_SHOW_AUXV=1 /bin/true` prints it"
+    )]
+    NotEntry { line: usize, text: String },
+    #[error("line {line}: {key:?} is not an auxv entry name (those start with AT_)")]
+    NotName { line: usize, key: String },
+    #[error("line {line}: {key} value {value:?} is not {expected}")]
+    BadValue {
+        line: usize,
+        key: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("no `AT_NAME: value` lines: capture it with `LD_SHOW_AUXV=1 /bin/true`")]
+    NoEntries,
+    #[error("word size {0} is neither 4 nor 8")]
+    WordSize(usize),
+    #[error(
+        "{len} bytes is not a whole number of {entry}-byte entries: the copy was cut short; read it again"
+    )]
+    Partial { len: usize, entry: usize },
+    #[error("no AT_NULL entry at the end: the copy was cut short; read it again")]
+    NoEnd,
 }
 
 /// One auxiliary-vector value as glibc's `LD_SHOW_AUXV=1` prints it: a number, or (for AT_HWCAP on ARM) names.
@@ -75,7 +105,7 @@ impl Auxv {
 
     /// Reads `LD_SHOW_AUXV=1` output. Hardware-capability values are hex with or without `0x`, or a list of
     /// names; AT_PAGESZ is decimal unless it carries `0x`. Entries detection does not use are skipped.
-    pub fn parse_text(text: &str) -> Result<Auxv, String> {
+    pub fn parse_text(text: &str) -> Result<Auxv, AuxvError> {
         let mut auxv = Auxv::default();
         let mut entries = 0;
         for (n, raw) in text.lines().enumerate() {
@@ -84,14 +114,25 @@ impl Auxv {
                 continue;
             }
             let Some((key, value)) = line.split_once(':') else {
-                return Err(format!("line {}: {line:?} is not `AT_NAME: value`", n + 1));
+                return Err(AuxvError::NotEntry {
+                    line: n + 1,
+                    text: line.to_string(),
+                });
             };
             let (key, value) = (key.trim(), value.trim());
             if !key.starts_with("AT_") {
-                return Err(format!("line {}: {key:?} is not an auxv entry name", n + 1));
+                return Err(AuxvError::NotName {
+                    line: n + 1,
+                    key: key.to_string(),
+                });
             }
             entries += 1;
-            let bad = |what: &str| format!("line {}: {key} value {value:?} is not {what}", n + 1);
+            let bad = |expected: &'static str| AuxvError::BadValue {
+                line: n + 1,
+                key: key.to_string(),
+                value: value.to_string(),
+                expected,
+            };
             match key {
                 "AT_HWCAP" => {
                     auxv.hwcap = Some(parse_hwcap(value).ok_or_else(|| bad("hex or names"))?)
@@ -113,16 +154,16 @@ impl Auxv {
             }
         }
         if entries == 0 {
-            return Err("no `AT_NAME: value` lines".to_string());
+            return Err(AuxvError::NoEntries);
         }
         Ok(auxv)
     }
 
     /// Reads the binary `/proc/<pid>/auxv` of a little-endian process whose words are `word_bytes` (4 or 8) long.
     /// AT_PLATFORM is a pointer into that process and cannot be resolved from here; it stays unknown.
-    pub fn parse_raw(bytes: &[u8], word_bytes: usize) -> Result<Auxv, String> {
+    pub fn parse_raw(bytes: &[u8], word_bytes: usize) -> Result<Auxv, AuxvError> {
         if word_bytes != 4 && word_bytes != 8 {
-            return Err(format!("word size {word_bytes} is neither 4 nor 8"));
+            return Err(AuxvError::WordSize(word_bytes));
         }
         let word = |chunk: &[u8]| {
             chunk
@@ -133,11 +174,10 @@ impl Auxv {
         let mut auxv = Auxv::default();
         for pair in bytes.chunks(word_bytes * 2) {
             if pair.len() != word_bytes * 2 {
-                return Err(format!(
-                    "{} bytes is not a whole number of {}-byte entries",
-                    bytes.len(),
-                    word_bytes * 2
-                ));
+                return Err(AuxvError::Partial {
+                    len: bytes.len(),
+                    entry: word_bytes * 2,
+                });
             }
             let (key, value) = pair.split_at(word_bytes);
             match word(key) {
@@ -148,7 +188,7 @@ impl Auxv {
                 _ => {}
             }
         }
-        Err("no AT_NULL entry at the end".to_string())
+        Err(AuxvError::NoEnd)
     }
 
     /// The `LD_SHOW_AUXV=1` form [`Auxv::parse_text`] reads.
@@ -409,9 +449,9 @@ impl Evidence {
         let page_size = read_number(&dir.join("page-size"), is_page_size, "a page size in bytes")?;
         let auxv_path = dir.join("auxv");
         let auxv = match read_optional(&auxv_path, AUXV_LIMIT)? {
-            Some(text) => Auxv::parse_text(&text).map_err(|reason| EvidenceError::Invalid {
+            Some(text) => Auxv::parse_text(&text).map_err(|source| EvidenceError::Auxv {
                 path: auxv_path.clone(),
-                reason,
+                source,
             })?,
             None => Auxv::default(),
         };
@@ -520,10 +560,11 @@ mod tests {
     #[test]
     fn auxv_text_garbage_is_refused_with_the_line() {
         let err = Auxv::parse_text("hello world\n").unwrap_err();
-        assert!(err.contains("line 1"), "{err}");
+        assert!(err.to_string().contains("line 1"), "{err}");
         assert!(
             Auxv::parse_text("AT_PAGESZ: lots\n")
                 .unwrap_err()
+                .to_string()
                 .contains("AT_PAGESZ")
         );
         assert!(Auxv::parse_text("\n\n").is_err());

@@ -506,6 +506,17 @@ fn judge(candidates: &[Platform], entry: &IndexEntry) -> Result<Choice, PassReas
     Err(PassReason::VariantNotRunnable { platform, runnable })
 }
 
+/// Whether an image already stored, whose config states `stated`, is a variant for this device: one of its
+/// candidates, or of a candidate's architecture when the config names no variant (its pull proved it then).
+pub fn stored_fits(candidates: &[Platform], stated: &Platform) -> bool {
+    candidates.iter().any(|c| {
+        c == stated
+            || (stated.variant.is_none()
+                && c.os == stated.os
+                && c.architecture == stated.architecture)
+    })
+}
+
 /// Whether an image's config agrees with the index label it was chosen by: the config must state the label's OS
 /// and architecture, and its variant when both give one. arm64's variants are levels (`v8`, `v8.2`) that configs
 /// rarely state the way the index does, so they are not compared.
@@ -957,6 +968,23 @@ mod tests {
                 agrees,
                 "label {label}, config {stated}"
             );
+        }
+    }
+
+    #[test]
+    fn a_stored_image_serves_a_device_that_runs_its_variant() {
+        let p = |s: &str| s.parse::<Platform>().unwrap();
+        let pi_zero = [p("linux/arm/v6"), p("linux/arm/v5")];
+        for (stated, fits) in [
+            ("linux/arm/v6", true),
+            ("linux/arm/v5", true),
+            // A config without a variant was proven by the pull that stored it.
+            ("linux/arm", true),
+            // A pull for another --platform stored it under the same name.
+            ("linux/arm/v7", false),
+            ("linux/arm64", false),
+        ] {
+            assert_eq!(stored_fits(&pi_zero, &p(stated)), fits, "{stated}");
         }
     }
 }

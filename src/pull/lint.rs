@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -152,11 +151,9 @@ struct Scratch {
 
 impl Scratch {
     fn create() -> Result<Scratch, PullError> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+        let salt = rand::random::<u32>();
         let dir =
-            std::env::temp_dir().join(format!("flotilla-lint-{}-{nanos}", std::process::id()));
+            std::env::temp_dir().join(format!("flotilla-lint-{}-{salt:08x}", std::process::id()));
         // Private: a registry's layers may be private too.
         std::fs::DirBuilder::new()
             .mode(0o700)
@@ -207,8 +204,8 @@ pub async fn lint(
                 .normalized_platform()
                 .map_or_else(|| "(no platform)".to_string(), |p| p.to_string());
             let label = match runnable(&entry) {
-                Ok(label) => label,
-                Err(why) => {
+                Placement::Label(label) => label,
+                Placement::Skipped(why) => {
                     entries.push(EntryLint::new(
                         shown,
                         entry.digest.clone(),
@@ -288,9 +285,14 @@ fn one_line(e: &dyn std::error::Error) -> String {
     crate::error_chain(e).replace("\n  caused by: ", ": ")
 }
 
-/// The entry's label when it is a runnable Linux image, otherwise why it is skipped. The index selection decides
-/// what counts as an image, so lint skips exactly what a pull would never take.
-fn runnable(entry: &IndexEntry) -> Result<Platform, String> {
+/// Whether lint proves an entry: against its label, or not at all, for the reason shown in the report.
+enum Placement {
+    Label(Platform),
+    Skipped(String),
+}
+
+/// The index selection decides what counts as an image, so lint skips exactly what a pull would never take.
+fn runnable(entry: &IndexEntry) -> Placement {
     let candidates: Vec<Platform> = entry
         .normalized_platform()
         .into_iter()
@@ -298,9 +300,9 @@ fn runnable(entry: &IndexEntry) -> Result<Platform, String> {
         .collect();
     let selection = select::select(&candidates, std::slice::from_ref(entry));
     if let Some(choice) = selection.chosen.into_iter().next() {
-        return Ok(choice.platform);
+        return Placement::Label(choice.platform);
     }
-    Err(match selection.passed_over.into_iter().next() {
+    Placement::Skipped(match selection.passed_over.into_iter().next() {
         Some(passed) => match passed.reason {
             PassReason::WrongOs { platform, .. } => {
                 format!("{platform}: flotilla checks Linux images only")

@@ -122,14 +122,22 @@ impl std::fmt::Debug for Token {
     }
 }
 
-pub fn parse_token(body: &[u8]) -> Result<Token, String> {
-    let r: TokenResponse =
-        serde_json::from_slice(body).map_err(|e| format!("the answer is not token JSON: {e}"))?;
+/// Why a token endpoint's answer is not a token. Either way the endpoint is not a registry's token service.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the answer is not token JSON: {0}; check the realm the registry names")]
+    NotJson(#[source] serde_json::Error),
+    #[error("the answer has no \"token\"; check the realm the registry names")]
+    NoToken,
+}
+
+pub fn parse_token(body: &[u8]) -> Result<Token, TokenError> {
+    let r: TokenResponse = serde_json::from_slice(body).map_err(TokenError::NotJson)?;
     let value = r
         .token
         .or(r.access_token)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| "the answer has no \"token\"".to_string())?;
+        .ok_or(TokenError::NoToken)?;
     Ok(Token {
         value,
         lifetime: Duration::from_secs(r.expires_in.unwrap_or(60).max(60)),
@@ -243,11 +251,13 @@ mod tests {
         assert!(
             parse_token(b"<html>")
                 .unwrap_err()
+                .to_string()
                 .contains("not token JSON")
         );
         assert!(
             parse_token(br#"{"token":""}"#)
                 .unwrap_err()
+                .to_string()
                 .contains("no \"token\"")
         );
         assert!(!format!("{t:?}").contains("xyz"));

@@ -181,8 +181,8 @@ impl Sockets {
         }
     }
 
-    /// Sends the query to each group; Ok when at least one send went out, else why none did.
-    async fn send(&mut self, query: &[u8]) -> Result<(), String> {
+    /// Sends the query for `name` to each group; Ok when at least one send went out, else why none did.
+    async fn send(&mut self, name: &str, query: &[u8]) -> Result<(), MdnsError> {
         let mut reasons = Vec::new();
         let mut sent = false;
         for (slot, group) in [(&mut self.v4, MDNS_V4), (&mut self.v6, MDNS_V6)] {
@@ -201,12 +201,17 @@ impl Sockets {
             }
         }
         if sent {
-            Ok(())
-        } else if reasons.is_empty() {
-            Err("no UDP socket could be opened".into())
-        } else {
-            Err(reasons.join("; "))
+            return Ok(());
         }
+        let reason = if reasons.is_empty() {
+            "no UDP socket could be opened".to_string()
+        } else {
+            reasons.join("; ")
+        };
+        Err(MdnsError::Send {
+            name: name.to_string(),
+            reason,
+        })
     }
 
     async fn recv(
@@ -260,13 +265,7 @@ pub async fn resolve(host: &str, options: &MdnsOptions) -> Result<Vec<IpAddr>, M
     let started = Instant::now();
     let mut deadline = started + options.wait;
     let mut resend = Some(started + options.resend_after);
-    sockets
-        .send(&query)
-        .await
-        .map_err(|reason| MdnsError::Send {
-            name: host.to_string(),
-            reason,
-        })?;
+    sockets.send(host, &query).await?;
     let mut found: Vec<IpAddr> = Vec::new();
     let mut buf4 = vec![0u8; MAX_MESSAGE];
     let mut buf6 = vec![0u8; MAX_MESSAGE];
@@ -293,8 +292,8 @@ pub async fn resolve(host: &str, options: &MdnsOptions) -> Result<Vec<IpAddr>, M
             Ok(Err(e)) => tracing::debug!("mDNS: receive error while asking for {host}: {e}"),
             Err(_) if Some(until) == resend => {
                 resend = None;
-                if let Err(reason) = sockets.send(&query).await {
-                    tracing::debug!("mDNS: resending the query for {host} failed: {reason}");
+                if let Err(e) = sockets.send(host, &query).await {
+                    tracing::debug!("mDNS: resending failed: {e}");
                 }
             }
             Err(_) => break,

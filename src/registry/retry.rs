@@ -198,13 +198,14 @@ mod tests {
     async fn retry_loop_follows_the_schedule_and_stops() {
         let clock = FakeClock::new(0.0);
         let mut calls = Vec::new();
-        let r: Result<(), String> = retry(&policy(4), clock.as_ref(), |a| {
+        // The error is the attempt that failed, so the last one is what the loop returns.
+        let r: Result<(), u32> = retry(&policy(4), clock.as_ref(), |a| {
             calls.push(a);
             let retry_after = (a == 2).then_some(Duration::from_secs(5));
-            async move { Outcome::Retry(format!("attempt {a}"), retry_after) }
+            async move { Outcome::Retry(a, retry_after) }
         })
         .await;
-        assert_eq!(r.unwrap_err(), "attempt 4");
+        assert_eq!(r.unwrap_err(), 4);
         assert_eq!(calls, [1, 2, 3, 4]);
         let slept = clock.slept();
         assert_eq!(
@@ -220,9 +221,9 @@ mod tests {
     #[tokio::test]
     async fn retry_loop_stops_on_success_and_on_fatal() {
         let clock = FakeClock::new(0.5);
-        let r: Result<u32, String> = retry(&policy(5), clock.as_ref(), |a| async move {
+        let r: Result<u32, &str> = retry(&policy(5), clock.as_ref(), |a| async move {
             if a < 3 {
-                Outcome::Retry("busy".into(), None)
+                Outcome::Retry("busy", None)
             } else {
                 Outcome::Done(a)
             }
@@ -232,8 +233,8 @@ mod tests {
         assert_eq!(clock.slept().len(), 2);
 
         let clock = FakeClock::new(0.5);
-        let r: Result<u32, String> = retry(&policy(5), clock.as_ref(), |_| async {
-            Outcome::Fail("404".to_string())
+        let r: Result<u32, &str> = retry(&policy(5), clock.as_ref(), |_| async {
+            Outcome::Fail("404")
         })
         .await;
         assert_eq!(r.unwrap_err(), "404");

@@ -183,7 +183,7 @@ impl RegistryClient {
             self.inner.options.read_timeout,
         )
         .await?;
-        auth::parse_token(&body).map_err(|reason| Fault::fatal(token_err(reason)))
+        auth::parse_token(&body).map_err(|e| Fault::fatal(token_err(e.to_string())))
     }
 
     /// GET `url`, following up to `max_redirects` redirects; Authorization goes only to the endpoint itself.

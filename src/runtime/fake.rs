@@ -39,12 +39,21 @@ pub enum Call {
     List,
 }
 
+/// What the next `exec` does.
+#[derive(Debug, Clone)]
+pub enum ExecOutcome {
+    /// The command ran and exited with this code.
+    Exits(i32),
+    /// The runtime itself failed (a timeout, say) with this message.
+    Fails(String),
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     calls: Vec<Call>,
     states: BTreeMap<String, State>,
     next_pid: u32,
-    exec_results: VecDeque<Result<i32, String>>,
+    exec_results: VecDeque<ExecOutcome>,
     failures: HashMap<&'static str, String>,
 }
 
@@ -76,8 +85,8 @@ impl Recording {
         };
     }
 
-    /// The next `exec` returns `Ok(code)`; an `Err(message)` becomes a runtime failure (a timeout, say).
-    pub fn push_exec(&self, result: Result<i32, String>) {
+    /// What the next `exec` does; with none queued, it exits 0.
+    pub fn push_exec(&self, result: ExecOutcome) {
         self.lock().exec_results.push_back(result);
     }
 
@@ -199,8 +208,8 @@ impl Runtime for Recording {
         };
         let mut inner = self.call("exec", id, call)?;
         match inner.exec_results.pop_front() {
-            Some(Ok(code)) => Ok(code),
-            Some(Err(message)) => Err(RuntimeError::Failed {
+            Some(ExecOutcome::Exits(code)) => Ok(code),
+            Some(ExecOutcome::Fails(message)) => Err(RuntimeError::Failed {
                 runtime: PathBuf::from("fake"),
                 command: "exec",
                 id: id.to_string(),
@@ -237,7 +246,7 @@ mod tests {
         assert_eq!(rt.state("web").unwrap().unwrap().status, Status::Created);
         rt.start("web").unwrap();
         assert_eq!(rt.state("web").unwrap().unwrap().status, Status::Running);
-        rt.push_exec(Ok(1));
+        rt.push_exec(ExecOutcome::Exits(1));
         assert_eq!(
             rt.exec("web", &["true".into()], Duration::from_secs(1))
                 .unwrap(),

@@ -5,6 +5,9 @@
 //! referrers) and whatever those point at. A reachable manifest that cannot be parsed stops the collection with
 //! an error rather than risk deleting what it names. Blobs named by a descriptor but absent (the other platforms of
 //! an index) are simply not there to keep.
+//!
+//! Layer snapshots are `unpack`'s: the store only says which diff_ids its images still use, and a
+//! [`SnapshotSweep`] removes the rest while the store is held exclusively, so no pull is unpacking meanwhile.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -17,7 +20,6 @@ use super::{ANNOTATION_KEEP, PARTIAL_DIR, Store, StoreError, io_err};
 use crate::digest::{Algorithm, Digest};
 use crate::durable::{TMP_PREFIX, fsync_dir};
 use crate::oci::{Descriptor, ImageConfig, ImageManifest, MAX_MANIFEST_BYTES};
-use crate::unpack::{Snapshots, UnpackError};
 
 /// Image configs are a few KiB; the pull refuses those over this too.
 const MAX_CONFIG_BYTES: u64 = 8 << 20;
@@ -77,8 +79,19 @@ pub struct GcOptions {
     pub keep_snapshots: BTreeSet<Digest>,
 }
 
-/// Collects the store under `state_dir`, holding `store.lock` exclusively.
-pub fn collect_garbage(state_dir: &Path, options: GcOptions) -> Result<GcReport, StoreError> {
+/// Whatever keeps layer snapshots beside the store.
+pub trait SnapshotSweep {
+    /// Reports the snapshots whose diff_id is not in `used`, and those an interrupted unpack left; removes them
+    /// unless `dry_run`. Called while gc holds the store exclusively.
+    fn sweep(&self, used: &BTreeSet<Digest>, dry_run: bool) -> Result<Vec<Removed>, StoreError>;
+}
+
+/// Collects the store under `state_dir`, holding `store.lock` exclusively, and sweeps `snapshots` meanwhile.
+pub fn collect_garbage(
+    state_dir: &Path,
+    options: GcOptions,
+    snapshots: &dyn SnapshotSweep,
+) -> Result<GcReport, StoreError> {
     let dry_run = options.dry_run;
     let store = Store::open_exclusive(state_dir, options.wait)?;
     let layout = store.layout();
@@ -120,50 +133,14 @@ pub fn collect_garbage(state_dir: &Path, options: GcOptions) -> Result<GcReport,
             bytes,
         });
     }
-    let snapshot_err = |e: UnpackError| StoreError::Io {
-        step: "collect snapshots in",
-        path: state_dir.join(crate::unpack::snapshots::SNAPSHOTS_DIR),
-        source: std::io::Error::other(e.to_string()),
-    };
-    let snapshots = Snapshots::open(state_dir).map_err(snapshot_err)?;
     let mut used = options.keep_snapshots.clone();
     for digest in &marked {
         if let Some(diff_ids) = manifest_diff_ids(layout, digest) {
             used.extend(diff_ids);
         }
     }
-    let mut doomed = Vec::new();
-    for diff_id in snapshots.list().map_err(snapshot_err)? {
-        if !used.contains(&diff_id) {
-            let path = snapshots.path(&diff_id);
-            removed.push(Removed {
-                kind: RemovedKind::Snapshot,
-                bytes: tree_bytes(&path),
-                path,
-            });
-            doomed.push(diff_id);
-        }
-    }
-    for entry in fs::read_dir(snapshots.dir()).map_err(io_err("list", snapshots.dir()))? {
-        let entry = entry.map_err(io_err("list", snapshots.dir()))?;
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(crate::unpack::snapshots::TMP_SNAPSHOT_PREFIX)
-        {
-            removed.push(Removed {
-                kind: RemovedKind::SnapshotTemp,
-                bytes: tree_bytes(&entry.path()),
-                path: entry.path(),
-            });
-        }
-    }
+    removed.extend(snapshots.sweep(&used, dry_run)?);
     if !dry_run {
-        // No pull runs while gc holds the store exclusively, so every tmp- snapshot is a crash's leftover.
-        snapshots.remove_stale(None).map_err(snapshot_err)?;
-        for diff_id in &doomed {
-            snapshots.remove(diff_id).map_err(snapshot_err)?;
-        }
         let mut dirs = BTreeSet::new();
         for r in removed
             .iter()
@@ -218,28 +195,6 @@ pub fn image_diff_ids(
             source,
         })?;
     Ok(config.rootfs.map(|r| r.diff_ids).unwrap_or_default())
-}
-
-/// Bytes of the files under `path`, not following symlinks; what removing it frees, near enough for a report.
-fn tree_bytes(path: &Path) -> u64 {
-    let mut total = 0u64;
-    let mut todo = vec![path.to_path_buf()];
-    while let Some(dir) = todo.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(md) = entry.path().symlink_metadata() else {
-                continue;
-            };
-            if md.is_dir() {
-                todo.push(entry.path());
-            } else {
-                total = total.saturating_add(md.len());
-            }
-        }
-    }
-    total
 }
 
 /// Regular files and symlinks directly in `dir`, with their sizes; names that are not UTF-8 are not flotilla's.

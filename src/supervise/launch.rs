@@ -1,5 +1,5 @@
-//! Making a container from an image that is stored and unpacked, and handing it to a supervisor: what `flotilla
-//! run` and the agent share.
+//! Making a container from an image that is stored and unpacked, and handing it to a supervisor: the last step
+//! of the deploy service (`crate::deploy`), through which `flotilla run` and the agent launch.
 
 use std::path::Path;
 
@@ -44,6 +44,8 @@ pub struct Launch<'a> {
     /// This machine: the gate for emulation, whatever chose the variant.
     pub live: &'a Host,
     pub binfmt: &'a emulation::Binfmt,
+    /// The container's creation time.
+    pub clock: &'a dyn crate::clock::Clock,
 }
 
 /// How the container was made.
@@ -92,7 +94,7 @@ pub fn launch(l: &Launch<'_>) -> Result<Launched, LaunchError> {
         platform: platform.to_string(),
         diff_ids,
         settings: l.settings.clone(),
-        created: crate::store::rfc3339(std::time::SystemTime::now()),
+        created: crate::store::rfc3339(l.clock.now()),
         emulated_by: emulated_by.clone(),
         host: l.host.describe(),
     };

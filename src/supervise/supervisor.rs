@@ -22,7 +22,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustix::fs::{Mode, OFlags};
 use tokio::io::AsyncReadExt;
@@ -34,6 +34,7 @@ use super::container::{
 use super::health;
 use super::logs::{LineSplitter, LogLimits, LogWriter, Stream};
 use super::policy::{self, Backoff, Decision, Failure, Health, HealthState, StopReason};
+use crate::clock::Clock;
 use crate::runtime::{self, Io, Runtime, RuntimeError};
 
 /// How much of the container's last output is kept to classify a failure: the Go runtime's and the loader's
@@ -58,6 +59,12 @@ pub enum SuperviseError {
     Task(String),
     #[error(transparent)]
     Unpack(#[from] crate::unpack::UnpackError),
+    #[error(
+        "the runtime wrote no pid file for container {name}: {source}; see the runtime's log line above"
+    )]
+    NoPidFile { name: String, source: io::Error },
+    #[error("the runtime's pid file for container {name} holds {text:?}, not a pid")]
+    BadPidFile { name: String, text: String },
 }
 
 /// A stop asked of the supervisor: the grace period between SIGTERM and SIGKILL.
@@ -108,12 +115,16 @@ pub struct Supervisor {
     runtime: Arc<dyn Runtime>,
     limits: LogLimits,
     status: Status,
+    /// Timestamps, how long a run lasted (which resets the restart backoff), the waits between restarts and
+    /// between health probes, and the stop's grace period.
+    clock: Arc<dyn Clock>,
 }
 
 impl Supervisor {
     pub fn new(
         container: Container,
         runtime: Arc<dyn Runtime>,
+        clock: Arc<dyn Clock>,
     ) -> Result<Supervisor, SuperviseError> {
         let spec = container.spec()?;
         let status = container.status();
@@ -123,6 +134,7 @@ impl Supervisor {
             runtime,
             limits: LogLimits::default(),
             status,
+            clock,
         })
     }
 
@@ -183,7 +195,7 @@ impl Supervisor {
             }
             let tail = Tail::default();
             let pumps = self.start_pumps(&tail)?;
-            let started = SystemTime::now();
+            let started = self.clock.now();
             let ended = match adopted.take() {
                 Some(pid) => {
                     self.status.state = State::Running;
@@ -206,7 +218,7 @@ impl Supervisor {
                         self.save()?;
                         self.watch(Child::Own(pid), &mut stop).await?
                     }
-                    Err(message) => Ended::NotStarted(message),
+                    Err(e) => Ended::NotStarted(crate::error_chain(&e)),
                 },
             };
             pumps.finish().await;
@@ -216,7 +228,7 @@ impl Supervisor {
                 tracing::warn!(container = %id, "cannot delete the runtime's container: {e}");
             }
             self.status.pid = None;
-            self.status.finished_at = Some(super::logs::timestamp(SystemTime::now()));
+            self.status.finished_at = Some(super::logs::timestamp(self.clock.now()));
             let output = tail.take();
             let (exit, runtime_error) = match &ended {
                 Ended::Exited(exit) => (Some(*exit), None),
@@ -256,9 +268,7 @@ impl Supervisor {
                 self.save()?;
                 return Ok(self.status);
             };
-            let ran_for = SystemTime::now()
-                .duration_since(started)
-                .unwrap_or_default();
+            let ran_for = self.clock.now().duration_since(started).unwrap_or_default();
             match policy::restart(
                 self.spec.settings.restart,
                 policy_exit,
@@ -283,8 +293,9 @@ impl Supervisor {
                     streak = s;
                     self.status.state = State::Restarting;
                     self.save()?;
+                    let clock = self.clock.clone();
                     tokio::select! {
-                        _ = tokio::time::sleep(after) => {}
+                        _ = clock.sleep(after) => {}
                         _ = stop.changed() => {}
                     }
                     if stop.borrow().is_none() {
@@ -295,16 +306,15 @@ impl Supervisor {
         }
     }
 
-    /// Creates and starts the container; the runtime's error message when it cannot.
-    async fn start(&mut self, id: &str) -> Result<i32, String> {
+    /// Creates and starts the container, returning its pid.
+    async fn start(&mut self, id: &str) -> Result<i32, SuperviseError> {
         let opened = (|| -> io::Result<(OwnedFd, OwnedFd)> {
             Ok((
                 self.container_end(Stream::Stdout)?,
                 self.container_end(Stream::Stderr)?,
             ))
         })();
-        let (stdout, stderr) =
-            opened.map_err(|e| format!("cannot open the container's output pipes: {e}"))?;
+        let (stdout, stderr) = opened.map_err(self.io_err("the output pipes"))?;
         let pid_file = self.container.dir.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let io = Io {
@@ -314,8 +324,7 @@ impl Supervisor {
         };
         let bundle = self.container.bundle_dir();
         let id_owned = id.to_string();
-        let reaper = Subreaper::set()
-            .map_err(|e| format!("cannot become the container's subreaper: {e}"))?;
+        let reaper = Subreaper::set().map_err(self.io_err("the subreaper (prctl)"))?;
         let created = self
             .blocking({
                 let id = id_owned.clone();
@@ -327,14 +336,16 @@ impl Supervisor {
             Ok(()) => self.blocking(move |rt| rt.start(&id_owned)).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = started {
-            return Err(crate::error_chain(&e));
-        }
-        let text = std::fs::read_to_string(&pid_file)
-            .map_err(|e| format!("the runtime wrote no pid file: {e}"))?;
+        started?;
+        let name = self.container.name.clone();
+        let text =
+            std::fs::read_to_string(&pid_file).map_err(|source| SuperviseError::NoPidFile {
+                name: name.clone(),
+                source,
+            })?;
         text.trim()
             .parse()
-            .map_err(|_| format!("the runtime's pid file holds {text:?}, not a pid"))
+            .map_err(|_| SuperviseError::BadPidFile { name, text })
     }
 
     /// The container's end of one output FIFO, opened read-write (see the module doc); `start_pumps` made it.
@@ -366,6 +377,7 @@ impl Supervisor {
             let tail = tail.clone();
             let name = self.container.name.clone();
             let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+            let clock = self.clock.clone();
             let mut done = done_rx.clone();
             tasks.push(tokio::spawn(async move {
                 let mut receiver = receiver;
@@ -373,7 +385,7 @@ impl Supervisor {
                 let mut buf = vec![0u8; 16 * 1024];
                 let mut emit = |line: &[u8]| {
                     if let Ok(mut w) = writer.lock() {
-                        if let Err(e) = w.line(stream, line, SystemTime::now()) {
+                        if let Err(e) = w.line(stream, line, clock.now()) {
                             tracing::warn!(container = %name, "cannot write the log: {e}");
                         }
                     }
@@ -422,22 +434,25 @@ impl Supervisor {
     ) -> Result<Ended, SuperviseError> {
         let mut exited = child.wait();
         let check = self.spec.settings.health.clone();
-        let started = tokio::time::Instant::now();
+        let clock = self.clock.clone();
+        let started = clock.instant();
         let mut health = HealthState::default();
         let mut next_probe = started + check.as_ref().map_or(Duration::ZERO, |c| c.interval);
         loop {
+            let until_probe = next_probe.saturating_duration_since(clock.instant());
             tokio::select! {
                 exit = &mut exited => return Ok(Ended::Exited(exit)),
                 _ = stop.changed() => {
                     let grace = stop.borrow().unwrap_or(self.spec.settings.stop_grace);
                     return Ok(Ended::Exited(self.stop_gracefully(grace, exited).await));
                 }
-                _ = tokio::time::sleep_until(next_probe), if check.is_some() => {
+                _ = clock.sleep(until_probe), if check.is_some() => {
                     let Some(check) = &check else { continue };
                     let result = health::probe(&self.runtime, &self.container.name, check).await;
-                    next_probe = tokio::time::Instant::now() + check.interval;
+                    next_probe = clock.instant() + check.interval;
                     let before = health.health;
-                    health = health.observe(check, started.elapsed(), result);
+                    let elapsed = clock.instant().saturating_duration_since(started);
+                    health = health.observe(check, elapsed, result);
                     if health.health != before {
                         self.status.health = Some(health_word(health.health).to_string());
                         self.save()?;
@@ -459,7 +474,7 @@ impl Supervisor {
         }
         tokio::select! {
             exit = &mut exited => return exit,
-            _ = tokio::time::sleep(grace) => {}
+            _ = self.clock.sleep(grace) => {}
         }
         tracing::info!(container = %id, "still running after {grace:?}: SIGKILL");
         let kill = self.blocking({
@@ -471,7 +486,7 @@ impl Supervisor {
         }
         tokio::select! {
             exit = &mut exited => exit,
-            _ = tokio::time::sleep(KILL_WAIT) => Exit::default(),
+            _ = self.clock.sleep(KILL_WAIT) => Exit::default(),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! So `<alg>/<hex>` exists only whole; a crash leaves a `tmp-*` directory, which is never read, and which the next
 //! unpack of that layer or `flotilla gc` removes.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
@@ -24,6 +25,8 @@ use super::{Limits, UnpackError, io_err};
 use crate::digest::{Algorithm, Digest};
 use crate::durable::{create_dir, fsync_dir, lock_file, write_atomic};
 use crate::layers::{LayerIndex, LayerSource};
+use crate::store::StoreError;
+use crate::store::gc::{Removed, RemovedKind, SnapshotSweep};
 
 pub const SNAPSHOTS_DIR: &str = "snapshots";
 /// Names of directories being written (or left by a crash) directly under `snapshots/`.
@@ -220,6 +223,78 @@ impl Snapshots {
         }
         remove_dir_if_present(&path)
     }
+}
+
+impl SnapshotSweep for Snapshots {
+    fn sweep(&self, used: &BTreeSet<Digest>, dry_run: bool) -> Result<Vec<Removed>, StoreError> {
+        let err = |e: UnpackError| StoreError::Io {
+            step: "collect snapshots in",
+            path: self.dir.clone(),
+            source: std::io::Error::other(e.to_string()),
+        };
+        let list_err = |source| StoreError::Io {
+            step: "list",
+            path: self.dir.clone(),
+            source,
+        };
+        let mut removed = Vec::new();
+        let mut doomed = Vec::new();
+        for diff_id in self.list().map_err(err)? {
+            if !used.contains(&diff_id) {
+                let path = self.path(&diff_id);
+                removed.push(Removed {
+                    kind: RemovedKind::Snapshot,
+                    bytes: tree_bytes(&path),
+                    path,
+                });
+                doomed.push(diff_id);
+            }
+        }
+        for entry in fs::read_dir(&self.dir).map_err(list_err)? {
+            let entry = entry.map_err(list_err)?;
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(TMP_SNAPSHOT_PREFIX)
+            {
+                removed.push(Removed {
+                    kind: RemovedKind::SnapshotTemp,
+                    bytes: tree_bytes(&entry.path()),
+                    path: entry.path(),
+                });
+            }
+        }
+        if !dry_run {
+            // gc holds the store exclusively, so no pull is unpacking: every tmp- snapshot is a crash's leftover.
+            self.remove_stale(None).map_err(err)?;
+            for diff_id in &doomed {
+                self.remove(diff_id).map_err(err)?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Bytes of the files under `path`, not following symlinks; what removing it frees, near enough for a report.
+fn tree_bytes(path: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(md) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                todo.push(entry.path());
+            } else {
+                total = total.saturating_add(md.len());
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]

@@ -12,8 +12,9 @@ pub mod registry;
 pub mod seccomp;
 pub mod tarcraft;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// Returns `Some(value)` when a piece is there; otherwise fails under `FLOTILLA_REQUIRE_ALL=1` or prints a skip
@@ -79,6 +80,110 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// One run of the built `flotilla` binary. The environment that would make its output depend on the shell running
+/// the tests (a config file, a log level, journald's stream) is cleared; a test that wants one sets it again.
+pub struct Flotilla {
+    cmd: Command,
+}
+
+impl Flotilla {
+    pub fn new() -> Flotilla {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flotilla"));
+        cmd.env_remove("FLOTILLA_CONFIG")
+            .env_remove("FLOTILLA_LOG")
+            .env_remove("JOURNAL_STREAM");
+        Flotilla { cmd }
+    }
+
+    /// `--state-dir dir`.
+    pub fn state(mut self, dir: impl AsRef<Path>) -> Flotilla {
+        self.cmd.arg("--state-dir").arg(dir.as_ref());
+        self
+    }
+
+    /// `--config file`.
+    pub fn config(mut self, file: impl AsRef<Path>) -> Flotilla {
+        self.cmd.arg("--config").arg(file.as_ref());
+        self
+    }
+
+    /// `--config file` with `file` written empty, so no configuration on the machine takes part.
+    pub fn empty_config(self, file: impl AsRef<Path>) -> Flotilla {
+        std::fs::write(file.as_ref(), "")
+            .unwrap_or_else(|e| panic!("write {}: {e}", file.as_ref().display()));
+        self.config(file)
+    }
+
+    /// `--insecure-registry host`: the test registries speak plain HTTP.
+    pub fn registry(mut self, host: &str) -> Flotilla {
+        self.cmd.args(["--insecure-registry", host]);
+        self
+    }
+
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Flotilla {
+        self.cmd.arg(arg);
+        self
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Flotilla {
+        self.cmd.args(args);
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Flotilla {
+        self.cmd.env(key, value);
+        self
+    }
+
+    pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Flotilla {
+        self.cmd.current_dir(dir);
+        self
+    }
+
+    /// The command, for a test that spawns it or sets its streams.
+    pub fn command(self) -> Command {
+        self.cmd
+    }
+
+    /// Runs it to the end, whatever its exit status.
+    pub fn output(mut self) -> Output {
+        self.cmd
+            .output()
+            .unwrap_or_else(|e| panic!("run {:?}: {e}", self.cmd))
+    }
+
+    /// Runs it and panics, with both streams, unless it succeeds.
+    pub fn ok(self) -> Output {
+        let what = format!("{:?}", self.cmd);
+        let out = self.output();
+        assert!(out.status.success(), "{what}: {}", output_text(&out));
+        out
+    }
+
+    /// Its standard output, as text, after it succeeds.
+    pub fn stdout(self) -> String {
+        String::from_utf8_lossy(&self.ok().stdout).into_owned()
+    }
+
+    /// Its standard output parsed as JSON, after it succeeds.
+    pub fn json(self) -> serde_json::Value {
+        json_of(&self.ok())
+    }
+}
+
+impl Default for Flotilla {
+    fn default() -> Flotilla {
+        Flotilla::new()
+    }
+}
+
+/// A finished run's standard output parsed as JSON (`--json`), whatever its exit status; the panic shows both
+/// streams.
+pub fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", output_text(out)))
 }
 
 /// Polls `f` every 100 ms until it holds; panics, naming `what`, when `limit` passes first.
