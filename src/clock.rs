@@ -16,6 +16,13 @@ pub trait Clock: Send + Sync + std::fmt::Debug {
     fn instant(&self) -> Instant;
     /// A number in [0, 1) for jitter.
     fn random(&self) -> f64;
+    /// Wall-clock seconds since the Unix epoch, as reports, tokens and rollouts count them (0 before 1970).
+    fn unix_seconds(&self) -> u64 {
+        self.now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
 }
 
 /// The real clock and tokio's timer.

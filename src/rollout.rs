@@ -150,15 +150,28 @@ pub struct WaveStatus {
     pub timed_out: usize,
 }
 
+/// A rollout's waves or failure threshold, as the operator wrote them, that mean nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("the wave {0:?} is neither a percent (10%) nor a device count (5)")]
+    Wave(String),
+    #[error("the wave {0:?} is not between 0% and 100%")]
+    WavePercent(String),
+    #[error("the failure threshold {0:?} is neither a percent (10%) nor a count (3)")]
+    Threshold(String),
+    #[error("the failure threshold {0:?} is not between 0% and 100%")]
+    ThresholdPercent(String),
+}
+
 /// One step of `--waves`: `10%` of the compatible devices, or `5` devices.
-pub fn parse_wave(s: &str) -> Result<WaveSize, String> {
+pub fn parse_wave(s: &str) -> Result<WaveSize, SpecError> {
     let s = s.trim();
-    let bad = || format!("the wave {s:?} is neither a percent (10%) nor a device count (5)");
+    let bad = || SpecError::Wave(s.to_string());
     match s.strip_suffix('%') {
         Some(p) => {
             let p: f64 = p.trim().parse().map_err(|_| bad())?;
             if !(p > 0.0 && p <= 100.0) {
-                return Err(format!("the wave {s:?} is not between 0% and 100%"));
+                return Err(SpecError::WavePercent(s.to_string()));
             }
             Ok(WaveSize::Percent(p))
         }
@@ -170,16 +183,14 @@ pub fn parse_wave(s: &str) -> Result<WaveSize, String> {
 }
 
 /// `10%` (of the devices ordered so far) or `3` (devices).
-pub fn parse_threshold(s: &str) -> Result<Threshold, String> {
+pub fn parse_threshold(s: &str) -> Result<Threshold, SpecError> {
     let s = s.trim();
-    let bad = || format!("the failure threshold {s:?} is neither a percent (10%) nor a count (3)");
+    let bad = || SpecError::Threshold(s.to_string());
     match s.strip_suffix('%') {
         Some(p) => {
             let p: f64 = p.trim().parse().map_err(|_| bad())?;
             if !(p > 0.0 && p <= 100.0) {
-                return Err(format!(
-                    "the failure threshold {s:?} is not between 0% and 100%"
-                ));
+                return Err(SpecError::ThresholdPercent(s.to_string()));
             }
             Ok(Threshold::Ratio(p / 100.0))
         }

@@ -19,7 +19,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use flotilla::fleet::{AppStatus, Enrolled, Event, EventBody, MAX_BODY_BYTES, ReportBatch};
-use flotilla::server::api::{self, Resolved, Resolver};
+use flotilla::server::api::{self, ResolveError, Resolved, Resolver};
 use flotilla::server::db::ServerDb;
 use flotilla::update::Report;
 use reqwest::Method;
@@ -34,7 +34,7 @@ impl Resolver for FixedResolver {
     fn resolve<'a>(
         &'a self,
         image: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<Resolved, String>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<Resolved, ResolveError>> + Send + 'a>> {
         Box::pin(async move {
             let digest = |what: &str| format!("sha256:{:0>64}", format!("{:x}", what.len()));
             let repo = image.split(':').next().unwrap_or(image);
@@ -162,7 +162,8 @@ fn bearer(token: &str) -> String {
 }
 
 fn now() -> u64 {
-    api::now()
+    use flotilla::clock::Clock;
+    flotilla::clock::SystemClock.unix_seconds()
 }
 
 impl Fleet {
@@ -174,7 +175,11 @@ impl Fleet {
             .ensure_admin_token(now())
             .unwrap()
             .expect("a new admin token");
-        let server = api::Server::new(db, Box::new(FixedResolver));
+        let server = api::Server::new(
+            db,
+            Box::new(FixedResolver),
+            std::sync::Arc::new(flotilla::clock::SystemClock),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         // An hour's tick: the only planning after the first is what requests cause.

@@ -15,7 +15,7 @@ pub mod shutdown;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::config::FleetConfig;
@@ -115,11 +115,7 @@ pub fn observe(state: &State, status: Option<&Status>) -> Option<update::Event> 
 impl Agent {
     /// Wall-clock seconds since the epoch, as events and probation count them.
     fn now(&self) -> u64 {
-        self.clock
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
+        self.clock.unix_seconds()
     }
 
     /// Up to 50% more, so a fleet that lost its server does not come back in lockstep.

@@ -6,7 +6,9 @@
 //! the async workers free for the long polls.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::clock::Clock;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -48,7 +50,24 @@ pub trait Resolver: Send + Sync {
     fn resolve<'a>(
         &'a self,
         image: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Resolved, String>> + Send + 'a>>;
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Resolved, ResolveError>> + Send + 'a>,
+    >;
+}
+
+/// Why a release cannot be made from an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error(transparent)]
+    Reference(#[from] crate::registry::ReferenceError),
+    #[error("{}", crate::error_chain(.0))]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(
+        "it is a single-platform image; a release needs a multi-arch index so each device can pick its variant"
+    )]
+    SinglePlatform,
+    #[error("its index lists no platform")]
+    NoPlatform,
 }
 
 #[derive(Debug, Clone)]
@@ -62,13 +81,7 @@ pub struct Server {
     resolver: Box<dyn Resolver>,
     /// Bumped whenever a device's desired state may have changed, to wake its long poll.
     desired_version: watch::Sender<u64>,
-}
-
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    clock: Arc<dyn Clock>,
 }
 
 /// A refusal: its status and a message for the caller.
@@ -94,7 +107,7 @@ impl From<ServerDbError> for ApiError {
             | ServerDbError::Exists(_)
             | ServerDbError::EnrolledAlready(_) => StatusCode::CONFLICT,
             ServerDbError::EnrollmentRevoked(_) => StatusCode::FORBIDDEN,
-            ServerDbError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ServerDbError::Invalid(_) | ServerDbError::Spec(_) => StatusCode::BAD_REQUEST,
             ServerDbError::NotFound(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -134,12 +147,18 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 type Shared = Arc<Server>;
 
 impl Server {
-    pub fn new(db: ServerDb, resolver: Box<dyn Resolver>) -> Shared {
+    pub fn new(db: ServerDb, resolver: Box<dyn Resolver>, clock: Arc<dyn Clock>) -> Shared {
         Arc::new(Server {
             db: Mutex::new(db),
             resolver,
             desired_version: watch::channel(0).0,
+            clock,
         })
+    }
+
+    /// The server's clock in seconds: soaks, timeouts and `last_seen` count by it, never by a device's.
+    fn now(&self) -> u64 {
+        self.clock.unix_seconds()
     }
 
     /// Runs `f` on the database, off the async workers.
@@ -163,7 +182,8 @@ impl Server {
 
     async fn device(self: &Arc<Self>, headers: &HeaderMap) -> Result<String, ApiError> {
         let token = bearer(headers).ok_or_else(unauthorized)?;
-        self.with_db(move |db| db.authenticate(&token, now()))
+        let now = self.now();
+        self.with_db(move |db| db.authenticate(&token, now))
             .await?
             .ok_or_else(unauthorized)
     }
@@ -180,7 +200,8 @@ impl Server {
     /// Re-plans the rollouts, and wakes the long polls when a desired state changed: waking 10,000 held polls
     /// on every tick queued their database work ahead of the heartbeats (p99 200 ms instead of 2 ms).
     pub async fn drive(self: &Arc<Self>) -> Result<(), ApiError> {
-        if self.with_db(|db| db.drive(now())).await? {
+        let now = self.now();
+        if self.with_db(move |db| db.drive(now)).await? {
             self.desired_version.send_modify(|v| *v += 1);
         }
         Ok(())
@@ -232,7 +253,8 @@ async fn enroll(
         super::model::check_name("tag", k)?;
         super::model::check_name("tag value", v)?;
     }
-    let enrolled = s.with_db(move |db| db.enroll(&token, &req, now())).await?;
+    let now = s.now();
+    let enrolled = s.with_db(move |db| db.enroll(&token, &req, now)).await?;
     s.drive().await?;
     Ok((StatusCode::CREATED, Json(enrolled)))
 }
@@ -319,8 +341,9 @@ async fn reports(
         .events
         .iter()
         .any(|e| matches!(e.body, EventBody::Update { .. }));
+    let now = s.now();
     let accepted = s
-        .with_db(move |db| db.record(&device, &batch.events, now()))
+        .with_db(move |db| db.record(&device, &batch.events, now))
         .await?;
     if replans {
         s.drive().await?;
@@ -336,9 +359,10 @@ async fn create_token(
     s.admin(&headers).await?;
     let Json(req) = body.map_err(rejected)?;
     // Capped to what SQLite stores (i64): later than that is never, as far as anyone can tell.
+    let now = s.now();
     let expires = req
         .expires_in
-        .map(|d| now().saturating_add(d).min(i64::MAX as u64));
+        .map(|d| now.saturating_add(d).min(i64::MAX as u64));
     let token = s
         .with_db(move |db| db.create_token(expires, req.uses))
         .await?;
@@ -393,7 +417,8 @@ async fn create_app(
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
     let Json(req) = body.map_err(rejected)?;
-    let app = s.with_db(move |db| db.create_app(&req, now())).await?;
+    let now = s.now();
+    let app = s.with_db(move |db| db.create_app(&req, now)).await?;
     Ok((StatusCode::CREATED, Json(app)))
 }
 
@@ -435,6 +460,7 @@ async fn create_release(
             format!("cannot read the image {}: {e}", req.image),
         )
     })?;
+    let now = s.now();
     let r = s
         .with_db(move |db| {
             db.create_release(
@@ -442,7 +468,7 @@ async fn create_release(
                 &req.image,
                 &resolved.pinned,
                 &resolved.manifests,
-                now(),
+                now,
             )
         })
         .await?;
@@ -488,7 +514,8 @@ async fn create_rollout(
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
     let Json(req) = body.map_err(rejected)?;
-    let r = s.with_db(move |db| db.create_rollout(&req, now())).await?;
+    let now = s.now();
+    let r = s.with_db(move |db| db.create_rollout(&req, now)).await?;
     s.desired_version.send_modify(|v| *v += 1);
     Ok((StatusCode::CREATED, Json(r)))
 }
@@ -512,8 +539,9 @@ async fn control_rollout(
             ));
         }
     };
+    let now = s.now();
     let r = s
-        .with_db(move |db| db.control_rollout(id, control, now()))
+        .with_db(move |db| db.control_rollout(id, control, now))
         .await?;
     s.desired_version.send_modify(|v| *v += 1);
     Ok(Json(r))

@@ -10,13 +10,14 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::api::{self, Resolved, Resolver};
+use super::api::{self, ResolveError, Resolved, Resolver};
 use super::db::{ServerDb, ServerDbError};
 use super::model::{
     AppRequest, AppView, DeviceView, ReleaseRequest, ReleaseView, RolloutRequest, RolloutView,
     StateView, TokenCreated, TokenRequest,
 };
 use crate::cli::run::SettingsArgs;
+use crate::clock::{Clock, SystemClock};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";
 pub const DEFAULT_DB: &str = "/var/lib/flotilla-server/server.db";
@@ -250,8 +251,9 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
             source,
         })?;
     }
+    let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
     let db = ServerDb::open(&args.db)?;
-    if let Some(token) = db.ensure_admin_token(api::now())? {
+    if let Some(token) = db.ensure_admin_token(clock.unix_seconds())? {
         let path = admin_token_path(&args.db);
         write_private(&path, &token)?;
         eprintln!(
@@ -261,7 +263,7 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
     }
     let config = crate::config::Config::default();
     let client = crate::registry::RegistryClient::new(&config, &args.insecure_registries)?;
-    let server = api::Server::new(db, Box::new(RegistryResolver(client)));
+    let server = api::Server::new(db, Box::new(RegistryResolver(client)), clock);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| ServerCliError::Listen {
@@ -325,17 +327,12 @@ impl Resolver for RegistryResolver {
     fn resolve<'a>(
         &'a self,
         image: &'a str,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Resolved, String>> + Send + 'a>>
-    {
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Resolved, ResolveError>> + Send + 'a>,
+    > {
         Box::pin(async move {
-            let reference = image
-                .parse::<crate::registry::Reference>()
-                .map_err(|e| e.to_string())?;
-            let manifest = self
-                .0
-                .fetch_manifest(&reference)
-                .await
-                .map_err(|e| crate::error_chain(&e))?;
+            let reference = image.parse::<crate::registry::Reference>()?;
+            let manifest = self.0.fetch_manifest(&reference).await?;
             let pinned = format!("{}@{}", reference.repository(), manifest.digest);
             let mut manifests = BTreeMap::new();
             match &manifest.content {
@@ -358,15 +355,11 @@ impl Resolver for RegistryResolver {
                     }
                 }
                 crate::registry::ManifestContent::Image(_) => {
-                    return Err(
-                        "it is a single-platform image; a release needs a multi-arch index so each device \
-                         can pick its variant"
-                            .to_string(),
-                    );
+                    return Err(ResolveError::SinglePlatform);
                 }
             }
             if manifests.is_empty() {
-                return Err("its index lists no platform".to_string());
+                return Err(ResolveError::NoPlatform);
             }
             Ok(Resolved { pinned, manifests })
         })
@@ -629,7 +622,7 @@ async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
             if cli.json {
                 print_json(&raw);
             } else {
-                print!("{}", devices_table(&ds, api::now()));
+                print!("{}", devices_table(&ds, SystemClock.unix_seconds()));
             }
         }
         Command::Revoke { name } => {

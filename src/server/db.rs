@@ -87,6 +87,8 @@ pub enum ServerDbError {
     Damaged { what: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Spec(#[from] crate::rollout::SpecError),
     #[error("{0} does not exist")]
     NotFound(String),
     #[error("{0} exists already")]

@@ -229,9 +229,8 @@ pub fn parse_spec(
         .waves
         .iter()
         .map(|w| rollout::parse_wave(w))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(ServerDbError::Invalid)?;
-    let threshold = rollout::parse_threshold(&req.max_failures).map_err(ServerDbError::Invalid)?;
+        .collect::<Result<Vec<_>, _>>()?;
+    let threshold = rollout::parse_threshold(&req.max_failures)?;
     Ok((waves, threshold))
 }
 
