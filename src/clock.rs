@@ -51,6 +51,8 @@ pub struct FakeClock {
     slept: Mutex<Vec<Duration>>,
     random: f64,
     start: Instant,
+    /// Seconds the wall clock was stepped by, as NTP steps a board without a real-time clock.
+    stepped: Mutex<i64>,
 }
 
 impl FakeClock {
@@ -60,7 +62,13 @@ impl FakeClock {
             slept: Mutex::new(Vec::new()),
             random,
             start: Instant::now(),
+            stepped: Mutex::new(0),
         })
+    }
+
+    /// Steps the wall clock by `secs` (back when negative); monotonic time does not move.
+    pub fn step(&self, secs: i64) {
+        *self.stepped.lock().unwrap_or_else(|p| p.into_inner()) += secs;
     }
 
     /// Every wait so far, in order.
@@ -79,7 +87,13 @@ impl Clock for FakeClock {
         Box::pin(std::future::ready(()))
     }
     fn now(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + self.total()
+        let stepped = *self.stepped.lock().unwrap_or_else(|p| p.into_inner());
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000) + self.total();
+        if stepped >= 0 {
+            base + Duration::from_secs(stepped.unsigned_abs())
+        } else {
+            base - Duration::from_secs(stepped.unsigned_abs())
+        }
     }
     fn instant(&self) -> Instant {
         self.start + self.total()

@@ -1068,3 +1068,64 @@ async fn bad_queries_and_paths_are_json_refusals_after_authentication() {
         a.refused(401);
     }
 }
+
+/// The device's clock steps back an hour between two reports (a Pi without a real-time clock, then NTP). The
+/// agent's outbox numbers its events, and the server keeps the newer report whatever the times say, even when the
+/// older one arrives last (a batch sent again after a lost answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_made_after_the_device_clock_stepped_back_replaces_the_older_one() {
+    use flotilla::clock::{Clock, FakeClock};
+    use flotilla::fleet::{Event, EventBody};
+    use flotilla::update::Report;
+    let f = Fleet::start().await;
+    let (_, b) = two_devices_and_a_rollout_to_b(&f).await;
+    let state = tempfile::tempdir().unwrap();
+    let outbox = flotilla::agent::db::Db::open(state.path()).unwrap();
+    let clock = FakeClock::new(0.5);
+    let report = |id: &str, report: Report| Event {
+        id: id.into(),
+        at: clock.unix_seconds(),
+        seq: None,
+        body: EventBody::Update {
+            app: "sensor".into(),
+            report,
+        },
+    };
+    let release = || "sensor-1".to_string();
+    outbox
+        .push(&report(
+            "probation",
+            Report::Probation { release: release() },
+        ))
+        .unwrap();
+    clock.step(-3600);
+    outbox
+        .push(&report(
+            "committed",
+            Report::Committed { release: release() },
+        ))
+        .unwrap();
+    let pending = outbox.pending(10).unwrap();
+    assert!(pending[1].at + 3600 <= pending[0].at, "{pending:?}");
+    for e in [&pending[1], &pending[0]] {
+        let a = f
+            .post(
+                "/v1/device/reports",
+                &b.credential,
+                &json!({ "events": [e] }),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    }
+    let devices = f.get("/v1/devices", &f.admin).await.json();
+    let dev_b = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "dev-b")
+        .cloned()
+        .unwrap();
+    assert_eq!(dev_b["apps"][0]["update"]["event"], "committed", "{dev_b}");
+    let rollout = f.get("/v1/rollouts/1", &f.admin).await.json();
+    assert_eq!(rollout["devices"]["dev-b"], "healthy", "{rollout}");
+}
