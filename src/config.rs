@@ -91,8 +91,11 @@ impl Default for RunConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FleetConfig {
-    /// `https://fleet.example:8470` (plain `http://` only for a server on loopback or a trusted network).
+    /// `https://fleet.example:8470`. Plain `http://` only to loopback, or with `insecure`.
     pub server: Option<String>,
+    /// Allow plain `http://` to a fleet server that is not on loopback (a network you trust); warned at every
+    /// start.
+    pub insecure: bool,
     /// A file holding the enrollment token, read once, at the first enrollment.
     pub token_file: PathBuf,
     /// The device's name in the fleet [default: the hostname].
@@ -113,6 +116,7 @@ impl Default for FleetConfig {
     fn default() -> FleetConfig {
         FleetConfig {
             server: None,
+            insecure: false,
             token_file: PathBuf::from("/etc/flotilla/enroll-token"),
             name: None,
             tags: Default::default(),

@@ -1045,3 +1045,51 @@ fn the_server_killed_right_after_an_acknowledgement_keeps_what_it_acknowledged()
     );
     drop(proxy);
 }
+
+/// Plain http to a fleet server that is not on loopback is refused at the start, with the fix named; the owner's
+/// `insecure = true` allows it.
+#[test]
+fn the_agent_refuses_plain_http_to_a_server_off_loopback() {
+    if require(
+        "root (the agent needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )
+    .is_none()
+    {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("config.toml");
+    // 192.0.2.0/24 is TEST-NET-1: nothing answers there, and the agent must not even try.
+    std::fs::write(&config, "[fleet]\nserver = \"http://192.0.2.1:8470\"\n").expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("agent")
+        .env_remove("JOURNAL_STREAM")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flotilla agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("agent status") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("the agent kept running with a plain http fleet server off loopback");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not loopback") && stderr.contains("insecure = true"),
+        "{stderr}"
+    );
+}

@@ -223,7 +223,7 @@ fn the_fleet_link_reaches_a_server_named_by_mdns() {
         })
         .await;
         let url = format!("http://{NAME}:{}", server.addr.port());
-        let link = Link::new(&url, None, Duration::from_secs(1)).expect("link");
+        let link = Link::new(&url, None, Duration::from_secs(1), true).expect("link");
         let fetched = link
             .desired("device-credential", None, Duration::from_secs(0))
             .await

@@ -218,7 +218,7 @@ fn machine_scenario(arch: &'static Arch) {
     std::fs::write(
         share.join("config.toml"),
         format!(
-            "[fleet]\nserver = \"http://{GUEST_SERVER}\"\nname = \"{device}\"\ntags = {{ vm = \"{arch}\" }}\n\
+            "[fleet]\nserver = \"http://{GUEST_SERVER}\"\ninsecure = true\nname = \"{device}\"\ntags = {{ vm = \"{arch}\" }}\n\
              poll_interval = \"5s\"\nprobation = \"10s\"\nheartbeat_interval = \"5s\"\n\
              [[registry]]\nhost = \"{registry}\"\ninsecure = true\nmirrors = [\"{GUEST_REGISTRY}\"]\n\
              [[registry]]\nhost = \"{GUEST_REGISTRY}\"\ninsecure = true\n",

@@ -23,6 +23,12 @@ pub enum LinkError {
     Garbled { what: &'static str, message: String },
     #[error(transparent)]
     Client(#[from] crate::registry::RegistryError),
+    #[error("the fleet server URL {url:?} does not read: {message}; write it as https://host:port")]
+    BadUrl { url: String, message: String },
+    #[error(
+        "the fleet server {url} is plain http on a host that is not loopback: anyone on the network path could rewrite what this device runs; use https:// (with [fleet] ca_bundle or [tls] ca_bundle for a private CA), or set [fleet] insecure = true for a network you trust"
+    )]
+    PlainHttp { url: String },
 }
 
 impl LinkError {
@@ -44,6 +50,45 @@ impl LinkError {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Tls,
+    /// http to loopback: nothing on a network path to tamper with.
+    PlainHttpLoopback,
+    /// http elsewhere, allowed by `[fleet] insecure = true`.
+    PlainHttpByChoice,
+}
+
+/// Whether the fleet link may use `server`: the desired state decides what runs as root on the device, so it
+/// travels over TLS unless it never leaves the host or the owner said otherwise.
+fn transport(server: &str, insecure: bool) -> Result<Transport, LinkError> {
+    let bad = |message: String| LinkError::BadUrl {
+        url: server.to_string(),
+        message,
+    };
+    let url = reqwest::Url::parse(server).map_err(|e| bad(e.to_string()))?;
+    match url.scheme() {
+        "https" => return Ok(Transport::Tls),
+        "http" => {}
+        other => return Err(bad(format!("the scheme {other}: is neither https: nor http:"))),
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => return Err(bad("it names no host".into())),
+    };
+    if loopback {
+        Ok(Transport::PlainHttpLoopback)
+    } else if insecure {
+        Ok(Transport::PlainHttpByChoice)
+    } else {
+        Err(LinkError::PlainHttp {
+            url: server.to_string(),
+        })
+    }
+}
+
 /// A fresh desired state, or none when it equals the one the agent holds.
 #[derive(Debug)]
 pub enum Fetched {
@@ -62,11 +107,19 @@ pub struct Link {
 
 impl Link {
     /// `long_poll` bounds how long the server may hold a request; the timeout leaves room above it.
+    /// `insecure` allows plain http to a host that is not loopback, with a warning at every start.
     pub fn new(
         server: &str,
         ca_bundle: Option<&std::path::Path>,
         long_poll: Duration,
+        insecure: bool,
     ) -> Result<Link, LinkError> {
+        if transport(server, insecure)? == Transport::PlainHttpByChoice {
+            tracing::warn!(
+                server,
+                "the fleet link is plain http to a host that is not loopback ([fleet] insecure = true): anyone on the network path can rewrite what this device runs"
+            );
+        }
         Ok(Link {
             http: crate::fleet::http_client(ca_bundle, long_poll + Duration::from_secs(30))?,
             base: server.trim_end_matches('/').to_string(),
@@ -186,3 +239,35 @@ impl Link {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fleet_link_is_tls_unless_it_stays_on_the_host_or_the_owner_says_so() {
+        let cases: &[(&str, bool, Option<Transport>)] = &[
+            ("https://fleet.example:8470", false, Some(Transport::Tls)),
+            ("http://127.0.0.1:8470", false, Some(Transport::PlainHttpLoopback)),
+            ("http://127.9.9.9", false, Some(Transport::PlainHttpLoopback)),
+            ("http://[::1]:8470/", false, Some(Transport::PlainHttpLoopback)),
+            ("http://LocalHost:8470", false, Some(Transport::PlainHttpLoopback)),
+            ("http://10.0.2.100:8470", false, None),
+            ("http://fleet.local:8470", false, None),
+            ("http://localhost.evil.example", false, None),
+            ("http://10.0.2.100:8470", true, Some(Transport::PlainHttpByChoice)),
+            ("ftp://fleet.example", true, None),
+            ("fleet.example:8470", true, None),
+        ];
+        for (url, insecure, want) in cases {
+            assert_eq!(
+                transport(url, *insecure).ok(),
+                *want,
+                "{url} insecure={insecure}"
+            );
+        }
+        let e = transport("http://10.0.2.100:8470", false).unwrap_err();
+        assert!(e.to_string().contains("insecure = true"), "{e}");
+    }
+}
+

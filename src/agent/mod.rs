@@ -136,6 +136,7 @@ impl Agent {
                 url,
                 apps.deploy.config.ca_bundle.as_deref(),
                 fleet.poll_interval,
+                fleet.insecure,
             )?),
             None => None,
         };
