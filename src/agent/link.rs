@@ -70,7 +70,11 @@ fn transport(server: &str, insecure: bool) -> Result<Transport, LinkError> {
     match url.scheme() {
         "https" => return Ok(Transport::Tls),
         "http" => {}
-        other => return Err(bad(format!("the scheme {other}: is neither https: nor http:"))),
+        other => {
+            return Err(bad(format!(
+                "the scheme {other}: is neither https: nor http:"
+            )));
+        }
     }
     let loopback = match url.host() {
         Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
@@ -248,14 +252,34 @@ mod tests {
     fn the_fleet_link_is_tls_unless_it_stays_on_the_host_or_the_owner_says_so() {
         let cases: &[(&str, bool, Option<Transport>)] = &[
             ("https://fleet.example:8470", false, Some(Transport::Tls)),
-            ("http://127.0.0.1:8470", false, Some(Transport::PlainHttpLoopback)),
-            ("http://127.9.9.9", false, Some(Transport::PlainHttpLoopback)),
-            ("http://[::1]:8470/", false, Some(Transport::PlainHttpLoopback)),
-            ("http://LocalHost:8470", false, Some(Transport::PlainHttpLoopback)),
+            (
+                "http://127.0.0.1:8470",
+                false,
+                Some(Transport::PlainHttpLoopback),
+            ),
+            (
+                "http://127.9.9.9",
+                false,
+                Some(Transport::PlainHttpLoopback),
+            ),
+            (
+                "http://[::1]:8470/",
+                false,
+                Some(Transport::PlainHttpLoopback),
+            ),
+            (
+                "http://LocalHost:8470",
+                false,
+                Some(Transport::PlainHttpLoopback),
+            ),
             ("http://10.0.2.100:8470", false, None),
             ("http://fleet.local:8470", false, None),
             ("http://localhost.evil.example", false, None),
-            ("http://10.0.2.100:8470", true, Some(Transport::PlainHttpByChoice)),
+            (
+                "http://10.0.2.100:8470",
+                true,
+                Some(Transport::PlainHttpByChoice),
+            ),
             ("ftp://fleet.example", true, None),
             ("fleet.example:8470", true, None),
         ];
@@ -270,4 +294,3 @@ mod tests {
         assert!(e.to_string().contains("insecure = true"), "{e}");
     }
 }
-
