@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::fleet::{Server, push};
 use common::registry::{Registry, RegistryOptions};
-use common::require;
 use serde_json::Value;
-
-const APP_CMD: &str = "busybox cat /VERSION; if [ -e /crash ]; then echo crashing >&2; exit 3; fi; while :; do busybox sleep 1; done";
 
 /// Runs at once: they mostly wait (probation, polls), so four share two cores.
 const PARALLEL: usize = 4;
@@ -48,18 +45,7 @@ impl<'a> Run<'a> {
             server.registry
         );
         std::fs::write(dir.join("config.toml"), config).expect("agent config");
-        server.ok(&[
-            "app",
-            "create",
-            &app,
-            "--restart",
-            "always",
-            "--stop-timeout",
-            "2s",
-            "--",
-            "-c",
-            APP_CMD,
-        ]);
+        server.create_app(&app);
         for tag in ["v1", "v2"] {
             server.ok(&[
                 "release",
@@ -279,14 +265,7 @@ impl Drop for Run<'_> {
 
 #[test]
 fn an_agent_aborted_at_every_durable_write_converges_and_reports_exactly_once() {
-    if require(
-        "root (runc needs it)",
-        rustix::process::geteuid().is_root().then_some(()),
-    )
-    .and(common::required_tool("runc").map(drop))
-    .and(common::registry::registry_prerequisites())
-    .is_none()
-    {
+    if common::fleet::agent_prerequisites().is_none() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -295,9 +274,7 @@ fn an_agent_aborted_at_every_durable_write_converges_and_reports_exactly_once() 
     push(root, &registry, "v1", false);
     push(root, &registry, "v2", true);
     let server = Server::start(root, &registry.host());
-    let token = server.ok(&["token", "create"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
+    let token_file = server.token_file(&[]);
 
     // A run that only counts: the durable writes of the whole scenario, each as NAME#K (its Kth write of NAME).
     let counting = Run::new(root, &server, 0, &token_file);

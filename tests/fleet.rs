@@ -19,8 +19,6 @@ use serde_json::Value;
 /// binfmt registration and the fixed container name are machine-wide: one scenario at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const APP_CMD: &str = "busybox cat /VERSION; if [ -e /crash ]; then echo crashing >&2; exit 3; fi; while :; do busybox sleep 1; done";
-
 fn shared_board(name: &str) -> PathBuf {
     let root = match std::env::var_os("FLOTILLA_BOARDS_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -148,12 +146,7 @@ impl Drop for Agent {
 }
 
 fn prerequisites() -> Option<Binfmt> {
-    require(
-        "root (runc needs it)",
-        rustix::process::geteuid().is_root().then_some(()),
-    )?;
-    common::required_tool("runc")?;
-    common::registry::registry_prerequisites()?;
+    common::fleet::agent_prerequisites()?;
     require(
         "board fixtures (../shared/fixtures/boards)",
         shared_board("rpi-zero-w").is_dir().then_some(()),
@@ -179,22 +172,9 @@ fn rollouts_reach_each_device_with_its_variant_in_waves_roll_back_and_survive_an
     let v1 = push(root, &registry, "v1", false);
     let mut server = Server::start(root, &registry.host());
 
-    let token = server.ok(&["token", "create", "--uses", "3", "--expires", "1h"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
+    let token_file = server.token_file(&["--uses", "3", "--expires", "1h"]);
     // The images' entrypoint is busybox sh: the command is its arguments.
-    server.ok(&[
-        "app",
-        "create",
-        "demo",
-        "--restart",
-        "always",
-        "--stop-timeout",
-        "2s",
-        "--",
-        "-c",
-        APP_CMD,
-    ]);
+    server.create_app("demo");
 
     let mut agents = vec![
         Agent::new(
@@ -501,21 +481,8 @@ fn an_agent_killed_at_every_update_state_converges_after_its_restart() {
     let root = tmp.path();
     let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
     let server = Server::start(root, &registry.host());
-    let token = server.ok(&["token", "create"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
-    server.ok(&[
-        "app",
-        "create",
-        "demo",
-        "--restart",
-        "always",
-        "--stop-timeout",
-        "2s",
-        "--",
-        "-c",
-        APP_CMD,
-    ]);
+    let token_file = server.token_file(&[]);
+    server.create_app("demo");
     let mut agent = Agent::new(root, "x86", None, &server, &token_file);
     agent.start();
 
@@ -662,9 +629,7 @@ fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
     let server = Server::start(root, "127.0.0.1:9");
     let enrollments = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let proxy = Proxy::losing_first_enrollment(server.port, enrollments.clone());
-    let token = server.ok(&["token", "create", "--uses", "1", "--expires", "1h"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
+    let token_file = server.token_file(&["--uses", "1", "--expires", "1h"]);
     let mut agent = Agent::new(root, "x86", None, &server, &token_file);
     let config = agent.dir.join("config.toml");
     let text = std::fs::read_to_string(&config).expect("agent config");
@@ -702,35 +667,15 @@ fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
 #[test]
 fn rollouts_finish_when_the_fleet_changes_and_roll_each_device_back_to_its_own_release() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    if require(
-        "root (runc needs it)",
-        rustix::process::geteuid().is_root().then_some(()),
-    )
-    .and(common::required_tool("runc").map(drop))
-    .and(common::registry::registry_prerequisites())
-    .is_none()
-    {
+    if common::fleet::agent_prerequisites().is_none() {
         return;
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
     let server = Server::start(root, &registry.host());
-    let token = server.ok(&["token", "create"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
-    server.ok(&[
-        "app",
-        "create",
-        "demo",
-        "--restart",
-        "always",
-        "--stop-timeout",
-        "2s",
-        "--",
-        "-c",
-        APP_CMD,
-    ]);
+    let token_file = server.token_file(&[]);
+    server.create_app("demo");
     for (tag, crash) in [("v1", false), ("v2", false), ("v3", true), ("v4", false)] {
         push(root, &registry, tag, crash);
         server.ok(&[
@@ -890,9 +835,7 @@ fn a_poison_event_in_the_outbox_is_set_aside_and_the_rest_flows() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     let server = Server::start(root, "127.0.0.1:9");
-    let token = server.ok(&["token", "create"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
+    let token_file = server.token_file(&[]);
     let mut agent = Agent::new(root, "x86", None, &server, &token_file);
     agent.start();
     wait_for("the enrollment", Duration::from_secs(60), || {
@@ -975,9 +918,7 @@ fn the_server_killed_right_after_an_acknowledgement_keeps_what_it_acknowledged()
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     let mut server = Server::start(root, "127.0.0.1:9");
-    let token = server.ok(&["token", "create"]);
-    let token_file = root.join("enroll-token");
-    std::fs::write(&token_file, &token).expect("token file");
+    let token_file = server.token_file(&[]);
     let pid = server.pid().expect("the server's pid");
     let acknowledged: std::sync::Arc<Mutex<Option<Vec<String>>>> = Default::default();
     let seen = acknowledged.clone();

@@ -85,6 +85,7 @@ fn shipped_config_examples_name_every_key() {
     } = config;
     let FleetConfig {
         server,
+        insecure,
         token_file: _,
         name,
         tags,
@@ -92,7 +93,7 @@ fn shipped_config_examples_name_every_key() {
         probation: _,
         heartbeat_interval: _,
     } = fleet;
-    assert!(server.is_some() && name.is_some() && !tags.is_empty());
+    assert!(server.is_some() && insecure && name.is_some() && !tags.is_empty());
     for key in [
         "token_file",
         "poll_interval",

@@ -116,6 +116,32 @@ impl Server {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
+
+    /// An enrollment token made with `args` (`--uses 1`, …), written to `enroll-token` in the server's directory.
+    pub fn token_file(&self, args: &[&str]) -> PathBuf {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let token = self.ok(&all);
+        let path = self.dir.join("enroll-token");
+        std::fs::write(&path, &token).expect("token file");
+        path
+    }
+
+    /// An app `name` whose containers run [`APP_CMD`], restarted always and stopped within 2 s.
+    pub fn create_app(&self, name: &str) {
+        self.ok(&[
+            "app",
+            "create",
+            name,
+            "--restart",
+            "always",
+            "--stop-timeout",
+            "2s",
+            "--",
+            "-c",
+            APP_CMD,
+        ]);
+    }
 }
 
 impl Drop for Server {
@@ -125,6 +151,20 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// What the fleet tests' app runs: the image's version, then an exit with code 3 when the image has a /crash
+/// marker, else a loop.
+pub const APP_CMD: &str = "busybox cat /VERSION; if [ -e /crash ]; then echo crashing >&2; exit 3; fi; while :; do busybox sleep 1; done";
+
+/// What a test that runs agents with containers needs: root (for runc), runc and a loopback registry.
+pub fn agent_prerequisites() -> Option<()> {
+    super::require(
+        "root (runc needs it)",
+        rustix::process::geteuid().is_root().then_some(()),
+    )?;
+    super::required_tool("runc")?;
+    super::registry::registry_prerequisites()
 }
 
 /// The busybox images of the lab, each with a /VERSION file, and a /crash marker when `crash`.
