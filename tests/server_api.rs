@@ -1129,3 +1129,46 @@ async fn a_report_made_after_the_device_clock_stepped_back_replaces_the_older_on
     let rollout = f.get("/v1/rollouts/1", &f.admin).await.json();
     assert_eq!(rollout["devices"]["dev-b"], "healthy", "{rollout}");
 }
+
+/// A failure reason with terminal escapes, as a hostile device could report, prints inert in the operator's table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_supplied_text_prints_inert_in_operator_tables() {
+    let f = Fleet::start().await;
+    let (_, b) = two_devices_and_a_rollout_to_b(&f).await;
+    let hostile = "exit code 3\u{1b}[2J\u{1b}]0;pwned\u{7}\u{202e}";
+    let event = json!({"id": "e1", "at": 1_700_000_000u64, "body": {"kind": "update", "data": {
+        "app": "sensor",
+        "report": {"event": "rolled-back", "release": "sensor-1", "to": null, "reason": hostile,
+                   "wrong_variant": false}
+    }}});
+    let a = f
+        .post(
+            "/v1/device/reports",
+            &b.credential,
+            &json!({ "events": [event] }),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, &f.admin).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
+        .args(["--server", &f.base, "--token-file"])
+        .arg(&token)
+        .args(["rollout", "status", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("exit code 3\\u{1b}[2J"), "{text}");
+    assert!(
+        !text
+            .chars()
+            .any(|c| c == '\u{1b}' || c == '\u{7}' || c == '\u{202e}'),
+        "{text:?}"
+    );
+}

@@ -311,9 +311,15 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
         .map_err(CliError::Runtime)
 }
 
-/// A plain-text table: the header, then one line per row, columns padded to their widest cell.
+/// A plain-text table: the header, then one line per row, columns padded to their widest cell. Every cell is made
+/// inert ([`crate::human::inert`]): tables show what devices, images and containers said.
 pub(crate) fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     let header = header.map(str::to_string);
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|r| r.clone().map(|c| crate::human::inert(&c).into_owned()))
+        .collect();
+    let rows = rows.as_slice();
     let mut widths = header.clone().map(|h| h.chars().count());
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

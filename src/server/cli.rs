@@ -642,7 +642,7 @@ async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
 fn state_word(s: &StateView) -> String {
     match s {
         StateView::Running => "running".into(),
-        StateView::Paused { reason } => format!("paused: {reason}"),
+        StateView::Paused { reason } => format!("paused: {}", crate::human::inert(reason)),
         StateView::Aborted => "aborted".into(),
         StateView::Done => "done".into(),
         StateView::Superseded => "superseded by a newer rollout".into(),
@@ -679,14 +679,14 @@ fn describe_rollout(r: &RolloutView) -> String {
     if !r.late.is_empty() {
         out.push_str(&format!(
             "  joined the last wave late: {}\n",
-            r.late.join(", ")
+            crate::human::inert(&r.late.join(", "))
         ));
     }
     for i in &r.incompatible {
         out.push_str(&format!(
             "  incompatible: {} ({})\n",
-            i.device,
-            i.platforms.join(", ")
+            crate::human::inert(&i.device),
+            crate::human::inert(&i.platforms.join(", "))
         ));
     }
     let rows: Vec<[String; 2]> = r
