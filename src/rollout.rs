@@ -26,6 +26,9 @@
 //!   app is ordered to run none.
 //! - Paused: no new wave starts, and devices already ordered keep their orders. Aborted: every device that was
 //!   ordered the release is ordered back. Superseded (a newer rollout of the app started): nothing more.
+//! - Done is final: a device that enrolls (or becomes compatible) after the last wave settled is not ordered the
+//!   release, since a finished rollout no longer plans. Its desired state stays what it was (none, for a new
+//!   device) until the operator starts another rollout of the app, which takes it in its waves.
 
 use std::time::Duration;
 

@@ -143,7 +143,10 @@ impl Db {
             .map_err(self.err())?;
         }
         tx.commit().map_err(self.err())?;
-        crate::crash_points::passed(|| format!("identity {}", pairs[0].0));
+        crate::crash_points::passed(|| {
+            let first = pairs.first().map_or("", |(key, _)| key);
+            format!("identity {first}")
+        });
         Ok(())
     }
 
