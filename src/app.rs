@@ -35,7 +35,18 @@ pub enum SettingsError {
     HealthCmd,
     #[error("--network {0:?}: write host or none")]
     Network(String),
+    /// A setting out of bounds or malformed, named by its path in the settings (`health.interval`), as the API and
+    /// the agent see them.
+    #[error("{field}: {problem}")]
+    Field { field: String, problem: String },
 }
+
+/// The longest stop grace period: a stop (an update, a shutdown) must never wait longer than this on one app.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+/// The longest health interval, timeout and start period.
+pub const MAX_HEALTH_PERIOD: Duration = Duration::from_secs(24 * 3600);
+/// The most CPUs a limit may name: the CFS quota (`cpus × 100 ms`) must stay far inside an i64 of microseconds.
+const MAX_CPUS: f64 = 1024.0;
 
 /// An app's run settings. Every field has a default, so a stored older form still reads.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -82,6 +93,119 @@ impl RunSettings {
             ..RunSettings::default()
         }
     }
+
+    /// The checks the command line's parsers make, applied to settings that arrived any other way (the API's JSON,
+    /// a desired state from the server, a stored container), plus the bounds that keep time arithmetic finite.
+    /// The server runs it before it stores an app, and the agent again before it prepares a release: it never
+    /// trusts the server to have done so.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let field = |field: String, problem: &str| SettingsError::Field {
+            field,
+            problem: problem.to_string(),
+        };
+        for (i, e) in self.env.iter().enumerate() {
+            if parse_env(e).is_err() || e.contains('\0') {
+                return Err(field(format!("env[{i}]"), "write NAME=VALUE"));
+            }
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            match &v.source {
+                VolumeSource::Named(name) if !is_volume_name(name) => {
+                    return Err(field(
+                        format!("volumes[{i}].source.named"),
+                        "a volume name is letters, digits, '-', '_' and '.', and does not start with '.'",
+                    ));
+                }
+                VolumeSource::Bind(path) if !is_plain_absolute(&path.to_string_lossy()) => {
+                    return Err(field(
+                        format!("volumes[{i}].source.bind"),
+                        "write an absolute host path without '..'",
+                    ));
+                }
+                _ => {}
+            }
+            if !is_plain_absolute(&v.target) {
+                return Err(field(
+                    format!("volumes[{i}].target"),
+                    "write an absolute path in the container without '..'",
+                ));
+            }
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            let text = d.to_string_lossy();
+            if parse_device(&text).is_err() || !is_plain_absolute(&text) {
+                return Err(field(
+                    format!("devices[{i}]"),
+                    "write the device's absolute path under /dev, such as /dev/i2c-1",
+                ));
+            }
+        }
+        if self.stop_grace > MAX_STOP_GRACE {
+            return Err(field("stop_grace".into(), "at most 3600 s (1 h)"));
+        }
+        if let Some(h) = &self.health {
+            h.validate()?;
+        }
+        if self.memory == Some(0) {
+            return Err(field(
+                "memory".into(),
+                "a limit of 0 bytes: leave it out for none",
+            ));
+        }
+        if let Some(c) = self.cpus {
+            if !(c.is_finite() && c > 0.0 && c <= MAX_CPUS) {
+                return Err(field(
+                    "cpus".into(),
+                    "a number of CPUs above 0 and at most 1024",
+                ));
+            }
+        }
+        if self.pids.is_some_and(|p| p <= 0) {
+            return Err(field("pids".into(), "a positive number of processes"));
+        }
+        if let Some(h) = &self.hostname {
+            if !is_hostname(h) {
+                return Err(field(
+                    "hostname".into(),
+                    "letters, digits, '-' and '.', at most 253 characters, labels of 1 to 63",
+                ));
+            }
+        }
+        if let Some(u) = &self.user {
+            if u.is_empty() || u.contains('\0') || u.split(':').count() > 2 {
+                return Err(field("user".into(), "write uid[:gid] or name[:group]"));
+            }
+        }
+        for (i, a) in self.command.iter().enumerate() {
+            if a.contains('\0') {
+                return Err(field(format!("command[{i}]"), "contains a NUL byte"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_volume_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Absolute, with no `..` component and no NUL: what a mount target or source may be.
+fn is_plain_absolute(path: &str) -> bool {
+    path.starts_with('/') && !path.contains('\0') && !path.split('/').any(|c| c == "..")
+}
+
+fn is_hostname(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,11 +266,7 @@ impl FromStr for Volume {
         }
         let source = if source.starts_with('/') {
             VolumeSource::Bind(PathBuf::from(source))
-        } else if source
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            && !source.starts_with('.')
-        {
+        } else if is_volume_name(source) {
             VolumeSource::Named(source.to_string())
         } else {
             return Err(bad());
@@ -220,6 +340,49 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
+    fn validate(&self) -> Result<(), SettingsError> {
+        let field = |field: &str, problem: &str| SettingsError::Field {
+            field: format!("health.{field}"),
+            problem: problem.to_string(),
+        };
+        for (name, d) in [
+            ("interval", self.interval),
+            ("timeout", self.timeout),
+            ("start_period", self.start_period),
+        ] {
+            if d > MAX_HEALTH_PERIOD {
+                return Err(field(name, "at most 86400 s (1 day)"));
+            }
+        }
+        if self.interval.is_zero() || self.timeout.is_zero() {
+            return Err(field(
+                if self.interval.is_zero() {
+                    "interval"
+                } else {
+                    "timeout"
+                },
+                "above 0 s",
+            ));
+        }
+        match &self.probe {
+            Probe::Exec(argv) if argv.is_empty() || argv.iter().any(|a| a.contains('\0')) => {
+                Err(field("probe.exec", "a command, with no NUL bytes"))
+            }
+            Probe::Http { url } if !valid_http_url(url) => Err(field(
+                "probe.http.url",
+                "an http:// URL, such as http://127.0.0.1:8080/health",
+            )),
+            Probe::Tcp { address }
+                if address
+                    .rsplit_once(':')
+                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) =>
+            {
+                Err(field("probe.tcp.address", "write host:port"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Docker's defaults, except a shorter interval: an edge app that fails should be seen failing within a minute.
     pub fn new(probe: Probe) -> HealthCheck {
         HealthCheck {
@@ -317,6 +480,10 @@ pub fn parse_duration(what: &'static str, s: &str) -> Result<Duration, SettingsE
         .ok_or_else(bad)
 }
 
+fn valid_http_url(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some())
+}
+
 pub fn parse_cpus(s: &str) -> Result<f64, SettingsError> {
     match s.parse::<f64>() {
         Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
@@ -336,7 +503,12 @@ mod seconds {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+        // Too large for a Duration reads as the largest one, so that `validate` refuses it by the setting's name
+        // rather than the whole document failing to parse: one bad app in a desired state must not hide the rest.
+        match Duration::try_from_secs_f64(secs) {
+            Err(_) if secs > 0.0 => Ok(Duration::MAX),
+            other => other.map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -413,6 +585,81 @@ mod tests {
         assert!(parse_device("/dev/i2c-1").is_ok());
         assert!(parse_device("/etc/passwd").is_err());
         assert!(parse_device("/dev/../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn settings_from_json_get_the_command_line_checks_and_bounds_by_field() {
+        let refused = |json: &str| -> String {
+            let s: RunSettings = serde_json::from_str(json).unwrap();
+            match s.validate() {
+                Err(SettingsError::Field { field, .. }) => field,
+                other => panic!("{json}: {other:?}"),
+            }
+        };
+        assert_eq!(refused(r#"{"devices": ["/etc/shadow"]}"#), "devices[0]");
+        assert_eq!(
+            refused(r#"{"devices": ["/dev/../etc/shadow"]}"#),
+            "devices[0]"
+        );
+        assert_eq!(
+            refused(r#"{"volumes": [{"source": {"named": "../../etc"}, "target": "/x"}]}"#),
+            "volumes[0].source.named"
+        );
+        assert_eq!(
+            refused(r#"{"volumes": [{"source": {"bind": "/srv/../etc"}, "target": "/x"}]}"#),
+            "volumes[0].source.bind"
+        );
+        assert_eq!(
+            refused(r#"{"volumes": [{"source": {"named": "d"}, "target": "x"}]}"#),
+            "volumes[0].target"
+        );
+        assert_eq!(refused(r#"{"stop_grace": 1e19}"#), "stop_grace");
+        // Beyond what a Duration holds: still one refused field, not an unreadable document.
+        assert_eq!(refused(r#"{"stop_grace": 1e30}"#), "stop_grace");
+        assert_eq!(refused(r#"{"stop_grace": 3601}"#), "stop_grace");
+        let health = |k: &str, v: &str| {
+            let mut h = serde_json::json!({
+                "probe": {"exec": ["true"]}, "interval": 10, "timeout": 5, "retries": 3, "start_period": 0
+            });
+            h[k] = serde_json::from_str(v).unwrap();
+            serde_json::json!({ "health": h }).to_string()
+        };
+        assert_eq!(refused(&health("interval", "86401")), "health.interval");
+        assert_eq!(refused(&health("interval", "0")), "health.interval");
+        assert_eq!(refused(&health("timeout", "1e19")), "health.timeout");
+        assert_eq!(
+            refused(&health("probe", r#"{"exec": []}"#)),
+            "health.probe.exec"
+        );
+        assert_eq!(
+            refused(&health(
+                "probe",
+                r#"{"http": {"url": "file:///etc/passwd"}}"#
+            )),
+            "health.probe.http.url"
+        );
+        assert_eq!(
+            refused(&health("probe", r#"{"tcp": {"address": "nowhere"}}"#)),
+            "health.probe.tcp.address"
+        );
+        assert_eq!(refused(r#"{"cpus": 1e300}"#), "cpus");
+        assert_eq!(refused(r#"{"pids": -1}"#), "pids");
+        assert_eq!(refused(r#"{"memory": 0}"#), "memory");
+        assert_eq!(refused(r#"{"hostname": "a b"}"#), "hostname");
+        assert_eq!(refused(r#"{"env": ["=x"]}"#), "env[0]");
+
+        let mut fine = RunSettings::new();
+        fine.devices.push("/dev/i2c-1".into());
+        fine.volumes.push("data:/data".parse().unwrap());
+        fine.volumes.push("/srv/in:/in:ro".parse().unwrap());
+        fine.stop_grace = MAX_STOP_GRACE;
+        fine.health = Some(HealthCheck {
+            interval: MAX_HEALTH_PERIOD,
+            ..HealthCheck::new(Probe::shell("true").unwrap())
+        });
+        fine.cpus = Some(0.5);
+        fine.hostname = Some("greenhouse-3.local".into());
+        assert_eq!(fine.validate(), Ok(()));
     }
 
     #[test]

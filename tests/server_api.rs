@@ -1069,6 +1069,46 @@ async fn bad_queries_and_paths_are_json_refusals_after_authentication() {
     }
 }
 
+/// App settings over the API get the command line's checks and bounds, refused by the field's path; nothing is
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_settings_out_of_bounds_are_refused_by_field_and_not_stored() {
+    let f = Fleet::start().await;
+    for (settings, field) in [
+        (
+            json!({"devices": ["/dev/../etc/shadow"]}),
+            "settings.devices[0]",
+        ),
+        (
+            json!({"volumes": [{"source": {"named": "../../etc"}, "target": "/etc"}]}),
+            "settings.volumes[0].source.named",
+        ),
+        (json!({"stop_grace": 1e19}), "settings.stop_grace"),
+        (
+            json!({"health": {"probe": {"exec": ["true"]}, "interval": 1e12, "timeout": 5, "retries": 3,
+                "start_period": 0}}),
+            "settings.health.interval",
+        ),
+    ] {
+        let a = f
+            .post(
+                "/v1/apps",
+                &f.admin,
+                &json!({"name": "sensor", "settings": settings}),
+            )
+            .await;
+        assert!(a.refused(422).contains(field), "{settings}");
+    }
+    let apps = f.get("/v1/apps", &f.admin).await;
+    assert_eq!(apps.json(), json!([]));
+    f.admin_post(
+        "/v1/apps",
+        &json!({"name": "sensor", "settings": {"stop_grace": 3600}}),
+        201,
+    )
+    .await;
+}
+
 /// The device's clock steps back an hour between two reports (a Pi without a real-time clock, then NTP). The
 /// agent's outbox numbers its events, and the server keeps the newer report whatever the times say, even when the
 /// older one arrives last (a batch sent again after a lost answer).

@@ -118,7 +118,7 @@ impl SettingsArgs {
             start_period: self.health_start_period,
             ..HealthCheck::new(p)
         });
-        Ok(RunSettings {
+        let settings = RunSettings {
             env: self.env.clone(),
             volumes: self.volume.clone(),
             devices: self.device.clone(),
@@ -134,7 +134,9 @@ impl SettingsArgs {
             command: self.command.clone(),
             stop_grace: self.stop_timeout,
             allow_emulation: allow_emulation || self.allow_emulation,
-        })
+        };
+        settings.validate()?;
+        Ok(settings)
     }
 }
 

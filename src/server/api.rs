@@ -417,6 +417,10 @@ async fn create_app(
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
     let Json(req) = body.map_err(rejected)?;
+    // The same checks the command line and the agent make, so an app the devices would refuse is never stored.
+    req.settings
+        .validate()
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("settings.{e}")))?;
     let now = s.now();
     let app = s.with_db(move |db| db.create_app(&req, now)).await?;
     Ok((StatusCode::CREATED, Json(app)))
