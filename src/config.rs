@@ -41,6 +41,9 @@ pub struct Config {
     pub run: RunConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    /// What the device owner allows the fleet server to order (see [`crate::policy`]).
+    #[serde(default)]
+    pub policy: PolicyConfig,
     #[serde(default, rename = "registry")]
     pub registries: Vec<RegistryConfig>,
     #[serde(default, rename = "signature_policy")]
@@ -123,6 +126,33 @@ impl Default for FleetConfig {
             poll_interval: std::time::Duration::from_secs(30),
             probation: std::time::Duration::from_secs(30),
             heartbeat_interval: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// `[policy]`: the device owner's limits on what a fleet server may order. The server cannot change this file, so
+/// a compromised server, or anyone holding its admin token, gets no further than the owner allows.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Host device nodes an app may be given, as globs (`/dev/i2c-*`); none by default.
+    pub devices: Vec<String>,
+    /// Host paths an app may bind-mount, as globs; a path below a matching directory is allowed too. Flotilla's
+    /// own volumes directory is always allowed; nothing else by default.
+    pub bind_paths: Vec<String>,
+    /// Whether an app may share the host's network namespace (the default network of an app).
+    pub host_network: bool,
+    /// Registries (`host[:port]` as written in image references, globs) images may come from; any by default.
+    pub registries: Vec<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> PolicyConfig {
+        PolicyConfig {
+            devices: Vec::new(),
+            bind_paths: Vec::new(),
+            host_network: true,
+            registries: vec!["*".to_string()],
         }
     }
 }

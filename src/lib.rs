@@ -21,6 +21,7 @@ pub mod human;
 pub mod layers;
 pub mod oci;
 pub mod platform;
+pub mod policy;
 pub mod pull;
 pub mod registry;
 pub mod rollout;

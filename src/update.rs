@@ -89,6 +89,7 @@ pub enum Event {
     Prepared,
     PrepareFailed {
         reason: String,
+        cause: Option<FailureCause>,
     },
     /// The target's process runs.
     Started,
@@ -106,6 +107,18 @@ pub enum Event {
     },
 }
 
+/// Why a device refused a release before preparing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureCause {
+    /// The device owner's policy (`[policy]`, or a signature policy) does not allow it; the reason names the
+    /// setting.
+    Policy,
+    /// Its settings break the bounds every device checks (the reason names the field): the server should have
+    /// refused them.
+    Invalid,
+}
+
 /// What the fleet hears about an update.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
@@ -117,6 +130,10 @@ pub enum Report {
     PrepareFailed {
         release: String,
         reason: String,
+        /// Set when the device refused the release on principle rather than failing to get it: the operator
+        /// cannot fix it by trying again.
+        #[serde(default)]
+        cause: Option<FailureCause>,
     },
     Probation {
         release: String,
@@ -241,7 +258,7 @@ pub fn step(state: State, event: Event, probation: Duration) -> (State, Vec<Acti
             },
             vec![A::Run(Some(target))],
         ),
-        (S::Preparing { committed, target }, E::PrepareFailed { reason }) => (
+        (S::Preparing { committed, target }, E::PrepareFailed { reason, cause }) => (
             S::Steady {
                 committed,
                 rejected: Some(target.clone()),
@@ -250,6 +267,7 @@ pub fn step(state: State, event: Event, probation: Duration) -> (State, Vec<Acti
                 A::Report(Report::PrepareFailed {
                     release: target.id.clone(),
                     reason,
+                    cause,
                 }),
                 A::Discard(target),
             ],
@@ -556,6 +574,7 @@ mod tests {
                 Event::Desired(Some(r("v2"))),
                 Event::PrepareFailed {
                     reason: "no variant for linux/arm/v6".into(),
+                    cause: None,
                 },
             ],
         );

@@ -25,7 +25,7 @@ use flotilla::server::model::{
     AppRequest, AppView, DeviceApp, DeviceView, Incompatible, ReleaseRequest, ReleaseView,
     RolloutRequest, RolloutView, StateView, TokenCreated, TokenRequest, WaveView,
 };
-use flotilla::update::Report;
+use flotilla::update::{FailureCause, Report};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
@@ -783,6 +783,12 @@ fn reports() -> Vec<Report> {
         Report::PrepareFailed {
             release: release(),
             reason: "no variant for linux/arm/v6".into(),
+            cause: None,
+        },
+        Report::PrepareFailed {
+            release: release(),
+            reason: "the device's [policy] devices does not allow the device /dev/mem".into(),
+            cause: Some(FailureCause::Policy),
         },
         Report::Probation { release: release() },
         Report::Committed { release: release() },

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use flotilla::config::{
-    Config, FleetConfig, PullConfig, RegistryConfig, RunConfig, SignaturePolicyConfig,
+    Config, FleetConfig, PolicyConfig, PullConfig, RegistryConfig, RunConfig, SignaturePolicyConfig,
 };
 
 mod common;
@@ -80,9 +80,18 @@ fn shipped_config_examples_name_every_key() {
         pull,
         run,
         fleet,
+        policy,
         registries,
         signature_policies,
     } = config;
+    let PolicyConfig {
+        devices,
+        bind_paths,
+        host_network: _,
+        registries: allowed_registries,
+    } = policy;
+    assert!(!devices.is_empty() && !bind_paths.is_empty() && !allowed_registries.is_empty());
+    assert!(enabled.contains("\nhost_network ="));
     let FleetConfig {
         server,
         insecure,

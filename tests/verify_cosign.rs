@@ -533,6 +533,24 @@ fn longest_scope_wins_at_segment_boundaries() {
     assert_eq!(scope("ghcr.iox/org/app"), None);
     assert_eq!(scope("docker.io/library/busybox"), None);
     assert!(!scope_matches("", "ghcr.io/x"));
+
+    // `*` covers everything the others leave, whatever order the file lists them in.
+    let mut with_star = policies.to_vec();
+    with_star.insert(0, policy_config("*", SignatureMode::Require, &[]));
+    with_star.push(policy_config("*", SignatureMode::Require, &[]));
+    let scope = |repo: &str| matching_policy(&with_star, repo).map(|p| p.scope.as_str());
+    assert_eq!(scope("docker.io/library/busybox"), Some("*"));
+    assert_eq!(scope("ghcr.iox/org/app"), Some("*"));
+    assert_eq!(scope("ghcr.io/organisation/app"), Some("ghcr.io"));
+    assert_eq!(scope("g/a"), Some("*"));
+    let one_letter = [
+        policy_config("*", SignatureMode::Require, &[]),
+        policy_config("g", SignatureMode::Off, &[]),
+    ];
+    assert_eq!(
+        matching_policy(&one_letter, "g/a").map(|p| p.scope.as_str()),
+        Some("g")
+    );
 }
 
 fn policy(mode: SignatureMode) -> Policy {

@@ -6,10 +6,13 @@ use std::sync::Arc;
 
 use crate::agent::db::AppRelease;
 use crate::deploy::{DeployError, Deployer};
-use crate::pull::Source;
+use crate::policy::{self, PolicyError};
+use crate::pull::{PullError, Source};
 use crate::runtime::Runtime;
 use crate::supervise::container::{Container, ContainerError, Status};
 use crate::supervise::control;
+use crate::update::FailureCause;
+use crate::verify::VerifyError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppsError {
@@ -45,6 +48,28 @@ pub enum AppsError {
     Supervise(#[from] crate::supervise::supervisor::SuperviseError),
     #[error("the pull task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("the release's settings are not valid here: {0}")]
+    Invalid(#[from] crate::app::SettingsError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+impl AppsError {
+    /// Whether the device refused the release on principle, for the report.
+    pub fn cause(&self) -> Option<FailureCause> {
+        match self {
+            AppsError::Policy(_) => Some(FailureCause::Policy),
+            AppsError::Invalid(_) => Some(FailureCause::Invalid),
+            AppsError::Deploy(d) => match d.as_ref() {
+                DeployError::Pull(PullError::Signature {
+                    source: VerifyError::Unsigned { .. } | VerifyError::AllInvalid { .. },
+                    ..
+                }) => Some(FailureCause::Policy),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 impl From<DeployError> for AppsError {
@@ -63,13 +88,7 @@ impl Apps {
     /// Pulls and unpacks `release` for this device; the name its image is stored under. The variant the pull
     /// proved must be the one the release pinned for that platform.
     pub async fn prepare(&self, release: &AppRelease) -> Result<String, AppsError> {
-        let reference = release
-            .image
-            .parse::<crate::registry::Reference>()
-            .map_err(|source| AppsError::Reference {
-                image: release.image.clone(),
-                source,
-            })?;
+        let reference = self.admit(release)?;
         let report = self.deploy.prepare(&Source::Registry(reference)).await?;
         let platform = report.platform.to_string();
         match release.manifests.get(&platform) {
@@ -89,6 +108,28 @@ impl Apps {
                     .join(", "),
             }),
         }
+    }
+
+    /// The checks a release from the server must pass before anything is pulled or stopped: its settings are
+    /// valid (the server is not trusted to have checked), and the device owner's policy allows them and the
+    /// registry.
+    fn admit(&self, release: &AppRelease) -> Result<crate::registry::Reference, AppsError> {
+        let reference = release
+            .image
+            .parse::<crate::registry::Reference>()
+            .map_err(|source| AppsError::Reference {
+                image: release.image.clone(),
+                source,
+            })?;
+        release.settings.validate()?;
+        policy::admit(
+            &self.deploy.config.policy,
+            reference.registry(),
+            &release.settings,
+            &self.deploy.state_dir.join("volumes"),
+            &policy::RealPaths,
+        )?;
+        Ok(reference)
     }
 
     /// Makes `target` the release of `app` that runs (`None`: nothing runs). Blocking: stopping waits for the
@@ -119,6 +160,9 @@ impl Apps {
         let Some(target) = target else {
             return Ok(());
         };
+        // Again at the switch: the policy may have changed since the release was prepared (the owner edited it
+        // and restarted the agent).
+        self.admit(target)?;
         let stored = target
             .stored
             .as_deref()

@@ -192,7 +192,7 @@ impl Agent {
     async fn apply(&mut self, app: &str, event: update::Event) -> Result<(), AgentError> {
         let state = self.db.app_state(app)?;
         match &event {
-            update::Event::Failed { reason, .. } | update::Event::PrepareFailed { reason } => {
+            update::Event::Failed { reason, .. } | update::Event::PrepareFailed { reason, .. } => {
                 tracing::warn!(app, state = state.name(), "the update failed: {reason}");
             }
             _ => {}
@@ -246,6 +246,7 @@ impl Agent {
                         app,
                         update::Event::PrepareFailed {
                             reason: format!("the release {} is unknown here", r.id),
+                            cause: None,
                         },
                     ))
                     .await;
@@ -381,6 +382,7 @@ impl Agent {
                     update::Event::Prepared
                 }
                 Err(e) => update::Event::PrepareFailed {
+                    cause: e.cause(),
                     reason: crate::error_chain(&e),
                 },
             };

@@ -2,7 +2,9 @@
 //!
 //! A policy's `scope` is a registry (`ghcr.io`) or a repository prefix (`ghcr.io/org`); it matches a repository
 //! (`registry/namespace/repo`) equal to it or below it at a `/` boundary, so `ghcr.io/org` covers `ghcr.io/org/app`
-//! but not `ghcr.io/organisation/app`. The longest matching scope wins; a repository no scope matches is `off`.
+//! but not `ghcr.io/organisation/app`. The scope `*` matches every repository, below every other scope: with
+//! `mode = "require"` it makes signatures required for everything. The longest matching scope wins; a repository no
+//! scope matches is `off`.
 
 use super::{TrustedKey, Verified, VerifyError, load_key, mode_name};
 use crate::config::{SignatureMode, SignaturePolicyConfig};
@@ -10,6 +12,9 @@ use crate::digest::Digest;
 
 /// Whether `scope` covers `repository` at a path-segment boundary.
 pub fn scope_matches(scope: &str, repository: &str) -> bool {
+    if scope == "*" {
+        return true;
+    }
     let scope = scope.trim_end_matches('/');
     !scope.is_empty()
         && repository
@@ -25,7 +30,10 @@ pub fn matching_policy<'a>(
     policies
         .iter()
         .filter(|p| scope_matches(&p.scope, repository))
-        .max_by_key(|p| p.scope.trim_end_matches('/').len())
+        .max_by_key(|p| match p.scope.as_str() {
+            "*" => 0,
+            scope => scope.trim_end_matches('/').len() + 1,
+        })
 }
 
 /// A policy ready to apply: mode and loaded keys.
