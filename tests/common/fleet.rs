@@ -179,6 +179,11 @@ pub struct Pushed {
 }
 
 pub fn push(root: &Path, registry: &Registry, tag: &str, crash: bool) -> Pushed {
+    push_to(root, registry, "demo", tag, crash)
+}
+
+/// [`push`] to the repository `repo`.
+pub fn push_to(root: &Path, registry: &Registry, repo: &str, tag: &str, crash: bool) -> Pushed {
     let images = images().expect("busybox images");
     let version = root.join(format!("VERSION-{tag}"));
     std::fs::write(&version, format!("{tag}\n")).expect("version file");
@@ -194,9 +199,9 @@ pub fn push(root: &Path, registry: &Registry, tag: &str, crash: bool) -> Pushed 
             files
         })
         .collect();
-    let layout = OciLayoutBuilder::new(&root.join(format!("layout-{tag}")));
+    let layout = OciLayoutBuilder::new(&root.join(format!("layout-{repo}-{tag}")));
     let written = layout.write_with_files(tag, &images, &extra);
-    skopeo_copy(layout.dir(), tag, &registry.host(), "demo", tag, None, None);
+    skopeo_copy(layout.dir(), tag, &registry.host(), repo, tag, None, None);
     Pushed {
         index: written.index.to_string(),
         manifests: written
