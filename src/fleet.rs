@@ -87,6 +87,59 @@ pub struct DesiredApp {
     pub settings: RunSettings,
 }
 
+/// A desired state as a device reads it: app by app, so that one order it cannot read (a hostile value, a newer
+/// server's field) is refused on its own, reported, and leaves that app as it is, while the others apply. Read
+/// whole, one such order would make the device ignore every change, and tell the server nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredOrders {
+    pub apps: Vec<DesiredApp>,
+    pub unreadable: Vec<UnreadableOrder>,
+}
+
+/// An app's order that does not read, named by what of it does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnreadableOrder {
+    pub name: String,
+    pub release: String,
+    pub error: String,
+}
+
+impl DesiredOrders {
+    /// Fails only when the document itself, or an order's app name or release, does not read: then there is
+    /// nothing to refuse by name.
+    pub fn from_value(value: serde_json::Value) -> Result<DesiredOrders, serde_json::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Wire {
+            apps: Vec<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        struct Named {
+            name: String,
+            release: String,
+        }
+        let wire = Wire::deserialize(value)?;
+        let mut orders = DesiredOrders {
+            apps: Vec::new(),
+            unreadable: Vec::new(),
+        };
+        for app in wire.apps {
+            match DesiredApp::deserialize(&app) {
+                Ok(a) => orders.apps.push(a),
+                Err(e) => {
+                    let named = Named::deserialize(&app)?;
+                    orders.unreadable.push(UnreadableOrder {
+                        name: named.name,
+                        release: named.release,
+                        error: e.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(orders)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportBatch {

@@ -331,6 +331,18 @@ fn a_hostile_server_cannot_get_past_the_device_policy() {
             FailureCause::Policy,
             "signature policy for \"*\"",
         ),
+        // Settings no device reads: refused by themselves, not taken for "no app" (which would stop it).
+        (
+            release(
+                "demo-8",
+                &host,
+                "demo",
+                &good,
+                with(json!({"privileged": true})),
+            ),
+            FailureCause::Invalid,
+            "privileged",
+        ),
     ];
     for (order, cause, names) in orders {
         let id = order["release"].as_str().expect("release id").to_string();
@@ -351,5 +363,7 @@ fn a_hostile_server_cannot_get_past_the_device_policy() {
         }
         assert_eq!(now["manifest"], before["manifest"], "{id}: {now}");
     }
-    assert!(!server.committed("demo-7"));
+    for id in ["demo-7", "demo-8"] {
+        assert!(!server.committed(id), "{id}");
+    }
 }

@@ -7,7 +7,7 @@ use reqwest::{StatusCode, header};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::fleet::{Accepted, Desired, EnrollRequest, Enrolled, Event, ReportBatch};
+use crate::fleet::{Accepted, DesiredOrders, EnrollRequest, Enrolled, Event, ReportBatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -97,7 +97,7 @@ fn transport(server: &str, insecure: bool) -> Result<Transport, LinkError> {
 #[derive(Debug)]
 pub enum Fetched {
     Changed {
-        desired: Desired,
+        desired: DesiredOrders,
         etag: Option<String>,
     },
     Unchanged,
@@ -207,11 +207,14 @@ impl Link {
             http = http.header(header::IF_NONE_MATCH, e);
         }
         let (_, desired, headers) = self
-            .send::<Desired>("the desired state", http, None::<&()>)
+            .send::<serde_json::Value>("the desired state", http, None::<&()>)
             .await?;
         Ok(match desired {
-            Some(desired) => Fetched::Changed {
-                desired,
+            Some(value) => Fetched::Changed {
+                desired: DesiredOrders::from_value(value).map_err(|e| LinkError::Garbled {
+                    what: "the desired state",
+                    message: e.to_string(),
+                })?,
                 etag: headers
                     .get(header::ETAG)
                     .and_then(|v| v.to_str().ok())

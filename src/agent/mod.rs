@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 use crate::config::FleetConfig;
-use crate::fleet::{AppStatus, Desired, EnrollRequest, Event, EventBody, PlatformReport};
+use crate::fleet::{AppStatus, DesiredOrders, EnrollRequest, Event, EventBody, PlatformReport};
 use crate::supervise::container::{State as CState, Status};
 use crate::update::{self, Action, Release, State};
 use apps::Apps;
@@ -326,7 +326,24 @@ impl Agent {
 
     /// A new desired state from the server: remember the releases, then tell every app, those no longer
     /// wanted included.
-    async fn desire(&mut self, desired: &Desired) -> Result<(), AgentError> {
+    async fn desire(&mut self, desired: &DesiredOrders) -> Result<(), AgentError> {
+        // An order that does not read leaves its app as it is: refused and reported, never taken for "no app".
+        for u in &desired.unreadable {
+            tracing::warn!(
+                app = u.name,
+                release = u.release,
+                "the fleet server's order does not read; the app stays as it is: {}",
+                u.error
+            );
+            self.event(EventBody::Update {
+                app: u.name.clone(),
+                report: update::Report::PrepareFailed {
+                    release: u.release.clone(),
+                    reason: format!("the device cannot read the order: {}", u.error),
+                    cause: Some(update::FailureCause::Invalid),
+                },
+            })?;
+        }
         let mut wanted: BTreeMap<String, Option<Release>> = BTreeMap::new();
         for a in &desired.apps {
             let known = self.db.release(&a.release)?;
@@ -349,7 +366,9 @@ impl Agent {
         }
         let local: BTreeSet<String> = self.db.apps()?.into_iter().collect();
         for app in local {
-            wanted.entry(app).or_insert(None);
+            if !desired.unreadable.iter().any(|u| u.name == app) {
+                wanted.entry(app).or_insert(None);
+            }
         }
         self.wanted = wanted.clone();
         for (app, release) in wanted {
