@@ -8,6 +8,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+/// `at + d`, or as far ahead as an `Instant` reaches. Durations from outside (a container's grace period or health
+/// interval as stored, a configuration file, a registry token's lifetime) must not overflow into a panic, which
+/// with `panic = "abort"` makes the agent a crash loop.
+pub fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(u64::from(u32::MAX))))
+        .unwrap_or(at)
+}
+
 pub trait Clock: Send + Sync + std::fmt::Debug {
     fn sleep(&self, d: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
     /// Wall-clock time: timestamps, and `Retry-After` given as an HTTP date.
@@ -100,5 +109,27 @@ impl Clock for FakeClock {
     }
     fn random(&self) -> f64 {
         self.random
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_past_what_an_instant_holds_is_far_away_not_a_panic() {
+        let now = Instant::now();
+        assert_eq!(
+            after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let far = after(now, Duration::MAX);
+        assert!(
+            far >= now + Duration::from_secs(100 * 365 * 24 * 3600),
+            "{:?}",
+            far - now
+        );
+        let grace = Duration::try_from_secs_f64(1e19).unwrap();
+        assert!(after(now, grace) > now);
     }
 }

@@ -585,7 +585,8 @@ impl Agent {
                 let mut m = self.sampler.sample();
                 m.dead_letters = Some(self.db.dead_letters()?).filter(|n| *n > 0);
                 self.event(EventBody::Heartbeat(m))?;
-                next_heartbeat = clock.instant() + self.fleet.heartbeat_interval;
+                next_heartbeat =
+                    crate::clock::after(clock.instant(), self.fleet.heartbeat_interval);
             }
             let busy = self.busy()?;
             let credential = if clock.instant() >= retry_at {

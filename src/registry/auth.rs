@@ -167,7 +167,7 @@ impl TokenCache {
     }
 
     pub fn put(&self, host: &str, scope: &str, token: &Token, now: Instant) {
-        let until = now + token.lifetime.saturating_sub(EXPIRY_MARGIN);
+        let until = crate::clock::after(now, token.lifetime.saturating_sub(EXPIRY_MARGIN));
         let mut map = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(
             (host.to_string(), scope.to_string()),

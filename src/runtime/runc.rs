@@ -284,7 +284,7 @@ impl Runtime for Runc {
             .process_group(0);
         let offset = self.log_len();
         let mut child = cmd.spawn().map_err(|e| self.spawn_error(e))?;
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::clock::after(Instant::now(), timeout);
         let status = loop {
             let waited = child.try_wait().map_err(|e| self.spawn_error(e));
             match waited {

@@ -97,7 +97,7 @@ pub fn spawn_supervisor(
 
 /// Waits until the container has left `Created` (its first start was tried) or its supervisor ended.
 pub fn wait_started(container: &Container, limit: Duration) -> State {
-    let deadline = Instant::now() + limit;
+    let deadline = crate::clock::after(Instant::now(), limit);
     loop {
         let state = container.status().state;
         if state != State::Created
@@ -171,7 +171,7 @@ pub fn stop(
 
 /// Waits up to `limit` for the container's lock to be free; whether it is.
 fn wait_unlocked(container: &Container, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
+    let deadline = crate::clock::after(Instant::now(), limit);
     while container.is_locked() && Instant::now() < deadline {
         std::thread::sleep(POLL);
     }
@@ -197,7 +197,7 @@ fn stop_unsupervised(
     if running(runtime)? {
         if !grace.is_zero() {
             let _ = runtime.kill(id, libc::SIGTERM, false);
-            let deadline = Instant::now() + grace;
+            let deadline = crate::clock::after(Instant::now(), grace);
             while running(runtime)? && Instant::now() < deadline {
                 std::thread::sleep(POLL);
             }

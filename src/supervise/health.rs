@@ -27,7 +27,7 @@ pub async fn probe(runtime: &Arc<dyn Runtime>, id: &str, check: &HealthCheck) ->
             // The runtime kills the command at the timeout (an error); the outer bound only guards against a runtime
             // that hangs.
             let run = tokio::task::spawn_blocking(move || rt.exec(&id, &args, timeout));
-            match tokio::time::timeout(timeout * 2, run).await {
+            match tokio::time::timeout(timeout.saturating_mul(2), run).await {
                 Ok(Ok(Ok(code))) => passed(code == 0),
                 Ok(Ok(Err(crate::runtime::RuntimeError::ExecTimeout { .. }))) | Err(_) => {
                     ProbeResult::TimedOut

@@ -437,7 +437,10 @@ impl Supervisor {
         let clock = self.clock.clone();
         let started = clock.instant();
         let mut health = HealthState::default();
-        let mut next_probe = started + check.as_ref().map_or(Duration::ZERO, |c| c.interval);
+        let mut next_probe = crate::clock::after(
+            started,
+            check.as_ref().map_or(Duration::ZERO, |c| c.interval),
+        );
         loop {
             let until_probe = next_probe.saturating_duration_since(clock.instant());
             tokio::select! {
@@ -449,7 +452,7 @@ impl Supervisor {
                 _ = clock.sleep(until_probe), if check.is_some() => {
                     let Some(check) = &check else { continue };
                     let result = health::probe(&self.runtime, &self.container.name, check).await;
-                    next_probe = clock.instant() + check.interval;
+                    next_probe = crate::clock::after(clock.instant(), check.interval);
                     let before = health.health;
                     let elapsed = clock.instant().saturating_duration_since(started);
                     health = health.observe(check, elapsed, result);
