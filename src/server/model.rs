@@ -13,22 +13,87 @@ use crate::fleet::{AppStatus, Desired, DesiredApp, Metrics, PlatformReport};
 use crate::rollout::{self, Progress, RolloutState};
 use crate::update::Report;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A day: long enough to provision a device, short enough that a token found in a drawer later is worth nothing.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// Ten years: anything longer is meant as "never", which is said with null.
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+fn default_token_ttl() -> Option<u64> {
+    Some(DEFAULT_TOKEN_TTL_SECS)
+}
+
+fn default_token_uses() -> Option<u32> {
+    Some(1)
+}
+
+/// An enrollment token to make. Absent fields take the safe defaults (one use, a day); unlimited is asked for
+/// with an explicit null, so a client that forgets a field never makes an everlasting token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    /// Seconds from now.
-    #[serde(default)]
+    /// Seconds from now; null: never.
+    #[serde(default = "default_token_ttl")]
     pub expires_in: Option<u64>,
-    #[serde(default)]
+    /// How many devices may enroll with it; null: unlimited.
+    #[serde(default = "default_token_uses")]
     pub uses: Option<u32>,
+    /// Tags every device enrolled with it gets.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Also take the tags a device asks for when it enrolls (the token's own win a conflict). Off: the device's
+    /// wishes are ignored, since tags decide which rollouts, and so which secrets, reach it.
+    #[serde(default)]
+    pub device_tags: bool,
+}
+
+impl Default for TokenRequest {
+    fn default() -> TokenRequest {
+        TokenRequest {
+            expires_in: default_token_ttl(),
+            uses: default_token_uses(),
+            tags: BTreeMap::new(),
+            device_tags: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenCreated {
+    /// What `token list` and `token revoke` name it by; not a secret.
+    pub id: String,
+    /// The secret, shown this once.
     pub token: String,
     pub expires: Option<u64>,
     pub uses: Option<u32>,
+    pub tags: BTreeMap<String, String>,
+    pub device_tags: bool,
+}
+
+/// A token as `token list` shows it: never its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenView {
+    pub id: String,
+    pub created: u64,
+    pub expires: Option<u64>,
+    /// None: unlimited.
+    pub uses_left: Option<u32>,
+    /// Devices enrolled with it.
+    pub enrolled: u64,
+    pub tags: BTreeMap<String, String>,
+    pub device_tags: bool,
+    pub revoked: bool,
+}
+
+/// The operator's change to a device's tags: `set` first, then `remove`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsRequest {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,34 +286,75 @@ pub fn parse_spec(
     req: &RolloutRequest,
 ) -> Result<(Vec<rollout::WaveSize>, rollout::Threshold), ServerDbError> {
     if req.waves.is_empty() {
-        return Err(ServerDbError::Invalid(
-            "a rollout needs at least one wave (--waves 10%,50%,100%)".into(),
-        ));
+        return Err(ServerDbError::Field {
+            path: "waves".into(),
+            message: "a rollout needs at least one wave (--waves 10%,50%,100%)".into(),
+        });
     }
+    let field = |path: String| {
+        move |e: rollout::SpecError| ServerDbError::Field {
+            path,
+            message: e.to_string(),
+        }
+    };
     let waves = req
         .waves
         .iter()
-        .map(|w| rollout::parse_wave(w))
+        .enumerate()
+        .map(|(i, w)| rollout::parse_wave(w).map_err(field(format!("waves[{i}]"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let threshold = rollout::parse_threshold(&req.max_failures)?;
+    let threshold =
+        rollout::parse_threshold(&req.max_failures).map_err(field("max_failures".into()))?;
+    for (k, v) in &req.select {
+        check_field("select", "tag", k)?;
+        check_field(&format!("select.{k}"), "tag value", v)?;
+    }
     Ok((waves, threshold))
 }
 
 /// Device names, tags and app names are plain words: they end up in container names, tables and URLs.
 pub fn check_name(what: &str, name: &str) -> Result<(), ServerDbError> {
-    let ok = !name.is_empty()
+    if is_name(name) {
+        Ok(())
+    } else {
+        Err(ServerDbError::Invalid(name_rule(what, name)))
+    }
+}
+
+/// [`check_name`] for a field of a request body: refused as unprocessable, naming the field's path.
+pub fn check_field(path: &str, what: &str, name: &str) -> Result<(), ServerDbError> {
+    if is_name(name) {
+        Ok(())
+    } else {
+        Err(ServerDbError::Field {
+            path: path.to_string(),
+            message: name_rule(what, name),
+        })
+    }
+}
+
+/// Tag names and values of a request body, at `path`.
+pub fn check_tags(path: &str, tags: &BTreeMap<String, String>) -> Result<(), ServerDbError> {
+    for (k, v) in tags {
+        check_field(path, "tag", k)?;
+        check_field(&format!("{path}.{k}"), "tag value", v)?;
+    }
+    Ok(())
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with(['.', '-']);
-    if ok {
-        Ok(())
-    } else {
-        Err(ServerDbError::Invalid(format!(
-            "the {what} {name:?} must be 1 to 63 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
-        )))
-    }
+        && !name.starts_with(['.', '-'])
+}
+
+fn name_rule(what: &str, name: &str) -> String {
+    format!(
+        "the {what} {name:?} must be 1 to 63 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+    )
 }
 
 impl ServerDb {
