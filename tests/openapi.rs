@@ -23,7 +23,8 @@ use flotilla::fleet::{
 use flotilla::server::api::{self, ErrorBody};
 use flotilla::server::model::{
     AppRequest, AppView, DeviceApp, DeviceView, Incompatible, ReleaseRequest, ReleaseView,
-    RolloutRequest, RolloutView, StateView, TokenCreated, TokenRequest, WaveView,
+    RolloutRequest, RolloutView, StateView, TagsRequest, TokenCreated, TokenRequest, TokenView,
+    WaveView,
 };
 use flotilla::update::Report;
 use serde::Serialize;
@@ -924,15 +925,42 @@ fn schemas_match_the_serde_types() {
         &TokenRequest {
             expires_in: Some(3600),
             uses: Some(10),
+            tags: tags.clone(),
+            device_tags: true,
         },
     ));
     reached.extend(check(
         &doc,
         "TokenCreated",
         &TokenCreated {
+            id: "0123456789ab".into(),
             token: "secret".into(),
             expires: Some(1_700_003_600),
             uses: Some(10),
+            tags: tags.clone(),
+            device_tags: false,
+        },
+    ));
+    reached.extend(check(
+        &doc,
+        "TokenView",
+        &TokenView {
+            id: "0123456789ab".into(),
+            created: 1_700_000_000,
+            expires: None,
+            uses_left: Some(0),
+            enrolled: 1,
+            tags: tags.clone(),
+            device_tags: false,
+            revoked: true,
+        },
+    ));
+    reached.extend(check(
+        &doc,
+        "TagsRequest",
+        &TagsRequest {
+            set: tags.clone(),
+            remove: vec!["ring".into()],
         },
     ));
     reached.extend(check(

@@ -390,7 +390,7 @@ impl ServerDb {
     }
 
     pub fn create_app(&self, req: &AppRequest, now: u64) -> Result<AppView, ServerDbError> {
-        check_name("app name", &req.name)?;
+        check_field("name", "app name", &req.name)?;
         let n = self
             .conn
             .execute(
