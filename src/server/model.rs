@@ -291,6 +291,25 @@ pub fn parse_spec(
             message: "a rollout needs at least one wave (--waves 10%,50%,100%)".into(),
         });
     }
+    for (i, w) in req.waves.iter().enumerate() {
+        if !wave_syntax(w) {
+            return Err(ServerDbError::Field {
+                path: format!("waves[{i}]"),
+                message: format!(
+                    "the wave {w:?} is neither a percent above 0 up to 100 (10%, 2.5%) nor a device count (5)"
+                ),
+            });
+        }
+    }
+    if !threshold_syntax(&req.max_failures) {
+        return Err(ServerDbError::Field {
+            path: "max_failures".into(),
+            message: format!(
+                "the failure threshold {:?} is neither a percent above 0 up to 100 (10%) nor a count (3)",
+                req.max_failures
+            ),
+        });
+    }
     let field = |path: String| {
         move |e: rollout::SpecError| ServerDbError::Field {
             path,
@@ -310,6 +329,44 @@ pub fn parse_spec(
         check_field(&format!("select.{k}"), "tag value", v)?;
     }
     Ok((waves, threshold))
+}
+
+/// A wave exactly as `docs/openapi.yaml` writes its pattern: a percent above 0 up to 100, or a count from 1 with
+/// at most 9 digits. The parser is laxer (spaces, `1e1%`); the API is not, so the document is the whole truth.
+pub fn wave_syntax(s: &str) -> bool {
+    match s.strip_suffix('%') {
+        Some(p) => percent_syntax(p),
+        None => count_syntax(s) && !s.starts_with('0'),
+    }
+}
+
+/// The failure threshold: a percent as for waves, or a count from 0.
+pub fn threshold_syntax(s: &str) -> bool {
+    match s.strip_suffix('%') {
+        Some(p) => percent_syntax(p),
+        None => s == "0" || (count_syntax(s) && !s.starts_with('0')),
+    }
+}
+
+fn count_syntax(s: &str) -> bool {
+    (1..=9).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `(100(\.0+)?|[1-9][0-9]?(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)`: above 0, up to 100.
+fn percent_syntax(p: &str) -> bool {
+    let (whole, frac) = match p.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (p, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if frac.is_some_and(|f| !digits(f)) {
+        return false;
+    }
+    match whole {
+        "100" => frac.is_none_or(|f| f.bytes().all(|b| b == b'0')),
+        "0" => frac.is_some_and(|f| f.bytes().any(|b| b != b'0')),
+        w => digits(w) && w.len() <= 2 && !w.starts_with('0'),
+    }
 }
 
 /// Device names, tags and app names are plain words: they end up in container names, tables and URLs.
@@ -1029,5 +1086,54 @@ fn progress(report: Option<&(Report, u64)>) -> Progress {
             }
         }
         Some((Report::Removed { .. }, _)) | None => Progress::Waiting,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_and_thresholds_take_exactly_what_the_document_patterns_say() {
+        for ok in [
+            "1",
+            "5",
+            "123456789",
+            "1%",
+            "10%",
+            "99.5%",
+            "100%",
+            "100.00%",
+            "0.5%",
+            "0.01%",
+        ] {
+            assert!(wave_syntax(ok), "{ok}");
+            assert!(threshold_syntax(ok), "{ok}");
+            rollout::parse_wave(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "0",
+            "01",
+            "1234567890",
+            "%",
+            "0%",
+            "0.0%",
+            "100.5%",
+            "101%",
+            "1e1%",
+            " 5",
+            "5 ",
+            "5.%",
+            ".5%",
+            "-1",
+            "+1",
+            "5\n",
+            "05%",
+        ] {
+            assert!(!wave_syntax(bad), "{bad:?}");
+        }
+        assert!(threshold_syntax("0"));
+        assert!(!threshold_syntax("00"));
     }
 }

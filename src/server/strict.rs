@@ -61,7 +61,18 @@ impl<'de> de::Deserializer<'de> for Strict {
                 Ok(v)
             }
             Value::Object(map) => {
-                let mut m = MapDeserializer::new(map.into_iter().map(|(k, v)| (k, Strict(v))));
+                // Scalars first: an adjacently tagged enum (`{"kind": ..., "data": ...}`) that meets its content
+                // before its tag buffers the content, and reads it back with serde's lax reader, out of our
+                // hands. `Value` keeps keys sorted, so "data" would always come before "kind".
+                let (scalars, nested): (Vec<_>, Vec<_>) = map
+                    .into_iter()
+                    .partition(|(_, v)| !v.is_object() && !v.is_array());
+                let mut m = MapDeserializer::new(
+                    scalars
+                        .into_iter()
+                        .chain(nested)
+                        .map(|(k, v)| (k, Strict(v))),
+                );
                 let v = visitor.visit_map(&mut m)?;
                 m.end()?;
                 Ok(v)
@@ -117,13 +128,22 @@ impl<'de> de::Deserializer<'de> for Strict {
         visitor.visit_newtype_struct(self)
     }
 
+    /// Field and variant names are strings. serde's own identifiers also take a variant's index
+    /// (`"policy": 0` for the first policy), which the document does not allow.
+    fn deserialize_identifier<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            Value::String(s) => visitor.visit_string(s),
+            other => Err(de::Error::invalid_type(unexpected(&other), &visitor)),
+        }
+    }
+
     fn deserialize_ignored_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
         visitor.visit_unit()
     }
 
     serde::forward_to_deserialize_any! {
         bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf unit unit_struct
-        seq tuple tuple_struct map identifier
+        seq tuple tuple_struct map
     }
 }
 
@@ -235,6 +255,33 @@ mod tests {
             assert_eq!(e.path, path, "{e}");
             assert!(e.message.contains("invalid type: sequence"), "{e}");
         }
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "policy", rename_all = "kebab-case")]
+        enum Tagged {
+            No,
+            OnFailure,
+        }
+        let e = from_value::<Tagged>(json!({"policy": 1})).unwrap_err();
+        assert!(e.message.contains("invalid type: integer `1`"), "{e}");
+        assert!(matches!(
+            from_value::<Tagged>(json!({"policy": "on-failure"})),
+            Ok(Tagged::OnFailure)
+        ));
+        assert!(matches!(
+            from_value::<Tagged>(json!({"policy": "no"})),
+            Ok(Tagged::No)
+        ));
+        #[derive(Debug, Deserialize)]
+        #[serde(tag = "kind", content = "data", rename_all = "kebab-case")]
+        enum Adjacent {
+            Update(Tagged),
+        }
+        assert!(
+            from_value::<Adjacent>(json!({"kind": "update", "data": {"policy": "no"}})).is_ok()
+        );
+        let e =
+            from_value::<Adjacent>(json!({"kind": "update", "data": {"policy": 0}})).unwrap_err();
+        assert!(e.message.contains("invalid type: integer `0`"), "{e}");
         let e = from_value::<Outer>(json!({"inner": {"a": "x"}, "list": [], "kind": "plain"}))
             .unwrap_err();
         assert_eq!(
