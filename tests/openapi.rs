@@ -591,8 +591,16 @@ impl Check<'_> {
             .as_object()
             .ok_or_else(|| format!("{at}: {v} is not an object"))?;
         let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
-            // A map: every value fits `additionalProperties`.
-            let values = &schema["additionalProperties"];
+            // A map: every value fits `additionalProperties`, or the value schema of its one `patternProperties`
+            // entry (whose pattern the keys match: tag names), with `additionalProperties: false`.
+            let values = match schema.get("patternProperties").and_then(Value::as_object) {
+                Some(patterns) => {
+                    assert_eq!(patterns.len(), 1, "{at}: one key pattern");
+                    assert_eq!(schema["additionalProperties"], "false", "{at}");
+                    patterns.values().next().unwrap()
+                }
+                None => &schema["additionalProperties"],
+            };
             assert!(
                 values.is_object(),
                 "{at}: an object schema with neither properties nor value schema"

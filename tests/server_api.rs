@@ -1261,7 +1261,15 @@ async fn numbers_beyond_sqlite_integers_are_not_server_errors() {
     let (a, seen) = f
         .unchanged(f.post("/v1/device/reports", &dev.credential, &batch(vec![late])))
         .await;
-    assert!(a.refused(400).contains("beyond any time"));
+    assert!(a.refused(422).contains("events[0].at: "));
+    let far = Event {
+        seq: Some(u64::MAX),
+        ..app_event("e1", "sensor")
+    };
+    let (a, _) = f
+        .unchanged(f.post("/v1/device/reports", &dev.credential, &batch(vec![far])))
+        .await;
+    assert!(a.refused(422).contains("events[0].seq: "));
     assert_eq!(seen, [dev.device_id.as_str()]);
 
     for path in [

@@ -362,15 +362,29 @@ async fn reports(
             "at most 1000 events per batch".into(),
         ));
     }
-    // SQLite stores i64: a larger time would fail to bind, a 500 for what is the device's mistake.
-    if let Some(e) = batch.events.iter().find(|e| i64::try_from(e.at).is_err()) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the event {:?} has at = {}, beyond any time (seconds since the epoch)",
-                e.id, e.at
-            ),
-        ));
+    // SQLite stores i64: a larger time or sequence would fail to bind, a 500 for what is the device's mistake.
+    for (i, e) in batch.events.iter().enumerate() {
+        if i64::try_from(e.at).is_err() {
+            return Err(ServerDbError::Field {
+                path: format!("events[{i}].at"),
+                message: format!(
+                    "the event {:?} has at = {}, beyond any time (seconds since the epoch)",
+                    e.id, e.at
+                ),
+            }
+            .into());
+        }
+        // 0 is how the database says "no sequence" (agents that send none); an agent's outbox starts at 1.
+        if let Some(seq) = e.seq.filter(|s| *s == 0 || i64::try_from(*s).is_err()) {
+            return Err(ServerDbError::Field {
+                path: format!("events[{i}].seq"),
+                message: format!(
+                    "the event {:?} has seq = {seq}, not between 1 and 2^63 - 1",
+                    e.id
+                ),
+            }
+            .into());
+        }
     }
     let replans = batch
         .events

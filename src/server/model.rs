@@ -331,6 +331,34 @@ pub fn parse_spec(
     Ok((waves, threshold))
 }
 
+/// The longest grace a stop may take, and the longest health timing: what the bounds allow, and what
+/// keeps a device's clock arithmetic far from overflowing.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
+pub const MAX_HEALTH_TIMING: Duration = Duration::from_secs(24 * 3600);
+
+/// An app's durations within their bounds, refused naming the field.
+fn check_durations(settings: &RunSettings) -> Result<(), ServerDbError> {
+    let mut timings = vec![("settings.stop_grace", settings.stop_grace, MAX_STOP_GRACE)];
+    if let Some(h) = &settings.health {
+        timings.extend([
+            ("settings.health.interval", h.interval, MAX_HEALTH_TIMING),
+            ("settings.health.timeout", h.timeout, MAX_HEALTH_TIMING),
+            (
+                "settings.health.start_period",
+                h.start_period,
+                MAX_HEALTH_TIMING,
+            ),
+        ]);
+    }
+    match timings.into_iter().find(|(_, d, max)| d > max) {
+        Some((path, d, max)) => Err(ServerDbError::Field {
+            path: path.into(),
+            message: format!("{} s is more than {} s", d.as_secs_f64(), max.as_secs()),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A wave exactly as `docs/openapi.yaml` writes its pattern: a percent above 0 up to 100, or a count from 1 with
 /// at most 9 digits. The parser is laxer (spaces, `1e1%`); the API is not, so the document is the whole truth.
 pub fn wave_syntax(s: &str) -> bool {
@@ -448,6 +476,7 @@ impl ServerDb {
 
     pub fn create_app(&self, req: &AppRequest, now: u64) -> Result<AppView, ServerDbError> {
         check_field("name", "app name", &req.name)?;
+        check_durations(&req.settings)?;
         let n = self
             .conn
             .execute(
