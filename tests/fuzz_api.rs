@@ -2,7 +2,7 @@
 //! `target/schemathesis-venv`) reads `docs/openapi.yaml` and runs the real `flotilla-server` through every
 //! operation, the device routes included (with the credential of a device enrolled first): examples inside the
 //! schema must be taken, examples outside it refused with a 4xx, responses must fit the document, and nothing may
-//! answer 5xx. The run is bounded (`FLOTILLA_FUZZ_EXAMPLES` examples per operation, 20 by default; about a
+//! answer 5xx. The run is bounded (`FLOTILLA_FUZZ_EXAMPLES` examples per operation, 50 by default; about half a
 //! minute) and seeded (`FLOTILLA_FUZZ_SEED`, 1 by default), so a failure replays.
 //!
 //! It runs in a private network namespace (`unshare --net`, so as root): a release of a made-up image then fails
@@ -40,7 +40,7 @@ fn schemathesis_finds_no_failure_and_no_server_error() {
         return;
     };
     let work = tempfile::tempdir().expect("tempdir");
-    let examples = std::env::var("FLOTILLA_FUZZ_EXAMPLES").unwrap_or_else(|_| "20".into());
+    let examples = std::env::var("FLOTILLA_FUZZ_EXAMPLES").unwrap_or_else(|_| "50".into());
     let out = Command::new(unshare)
         .args(["--net", "--"])
         .arg(&python)

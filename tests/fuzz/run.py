@@ -82,7 +82,7 @@ def main():
             "--url", base,
             "--checks", "all",
             "--max-examples", examples,
-            "--seed", os.environ.get("FUZZ_SEED", "1"),
+            "--seed", os.environ.get("FLOTILLA_FUZZ_SEED", "1"),
             "--generation-database", "none",
             "--request-timeout", "70",
             "--report", "junit",
