@@ -858,7 +858,12 @@ pub fn tokens_table(tokens: &[TokenView], now: u64) -> String {
             }
             [
                 t.id.clone(),
-                date(t.created),
+                // Tokens made before the server kept a creation time.
+                if t.created == 0 {
+                    "-".into()
+                } else {
+                    date(t.created)
+                },
                 t.expires.map(date).unwrap_or_else(|| "never".into()),
                 t.uses_left
                     .map(|n| n.to_string())
