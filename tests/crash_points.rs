@@ -31,9 +31,14 @@ struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    fn new(root: &Path, server: &'a Server, n: u64, token: &Path) -> Run<'a> {
+    fn new(root: &Path, server: &'a Server, n: u64) -> Run<'a> {
         let dir = root.join(format!("run-{n}"));
         std::fs::create_dir_all(&dir).expect("run dir");
+        // Its own token, which gives the run's tag: the agent deletes the file once enrolled, and tags are the
+        // token's to give.
+        let token = dir.join("enroll-token");
+        let secret = server.ok(&["token", "create", "--tag", &format!("run=r{n}")]);
+        std::fs::write(&token, secret).expect("token file");
         let app = format!("app-{n}");
         let device = format!("dev-{n}");
         let config = format!(
@@ -274,10 +279,9 @@ fn an_agent_aborted_at_every_durable_write_converges_and_reports_exactly_once() 
     push(root, &registry, "v1", false);
     push(root, &registry, "v2", true);
     let server = Server::start(root, &registry.host());
-    let token_file = server.token_file(&[]);
 
     // A run that only counts: the durable writes of the whole scenario, each as NAME#K (its Kth write of NAME).
-    let counting = Run::new(root, &server, 0, &token_file);
+    let counting = Run::new(root, &server, 0);
     let dir = counting.dir.clone();
     assert_eq!(counting.scenario("0"), None);
     let log = std::fs::read_to_string(dir.join("agent.log")).expect("agent log");
@@ -296,9 +300,9 @@ fn an_agent_aborted_at_every_durable_write_converges_and_reports_exactly_once() 
             let handles: Vec<_> = chunk
                 .iter()
                 .map(|&(n, at)| {
-                    let (server, token_file) = (&server, &token_file);
+                    let server = &server;
                     s.spawn(move || {
-                        let hit = Run::new(root, server, n, token_file).scenario(at);
+                        let hit = Run::new(root, server, n).scenario(at);
                         (at.clone(), hit)
                     })
                 })

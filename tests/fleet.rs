@@ -44,6 +44,10 @@ impl Agent {
     ) -> Agent {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).expect("agent dir");
+        // Its own copy: the agent deletes its token file once it is enrolled.
+        let own = dir.join("enroll-token");
+        std::fs::copy(token, &own).expect("the agent's token file");
+        let token = own.as_path();
         let config = format!(
             "[fleet]\nserver = \"{}\"\ntoken_file = \"{}\"\nname = \"{name}\"\ntags = {{ site = \"lab\" }}\n\
              poll_interval = \"3s\"\nprobation = \"2s\"\nheartbeat_interval = \"2s\"\n\
@@ -172,7 +176,7 @@ fn rollouts_reach_each_device_with_its_variant_in_waves_roll_back_and_survive_an
     let v1 = push(root, &registry, "v1", false);
     let mut server = Server::start(root, &registry.host());
 
-    let token_file = server.token_file(&["--uses", "3", "--expires", "1h"]);
+    let token_file = server.token_file(&["--uses", "3", "--expires", "1h", "--tag", "site=lab"]);
     // The images' entrypoint is busybox sh: the command is its arguments.
     server.create_app("demo");
 
@@ -481,7 +485,7 @@ fn an_agent_killed_at_every_update_state_converges_after_its_restart() {
     let root = tmp.path();
     let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
     let server = Server::start(root, &registry.host());
-    let token_file = server.token_file(&[]);
+    let token_file = server.token_file(&["--uses", "unlimited", "--tag", "site=lab"]);
     server.create_app("demo");
     let mut agent = Agent::new(root, "x86", None, &server, &token_file);
     agent.start();
@@ -656,6 +660,21 @@ fn an_enrollment_whose_reply_was_lost_is_retried_into_the_same_device() {
         "{}",
         agent.log()
     );
+    // Once enrolled the token is of no more use here, and a copy left behind could enroll another device.
+    assert!(
+        !agent.dir.join("enroll-token").exists(),
+        "the token file outlived the enrollment:\n{}",
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("deleted the enrollment token file"),
+        "{}",
+        agent.log()
+    );
+    // The token's one use is taken, by this device.
+    let tokens = server.json(&["token", "list"]);
+    assert_eq!(tokens[0]["uses_left"], 0, "{tokens}");
+    assert_eq!(tokens[0]["enrolled"], 1, "{tokens}");
 }
 
 /// Rollouts finish however the fleet changes under them, with four agents of this host:
@@ -674,7 +693,7 @@ fn rollouts_finish_when_the_fleet_changes_and_roll_each_device_back_to_its_own_r
     let root = tmp.path();
     let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
     let server = Server::start(root, &registry.host());
-    let token_file = server.token_file(&[]);
+    let token_file = server.token_file(&["--uses", "unlimited", "--tag", "site=lab"]);
     server.create_app("demo");
     for (tag, crash) in [("v1", false), ("v2", false), ("v3", true), ("v4", false)] {
         push(root, &registry, tag, crash);
@@ -835,7 +854,7 @@ fn a_poison_event_in_the_outbox_is_set_aside_and_the_rest_flows() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     let server = Server::start(root, "127.0.0.1:9");
-    let token_file = server.token_file(&[]);
+    let token_file = server.token_file(&["--tag", "site=lab"]);
     let mut agent = Agent::new(root, "x86", None, &server, &token_file);
     agent.start();
     wait_for("the enrollment", Duration::from_secs(60), || {
@@ -918,7 +937,7 @@ fn the_server_killed_right_after_an_acknowledgement_keeps_what_it_acknowledged()
     let tmp = tempfile::tempdir().expect("tempdir");
     let root = tmp.path();
     let mut server = Server::start(root, "127.0.0.1:9");
-    let token_file = server.token_file(&[]);
+    let token_file = server.token_file(&["--tag", "site=lab"]);
     let pid = server.pid().expect("the server's pid");
     let acknowledged: std::sync::Arc<Mutex<Option<Vec<String>>>> = Default::default();
     let seen = acknowledged.clone();

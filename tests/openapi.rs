@@ -23,7 +23,8 @@ use flotilla::fleet::{
 use flotilla::server::api::{self, ErrorBody};
 use flotilla::server::model::{
     AppRequest, AppView, DeviceApp, DeviceView, Incompatible, ReleaseRequest, ReleaseView,
-    RolloutRequest, RolloutView, StateView, TokenCreated, TokenRequest, WaveView,
+    RolloutRequest, RolloutView, StateView, TagsRequest, TokenCreated, TokenRequest, TokenView,
+    WaveView,
 };
 use flotilla::update::{FailureCause, Report};
 use serde::Serialize;
@@ -590,8 +591,16 @@ impl Check<'_> {
             .as_object()
             .ok_or_else(|| format!("{at}: {v} is not an object"))?;
         let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
-            // A map: every value fits `additionalProperties`.
-            let values = &schema["additionalProperties"];
+            // A map: every value fits `additionalProperties`, or the value schema of its one `patternProperties`
+            // entry (whose pattern the keys match: tag names), with `additionalProperties: false`.
+            let values = match schema.get("patternProperties").and_then(Value::as_object) {
+                Some(patterns) => {
+                    assert_eq!(patterns.len(), 1, "{at}: one key pattern");
+                    assert_eq!(schema["additionalProperties"], "false", "{at}");
+                    patterns.values().next().unwrap()
+                }
+                None => &schema["additionalProperties"],
+            };
             assert!(
                 values.is_object(),
                 "{at}: an object schema with neither properties nor value schema"
@@ -930,15 +939,42 @@ fn schemas_match_the_serde_types() {
         &TokenRequest {
             expires_in: Some(3600),
             uses: Some(10),
+            tags: tags.clone(),
+            device_tags: true,
         },
     ));
     reached.extend(check(
         &doc,
         "TokenCreated",
         &TokenCreated {
+            id: "0123456789ab".into(),
             token: "secret".into(),
             expires: Some(1_700_003_600),
             uses: Some(10),
+            tags: tags.clone(),
+            device_tags: false,
+        },
+    ));
+    reached.extend(check(
+        &doc,
+        "TokenView",
+        &TokenView {
+            id: "0123456789ab".into(),
+            created: 1_700_000_000,
+            expires: None,
+            uses_left: Some(0),
+            enrolled: 1,
+            tags: tags.clone(),
+            device_tags: false,
+            revoked: true,
+        },
+    ));
+    reached.extend(check(
+        &doc,
+        "TagsRequest",
+        &TagsRequest {
+            set: tags.clone(),
+            remove: vec!["ring".into()],
         },
     ));
     reached.extend(check(

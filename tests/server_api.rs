@@ -448,7 +448,13 @@ fn bad_bodies(good: &Value) -> Vec<(&'static str, Body<'static>, u16, String)> {
             "a string",
             raw(Some("application/json"), "\"a\""),
             422,
-            "invalid type: string \"a\", expected struct".into(),
+            "the body must be a JSON object, not a string".into(),
+        ),
+        (
+            "an array",
+            raw(Some("application/json"), "[null, null]"),
+            422,
+            "the body must be a JSON object, not an array".into(),
         ),
     ]
 }
@@ -466,14 +472,14 @@ async fn malformed_bodies_are_refused_with_what_is_wrong_and_change_nothing() {
         assert!(seen.is_empty(), "enroll, {what}");
     }
     for (name, site, says) in [
-        ("../etc", "north", "device name \"../etc\""),
-        ("a", "north east", "tag value \"north east\""),
-        ("", "north", "device name \"\""),
+        ("../etc", "north", "name: the device name \"../etc\""),
+        ("a", "north east", "tags.site: the tag value \"north east\""),
+        ("", "north", "name: the device name \"\""),
     ] {
         let (a, _) = f
             .unchanged(f.post("/v1/enroll", &once, &enroll_request(name, site)))
             .await;
-        let message = a.refused(400);
+        let message = a.refused(422);
         assert!(message.contains(says), "{message}");
     }
     // None of that took the token's one use.
@@ -573,23 +579,89 @@ async fn device_routes_refuse_missing_malformed_unknown_and_forged_credentials()
     assert!(f.events_of().is_empty());
 }
 
+/// An enrollment request with an enrollment id, as the agent sends it.
+fn enroll_request_with_id(name: &str, id: &str) -> Value {
+    let mut v = enroll_request(name, "north");
+    v["enrollment_id"] = json!(id);
+    v
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_tokens_run_out_expire_and_names_stay_unique() {
     let f = Fleet::start().await;
-    let once = f.token(json!({"uses": 1})).await;
-    let first = f.enroll(&once, "a", "north").await;
-    let (a, seen) = f
-        .unchanged(f.post("/v1/enroll", &once, &enroll_request("b", "north")))
+    // The default token: one device, for a day.
+    let created = f.admin_post("/v1/tokens", &json!({}), 201).await;
+    assert_eq!(created["uses"], json!(1));
+    let expires = created["expires"].as_u64().unwrap();
+    assert!(
+        (now() + 86_300..=now() + 86_400).contains(&expires),
+        "{created}"
+    );
+    let once = created["token"].as_str().unwrap().to_string();
+    let id_a = "a".repeat(43);
+    let first = f
+        .post("/v1/enroll", &once, &enroll_request_with_id("a", &id_a))
         .await;
-    assert!(a.refused(401).contains("unknown, expired or used up"));
+    assert_eq!(first.status, 201);
+    let first: Enrolled = serde_json::from_slice(&first.body).unwrap();
+    // A second device with it (another enrollment id) is refused, saying why and what to do.
+    let (a, seen) = f
+        .unchanged(f.post(
+            "/v1/enroll",
+            &once,
+            &enroll_request_with_id("b", &"b".repeat(43)),
+        ))
+        .await;
+    let message = a.refused(401);
+    assert!(message.contains("is used up"), "{message}");
+    assert!(message.contains("token create"), "{message}");
     assert!(seen.is_empty());
+    // The first device's retry (its reply was lost) still gets its own credential back.
+    let again = f
+        .post("/v1/enroll", &once, &enroll_request_with_id("a", &id_a))
+        .await;
+    assert_eq!(again.status, 201);
+    assert_eq!(
+        serde_json::from_slice::<Enrolled>(&again.body).unwrap(),
+        first
+    );
 
-    // Expires now: `expires` is exclusive, so a token of no seconds is never valid.
-    let expired = f.token(json!({"expires_in": 0})).await;
+    let expired = f.token(json!({"expires_in": 1, "uses": null})).await;
+    while now() < expires_at(&f, &expired).await {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (a, _) = f
         .unchanged(f.post("/v1/enroll", &expired, &enroll_request("b", "north")))
         .await;
-    assert!(a.refused(401).contains("unknown, expired or used up"));
+    let message = a.refused(401);
+    assert!(message.contains("expired at"), "{message}");
+
+    let revoked = f
+        .admin_post("/v1/tokens", &json!({"uses": null}), 201)
+        .await;
+    let id = revoked["id"].as_str().unwrap();
+    let after = f
+        .admin_post(&format!("/v1/tokens/{id}/revoke"), &json!(null), 200)
+        .await;
+    assert_eq!(after["revoked"], json!(true));
+    let (a, _) = f
+        .unchanged(f.post(
+            "/v1/enroll",
+            revoked["token"].as_str().unwrap(),
+            &enroll_request("b", "north"),
+        ))
+        .await;
+    let message = a.refused(401);
+    assert!(message.contains("was revoked"), "{message}");
+    let (a, _) = f
+        .unchanged(f.post("/v1/tokens/0123456789ab/revoke", &f.admin, &json!(null)))
+        .await;
+    assert!(a.refused(404).contains("token list"));
+
+    let (a, _) = f
+        .unchanged(f.post("/v1/enroll", "forged", &enroll_request("b", "north")))
+        .await;
+    assert!(a.refused(401).contains("unknown"));
 
     // Neither the admin token nor a device credential enrolls.
     for (what, token) in [
@@ -624,11 +696,184 @@ async fn enrollment_tokens_run_out_expire_and_names_stay_unique() {
     f.enroll(&twice, "c", "north").await;
 }
 
+/// When the token `secret` expires, from the token list (which never shows secrets: found by elimination).
+async fn expires_at(f: &Fleet, secret: &str) -> u64 {
+    let listed = f.get("/v1/tokens", &f.admin).await;
+    assert_eq!(listed.status, 200);
+    assert!(!String::from_utf8_lossy(&listed.body).contains(secret));
+    listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["expires"].as_u64())
+        .min()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_the_tokens_and_then_the_operators_never_the_devices() {
+    let fleet = Fleet::start().await;
+    let f = &fleet;
+    let canary = f
+        .token(json!({"tags": {"ring": "canary"}, "uses": 2}))
+        .await;
+    // The device asks for site=north; the token does not allow it.
+    let a = f.enroll(&canary, "a", "north").await;
+    let tags = |name: &'static str| async move {
+        let ds = f.get("/v1/devices", &f.admin).await.json();
+        ds.as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap()["tags"]
+            .clone()
+    };
+    assert_eq!(tags("a").await, json!({"ring": "canary"}));
+    // A token that allows it takes the device's wishes, under its own.
+    let open = f
+        .token(json!({"tags": {"site": "lab"}, "device_tags": true}))
+        .await;
+    f.enroll(&open, "b", "north").await;
+    assert_eq!(tags("b").await, json!({"site": "lab"}));
+    let mut asks = enroll_request("c", "north");
+    asks["tags"]["ring"] = json!("stable");
+    let open = f.token(json!({"device_tags": true})).await;
+    let c = f.post("/v1/enroll", &open, &asks).await;
+    assert_eq!(c.status, 201);
+    assert_eq!(tags("c").await, json!({"ring": "stable", "site": "north"}));
+
+    // No device route changes tags: a report naming tags is refused whole, and the tags stay.
+    let mut report = batch(vec![app_event("e1", "sensor")]);
+    report["tags"] = json!({"ring": "stable"});
+    let (r, _) = f
+        .unchanged(f.post("/v1/device/reports", &a.credential, &report))
+        .await;
+    assert!(r.refused(422).contains("unknown field `tags`"));
+    let mut event = serde_json::to_value(app_event("e2", "sensor")).unwrap();
+    event["body"]["data"]["tags"] = json!({"ring": "stable"});
+    let (r, _) = f
+        .unchanged(f.post(
+            "/v1/device/reports",
+            &a.credential,
+            &json!({"events": [event]}),
+        ))
+        .await;
+    assert!(r.refused(422).contains("unknown field `tags`"));
+    let platform = json!({"events": [{"id": "p", "at": 1, "body": {"kind": "platform", "data": {
+        "candidates": ["linux/arm64"], "page_size": 4096, "description": "x", "tags": {"ring": "stable"}
+    }}}]});
+    let (r, _) = f
+        .unchanged(f.post("/v1/device/reports", &a.credential, &platform))
+        .await;
+    assert!(r.refused(422).contains("unknown field `tags`"));
+    // Nor does enrolling again with the token that enrolled it.
+    let (r, _) = f
+        .unchanged(f.post("/v1/enroll", &canary, &enroll_request("a", "north")))
+        .await;
+    r.refused(409);
+    assert_eq!(tags("a").await, json!({"ring": "canary"}));
+
+    // The operator's change re-plans: a rollout to ring=stable reaches `a` once it is tagged so.
+    f.admin_post("/v1/apps", &json!({"name": "sensor"}), 201)
+        .await;
+    f.admin_post(
+        "/v1/releases",
+        &json!({"app": "sensor", "image": "registry.example/sensor:1"}),
+        201,
+    )
+    .await;
+    let rollout = json!({
+        "release": "sensor-1", "select": {"ring": "stable"}, "waves": ["100%"], "max_failures": "0"
+    });
+    f.admin_post("/v1/rollouts", &rollout, 201).await;
+    let desired = |cred: String| async move {
+        f.get("/v1/device/desired", &cred).await.json()["apps"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!(desired(a.credential.clone()).await, 0);
+    let d = f
+        .admin_post(
+            "/v1/devices/a/tags",
+            &json!({"set": {"ring": "stable", "site": "x"}, "remove": ["site"]}),
+            200,
+        )
+        .await;
+    assert_eq!(d["tags"], json!({"ring": "stable"}));
+    assert_eq!(desired(a.credential.clone()).await, 1);
+    let (r, _) = f
+        .unchanged(f.post(
+            "/v1/devices/a/tags",
+            &f.admin,
+            &json!({"set": {"ring": "a b"}}),
+        ))
+        .await;
+    assert!(r.refused(422).contains("set.ring: the tag value"));
+    let (r, _) = f
+        .unchanged(f.post("/v1/devices/nobody/tags", &f.admin, &json!({})))
+        .await;
+    r.refused(404);
+    let (r, _) = f
+        .unchanged(f.post(
+            "/v1/devices/a/tags",
+            &a.credential,
+            &json!({"set": {"x": "y"}}),
+        ))
+        .await;
+    r.refused(401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_list_never_shows_a_secret() {
+    let f = Fleet::start().await;
+    let made = f
+        .admin_post("/v1/tokens", &json!({"tags": {"ring": "canary"}}), 201)
+        .await;
+    let secret = made["token"].as_str().unwrap();
+    let hash = flotilla::server::db::hash_secret(secret);
+    let listed = f.get("/v1/tokens", &f.admin).await;
+    let text = String::from_utf8_lossy(&listed.body).to_string();
+    assert!(!text.contains(secret) && !text.contains(&hash), "{text}");
+    assert_eq!(listed.json()[0]["id"], made["id"]);
+    assert_eq!(listed.json()[0]["tags"], json!({"ring": "canary"}));
+    assert_eq!(listed.json()[0]["uses_left"], json!(1));
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin-token");
+    std::fs::write(&admin, &f.admin).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
+        .args(["--server", &f.base, "--token-file"])
+        .arg(&admin)
+        .args(["token", "list"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains(made["id"].as_str().unwrap()), "{table}");
+    assert!(
+        table.contains("ring=canary") && table.contains("valid"),
+        "{table}"
+    );
+    assert!(
+        !table.contains(secret) && !table.contains(&hash[12..]),
+        "{table}"
+    );
+    // The device list does not show which token a device came with, nor its hash.
+    let token = f.token(json!({})).await;
+    f.enroll(&token, "a", "north").await;
+    let devices = f.get("/v1/devices", &f.admin).await;
+    let text = String::from_utf8_lossy(&devices.body);
+    assert!(!text.contains(&token) && !text.contains(&flotilla::server::db::hash_secret(&token)));
+}
+
 /// Two devices, an app with one release, and a rollout to the devices tagged `site: b` only.
 async fn two_devices_and_a_rollout_to_b(f: &Fleet) -> (Enrolled, Enrolled) {
-    let token = f.token(json!({"uses": 2})).await;
-    let a = f.enroll(&token, "dev-a", "a").await;
-    let b = f.enroll(&token, "dev-b", "b").await;
+    // The site each device asks for is ignored: its tags are its token's.
+    let token_a = f.token(json!({"tags": {"site": "a"}})).await;
+    let token_b = f.token(json!({"tags": {"site": "b"}})).await;
+    let a = f.enroll(&token_a, "dev-a", "b").await;
+    let b = f.enroll(&token_b, "dev-b", "a").await;
     f.admin_post("/v1/apps", &json!({"name": "sensor"}), 201)
         .await;
     let r = f
@@ -895,7 +1140,12 @@ async fn admin_refusals_name_the_problem_and_change_nothing() {
             409,
             "exists already",
         ),
-        ("POST /v1/apps", json!({"name": "a b"}), 400, "app name"),
+        (
+            "POST /v1/apps",
+            json!({"name": "a b"}),
+            422,
+            "name: the app name",
+        ),
         (
             "POST /v1/releases",
             json!({"app": "nope", "image": "x"}),
@@ -917,20 +1167,20 @@ async fn admin_refusals_name_the_problem_and_change_nothing() {
         (
             "POST /v1/rollouts",
             spec("sensor-1", json!([]), "0"),
-            400,
-            "at least one wave",
+            422,
+            "waves: a rollout needs at least one wave",
         ),
         (
             "POST /v1/rollouts",
-            spec("sensor-1", json!(["150%"]), "0"),
-            400,
-            "150%",
+            spec("sensor-1", json!(["1", "150%"]), "0"),
+            422,
+            "waves[1]: the wave \"150%\"",
         ),
         (
             "POST /v1/rollouts",
             spec("sensor-1", json!(["1"]), "x"),
-            400,
-            "failure threshold",
+            422,
+            "max_failures: the failure threshold",
         ),
         ("GET /v1/rollouts/7", Value::Null, 404, "the rollout 7"),
         (
@@ -1011,7 +1261,15 @@ async fn numbers_beyond_sqlite_integers_are_not_server_errors() {
     let (a, seen) = f
         .unchanged(f.post("/v1/device/reports", &dev.credential, &batch(vec![late])))
         .await;
-    assert!(a.refused(400).contains("beyond any time"));
+    assert!(a.refused(422).contains("events[0].at: "));
+    let far = Event {
+        seq: Some(u64::MAX),
+        ..app_event("e1", "sensor")
+    };
+    let (a, _) = f
+        .unchanged(f.post("/v1/device/reports", &dev.credential, &batch(vec![far])))
+        .await;
+    assert!(a.refused(422).contains("events[0].seq: "));
     assert_eq!(seen, [dev.device_id.as_str()]);
 
     for path in [
@@ -1029,10 +1287,15 @@ async fn numbers_beyond_sqlite_integers_are_not_server_errors() {
         assert!(a.refused(404).contains("no rollout"), "{path}");
     }
 
-    let forever = f
-        .admin_post("/v1/tokens", &json!({"expires_in": u64::MAX}), 201)
+    // An expiry beyond any date is refused for what it is; "never" is said with null.
+    let (a, _) = f
+        .unchanged(f.post("/v1/tokens", &f.admin, &json!({"expires_in": u64::MAX})))
         .await;
-    assert_eq!(forever["expires"], json!(i64::MAX));
+    assert!(a.refused(422).contains("expires_in: "));
+    let forever = f
+        .admin_post("/v1/tokens", &json!({"expires_in": null}), 201)
+        .await;
+    assert_eq!(forever["expires"], json!(null));
     f.enroll(forever["token"].as_str().unwrap(), "b", "north")
         .await;
 }

@@ -213,16 +213,25 @@ fn machine_scenario(arch: &'static Arch) {
     std::fs::create_dir_all(&share).expect("share dir");
     let deb_name = deb.file_name().expect("deb name").to_owned();
     std::fs::copy(&deb, share.join(&deb_name)).expect("copy the package");
-    let token = server.ok(&["token", "create", "--uses", "1", "--expires", "1h"]);
+    let tag = format!("vm={}", arch.deb);
+    let token = server.ok(&[
+        "token",
+        "create",
+        "--uses",
+        "1",
+        "--expires",
+        "1h",
+        "--tag",
+        &tag,
+    ]);
     std::fs::write(share.join("enroll-token"), &token).expect("token");
     std::fs::write(
         share.join("config.toml"),
         format!(
-            "[fleet]\nserver = \"http://{GUEST_SERVER}\"\ninsecure = true\nname = \"{device}\"\ntags = {{ vm = \"{arch}\" }}\n\
+            "[fleet]\nserver = \"http://{GUEST_SERVER}\"\ninsecure = true\nname = \"{device}\"\n\
              poll_interval = \"5s\"\nprobation = \"10s\"\nheartbeat_interval = \"5s\"\n\
              [[registry]]\nhost = \"{registry}\"\ninsecure = true\nmirrors = [\"{GUEST_REGISTRY}\"]\n\
              [[registry]]\nhost = \"{GUEST_REGISTRY}\"\ninsecure = true\n",
-            arch = arch.deb,
             registry = registry.host(),
         ),
     )

@@ -538,7 +538,26 @@ impl Agent {
             name = self.identity.name,
             "enrolled"
         );
+        self.forget_token();
         Ok(Some(enrolled.credential))
+    }
+
+    /// Deletes the enrollment token once the credential is stored (`set_identities` is durable): a token left on
+    /// the device could enroll another one while it lasts. Failing to delete it costs nothing here, so it is a
+    /// warning. An agent cut off between the two steps finds the file at its next start and deletes it then.
+    fn forget_token(&self) {
+        let path = &self.fleet.token_file;
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "deleted the enrollment token file: this device has its own credential now"
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                "cannot delete the enrollment token file, which is not needed any more: {e}; delete it by hand"
+            ),
+        }
     }
 
     /// Sends the outbox, oldest first; what the server took leaves it.
@@ -568,6 +587,9 @@ impl Agent {
 
     /// The loop; returns only on an error that retrying cannot fix.
     pub async fn run(mut self) -> Result<(), AgentError> {
+        if self.link.is_some() && self.db.identity("credential")?.is_some() {
+            self.forget_token();
+        }
         let platform_json = serde_json::to_string(&self.identity.platform).unwrap_or_default();
         if self.db.identity("platform")?.as_deref() != Some(platform_json.as_str()) {
             self.event(EventBody::Platform(self.identity.platform.clone()))?;

@@ -22,7 +22,8 @@ use tokio::sync::watch;
 
 use super::db::{ServerDb, ServerDbError};
 use super::model::{
-    AppRequest, Control, ReleaseRequest, RolloutRequest, TokenCreated, TokenRequest,
+    AppRequest, Control, MAX_TOKEN_TTL_SECS, ReleaseRequest, RolloutRequest, TagsRequest,
+    TokenRequest,
 };
 use crate::fleet::{Accepted, EnrollRequest, EventBody, MAX_BODY_BYTES, ReportBatch};
 
@@ -31,9 +32,12 @@ pub const ROUTES: &[&str] = &[
     "POST /v1/enroll",
     "GET /v1/device/desired",
     "POST /v1/device/reports",
+    "GET /v1/tokens",
     "POST /v1/tokens",
+    "POST /v1/tokens/{id}/revoke",
     "GET /v1/devices",
     "POST /v1/devices/{name}/revoke",
+    "POST /v1/devices/{name}/tags",
     "GET /v1/apps",
     "POST /v1/apps",
     "GET /v1/releases",
@@ -102,7 +106,11 @@ impl IntoResponse for ApiError {
 impl From<ServerDbError> for ApiError {
     fn from(e: ServerDbError) -> ApiError {
         let status = match &e {
-            ServerDbError::BadToken => StatusCode::UNAUTHORIZED,
+            ServerDbError::BadToken
+            | ServerDbError::TokenUsedUp(_)
+            | ServerDbError::TokenExpired { .. }
+            | ServerDbError::TokenRevoked(_) => StatusCode::UNAUTHORIZED,
+            ServerDbError::Field { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ServerDbError::NameTaken(_)
             | ServerDbError::Exists(_)
             | ServerDbError::EnrolledAlready(_) => StatusCode::CONFLICT,
@@ -120,6 +128,32 @@ impl From<ServerDbError> for ApiError {
 
 fn rejected(e: JsonRejection) -> ApiError {
     ApiError(e.status(), e.body_text())
+}
+
+/// A JSON body read strictly: it must be an object (serde would also take a struct's fields as an array, which the
+/// document does not allow), and a value that does not fit is refused with 422 naming the field's path.
+fn strict<T: serde::de::DeserializeOwned>(
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<T, ApiError> {
+    let Json(value) = body.map_err(rejected)?;
+    if !value.is_object() {
+        return Err(ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the body must be a JSON object, not {}",
+                match value {
+                    serde_json::Value::Null => "null",
+                    serde_json::Value::Bool(_) => "a boolean",
+                    serde_json::Value::Number(_) => "a number",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Array(_) => "an array",
+                    serde_json::Value::Object(_) => "an object",
+                }
+            ),
+        ));
+    }
+    super::strict::from_value(value)
+        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
 // The path and query extractors' own rejections are plain text; every refusal of this API is `{"error": ...}`.
@@ -213,9 +247,11 @@ pub fn router(server: Shared) -> Router {
         .route("/v1/enroll", post(enroll))
         .route("/v1/device/desired", get(desired))
         .route("/v1/device/reports", post(reports))
-        .route("/v1/tokens", post(create_token))
+        .route("/v1/tokens", get(tokens).post(create_token))
+        .route("/v1/tokens/{id}/revoke", post(revoke_token))
         .route("/v1/devices", get(devices))
         .route("/v1/devices/{name}/revoke", post(revoke))
+        .route("/v1/devices/{name}/tags", post(device_tags))
         .route("/v1/apps", get(apps).post(create_app))
         .route("/v1/releases", get(releases).post(create_release))
         .route("/v1/releases/{id}", get(release))
@@ -229,7 +265,7 @@ pub fn router(server: Shared) -> Router {
 async fn enroll(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<EnrollRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let token = bearer(&headers).ok_or_else(|| {
         ApiError(
@@ -238,21 +274,20 @@ async fn enroll(
                 .into(),
         )
     })?;
-    let Json(req) = body.map_err(rejected)?;
-    super::model::check_name("device name", &req.name)?;
+    let req: EnrollRequest = strict(body)?;
+    super::model::check_field("name", "device name", &req.name)?;
     if let Some(id) = &req.enrollment_id {
         if !EnrollRequest::enrollment_id_is_valid(id) {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "the enrollment id must be 32 to 128 base64url characters (256 random bits, as the agent draws)"
+            return Err(ServerDbError::Field {
+                path: "enrollment_id".into(),
+                message: "the enrollment id must be 32 to 128 base64url characters (256 random bits, as the agent draws)"
                     .into(),
-            ));
+            }
+            .into());
         }
     }
-    for (k, v) in &req.tags {
-        super::model::check_name("tag", k)?;
-        super::model::check_name("tag value", v)?;
-    }
+    // Checked although the token may ignore them: a refusal says what is wrong instead of dropping it silently.
+    super::model::check_tags("tags", &req.tags)?;
     let now = s.now();
     let enrolled = s.with_db(move |db| db.enroll(&token, &req, now)).await?;
     s.drive().await?;
@@ -317,25 +352,39 @@ async fn desired(
 async fn reports(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<ReportBatch>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     let device = s.device(&headers).await?;
-    let Json(batch) = body.map_err(rejected)?;
+    let batch: ReportBatch = strict(body)?;
     if batch.events.len() > 1000 {
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
             "at most 1000 events per batch".into(),
         ));
     }
-    // SQLite stores i64: a larger time would fail to bind, a 500 for what is the device's mistake.
-    if let Some(e) = batch.events.iter().find(|e| i64::try_from(e.at).is_err()) {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the event {:?} has at = {}, beyond any time (seconds since the epoch)",
-                e.id, e.at
-            ),
-        ));
+    // SQLite stores i64: a larger time or sequence would fail to bind, a 500 for what is the device's mistake.
+    for (i, e) in batch.events.iter().enumerate() {
+        if i64::try_from(e.at).is_err() {
+            return Err(ServerDbError::Field {
+                path: format!("events[{i}].at"),
+                message: format!(
+                    "the event {:?} has at = {}, beyond any time (seconds since the epoch)",
+                    e.id, e.at
+                ),
+            }
+            .into());
+        }
+        // 0 is how the database says "no sequence" (agents that send none); an agent's outbox starts at 1.
+        if let Some(seq) = e.seq.filter(|s| *s == 0 || i64::try_from(*s).is_err()) {
+            return Err(ServerDbError::Field {
+                path: format!("events[{i}].seq"),
+                message: format!(
+                    "the event {:?} has seq = {seq}, not between 1 and 2^63 - 1",
+                    e.id
+                ),
+            }
+            .into());
+        }
     }
     let replans = batch
         .events
@@ -354,26 +403,82 @@ async fn reports(
 async fn create_token(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<TokenRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
-    let Json(req) = body.map_err(rejected)?;
-    // Capped to what SQLite stores (i64): later than that is never, as far as anyone can tell.
-    let now = s.now();
-    let expires = req
+    let req: TokenRequest = strict(body)?;
+    if req.uses == Some(0) {
+        return Err(ServerDbError::Field {
+            path: "uses".into(),
+            message: "a token of 0 uses enrolls nobody; give 1 or more, or null for unlimited"
+                .into(),
+        }
+        .into());
+    }
+    if let Some(d) = req
         .expires_in
-        .map(|d| now.saturating_add(d).min(i64::MAX as u64));
-    let token = s
-        .with_db(move |db| db.create_token(expires, req.uses))
+        .filter(|d| *d == 0 || *d > MAX_TOKEN_TTL_SECS)
+    {
+        return Err(ServerDbError::Field {
+            path: "expires_in".into(),
+            message: format!(
+                "{d} s is not between 1 s and ten years ({MAX_TOKEN_TTL_SECS} s); null never expires"
+            ),
+        }
+        .into());
+    }
+    super::model::check_tags("tags", &req.tags)?;
+    let now = s.now();
+    let expires = req.expires_in.map(|d| now.saturating_add(d));
+    let created = s
+        .with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(TokenCreated {
-            token,
-            expires,
-            uses: req.uses,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+async fn tokens(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    Ok(Json(s.with_db(|db| db.tokens()).await?))
+}
+
+async fn revoke_token(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let Path(id) = path.map_err(bad_path)?;
+    Ok(Json(s.with_db(move |db| db.revoke_token(&id)).await?))
+}
+
+async fn device_tags(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.admin(&headers).await?;
+    let Path(name) = path.map_err(bad_path)?;
+    let req: TagsRequest = strict(body)?;
+    super::model::check_tags("set", &req.set)?;
+    for (i, k) in req.remove.iter().enumerate() {
+        super::model::check_field(&format!("remove[{i}]"), "tag", k)?;
+    }
+    let device = s
+        .with_db(move |db| {
+            db.set_device_tags(&name, &req.set, &req.remove)?;
+            db.devices()?
+                .into_iter()
+                .find(|d| d.name == name && !d.revoked)
+                .ok_or_else(|| ServerDbError::NotFound(format!("the device {name}")))
+        })
+        .await?;
+    // Rollouts select by tags: a device that now matches one (or no longer does) is ordered at once.
+    s.drive().await?;
+    Ok(Json(device))
 }
 
 async fn devices(
@@ -413,14 +518,10 @@ async fn apps(State(s): State<Shared>, headers: HeaderMap) -> Result<impl IntoRe
 async fn create_app(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<AppRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
-    let Json(req) = body.map_err(rejected)?;
-    // The same checks the command line and the agent make, so an app the devices would refuse is never stored.
-    req.settings
-        .validate()
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("settings.{e}")))?;
+    let req: AppRequest = strict(body)?;
     let now = s.now();
     let app = s.with_db(move |db| db.create_app(&req, now)).await?;
     Ok((StatusCode::CREATED, Json(app)))
@@ -447,10 +548,10 @@ async fn release(
 async fn create_release(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<ReleaseRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
-    let Json(req) = body.map_err(rejected)?;
+    let req: ReleaseRequest = strict(body)?;
     let app = req.app.clone();
     if !s
         .with_db(move |db| Ok(db.apps()?.iter().any(|a| a.name == app)))
@@ -514,10 +615,10 @@ async fn rollout(
 async fn create_rollout(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<RolloutRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     s.admin(&headers).await?;
-    let Json(req) = body.map_err(rejected)?;
+    let req: RolloutRequest = strict(body)?;
     let now = s.now();
     let r = s.with_db(move |db| db.create_rollout(&req, now)).await?;
     s.desired_version.send_modify(|v| *v += 1);

@@ -14,7 +14,7 @@ use super::api::{self, ResolveError, Resolved, Resolver};
 use super::db::{ServerDb, ServerDbError};
 use super::model::{
     AppRequest, AppView, DeviceView, ReleaseRequest, ReleaseView, RolloutRequest, RolloutView,
-    StateView, TokenCreated, TokenRequest,
+    StateView, TagsRequest, TokenCreated, TokenRequest, TokenView,
 };
 use crate::cli::run::SettingsArgs;
 use crate::clock::{Clock, SystemClock};
@@ -68,6 +68,9 @@ pub enum Command {
     Rollout(RolloutCommand),
     /// The devices, what they run and when they were last seen
     Devices,
+    /// One device: its tags
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Refuse a device's credential from now on
     Revoke { name: String },
 }
@@ -99,15 +102,82 @@ pub struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
-    /// A new enrollment token
+    /// A new enrollment token (one device, for a day, unless told otherwise); prints the secret, once
     Create {
-        /// How long it is valid (24h, 30m, 7d…)
-        #[arg(long, value_parser = |s: &str| crate::app::parse_duration("--expires", s))]
-        expires: Option<Duration>,
-        /// How many devices may enroll with it
+        /// How long it is valid (24h, 30m, 7d…), or "never"
+        #[arg(long, default_value = "24h", value_parser = parse_expiry)]
+        expires: Expiry,
+        /// How many devices may enroll with it, or "unlimited"
+        #[arg(long, default_value = "1", value_parser = parse_uses)]
+        uses: Uses,
+        /// A tag every device enrolled with it gets (repeatable)
+        #[arg(long = "tag", value_name = "TAG=VALUE")]
+        tags: Vec<String>,
+        /// Also give devices the tags they ask for (`[fleet] tags`), under the token's own
         #[arg(long)]
-        uses: Option<u32>,
+        device_tags: bool,
     },
+    /// Every token: id, expiry, uses left, tags; never the secret
+    List,
+    /// Refuse a token for any enrollment from now on (its devices stay enrolled)
+    Revoke { id: String },
+}
+
+/// `--expires`: a duration, or never.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry(pub Option<Duration>);
+
+/// `--uses`: a count, or unlimited.
+#[derive(Debug, Clone, Copy)]
+pub struct Uses(pub Option<u32>);
+
+fn parse_expiry(s: &str) -> Result<Expiry, String> {
+    if s == "never" {
+        return Ok(Expiry(None));
+    }
+    match crate::app::parse_duration("--expires", s) {
+        Ok(d) if d.is_zero() => Err("a token that expires at once enrolls nobody".into()),
+        Ok(d) => Ok(Expiry(Some(d))),
+        Err(e) => Err(format!("{e} (or \"never\")")),
+    }
+}
+
+fn parse_uses(s: &str) -> Result<Uses, String> {
+    if s == "unlimited" {
+        return Ok(Uses(None));
+    }
+    match s.parse::<u32>() {
+        Ok(0) => Err("a token of 0 uses enrolls nobody".into()),
+        Ok(n) => Ok(Uses(Some(n))),
+        Err(_) => Err(format!(
+            "{s:?} is neither a count (1, 10) nor \"unlimited\""
+        )),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Set (TAG=VALUE) or remove (--remove TAG) a device's tags; rollouts select by them
+    Tag {
+        name: String,
+        #[arg(value_name = "TAG=VALUE")]
+        set: Vec<String>,
+        /// A tag to remove (repeatable)
+        #[arg(long, value_name = "TAG")]
+        remove: Vec<String>,
+    },
+}
+
+/// `TAG=VALUE` pairs of a flag.
+fn tag_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, String>, ServerCliError> {
+    let mut out = BTreeMap::new();
+    for s in pairs {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| ServerCliError::Usage(format!("{flag} {s:?} is not TAG=VALUE")))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Subcommand)]
@@ -439,17 +509,73 @@ async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
     };
     match &cli.command {
         Command::Serve(_) => unreachable!("serve is handled by run"),
-        Command::Token(TokenCommand::Create { expires, uses }) => {
+        Command::Token(TokenCommand::Create {
+            expires,
+            uses,
+            tags,
+            device_tags,
+        }) => {
             let req = TokenRequest {
-                expires_in: expires.map(|d| d.as_secs()),
-                uses: *uses,
+                expires_in: expires.0.map(|d| d.as_secs()),
+                uses: uses.0,
+                tags: tag_pairs("--tag", tags)?,
+                device_tags: *device_tags,
             };
             let (t, raw): (TokenCreated, _) =
                 c.call(Method::POST, "/v1/tokens", Some(&req)).await?;
             if cli.json {
                 print_json(&raw);
             } else {
+                // The secret alone on stdout, for `> token-file`; what it allows to stderr.
                 println!("{}", t.token);
+                eprintln!(
+                    "token {}: {}, {}",
+                    t.id,
+                    match t.uses {
+                        Some(n) => format!("{n} use(s)"),
+                        None => "unlimited uses".into(),
+                    },
+                    match t.expires {
+                        Some(e) => format!("expires {}", date(e)),
+                        None => "never expires".into(),
+                    }
+                );
+            }
+        }
+        Command::Token(TokenCommand::List) => {
+            let (ts, raw): (Vec<TokenView>, _) = c.call(Method::GET, "/v1/tokens", NONE).await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                print!("{}", tokens_table(&ts, SystemClock.unix_seconds()));
+            }
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            let (_, raw): (TokenView, _) = c
+                .call(Method::POST, &format!("/v1/tokens/{id}/revoke"), NONE)
+                .await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                println!("revoked token {id}");
+            }
+        }
+        Command::Device(DeviceCommand::Tag { name, set, remove }) => {
+            let req = TagsRequest {
+                set: tag_pairs("TAG=VALUE", set)?,
+                remove: remove.clone(),
+            };
+            let (d, raw): (DeviceView, _) = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/devices/{name}/tags"),
+                    Some(&req),
+                )
+                .await?;
+            if cli.json {
+                print_json(&raw);
+            } else {
+                println!("{}", crate::human::inert(&format_tags(&d.tags)));
             }
         }
         Command::App(app) => match &**app {
@@ -696,6 +822,70 @@ fn describe_rollout(r: &RolloutView) -> String {
         .collect();
     out.push_str(&crate::cli::table(["DEVICE", "PROGRESS"], &rows));
     out
+}
+
+fn date(secs: u64) -> String {
+    httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+fn format_tags(tags: &BTreeMap<String, String>) -> String {
+    let pairs: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if pairs.is_empty() {
+        "-".into()
+    } else {
+        pairs.join(",")
+    }
+}
+
+/// Id, created, expires, uses left, devices enrolled, tags and state: never a secret, which the server does not
+/// have.
+pub fn tokens_table(tokens: &[TokenView], now: u64) -> String {
+    let rows: Vec<[String; 7]> = tokens
+        .iter()
+        .map(|t| {
+            let state = if t.revoked {
+                "revoked"
+            } else if t.expires.is_some_and(|e| now >= e) {
+                "expired"
+            } else if t.uses_left == Some(0) {
+                "used up"
+            } else {
+                "valid"
+            };
+            let mut tags = format_tags(&t.tags);
+            if t.device_tags {
+                tags.push_str(" (+ the device's)");
+            }
+            [
+                t.id.clone(),
+                // Tokens made before the server kept a creation time.
+                if t.created == 0 {
+                    "-".into()
+                } else {
+                    date(t.created)
+                },
+                t.expires.map(date).unwrap_or_else(|| "never".into()),
+                t.uses_left
+                    .map(|n| n.to_string())
+                    .unwrap_or_else(|| "unlimited".into()),
+                t.enrolled.to_string(),
+                tags,
+                state.into(),
+            ]
+        })
+        .collect();
+    crate::cli::table(
+        [
+            "ID",
+            "CREATED",
+            "EXPIRES",
+            "USES LEFT",
+            "ENROLLED",
+            "TAGS",
+            "STATE",
+        ],
+        &rows,
+    )
 }
 
 fn ago(now: u64, then: u64) -> String {

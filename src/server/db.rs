@@ -4,6 +4,7 @@
 //! secrets that were never chosen by a person, and a lookup by hash keeps authentication one indexed query.
 //! Events are keyed by (device, event id), so a batch an agent sends again after a lost answer is taken once.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -11,6 +12,7 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest as _, Sha256};
 
+use super::model::{TokenCreated, TokenView};
 use crate::fleet::{EnrollRequest, Enrolled, Event, EventBody};
 
 const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires INTEGER, uses_left INTEGER);
@@ -50,6 +52,15 @@ const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires I
      ALTER TABLE rollouts ADD COLUMN rolled_back INTEGER NOT NULL DEFAULT 0;
      UPDATE rollouts SET state = '{\"state\":\"superseded\"}'
       WHERE json_extract(state, '$.reason') = 'superseded by a newer rollout';",
+    // Tokens the operator can list and revoke, by an id that is not the secret, and that carry the tags their
+    // devices get. Tokens made before keep their uses and expiry; they give no tags, and take none from devices.
+    "ALTER TABLE tokens ADD COLUMN id TEXT;
+     ALTER TABLE tokens ADD COLUMN created INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tokens ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+     ALTER TABLE tokens ADD COLUMN device_tags INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tokens ADD COLUMN revoked INTEGER NOT NULL DEFAULT 0;
+     UPDATE tokens SET id = substr(hash, 1, 12);
+     CREATE UNIQUE INDEX tokens_id ON tokens (id);",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +79,23 @@ pub enum ServerDbError {
         known: usize,
     },
     #[error(
-        "the enrollment token is unknown, expired or used up; create one with flotilla-server token create"
+        "the enrollment token is unknown to this server; create one with flotilla-server token create and put it in the device's token file"
     )]
     BadToken,
+    #[error(
+        "the enrollment token {0} is used up; create another with flotilla-server token create (--uses N for several devices)"
+    )]
+    TokenUsedUp(String),
+    #[error(
+        "the enrollment token {id} expired at {at}; create another with flotilla-server token create (--expires for longer)"
+    )]
+    TokenExpired { id: String, at: String },
+    #[error(
+        "the enrollment token {0} was revoked by the operator; ask them for a new one (flotilla-server token create)"
+    )]
+    TokenRevoked(String),
+    #[error("{path}: {message}")]
+    Field { path: String, message: String },
     #[error("a device named {0} is enrolled already; choose another name or revoke it first")]
     NameTaken(String),
     #[error(
@@ -171,20 +196,108 @@ impl ServerDb {
         })
     }
 
-    /// A new enrollment token, valid until `expires` (seconds since the epoch) for `uses` enrollments.
+    /// A new enrollment token, valid until `expires` (seconds since the epoch) for `uses` enrollments; `None`:
+    /// never, unlimited.
     pub fn create_token(
         &self,
         expires: Option<u64>,
         uses: Option<u32>,
-    ) -> Result<String, ServerDbError> {
+        tags: &BTreeMap<String, String>,
+        device_tags: bool,
+        now: u64,
+    ) -> Result<TokenCreated, ServerDbError> {
         let token = new_secret();
+        let hash = hash_secret(&token);
+        let id = token_id(&hash);
         self.conn
             .execute(
-                "INSERT INTO tokens (hash, expires, uses_left) VALUES (?1, ?2, ?3)",
-                params![hash_secret(&token), expires, uses],
+                "INSERT INTO tokens (hash, expires, uses_left, id, created, tags, device_tags)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![hash, expires, uses, id, now, to_json(tags)?, device_tags],
             )
             .map_err(self.err())?;
-        Ok(token)
+        Ok(TokenCreated {
+            id,
+            token,
+            expires,
+            uses,
+            tags: tags.clone(),
+            device_tags,
+        })
+    }
+
+    /// Every enrollment token, oldest first, without its secret or hash.
+    pub fn tokens(&self) -> Result<Vec<TokenView>, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT t.id, t.created, t.expires, t.uses_left, t.tags, t.device_tags, t.revoked,
+                        (SELECT COUNT(*) FROM devices d WHERE d.token_hash = t.hash)
+                 FROM tokens t ORDER BY t.created, t.id",
+            )
+            .map_err(self.err())?;
+        type Row = (
+            String,
+            u64,
+            Option<u64>,
+            Option<u32>,
+            String,
+            bool,
+            bool,
+            u64,
+        );
+        let rows: Vec<Row> = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
+        rows.into_iter()
+            .map(
+                |(id, created, expires, uses_left, tags, device_tags, revoked, enrolled)| {
+                    Ok(TokenView {
+                        tags: serde_json::from_str(&tags).map_err(|e| ServerDbError::Damaged {
+                            what: format!("tags of the token {id}"),
+                            message: e.to_string(),
+                        })?,
+                        id,
+                        created,
+                        expires,
+                        uses_left,
+                        enrolled,
+                        device_tags,
+                        revoked,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Refuses the token for any enrollment from now on. Devices enrolled with it keep their credentials.
+    pub fn revoke_token(&self, id: &str) -> Result<TokenView, ServerDbError> {
+        let n = self
+            .conn
+            .execute("UPDATE tokens SET revoked = 1 WHERE id = ?1", [id])
+            .map_err(self.err())?;
+        if n == 0 {
+            return Err(ServerDbError::NotFound(format!(
+                "the enrollment token {id} (flotilla-server token list shows the ids)"
+            )));
+        }
+        self.tokens()?
+            .into_iter()
+            .find(|t| t.id == id)
+            .ok_or_else(|| ServerDbError::NotFound(format!("the enrollment token {id}")))
     }
 
     /// Enrolls a device with a token: the token's use is taken and the device's credential made in one transaction.
@@ -227,27 +340,51 @@ impl ServerDb {
                 });
             }
         }
-        let row: Option<(Option<u64>, Option<i64>)> = tx
+        type TokenRow = (String, Option<u64>, Option<i64>, bool, String, bool);
+        let row: Option<TokenRow> = tx
             .query_row(
-                "SELECT expires, uses_left FROM tokens WHERE hash = ?1",
+                "SELECT id, expires, uses_left, revoked, tags, device_tags FROM tokens WHERE hash = ?1",
                 [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
             )
             .optional()
             .map_err(self.err())?;
-        match row {
-            Some((expires, uses))
-                if expires.is_none_or(|e| now < e) && uses.is_none_or(|u| u > 0) =>
-            {
-                if uses.is_some() {
-                    tx.execute(
-                        "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
-                        [&hash],
-                    )
-                    .map_err(self.err())?;
-                }
+        let Some((token_id, expires, uses, revoked, token_tags, device_tags)) = row else {
+            return Err(ServerDbError::BadToken);
+        };
+        if revoked {
+            return Err(ServerDbError::TokenRevoked(token_id));
+        }
+        if let Some(e) = expires.filter(|e| now >= *e) {
+            return Err(ServerDbError::TokenExpired {
+                id: token_id,
+                at: httpdate::fmt_http_date(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(e),
+                ),
+            });
+        }
+        match uses {
+            Some(u) if u <= 0 => return Err(ServerDbError::TokenUsedUp(token_id)),
+            Some(_) => {
+                tx.execute(
+                    "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
+                    [&hash],
+                )
+                .map_err(self.err())?;
             }
-            _ => return Err(ServerDbError::BadToken),
+            None => {}
+        }
+        // Tags decide which rollouts reach a device: they are the operator's, given by the token. What the device
+        // asks for counts only where the token says so, and never over the token's own.
+        let mut tags: BTreeMap<String, String> =
+            serde_json::from_str(&token_tags).map_err(|e| ServerDbError::Damaged {
+                what: format!("tags of the token {token_id}"),
+                message: e.to_string(),
+            })?;
+        if device_tags {
+            for (k, v) in &req.tags {
+                tags.entry(k.clone()).or_insert_with(|| v.clone());
+            }
         }
         let taken: bool = tx
             .query_row(
@@ -278,7 +415,7 @@ impl ServerDb {
                 device_id,
                 req.name,
                 hash_secret(&credential),
-                to_json(&req.tags)?,
+                to_json(&tags)?,
                 to_json(&req.platform)?,
                 req.agent_version,
                 now,
@@ -319,6 +456,43 @@ impl ServerDb {
                 .map_err(self.err())?;
         }
         Ok(id)
+    }
+
+    /// The operator's change to an unrevoked device's tags: `set` first, then `remove`. Devices cannot change
+    /// their tags; this is the only way after enrollment.
+    pub fn set_device_tags(
+        &self,
+        name: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<(), ServerDbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        let row: Option<(String, String)> = tx
+            .query_row(
+                "SELECT id, tags FROM devices WHERE name = ?1 AND revoked = 0",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.err())?;
+        let Some((id, tags)) = row else {
+            return Err(ServerDbError::NotFound(format!("the device {name}")));
+        };
+        let mut tags: BTreeMap<String, String> =
+            serde_json::from_str(&tags).map_err(|e| ServerDbError::Damaged {
+                what: format!("tags of the device {name}"),
+                message: e.to_string(),
+            })?;
+        tags.extend(set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for k in remove {
+            tags.remove(k);
+        }
+        tx.execute(
+            "UPDATE devices SET tags = ?2 WHERE id = ?1",
+            params![id, to_json(&tags)?],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())
     }
 
     pub fn revoke(&self, device_id: &str) -> Result<bool, ServerDbError> {
@@ -413,6 +587,12 @@ impl ServerDb {
     }
 }
 
+/// The public id of a token: the start of its hash, so rows made before ids existed have one too. 48 bits of a
+/// hash of 256 random bits tell nothing about the secret.
+fn token_id(hash: &str) -> String {
+    hash[..12].to_string()
+}
+
 pub(super) fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ServerDbError> {
     serde_json::to_string(v).map_err(|e| ServerDbError::Encode(e.to_string()))
 }
@@ -434,6 +614,12 @@ mod tests {
             },
             enrollment_id: None,
         }
+    }
+
+    fn token(db: &ServerDb, expires: Option<u64>, uses: Option<u32>) -> String {
+        db.create_token(expires, uses, &BTreeMap::new(), false, 0)
+            .unwrap()
+            .token
     }
 
     fn app_event(id: &str) -> Event {
@@ -458,7 +644,7 @@ mod tests {
     fn a_report_made_after_the_device_clock_stepped_back_still_replaces_the_older_one() {
         let dir = tempfile::tempdir().unwrap();
         let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
-        let token = db.create_token(None, None).unwrap();
+        let token = token(&db, None, None);
         let a = db.enroll(&token, &request("a"), 0).unwrap();
         let update = |id: &str, at: u64, seq: Option<u64>, report: crate::update::Report| Event {
             id: id.into(),
@@ -504,7 +690,7 @@ mod tests {
     fn a_retried_enrollment_gets_the_same_device_and_credential_until_the_credential_is_used() {
         let dir = tempfile::tempdir().unwrap();
         let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
-        let once = db.create_token(Some(100), Some(1)).unwrap();
+        let once = token(&db, Some(100), Some(1));
         let mut req = request("a");
         req.enrollment_id = Some(new_secret());
         let first = db.enroll(&once, &req, 10).unwrap();
@@ -517,7 +703,7 @@ mod tests {
             .unwrap();
         assert_eq!(devices, 1);
         // Someone holding the id but another token learns nothing.
-        let other = db.create_token(None, None).unwrap();
+        let other = token(&db, None, None);
         assert!(matches!(
             db.enroll(&other, &req, 20),
             Err(ServerDbError::BadToken)
@@ -541,7 +727,7 @@ mod tests {
             Err(ServerDbError::EnrollmentRevoked(_))
         ));
         // Without an id (an older agent) a retry is a second enrollment, as before.
-        let open = db.create_token(None, None).unwrap();
+        let open = token(&db, None, None);
         let c = db.enroll(&open, &request("c"), 70).unwrap();
         assert_ne!(c.credential, first.credential);
         assert!(matches!(
@@ -554,22 +740,22 @@ mod tests {
     fn tokens_expire_and_run_out() {
         let dir = tempfile::tempdir().unwrap();
         let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
-        let once = db.create_token(Some(100), Some(1)).unwrap();
+        let once = token(&db, Some(100), Some(1));
         db.enroll(&once, &request("a"), 50).unwrap();
         assert!(matches!(
             db.enroll(&once, &request("b"), 50),
-            Err(ServerDbError::BadToken)
+            Err(ServerDbError::TokenUsedUp(_))
         ));
-        let expired = db.create_token(Some(100), None).unwrap();
+        let expired = token(&db, Some(100), None);
         assert!(matches!(
             db.enroll(&expired, &request("b"), 100),
-            Err(ServerDbError::BadToken)
+            Err(ServerDbError::TokenExpired { .. })
         ));
         assert!(matches!(
             db.enroll("forged", &request("b"), 0),
             Err(ServerDbError::BadToken)
         ));
-        let open = db.create_token(None, None).unwrap();
+        let open = token(&db, None, None);
         assert!(matches!(
             db.enroll(&open, &request("a"), 0),
             Err(ServerDbError::NameTaken(_))
@@ -577,11 +763,50 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_token_enrolls_nobody_and_its_tags_are_the_devices_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
+        let canary: BTreeMap<String, String> = [("ring".to_string(), "canary".to_string())].into();
+        let strict = db.create_token(None, None, &canary, false, 0).unwrap();
+        let a = db.enroll(&strict.token, &request("a"), 1).unwrap();
+        let open = db.create_token(None, None, &canary, true, 0).unwrap();
+        let mut asks = request("b");
+        asks.tags.insert("ring".into(), "stable".into());
+        let b = db.enroll(&open.token, &asks, 1).unwrap();
+        let tags = |id: &str| -> BTreeMap<String, String> {
+            let text: String = db
+                .conn
+                .query_row("SELECT tags FROM devices WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap();
+            serde_json::from_str(&text).unwrap()
+        };
+        // The device asked for site=north: only a token that allows it gives it, and never over its own.
+        assert_eq!(tags(&a.device_id), canary);
+        assert_eq!(
+            tags(&b.device_id),
+            [
+                ("ring".to_string(), "canary".to_string()),
+                ("site".to_string(), "north".to_string())
+            ]
+            .into()
+        );
+        db.revoke_token(&strict.id).unwrap();
+        assert!(matches!(
+            db.enroll(&strict.token, &request("c"), 2),
+            Err(ServerDbError::TokenRevoked(_))
+        ));
+        let listed = db.tokens().unwrap();
+        assert_eq!(listed.len(), 2);
+        let revoked = listed.iter().find(|t| t.id == strict.id).unwrap();
+        assert!(revoked.revoked && revoked.enrolled == 1);
+    }
+
+    #[test]
     fn credentials_are_stored_hashed_revocation_refuses_and_events_are_taken_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("fleet.db");
         let db = ServerDb::open(&path).unwrap();
-        let token = db.create_token(None, None).unwrap();
+        let token = token(&db, None, None);
         let a = db.enroll(&token, &request("a"), 0).unwrap();
         let b = db.enroll(&token, &request("b"), 0).unwrap();
         assert_eq!(a.credential.len(), 43, "256 bits in base64url");

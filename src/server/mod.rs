@@ -5,4 +5,5 @@ pub mod api;
 pub mod cli;
 pub mod db;
 pub mod model;
+pub mod strict;
 pub mod tls;

@@ -8,27 +8,92 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use super::db::{ServerDb, ServerDbError, hash_secret, new_secret, to_json};
-use crate::app::RunSettings;
+use crate::app::{RunSettings, SettingsError};
 use crate::fleet::{AppStatus, Desired, DesiredApp, Metrics, PlatformReport};
 use crate::rollout::{self, Progress, RolloutState};
 use crate::update::Report;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// A day: long enough to provision a device, short enough that a token found in a drawer later is worth nothing.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// Ten years: anything longer is meant as "never", which is said with null.
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
+fn default_token_ttl() -> Option<u64> {
+    Some(DEFAULT_TOKEN_TTL_SECS)
+}
+
+fn default_token_uses() -> Option<u32> {
+    Some(1)
+}
+
+/// An enrollment token to make. Absent fields take the safe defaults (one use, a day); unlimited is asked for
+/// with an explicit null, so a client that forgets a field never makes an everlasting token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    /// Seconds from now.
-    #[serde(default)]
+    /// Seconds from now; null: never.
+    #[serde(default = "default_token_ttl")]
     pub expires_in: Option<u64>,
-    #[serde(default)]
+    /// How many devices may enroll with it; null: unlimited.
+    #[serde(default = "default_token_uses")]
     pub uses: Option<u32>,
+    /// Tags every device enrolled with it gets.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Also take the tags a device asks for when it enrolls (the token's own win a conflict). Off: the device's
+    /// wishes are ignored, since tags decide which rollouts, and so which secrets, reach it.
+    #[serde(default)]
+    pub device_tags: bool,
+}
+
+impl Default for TokenRequest {
+    fn default() -> TokenRequest {
+        TokenRequest {
+            expires_in: default_token_ttl(),
+            uses: default_token_uses(),
+            tags: BTreeMap::new(),
+            device_tags: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenCreated {
+    /// What `token list` and `token revoke` name it by; not a secret.
+    pub id: String,
+    /// The secret, shown this once.
     pub token: String,
     pub expires: Option<u64>,
     pub uses: Option<u32>,
+    pub tags: BTreeMap<String, String>,
+    pub device_tags: bool,
+}
+
+/// A token as `token list` shows it: never its secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenView {
+    pub id: String,
+    pub created: u64,
+    pub expires: Option<u64>,
+    /// None: unlimited.
+    pub uses_left: Option<u32>,
+    /// Devices enrolled with it.
+    pub enrolled: u64,
+    pub tags: BTreeMap<String, String>,
+    pub device_tags: bool,
+    pub revoked: bool,
+}
+
+/// The operator's change to a device's tags: `set` first, then `remove`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsRequest {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -221,34 +286,147 @@ pub fn parse_spec(
     req: &RolloutRequest,
 ) -> Result<(Vec<rollout::WaveSize>, rollout::Threshold), ServerDbError> {
     if req.waves.is_empty() {
-        return Err(ServerDbError::Invalid(
-            "a rollout needs at least one wave (--waves 10%,50%,100%)".into(),
-        ));
+        return Err(ServerDbError::Field {
+            path: "waves".into(),
+            message: "a rollout needs at least one wave (--waves 10%,50%,100%)".into(),
+        });
     }
+    for (i, w) in req.waves.iter().enumerate() {
+        if !wave_syntax(w) {
+            return Err(ServerDbError::Field {
+                path: format!("waves[{i}]"),
+                message: format!(
+                    "the wave {w:?} is neither a percent above 0 up to 100 (10%, 2.5%) nor a device count (5)"
+                ),
+            });
+        }
+    }
+    if !threshold_syntax(&req.max_failures) {
+        return Err(ServerDbError::Field {
+            path: "max_failures".into(),
+            message: format!(
+                "the failure threshold {:?} is neither a percent above 0 up to 100 (10%) nor a count (3)",
+                req.max_failures
+            ),
+        });
+    }
+    let field = |path: String| {
+        move |e: rollout::SpecError| ServerDbError::Field {
+            path,
+            message: e.to_string(),
+        }
+    };
     let waves = req
         .waves
         .iter()
-        .map(|w| rollout::parse_wave(w))
+        .enumerate()
+        .map(|(i, w)| rollout::parse_wave(w).map_err(field(format!("waves[{i}]"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let threshold = rollout::parse_threshold(&req.max_failures)?;
+    let threshold =
+        rollout::parse_threshold(&req.max_failures).map_err(field("max_failures".into()))?;
+    for (k, v) in &req.select {
+        check_field("select", "tag", k)?;
+        check_field(&format!("select.{k}"), "tag value", v)?;
+    }
     Ok((waves, threshold))
+}
+
+/// An app's settings through the checks the command line and every agent make (`RunSettings::validate`), so an
+/// app the devices would refuse is never stored; refused naming the field.
+fn check_settings(settings: &RunSettings) -> Result<(), ServerDbError> {
+    settings.validate().map_err(|e| match e {
+        SettingsError::Field { field, problem } => ServerDbError::Field {
+            path: format!("settings.{field}"),
+            message: problem,
+        },
+        other => ServerDbError::Field {
+            path: "settings".into(),
+            message: other.to_string(),
+        },
+    })
+}
+
+/// A wave exactly as `docs/openapi.yaml` writes its pattern: a percent above 0 up to 100, or a count from 1 with
+/// at most 9 digits. The parser is laxer (spaces, `1e1%`); the API is not, so the document is the whole truth.
+pub fn wave_syntax(s: &str) -> bool {
+    match s.strip_suffix('%') {
+        Some(p) => percent_syntax(p),
+        None => count_syntax(s) && !s.starts_with('0'),
+    }
+}
+
+/// The failure threshold: a percent as for waves, or a count from 0.
+pub fn threshold_syntax(s: &str) -> bool {
+    match s.strip_suffix('%') {
+        Some(p) => percent_syntax(p),
+        None => s == "0" || (count_syntax(s) && !s.starts_with('0')),
+    }
+}
+
+fn count_syntax(s: &str) -> bool {
+    (1..=9).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `(100(\.0+)?|[1-9][0-9]?(\.[0-9]+)?|0\.[0-9]*[1-9][0-9]*)`: above 0, up to 100.
+fn percent_syntax(p: &str) -> bool {
+    let (whole, frac) = match p.split_once('.') {
+        Some((w, f)) => (w, Some(f)),
+        None => (p, None),
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if frac.is_some_and(|f| !digits(f)) {
+        return false;
+    }
+    match whole {
+        "100" => frac.is_none_or(|f| f.bytes().all(|b| b == b'0')),
+        "0" => frac.is_some_and(|f| f.bytes().any(|b| b != b'0')),
+        w => digits(w) && w.len() <= 2 && !w.starts_with('0'),
+    }
 }
 
 /// Device names, tags and app names are plain words: they end up in container names, tables and URLs.
 pub fn check_name(what: &str, name: &str) -> Result<(), ServerDbError> {
-    let ok = !name.is_empty()
+    if is_name(name) {
+        Ok(())
+    } else {
+        Err(ServerDbError::Invalid(name_rule(what, name)))
+    }
+}
+
+/// [`check_name`] for a field of a request body: refused as unprocessable, naming the field's path.
+pub fn check_field(path: &str, what: &str, name: &str) -> Result<(), ServerDbError> {
+    if is_name(name) {
+        Ok(())
+    } else {
+        Err(ServerDbError::Field {
+            path: path.to_string(),
+            message: name_rule(what, name),
+        })
+    }
+}
+
+/// Tag names and values of a request body, at `path`.
+pub fn check_tags(path: &str, tags: &BTreeMap<String, String>) -> Result<(), ServerDbError> {
+    for (k, v) in tags {
+        check_field(path, "tag", k)?;
+        check_field(&format!("{path}.{k}"), "tag value", v)?;
+    }
+    Ok(())
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 63
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with(['.', '-']);
-    if ok {
-        Ok(())
-    } else {
-        Err(ServerDbError::Invalid(format!(
-            "the {what} {name:?} must be 1 to 63 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
-        )))
-    }
+        && !name.starts_with(['.', '-'])
+}
+
+fn name_rule(what: &str, name: &str) -> String {
+    format!(
+        "the {what} {name:?} must be 1 to 63 letters, digits, '-', '_' or '.', not starting with '.' or '-'"
+    )
 }
 
 impl ServerDb {
@@ -284,7 +462,8 @@ impl ServerDb {
     }
 
     pub fn create_app(&self, req: &AppRequest, now: u64) -> Result<AppView, ServerDbError> {
-        check_name("app name", &req.name)?;
+        check_field("name", "app name", &req.name)?;
+        check_settings(&req.settings)?;
         let n = self
             .conn
             .execute(
@@ -923,5 +1102,54 @@ fn progress(report: Option<&(Report, u64)>) -> Progress {
             }
         }
         Some((Report::Removed { .. }, _)) | None => Progress::Waiting,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_and_thresholds_take_exactly_what_the_document_patterns_say() {
+        for ok in [
+            "1",
+            "5",
+            "123456789",
+            "1%",
+            "10%",
+            "99.5%",
+            "100%",
+            "100.00%",
+            "0.5%",
+            "0.01%",
+        ] {
+            assert!(wave_syntax(ok), "{ok}");
+            assert!(threshold_syntax(ok), "{ok}");
+            rollout::parse_wave(ok).unwrap();
+        }
+        for bad in [
+            "",
+            "0",
+            "01",
+            "1234567890",
+            "%",
+            "0%",
+            "0.0%",
+            "100.5%",
+            "101%",
+            "1e1%",
+            " 5",
+            "5 ",
+            "5.%",
+            ".5%",
+            "-1",
+            "+1",
+            "5\n",
+            "05%",
+        ] {
+            assert!(!wave_syntax(bad), "{bad:?}");
+        }
+        assert!(threshold_syntax("0"));
+        assert!(!threshold_syntax("00"));
     }
 }
