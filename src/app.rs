@@ -104,7 +104,7 @@ impl RunSettings {
             problem: problem.to_string(),
         };
         for (i, e) in self.env.iter().enumerate() {
-            if parse_env(e).is_err() || e.contains('\0') {
+            if parse_env(e).is_err() {
                 return Err(field(format!("env[{i}]"), "write NAME=VALUE"));
             }
         }
@@ -372,11 +372,7 @@ impl HealthCheck {
                 "probe.http.url",
                 "an http:// URL, such as http://127.0.0.1:8080/health",
             )),
-            Probe::Tcp { address }
-                if address
-                    .rsplit_once(':')
-                    .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) =>
-            {
+            Probe::Tcp { address } if !valid_tcp_address(address) => {
                 Err(field("probe.tcp.address", "write host:port"))
             }
             _ => Ok(()),
@@ -420,10 +416,15 @@ impl Probe {
     }
 }
 
-/// `NAME=VALUE`, with a non-empty name and no `=` in it.
+/// `NAME=VALUE`: a name of printable ASCII without spaces or `=`, and a value without NUL (the kernel's strings
+/// end there).
 pub fn parse_env(s: &str) -> Result<String, SettingsError> {
     match s.split_once('=') {
-        Some((name, _)) if !name.is_empty() && !name.contains(char::is_whitespace) => {
+        Some((name, value))
+            if !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_graphic())
+                && !value.contains('\0') =>
+        {
             Ok(s.to_string())
         }
         _ => Err(SettingsError::Env(s.to_string())),
@@ -480,8 +481,62 @@ pub fn parse_duration(what: &'static str, s: &str) -> Result<Duration, SettingsE
         .ok_or_else(bad)
 }
 
+/// `http://host[:port][/path]`, with a host of letter-led domain labels (no `--`, so no punycode) or an IPv4
+/// address, and a path of printable ASCII: what `docs/openapi.yaml`'s pattern says, so the API and the agent
+/// agree on every URL, and `url` parses each of them.
 fn valid_http_url(url: &str) -> bool {
-    url::Url::parse(url).is_ok_and(|u| u.scheme() == "http" && u.host_str().is_some())
+    let Some(rest) = url.strip_prefix("http://") else {
+        return false;
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    port.is_none_or(is_port)
+        && (is_ipv4(host) || is_domain(host))
+        && path.bytes().all(|b| b.is_ascii_graphic())
+        && url::Url::parse(url).is_ok_and(|u| u.host_str().is_some())
+}
+
+/// `host:port`, split at the last colon.
+fn valid_tcp_address(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && !h.contains('\0') && is_port(p))
+}
+
+/// A decimal port, 0 to 65535, digits only.
+fn is_port(p: &str) -> bool {
+    (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+}
+
+fn is_ipv4(host: &str) -> bool {
+    let octets: Vec<&str> = host.split('.').collect();
+    octets.len() == 4
+        && octets.iter().all(|o| {
+            (1..=3).contains(&o.len())
+                && o.bytes().all(|b| b.is_ascii_digit())
+                && o.parse::<u8>().is_ok()
+                && (o.len() == 1 || !o.starts_with('0'))
+        })
+}
+
+/// Labels of letters and digits joined by single hyphens; the last one starts with a letter, so no URL parser
+/// takes the host for a number.
+fn is_domain(host: &str) -> bool {
+    let labels: Vec<&str> = host.split('.').collect();
+    let label_ok = |l: &&str| {
+        l.split('-')
+            .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()))
+    };
+    labels.iter().all(label_ok)
+        && labels
+            .last()
+            .is_some_and(|l| l.bytes().next().is_some_and(|b| b.is_ascii_alphabetic()))
 }
 
 pub fn parse_cpus(s: &str) -> Result<f64, SettingsError> {
@@ -505,8 +560,11 @@ mod seconds {
         let secs = f64::deserialize(d)?;
         // Too large for a Duration reads as the largest one, so that `validate` refuses it by the setting's name
         // rather than the whole document failing to parse: one bad app in a desired state must not hide the rest.
+        // Below a nanosecond, but above 0, reads as a nanosecond: "above 0" must mean the same here as in the API's
+        // document, which knows no resolution.
         match Duration::try_from_secs_f64(secs) {
             Err(_) if secs > 0.0 => Ok(Duration::MAX),
+            Ok(d) if d.is_zero() && secs > 0.0 => Ok(Duration::from_nanos(1)),
             other => other.map_err(serde::de::Error::custom),
         }
     }
