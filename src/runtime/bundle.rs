@@ -11,12 +11,16 @@
 //! Hardening, each with a per-app opt-out: Docker's default capabilities less `NET_RAW` (`cap_add`), the seccomp
 //! profile of [`super::seccomp`] (`seccomp = unconfined`), and `no_new_privileges` (`allow_new_privileges`).
 //!
-//! A private user namespace (`userns = auto`) is refused, because it cannot be done properly with runc 1.1 and
-//! flotilla's root. The image's files belong to host root, and in a user namespace host root is nobody: the
-//! container's root could not write to its own `/`, `/etc` or `/tmp`. runc 1.2 and Linux 5.19 can present the
-//! root through an idmapped mount (over overlayfs since 5.19 for its layers) without touching the files, but
-//! runc 1.1, Debian 12's, has no idmapped mounts; the other way, shifting the owner of every file in a copy of the
-//! root, costs a full copy of the image per container.
+//! A private user namespace (`userns = auto`) is refused: it cannot be done properly with runc 1.1 and flotilla's
+//! root. The root is an overlay of layer snapshots owned by host root, which a container root in its own user
+//! namespace sees as nobody and cannot write (`touch /etc/x`: permission denied; runc cannot even make `/proc` in
+//! an image without one). runc 1.1, Debian 12's, cannot idmap a mount (`runc features` lists no idmap; that came in
+//! runc 1.2), and doing it here instead does not work either: Linux refuses to idmap an overlay mount
+//! (`mount_setattr` with `MOUNT_ATTR_IDMAP`: EINVAL, measured on 6.18), and an overlay whose upper directory is on
+//! an idmapped mount comes up read-only (EOVERFLOW on its work directory). What is left is shifting the owner of
+//! every file, which copies each one up into the container's upper directory (measured on a 9 MiB Debian root:
+//! 1.3 s and 9.5 MiB, or 0.1 s and 2.3 MiB with overlayfs `metacopy=on`), drops setuid bits and file capabilities
+//! that must then be put back, and leaves named volumes and bind mounts owned by ids the container does not have.
 
 use std::collections::HashSet;
 use std::io;
@@ -62,10 +66,10 @@ pub enum BundleError {
     )]
     Capability(String),
     #[error(
-        "userns auto: a private user namespace needs idmapped mounts of the container's root (runc 1.2 or newer), \
-         and this runtime is runc 1.1, whose only way is a full copy of the image per container with every owner \
-         shifted; run the app with userns host (the default), which keeps seccomp, the capability limits and \
-         no_new_privileges"
+        "userns auto: a private user namespace is not available with runc 1.1. The container's root (an overlay of \
+         layers owned by host root) would be owned by nobody inside it and not writable; runc 1.1 cannot idmap \
+         mounts, and Linux cannot idmap an overlay. Run the app with userns host (the default): seccomp, the \
+         reduced capabilities and no_new_privileges still hold"
     )]
     UserNamespace,
     #[error("writing {path}")]
