@@ -143,7 +143,7 @@ pub enum UsernsMode {
     /// The host's: the container's root is the host's root, held in by capabilities, seccomp and namespaces.
     #[default]
     Host,
-    /// A private user namespace with its own range of host ids. Not available with runc 1.1 (see
+    /// A private user namespace with its own range of host ids. Not available yet (see
     /// `runtime::bundle`), so a container asking for it is refused.
     Auto,
 }

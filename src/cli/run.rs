@@ -105,7 +105,7 @@ pub struct SettingsArgs {
     /// (repeatable)
     #[arg(long = "security-opt", value_name = "OPT")]
     pub security_opt: Vec<settings::SecurityOpt>,
-    /// host (the default), or auto: a private user namespace (refused with runc 1.1, saying why)
+    /// host (the default), or auto: a private user namespace (refused for now, saying why)
     #[arg(long, default_value = "host")]
     pub userns: settings::UsernsMode,
     /// Replaces the image's Cmd

@@ -11,16 +11,21 @@
 //! Hardening, each with a per-app opt-out: Docker's default capabilities less `NET_RAW` (`cap_add`), the seccomp
 //! profile of [`super::seccomp`] (`seccomp = unconfined`), and `no_new_privileges` (`allow_new_privileges`).
 //!
-//! A private user namespace (`userns = auto`) is refused: it cannot be done properly with runc 1.1 and flotilla's
-//! root. The root is an overlay of layer snapshots owned by host root, which a container root in its own user
-//! namespace sees as nobody and cannot write (`touch /etc/x`: permission denied; runc cannot even make `/proc` in
-//! an image without one). runc 1.1, Debian 12's, cannot idmap a mount (`runc features` lists no idmap; that came in
-//! runc 1.2), and doing it here instead does not work either: Linux refuses to idmap an overlay mount
-//! (`mount_setattr` with `MOUNT_ATTR_IDMAP`: EINVAL, measured on 6.18), and an overlay whose upper directory is on
-//! an idmapped mount comes up read-only (EOVERFLOW on its work directory). What is left is shifting the owner of
-//! every file, which copies each one up into the container's upper directory (measured on a 9 MiB Debian root:
-//! 1.3 s and 9.5 MiB, or 0.1 s and 2.3 MiB with overlayfs `metacopy=on`), drops setuid bits and file capabilities
-//! that must then be put back, and leaves named volumes and bind mounts owned by ids the container does not have.
+//! A private user namespace (`userns = auto`) is refused, for now. Measured on Linux 6.18 with runc 1.1.5:
+//! - Over flotilla's root as it is (an overlay of layer snapshots owned by host root), a container root in its own
+//!   user namespace sees every file as nobody's and cannot write (`touch /etc/x`: permission denied); runc cannot
+//!   even make `/proc` in an image without one.
+//! - runc 1.1 cannot idmap a mount (`runc features` lists no idmap; runc 1.2 can).
+//! - Linux refuses to idmap the overlay mount itself (`mount_setattr` with `MOUNT_ATTR_IDMAP`: EINVAL), and an
+//!   overlay whose upper directory sits on an idmapped mount comes up read-only.
+//! - What works: every layer snapshot idmapped (host 0 to the container's range) as the overlay's lower layers,
+//!   over a plain upper directory owned by the range's first id; the container's root then writes as root. That
+//!   needs Linux 5.19 or newer (Raspberry Pi OS bullseye's 5.15 and Jetson's 5.10 lack it), idmapped mounts made
+//!   and removed by flotilla itself on every start, adoption and `rm`, a range kept per app for its named
+//!   volumes; and it still leaves passed-through devices and ports below 1024 on the host's network out of the
+//!   container root's reach. That is the way to build it; until then the setting is refused, not half done.
+//! - Shifting the owner of every file instead copies each one up (9 MiB Debian root: 1.3 s and 9.5 MiB, or 0.1 s
+//!   and 2.3 MiB with overlayfs `metacopy=on`), and drops setuid bits and file capabilities.
 
 use std::collections::HashSet;
 use std::io;
@@ -66,9 +71,9 @@ pub enum BundleError {
     )]
     Capability(String),
     #[error(
-        "userns auto: a private user namespace is not available with runc 1.1. The container's root (an overlay of \
-         layers owned by host root) would be owned by nobody inside it and not writable; runc 1.1 cannot idmap \
-         mounts, and Linux cannot idmap an overlay. Run the app with userns host (the default): seccomp, the \
+        "userns auto: a private user namespace is not available yet. The container's root belongs to host root, \
+         which is nobody (and cannot write) inside one; runc 1.1 cannot idmap it, and flotilla does not yet idmap \
+         each image layer itself (Linux 5.19 or newer). Run the app with userns host (the default): seccomp, the \
          reduced capabilities and no_new_privileges still hold"
     )]
     UserNamespace,
