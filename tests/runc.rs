@@ -393,3 +393,84 @@ fn a_syscall_outside_the_profile_gets_eperm_unless_seccomp_is_unconfined() {
     let out = f.run("unshare-sys-admin", s, probe);
     assert!(out.contains("exit=0"), "{out}");
 }
+
+/// runc hands each seccomp name to libseccomp and silently leaves out a name it does not know, so a misspelt name
+/// in `src/runtime/seccomp/default.json` would allow nothing and no one would notice. runc's debug log names each
+/// one it left out: with the capabilities added that bring in every rule of the profile, those may only
+/// be the syscalls newer than this libseccomp, which runc's filter answers with ENOSYS.
+#[test]
+fn every_name_in_the_seccomp_profile_is_one_libseccomp_knows() {
+    let Some(f) = Fixture::new() else { return };
+    let binary = common::tool(Runc::DEFAULT_BINARY)
+        .or_else(|| common::tool("runc"))
+        .expect("checked by the fixture");
+    let mut s = settings();
+    // The capabilities the profile's rules depend on (not every one: this host's bounding set lacks SYS_RESOURCE,
+    // and runc refuses a capability it cannot give).
+    s.cap_add = [
+        "BPF",
+        "DAC_READ_SEARCH",
+        "PERFMON",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_MODULE",
+        "SYS_NICE",
+        "SYS_PACCT",
+        "SYS_PTRACE",
+        "SYS_RAWIO",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "SYSLOG",
+    ]
+    .map(String::from)
+    .to_vec();
+    s.command = vec!["-c".into(), "true".into()];
+    let id = format!("flotilla-test-{}-names", std::process::id());
+    let rootfs = f.rootfs();
+    let volumes = f.dir.path().join("volumes");
+    let c = Container {
+        name: &id,
+        instance: "test",
+        image: &f.image,
+        settings: &s,
+        rootfs: &rootfs,
+        volumes_dir: &volumes,
+    };
+    let spec = bundle::spec(&c, &bundle::prepare(&c).unwrap()).unwrap();
+    let bundle_dir = f.dir.path().join("bundle-names");
+    fs::create_dir_all(&bundle_dir).unwrap();
+    bundle::write(&bundle_dir, &spec).unwrap();
+    let out = std::process::Command::new(binary)
+        .arg("--debug")
+        .arg("--root")
+        .arg(f.dir.path().join("state-debug"))
+        .args(["run", "--bundle"])
+        .arg(&bundle_dir)
+        .arg(&id)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    // Added to Linux after libseccomp 2.5.4 (Debian 12's) was released.
+    const NEWER: [&str; 7] = [
+        "cachestat",
+        "fchmodat2",
+        "futex_requeue",
+        "futex_wait",
+        "futex_wake",
+        "map_shadow_stack",
+        "mseal",
+    ];
+    let ignored: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("unknown seccomp syscall \\\"").nth(1))
+        .filter_map(|rest| rest.split("\\\"").next())
+        .collect();
+    for name in &ignored {
+        assert!(
+            NEWER.contains(name),
+            "libseccomp does not know {name:?}: {log}"
+        );
+    }
+}
