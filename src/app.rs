@@ -39,6 +39,18 @@ pub enum SettingsError {
     /// the agent see them.
     #[error("{field}: {problem}")]
     Field { field: String, problem: String },
+    #[error(
+        "--cap-add {0:?}: not a Linux capability; write its name in upper case without CAP_, such as NET_RAW or \
+         SYS_PTRACE"
+    )]
+    Capability(String),
+    #[error(
+        "--security-opt {0:?}: write seccomp=unconfined, seccomp=default, no-new-privileges=false or \
+         no-new-privileges=true"
+    )]
+    SecurityOpt(String),
+    #[error("--userns {0:?}: write host or auto")]
+    Userns(String),
 }
 
 /// The longest stop grace period: a stop (an update, a shutdown) must never wait longer than this on one app.
@@ -78,6 +90,14 @@ pub struct RunSettings {
     pub stop_grace: Duration,
     /// Run an image for another architecture through a registered binfmt handler.
     pub allow_emulation: bool,
+    /// Capabilities added to the default set, by name without `CAP_` (`NET_RAW`). The seccomp profile then also
+    /// allows the syscalls each of them gates (`SYS_PTRACE`: `ptrace`).
+    #[serde(deserialize_with = "capability_names")]
+    pub cap_add: Vec<String>,
+    pub seccomp: SeccompMode,
+    /// Lets a setuid program or file capabilities raise the container's privileges (`no_new_privileges` off).
+    pub allow_new_privileges: bool,
+    pub userns: UsernsMode,
 }
 
 fn default_stop_grace() -> Duration {
@@ -227,6 +247,127 @@ impl FromStr for Network {
             other => Err(SettingsError::Network(other.to_string())),
         }
     }
+}
+
+/// The container's seccomp filter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeccompMode {
+    /// flotilla's allow-list (`src/runtime/seccomp/default.json`), widened by the added capabilities.
+    #[default]
+    Default,
+    /// No filter: every syscall the capabilities allow.
+    Unconfined,
+}
+
+/// The container's user namespace.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UsernsMode {
+    /// The host's: the container's root is the host's root, held in by capabilities, seccomp and namespaces.
+    #[default]
+    Host,
+    /// A private user namespace with its own range of host ids. Not available yet (see
+    /// `runtime::bundle`), so a container asking for it is refused.
+    Auto,
+}
+
+impl FromStr for UsernsMode {
+    type Err = SettingsError;
+    fn from_str(s: &str) -> Result<UsernsMode, SettingsError> {
+        match s {
+            "host" => Ok(UsernsMode::Host),
+            "auto" => Ok(UsernsMode::Auto),
+            other => Err(SettingsError::Userns(other.to_string())),
+        }
+    }
+}
+
+/// One `--security-opt`, as Docker writes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityOpt {
+    Seccomp(SeccompMode),
+    NoNewPrivileges(bool),
+}
+
+impl FromStr for SecurityOpt {
+    type Err = SettingsError;
+    fn from_str(s: &str) -> Result<SecurityOpt, SettingsError> {
+        // Docker also takes `:` as the separator (its older form).
+        let (key, value) = s
+            .split_once(['=', ':'])
+            .map_or((s, None), |(k, v)| (k, Some(v)));
+        match (key, value) {
+            ("seccomp", Some("unconfined")) => Ok(SecurityOpt::Seccomp(SeccompMode::Unconfined)),
+            ("seccomp", Some("default")) => Ok(SecurityOpt::Seccomp(SeccompMode::Default)),
+            ("no-new-privileges", None | Some("true")) => Ok(SecurityOpt::NoNewPrivileges(true)),
+            ("no-new-privileges", Some("false")) => Ok(SecurityOpt::NoNewPrivileges(false)),
+            _ => Err(SettingsError::SecurityOpt(s.to_string())),
+        }
+    }
+}
+
+/// Every Linux capability, by its name without `CAP_`, as `--cap-add` takes them.
+pub const CAPABILITIES: [&str; 41] = [
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "SYSLOG",
+    "WAKE_ALARM",
+];
+
+/// A capability name for `--cap-add`: upper case, without `CAP_`, one of [`CAPABILITIES`].
+pub fn parse_capability(s: &str) -> Result<String, SettingsError> {
+    if CAPABILITIES.contains(&s) {
+        Ok(s.to_string())
+    } else {
+        Err(SettingsError::Capability(s.to_string()))
+    }
+}
+
+/// `cap_add` from stored or received settings gets the command line's check.
+fn capability_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
+    for n in &names {
+        parse_capability(n).map_err(serde::de::Error::custom)?;
+    }
+    Ok(names)
 }
 
 /// A named volume (under the state directory, kept across updates) or a bind mount of a host path.
@@ -732,5 +873,61 @@ mod tests {
         let back: RunSettings = serde_json::from_str(&json).unwrap();
         assert_eq!(back, s);
         assert!(serde_json::from_str::<RunSettings>(r#"{"bogus":1}"#).is_err());
+    }
+
+    #[test]
+    fn hardening_opt_outs_parse_and_old_settings_keep_the_defaults() {
+        assert_eq!(parse_capability("NET_RAW"), Ok("NET_RAW".into()));
+        for bad in ["CAP_NET_RAW", "net_raw", "ALL", "", "NET_RAW "] {
+            assert_eq!(
+                parse_capability(bad),
+                Err(SettingsError::Capability(bad.into()))
+            );
+        }
+        assert_eq!(
+            "seccomp=unconfined".parse(),
+            Ok(SecurityOpt::Seccomp(SeccompMode::Unconfined))
+        );
+        assert_eq!(
+            "no-new-privileges=false".parse(),
+            Ok(SecurityOpt::NoNewPrivileges(false))
+        );
+        assert_eq!(
+            "no-new-privileges".parse(),
+            Ok(SecurityOpt::NoNewPrivileges(true))
+        );
+        for bad in [
+            "seccomp=/tmp/profile.json",
+            "apparmor=unconfined",
+            "seccomp",
+        ] {
+            assert!(bad.parse::<SecurityOpt>().is_err(), "{bad}");
+        }
+        assert_eq!("auto".parse(), Ok(UsernsMode::Auto));
+        assert!("private".parse::<UsernsMode>().is_err());
+
+        // Settings stored before these fields existed read with the hardened defaults.
+        let old: RunSettings = serde_json::from_str(r#"{"env":["A=1"],"stop_grace":10}"#).unwrap();
+        assert!(old.cap_add.is_empty());
+        assert_eq!(old.seccomp, SeccompMode::Default);
+        assert!(!old.allow_new_privileges);
+        assert_eq!(old.userns, UsernsMode::Host);
+        // The serde path checks capability names as the command line does.
+        let e =
+            serde_json::from_str::<RunSettings>(r#"{"cap_add":["CAP_SYS_ADMIN"]}"#).unwrap_err();
+        assert!(e.to_string().contains("--cap-add"), "{e}");
+        let s: RunSettings = serde_json::from_str(
+            r#"{"cap_add":["NET_RAW"],"seccomp":"unconfined","allow_new_privileges":true,"userns":"auto"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.cap_add, s.seccomp, s.allow_new_privileges, s.userns),
+            (
+                vec!["NET_RAW".to_string()],
+                SeccompMode::Unconfined,
+                true,
+                UsernsMode::Auto
+            )
+        );
     }
 }

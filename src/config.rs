@@ -144,6 +144,12 @@ pub struct PolicyConfig {
     pub host_network: bool,
     /// Registries (`host[:port]` as written in image references, globs) images may come from; any by default.
     pub registries: Vec<String>,
+    /// Capabilities an app may add to the default set (`NET_RAW`, or `*` for any); none by default.
+    pub capabilities: Vec<String>,
+    /// Whether an app may run without the seccomp profile.
+    pub seccomp_unconfined: bool,
+    /// Whether an app may turn `no_new_privileges` off (setuid programs and file capabilities raise privileges).
+    pub new_privileges: bool,
 }
 
 impl Default for PolicyConfig {
@@ -153,6 +159,9 @@ impl Default for PolicyConfig {
             bind_paths: Vec::new(),
             host_network: true,
             registries: vec!["*".to_string()],
+            capabilities: Vec::new(),
+            seccomp_unconfined: false,
+            new_privileges: false,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use glob::{MatchOptions, Pattern};
 
-use crate::app::{Network, RunSettings, VolumeSource};
+use crate::app::{Network, RunSettings, SeccompMode, VolumeSource};
 use crate::config::PolicyConfig;
 
 /// A release the policy refuses: the `[policy]` key that refused it and what it refused.
@@ -85,6 +85,31 @@ pub fn admit(
         return Err(refused(
             "host_network",
             "the host's network (network = host)".into(),
+        ));
+    }
+    for cap in &settings.cap_add {
+        if !any_match(
+            "capabilities",
+            &policy.capabilities,
+            cap,
+            MatchOptions::new(),
+        )? {
+            return Err(refused(
+                "capabilities",
+                format!("adding the capability {cap}"),
+            ));
+        }
+    }
+    if settings.seccomp == SeccompMode::Unconfined && !policy.seccomp_unconfined {
+        return Err(refused(
+            "seccomp_unconfined",
+            "running without the seccomp profile".into(),
+        ));
+    }
+    if settings.allow_new_privileges && !policy.new_privileges {
+        return Err(refused(
+            "new_privileges",
+            "turning no_new_privileges off".into(),
         ));
     }
     for device in &settings.devices {
@@ -222,6 +247,12 @@ mod tests {
                 with(|s| s.volumes.push("/etc:/etc:ro".parse().unwrap())),
                 "bind_paths",
             ),
+            (with(|s| s.cap_add.push("NET_RAW".into())), "capabilities"),
+            (
+                with(|s| s.seccomp = SeccompMode::Unconfined),
+                "seccomp_unconfined",
+            ),
+            (with(|s| s.allow_new_privileges = true), "new_privileges"),
         ] {
             assert_eq!(check(&p, "docker.io", &settings), Err(key), "{settings:?}");
         }
@@ -238,6 +269,9 @@ mod tests {
             bind_paths: vec!["/srv/data".into(), "/run/dbus/system_bus_socket".into()],
             host_network: false,
             registries: vec!["registry.local:*".into(), "*.example.com".into()],
+            capabilities: vec!["NET_RAW".into(), "SYS_TI*".into()],
+            seccomp_unconfined: true,
+            new_privileges: true,
         };
         let run = |f: fn(&mut RunSettings)| {
             with(|s| {
@@ -257,6 +291,9 @@ mod tests {
                         .unwrap(),
                 )
             }),
+            run(|s| s.cap_add = vec!["NET_RAW".into(), "SYS_TIME".into()]),
+            run(|s| s.seccomp = SeccompMode::Unconfined),
+            run(|s| s.allow_new_privileges = true),
         ];
         for s in ok {
             assert_eq!(check(&p, "registry.local:5000", &s), Ok(()), "{s:?}");
@@ -284,6 +321,7 @@ mod tests {
                 "bind_paths",
             ),
             (with(|_| {}), "host_network"),
+            (run(|s| s.cap_add.push("SYS_ADMIN".into())), "capabilities"),
         ];
         for (s, key) in refused {
             assert_eq!(check(&p, "registry.local:5000", &s), Err(key), "{s:?}");

@@ -389,3 +389,68 @@ fn each_emulated_pi_pulls_the_variant_it_runs_and_that_binary_runs_there() {
         "armhf busybox ran on arm1176: {run:?}"
     );
 }
+
+/// Issue 15: containers get the default seccomp profile when emulated too, and it has what qemu-user asks of the
+/// host kernel (qemu runs inside the container and makes host syscalls for the ARM program). An armhf and an
+/// armel busybox run a shell, a pipe, a file, a sleep and a child process under qemu through binfmt; the bundle
+/// carries the filter, and a syscall outside it is refused to the ARM program as on the host.
+#[test]
+fn armhf_and_armel_containers_run_under_qemu_with_the_seccomp_profile_on() {
+    use common::binfmt::Binfmt;
+    use common::registry::{OciLayoutBuilder, busybox_images};
+
+    let root = rustix::process::geteuid().is_root().then_some(());
+    if common::require("root (runc needs it)", root).is_none()
+        || common::required_tool("runc").is_none()
+        || common::require("busybox-static fixtures (tests/setup)", busybox_images()).is_none()
+    {
+        return;
+    }
+    let Some(binfmt) = common::require("binfmt_misc and qemu-user-static", Binfmt::take()) else {
+        return;
+    };
+    binfmt.register_all();
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = OciLayoutBuilder::new(&tmp.path().join("layout"));
+    layout.write("v1", &busybox_images().expect("checked"));
+    let image = format!("oci:{}:v1", layout.dir().display());
+    let state = tmp.path().join("state");
+    let probe = "busybox uname -m; echo data > /run/f && busybox cat /run/f | busybox wc -c; \
+                 busybox sleep 0.1; (echo child) & wait; busybox unshare -U true; echo unshare=$?";
+    for (platform, name) in [("linux/arm/v7", "armhf"), ("linux/arm/v6", "armel")] {
+        let out = Flotilla::new()
+            .state(&state)
+            .args(["--platform", platform, "run", &image, "--name", name])
+            .args(["--allow-emulation", "--", "-c", probe])
+            .output();
+        let text = common::output_text(&out);
+        let config = std::fs::read_to_string(
+            state
+                .join("containers")
+                .join(name)
+                .join("bundle/config.json"),
+        )
+        .unwrap_or_default();
+        let _ = Flotilla::new()
+            .state(&state)
+            .args(["rm", "--force", name])
+            .output();
+        assert_eq!(out.status.code(), Some(0), "{name}: {text}");
+        assert!(text.contains("armv"), "{name}: {text}");
+        assert!(
+            text.contains("\n5\n") && text.contains("child"),
+            "{name}: {text}"
+        );
+        assert!(
+            text.contains("unshare=1"),
+            "{name}: the filter was not there: {text}"
+        );
+        let spec: serde_json::Value =
+            serde_json::from_str(&config).expect("the bundle's config.json");
+        assert_eq!(
+            spec["linux"]["seccomp"]["defaultAction"], "SCMP_ACT_ERRNO",
+            "{name}"
+        );
+    }
+    drop(binfmt);
+}

@@ -331,6 +331,28 @@ fn a_hostile_server_cannot_get_past_the_device_policy() {
             FailureCause::Policy,
             "signature policy for \"*\"",
         ),
+        (
+            release(
+                "demo-9",
+                &host,
+                "demo",
+                &good,
+                with(json!({"cap_add": ["SYS_ADMIN"]})),
+            ),
+            FailureCause::Policy,
+            "[policy] capabilities",
+        ),
+        (
+            release(
+                "demo-10",
+                &host,
+                "demo",
+                &good,
+                with(json!({"seccomp": "unconfined"})),
+            ),
+            FailureCause::Policy,
+            "[policy] seccomp_unconfined",
+        ),
         // Settings no device reads: refused by themselves, not taken for "no app" (which would stop it).
         (
             release(

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use flotilla::app::{
-    HealthCheck, Network, Probe, RestartPolicy, RunSettings, Volume, VolumeSource,
+    HealthCheck, Network, Probe, RestartPolicy, RunSettings, SeccompMode, UsernsMode, Volume,
+    VolumeSource,
 };
 use flotilla::fleet::{
     Accepted, AppStatus, Desired, DesiredApp, EnrollRequest, Enrolled, Event, EventBody, Metrics,
@@ -767,6 +768,10 @@ fn settings() -> [RunSettings; 3] {
             command: vec!["--verbose".into()],
             stop_grace: Duration::from_secs(10),
             allow_emulation: true,
+            cap_add: vec!["NET_RAW".into()],
+            seccomp: SeccompMode::Unconfined,
+            allow_new_privileges: true,
+            userns: UsernsMode::Auto,
         },
         RunSettings {
             restart: RestartPolicy::Always,

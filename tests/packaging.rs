@@ -89,9 +89,15 @@ fn shipped_config_examples_name_every_key() {
         bind_paths,
         host_network: _,
         registries: allowed_registries,
+        capabilities,
+        seccomp_unconfined: _,
+        new_privileges: _,
     } = policy;
     assert!(!devices.is_empty() && !bind_paths.is_empty() && !allowed_registries.is_empty());
-    assert!(enabled.contains("\nhost_network ="));
+    assert!(!capabilities.is_empty());
+    for key in ["host_network", "seccomp_unconfined", "new_privileges"] {
+        assert!(enabled.contains(&format!("\n{key} =")), "{key}");
+    }
     let FleetConfig {
         server,
         insecure,

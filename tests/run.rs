@@ -624,3 +624,81 @@ fn a_health_check_sees_the_app_become_healthy_then_unhealthy() {
     );
     lab.ok(&["rm", "--force", "probed"]);
 }
+
+/// Issue 15: the hardening opt-outs reach the bundle from the command line, each changing what it names, and a
+/// private user namespace is refused before anything runs, saying why.
+#[test]
+fn security_options_on_the_command_line_reach_the_container() {
+    let Some(lab) = Lab::new() else { return };
+    let probe = "busybox unshare -U true; echo unshare=$?";
+    let config = |name: &str| -> serde_json::Value {
+        let path = lab.container_dir(name).join("bundle/config.json");
+        serde_json::from_str(&std::fs::read_to_string(path).expect("config.json")).expect("json")
+    };
+    let caps = |c: &serde_json::Value| c["process"]["capabilities"]["bounding"].to_string();
+
+    let out = lab.flotilla(&["run", &lab.image, "--name", "hardened", "--", "-c", probe]);
+    assert!(
+        output_text(&out).contains("unshare=1"),
+        "{}",
+        output_text(&out)
+    );
+    let c = config("hardened");
+    assert_eq!(c["process"]["noNewPrivileges"], true, "{c}");
+    assert_eq!(c["linux"]["seccomp"]["defaultErrnoRet"], 1, "{c}");
+    assert!(!caps(&c).contains("CAP_NET_RAW"), "{c}");
+
+    let out = lab.flotilla(&[
+        "run",
+        &lab.image,
+        "--name",
+        "opted-out",
+        "--cap-add",
+        "NET_RAW",
+        "--security-opt",
+        "seccomp=unconfined",
+        "--security-opt",
+        "no-new-privileges=false",
+        "--",
+        "-c",
+        probe,
+    ]);
+    assert!(
+        output_text(&out).contains("unshare=0"),
+        "{}",
+        output_text(&out)
+    );
+    let c = config("opted-out");
+    assert_eq!(c["process"]["noNewPrivileges"], false, "{c}");
+    assert!(c["linux"].get("seccomp").is_none(), "{c}");
+    assert!(caps(&c).contains("CAP_NET_RAW"), "{c}");
+
+    let out = lab.flotilla(&[
+        "run",
+        &lab.image,
+        "--name",
+        "bad-cap",
+        "--cap-add",
+        "CAP_NET_RAW",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("without CAP_"),
+        "{}",
+        output_text(&out)
+    );
+
+    let out = lab.flotilla(&[
+        "run", &lab.image, "--name", "userns", "--userns", "auto", "--", "-c", "true",
+    ]);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("runc 1.1"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        !lab.container_dir("userns").exists(),
+        "a refused run leaves no container"
+    );
+}

@@ -9,14 +9,15 @@ use std::os::unix::fs::symlink;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use flotilla::app::RunSettings;
+use flotilla::app::{Network, RunSettings, SeccompMode};
 use flotilla::oci::{ExecConfig, ImageConfig};
 use flotilla::runtime::bundle::{self, Container};
 use flotilla::runtime::runc::Runc;
 use flotilla::runtime::{Io, Runtime, RuntimeError, Status};
 
-const APPLETS: [&str; 12] = [
+const APPLETS: [&str; 14] = [
     "sh", "id", "echo", "cat", "sleep", "touch", "hostname", "true", "ls", "exec", "test", "grep",
+    "ping", "unshare",
 ];
 
 /// Debian's name for this machine's architecture, as the busybox fixtures are laid out.
@@ -345,4 +346,131 @@ fn the_memory_limit_is_the_container_s_cgroup_limit() {
         "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",
     );
     assert!(out.contains(&(32u64 << 20).to_string()), "{out}");
+}
+
+/// Issue 15: a raw socket on the host's network sees and forges the host's traffic, so `NET_RAW` is not a default
+/// capability. busybox ping needs it, or a ping socket, which `net.ipv4.ping_group_range` grants. That sysctl is
+/// per network namespace, and systemd opens it to every group on the host's; so the container gets a private
+/// network (`--network none`), where it is the kernel's default that grants no group, and the capability is the
+/// only way in, as on a host where nothing changed the sysctl.
+#[test]
+fn ping_needs_net_raw_which_only_cap_add_gives() {
+    let Some(f) = Fixture::new() else { return };
+    let probe = "cat /proc/sys/net/ipv4/ping_group_range; ping -c 1 -W 2 127.0.0.1; echo exit=$?";
+    let mut s = settings();
+    s.network = Network::None;
+    let out = f.run("ping-default", s.clone(), probe);
+    assert!(out.starts_with("1\t0"), "ping sockets open to root: {out}");
+    assert!(out.contains("permission denied"), "{out}");
+    assert!(out.contains("exit=1"), "{out}");
+
+    s.cap_add = vec!["NET_RAW".into()];
+    let out = f.run("ping-net-raw", s, probe);
+    assert!(out.contains("1 packets received"), "{out}");
+    assert!(out.contains("exit=0"), "{out}");
+}
+
+/// Issue 15: a syscall outside the seccomp profile fails with EPERM. `unshare(CLONE_NEWUSER)` needs no capability
+/// on this kernel (and no sysctl allows it: upstream Linux has no `unprivileged_userns_clone`), so only the
+/// filter stops it; without the filter the same command works.
+#[test]
+fn a_syscall_outside_the_profile_gets_eperm_unless_seccomp_is_unconfined() {
+    let Some(f) = Fixture::new() else { return };
+    let probe = "unshare -U true; echo exit=$?";
+    let out = f.run("unshare-default", settings(), probe);
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert!(out.contains("exit=1"), "{out}");
+
+    let mut s = settings();
+    s.seccomp = SeccompMode::Unconfined;
+    let out = f.run("unshare-unconfined", s, probe);
+    assert!(out.contains("exit=0"), "{out}");
+    assert!(!out.contains("not permitted"), "{out}");
+
+    // A capability that gates the syscall opens it in the profile too, as in Docker.
+    let mut s = settings();
+    s.cap_add = vec!["SYS_ADMIN".into()];
+    let out = f.run("unshare-sys-admin", s, probe);
+    assert!(out.contains("exit=0"), "{out}");
+}
+
+/// runc hands each seccomp name to libseccomp and silently leaves out a name it does not know, so a misspelt name
+/// in `src/runtime/seccomp/default.json` would allow nothing and no one would notice. runc's debug log names each
+/// one it left out: with the capabilities added that bring in every rule of the profile, those may only
+/// be the syscalls newer than this libseccomp, which runc's filter answers with ENOSYS.
+#[test]
+fn every_name_in_the_seccomp_profile_is_one_libseccomp_knows() {
+    let Some(f) = Fixture::new() else { return };
+    let binary = common::tool(Runc::DEFAULT_BINARY)
+        .or_else(|| common::tool("runc"))
+        .expect("checked by the fixture");
+    let mut s = settings();
+    // The capabilities the profile's rules depend on (not every one: this host's bounding set lacks SYS_RESOURCE,
+    // and runc refuses a capability it cannot give).
+    s.cap_add = [
+        "BPF",
+        "DAC_READ_SEARCH",
+        "PERFMON",
+        "SYS_ADMIN",
+        "SYS_BOOT",
+        "SYS_MODULE",
+        "SYS_NICE",
+        "SYS_PACCT",
+        "SYS_PTRACE",
+        "SYS_RAWIO",
+        "SYS_TIME",
+        "SYS_TTY_CONFIG",
+        "SYSLOG",
+    ]
+    .map(String::from)
+    .to_vec();
+    s.command = vec!["-c".into(), "true".into()];
+    let id = format!("flotilla-test-{}-names", std::process::id());
+    let rootfs = f.rootfs();
+    let volumes = f.dir.path().join("volumes");
+    let c = Container {
+        name: &id,
+        instance: "test",
+        image: &f.image,
+        settings: &s,
+        rootfs: &rootfs,
+        volumes_dir: &volumes,
+    };
+    let spec = bundle::spec(&c, &bundle::prepare(&c).unwrap()).unwrap();
+    let bundle_dir = f.dir.path().join("bundle-names");
+    fs::create_dir_all(&bundle_dir).unwrap();
+    bundle::write(&bundle_dir, &spec).unwrap();
+    let out = std::process::Command::new(binary)
+        .arg("--debug")
+        .arg("--root")
+        .arg(f.dir.path().join("state-debug"))
+        .args(["run", "--bundle"])
+        .arg(&bundle_dir)
+        .arg(&id)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    // Added to Linux after libseccomp 2.5.4 (Debian 12's) was released.
+    const NEWER: [&str; 7] = [
+        "cachestat",
+        "fchmodat2",
+        "futex_requeue",
+        "futex_wait",
+        "futex_wake",
+        "map_shadow_stack",
+        "mseal",
+    ];
+    let ignored: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split("unknown seccomp syscall \\\"").nth(1))
+        .filter_map(|rest| rest.split("\\\"").next())
+        .collect();
+    for name in &ignored {
+        assert!(
+            NEWER.contains(name),
+            "libseccomp does not know {name:?}: {log}"
+        );
+    }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::agent::db::AppRelease;
+use crate::app::{SettingsError, UsernsMode};
 use crate::deploy::{DeployError, Deployer};
 use crate::policy::{self, PolicyError};
 use crate::pull::{PullError, Source};
@@ -122,6 +123,15 @@ impl Apps {
                 source,
             })?;
         release.settings.validate()?;
+        if release.settings.userns == UsernsMode::Auto {
+            return Err(SettingsError::Field {
+                field: "userns".into(),
+                problem: "auto: a private user namespace per container is not available with this runtime \
+                          (runc 1.1 cannot idmap the overlay root); leave userns at host"
+                    .into(),
+            }
+            .into());
+        }
         policy::admit(
             &self.deploy.config.policy,
             reference.registry(),

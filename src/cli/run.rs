@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{CliError, Context};
-use crate::app::{self as settings, HealthCheck, Probe, RunSettings, SettingsError};
+use crate::app::{
+    self as settings, HealthCheck, Probe, RunSettings, SeccompMode, SecurityOpt, SettingsError,
+};
 use crate::pull::Source;
 use crate::runtime::Runtime;
 use crate::supervise::container::{Container, State};
@@ -95,6 +97,17 @@ pub struct SettingsArgs {
     /// Run an image built for another architecture through a registered binfmt handler (qemu-user)
     #[arg(long)]
     pub allow_emulation: bool,
+    /// Add a Linux capability to the default set, by name without CAP_ (NET_RAW, SYS_PTRACE); the seccomp
+    /// profile then allows the syscalls it gates (repeatable)
+    #[arg(long = "cap-add", value_name = "NAME", value_parser = settings::parse_capability)]
+    pub cap_add: Vec<String>,
+    /// seccomp=unconfined (no syscall filter) or no-new-privileges=false (setuid programs may raise privileges)
+    /// (repeatable)
+    #[arg(long = "security-opt", value_name = "OPT")]
+    pub security_opt: Vec<settings::SecurityOpt>,
+    /// host (the default), or auto: a private user namespace (refused for now, saying why)
+    #[arg(long, default_value = "host")]
+    pub userns: settings::UsernsMode,
     /// Replaces the image's Cmd
     #[arg(trailing_var_arg = true)]
     pub command: Vec<String>,
@@ -118,6 +131,15 @@ impl SettingsArgs {
             start_period: self.health_start_period,
             ..HealthCheck::new(p)
         });
+        // Later options win, as in Docker.
+        let mut seccomp = SeccompMode::Default;
+        let mut allow_new_privileges = false;
+        for opt in &self.security_opt {
+            match *opt {
+                SecurityOpt::Seccomp(mode) => seccomp = mode,
+                SecurityOpt::NoNewPrivileges(on) => allow_new_privileges = !on,
+            }
+        }
         let settings = RunSettings {
             env: self.env.clone(),
             volumes: self.volume.clone(),
@@ -134,6 +156,10 @@ impl SettingsArgs {
             command: self.command.clone(),
             stop_grace: self.stop_timeout,
             allow_emulation: allow_emulation || self.allow_emulation,
+            cap_add: self.cap_add.clone(),
+            seccomp,
+            allow_new_privileges,
+            userns: self.userns,
         };
         settings.validate()?;
         Ok(settings)

@@ -5,7 +5,27 @@
 //! (`tests/fixtures/bundle/`) rather than as a demo value.
 //!
 //! [`spec`] is pure: it takes the image configuration, the settings and what [`prepare`] read from the host and the
-//! image (the resolved user, the passed-through devices' numbers). [`write`] puts the result in the bundle.
+//! image (the resolved user, the passed-through devices' numbers, the kernel's architecture). [`write`] puts the
+//! result in the bundle.
+//!
+//! Hardening, each with a per-app opt-out: Docker's default capabilities less `NET_RAW` (`cap_add`), the seccomp
+//! profile of [`super::seccomp`] (`seccomp = unconfined`), and `no_new_privileges` (`allow_new_privileges`).
+//!
+//! A private user namespace (`userns = auto`) is refused, for now. Measured on Linux 6.18 with runc 1.1.5:
+//! - Over flotilla's root as it is (an overlay of layer snapshots owned by host root), a container root in its own
+//!   user namespace sees every file as nobody's and cannot write (`touch /etc/x`: permission denied); runc cannot
+//!   even make `/proc` in an image without one.
+//! - runc 1.1 cannot idmap a mount (`runc features` lists no idmap; runc 1.2 can).
+//! - Linux refuses to idmap the overlay mount itself (`mount_setattr` with `MOUNT_ATTR_IDMAP`: EINVAL), and an
+//!   overlay whose upper directory sits on an idmapped mount comes up read-only.
+//! - What works: every layer snapshot idmapped (host 0 to the container's range) as the overlay's lower layers,
+//!   over a plain upper directory owned by the range's first id; the container's root then writes as root. That
+//!   needs Linux 5.19 or newer (Raspberry Pi OS bullseye's 5.15 and Jetson's 5.10 lack it), idmapped mounts made
+//!   and removed by flotilla itself on every start, adoption and `rm`, a range kept per app for its named
+//!   volumes; and it still leaves passed-through devices and ports below 1024 on the host's network out of the
+//!   container root's reach. That is the way to build it; until then the setting is refused, not half done.
+//! - Shifting the owner of every file instead copies each one up (9 MiB Debian root: 1.3 s and 9.5 MiB, or 0.1 s
+//!   and 2.3 MiB with overlayfs `metacopy=on`), and drops setuid bits and file capabilities.
 
 use std::collections::HashSet;
 use std::io;
@@ -22,7 +42,7 @@ use oci_spec::runtime::{
 };
 
 use super::user::{self, EtcFiles, ResolvedUser, UserError};
-use crate::app::{Network, RunSettings, VolumeSource};
+use crate::app::{Network, RunSettings, SeccompMode, UsernsMode, VolumeSource};
 use crate::oci::ImageConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +64,19 @@ pub enum BundleError {
     Volume { path: PathBuf, source: io::Error },
     #[error("building the runtime configuration: {0}")]
     Spec(#[from] OciSpecError),
+    #[error("{0}")]
+    Seccomp(#[from] super::seccomp::SeccompError),
+    #[error(
+        "--cap-add {0}: this build of flotilla does not know that capability; use one of `flotilla run --help`"
+    )]
+    Capability(String),
+    #[error(
+        "userns auto: a private user namespace is not available yet. The container's root belongs to host root, \
+         which is nobody (and cannot write) inside one; runc 1.1 cannot idmap it, and flotilla does not yet idmap \
+         each image layer itself (Linux 5.19 or newer). Run the app with userns host (the default): seccomp, the \
+         reduced capabilities and no_new_privileges still hold"
+    )]
+    UserNamespace,
     #[error("writing {path}")]
     Write {
         path: PathBuf,
@@ -72,6 +105,8 @@ pub struct Resolved {
     pub user: ResolvedUser,
     /// In the order of `settings.devices`.
     pub devices: Vec<HostDevice>,
+    /// The kernel's `uname -m` (`x86_64`, `aarch64`, `armv7l`): the seccomp filter's architectures follow it.
+    pub kernel_machine: String,
 }
 
 /// A host device node, as the container gets it.
@@ -148,19 +183,28 @@ pub fn prepare(c: &Container) -> Result<Resolved, BundleError> {
                 .map_err(|source| BundleError::Volume { path, source })?;
         }
     }
-    Ok(Resolved { user, devices })
+    let kernel_machine = rustix::system::uname()
+        .machine()
+        .to_string_lossy()
+        .into_owned();
+    Ok(Resolved {
+        user,
+        devices,
+        kernel_machine,
+    })
 }
 
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// Docker's and containerd's default capabilities.
-const CAPABILITIES: [Capability; 14] = [
+/// Docker's and containerd's default capabilities, less `NET_RAW`: with the host's network (the default), a raw
+/// socket sees and forges the host's traffic. Ping needs it unless the host's `net.ipv4.ping_group_range` lets
+/// root use ping sockets; `cap_add = ["NET_RAW"]` gives it back.
+pub(super) const CAPABILITIES: [Capability; 13] = [
     Capability::Chown,
     Capability::DacOverride,
     Capability::Fsetid,
     Capability::Fowner,
     Capability::Mknod,
-    Capability::NetRaw,
     Capability::Setgid,
     Capability::Setuid,
     Capability::Setfcap,
@@ -229,8 +273,21 @@ pub fn spec(c: &Container, r: &Resolved) -> Result<Spec, BundleError> {
     if args.is_empty() {
         return Err(BundleError::NoCommand);
     }
+    if s.userns == UsernsMode::Auto {
+        return Err(BundleError::UserNamespace);
+    }
 
-    let caps: HashSet<Capability> = CAPABILITIES.into_iter().collect();
+    let mut caps: HashSet<Capability> = CAPABILITIES.into_iter().collect();
+    for name in &s.cap_add {
+        let cap = name
+            .parse::<Capability>()
+            .map_err(|_| BundleError::Capability(name.clone()))?;
+        caps.insert(cap);
+    }
+    let seccomp = match s.seccomp {
+        SeccompMode::Default => Some(super::seccomp::default_profile(&caps, &r.kernel_machine)?),
+        SeccompMode::Unconfined => None,
+    };
     let mut capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
@@ -261,7 +318,7 @@ pub fn spec(c: &Container, r: &Resolved) -> Result<Spec, BundleError> {
                 .soft(1024u64)
                 .build()?,
         ])
-        .no_new_privileges(true)
+        .no_new_privileges(!s.allow_new_privileges)
         .build()?;
 
     let mut mounts = default_mounts()?;
@@ -353,6 +410,9 @@ pub fn spec(c: &Container, r: &Resolved) -> Result<Spec, BundleError> {
         .readonly_paths(READONLY_PATHS.map(String::from).to_vec());
     if !devices.is_empty() {
         linux = linux.devices(devices);
+    }
+    if let Some(seccomp) = seccomp {
+        linux = linux.seccomp(seccomp);
     }
 
     let mut spec = SpecBuilder::default()
@@ -573,6 +633,7 @@ mod tests {
                 gid: 1000,
                 additional_gids: vec![998],
             },
+            kernel_machine: "aarch64".into(),
             devices: vec![
                 HostDevice {
                     path: "/dev/i2c-1".into(),
@@ -661,6 +722,7 @@ mod tests {
         let resolved = Resolved {
             user: ResolvedUser::ROOT,
             devices: Vec::new(),
+            kernel_machine: "x86_64".into(),
         };
         snapshot(
             "default",
@@ -674,6 +736,93 @@ mod tests {
         let settings = edge_settings();
         let spec = spec(&container(&image, &settings), &edge_resolved()).unwrap();
         snapshot("edge", &spec);
+    }
+
+    fn default_json(settings: &RunSettings) -> Result<serde_json::Value, BundleError> {
+        let image = image();
+        let resolved = Resolved {
+            user: ResolvedUser::ROOT,
+            devices: Vec::new(),
+            kernel_machine: "armv7l".into(),
+        };
+        let spec = spec(&container(&image, settings), &resolved)?;
+        Ok(serde_json::from_str(&to_json(&spec).unwrap()).unwrap())
+    }
+
+    /// The JSON pointers at which `a` and `b` differ: objects are compared key by key, anything else whole.
+    fn differences(a: &serde_json::Value, b: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+        match (a.as_object(), b.as_object()) {
+            (Some(x), Some(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let null = serde_json::Value::Null;
+                    let (l, r) = (x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null));
+                    differences(l, r, &format!("{at}/{k}"), out);
+                }
+            }
+            _ if a != b => out.push(at.to_string()),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn hardened_by_default_and_each_opt_out_changes_only_what_it_names() {
+        let base = default_json(&RunSettings::new()).unwrap();
+        for set in ["bounding", "effective", "permitted"] {
+            let caps = base["process"]["capabilities"][set].as_array().unwrap();
+            assert_eq!(caps.len(), 13, "{set}");
+            assert!(!caps.contains(&"CAP_NET_RAW".into()), "{set}");
+        }
+        assert_eq!(base["process"]["noNewPrivileges"], true);
+        let seccomp = &base["linux"]["seccomp"];
+        assert_eq!(seccomp["defaultAction"], "SCMP_ACT_ERRNO");
+        assert_eq!(seccomp["defaultErrnoRet"], 1);
+        assert_eq!(
+            seccomp["architectures"],
+            serde_json::json!(["SCMP_ARCH_ARM"])
+        );
+        let allowed = seccomp["syscalls"].to_string();
+        assert!(allowed.contains("\"_llseek\"") && allowed.contains("\"set_tls\""));
+        assert!(!allowed.contains("\"keyctl\"") && !allowed.contains("\"unshare\""));
+
+        let changed = |edit: &dyn Fn(&mut RunSettings)| {
+            let mut s = RunSettings::new();
+            edit(&mut s);
+            let mut out = Vec::new();
+            differences(&base, &default_json(&s).unwrap(), "", &mut out);
+            out
+        };
+        let caps = [
+            "/process/capabilities/bounding",
+            "/process/capabilities/effective",
+            "/process/capabilities/permitted",
+        ];
+        assert_eq!(changed(&|s| s.cap_add = vec!["NET_RAW".into()]), caps);
+        // A capability that gates syscalls opens them in the profile too.
+        let mut with_filter = vec!["/linux/seccomp/syscalls"];
+        with_filter.extend(caps);
+        assert_eq!(
+            changed(&|s| s.cap_add = vec!["SYS_PTRACE".into()]),
+            with_filter
+        );
+        assert_eq!(
+            changed(&|s| s.seccomp = SeccompMode::Unconfined),
+            ["/linux/seccomp"]
+        );
+        assert_eq!(
+            changed(&|s| s.allow_new_privileges = true),
+            ["/process/noNewPrivileges"]
+        );
+        let mut s = RunSettings::new();
+        s.userns = UsernsMode::Auto;
+        assert!(matches!(default_json(&s), Err(BundleError::UserNamespace)));
+    }
+
+    #[test]
+    fn every_capability_the_settings_take_is_one_the_runtime_knows() {
+        for name in crate::app::CAPABILITIES {
+            assert!(name.parse::<Capability>().is_ok(), "{name}");
+        }
     }
 
     #[test]
@@ -735,6 +884,7 @@ mod tests {
         let resolved = Resolved {
             user: ResolvedUser::ROOT,
             devices: Vec::new(),
+            kernel_machine: "x86_64".into(),
         };
         let e = spec(&container(&image, &settings), &resolved).unwrap_err();
         assert!(matches!(e, BundleError::NoCommand), "{e}");

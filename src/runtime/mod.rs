@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod emulation;
 pub mod fake;
 pub mod runc;
+pub mod seccomp;
 pub mod user;
 
 use std::os::fd::OwnedFd;
