@@ -7,8 +7,9 @@
 //!
 //! One column is special. `authenticate` marks a device seen (`devices.last_seen`) before the handler looks at
 //! the body, so a request from a genuine device that is then refused for its body still moves that device's
-//! `last_seen`; that is intended (the device did reach the server). To tell the two kinds of refusal apart
-//! precisely, [`Fleet::unchanged`] first sets every `last_seen` to 0, compares the dumps with that one column
+//! `last_seen`; that is intended (the device did reach the server). The server keeps `last_seen` in memory until
+//! its next flush, so [`Fleet::unchanged`] flushes it before and after the request. To tell the two kinds of
+//! refusal apart precisely, it first sets every `last_seen` to 0, compares the dumps with that one column
 //! masked, and returns the ids of the devices whose `last_seen` moved: `[]` when the refusal came before any
 //! credential was accepted, `[that device]` when it came after.
 
@@ -155,6 +156,7 @@ struct Fleet {
     base: String,
     http: reqwest::Client,
     admin: String,
+    server: std::sync::Arc<api::Server>,
 }
 
 fn bearer(token: &str) -> String {
@@ -168,6 +170,10 @@ fn now() -> u64 {
 
 impl Fleet {
     async fn start() -> Fleet {
+        Fleet::start_with(api::Limits::default()).await
+    }
+
+    async fn start_with(limits: api::Limits) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let db_path = dir.path().join("server.db");
         let db = ServerDb::open(&db_path).unwrap();
@@ -175,16 +181,17 @@ impl Fleet {
             .ensure_admin_token(now())
             .unwrap()
             .expect("a new admin token");
-        let server = api::Server::new(
+        let server = api::Server::with_limits(
             db,
             Box::new(FixedResolver),
             std::sync::Arc::new(flotilla::clock::SystemClock),
+            limits,
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         // An hour's tick: the only planning after the first is what requests cause.
         tokio::spawn(api::serve(
-            server,
+            server.clone(),
             listener,
             Duration::from_secs(3600),
             std::future::pending(),
@@ -195,6 +202,7 @@ impl Fleet {
             base,
             http: flotilla::fleet::http_client(None, Duration::from_secs(30)).unwrap(),
             admin,
+            server,
         }
     }
 
@@ -255,12 +263,14 @@ impl Fleet {
     /// Runs a request that must leave the database, bar `devices.last_seen`, exactly as it was. Returns the
     /// answer and the ids of the devices the request marked seen (see the module comment).
     async fn unchanged(&self, request: impl Future<Output = Answer>) -> (Answer, Vec<String>) {
+        self.server.flush().await.unwrap();
         let conn = Connection::open(&self.db).unwrap();
         conn.execute("UPDATE devices SET last_seen = 0", [])
             .unwrap();
         drop(conn);
         let before = dump(&self.db);
         let answer = request.await;
+        self.server.flush().await.unwrap();
         let after = dump(&self.db);
         assert_eq!(
             without_last_seen(&before),

@@ -4,6 +4,8 @@
 //! secrets that were never chosen by a person, and a lookup by hash keeps authentication one indexed query.
 //! Events are keyed by (device, event id), so a batch an agent sends again after a lost answer is taken once.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -11,7 +13,7 @@ use rand::RngCore;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest as _, Sha256};
 
-use crate::fleet::{EnrollRequest, Enrolled, Event, EventBody};
+use crate::fleet::{EnrollRequest, Enrolled, Event, EventBody, Metrics};
 
 const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires INTEGER, uses_left INTEGER);
      CREATE TABLE devices (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, credential_hash TEXT NOT NULL UNIQUE,
@@ -98,6 +100,28 @@ pub enum ServerDbError {
 pub struct ServerDb {
     pub(super) conn: Connection,
     path: PathBuf,
+    /// What devices' requests said of them since the last [`ServerDb::flush_seen`]: a heartbeat costs no write,
+    /// and a device heard from many times between two flushes is written once.
+    pub(super) seen: RefCell<HashMap<String, Seen>>,
+    stats: Cell<WriteStats>,
+}
+
+/// A device's news not yet written: when it was last heard from, and its latest metrics.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Seen {
+    pub(super) last_seen: u64,
+    pub(super) metrics: Option<Metrics>,
+}
+
+/// What the devices' traffic cost the database, since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Rows written for `last_seen` and metrics.
+    pub seen_writes: u64,
+    /// The transactions those rows took.
+    pub flushes: u64,
 }
 
 /// 256 random bits, base64url without padding.
@@ -145,6 +169,8 @@ impl ServerDb {
         let db = ServerDb {
             conn,
             path: path.to_path_buf(),
+            seen: RefCell::default(),
+            stats: Cell::default(),
         };
         db.migrate()?;
         Ok(db)
@@ -295,30 +321,131 @@ impl ServerDb {
         })
     }
 
-    /// The device a credential belongs to, unless it is revoked. Marks it seen.
+    /// The device a credential belongs to, unless it is revoked. Marks it seen, in memory until the next
+    /// [`ServerDb::flush_seen`]; the first use of a credential is written at once, since it ends the enrollment's
+    /// retries.
     pub fn authenticate(
         &self,
         credential: &str,
         now: u64,
     ) -> Result<Option<String>, ServerDbError> {
-        let id: Option<String> = self
+        let row: Option<(String, bool)> = self
             .conn
             .query_row(
-                "SELECT id FROM devices WHERE credential_hash = ?1 AND revoked = 0",
+                "SELECT id, confirmed FROM devices WHERE credential_hash = ?1 AND revoked = 0",
                 [hash_secret(credential)],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(self.err())?;
-        if let Some(id) = &id {
+        let Some((id, confirmed)) = row else {
+            return Ok(None);
+        };
+        if !confirmed {
             self.conn
                 .execute(
-                    "UPDATE devices SET last_seen = ?2, confirmed = 1 WHERE id = ?1",
+                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), confirmed = 1 WHERE id = ?1",
                     params![id, now],
                 )
                 .map_err(self.err())?;
+            self.count(|s| s.seen_writes += 1);
         }
-        Ok(id)
+        let mut seen = self.seen.borrow_mut();
+        let entry = seen.entry(id.clone()).or_default();
+        entry.last_seen = entry.last_seen.max(now);
+        Ok(Some(id))
+    }
+
+    fn count(&self, f: impl FnOnce(&mut WriteStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    pub fn write_stats(&self) -> WriteStats {
+        self.stats.get()
+    }
+
+    /// Devices whose news is not written yet.
+    pub fn unflushed(&self) -> usize {
+        self.seen.borrow().len()
+    }
+
+    /// Writes the news of up to `limit` devices in one transaction; how many devices still have news. Callers
+    /// take the lock per call, so a large fleet's flush never holds the database for long at once.
+    pub fn flush_seen(&self, limit: usize) -> Result<usize, ServerDbError> {
+        let batch: Vec<(String, Seen)> = {
+            let mut seen = self.seen.borrow_mut();
+            let ids: Vec<String> = seen.keys().take(limit).cloned().collect();
+            ids.into_iter()
+                .filter_map(|id| seen.remove_entry(&id))
+                .collect()
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.write_seen(&batch) {
+            Ok(()) => self.count(|s| {
+                s.seen_writes += batch.len() as u64;
+                s.flushes += 1;
+            }),
+            Err(e) => {
+                // Kept for the next flush, under what arrived meanwhile.
+                let mut seen = self.seen.borrow_mut();
+                for (id, old) in batch {
+                    let entry = seen.entry(id).or_default();
+                    entry.last_seen = entry.last_seen.max(old.last_seen);
+                    if entry.metrics.is_none() {
+                        entry.metrics = old.metrics;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(self.seen.borrow().len())
+    }
+
+    fn write_seen(&self, batch: &[(String, Seen)]) -> Result<(), ServerDbError> {
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), metrics = COALESCE(?3, metrics)
+                     WHERE id = ?1",
+                )
+                .map_err(self.err())?;
+            for (id, news) in batch {
+                let metrics = news.metrics.as_ref().map(to_json).transpose()?;
+                st.execute(params![id, news.last_seen, metrics])
+                    .map_err(self.err())?;
+            }
+        }
+        tx.commit().map_err(self.err())
+    }
+
+    /// Whether `token` is an enrollment token this server made, usable or not: a request with anything else is
+    /// refused before its body is read.
+    pub fn token_known(&self, token: &str) -> Result<bool, ServerDbError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE hash = ?1)",
+                [hash_secret(token)],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// Deletes up to `limit` events received before `before` (seconds since the epoch); how many it deleted.
+    /// Events are history: what the server acts on (a device's platform, app status, update reports) lives in its
+    /// own tables. A batch replayed after its events were pruned would be taken again, which needs an agent that
+    /// kept an acknowledged event for longer than the retention.
+    pub fn prune_events(&self, before: u64, limit: usize) -> Result<usize, ServerDbError> {
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE received < ?1 LIMIT ?2)",
+                params![before.min(i64::MAX as u64), limit.min(i64::MAX as usize) as i64],
+            )
+            .map_err(self.err())
     }
 
     pub fn revoke(&self, device_id: &str) -> Result<bool, ServerDbError> {
@@ -336,16 +463,26 @@ impl ServerDb {
         events: &[Event],
         now: u64,
     ) -> Result<Vec<String>, ServerDbError> {
-        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        // Heartbeats only refresh the device's metrics, in memory until the next flush; the last one wins.
+        let mut rest = Vec::with_capacity(events.len());
         for e in events {
-            if let EventBody::Heartbeat(m) = &e.body {
-                tx.execute(
-                    "UPDATE devices SET metrics = ?2 WHERE id = ?1",
-                    params![device_id, to_json(m)?],
-                )
-                .map_err(self.err())?;
-                continue;
+            match &e.body {
+                EventBody::Heartbeat(m) => {
+                    self.count(|s| s.heartbeats += 1);
+                    self.seen
+                        .borrow_mut()
+                        .entry(device_id.to_string())
+                        .or_default()
+                        .metrics = Some(m.clone());
+                }
+                _ => rest.push(e),
             }
+        }
+        if rest.is_empty() {
+            return Ok(events.iter().map(|e| e.id.clone()).collect());
+        }
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for e in rest {
             let body = to_json(&e.body)?;
             let fresh = tx
                 .execute(
@@ -358,6 +495,7 @@ impl ServerDb {
                 continue;
             }
             match &e.body {
+                // Taken above.
                 EventBody::Heartbeat(_) => {}
                 EventBody::Platform(p) => {
                     tx.execute(

@@ -4,5 +4,7 @@
 pub mod api;
 pub mod cli;
 pub mod db;
+mod http;
 pub mod model;
+pub mod ratelimit;
 pub mod tls;
