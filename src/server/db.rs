@@ -366,11 +366,6 @@ impl ServerDb {
         self.stats.get()
     }
 
-    /// Devices whose news is not written yet.
-    pub fn unflushed(&self) -> usize {
-        self.seen.borrow().len()
-    }
-
     /// Writes the news of up to `limit` devices in one transaction; how many devices still have news. Callers
     /// take the lock per call, so a large fleet's flush never holds the database for long at once.
     pub fn flush_seen(&self, limit: usize) -> Result<usize, ServerDbError> {
