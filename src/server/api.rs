@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use super::db::{ServerDb, ServerDbError, WriteStats, hash_secret};
+use super::db::{NewsWriter, ServerDb, ServerDbError, WriteStats, hash_secret};
 use super::model::{
     AppRequest, Control, ReleaseRequest, RolloutRequest, TokenCreated, TokenRequest,
 };
@@ -124,9 +124,9 @@ impl Default for Limits {
 /// How often old events are looked for.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
-/// Rows per transaction when flushing and pruning: a flush of 10,000 devices takes the lock in slices of a few
-/// milliseconds, so requests interleave with it.
-const WRITE_SLICE: usize = 500;
+/// Rows per transaction when flushing and pruning: a write made on the main connection (an event) waits for at
+/// most one slice, and a prune holds the lock for one slice at a time.
+const WRITE_SLICE: usize = 200;
 
 pub struct Server {
     db: Mutex<ServerDb>,
@@ -136,6 +136,8 @@ pub struct Server {
     clock: Arc<dyn Clock>,
     limits: Limits,
     rates: Mutex<RateLimiter>,
+    /// Opened at the first flush.
+    news: Mutex<Option<NewsWriter>>,
 }
 
 /// A refusal: its status and a message for the caller.
@@ -226,13 +228,54 @@ impl Server {
             clock,
             limits,
             rates: Mutex::new(RateLimiter::new(limits.rate)),
+            news: Mutex::new(None),
         })
     }
 
-    /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice at a time.
+    /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice per transaction, on
+    /// a connection of its own: the lock is taken only to hand the slice over, so requests go on meanwhile. A
+    /// device whose slice is being written shows its older `last_seen` for those milliseconds.
     pub async fn flush(self: &Arc<Self>) -> Result<(), ApiError> {
-        while self.with_db(|db| db.flush_seen(WRITE_SLICE)).await? > 0 {}
-        Ok(())
+        loop {
+            let batch = self.with_db(|db| Ok(db.take_news(WRITE_SLICE))).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let me = self.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut news = me.news.lock().unwrap_or_else(|e| e.into_inner());
+                let result = match news.as_mut() {
+                    Some(w) => w.write(&batch),
+                    None => me
+                        .db
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .news_writer()
+                        .and_then(|w| news.insert(w).write(&batch)),
+                };
+                (result, batch)
+            })
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            match written {
+                (Ok(()), batch) => {
+                    let rows = batch.len();
+                    self.with_db(move |db| {
+                        db.count_flush(rows);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                (Err(e), batch) => {
+                    self.with_db(move |db| {
+                        db.restore_news(batch);
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(e.into());
+                }
+            }
+        }
     }
 
     /// What the devices' traffic has cost the database so far.

@@ -124,6 +124,57 @@ pub struct WriteStats {
     pub flushes: u64,
 }
 
+fn open_connection(path: &Path) -> Result<Connection, ServerDbError> {
+    let err = |source| ServerDbError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(err)?;
+    // FULL: a report batch is acknowledged once its transaction commits, and the agent then deletes those
+    // events. Under NORMAL a power cut could lose the last commits of the WAL after the acknowledgement had
+    // gone out, and the events with them: nobody would send them again.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(err)?;
+    Ok(conn)
+}
+
+/// Writes devices' news (`last_seen`, metrics) on a connection of its own, so that the server's lock is not held
+/// meanwhile: under WAL the requests' reads go on while it writes, and only another write waits for it.
+pub struct NewsWriter {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl NewsWriter {
+    pub(super) fn write(&mut self, batch: &[(String, Seen)]) -> Result<(), ServerDbError> {
+        let err = |source| ServerDbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), metrics = COALESCE(?3, metrics)
+                     WHERE id = ?1",
+                )
+                .map_err(err)?;
+            for (id, news) in batch {
+                let metrics = news.metrics.as_ref().map(to_json).transpose()?;
+                st.execute(params![id, news.last_seen, metrics])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+}
+
 /// 256 random bits, base64url without padding.
 pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];
@@ -150,22 +201,7 @@ pub fn hash_secret(secret: &str) -> String {
 
 impl ServerDb {
     pub fn open(path: &Path) -> Result<ServerDb, ServerDbError> {
-        let err = |source| ServerDbError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(err)?;
-        // FULL: a report batch is acknowledged once its transaction commits, and the agent then deletes those
-        // events. Under NORMAL a power cut could lose the last commits of the WAL after the acknowledgement had
-        // gone out, and the events with them: nobody would send them again.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        let conn = open_connection(path)?;
         let db = ServerDb {
             conn,
             path: path.to_path_buf(),
@@ -366,56 +402,41 @@ impl ServerDb {
         self.stats.get()
     }
 
-    /// Writes the news of up to `limit` devices in one transaction; how many devices still have news. Callers
-    /// take the lock per call, so a large fleet's flush never holds the database for long at once.
-    pub fn flush_seen(&self, limit: usize) -> Result<usize, ServerDbError> {
-        let batch: Vec<(String, Seen)> = {
-            let mut seen = self.seen.borrow_mut();
-            let ids: Vec<String> = seen.keys().take(limit).cloned().collect();
-            ids.into_iter()
-                .filter_map(|id| seen.remove_entry(&id))
-                .collect()
-        };
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        match self.write_seen(&batch) {
-            Ok(()) => self.count(|s| {
-                s.seen_writes += batch.len() as u64;
-                s.flushes += 1;
-            }),
-            Err(e) => {
-                // Kept for the next flush, under what arrived meanwhile.
-                let mut seen = self.seen.borrow_mut();
-                for (id, old) in batch {
-                    let entry = seen.entry(id).or_default();
-                    entry.last_seen = entry.last_seen.max(old.last_seen);
-                    if entry.metrics.is_none() {
-                        entry.metrics = old.metrics;
-                    }
-                }
-                return Err(e);
-            }
-        }
-        Ok(self.seen.borrow().len())
+    /// Takes the news of up to `limit` devices out of memory, for a [`NewsWriter`].
+    pub(super) fn take_news(&self, limit: usize) -> Vec<(String, Seen)> {
+        let mut seen = self.seen.borrow_mut();
+        let ids: Vec<String> = seen.keys().take(limit).cloned().collect();
+        ids.into_iter()
+            .filter_map(|id| seen.remove_entry(&id))
+            .collect()
     }
 
-    fn write_seen(&self, batch: &[(String, Seen)]) -> Result<(), ServerDbError> {
-        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
-        {
-            let mut st = tx
-                .prepare_cached(
-                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), metrics = COALESCE(?3, metrics)
-                     WHERE id = ?1",
-                )
-                .map_err(self.err())?;
-            for (id, news) in batch {
-                let metrics = news.metrics.as_ref().map(to_json).transpose()?;
-                st.execute(params![id, news.last_seen, metrics])
-                    .map_err(self.err())?;
+    /// Puts back news a [`NewsWriter`] could not write, under what arrived meanwhile, for the next flush.
+    pub(super) fn restore_news(&self, batch: Vec<(String, Seen)>) {
+        let mut seen = self.seen.borrow_mut();
+        for (id, old) in batch {
+            let entry = seen.entry(id).or_default();
+            entry.last_seen = entry.last_seen.max(old.last_seen);
+            if entry.metrics.is_none() {
+                entry.metrics = old.metrics;
             }
         }
-        tx.commit().map_err(self.err())
+    }
+
+    pub(super) fn count_flush(&self, rows: usize) {
+        self.count(|s| {
+            s.seen_writes += rows as u64;
+            s.flushes += 1;
+        });
+    }
+
+    /// A second connection to this database for writing the devices' news.
+    pub(super) fn news_writer(&self) -> Result<NewsWriter, ServerDbError> {
+        let conn = open_connection(&self.path)?;
+        Ok(NewsWriter {
+            conn,
+            path: self.path.clone(),
+        })
     }
 
     /// Whether `token` is an enrollment token this server made, usable or not: a request with anything else is
