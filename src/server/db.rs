@@ -100,17 +100,19 @@ pub enum ServerDbError {
 pub struct ServerDb {
     pub(super) conn: Connection,
     path: PathBuf,
-    /// What devices' requests said of them since the last [`ServerDb::flush_seen`]: a heartbeat costs no write,
+    /// What devices' requests said of them since the last flush (`api::Server::flush`): a heartbeat costs no write,
     /// and a device heard from many times between two flushes is written once.
     pub(super) seen: RefCell<HashMap<String, Seen>>,
     stats: Cell<WriteStats>,
 }
 
-/// A device's news not yet written: when it was last heard from, and its latest metrics.
+/// A device's news not yet written: when it was last heard from, its latest metrics, and whether it has used its
+/// credential for the first time (which ends its enrollment's retries; [`ServerDb::enroll`] looks here too).
 #[derive(Debug, Clone, Default)]
 pub(super) struct Seen {
     pub(super) last_seen: u64,
     pub(super) metrics: Option<Metrics>,
+    pub(super) confirmed: bool,
 }
 
 /// What the devices' traffic cost the database, since the server started.
@@ -161,13 +163,13 @@ impl NewsWriter {
         {
             let mut st = tx
                 .prepare_cached(
-                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), metrics = COALESCE(?3, metrics)
-                     WHERE id = ?1",
+                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), metrics = COALESCE(?3, metrics),
+                     confirmed = MAX(confirmed, ?4) WHERE id = ?1",
                 )
                 .map_err(err)?;
             for (id, news) in batch {
                 let metrics = news.metrics.as_ref().map(to_json).transpose()?;
-                st.execute(params![id, news.last_seen, metrics])
+                st.execute(params![id, news.last_seen, metrics, news.confirmed])
                     .map_err(err)?;
             }
         }
@@ -279,6 +281,9 @@ impl ServerDb {
                 if revoked {
                     return Err(ServerDbError::EnrollmentRevoked(name));
                 }
+                // A first use not flushed yet counts as much as a written one.
+                let confirmed =
+                    confirmed || self.seen.borrow().get(&id).is_some_and(|n| n.confirmed);
                 if confirmed || name != req.name {
                     return Err(ServerDbError::EnrolledAlready(name));
                 }
@@ -357,9 +362,8 @@ impl ServerDb {
         })
     }
 
-    /// The device a credential belongs to, unless it is revoked. Marks it seen, in memory until the next
-    /// [`ServerDb::flush_seen`]; the first use of a credential is written at once, since it ends the enrollment's
-    /// retries.
+    /// The device a credential belongs to, unless it is revoked. Marks it seen (and its credential used), in
+    /// memory until the next flush: no request of a known device writes here.
     pub fn authenticate(
         &self,
         credential: &str,
@@ -377,18 +381,10 @@ impl ServerDb {
         let Some((id, confirmed)) = row else {
             return Ok(None);
         };
-        if !confirmed {
-            self.conn
-                .execute(
-                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), confirmed = 1 WHERE id = ?1",
-                    params![id, now],
-                )
-                .map_err(self.err())?;
-            self.count(|s| s.seen_writes += 1);
-        }
         let mut seen = self.seen.borrow_mut();
         let entry = seen.entry(id.clone()).or_default();
         entry.last_seen = entry.last_seen.max(now);
+        entry.confirmed |= !confirmed;
         Ok(Some(id))
     }
 
@@ -417,6 +413,7 @@ impl ServerDb {
         for (id, old) in batch {
             let entry = seen.entry(id).or_default();
             entry.last_seen = entry.last_seen.max(old.last_seen);
+            entry.confirmed |= old.confirmed;
             if entry.metrics.is_none() {
                 entry.metrics = old.metrics;
             }
