@@ -1656,3 +1656,28 @@ async fn events_older_than_the_retention_are_pruned() {
         vec![(dev.device_id.clone(), "e3".to_string())]
     );
 }
+
+/// A device that sends its body slowly (10 bytes of 100, then nothing) gets 408 at the request timeout (1 s
+/// here), not a connection held for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_stalls_gets_408_at_the_request_timeout() {
+    let f = Fleet::start_with(api::Limits {
+        request_timeout: Duration::from_secs(1),
+        ..api::Limits::default()
+    })
+    .await;
+    let token = f.token(json!({})).await;
+    let dev = f.enroll(&token, "a", "north").await;
+    let head = format!(
+        "POST /v1/device/reports HTTP/1.1\r\nHost: fleet\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+        dev.credential
+    );
+    let (line, took) = raw_exchange(&f.base, &head, b"{\"events\":", Duration::from_secs(5))
+        .await
+        .expect("an answer within 5 s");
+    assert!(line.starts_with("HTTP/1.1 408"), "{line}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
