@@ -1,7 +1,8 @@
 //! The agent's side of the fleet protocol: enroll once, long-poll the desired state with its ETag, and deliver
 //! the outbox. Every call is bounded by a timeout; failures are the caller's to retry (the loop does, with jitter).
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::{StatusCode, header};
 use serde::Serialize;
@@ -19,6 +20,14 @@ pub enum LinkError {
         status: u16,
         message: String,
     },
+    #[error(
+        "the fleet server asked this device to slow down ({what}); its next request waits {} s",
+        .retry_after.as_secs_f64().ceil()
+    )]
+    RateLimited {
+        what: &'static str,
+        retry_after: Duration,
+    },
     #[error("the fleet server's answer to {what} does not read: {message}")]
     Garbled { what: &'static str, message: String },
     #[error(transparent)]
@@ -35,6 +44,14 @@ impl LinkError {
     /// The server no longer knows this credential: enroll again.
     pub fn is_unauthorized(&self) -> bool {
         matches!(self, LinkError::Refused { status: 401, .. })
+    }
+
+    /// How long the server asked this device to wait before its next request.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LinkError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// The server read the request and refused what it carried (400, 413, 422): sending the same again fails
@@ -103,10 +120,18 @@ pub enum Fetched {
     Unchanged,
 }
 
+/// A server's `Retry-After` is honoured up to this: a server asking for an hour should not silence a device.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// The wait after a 429 that named none.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Link {
     http: reqwest::Client,
     base: String,
+    /// No request leaves before this, once the server answered 429: shared by every clone (the long poll's too).
+    not_before: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Link {
@@ -127,6 +152,7 @@ impl Link {
         Ok(Link {
             http: crate::fleet::http_client(ca_bundle, long_poll + Duration::from_secs(30))?,
             base: server.trim_end_matches('/').to_string(),
+            not_before: Arc::default(),
         })
     }
 
@@ -149,9 +175,29 @@ impl Link {
             url: self.base.clone(),
             message: crate::error_chain(&e),
         };
+        let now = Instant::now();
+        let hold = *self.not_before.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(until) = hold.filter(|u| *u > now) {
+            return Err(LinkError::RateLimited {
+                what,
+                retry_after: until - now,
+            });
+        }
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let headers = resp.headers().clone();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            let retry_after = headers
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| crate::registry::retry::parse_retry_after(v, SystemTime::now()))
+                .unwrap_or(DEFAULT_RETRY_AFTER)
+                .min(MAX_RETRY_AFTER);
+            let until = Instant::now() + retry_after;
+            let mut hold = self.not_before.lock().unwrap_or_else(|e| e.into_inner());
+            *hold = Some(hold.map_or(until, |h| h.max(until)));
+            return Err(LinkError::RateLimited { what, retry_after });
+        }
         if status == StatusCode::NOT_MODIFIED {
             return Ok((status, None, headers));
         }
@@ -295,5 +341,75 @@ mod tests {
         }
         let e = transport("http://10.0.2.100:8470", false).unwrap_err();
         assert!(e.to_string().contains("insecure = true"), "{e}");
+    }
+
+    /// A loopback HTTP server that answers its first request 429 with `Retry-After: 1`, the others 200 with an
+    /// empty acceptance; it counts the requests it got.
+    async fn server_that_limits() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let count = Arc::new(AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let length: usize = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; length];
+                let _ = conn.read_exact(&mut body).await;
+                let answer = if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                    "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 11\r\n\r\n{\"error\":1}"
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 15\r\n\r\n{\"accepted\":[]}"
+                };
+                let _ = conn.write_all(answer.as_bytes()).await;
+            }
+        });
+        (url, count)
+    }
+
+    #[tokio::test]
+    async fn after_a_429_no_request_leaves_before_its_retry_after() {
+        use std::sync::atomic::Ordering;
+        let (url, count) = server_that_limits().await;
+        let link = Link::new(&url, None, Duration::from_secs(1), false).unwrap();
+        let e = link.report("cred", Vec::new()).await.unwrap_err();
+        let wait = e.retry_after().expect("rate limited");
+        assert!(
+            wait <= Duration::from_secs(1) && wait > Duration::from_millis(900),
+            "{wait:?}"
+        );
+        assert!(!e.is_refused_content() && !e.is_unauthorized());
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+        // Every clone (the long poll's) holds back too, and nothing reaches the server meanwhile.
+        let e = link
+            .clone()
+            .desired("cred", None, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(e.retry_after().is_some_and(|w| w <= wait), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "sent during Retry-After");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            link.report("cred", Vec::new()).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }

@@ -670,7 +670,11 @@ impl Agent {
                     } else {
                         tracing::warn!("{}", crate::error_chain(&e));
                     }
-                    retry_at = clock.instant() + self.jitter(backoff);
+                    // A server that asked for a pause gets at least that.
+                    retry_at = clock.instant()
+                        + self
+                            .jitter(backoff)
+                            .max(e.retry_after().unwrap_or_default());
                     backoff =
                         (backoff * 2).min(self.fleet.poll_interval.max(Duration::from_secs(1)));
                 }
@@ -682,6 +686,11 @@ impl Agent {
             if let Some(cred) = &credential {
                 if let Err(e) = self.flush(cred).await {
                     tracing::warn!("reports stay queued: {}", crate::error_chain(&e));
+                    if let AgentError::Link(l) = &e {
+                        if let Some(wait) = l.retry_after() {
+                            retry_at = retry_at.max(clock.instant() + wait);
+                        }
+                    }
                 }
             }
         }

@@ -2,17 +2,24 @@
 //!
 //! Devices authenticate with their credential and only ever see routes about themselves (`/v1/device/...`): the
 //! device is whoever the credential says, so no request can name another one. Operators use an admin token.
+//! Every request passes [`guard`] before anything reads its body: a bad or missing credential is refused with 401
+//! at once, each credential's rate is limited (429 with `Retry-After`), and the whole request is bounded in time.
+//!
 //! SQLite work runs on the blocking pool behind one mutex: the database serialises writers anyway, and this keeps
-//! the async workers free for the long polls.
+//! the async workers free for the long polls. The lock is held only for the database work itself, never while a
+//! request waits on the network (a body, a registry, a long poll). Heartbeats and `last_seen` are kept in memory
+//! and written every `flush_interval`, a device at most once per flush.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -20,11 +27,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use super::db::{ServerDb, ServerDbError};
+use super::db::{NewsWriter, ServerDb, ServerDbError, WriteStats, hash_secret};
 use super::model::{
     AppRequest, Control, MAX_TOKEN_TTL_SECS, ReleaseRequest, RolloutRequest, TagsRequest,
     TokenRequest,
 };
+use super::ratelimit::{Rate, RateLimiter};
 use crate::fleet::{Accepted, EnrollRequest, EventBody, MAX_BODY_BYTES, ReportBatch};
 
 /// Every route, as `METHOD /path`, for the OpenAPI check.
@@ -80,12 +88,60 @@ pub struct Resolved {
     pub manifests: std::collections::BTreeMap<String, String>,
 }
 
+/// What the server allows each connection and credential, and how often it writes what it keeps in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From a request's first byte to the end of its head.
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request begun is closed after this: above the agent's heartbeat interval.
+    pub idle_timeout: Duration,
+    /// A whole request, its body included; a long poll may take its wait on top.
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    /// Per device credential and per admin token.
+    pub rate: Rate,
+    /// How often `last_seen` and heartbeat metrics are written.
+    pub flush_interval: Duration,
+    /// Events received longer ago are pruned.
+    pub event_retention: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
+            // 10,000 devices each with a report connection and a held long poll.
+            max_connections: 20_000,
+            // An agent makes a request every few seconds; an operator's script may do more in bursts.
+            rate: Rate {
+                per_second: 20.0,
+                burst: 200,
+            },
+            flush_interval: Duration::from_secs(5),
+            event_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// How often old events are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Rows per transaction when flushing and pruning: a write made on the main connection (an event) waits for at
+/// most one slice, and a prune holds the lock for one slice at a time.
+const WRITE_SLICE: usize = 200;
+
 pub struct Server {
     db: Mutex<ServerDb>,
     resolver: Box<dyn Resolver>,
     /// Bumped whenever a device's desired state may have changed, to wake its long poll.
     desired_version: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
+    limits: Limits,
+    rates: Mutex<RateLimiter>,
+    /// Opened at the first flush.
+    news: Mutex<Option<NewsWriter>>,
 }
 
 /// A refusal: its status and a message for the caller.
@@ -165,6 +221,14 @@ fn bad_query(e: QueryRejection) -> ApiError {
     ApiError(e.status(), e.body_text())
 }
 
+fn enrollment_needs_token() -> ApiError {
+    ApiError(
+        StatusCode::UNAUTHORIZED,
+        "enrollment needs a token (Authorization: Bearer ...); create one with flotilla-server token create"
+            .into(),
+    )
+}
+
 fn unauthorized() -> ApiError {
     ApiError(
         StatusCode::UNAUTHORIZED,
@@ -182,12 +246,117 @@ type Shared = Arc<Server>;
 
 impl Server {
     pub fn new(db: ServerDb, resolver: Box<dyn Resolver>, clock: Arc<dyn Clock>) -> Shared {
+        Server::with_limits(db, resolver, clock, Limits::default())
+    }
+
+    pub fn with_limits(
+        db: ServerDb,
+        resolver: Box<dyn Resolver>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+    ) -> Shared {
         Arc::new(Server {
             db: Mutex::new(db),
             resolver,
             desired_version: watch::channel(0).0,
             clock,
+            limits,
+            rates: Mutex::new(RateLimiter::new(limits.rate)),
+            news: Mutex::new(None),
         })
+    }
+
+    /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice per transaction, on
+    /// a connection of its own: the lock is taken only to hand the slice over, so requests go on meanwhile. A
+    /// device whose slice is being written shows its older `last_seen` for those milliseconds.
+    pub async fn flush(self: &Arc<Self>) -> Result<(), ApiError> {
+        loop {
+            let batch = self.with_db(|db| Ok(db.take_news(WRITE_SLICE))).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let me = self.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut news = me.news.lock().unwrap_or_else(|e| e.into_inner());
+                let result = match news.as_mut() {
+                    Some(w) => w.write(&batch),
+                    None => me
+                        .db
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .news_writer()
+                        .and_then(|w| news.insert(w).write(&batch)),
+                };
+                (result, batch)
+            })
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            match written {
+                (Ok(()), batch) => {
+                    let rows = batch.len();
+                    self.with_db(move |db| {
+                        db.count_flush(rows);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                (Err(e), batch) => {
+                    self.with_db(move |db| {
+                        db.restore_news(batch);
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// What the devices' traffic has cost the database so far.
+    pub async fn write_stats(self: &Arc<Self>) -> Result<WriteStats, ApiError> {
+        self.with_db(|db| Ok(db.write_stats())).await
+    }
+
+    /// Deletes the events older than the retention, a slice at a time; how many.
+    pub async fn prune_events(self: &Arc<Self>) -> Result<usize, ApiError> {
+        let before = self
+            .now()
+            .saturating_sub(self.limits.event_retention.as_secs());
+        let mut pruned = 0;
+        loop {
+            let n = self
+                .with_db(move |db| db.prune_events(before, WRITE_SLICE))
+                .await?;
+            pruned += n;
+            if n < WRITE_SLICE {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Takes one request from `key`'s bucket, or says how long until there is one.
+    fn throttle(&self, key: &str) -> Result<(), Duration> {
+        self.rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(key, Instant::now())
+    }
+
+    /// 429, with `Retry-After` in whole seconds rounded up: a client that waits what it is told finds a request
+    /// in its bucket.
+    fn too_many(&self, wait: Duration) -> Response {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        let mut resp = ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many requests with this credential (at most {}/s, {} at once); retry after {secs} s",
+                self.limits.rate.per_second, self.limits.rate.burst
+            ),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp
     }
 
     /// The server's clock in seconds: soaks, timeouts and `last_seen` count by it, never by a device's.
@@ -234,11 +403,97 @@ impl Server {
     /// Re-plans the rollouts, and wakes the long polls when a desired state changed: waking 10,000 held polls
     /// on every tick queued their database work ahead of the heartbeats (p99 200 ms instead of 2 ms).
     pub async fn drive(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.drive_apps(None).await
+    }
+
+    /// As [`Server::drive`], for the rollouts of `apps` only (every rollout with `None`).
+    async fn drive_apps(self: &Arc<Self>, apps: Option<BTreeSet<String>>) -> Result<(), ApiError> {
         let now = self.now();
-        if self.with_db(move |db| db.drive(now)).await? {
+        if self
+            .with_db(move |db| db.drive_apps(now, apps.as_ref()))
+            .await?
+        {
             self.desired_version.send_modify(|v| *v += 1);
         }
         Ok(())
+    }
+}
+
+/// The device a request's credential belongs to, as [`guard`] found it.
+#[derive(Clone)]
+struct Device(String);
+
+/// Who may call a route: decided by its path alone, before anything is read.
+enum Caller {
+    Enrollment,
+    Device,
+    Admin,
+}
+
+fn caller_of(path: &str) -> Caller {
+    if path == "/v1/enroll" {
+        Caller::Enrollment
+    } else if path.starts_with("/v1/device/") {
+        Caller::Device
+    } else {
+        Caller::Admin
+    }
+}
+
+/// Runs before every route's handler, so before its body is read: the credential is checked (401 for a bad or
+/// missing one), its rate limited (429), and the whole request, body included, bounded by the request timeout.
+async fn guard(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    let caller = caller_of(req.uri().path());
+    let limit = match caller {
+        // The long poll's hold comes on top of the request's own time.
+        Caller::Device if req.uri().path() == "/v1/device/desired" => {
+            s.limits.request_timeout + MAX_WAIT
+        }
+        _ => s.limits.request_timeout,
+    };
+    let run = async {
+        let token = bearer(req.headers());
+        let key = match caller {
+            Caller::Enrollment => {
+                // The token's own checks (expiry, uses, a retried enrollment) need the body; a token this server
+                // never made needs nothing more to be refused.
+                let token = token.ok_or_else(enrollment_needs_token)?;
+                if !s.with_db(move |db| db.token_known(&token)).await? {
+                    return Err(ApiError::from(ServerDbError::BadToken).into_response());
+                }
+                None
+            }
+            Caller::Device => {
+                let id = s.device(req.headers()).await?;
+                req.extensions_mut().insert(Device(id.clone()));
+                Some(format!("device {id}"))
+            }
+            Caller::Admin => {
+                s.admin(req.headers()).await?;
+                token.map(|t| format!("admin {}", hash_secret(&t)))
+            }
+        };
+        if let Some(key) = key {
+            s.throttle(&key).map_err(|wait| s.too_many(wait))?;
+        }
+        Ok::<_, Response>(next.run(req).await)
+    };
+    match tokio::time::timeout(limit, run).await {
+        Ok(Ok(resp) | Err(resp)) => resp,
+        Err(_) => ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request was not complete within {} s; send it again without pausing",
+                limit.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+impl From<ApiError> for Response {
+    fn from(e: ApiError) -> Response {
+        e.into_response()
     }
 }
 
@@ -258,6 +513,7 @@ pub fn router(server: Shared) -> Router {
         .route("/v1/rollouts", get(rollouts).post(create_rollout))
         .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/rollouts/{id}/{action}", post(control_rollout))
+        .route_layer(axum::middleware::from_fn_with_state(server.clone(), guard))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(server)
 }
@@ -267,13 +523,7 @@ async fn enroll(
     headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let token = bearer(&headers).ok_or_else(|| {
-        ApiError(
-            StatusCode::UNAUTHORIZED,
-            "enrollment needs a token (Authorization: Bearer ...); create one with flotilla-server token create"
-                .into(),
-        )
-    })?;
+    let token = bearer(&headers).ok_or_else(enrollment_needs_token)?;
     let req: EnrollRequest = strict(body)?;
     super::model::check_field("name", "device name", &req.name)?;
     if let Some(id) = &req.enrollment_id {
@@ -305,10 +555,10 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 
 async fn desired(
     State(s): State<Shared>,
+    Extension(Device(device)): Extension<Device>,
     headers: HeaderMap,
     query: Result<Query<WaitQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let device = s.device(&headers).await?;
     let Query(q) = query.map_err(bad_query)?;
     let known = headers
         .get(header::IF_NONE_MATCH)
@@ -351,10 +601,9 @@ async fn desired(
 
 async fn reports(
     State(s): State<Shared>,
-    headers: HeaderMap,
+    Extension(Device(device)): Extension<Device>,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
-    let device = s.device(&headers).await?;
     let batch: ReportBatch = strict(body)?;
     if batch.events.len() > 1000 {
         return Err(ApiError(
@@ -386,16 +635,21 @@ async fn reports(
             .into());
         }
     }
-    let replans = batch
+    // An update report moves only the rollouts of its app.
+    let apps: BTreeSet<String> = batch
         .events
         .iter()
-        .any(|e| matches!(e.body, EventBody::Update { .. }));
+        .filter_map(|e| match &e.body {
+            EventBody::Update { app, .. } => Some(app.clone()),
+            _ => None,
+        })
+        .collect();
     let now = s.now();
     let accepted = s
         .with_db(move |db| db.record(&device, &batch.events, now))
         .await?;
-    if replans {
-        s.drive().await?;
+    if !apps.is_empty() {
+        s.drive_apps(Some(apps)).await?;
     }
     Ok(Json(Accepted { accepted }))
 }
@@ -481,20 +735,14 @@ async fn device_tags(
     Ok(Json(device))
 }
 
-async fn devices(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
+async fn devices(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.with_db(|db| db.devices()).await?))
 }
 
 async fn revoke(
     State(s): State<Shared>,
-    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let Path(name) = path.map_err(bad_path)?;
     let done = s
         .with_db(move |db| {
@@ -510,47 +758,36 @@ async fn revoke(
     Ok(Json(serde_json::json!({ "revoked": done })))
 }
 
-async fn apps(State(s): State<Shared>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
+async fn apps(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.with_db(|db| db.apps()).await?))
 }
 
 async fn create_app(
     State(s): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let req: AppRequest = strict(body)?;
     let now = s.now();
     let app = s.with_db(move |db| db.create_app(&req, now)).await?;
     Ok((StatusCode::CREATED, Json(app)))
 }
 
-async fn releases(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
+async fn releases(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.with_db(|db| db.releases(None)).await?))
 }
 
 async fn release(
     State(s): State<Shared>,
-    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let Path(id) = path.map_err(bad_path)?;
     Ok(Json(s.with_db(move |db| db.release(&id)).await?))
 }
 
 async fn create_release(
     State(s): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let req: ReleaseRequest = strict(body)?;
     let app = req.app.clone();
     if !s
@@ -580,11 +817,7 @@ async fn create_release(
     Ok((StatusCode::CREATED, Json(r)))
 }
 
-async fn rollouts(
-    State(s): State<Shared>,
-    headers: HeaderMap,
-) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
+async fn rollouts(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(s.with_db(|db| db.rollouts(None)).await?))
 }
 
@@ -603,10 +836,8 @@ fn rollout_id(id: &str) -> Result<u64, ApiError> {
 
 async fn rollout(
     State(s): State<Shared>,
-    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let Path(id) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     Ok(Json(s.with_db(move |db| db.rollout(id)).await?))
@@ -614,10 +845,8 @@ async fn rollout(
 
 async fn create_rollout(
     State(s): State<Shared>,
-    headers: HeaderMap,
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let req: RolloutRequest = strict(body)?;
     let now = s.now();
     let r = s.with_db(move |db| db.create_rollout(&req, now)).await?;
@@ -627,10 +856,8 @@ async fn create_rollout(
 
 async fn control_rollout(
     State(s): State<Shared>,
-    headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.admin(&headers).await?;
     let Path((id, action)) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     let control = match action.as_str() {
@@ -653,29 +880,57 @@ async fn control_rollout(
 }
 
 /// Serves the API on `listener` (plain TCP, or [`super::tls::TlsListener`]) until `shutdown` resolves; re-plans the
-/// rollouts every `tick` (soak timers).
+/// rollouts every `tick` (soak timers), writes what devices said every flush interval, and prunes old events.
+/// What is still in memory at the end is written before it returns.
 pub async fn serve<L: axum::serve::Listener>(
     server: Shared,
     listener: L,
     tick: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()>
-where
-    L::Addr: std::fmt::Debug,
-{
-    let ticker = server.clone();
-    let ticking = tokio::spawn(async move {
-        let mut every = tokio::time::interval(tick);
-        loop {
-            every.tick().await;
-            if let Err(e) = ticker.drive().await {
-                tracing::warn!("planning the rollouts failed: {}", e.1);
+) -> std::io::Result<()> {
+    let chores = tokio::spawn(chores(server.clone(), tick));
+    let limits = super::http::ConnLimits {
+        header_timeout: server.limits.header_timeout,
+        idle_timeout: server.limits.idle_timeout,
+        max_connections: server.limits.max_connections,
+    };
+    super::http::serve_connections(listener, router(server.clone()), limits, shutdown).await;
+    chores.abort();
+    server.flush().await.map_err(|e| {
+        std::io::Error::other(format!("writing last_seen and metrics failed: {}", e.1))
+    })
+}
+
+/// The server's timed work, each on its own schedule; a failure is logged and tried again next time.
+async fn chores(server: Shared, tick: Duration) {
+    let mut plan = tokio::time::interval(tick);
+    let mut flush = tokio::time::interval(server.limits.flush_interval);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    for timer in [&mut plan, &mut flush, &mut prune] {
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        tokio::select! {
+            _ = plan.tick() => {
+                if let Err(e) = server.drive().await {
+                    tracing::warn!("planning the rollouts failed: {}", e.1);
+                }
             }
+            _ = flush.tick() => {
+                if let Err(e) = server.flush().await {
+                    tracing::warn!("writing last_seen and metrics failed: {}", e.1);
+                }
+                server
+                    .rates
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .forget_idle(Instant::now());
+            }
+            _ = prune.tick() => match server.prune_events().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("pruned {n} events older than the retention"),
+                Err(e) => tracing::warn!("pruning old events failed: {}", e.1),
+            },
         }
-    });
-    let result = axum::serve(listener, router(server))
-        .with_graceful_shutdown(shutdown)
-        .await;
-    ticking.abort();
-    result
+    }
 }

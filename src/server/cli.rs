@@ -95,9 +95,69 @@ pub struct ServeArgs {
     /// A registry reached over plain HTTP when releases are resolved (repeatable)
     #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
     pub insecure_registries: Vec<String>,
-    /// How often rollouts are re-planned (soak timers); reports re-plan at once
+    /// How often rollouts are re-planned (soak timers); reports re-plan their apps' rollouts at once
     #[arg(long, default_value = "2s", value_parser = |s: &str| crate::app::parse_duration("--tick", s))]
     pub tick: Duration,
+    /// A request's head must arrive within this of its first byte, or the connection is closed
+    #[arg(long, default_value = "10s", value_parser = |s: &str| positive("--header-timeout", s))]
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request begun is closed after this (above the agents' heartbeat interval)
+    #[arg(long, default_value = "120s", value_parser = |s: &str| positive("--idle-timeout", s))]
+    pub idle_timeout: Duration,
+    /// A whole request, body included, must be done within this (408); a long poll's wait comes on top
+    #[arg(long, default_value = "30s", value_parser = |s: &str| positive("--request-timeout", s))]
+    pub request_timeout: Duration,
+    /// Connections open at once; more wait in the listen backlog (the descriptor limit must be above it)
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Requests a second allowed per device credential and per admin token, on average (429 with Retry-After
+    /// beyond)
+    #[arg(long, default_value_t = 20.0, value_parser = rate)]
+    pub rate_limit: f64,
+    /// Requests per credential allowed at once, above the average rate
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_burst: u32,
+    /// How often last_seen and heartbeat metrics are written (a device at most once per interval)
+    #[arg(long, default_value = "5s", value_parser = |s: &str| positive("--flush-interval", s))]
+    pub flush_interval: Duration,
+    /// Events received longer ago than this are deleted (checked hourly)
+    #[arg(long, default_value = "720h", value_parser = |s: &str| positive("--event-retention", s))]
+    pub event_retention: Duration,
+}
+
+impl ServeArgs {
+    pub fn limits(&self) -> api::Limits {
+        api::Limits {
+            header_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            request_timeout: self.request_timeout,
+            max_connections: self.max_connections as usize,
+            rate: super::ratelimit::Rate {
+                per_second: self.rate_limit,
+                burst: self.rate_burst,
+            },
+            flush_interval: self.flush_interval,
+            event_retention: self.event_retention,
+        }
+    }
+}
+
+/// A duration above zero: a zero timeout or interval would refuse everything, or spin.
+fn positive(what: &'static str, s: &str) -> Result<Duration, String> {
+    match crate::app::parse_duration(what, s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("{what} must be above zero")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "--rate-limit must be a number of requests a second above zero, not {s:?}"
+        )),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,7 +393,8 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
     }
     let config = crate::config::Config::default();
     let client = crate::registry::RegistryClient::new(&config, &args.insecure_registries)?;
-    let server = api::Server::new(db, Box::new(RegistryResolver(client)), clock);
+    let server =
+        api::Server::with_limits(db, Box::new(RegistryResolver(client)), clock, args.limits());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| ServerCliError::Listen {
@@ -363,14 +424,21 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
                     source,
                 }
             })?;
-            api::serve(server, listener, args.tick, shutdown).await
+            api::serve(server.clone(), listener, args.tick, shutdown).await
         }
-        None => api::serve(server, listener, args.tick, shutdown).await,
+        None => api::serve(server.clone(), listener, args.tick, shutdown).await,
     };
     served.map_err(|source| ServerCliError::Io {
         what: "serving the API".into(),
         source,
     })?;
+    // What the devices' traffic cost the database, for capacity planning (bench/fleet-load.sh reads it).
+    if let Ok(w) = server.write_stats().await {
+        eprintln!(
+            "flotilla-server: {} heartbeats; {} rows written for last_seen and metrics, in {} transactions",
+            w.heartbeats, w.seen_writes, w.flushes
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -4,7 +4,8 @@
 //! secrets that were never chosen by a person, and a lookup by hash keeps authentication one indexed query.
 //! Events are keyed by (device, event id), so a batch an agent sends again after a lost answer is taken once.
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -13,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest as _, Sha256};
 
 use super::model::{TokenCreated, TokenView};
-use crate::fleet::{EnrollRequest, Enrolled, Event, EventBody};
+use crate::fleet::{EnrollRequest, Enrolled, Event, EventBody, Metrics};
 
 const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires INTEGER, uses_left INTEGER);
      CREATE TABLE devices (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, credential_hash TEXT NOT NULL UNIQUE,
@@ -123,6 +124,81 @@ pub enum ServerDbError {
 pub struct ServerDb {
     pub(super) conn: Connection,
     path: PathBuf,
+    /// What devices' requests said of them since the last flush (`api::Server::flush`): a heartbeat costs no write,
+    /// and a device heard from many times between two flushes is written once.
+    pub(super) seen: RefCell<HashMap<String, Seen>>,
+    stats: Cell<WriteStats>,
+}
+
+/// A device's news not yet written: when it was last heard from, its latest metrics, and whether it has used its
+/// credential for the first time (which ends its enrollment's retries; [`ServerDb::enroll`] looks here too).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Seen {
+    pub(super) last_seen: u64,
+    pub(super) metrics: Option<Metrics>,
+    pub(super) confirmed: bool,
+}
+
+/// What the devices' traffic cost the database, since the server started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Heartbeats received.
+    pub heartbeats: u64,
+    /// Rows written for `last_seen` and metrics.
+    pub seen_writes: u64,
+    /// The transactions those rows took.
+    pub flushes: u64,
+}
+
+fn open_connection(path: &Path) -> Result<Connection, ServerDbError> {
+    let err = |source| ServerDbError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(err)?;
+    // FULL: a report batch is acknowledged once its transaction commits, and the agent then deletes those
+    // events. Under NORMAL a power cut could lose the last commits of the WAL after the acknowledgement had
+    // gone out, and the events with them: nobody would send them again.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(err)?;
+    Ok(conn)
+}
+
+/// Writes devices' news (`last_seen`, metrics) on a connection of its own, so that the server's lock is not held
+/// meanwhile: under WAL the requests' reads go on while it writes, and only another write waits for it.
+pub struct NewsWriter {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl NewsWriter {
+    pub(super) fn write(&mut self, batch: &[(String, Seen)]) -> Result<(), ServerDbError> {
+        let err = |source| ServerDbError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "UPDATE devices SET last_seen = MAX(last_seen, ?2), metrics = COALESCE(?3, metrics),
+                     confirmed = MAX(confirmed, ?4) WHERE id = ?1",
+                )
+                .map_err(err)?;
+            for (id, news) in batch {
+                let metrics = news.metrics.as_ref().map(to_json).transpose()?;
+                st.execute(params![id, news.last_seen, metrics, news.confirmed])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
 }
 
 /// 256 random bits, base64url without padding.
@@ -151,25 +227,12 @@ pub fn hash_secret(secret: &str) -> String {
 
 impl ServerDb {
     pub fn open(path: &Path) -> Result<ServerDb, ServerDbError> {
-        let err = |source| ServerDbError::Sqlite {
-            path: path.to_path_buf(),
-            source,
-        };
-        let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(err)?;
-        // FULL: a report batch is acknowledged once its transaction commits, and the agent then deletes those
-        // events. Under NORMAL a power cut could lose the last commits of the WAL after the acknowledgement had
-        // gone out, and the events with them: nobody would send them again.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        let conn = open_connection(path)?;
         let db = ServerDb {
             conn,
             path: path.to_path_buf(),
+            seen: RefCell::default(),
+            stats: Cell::default(),
         };
         db.migrate()?;
         Ok(db)
@@ -330,6 +393,9 @@ impl ServerDb {
                 if revoked {
                     return Err(ServerDbError::EnrollmentRevoked(name));
                 }
+                // A first use not flushed yet counts as much as a written one.
+                let confirmed =
+                    confirmed || self.seen.borrow().get(&id).is_some_and(|n| n.confirmed);
                 if confirmed || name != req.name {
                     return Err(ServerDbError::EnrolledAlready(name));
                 }
@@ -432,30 +498,103 @@ impl ServerDb {
         })
     }
 
-    /// The device a credential belongs to, unless it is revoked. Marks it seen.
+    /// The device a credential belongs to, unless it is revoked. Marks it seen (and its credential used), in
+    /// memory until the next flush: no request of a known device writes here.
     pub fn authenticate(
         &self,
         credential: &str,
         now: u64,
     ) -> Result<Option<String>, ServerDbError> {
-        let id: Option<String> = self
+        let row: Option<(String, bool)> = self
             .conn
             .query_row(
-                "SELECT id FROM devices WHERE credential_hash = ?1 AND revoked = 0",
+                "SELECT id, confirmed FROM devices WHERE credential_hash = ?1 AND revoked = 0",
                 [hash_secret(credential)],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
             .map_err(self.err())?;
-        if let Some(id) = &id {
-            self.conn
-                .execute(
-                    "UPDATE devices SET last_seen = ?2, confirmed = 1 WHERE id = ?1",
-                    params![id, now],
-                )
-                .map_err(self.err())?;
+        let Some((id, confirmed)) = row else {
+            return Ok(None);
+        };
+        let mut seen = self.seen.borrow_mut();
+        let entry = seen.entry(id.clone()).or_default();
+        entry.last_seen = entry.last_seen.max(now);
+        entry.confirmed |= !confirmed;
+        Ok(Some(id))
+    }
+
+    fn count(&self, f: impl FnOnce(&mut WriteStats)) {
+        let mut s = self.stats.get();
+        f(&mut s);
+        self.stats.set(s);
+    }
+
+    pub fn write_stats(&self) -> WriteStats {
+        self.stats.get()
+    }
+
+    /// Takes the news of up to `limit` devices out of memory, for a [`NewsWriter`].
+    pub(super) fn take_news(&self, limit: usize) -> Vec<(String, Seen)> {
+        let mut seen = self.seen.borrow_mut();
+        let ids: Vec<String> = seen.keys().take(limit).cloned().collect();
+        ids.into_iter()
+            .filter_map(|id| seen.remove_entry(&id))
+            .collect()
+    }
+
+    /// Puts back news a [`NewsWriter`] could not write, under what arrived meanwhile, for the next flush.
+    pub(super) fn restore_news(&self, batch: Vec<(String, Seen)>) {
+        let mut seen = self.seen.borrow_mut();
+        for (id, old) in batch {
+            let entry = seen.entry(id).or_default();
+            entry.last_seen = entry.last_seen.max(old.last_seen);
+            entry.confirmed |= old.confirmed;
+            if entry.metrics.is_none() {
+                entry.metrics = old.metrics;
+            }
         }
-        Ok(id)
+    }
+
+    pub(super) fn count_flush(&self, rows: usize) {
+        self.count(|s| {
+            s.seen_writes += rows as u64;
+            s.flushes += 1;
+        });
+    }
+
+    /// A second connection to this database for writing the devices' news.
+    pub(super) fn news_writer(&self) -> Result<NewsWriter, ServerDbError> {
+        let conn = open_connection(&self.path)?;
+        Ok(NewsWriter {
+            conn,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Whether `token` is an enrollment token this server made, usable or not: a request with anything else is
+    /// refused before its body is read.
+    pub fn token_known(&self, token: &str) -> Result<bool, ServerDbError> {
+        self.conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE hash = ?1)",
+                [hash_secret(token)],
+                |r| r.get(0),
+            )
+            .map_err(self.err())
+    }
+
+    /// Deletes up to `limit` events received before `before` (seconds since the epoch); how many it deleted.
+    /// Events are history: what the server acts on (a device's platform, app status, update reports) lives in its
+    /// own tables. A batch replayed after its events were pruned would be taken again, which needs an agent that
+    /// kept an acknowledged event for longer than the retention.
+    pub fn prune_events(&self, before: u64, limit: usize) -> Result<usize, ServerDbError> {
+        self.conn
+            .execute(
+                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE received < ?1 LIMIT ?2)",
+                params![before.min(i64::MAX as u64), limit.min(i64::MAX as usize) as i64],
+            )
+            .map_err(self.err())
     }
 
     /// The operator's change to an unrevoked device's tags: `set` first, then `remove`. Devices cannot change
@@ -510,16 +649,26 @@ impl ServerDb {
         events: &[Event],
         now: u64,
     ) -> Result<Vec<String>, ServerDbError> {
-        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        // Heartbeats only refresh the device's metrics, in memory until the next flush; the last one wins.
+        let mut rest = Vec::with_capacity(events.len());
         for e in events {
-            if let EventBody::Heartbeat(m) = &e.body {
-                tx.execute(
-                    "UPDATE devices SET metrics = ?2 WHERE id = ?1",
-                    params![device_id, to_json(m)?],
-                )
-                .map_err(self.err())?;
-                continue;
+            match &e.body {
+                EventBody::Heartbeat(m) => {
+                    self.count(|s| s.heartbeats += 1);
+                    self.seen
+                        .borrow_mut()
+                        .entry(device_id.to_string())
+                        .or_default()
+                        .metrics = Some(m.clone());
+                }
+                _ => rest.push(e),
             }
+        }
+        if rest.is_empty() {
+            return Ok(events.iter().map(|e| e.id.clone()).collect());
+        }
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for e in rest {
             let body = to_json(&e.body)?;
             let fresh = tx
                 .execute(
@@ -532,6 +681,7 @@ impl ServerDb {
                 continue;
             }
             match &e.body {
+                // Taken above.
                 EventBody::Heartbeat(_) => {}
                 EventBody::Platform(p) => {
                     tx.execute(

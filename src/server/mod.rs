@@ -4,6 +4,8 @@
 pub mod api;
 pub mod cli;
 pub mod db;
+mod http;
 pub mod model;
+pub mod ratelimit;
 pub mod strict;
 pub mod tls;

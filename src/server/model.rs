@@ -1,7 +1,7 @@
 //! The fleet model the operator works with: apps, releases pinned to digests, rollouts and the devices' view, and
 //! the rollout driver that turns [`crate::rollout::plan`] into each device's desired releases.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
@@ -846,18 +846,23 @@ impl ServerDb {
                     revoked,
                     metrics,
                 )| {
+                    // News not flushed yet is newer than the row.
+                    let news = self.seen.borrow().get(&id).cloned().unwrap_or_default();
                     Ok(DeviceView {
                         apps: apps.remove(&id).unwrap_or_default().into_values().collect(),
                         tags: from_json("device tags", &tags)?,
                         platform: from_json("device platform", &platform)?,
-                        metrics: metrics
-                            .map(|m| from_json("device metrics", &m))
-                            .transpose()?,
+                        metrics: match news.metrics {
+                            Some(m) => Some(m),
+                            None => metrics
+                                .map(|m| from_json("device metrics", &m))
+                                .transpose()?,
+                        },
                         id,
                         name,
                         agent_version,
                         enrolled,
-                        last_seen,
+                        last_seen: last_seen.max(news.last_seen),
                         revoked,
                     })
                 },
@@ -911,26 +916,40 @@ impl ServerDb {
         Ok(Desired { apps })
     }
 
-    /// Plans every rollout that is running or paused and applies its orders. Called on every report and on a
-    /// timer. True when some device's desired state changed: only then are the long polls woken.
+    /// Plans every rollout that is running or paused and applies its orders. Called on a timer. True when some
+    /// device's desired state changed: only then are the long polls woken.
     pub fn drive(&self, now: u64) -> Result<bool, ServerDbError> {
+        self.drive_apps(now, None)
+    }
+
+    /// As [`ServerDb::drive`], for the rollouts of `apps` only (all with `None`): a device's update report can
+    /// move only the rollouts of the apps it reports on.
+    pub fn drive_apps(
+        &self,
+        now: u64,
+        apps: Option<&BTreeSet<String>>,
+    ) -> Result<bool, ServerDbError> {
+        let wanted = |app: &str| apps.is_none_or(|a| a.contains(app));
         // Most ticks have nothing to plan; reading every device for nothing would hold the database for
         // milliseconds per thousand devices.
-        let active: bool = self
+        let mut st = self
             .conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM rollouts WHERE json_extract(state, '$.state') IN ('running', 'paused'))",
-                [],
-                |r| r.get(0),
+            .prepare_cached(
+                "SELECT DISTINCT app FROM rollouts WHERE json_extract(state, '$.state') IN ('running', 'paused')",
             )
             .map_err(self.err())?;
-        if !active {
+        let active: Vec<String> = st
+            .query_map([], |r| r.get(0))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
+        if !active.iter().any(|a| wanted(a)) {
             return Ok(false);
         }
         let devices = self.devices()?;
         let mut changed = false;
         for (r, frozen) in self.rollout_rows(None)? {
-            if matches!(r.status, StateView::Running | StateView::Paused { .. }) {
+            if matches!(r.status, StateView::Running | StateView::Paused { .. }) && wanted(&r.app) {
                 changed |= self.drive_one(&r, &frozen, &devices, now)?;
             }
         }
