@@ -142,6 +142,8 @@ pub struct Server {
     rates: Mutex<RateLimiter>,
     /// Opened at the first flush.
     news: Mutex<Option<NewsWriter>>,
+    /// Served over TLS: the dashboard's session cookie is marked Secure.
+    tls: std::sync::atomic::AtomicBool,
 }
 
 /// A refusal: its status and a message for the caller.
@@ -151,6 +153,20 @@ pub struct ApiError(StatusCode, String);
 #[derive(Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError(status, message.into())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.0
+    }
+
+    pub fn message(&self) -> &str {
+        &self.1
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -263,7 +279,21 @@ impl Server {
             limits,
             rates: Mutex::new(RateLimiter::new(limits.rate)),
             news: Mutex::new(None),
+            tls: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Says the server is reached over TLS (its own, or a proxy's that forwards to it).
+    pub fn set_tls(&self) {
+        self.tls.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn tls(&self) -> bool {
+        self.tls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice per transaction, on
@@ -335,7 +365,7 @@ impl Server {
     }
 
     /// Takes one request from `key`'s bucket, or says how long until there is one.
-    fn throttle(&self, key: &str) -> Result<(), Duration> {
+    pub(super) fn throttle(&self, key: &str) -> Result<(), Duration> {
         self.rates
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -344,7 +374,7 @@ impl Server {
 
     /// 429, with `Retry-After` in whole seconds rounded up: a client that waits what it is told finds a request
     /// in its bucket.
-    fn too_many(&self, wait: Duration) -> Response {
+    pub(super) fn too_many(&self, wait: Duration) -> Response {
         let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
         let mut resp = ApiError(
             StatusCode::TOO_MANY_REQUESTS,
@@ -360,12 +390,12 @@ impl Server {
     }
 
     /// The server's clock in seconds: soaks, timeouts and `last_seen` count by it, never by a device's.
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.clock.unix_seconds()
     }
 
     /// Runs `f` on the database, off the async workers.
-    async fn with_db<T: Send + 'static>(
+    pub(super) async fn with_db<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
     ) -> Result<T, ApiError> {
@@ -407,7 +437,10 @@ impl Server {
     }
 
     /// As [`Server::drive`], for the rollouts of `apps` only (every rollout with `None`).
-    async fn drive_apps(self: &Arc<Self>, apps: Option<BTreeSet<String>>) -> Result<(), ApiError> {
+    pub(super) async fn drive_apps(
+        self: &Arc<Self>,
+        apps: Option<BTreeSet<String>>,
+    ) -> Result<(), ApiError> {
         let now = self.now();
         if self
             .with_db(move |db| db.drive_apps(now, apps.as_ref()))
@@ -884,7 +917,8 @@ pub async fn serve<L: axum::serve::Listener>(
         idle_timeout: server.limits.idle_timeout,
         max_connections: server.limits.max_connections,
     };
-    super::http::serve_connections(listener, router(server.clone()), limits, shutdown).await;
+    let app = router(server.clone()).merge(super::dashboard::router(server.clone()));
+    super::http::serve_connections(listener, app, limits, shutdown).await;
     chores.abort();
     server.flush().await.map_err(|e| {
         std::io::Error::other(format!("writing last_seen and metrics failed: {}", e.1))

@@ -418,6 +418,7 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
     };
     let served = match tls {
         Some(config) => {
+            server.set_tls();
             let listener = super::tls::TlsListener::new(listener, config).map_err(|source| {
                 ServerCliError::Listen {
                     addr: args.listen,

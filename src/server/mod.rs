@@ -1,8 +1,9 @@
-//! The fleet server: its SQLite (`db`), the fleet model and rollout driver (`model`), the HTTP API (`api`) and the
-//! operator CLI that talks to it (`cli`).
+//! The fleet server: its SQLite (`db`), the fleet model and rollout driver (`model`), the HTTP API (`api`), the web
+//! dashboard (`dashboard`) and the operator CLI that talks to it (`cli`).
 
 pub mod api;
 pub mod cli;
+pub mod dashboard;
 pub mod db;
 mod http;
 pub mod model;

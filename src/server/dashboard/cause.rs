@@ -1,0 +1,177 @@
+//! How the dashboard names what went wrong and what a device is doing: one definition, used by the overview's
+//! counts, the devices page's filter, a device's history and a rollout's failure groups alike.
+
+use crate::update::{FailureCause, Report};
+
+/// Why an update failed, as operators act on it: a wrong variant needs a rebuilt image, a crash or a failed
+/// health check a fixed release, a pull error the registry or the network, a policy refusal the device owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Cause {
+    WrongVariant,
+    Crash,
+    Health,
+    Pull,
+    Policy,
+    Invalid,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 6] = [
+        Cause::WrongVariant,
+        Cause::Crash,
+        Cause::Health,
+        Cause::Pull,
+        Cause::Policy,
+        Cause::Invalid,
+    ];
+
+    /// Stable, for URLs and CSS classes.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Cause::WrongVariant => "wrong-variant",
+            Cause::Crash => "crash",
+            Cause::Health => "health",
+            Cause::Pull => "pull",
+            Cause::Policy => "policy",
+            Cause::Invalid => "invalid",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::WrongVariant => "wrong variant (SIGILL, page size, ELF mismatch)",
+            Cause::Crash => "crashed",
+            Cause::Health => "health check failed",
+            Cause::Pull => "pull or verification error",
+            Cause::Policy => "refused by the device's policy",
+            Cause::Invalid => "invalid settings",
+        }
+    }
+}
+
+/// The cause of a failed update report; `None` for a report of progress or success.
+pub fn cause_of(report: &Report) -> Option<Cause> {
+    match report {
+        Report::RolledBack {
+            wrong_variant: true,
+            ..
+        } => Some(Cause::WrongVariant),
+        // The agent says "unhealthy during probation" when the check, not the process, failed.
+        Report::RolledBack { reason, .. } if reason.starts_with("unhealthy") => Some(Cause::Health),
+        Report::RolledBack { .. } => Some(Cause::Crash),
+        Report::PrepareFailed { cause, .. } => Some(match cause {
+            Some(FailureCause::Policy) => Cause::Policy,
+            Some(FailureCause::Invalid) => Cause::Invalid,
+            None => Cause::Pull,
+        }),
+        Report::Preparing { .. }
+        | Report::Probation { .. }
+        | Report::Committed { .. }
+        | Report::Removed { .. } => None,
+    }
+}
+
+/// A device's state, as the overview counts and the devices page filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    Running,
+    Updating,
+    Failed,
+    Offline,
+    Revoked,
+}
+
+impl DeviceState {
+    pub const ALL: [DeviceState; 5] = [
+        DeviceState::Running,
+        DeviceState::Updating,
+        DeviceState::Failed,
+        DeviceState::Offline,
+        DeviceState::Revoked,
+    ];
+
+    pub fn slug(self) -> &'static str {
+        match self {
+            DeviceState::Running => "running",
+            DeviceState::Updating => "updating",
+            DeviceState::Failed => "failed",
+            DeviceState::Offline => "offline",
+            DeviceState::Revoked => "revoked",
+        }
+    }
+
+    pub fn from_slug(s: &str) -> Option<DeviceState> {
+        DeviceState::ALL.into_iter().find(|d| d.slug() == s)
+    }
+}
+
+/// Not heard from for five minutes: five heartbeats missed at the agent's default interval, so down rather than
+/// slow.
+pub const OFFLINE_AFTER_SECS: u64 = 5 * 60;
+
+/// The state of the device `d` (a row of `devices`) as an SQL expression giving a [`DeviceState::slug`], with
+/// `?offline_before` bound to the time before which a device counts as offline. In SQL so that counting and
+/// filtering 100,000 devices reads no row into Rust:
+/// - failed: the release the fleet wants for one of its apps failed to prepare or was rolled back;
+/// - updating: one of its apps has not committed the release the fleet wants;
+/// - running: every app runs what the fleet wants.
+pub const STATE_SQL: &str = "CASE
+  WHEN d.revoked THEN 'revoked'
+  WHEN d.last_seen < :offline_before THEN 'offline'
+  WHEN EXISTS (SELECT 1 FROM desired x JOIN device_updates u
+                 ON u.device = x.device AND u.app = x.app AND u.release = x.release
+               WHERE x.device = d.id
+                 AND json_extract(u.report, '$.event') IN ('prepare-failed', 'rolled-back')) THEN 'failed'
+  WHEN EXISTS (SELECT 1 FROM desired x
+               WHERE x.device = d.id AND x.release IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM device_updates u
+                                 WHERE u.device = x.device AND u.app = x.app AND u.release = x.release
+                                   AND json_extract(u.report, '$.event') = 'committed')) THEN 'updating'
+  ELSE 'running'
+END";
+
+/// The platform a device's detection ranked first (`linux/arm/v6`), from its stored report, in SQL.
+pub const PLATFORM_SQL: &str = "coalesce(json_extract(d.platform, '$.candidates[0]'), 'unknown')";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_named_by_what_fixes_them() {
+        let rolled = |reason: &str, wrong_variant| Report::RolledBack {
+            release: "r".into(),
+            to: None,
+            reason: reason.into(),
+            wrong_variant,
+        };
+        assert_eq!(
+            cause_of(&rolled("wrong architecture variant: SIGILL", true)),
+            Some(Cause::WrongVariant)
+        );
+        assert_eq!(
+            cause_of(&rolled("unhealthy during probation", false)),
+            Some(Cause::Health)
+        );
+        assert_eq!(cause_of(&rolled("exit code 1", false)), Some(Cause::Crash));
+        let failed = |cause| Report::PrepareFailed {
+            release: "r".into(),
+            reason: "x".into(),
+            cause,
+        };
+        assert_eq!(cause_of(&failed(None)), Some(Cause::Pull));
+        assert_eq!(
+            cause_of(&failed(Some(FailureCause::Policy))),
+            Some(Cause::Policy)
+        );
+        assert_eq!(
+            cause_of(&Report::Committed {
+                release: "r".into()
+            }),
+            None
+        );
+        for s in DeviceState::ALL {
+            assert_eq!(DeviceState::from_slug(s.slug()), Some(s));
+        }
+    }
+}
