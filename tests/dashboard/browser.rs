@@ -1,0 +1,236 @@
+//! The dashboard in a real browser: Debian's chromium, headless, driven over W3C WebDriver by chromedriver
+//! (`tests/setup` installs both). Each test gets its own chromedriver on a free loopback port and a fresh profile
+//! directory, and saves a screenshot of each view it visits under `target/dashboard-screenshots/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+
+/// chromium and chromedriver, or the reason the test is skipped (a failure under `FLOTILLA_REQUIRE_ALL=1`).
+fn tools() -> Option<(PathBuf, PathBuf)> {
+    let find = |names: &[&str]| {
+        names.iter().find_map(|n| {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(n))
+                    .find(|p| p.is_file())
+            })
+        })
+    };
+    let found = find(&["chromium"]).zip(find(&["chromedriver"]));
+    if found.is_none() {
+        if std::env::var("FLOTILLA_REQUIRE_ALL").as_deref() == Ok("1") {
+            panic!(
+                "missing test prerequisite: chromium and chromedriver (FLOTILLA_REQUIRE_ALL=1; tests/setup installs them)"
+            );
+        }
+        eprintln!("skipping: chromium and chromedriver are missing (tests/setup installs them)");
+    }
+    found
+}
+
+pub struct Browser {
+    pub client: Client,
+    driver: Child,
+    _profile: tempfile::TempDir,
+    shots: PathBuf,
+}
+
+impl Browser {
+    /// A headless chromium session, or `None` when the browser is not installed (see [`tools`]).
+    pub async fn start(test: &str) -> Option<Browser> {
+        let (chromium, chromedriver) = tools()?;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let driver = Command::new(chromedriver)
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        let profile = tempfile::tempdir().unwrap();
+        let caps: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_value(serde_json::json!({
+                "browserName": "chrome",
+                "goog:chromeOptions": {
+                    "binary": chromium,
+                    "args": [
+                        "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-dev-shm-usage", "--window-size=1280,1000",
+                        format!("--user-data-dir={}", profile.path().display()),
+                    ],
+                },
+            }))
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        // chromedriver answers within a second or two; a bounded wait, then the session.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = loop {
+            let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+            match ClientBuilder::new(connector)
+                .capabilities(caps.clone())
+                .connect(&url)
+                .await
+            {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("chromedriver on {url} gave no session: {e}"),
+            }
+        };
+        let shots = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/dashboard-screenshots")
+            .join(test);
+        std::fs::create_dir_all(&shots).unwrap();
+        Some(Browser {
+            client,
+            driver,
+            _profile: profile,
+            shots,
+        })
+    }
+
+    /// Saves what the browser shows as `<name>.png`.
+    pub async fn shot(&self, name: &str) {
+        let png = self.client.screenshot().await.expect("a screenshot");
+        std::fs::write(self.shots.join(format!("{name}.png")), png).unwrap();
+    }
+
+    pub async fn text(&self, css: &str) -> String {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css} on the page: {e}"))
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (bounded) until the element `css` holds `text`; the page as it was when it gave up.
+    pub async fn wait_for_text(&self, css: &str, text: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(e) = self.client.find(Locator::Css(css)).await {
+                if e.text().await.is_ok_and(|t| t.contains(text)) {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                let page = self.client.source().await.unwrap_or_default();
+                panic!("{css} did not come to say {text:?} within {within:?}:\n{page}");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// No alert, confirm or prompt is open: a script injected into the page would have shown one.
+    pub async fn no_alert(&self) {
+        assert!(
+            self.client.get_alert_text().await.is_err(),
+            "a dialog is open: injected script ran"
+        );
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+/// Signs in through the sign-in form, as an operator would.
+pub async fn sign_in(b: &Browser, d: &crate::Dash) {
+    b.client.goto(&format!("{}/", d.base)).await.unwrap();
+    let form = b
+        .client
+        .form(Locator::Css("form[action='/signin']"))
+        .await
+        .expect("the sign-in form");
+    form.set_by_name("token", &d.admin).await.unwrap();
+    form.submit().await.unwrap();
+    b.wait_for_text("h1", "Overview", Duration::from_secs(10))
+        .await;
+}
+
+/// A page on another origin (another loopback port) whose script posts a form to the dashboard at once.
+async fn attacker(target: &str, fields: &[(&str, &str)]) -> String {
+    let inputs: String = fields
+        .iter()
+        .map(|(k, v)| format!("<input type=hidden name=\"{k}\" value=\"{v}\">"))
+        .collect();
+    let page = format!(
+        "<!doctype html><form method=post action=\"{target}\">{inputs}</form>\
+         <script>document.forms[0].submit()</script>"
+    );
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(move || {
+            let page = page.clone();
+            async move { axum::response::Html(page) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn signing_in_and_the_overview_in_chromium() {
+    let Some(b) = Browser::start("overview").await else {
+        return;
+    };
+    let d = crate::Dash::start().await;
+    d.enroll("pi-zero", &["linux/arm/v6"], "Raspberry Pi Zero W Rev 1.1")
+        .await;
+    d.enroll(
+        "pi-4",
+        &["linux/arm64", "linux/arm/v7", "linux/arm/v6"],
+        "Raspberry Pi 4 Model B",
+    )
+    .await;
+    d.enroll("evil", &["linux/amd64"], "<img src=x onerror=alert(1)>")
+        .await;
+    b.client.goto(&format!("{}/", d.base)).await.unwrap();
+    b.wait_for_text("h1", "Sign in", Duration::from_secs(10))
+        .await;
+    b.shot("signin").await;
+    sign_in(&b, &d).await;
+    let platforms = b.text("#platforms").await;
+    for p in ["linux/arm/v6", "linux/arm64", "linux/amd64"] {
+        assert!(platforms.contains(p), "{platforms}");
+    }
+    assert!(b.text("#counts").await.contains('3'));
+    b.no_alert().await;
+    b.shot("overview").await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn a_cross_site_form_post_is_refused_in_chromium() {
+    let Some(b) = Browser::start("cross-site").await else {
+        return;
+    };
+    let d = crate::Dash::start().await;
+    sign_in(&b, &d).await;
+    let evil = attacker(&format!("{}/signout", d.base), &[("csrf", "guessed")]).await;
+    b.client.goto(&evil).await.unwrap();
+    b.wait_for_text(
+        "main",
+        "a request from another site was refused",
+        Duration::from_secs(10),
+    )
+    .await;
+    b.shot("refused").await;
+    b.client.goto(&format!("{}/", d.base)).await.unwrap();
+    b.wait_for_text("h1", "Overview", Duration::from_secs(10))
+        .await;
+    b.close().await;
+}
