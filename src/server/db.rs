@@ -63,12 +63,14 @@ const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires I
      UPDATE tokens SET id = substr(hash, 1, 12);
      CREATE UNIQUE INDEX tokens_id ON tokens (id);",
     // The dashboard: operators' sessions (hashes only, tied to the admin token that opened them), a thin history
-    // of each device's metrics for its charts, and the indexes its pages filter and count by at 100,000 devices.
+    // of each device's metrics for its charts, and the indexes its pages filter and count by at 100,000 devices
+    // (and the one event pruning deletes by, which scanned the whole table).
     "CREATE TABLE sessions (hash TEXT PRIMARY KEY, csrf TEXT NOT NULL, admin_hash TEXT NOT NULL,
                            created INTEGER NOT NULL, expires INTEGER NOT NULL);
      CREATE TABLE device_samples (device TEXT NOT NULL REFERENCES devices(id), at INTEGER NOT NULL,
                                   metrics TEXT NOT NULL, PRIMARY KEY (device, at));
-     CREATE INDEX devices_last_seen ON devices (last_seen);",
+     CREATE INDEX devices_last_seen ON devices (last_seen);
+     CREATE INDEX events_received ON events (received);",
 ];
 
 #[derive(Debug, thiserror::Error)]
