@@ -142,6 +142,8 @@ pub struct Plan {
     pub late: Vec<String>,
     /// What each device of the rollout is doing, by name: waiting, updating, healthy, failed: why, timed out.
     pub devices: Vec<(String, String)>,
+    /// The ids of the ordered devices that failed or timed out: what retrying the failed devices orders again.
+    pub failed: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,6 +444,17 @@ pub fn plan(rollout: &Rollout, devices: &[Device], now: Timestamp) -> Plan {
         rolled_back,
         late: late.iter().map(|d| d.name.clone()).collect(),
         devices: described,
+        failed: waves[..started]
+            .iter()
+            .flatten()
+            .filter(|d| {
+                matches!(
+                    standing(rollout, d, now),
+                    Standing::Failed | Standing::TimedOut
+                )
+            })
+            .map(|d| d.id.clone())
+            .collect(),
     }
 }
 
@@ -717,6 +730,41 @@ mod tests {
             d.progress = Progress::Healthy { since: 1400 };
         }
         assert_eq!(plan(&r, &now, 9000).state, RolloutState::Done);
+    }
+
+    #[test]
+    fn the_ordered_devices_that_failed_or_timed_out_are_the_ones_a_retry_takes() {
+        let mut silent = device("c", Progress::Updating);
+        silent.last_seen = 0;
+        let ds = [
+            device(
+                "a",
+                Progress::Failed {
+                    reason: "exit code 1".into(),
+                },
+            ),
+            device("b", Progress::Healthy { since: 0 }),
+            silent,
+            device(
+                "d",
+                Progress::Failed {
+                    reason: "not ordered yet".into(),
+                },
+            ),
+        ];
+        let mut r = rollout(&[Count(3)], 1);
+        r.device_timeout = Some(Duration::from_secs(60));
+        let p = plan(&r, &ds, 1000);
+        assert_eq!(p.failed, ["id-a", "id-c"], "d's wave has not started");
+        // Once a retry cleared a's failure and gave c a new window, they are ordered and waited for again, and
+        // the rollout runs on below its threshold.
+        let mut retried = ds.clone();
+        retried[0].progress = Progress::Waiting;
+        retried[2].last_seen = 1000;
+        let p = plan(&r, &retried, 1000);
+        assert!(p.failed.is_empty());
+        assert_eq!(p.state, RolloutState::Running);
+        assert_eq!(ordered(&p), all(&["a", "b", "c"], "v2"));
     }
 
     #[test]

@@ -887,10 +887,11 @@ async fn control_rollout(
         "pause" => Control::Pause,
         "resume" => Control::Resume,
         "abort" => Control::Abort,
+        "retry" => Control::Retry,
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no rollout action {other:?}: use pause, resume or abort"),
+                format!("no rollout action {other:?}: use pause, resume, abort or retry"),
             ));
         }
     };
