@@ -575,7 +575,13 @@ impl ServerDb {
         if !self.app_exists(app)? {
             return Err(ServerDbError::NotFound(format!("the app {app}")));
         }
-        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        // Immediate: a deferred transaction that reads, then writes, fails at once (not after the busy timeout)
+        // when the flush connection wrote in between.
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(self.err())?;
         let n: u64 = tx
             .query_row("SELECT COUNT(*) FROM releases WHERE app = ?1", [app], |r| {
                 r.get(0)

@@ -4,5 +4,6 @@
 
 mod harness;
 mod pages;
+mod rollouts;
 
 pub use harness::*;
