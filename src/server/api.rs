@@ -897,7 +897,7 @@ async fn control_rollout(
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("no rollout action {other:?}: use pause, resume, abort or retry"),
+                format!("no rollout action {other:?}: use retry, or pause, resume or abort"),
             ));
         }
     };
