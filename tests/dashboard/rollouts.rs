@@ -132,6 +132,9 @@ async fn releases_show_their_digests_and_the_devices_they_cannot_serve() {
         .collect();
     assert_eq!(incompatible, ["nuc", "zero"]);
     assert_eq!(r["waves"][0]["devices"], json!(["pi4"]));
+    let page = d.page(&format!("/releases/{narrow}")).await;
+    page.says("Rollouts of this release");
+    has(&page, &format!("href=\"/rollouts/{id}\""));
 
     let full = d.page(&format!("/releases/{all}")).await;
     full.says("3 of 3 devices can run this release; 0 cannot.")

@@ -17,9 +17,7 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response, layout,
 };
 use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::{
-    DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest, RolloutView, serves,
-};
+use crate::server::model::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest, serves};
 
 pub fn routes() -> Router<Shared> {
     Router::new()
@@ -45,6 +43,20 @@ pub struct Coverage {
 }
 
 impl ServerDb {
+    /// The rollouts of release `id`, newest first: id and state, without their plans.
+    pub fn rollouts_of(&self, id: &str) -> Result<Vec<(u64, String)>, ServerDbError> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT id, json_extract(state, '$.state') FROM rollouts WHERE release = ?1 ORDER BY id DESC",
+            )
+            .map_err(self.err())?;
+        st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())
+    }
+
     /// Counted by distinct platform candidate lists, which are few however many devices there are; each list is
     /// judged once, by the planner's own [`serves`].
     pub fn coverage(
@@ -171,11 +183,7 @@ async fn one(
                 return Ok(None);
             };
             let c = db.coverage(&r.manifests)?;
-            let rollouts: Vec<RolloutView> = db
-                .rollouts(None)?
-                .into_iter()
-                .filter(|x| x.spec.release == r.id)
-                .collect();
+            let rollouts = db.rollouts_of(&r.id)?;
             Ok(Some((r, c, rollouts)))
         })
         .await?
@@ -235,8 +243,8 @@ async fn one(
         @if !rollouts.is_empty() {
             h2 { "Rollouts of this release" }
             ul {
-                @for r in rollouts.iter().rev() {
-                    li { a href=(format!("/rollouts/{}", r.id)) { "#" (r.id) } " " (badge(super::rollouts::state_slug(&r.status))) }
+                @for (rollout, state) in &rollouts {
+                    li { a href=(format!("/rollouts/{rollout}")) { "#" (rollout) } " " (badge(state)) }
                 }
             }
         }
