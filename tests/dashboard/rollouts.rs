@@ -419,3 +419,47 @@ async fn retry_orders_the_failed_device_again_at_a_new_attempt_and_the_rollout_r
     assert_eq!(r["devices"]["dev-bad"], "waiting");
     assert_eq!(desired(&d, &bad).await["apps"][0]["attempt"], 1);
 }
+
+#[tokio::test]
+async fn a_retried_timed_out_device_gets_a_new_timeout_from_the_retry() {
+    let d = Dash::signed_in().await;
+    let talks = d.enroll("dev-talks", ARM64, "Pi 4").await;
+    d.enroll("dev-quiet", ARM64, "Pi 4").await;
+    let rel = release(&d, "registry.local/sensor:1").await;
+    let id = d
+        .api(
+            "POST",
+            "/v1/rollouts",
+            Some(json!({"release": rel, "waves": ["100%"], "max_failures": "1", "device_timeout_secs": 600})),
+            201,
+        )
+        .await["id"]
+        .as_u64()
+        .unwrap();
+    d.clock.step(700);
+    d.report(&talks, committed(&rel)).await;
+    d.server.drive().await.unwrap();
+    let r = d.api("GET", &format!("/v1/rollouts/{id}"), None, 200).await;
+    assert_eq!(r["devices"]["dev-quiet"], "timed out", "{r}");
+    assert_eq!(r["status"]["state"], "paused");
+    let page = d.page(&format!("/rollouts/{id}")).await;
+    page.says("1 timed out").says("Retry the failed devices");
+    has(&page, "href=\"/devices/dev-quiet\"");
+
+    let retried = d
+        .form(
+            &format!("/rollouts/{id}"),
+            &format!("/rollouts/{id}/retry"),
+            &[],
+        )
+        .await;
+    assert_eq!(retried.status, 303, "{}", retried.body);
+    let r = d.api("GET", &format!("/v1/rollouts/{id}"), None, 200).await;
+    assert_eq!(r["devices"]["dev-quiet"], "waiting", "a new window: {r}");
+    assert_eq!(r["status"]["state"], "running");
+    // Still silent a device timeout after the retry: timed out again.
+    d.clock.step(600);
+    d.server.drive().await.unwrap();
+    let r = d.api("GET", &format!("/v1/rollouts/{id}"), None, 200).await;
+    assert_eq!(r["devices"]["dev-quiet"], "timed out", "{r}");
+}
