@@ -28,7 +28,9 @@
 //!   ordered the release is ordered back. Superseded (a newer rollout of the app started): nothing more.
 //! - Done is final: a device that enrolls (or becomes compatible) after the last wave settled is not ordered the
 //!   release, since a finished rollout no longer plans. Its desired state stays what it was (none, for a new
-//!   device) until the operator starts another rollout of the app, which takes it in its waves.
+//!   device) until the operator starts another rollout of the app, which takes it in its waves. The one way back
+//!   is the operator retrying the failed devices of the app's newest rollout: it runs again (the server decides
+//!   that), and then plans as any running rollout does, late devices included.
 
 use std::time::Duration;
 

@@ -783,7 +783,26 @@ impl ServerDb {
         now: u64,
     ) -> Result<RolloutView, ServerDbError> {
         let current = self.rollout(id)?;
+        // A rollout that finished with failures below its threshold is the one place its failed devices can be
+        // retried (a new rollout of the release orders them the attempt they refused): it opens again, as long
+        // as no newer rollout of the app has taken over the devices.
+        let newest: u64 = self
+            .conn
+            .query_row(
+                "SELECT max(id) FROM rollouts WHERE app = ?1",
+                [&current.app],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
         let next = match (control, &current.status) {
+            (Control::Retry, StateView::Done) if newest == id => StateView::Running,
+            (Control::Retry, StateView::Done) => {
+                return Err(ServerDbError::Invalid(format!(
+                    "the rollout {id} is done, and the newer rollout {newest} of the app {} orders its devices now; \
+                     retry that one's failed devices, or start a new rollout",
+                    current.app
+                )));
+            }
             (_, StateView::Done | StateView::Aborted | StateView::Superseded) => {
                 return Err(ServerDbError::Invalid(format!(
                     "the rollout {id} has ended ({}); start a new one",

@@ -405,6 +405,30 @@ async fn retry_orders_the_failed_device_again_at_a_new_attempt_and_the_rollout_r
     let r = d.api("GET", &format!("/v1/rollouts/{id}"), None, 200).await;
     assert_eq!(r["status"]["state"], "done", "{r}");
 
+    // A rollout done with a failure below its threshold opens again for a retry, while it is the app's newest.
+    let below = release(&d, "registry.local/sensor:3").await;
+    let done = rollout(&d, &below, &["100%"], "5").await;
+    d.report(&good, committed(&below)).await;
+    d.report(&bad, rolled_back(&below, "exit code 3", false))
+        .await;
+    let r = d
+        .api("GET", &format!("/v1/rollouts/{done}"), None, 200)
+        .await;
+    assert_eq!(r["status"]["state"], "done", "{r}");
+    d.page(&format!("/rollouts/{done}"))
+        .await
+        .says("Retry the failed devices");
+    let r = d
+        .api("POST", &format!("/v1/rollouts/{done}/retry"), None, 200)
+        .await;
+    assert_eq!(r["status"]["state"], "running", "{r}");
+    assert_eq!(desired(&d, &bad).await["apps"][0]["attempt"], 1);
+    d.report(&bad, committed(&below)).await;
+    let r = d
+        .api("GET", &format!("/v1/rollouts/{done}"), None, 200)
+        .await;
+    assert_eq!(r["status"]["state"], "done", "{r}");
+
     // A pause by the operator is the operator's: a retry does not lift it.
     let other = release(&d, "registry.local/sensor:2").await;
     let id = rollout(&d, &other, &["100%"], "5").await;
@@ -418,6 +442,17 @@ async fn retry_orders_the_failed_device_again_at_a_new_attempt_and_the_rollout_r
     assert_eq!(r["status"]["state"], "paused");
     assert_eq!(r["devices"]["dev-bad"], "waiting");
     assert_eq!(desired(&d, &bad).await["apps"][0]["attempt"], 1);
+    // An older rollout, done, is not opened again over the newer one.
+    let refused = d
+        .api("POST", &format!("/v1/rollouts/{done}/retry"), None, 400)
+        .await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("the newer rollout 3"),
+        "{refused}"
+    );
 }
 
 #[tokio::test]

@@ -251,6 +251,9 @@ async fn one(
                     @if retryable { (action(&session, r.id, "retry", "Retry the failed devices", "primary")) " " }
                     (action(&session, r.id, "abort", "Abort", "danger"))
                 }
+            } @else if r.status == StateView::Done && retryable {
+                // Done with failures below the threshold: a retry opens it again (the app's newest rollout only).
+                div #actions { (action(&session, r.id, "retry", "Retry the failed devices", "primary")) }
             }
             table #waves {
                 tr { th { "Wave" } th { "Progress" } th { "Devices" } }
