@@ -326,6 +326,14 @@ async fn pause_resume_and_abort_change_the_rollouts_state() {
     let rel = release(&d, "registry.local/sensor:1").await;
     let id = rollout(&d, &rel, &["100%"], "1").await;
     let page = format!("/rollouts/{id}");
+    // A device that enrolls while the rollout runs joins its last wave, and is listed as late.
+    d.enroll("late-pi", ARM64, "Pi 4").await;
+    let late = d.page(&page).await;
+    late.says("Late (joined the last wave after the start)");
+    has(
+        &late,
+        "<p id=\"late\"><a href=\"/devices/late-pi\">late-pi</a></p>",
+    );
     let state = |v: Value| v["status"]["state"].as_str().unwrap().to_string();
     for (action, want) in [
         ("pause", "paused"),
@@ -348,6 +356,9 @@ async fn pause_resume_and_abort_change_the_rollouts_state() {
     assert_eq!(again.status, 400, "an aborted rollout takes no action");
     again.says("has ended");
     d.page("/rollouts").await.says("aborted").says(&rel);
+    for missing in ["/rollouts/99", "/rollouts/abc"] {
+        assert_eq!(d.get(missing).await.status, 404, "{missing}");
+    }
 }
 
 #[tokio::test]
