@@ -85,6 +85,15 @@ pub struct DesiredApp {
     /// Each platform's manifest digest at release time: the agent checks that what it pulls is what was released.
     pub manifests: BTreeMap<String, String>,
     pub settings: RunSettings,
+    /// How many times the operator has asked this device to try the release again after it failed here. A device
+    /// does not try a release that failed on it again unless this grew. Omitted when 0, so that agents older than
+    /// the field still read every order that is not a retry.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A desired state as a device reads it: app by app, so that one order it cannot read (a hostile value, a newer

@@ -28,7 +28,9 @@
 //!   ordered the release is ordered back. Superseded (a newer rollout of the app started): nothing more.
 //! - Done is final: a device that enrolls (or becomes compatible) after the last wave settled is not ordered the
 //!   release, since a finished rollout no longer plans. Its desired state stays what it was (none, for a new
-//!   device) until the operator starts another rollout of the app, which takes it in its waves.
+//!   device) until the operator starts another rollout of the app, which takes it in its waves. The one way back
+//!   is the operator retrying the failed devices of the app's newest rollout: it runs again (the server decides
+//!   that), and then plans as any running rollout does, late devices included.
 
 use std::time::Duration;
 
@@ -142,6 +144,8 @@ pub struct Plan {
     pub late: Vec<String>,
     /// What each device of the rollout is doing, by name: waiting, updating, healthy, failed: why, timed out.
     pub devices: Vec<(String, String)>,
+    /// The ids of the ordered devices that failed or timed out: what retrying the failed devices orders again.
+    pub failed: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -442,6 +446,17 @@ pub fn plan(rollout: &Rollout, devices: &[Device], now: Timestamp) -> Plan {
         rolled_back,
         late: late.iter().map(|d| d.name.clone()).collect(),
         devices: described,
+        failed: waves[..started]
+            .iter()
+            .flatten()
+            .filter(|d| {
+                matches!(
+                    standing(rollout, d, now),
+                    Standing::Failed | Standing::TimedOut
+                )
+            })
+            .map(|d| d.id.clone())
+            .collect(),
     }
 }
 
@@ -717,6 +732,41 @@ mod tests {
             d.progress = Progress::Healthy { since: 1400 };
         }
         assert_eq!(plan(&r, &now, 9000).state, RolloutState::Done);
+    }
+
+    #[test]
+    fn the_ordered_devices_that_failed_or_timed_out_are_the_ones_a_retry_takes() {
+        let mut silent = device("c", Progress::Updating);
+        silent.last_seen = 0;
+        let ds = [
+            device(
+                "a",
+                Progress::Failed {
+                    reason: "exit code 1".into(),
+                },
+            ),
+            device("b", Progress::Healthy { since: 0 }),
+            silent,
+            device(
+                "d",
+                Progress::Failed {
+                    reason: "not ordered yet".into(),
+                },
+            ),
+        ];
+        let mut r = rollout(&[Count(3)], 1);
+        r.device_timeout = Some(Duration::from_secs(60));
+        let p = plan(&r, &ds, 1000);
+        assert_eq!(p.failed, ["id-a", "id-c"], "d's wave has not started");
+        // Once a retry cleared a's failure and gave c a new window, they are ordered and waited for again, and
+        // the rollout runs on below its threshold.
+        let mut retried = ds.clone();
+        retried[0].progress = Progress::Waiting;
+        retried[2].last_seen = 1000;
+        let p = plan(&r, &retried, 1000);
+        assert!(p.failed.is_empty());
+        assert_eq!(p.state, RolloutState::Running);
+        assert_eq!(ordered(&p), all(&["a", "b", "c"], "v2"));
     }
 
     #[test]

@@ -15,7 +15,8 @@
 //!
 //! Any failure after the switch goes to `RollingBack`: stop the target, start the committed release again (it is
 //! kept on disk until the next commit), and report why. A release that rolled back on this device is not tried again
-//! until the fleet desires something else, so a bad release does not loop.
+//! until the fleet desires something else, or the same release at a higher attempt (the operator's retry), so a bad
+//! release does not loop.
 
 use std::time::Duration;
 
@@ -28,6 +29,31 @@ pub struct Release {
     pub id: String,
     /// `registry/repo@sha256:…`: pinned, so a re-pushed tag changes nothing.
     pub image: String,
+    /// The fleet's retry count for this release on this device ([`crate::fleet::DesiredApp::attempt`]): a release
+    /// rejected here is tried again when it comes back with a higher attempt. Absent in states written before it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempt: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Release {
+    /// The same release and image, whatever the attempt: running it already is running what is desired.
+    fn same(a: &Option<Release>, b: &Option<Release>) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => a.id == b.id && a.image == b.image,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
+    /// The desire is the very order that failed here: the same release at the same attempt. A later attempt of
+    /// it is the operator asking again, so it is tried.
+    fn rejected_by(desired: &Option<Release>, rejected: &Option<Release>) -> bool {
+        desired.is_some() && desired == rejected
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -192,7 +218,7 @@ pub fn pending_desire(state: &State, desired: &Option<Release>) -> Option<Event>
         State::Steady {
             committed,
             rejected,
-        } if desired != committed && !(desired.is_some() && desired == rejected) => {
+        } if !Release::same(desired, committed) && !Release::rejected_by(desired, rejected) => {
             Some(Event::Desired(desired.clone()))
         }
         _ => None,
@@ -212,7 +238,7 @@ pub fn step(state: State, event: Event, probation: Duration) -> (State, Vec<Acti
             },
             E::Desired(desired),
         ) => {
-            if desired == committed || (desired.is_some() && desired == rejected) {
+            if Release::same(&desired, &committed) || Release::rejected_by(&desired, &rejected) {
                 return (
                     S::Steady {
                         committed,
@@ -411,7 +437,80 @@ mod tests {
         Release {
             id: id.to_string(),
             image: format!("registry.local/app@sha256:{id}"),
+            attempt: 0,
         }
+    }
+
+    fn retry(id: &str, attempt: u32) -> Release {
+        Release { attempt, ..r(id) }
+    }
+
+    #[test]
+    fn a_rejected_release_is_tried_again_only_at_a_higher_attempt() {
+        let failed = |release: Release| {
+            run(
+                steady("v1"),
+                vec![
+                    Event::Desired(Some(release)),
+                    Event::Prepared,
+                    Event::Failed {
+                        reason: "exit code 1".into(),
+                        wrong_variant: false,
+                    },
+                    Event::RolledBack,
+                ],
+            )
+            .0
+        };
+        let rejected = failed(r("v2"));
+        assert_eq!(
+            pending_desire(&rejected, &Some(r("v2"))),
+            None,
+            "the same order is not tried again"
+        );
+        let event = pending_desire(&rejected, &Some(retry("v2", 1))).expect("a retry is offered");
+        let (next, actions) = step(rejected, event, PROBATION);
+        assert!(
+            matches!(&next, State::Preparing { target, .. } if *target == retry("v2", 1)),
+            "{next:?}"
+        );
+        assert_eq!(actions.last(), Some(&Action::Prepare(retry("v2", 1))));
+        // Failing again at attempt 1 rejects that attempt: it takes attempt 2 to try once more.
+        let again = failed(retry("v2", 1));
+        assert_eq!(pending_desire(&again, &Some(retry("v2", 1))), None);
+        let (same, actions) = step(
+            again.clone(),
+            Event::Desired(Some(retry("v2", 1))),
+            PROBATION,
+        );
+        assert_eq!((same, actions), (again.clone(), vec![]));
+        assert!(pending_desire(&again, &Some(retry("v2", 2))).is_some());
+        // A committed release is not updated again because its attempt changed: it runs what is desired.
+        let committed = steady("v2");
+        assert_eq!(pending_desire(&committed, &Some(retry("v2", 3))), None);
+        let (same, actions) = step(
+            committed.clone(),
+            Event::Desired(Some(retry("v2", 3))),
+            PROBATION,
+        );
+        assert_eq!((same, actions), (committed, vec![]));
+        // States written before the field read as attempt 0, and attempt 0 is not written.
+        let old: State = serde_json::from_str(
+            r#"{"state":"steady","committed":{"id":"v1","image":"i"},"rejected":null}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            old,
+            State::Steady {
+                committed: Some(Release { attempt: 0, .. }),
+                ..
+            }
+        ));
+        assert!(
+            !serde_json::to_string(&steady("v1"))
+                .unwrap()
+                .contains("attempt")
+        );
     }
 
     #[test]

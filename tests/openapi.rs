@@ -889,6 +889,7 @@ fn schemas_match_the_serde_types() {
                 image: "registry.example/sensor@sha256:cd".into(),
                 manifests: manifests(),
                 settings: settings.clone(),
+                attempt: 2,
             }],
         };
         reached.extend(check(&doc, "Desired", &desired));

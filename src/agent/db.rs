@@ -398,6 +398,7 @@ mod tests {
             committed: Some(Release {
                 id: "r1".into(),
                 image: "x@sha256:1".into(),
+                attempt: 0,
             }),
             rejected: None,
         };

@@ -361,6 +361,7 @@ impl Agent {
                 Some(Release {
                     id: a.release.clone(),
                     image: a.image.clone(),
+                    attempt: a.attempt,
                 }),
             );
         }
@@ -745,6 +746,7 @@ mod tests {
         Release {
             id: id.into(),
             image: format!("reg/app@{id}"),
+            attempt: 0,
         }
     }
 

@@ -306,6 +306,11 @@ pub enum RolloutCommand {
     Abort {
         id: u64,
     },
+    /// Order the rollout's failed and timed-out devices to try its release again (lifts a pause by the failure
+    /// threshold)
+    Retry {
+        id: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -797,10 +802,12 @@ async fn operate(cli: &Cli) -> Result<ExitCode, ServerCliError> {
         }
         Command::Rollout(RolloutCommand::Pause { id })
         | Command::Rollout(RolloutCommand::Resume { id })
-        | Command::Rollout(RolloutCommand::Abort { id }) => {
+        | Command::Rollout(RolloutCommand::Abort { id })
+        | Command::Rollout(RolloutCommand::Retry { id }) => {
             let action = match &cli.command {
                 Command::Rollout(RolloutCommand::Pause { .. }) => "pause",
                 Command::Rollout(RolloutCommand::Resume { .. }) => "resume",
+                Command::Rollout(RolloutCommand::Retry { .. }) => "retry",
                 _ => "abort",
             };
             let (r, raw): (RolloutView, _) = c

@@ -71,6 +71,10 @@ const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expires I
                                   metrics TEXT NOT NULL, PRIMARY KEY (device, at));
      CREATE INDEX devices_last_seen ON devices (last_seen);
      CREATE INDEX events_received ON events (received);",
+    // Retries of failed devices: how many times the operator asked each device to try a release again (sent with
+    // its desired app, so its agent tries a release that failed on it once more), and when, for its new timeout.
+    "CREATE TABLE retries (device TEXT NOT NULL REFERENCES devices(id), release TEXT NOT NULL REFERENCES releases(id),
+                           attempt INTEGER NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (device, release));",
 ];
 
 #[derive(Debug, thiserror::Error)]

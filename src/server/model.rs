@@ -248,7 +248,13 @@ pub enum Control {
     Pause,
     Resume,
     Abort,
+    /// Order the devices that failed or timed out the release again (see [`ServerDb::control_rollout`]).
+    Retry,
 }
+
+/// What a pause by the operator says; a pause with any other reason is the failure threshold's, which a retry
+/// lifts.
+pub const OPERATOR_PAUSE: &str = "paused by the operator";
 
 fn from_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, ServerDbError> {
     serde_json::from_str(text).map_err(|e| ServerDbError::Damaged {
@@ -382,6 +388,45 @@ fn percent_syntax(p: &str) -> bool {
         "0" => frac.is_some_and(|f| f.bytes().any(|b| b != b'0')),
         w => digits(w) && w.len() <= 2 && !w.starts_with('0'),
     }
+}
+
+/// The variant of a release (its `manifests` key) that a device with these platform candidates takes, by the
+/// selection the device's own pull makes ([`crate::platform::select::select`]), not by comparing strings: an index
+/// labelled `linux/arm64` serves a device that says `linux/arm64/v8`, and an unlabelled `linux/arm` serves a v7
+/// device. `None`: the release has nothing this device runs. The planner's `incompatible` and the dashboard's
+/// coverage both ask this.
+pub fn serves(manifests: &BTreeMap<String, String>, candidates: &[String]) -> Option<String> {
+    use crate::platform::Platform;
+    use crate::platform::select::{EntryPlatform, IndexEntry, select};
+    let labels: Vec<&String> = manifests.keys().collect();
+    let entries: Vec<IndexEntry> = manifests
+        .iter()
+        .enumerate()
+        .filter_map(|(position, (label, digest))| {
+            let p: Platform = label.parse().ok()?;
+            Some(IndexEntry {
+                position,
+                digest: digest.parse().ok()?,
+                media_type: crate::oci::OCI_MANIFEST.to_string(),
+                size: 0,
+                platform: Some(EntryPlatform {
+                    os: p.os,
+                    architecture: p.architecture,
+                    variant: p.variant,
+                    os_version: None,
+                    os_features: Vec::new(),
+                }),
+                annotations: BTreeMap::new(),
+                artifact_type: None,
+            })
+        })
+        .collect();
+    let candidates: Vec<Platform> = candidates.iter().filter_map(|c| c.parse().ok()).collect();
+    let chosen = select(&candidates, &entries).chosen;
+    chosen
+        .first()
+        .and_then(|c| labels.get(c.entry.position))
+        .map(|l| l.to_string())
 }
 
 /// Device names, tags and app names are plain words: they end up in container names, tables and URLs.
@@ -530,7 +575,13 @@ impl ServerDb {
         if !self.app_exists(app)? {
             return Err(ServerDbError::NotFound(format!("the app {app}")));
         }
-        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        // Immediate: a deferred transaction that reads, then writes, fails at once (not after the busy timeout)
+        // when the flush connection wrote in between.
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )
+        .map_err(self.err())?;
         let n: u64 = tx
             .query_row("SELECT COUNT(*) FROM releases WHERE app = ?1", [app], |r| {
                 r.get(0)
@@ -732,7 +783,26 @@ impl ServerDb {
         now: u64,
     ) -> Result<RolloutView, ServerDbError> {
         let current = self.rollout(id)?;
+        // A rollout that finished with failures below its threshold is the one place its failed devices can be
+        // retried (a new rollout of the release orders them the attempt they refused): it opens again, as long
+        // as no newer rollout of the app has taken over the devices.
+        let newest: u64 = self
+            .conn
+            .query_row(
+                "SELECT max(id) FROM rollouts WHERE app = ?1",
+                [&current.app],
+                |r| r.get(0),
+            )
+            .map_err(self.err())?;
         let next = match (control, &current.status) {
+            (Control::Retry, StateView::Done) if newest == id => StateView::Running,
+            (Control::Retry, StateView::Done) => {
+                return Err(ServerDbError::Invalid(format!(
+                    "the rollout {id} is done, and the newer rollout {newest} of the app {} orders its devices now; \
+                     retry that one's failed devices, or start a new rollout",
+                    current.app
+                )));
+            }
             (_, StateView::Done | StateView::Aborted | StateView::Superseded) => {
                 return Err(ServerDbError::Invalid(format!(
                     "the rollout {id} has ended ({}); start a new one",
@@ -744,11 +814,20 @@ impl ServerDb {
                 )));
             }
             (Control::Pause, _) => StateView::Paused {
-                reason: "paused by the operator".into(),
+                reason: OPERATOR_PAUSE.into(),
             },
             (Control::Resume, _) => StateView::Running,
             (Control::Abort, _) => StateView::Aborted,
+            (Control::Retry, StateView::Paused { reason }) if reason == OPERATOR_PAUSE => {
+                current.status.clone()
+            }
+            // The threshold paused it for the failures being retried: with them cleared it runs on (and pauses
+            // again if they fail again).
+            (Control::Retry, _) => StateView::Running,
         };
+        if control == Control::Retry {
+            self.retry_failed(&current, now)?;
+        }
         self.conn
             .execute(
                 "UPDATE rollouts SET state = ?2 WHERE id = ?1",
@@ -761,6 +840,67 @@ impl ServerDb {
             self.drive_one(&r, &frozen, &devices, now)?;
         }
         self.rollout(id)
+    }
+
+    /// Gives each device of rollout `r` that failed or timed out the release another attempt: its attempt for the
+    /// release grows (its agent tries a release that failed on it only at a new attempt), and its failure report
+    /// on the release is dropped from the planner's view (the events keep it), so the planner counts it as ordered
+    /// and waits for it again, with a new device timeout from now. How many devices.
+    fn retry_failed(&self, r: &RolloutView, now: u64) -> Result<usize, ServerDbError> {
+        let frozen = self
+            .rollout_rows(Some(r.id))?
+            .pop()
+            .map(|(_, f)| f)
+            .ok_or_else(|| ServerDbError::NotFound(format!("the rollout {}", r.id)))?;
+        let devices = self.devices()?;
+        let (release, plan) = self.plan_one(r, &frozen, &devices, now)?;
+        let tx = self.conn.unchecked_transaction().map_err(self.err())?;
+        for device in &plan.failed {
+            tx.execute(
+                "INSERT INTO retries (device, release, attempt, at) VALUES (?1, ?2, 1, ?3)
+                 ON CONFLICT (device, release) DO UPDATE SET attempt = attempt + 1, at = excluded.at",
+                params![device, release.id, now],
+            )
+            .map_err(self.err())?;
+            tx.execute(
+                "DELETE FROM device_updates WHERE device = ?1 AND app = ?2 AND release = ?3
+                 AND json_extract(report, '$.event') IN ('prepare-failed', 'rolled-back')",
+                params![device, release.app, release.id],
+            )
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(plan.failed.len())
+    }
+
+    /// What a rollout of `req` would do if it started now: the planner's own first plan (its waves, by device
+    /// name, and the devices it cannot serve), checked as [`ServerDb::create_rollout`] checks, and stored nowhere.
+    pub fn preview_rollout(
+        &self,
+        req: &RolloutRequest,
+        now: u64,
+    ) -> Result<rollout::Plan, ServerDbError> {
+        parse_spec(req)?;
+        let release = self.release(&req.release)?;
+        let view = RolloutView {
+            id: 0,
+            app: release.app,
+            spec: req.clone(),
+            previous: None,
+            status: StateView::Running,
+            waves_started: 0,
+            waves: Vec::new(),
+            incompatible: Vec::new(),
+            late: Vec::new(),
+            devices: BTreeMap::new(),
+            created: now,
+        };
+        let frozen = Frozen {
+            waves: None,
+            rolled_back: false,
+        };
+        let devices = self.devices()?;
+        Ok(self.plan_one(&view, &frozen, &devices, now)?.1)
     }
 
     /// Every device, with what it runs and what the fleet wants of it.
@@ -883,8 +1023,9 @@ impl ServerDb {
         let mut st = self
             .conn
             .prepare(
-                "SELECT d.app, r.id, r.pinned, r.manifests, a.settings FROM desired d
+                "SELECT d.app, r.id, r.pinned, r.manifests, a.settings, coalesce(t.attempt, 0) FROM desired d
                  JOIN releases r ON r.id = d.release JOIN apps a ON a.name = d.app
+                 LEFT JOIN retries t ON t.device = d.device AND t.release = d.release
                  WHERE d.device = ?1 ORDER BY d.app",
             )
             .map_err(self.err())?;
@@ -896,6 +1037,7 @@ impl ServerDb {
                     r.get::<_, String>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, String>(4)?,
+                    r.get::<_, u32>(5)?,
                 ))
             })
             .map_err(self.err())?
@@ -903,13 +1045,14 @@ impl ServerDb {
             .map_err(self.err())?;
         let apps = rows
             .into_iter()
-            .map(|(name, release, image, manifests, settings)| {
+            .map(|(name, release, image, manifests, settings, attempt)| {
                 Ok(DesiredApp {
                     name,
                     release,
                     image,
                     manifests: from_json("release manifests", &manifests)?,
                     settings: from_json("app settings", &settings)?,
+                    attempt,
                 })
             })
             .collect::<Result<Vec<_>, ServerDbError>>()?;
@@ -956,13 +1099,14 @@ impl ServerDb {
         Ok(changed)
     }
 
-    fn drive_one(
+    /// The planner's view of rollout `r` now: its release, and the plan over every device that is not revoked.
+    fn plan_one(
         &self,
         r: &RolloutView,
         frozen: &Frozen,
         devices: &[DeviceView],
         now: u64,
-    ) -> Result<bool, ServerDbError> {
+    ) -> Result<(ReleaseView, rollout::Plan), ServerDbError> {
         let release = self.release(&r.spec.release)?;
         let (waves, max_failures) = parse_spec(&r.spec)?;
         let current = rollout::Rollout {
@@ -1009,6 +1153,16 @@ impl ServerDb {
                 fallback.insert(device, on);
             }
         }
+        // A retried device gets a new device timeout from the retry: it may have been silent because it was down.
+        let mut st = self
+            .conn
+            .prepare("SELECT device, at FROM retries WHERE release = ?1")
+            .map_err(self.err())?;
+        let retried: BTreeMap<String, u64> = st
+            .query_map([&release.id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.err())?
+            .collect::<Result<_, _>>()
+            .map_err(self.err())?;
         let input: Vec<rollout::Device> = devices
             .iter()
             .filter(|d| !d.revoked)
@@ -1016,18 +1170,27 @@ impl ServerDb {
                 id: d.id.clone(),
                 name: d.name.clone(),
                 selected: r.spec.select.iter().all(|(k, v)| d.tags.get(k) == Some(v)),
-                compatible: d
-                    .platform
-                    .candidates
-                    .iter()
-                    .any(|c| release.manifests.contains_key(c)),
+                compatible: serves(&release.manifests, &d.platform.candidates).is_some(),
                 platforms: d.platform.candidates.clone(),
                 progress: progress(reports.get(&d.id)),
-                last_seen: d.last_seen,
+                last_seen: d
+                    .last_seen
+                    .max(retried.get(&d.id).copied().unwrap_or_default()),
                 fallback: fallback.get(&d.id).cloned(),
             })
             .collect();
         let plan = rollout::plan(&current, &input, now);
+        Ok((release, plan))
+    }
+
+    fn drive_one(
+        &self,
+        r: &RolloutView,
+        frozen: &Frozen,
+        devices: &[DeviceView],
+        now: u64,
+    ) -> Result<bool, ServerDbError> {
+        let (release, plan) = self.plan_one(r, frozen, devices, now)?;
         let record = PlanRecord {
             waves: plan
                 .waves
@@ -1127,6 +1290,39 @@ fn progress(report: Option<&(Report, u64)>) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_serves_a_device_by_the_pulls_own_selection_not_by_string() {
+        let digest = |n: u8| format!("sha256:{}", format!("{n:02x}").repeat(32));
+        let manifests: BTreeMap<String, String> = [
+            ("linux/arm64".to_string(), digest(1)),
+            ("linux/arm".to_string(), digest(2)),
+        ]
+        .into();
+        let s = |c: &[&str]| {
+            serves(
+                &manifests,
+                &c.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            s(&["linux/arm64/v8", "linux/arm/v7"]).as_deref(),
+            Some("linux/arm64")
+        );
+        assert_eq!(
+            s(&["linux/arm/v7"]).as_deref(),
+            Some("linux/arm"),
+            "unlabelled arm is v7"
+        );
+        assert_eq!(s(&["linux/amd64"]), None);
+        assert_eq!(s(&["not a platform"]), None);
+        let v6_only: BTreeMap<String, String> = [("linux/arm/v7".to_string(), digest(3))].into();
+        assert_eq!(
+            serves(&v6_only, &["linux/arm/v6".to_string()]),
+            None,
+            "v7 code on a v6 device"
+        );
+    }
 
     #[test]
     fn waves_and_thresholds_take_exactly_what_the_document_patterns_say() {

@@ -5,5 +5,6 @@
 mod browser;
 mod harness;
 mod pages;
+mod rollouts;
 
 pub use harness::*;

@@ -11,6 +11,8 @@
 
 pub mod cause;
 mod overview;
+mod releases;
+mod rollouts;
 pub mod session;
 
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub fn router(server: Shared) -> Router {
         .route("/signout", post(signout))
         .route("/static/app.js", get(app_js))
         .route("/static/style.css", get(style_css))
+        .merge(releases::routes())
+        .merge(rollouts::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),
