@@ -606,6 +606,12 @@ impl Agent {
             if clock.instant() >= next_heartbeat {
                 let mut m = self.sampler.sample();
                 m.dead_letters = Some(self.db.dead_letters()?).filter(|n| *n > 0);
+                // This heartbeat joins the outbox behind what waits there, so it counts, and an empty outbox is
+                // no lag at all.
+                let (pending, oldest) = self.db.outbox_backlog()?;
+                m.outbox_pending = Some(pending.saturating_add(1));
+                m.outbox_oldest_age_secs =
+                    Some(oldest.map_or(0, |at| self.now().saturating_sub(at)));
                 self.event(EventBody::Heartbeat(m))?;
                 next_heartbeat =
                     crate::clock::after(clock.instant(), self.fleet.heartbeat_interval);

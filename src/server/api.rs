@@ -144,6 +144,8 @@ pub struct Server {
     news: Mutex<Option<NewsWriter>>,
     /// Served over TLS: the dashboard's session cookie is marked Secure.
     tls: std::sync::atomic::AtomicBool,
+    /// This replica's request latencies, for `/metrics`.
+    http_metrics: super::metrics::HttpMetrics,
 }
 
 /// A refusal: its status and a message for the caller.
@@ -280,6 +282,7 @@ impl Server {
             rates: Mutex::new(RateLimiter::new(limits.rate)),
             news: Mutex::new(None),
             tls: std::sync::atomic::AtomicBool::new(false),
+            http_metrics: super::metrics::HttpMetrics::default(),
         })
     }
 
@@ -290,6 +293,10 @@ impl Server {
 
     pub(super) fn tls(&self) -> bool {
         self.tls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn http_metrics(&self) -> &super::metrics::HttpMetrics {
+        &self.http_metrics
     }
 
     pub(super) fn limits(&self) -> &Limits {
@@ -546,6 +553,8 @@ pub fn router(server: Shared) -> Router {
         .route("/v1/rollouts", get(rollouts).post(create_rollout))
         .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/rollouts/{id}/{action}", post(control_rollout))
+        // Not under /v1: Prometheus's own path. The guard takes it as an admin route (the admin token).
+        .route("/metrics", get(super::metrics::scrape))
         .route_layer(axum::middleware::from_fn_with_state(server.clone(), guard))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(server)
@@ -917,7 +926,12 @@ pub async fn serve<L: axum::serve::Listener>(
         idle_timeout: server.limits.idle_timeout,
         max_connections: server.limits.max_connections,
     };
-    let app = router(server.clone()).merge(super::dashboard::router(server.clone()));
+    let app = router(server.clone())
+        .merge(super::dashboard::router(server.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            super::metrics::time_request,
+        ));
     super::http::serve_connections(listener, app, limits, shutdown).await;
     chores.abort();
     server.flush().await.map_err(|e| {
