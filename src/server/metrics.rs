@@ -131,7 +131,8 @@ pub struct RolloutProgress {
     pub paused: bool,
     pub waves_started: u64,
     pub waves: u64,
-    /// State → devices: ordered (in a started wave), waiting, updating, healthy, failed, timed_out, incompatible.
+    /// State → devices: ordered (in a started wave), waiting (for its wave, or ordered and silent), updating,
+    /// healthy, failed, timed_out, incompatible (never ordered, counted nowhere else).
     pub devices: Vec<(&'static str, u64)>,
 }
 
@@ -236,6 +237,8 @@ impl ServerDb {
                         count(*)
                    FROM rollouts r, json_each(r.plan, '$.devices') e
                   WHERE json_extract(r.state, '$.state') IN ('running', 'paused')
+                    AND NOT EXISTS (SELECT 1 FROM json_each(r.plan, '$.incompatible') i
+                                     WHERE json_extract(i.value, '$.device') = e.key)
                   GROUP BY r.id, s",
             )
             .map_err(self.err())?;
