@@ -437,6 +437,38 @@ impl Server {
         }
     }
 
+    /// Checks a token request as every client's is checked (the API's and the dashboard's), and makes the token.
+    pub(super) async fn create_token(
+        self: &Arc<Self>,
+        req: TokenRequest,
+    ) -> Result<super::model::TokenCreated, ApiError> {
+        if req.uses == Some(0) {
+            return Err(ServerDbError::Field {
+                path: "uses".into(),
+                message: "a token of 0 uses enrolls nobody; give 1 or more, or null for unlimited"
+                    .into(),
+            }
+            .into());
+        }
+        if let Some(d) = req
+            .expires_in
+            .filter(|d| *d == 0 || *d > MAX_TOKEN_TTL_SECS)
+        {
+            return Err(ServerDbError::Field {
+                path: "expires_in".into(),
+                message: format!(
+                    "{d} s is not between 1 s and ten years ({MAX_TOKEN_TTL_SECS} s); null never expires"
+                ),
+            }
+            .into());
+        }
+        super::model::check_tags("tags", &req.tags)?;
+        let now = self.now();
+        let expires = req.expires_in.map(|d| now.saturating_add(d));
+        self.with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
+            .await
+    }
+
     /// Re-plans the rollouts, and wakes the long polls when a desired state changed: waking 10,000 held polls
     /// on every tick queued their database work ahead of the heartbeats (p99 200 ms instead of 2 ms).
     pub async fn drive(self: &Arc<Self>) -> Result<(), ApiError> {
@@ -701,33 +733,7 @@ async fn create_token(
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let req: TokenRequest = strict(body)?;
-    if req.uses == Some(0) {
-        return Err(ServerDbError::Field {
-            path: "uses".into(),
-            message: "a token of 0 uses enrolls nobody; give 1 or more, or null for unlimited"
-                .into(),
-        }
-        .into());
-    }
-    if let Some(d) = req
-        .expires_in
-        .filter(|d| *d == 0 || *d > MAX_TOKEN_TTL_SECS)
-    {
-        return Err(ServerDbError::Field {
-            path: "expires_in".into(),
-            message: format!(
-                "{d} s is not between 1 s and ten years ({MAX_TOKEN_TTL_SECS} s); null never expires"
-            ),
-        }
-        .into());
-    }
-    super::model::check_tags("tags", &req.tags)?;
-    let now = s.now();
-    let expires = req.expires_in.map(|d| now.saturating_add(d));
-    let created = s
-        .with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
-        .await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Json(s.create_token(req).await?)))
 }
 
 async fn tokens(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {

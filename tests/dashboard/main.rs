@@ -5,5 +5,6 @@
 mod harness;
 mod metrics;
 mod pages;
+mod tokens;
 
 pub use harness::*;

@@ -12,6 +12,7 @@
 pub mod cause;
 mod overview;
 pub mod session;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ pub fn router(server: Shared) -> Router {
         .route("/signout", post(signout))
         .route("/static/app.js", get(app_js))
         .route("/static/style.css", get(style_css))
+        .merge(tokens::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),
