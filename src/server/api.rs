@@ -945,6 +945,23 @@ pub async fn serve<L: axum::serve::Listener>(
     })
 }
 
+/// Serves only `/metrics`, without a token (`serve --metrics-listen`, loopback only), until the task is aborted.
+pub async fn serve_metrics(server: Shared, listener: tokio::net::TcpListener) {
+    let limits = super::http::ConnLimits {
+        header_timeout: server.limits.header_timeout,
+        idle_timeout: server.limits.idle_timeout,
+        max_connections: server.limits.max_connections,
+    };
+    let app = Router::new()
+        .route("/metrics", get(super::metrics::scrape))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            super::metrics::time_request,
+        ))
+        .with_state(server);
+    super::http::serve_connections(listener, app, limits, std::future::pending()).await;
+}
+
 /// The server's timed work, each on its own schedule; a failure is logged and tried again next time.
 async fn chores(server: Shared, tick: Duration) {
     let mut plan = tokio::time::interval(tick);

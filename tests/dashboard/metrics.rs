@@ -295,3 +295,76 @@ async fn rollout_progress_is_exported_per_running_rollout() {
     let (_, _, text) = scrape(&d, Some(&d.admin)).await;
     assert!(!text.contains("flotilla_rollout_devices{"), "{text}");
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn metrics_listen_serves_without_a_token_on_loopback_only() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let serve = |extra: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_flotilla-server"));
+        c.arg("serve")
+            .arg("--db")
+            .arg(dir.path().join("server.db"))
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let refused = serve(&["--listen", "127.0.0.1:0", "--metrics-listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{said}");
+    assert!(said.contains("not a loopback address"), "{said}");
+
+    let (api, open) = (free_port(), free_port());
+    let mut child = serve(&[
+        "--listen",
+        &format!("127.0.0.1:{api}"),
+        "--metrics-listen",
+        &format!("127.0.0.1:{open}"),
+    ])
+    .spawn()
+    .unwrap();
+    let http = reqwest::Client::new();
+    let mut text = None;
+    for _ in 0..300 {
+        if let Ok(resp) = http
+            .get(format!("http://127.0.0.1:{open}/metrics"))
+            .send()
+            .await
+        {
+            assert_eq!(resp.status().as_u16(), 200);
+            text = Some(resp.text().await.unwrap());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let text = text.expect("the metrics listener answers");
+    check_syntax(&text);
+    has(&text, "flotilla_devices{state=\"running\"} 0");
+    // The main listener's /metrics still takes the admin token.
+    let main = http
+        .get(format!("http://127.0.0.1:{api}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(main.status().as_u16(), 401);
+    // Only /metrics is served there: not the API, not the dashboard.
+    let other = http
+        .get(format!("http://127.0.0.1:{open}/v1/tokens"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
