@@ -102,7 +102,7 @@ pub async fn time_request(State(s): State<Shared>, req: Request, next: Next) -> 
 /// `GET /metrics`. On the main listener the API's guard has checked the admin token before this runs.
 pub async fn scrape(State(s): State<Shared>) -> Result<Response, ApiError> {
     let now = s.now();
-    let fleet = s.with_db(move |db| db.fleet_metrics(now)).await?;
+    let fleet = s.with_reader(move |db| db.fleet_metrics(now)).await?;
     let text = render(&fleet, s.http_metrics()).map_err(|e| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -138,14 +138,21 @@ async fn unlimited_and_never_and_a_revoke_from_the_list() {
     );
     assert_eq!(api_tokens(&d).await[0]["revoked"], true);
 
+    // An empty form is refused, not taken for the defaults.
+    let empty = d.form("/tokens", "/tokens", &[]).await;
+    assert_eq!(empty.status, 422);
     // Without the form's CSRF token, nothing is revoked.
-    let other = d.form("/tokens", "/tokens", &[]).await;
-    assert_eq!(other.status, 422);
-    let id2 = {
-        d.form("/tokens", "/tokens", &[("uses", "1"), ("expires", "1h")])
-            .await;
-        api_tokens(&d).await[1]["id"].as_str().unwrap().to_string()
+    d.form("/tokens", "/tokens", &[("uses", "1"), ("expires", "1h")])
+        .await;
+    let revoked_of = |tokens: &[Value], id: &str| {
+        tokens.iter().find(|t| t["id"] == id).expect("listed")["revoked"].clone()
     };
+    let tokens = api_tokens(&d).await;
+    let id2 = tokens
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .find(|t| *t != id)
+        .expect("the second token");
     let forged = d
         .raw_post(
             &format!("/tokens/{id2}/revoke"),
@@ -154,7 +161,7 @@ async fn unlimited_and_never_and_a_revoke_from_the_list() {
         )
         .await;
     assert_eq!(forged.status, 403);
-    assert_eq!(api_tokens(&d).await[1]["revoked"], false);
+    assert_eq!(revoked_of(&api_tokens(&d).await, &id2), false);
     let missing = d.form("/tokens", "/tokens/nosuchtoken/revoke", &[]).await;
     assert_eq!(missing.status, 404);
     missing.says("nosuchtoken");
