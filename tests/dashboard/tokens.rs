@@ -54,6 +54,11 @@ async fn a_token_made_on_the_page_shows_its_secret_once_enrolls_and_is_listed_wi
     let secret = pre(&made, "secret");
     assert!(secret.len() >= 32, "{secret:?}");
     made.says("shown this once");
+    assert_eq!(
+        made.header("cache-control"),
+        "no-store",
+        "no cache keeps the secret"
+    );
     made.says(&format!(
         "umask 077; echo '{secret}' > /etc/flotilla/enroll-token && systemctl restart flotilla"
     ));
