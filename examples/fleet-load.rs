@@ -204,6 +204,8 @@ fn heartbeat(seq: u64) -> ReportBatch {
                 load: Some([0.42, 0.37, 0.31]),
                 temperature_celsius: Some(48.3 + jitter / 10.0),
                 dead_letters: None,
+                outbox_pending: Some(1),
+                outbox_oldest_age_secs: Some(0),
             }),
         }],
     }

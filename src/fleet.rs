@@ -195,6 +195,10 @@ pub struct Metrics {
     /// Reports this device holds back because the server refused each of them alone as malformed (a newer agent's
     /// event an older server cannot read): kept in the agent's `dead_letter` table instead of blocking the rest.
     pub dead_letters: Option<u64>,
+    /// Reports waiting in the agent's outbox for the server, this heartbeat included.
+    pub outbox_pending: Option<u64>,
+    /// How long the oldest of them has waited, by the device's clock: how far behind the fleet's view of it is.
+    pub outbox_oldest_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

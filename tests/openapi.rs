@@ -723,6 +723,8 @@ fn metrics() -> Metrics {
         load: Some([0.5, 0.25, 0.125]),
         temperature_celsius: Some(48.5),
         dead_letters: Some(1),
+        outbox_pending: Some(3),
+        outbox_oldest_age_secs: Some(120),
     }
 }
 

@@ -341,6 +341,18 @@ impl Db {
             .map_err(self.err())
     }
 
+    /// How many events wait in the outbox, and when the oldest of them was made (by this device's clock).
+    pub fn outbox_backlog(&self) -> Result<(u64, Option<u64>), DbError> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), (SELECT json_extract(event, '$.at') FROM outbox ORDER BY seq LIMIT 1)
+                 FROM outbox",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.err())
+    }
+
     /// Drops events the server accepted.
     pub fn acknowledge(&self, ids: &[String]) -> Result<(), DbError> {
         let tx = self.conn.unchecked_transaction().map_err(self.err())?;
@@ -423,6 +435,22 @@ mod tests {
         db.dead_letter("a1", "422: unknown variant").unwrap();
         assert_eq!(ids(&db), ["a2"]);
         assert_eq!(db.dead_letters().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_backlog_counts_the_outbox_and_dates_its_oldest_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        assert_eq!(db.outbox_backlog().unwrap(), (0, None));
+        let mut first = app_event("a1");
+        first.at = 1_000;
+        db.push(&first).unwrap();
+        let mut second = heartbeat("h1");
+        second.at = 1_060;
+        db.push(&second).unwrap();
+        assert_eq!(db.outbox_backlog().unwrap(), (2, Some(1_000)));
+        db.acknowledge(&["a1".to_string()]).unwrap();
+        assert_eq!(db.outbox_backlog().unwrap(), (1, Some(1_060)));
     }
 
     #[test]

@@ -60,8 +60,10 @@ impl Sampler for SystemSampler {
             uptime: Some(System::uptime()),
             load: Some([load.one, load.five, load.fifteen]),
             temperature_celsius: temperature,
-            // The agent fills it in: the sampler does not see its database.
+            // The agent fills these in: the sampler does not see its database.
             dead_letters: None,
+            outbox_pending: None,
+            outbox_oldest_age_secs: None,
         }
     }
 }

@@ -607,6 +607,9 @@ impl Agent {
             if clock.instant() >= next_heartbeat {
                 let mut m = self.sampler.sample();
                 m.dead_letters = Some(self.db.dead_letters()?).filter(|n| *n > 0);
+                let (pending, age) = outbox_lag(self.db.outbox_backlog()?, self.now());
+                m.outbox_pending = Some(pending);
+                m.outbox_oldest_age_secs = Some(age);
                 self.event(EventBody::Heartbeat(m))?;
                 next_heartbeat =
                     crate::clock::after(clock.instant(), self.fleet.heartbeat_interval);
@@ -737,10 +740,27 @@ where
 const RERUN_FIRST: Duration = Duration::from_secs(2);
 const RERUN_MAX: Duration = Duration::from_secs(300);
 
+/// What a heartbeat says of the outbox it joins, from [`db::Db::outbox_backlog`]: the reports waiting, itself
+/// included, and how long the oldest has waited (none waiting: no lag; a clock stepped back: none either).
+fn outbox_lag((pending, oldest): (u64, Option<u64>), now: u64) -> (u64, u64) {
+    (
+        pending.saturating_add(1),
+        oldest.map_or(0, |at| now.saturating_sub(at)),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::supervise::container::ArchFailure;
+
+    #[test]
+    fn a_heartbeat_counts_itself_and_dates_the_oldest_waiting_report() {
+        assert_eq!(outbox_lag((0, None), 1_000), (1, 0));
+        assert_eq!(outbox_lag((5, Some(940)), 1_000), (6, 60));
+        // NTP stepped the clock back past the oldest report.
+        assert_eq!(outbox_lag((2, Some(2_000)), 1_000), (3, 0));
+    }
 
     fn r(id: &str) -> Release {
         Release {

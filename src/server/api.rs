@@ -144,6 +144,10 @@ pub struct Server {
     news: Mutex<Option<NewsWriter>>,
     /// Served over TLS: the dashboard's session cookie is marked Secure.
     tls: std::sync::atomic::AtomicBool,
+    /// This replica's request latencies, for `/metrics`.
+    http_metrics: super::metrics::HttpMetrics,
+    /// A connection of its own for long reads (opened at the first), so they do not hold `db`'s lock.
+    reader: Mutex<Option<ServerDb>>,
 }
 
 /// A refusal: its status and a message for the caller.
@@ -280,6 +284,8 @@ impl Server {
             rates: Mutex::new(RateLimiter::new(limits.rate)),
             news: Mutex::new(None),
             tls: std::sync::atomic::AtomicBool::new(false),
+            http_metrics: super::metrics::HttpMetrics::default(),
+            reader: Mutex::new(None),
         })
     }
 
@@ -290,6 +296,10 @@ impl Server {
 
     pub(super) fn tls(&self) -> bool {
         self.tls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn http_metrics(&self) -> &super::metrics::HttpMetrics {
+        &self.http_metrics
     }
 
     pub(super) fn limits(&self) -> &Limits {
@@ -413,6 +423,36 @@ impl Server {
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     }
 
+    /// Runs a read on a connection of its own, off the async workers: WAL lets it read while the main connection
+    /// writes, so a scrape counting 100,000 devices (about 170 ms) does not hold up heartbeats. It sees what is
+    /// committed, not the news kept in memory until the next flush.
+    pub(super) async fn with_reader<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = me.reader.lock().unwrap_or_else(|e| e.into_inner());
+            let db = match reader.take() {
+                Some(db) => db,
+                None => {
+                    let path = me
+                        .db
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .path()
+                        .to_path_buf();
+                    ServerDb::open(&path)?
+                }
+            };
+            let out = f(&db);
+            *reader = Some(db);
+            out.map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+
     async fn device(self: &Arc<Self>, headers: &HeaderMap) -> Result<String, ApiError> {
         let token = bearer(headers).ok_or_else(unauthorized)?;
         let now = self.now();
@@ -434,6 +474,38 @@ impl Server {
     /// controlled), which plans and writes the orders itself.
     pub(super) fn desired_changed(&self) {
         self.desired_version.send_modify(|v| *v += 1);
+    }
+
+    /// Checks a token request as every client's is checked (the API's and the dashboard's), and makes the token.
+    pub(super) async fn create_token(
+        self: &Arc<Self>,
+        req: TokenRequest,
+    ) -> Result<super::model::TokenCreated, ApiError> {
+        if req.uses == Some(0) {
+            return Err(ServerDbError::Field {
+                path: "uses".into(),
+                message: "a token of 0 uses enrolls nobody; give 1 or more, or null for unlimited"
+                    .into(),
+            }
+            .into());
+        }
+        if let Some(d) = req
+            .expires_in
+            .filter(|d| *d == 0 || *d > MAX_TOKEN_TTL_SECS)
+        {
+            return Err(ServerDbError::Field {
+                path: "expires_in".into(),
+                message: format!(
+                    "{d} s is not between 1 s and ten years ({MAX_TOKEN_TTL_SECS} s); null never expires"
+                ),
+            }
+            .into());
+        }
+        super::model::check_tags("tags", &req.tags)?;
+        let now = self.now();
+        let expires = req.expires_in.map(|d| now.saturating_add(d));
+        self.with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
+            .await
     }
 
     /// Re-plans the rollouts, and wakes the long polls when a desired state changed: waking 10,000 held polls
@@ -552,6 +624,8 @@ pub fn router(server: Shared) -> Router {
         .route("/v1/rollouts", get(rollouts).post(create_rollout))
         .route("/v1/rollouts/{id}", get(rollout))
         .route("/v1/rollouts/{id}/{action}", post(control_rollout))
+        // Not under /v1: Prometheus's own path. The guard takes it as an admin route (the admin token).
+        .route("/metrics", get(super::metrics::scrape))
         .route_layer(axum::middleware::from_fn_with_state(server.clone(), guard))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(server)
@@ -698,33 +772,7 @@ async fn create_token(
     body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let req: TokenRequest = strict(body)?;
-    if req.uses == Some(0) {
-        return Err(ServerDbError::Field {
-            path: "uses".into(),
-            message: "a token of 0 uses enrolls nobody; give 1 or more, or null for unlimited"
-                .into(),
-        }
-        .into());
-    }
-    if let Some(d) = req
-        .expires_in
-        .filter(|d| *d == 0 || *d > MAX_TOKEN_TTL_SECS)
-    {
-        return Err(ServerDbError::Field {
-            path: "expires_in".into(),
-            message: format!(
-                "{d} s is not between 1 s and ten years ({MAX_TOKEN_TTL_SECS} s); null never expires"
-            ),
-        }
-        .into());
-    }
-    super::model::check_tags("tags", &req.tags)?;
-    let now = s.now();
-    let expires = req.expires_in.map(|d| now.saturating_add(d));
-    let created = s
-        .with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
-        .await?;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok((StatusCode::CREATED, Json(s.create_token(req).await?)))
 }
 
 async fn tokens(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
@@ -924,12 +972,34 @@ pub async fn serve<L: axum::serve::Listener>(
         idle_timeout: server.limits.idle_timeout,
         max_connections: server.limits.max_connections,
     };
-    let app = router(server.clone()).merge(super::dashboard::router(server.clone()));
+    let app = router(server.clone())
+        .merge(super::dashboard::router(server.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            super::metrics::time_request,
+        ));
     super::http::serve_connections(listener, app, limits, shutdown).await;
     chores.abort();
     server.flush().await.map_err(|e| {
         std::io::Error::other(format!("writing last_seen and metrics failed: {}", e.1))
     })
+}
+
+/// Serves only `/metrics`, without a token (`serve --metrics-listen`, loopback only), until the task is aborted.
+pub async fn serve_metrics(server: Shared, listener: tokio::net::TcpListener) {
+    let limits = super::http::ConnLimits {
+        header_timeout: server.limits.header_timeout,
+        idle_timeout: server.limits.idle_timeout,
+        max_connections: server.limits.max_connections,
+    };
+    let app = Router::new()
+        .route("/metrics", get(super::metrics::scrape))
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            super::metrics::time_request,
+        ))
+        .with_state(server);
+    super::http::serve_connections(listener, app, limits, std::future::pending()).await;
 }
 
 /// The server's timed work, each on its own schedule; a failure is logged and tried again next time.

@@ -123,6 +123,10 @@ pub struct ServeArgs {
     /// Events received longer ago than this are deleted (checked hourly)
     #[arg(long, default_value = "720h", value_parser = |s: &str| positive("--event-retention", s))]
     pub event_retention: Duration,
+    /// Also serve /metrics without a token on this loopback address, for a Prometheus on this host (the main
+    /// listener's /metrics takes the admin token)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl ServeArgs {
@@ -324,6 +328,12 @@ pub enum ServerCliError {
          clear. Give --tls-cert and --tls-key, or put a TLS proxy in front and pass --insecure-http"
     )]
     PlainHttp(std::net::SocketAddr),
+    #[error(
+        "refusing --metrics-listen {0}, which is not a loopback address: it answers /metrics to anyone, without a \
+         token. Scrape /metrics on the main listener with the admin token instead (Prometheus: \
+         authorization.credentials_file = the admin-token file), or keep --metrics-listen on 127.0.0.1"
+    )]
+    MetricsNotLoopback(std::net::SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -380,6 +390,9 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
     if tls.is_none() && !args.listen.ip().is_loopback() && !args.insecure_http {
         return Err(ServerCliError::PlainHttp(args.listen));
     }
+    if let Some(addr) = args.metrics_listen.filter(|a| !a.ip().is_loopback()) {
+        return Err(ServerCliError::MetricsNotLoopback(addr));
+    }
     if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| ServerCliError::Io {
             what: format!("cannot make {}", dir.display()),
@@ -410,6 +423,16 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
         "flotilla-server: serving the fleet API on http://{}/v1",
         args.listen
     );
+    let metrics = match args.metrics_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerCliError::Listen { addr, source })?;
+            eprintln!("flotilla-server: serving /metrics without a token on http://{addr}/metrics");
+            Some(tokio::spawn(api::serve_metrics(server.clone(), listener)))
+        }
+        None => None,
+    };
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -434,6 +457,9 @@ async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
         }
         None => api::serve(server.clone(), listener, args.tick, shutdown).await,
     };
+    if let Some(task) = metrics {
+        task.abort();
+    }
     served.map_err(|source| ServerCliError::Io {
         what: "serving the API".into(),
         source,

@@ -251,6 +251,11 @@ impl ServerDb {
         Ok(db)
     }
 
+    /// The database file, for another connection to it.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub(super) fn err(&self) -> impl Fn(rusqlite::Error) -> ServerDbError + '_ {
         move |source| ServerDbError::Sqlite {
             path: self.path.clone(),

@@ -4,7 +4,9 @@
 
 mod browser;
 mod harness;
+mod metrics;
 mod pages;
 mod rollouts;
+mod tokens;
 
 pub use harness::*;

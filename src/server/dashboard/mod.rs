@@ -14,6 +14,7 @@ mod overview;
 mod releases;
 mod rollouts;
 pub mod session;
+mod tokens;
 
 use std::sync::Arc;
 
@@ -44,6 +45,7 @@ pub fn router(server: Shared) -> Router {
         .route("/static/style.css", get(style_css))
         .merge(releases::routes())
         .merge(rollouts::routes())
+        .merge(tokens::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),
