@@ -234,3 +234,152 @@ async fn a_cross_site_form_post_is_refused_in_chromium() {
         .await;
     b.close().await;
 }
+
+fn update(report: flotilla::update::Report) -> Vec<flotilla::fleet::EventBody> {
+    vec![flotilla::fleet::EventBody::Update {
+        app: "sensor".into(),
+        report,
+    }]
+}
+
+/// Clicks the button of the form posting to `action`, and waits for the page it leads to.
+async fn press(b: &Browser, action: &str, then: &str) {
+    b.client
+        .find(Locator::Css(&format!(
+            "form[method='post'][action='{action}'] button"
+        )))
+        .await
+        .unwrap_or_else(|e| panic!("no button posting to {action}: {e}"))
+        .click()
+        .await
+        .unwrap();
+    b.wait_for_text("main", then, Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn a_rollout_started_in_chromium_moves_its_bars_and_shows_a_crash_under_its_cause() {
+    use flotilla::update::Report;
+    let Some(b) = Browser::start("rollout").await else {
+        return;
+    };
+    let d = crate::Dash::start().await;
+    let mut devices = std::collections::BTreeMap::new();
+    for (name, platforms) in [
+        ("pi-zero", &["linux/arm/v6"][..]),
+        ("pi-4", &["linux/arm64", "linux/arm/v7", "linux/arm/v6"][..]),
+        ("nuc", &["linux/amd64"][..]),
+    ] {
+        devices.insert(name, d.enroll(name, platforms, name).await);
+    }
+    d.api(
+        "POST",
+        "/v1/apps",
+        Some(serde_json::json!({"name": "sensor"})),
+        201,
+    )
+    .await;
+    let release = d
+        .api(
+            "POST",
+            "/v1/releases",
+            Some(serde_json::json!({"app": "sensor", "image": "registry.local/sensor:2"})),
+            201,
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    sign_in(&b, &d).await;
+
+    b.client
+        .goto(&format!("{}/releases/{release}", d.base))
+        .await
+        .unwrap();
+    b.wait_for_text("#covered", "3 of 3 devices", Duration::from_secs(10))
+        .await;
+    b.shot("release").await;
+
+    // The rollout, from the release's form: a preview first, then the start.
+    b.client
+        .goto(&format!("{}/releases/{release}/rollout", d.base))
+        .await
+        .unwrap();
+    let form = b.client.form(Locator::Css("form.stack")).await.unwrap();
+    form.set_by_name("waves", "1,3").await.unwrap();
+    form.set_by_name("max_failures", "2").await.unwrap();
+    b.client
+        .find(Locator::Css("button[name='preview']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_for_text("#preview", "pi-", Duration::from_secs(10))
+        .await;
+    b.shot("preview").await;
+    press(&b, &format!("/releases/{release}/rollout"), "Rollout #1").await;
+    b.shot("rollout-started").await;
+
+    // Reports reach the server while the page stays open: its bars move without a reload (the marker set in the
+    // page survives only if the document is never loaded again).
+    b.client
+        .execute("window.flotillaMarker = 1; return 1;", vec![])
+        .await
+        .unwrap();
+    let rollout = d.api("GET", "/v1/rollouts/1", None, 200).await;
+    let first = rollout["waves"][0]["devices"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.report(
+        &devices[first.as_str()],
+        update(Report::Committed {
+            release: release.clone(),
+        }),
+    )
+    .await;
+    b.wait_for_text("#wave-1", "1 healthy", Duration::from_secs(20))
+        .await;
+    // The second wave is ordered once the first has settled; one of its devices crashes.
+    let rollout = d.api("GET", "/v1/rollouts/1", None, 200).await;
+    let crashed = rollout["waves"][1]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .find(|n| *n != first)
+        .unwrap();
+    d.report(
+        &devices[crashed.as_str()],
+        update(Report::RolledBack {
+            release: release.clone(),
+            to: None,
+            reason: "exit code 139 <img src=x onerror=alert(1)>".into(),
+            wrong_variant: false,
+        }),
+    )
+    .await;
+    b.wait_for_text("#cause-crash", &crashed, Duration::from_secs(20))
+        .await;
+    assert!(
+        b.text("#cause-crash")
+            .await
+            .contains("<img src=x onerror=alert(1)>"),
+        "the reason is shown as text"
+    );
+    let marker = b
+        .client
+        .execute("return window.flotillaMarker === 1;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(marker, serde_json::json!(true), "the page was reloaded");
+    b.no_alert().await;
+    b.shot("rollout").await;
+
+    press(&b, "/rollouts/1/pause", "paused").await;
+    b.shot("rollout-paused").await;
+    press(&b, "/rollouts/1/abort", "aborted").await;
+    let state = d.api("GET", "/v1/rollouts/1", None, 200).await;
+    assert_eq!(state["status"]["state"], "aborted", "{state}");
+    b.close().await;
+}

@@ -263,7 +263,7 @@ async fn one(
                         td { (k + 1) }
                         td { (bar(&c)) }
                         td.counts {
-                            (c.total) " devices"
+                            (c.total) @if c.total == 1 { " device" } @else { " devices" }
                             @if k >= r.waves_started { ": not ordered yet" } @else {
                                 ": " (c.ordered) " ordered · " (c.updating) " updating · " (c.healthy) " healthy · "
                                 (c.failed) " failed · " (c.timed_out) " timed out"
