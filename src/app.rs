@@ -26,7 +26,7 @@ pub enum SettingsError {
     #[error("{what} {value:?}: write a number with an optional unit: k, m or g (64m)")]
     Size { what: &'static str, value: String },
     #[error(
-        "{what} {value:?}: write a number of seconds, or a number with a unit: ms, s, m or h (1m30s is not read)"
+        "{what} {value:?}: write a number of seconds, or a number with a unit: ms, s, m, h or d (1m30s is not read)"
     )]
     Duration { what: &'static str, value: String },
     #[error("--cpus {0:?}: write a positive number of CPUs, such as 0.5 or 2")]
@@ -613,6 +613,8 @@ pub fn parse_duration(what: &'static str, s: &str) -> Result<Duration, SettingsE
         (d, 60_000)
     } else if let Some(d) = s.strip_suffix('h') {
         (d, 3_600_000)
+    } else if let Some(d) = s.strip_suffix('d') {
+        (d, 86_400_000)
     } else {
         (s, 1000)
     };
@@ -769,6 +771,10 @@ mod tests {
             Ok(Duration::from_millis(250))
         );
         assert_eq!(parse_duration("--time", "2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(
+            parse_duration("--expires", "7d"),
+            Ok(Duration::from_secs(7 * 86_400))
+        );
         assert!(parse_duration("--time", "1m30s").is_err());
         assert_eq!(parse_cpus("0.5"), Ok(0.5));
         assert!(parse_cpus("-1").is_err());

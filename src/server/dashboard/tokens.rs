@@ -96,11 +96,8 @@ impl TokenForm {
     }
 }
 
-/// Seconds: `30m`, `24h`, `7d`, or what [`crate::app::parse_duration`] reads.
+/// Seconds: `30m`, `24h`, `7d`, as the command line's `--expires` reads them.
 fn parse_expiry(s: &str) -> Option<u64> {
-    if let Some(days) = s.strip_suffix('d') {
-        return days.parse::<u64>().ok()?.checked_mul(86_400);
-    }
     crate::app::parse_duration("expires", s)
         .ok()
         .map(|d: Duration| d.as_secs())
