@@ -177,6 +177,12 @@ fn open_connection(path: &Path) -> Result<Connection, ServerDbError> {
     Ok(conn)
 }
 
+/// A device's metrics are kept for its charts at most this often.
+pub const SAMPLE_EVERY_SECS: u64 = 5 * 60;
+
+/// How long samples are kept at most (the dashboard charts them all): 2,016 rows a device.
+pub const SAMPLES_KEPT_SECS: u64 = 7 * 86_400;
+
 /// Writes devices' news (`last_seen`, metrics) on a connection of its own, so that the server's lock is not held
 /// meanwhile: under WAL the requests' reads go on while it writes, and only another write waits for it.
 pub struct NewsWriter {
@@ -198,10 +204,25 @@ impl NewsWriter {
                      confirmed = MAX(confirmed, ?4) WHERE id = ?1",
                 )
                 .map_err(err)?;
+            // The dashboard's charts: a sample when the device's last one is older than SAMPLE_EVERY_SECS. The
+            // check is a lookup in the table's primary key, so a flush still writes one row per device, and one
+            // more every five minutes per device that sends metrics.
+            let mut sample = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO device_samples (device, at, metrics)
+                     SELECT ?1, ?2, ?3 WHERE NOT EXISTS
+                       (SELECT 1 FROM device_samples WHERE device = ?1 AND at > ?2 - ?4)",
+                )
+                .map_err(err)?;
             for (id, news) in batch {
                 let metrics = news.metrics.as_ref().map(to_json).transpose()?;
                 st.execute(params![id, news.last_seen, metrics, news.confirmed])
                     .map_err(err)?;
+                if let Some(m) = &metrics {
+                    sample
+                        .execute(params![id, news.last_seen, m, SAMPLE_EVERY_SECS])
+                        .map_err(err)?;
+                }
             }
         }
         tx.commit().map_err(err)
@@ -600,6 +621,20 @@ impl ServerDb {
             .execute(
                 "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE received < ?1 LIMIT ?2)",
                 params![before.min(i64::MAX as u64), limit.min(i64::MAX as usize) as i64],
+            )
+            .map_err(self.err())
+    }
+
+    /// Deletes up to `limit` metrics samples taken before `before`; how many it deleted.
+    pub fn prune_samples(&self, before: u64, limit: usize) -> Result<usize, ServerDbError> {
+        self.conn
+            .execute(
+                "DELETE FROM device_samples WHERE rowid IN
+                   (SELECT rowid FROM device_samples WHERE at < ?1 LIMIT ?2)",
+                params![
+                    before.min(i64::MAX as u64),
+                    limit.min(i64::MAX as usize) as i64
+                ],
             )
             .map_err(self.err())
     }

@@ -2,6 +2,7 @@
 //! test, a fake clock so sessions can expire, a resolver that answers fixed manifests): every page and action,
 //! checked by what the page says, not only its status.
 
+mod devices;
 mod harness;
 mod pages;
 

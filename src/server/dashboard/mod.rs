@@ -10,6 +10,8 @@
 //! `Origin`) and carries the session's CSRF token; the Content-Security-Policy allows no inline script or style.
 
 pub mod cause;
+mod device;
+mod devices;
 mod overview;
 pub mod session;
 
@@ -40,6 +42,8 @@ pub fn router(server: Shared) -> Router {
         .route("/signout", post(signout))
         .route("/static/app.js", get(app_js))
         .route("/static/style.css", get(style_css))
+        .merge(devices::routes())
+        .merge(device::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),
