@@ -458,7 +458,8 @@ fn percent(used: Option<u64>, total: Option<u64>) -> Option<f64> {
 }
 
 fn series(d: &DeviceDetail) -> Vec<Series> {
-    let pick: [(&'static str, &'static str, fn(&Metrics) -> Option<f64>); 4] = [
+    type Pick = fn(&Metrics) -> Option<f64>;
+    let pick: [(&'static str, &'static str, Pick); 4] = [
         ("CPU", "%", |m| m.cpu_percent.map(f64::from)),
         ("Memory", "%", |m| percent(m.memory_used, m.memory_total)),
         ("Disk", "%", |m| percent(m.disk_used, m.disk_total)),
