@@ -170,6 +170,35 @@ impl Filter {
     }
 }
 
+/// The devices whose release the fleet wants for one of their apps failed to prepare or was rolled back.
+const FAILED_IDS: &str = "SELECT x.device FROM desired x JOIN device_updates u
+       ON u.device = x.device AND u.app = x.app AND u.release = x.release
+    WHERE json_extract(u.report, '$.event') IN ('prepare-failed', 'rolled-back')";
+
+/// The devices with an app whose wanted release has not committed.
+const UPDATING_IDS: &str = "SELECT x.device FROM desired x LEFT JOIN device_updates u
+       ON u.device = x.device AND u.app = x.app AND u.release = x.release
+      AND json_extract(u.report, '$.event') = 'committed'
+    WHERE x.release IS NOT NULL AND u.device IS NULL";
+
+/// The devices in `state`, as a condition on `d`: the same states as [`STATE_SQL`] (a test holds them to it), as
+/// sets SQLite computes once per query. `STATE_SQL = :state` runs its subqueries again for every device: 340 ms
+/// at 100,000 devices, where these take a tenth of it.
+fn state_clause(state: DeviceState) -> String {
+    const LIVE: &str = "NOT d.revoked AND d.last_seen >= :offline_before";
+    match state {
+        DeviceState::Revoked => "d.revoked".into(),
+        DeviceState::Offline => "NOT d.revoked AND d.last_seen < :offline_before".into(),
+        DeviceState::Failed => format!("{LIVE} AND d.id IN ({FAILED_IDS})"),
+        DeviceState::Updating => {
+            format!("{LIVE} AND d.id NOT IN ({FAILED_IDS}) AND d.id IN ({UPDATING_IDS})")
+        }
+        DeviceState::Running => {
+            format!("{LIVE} AND d.id NOT IN ({FAILED_IDS}) AND d.id NOT IN ({UPDATING_IDS})")
+        }
+    }
+}
+
 /// `%` and `_` mean themselves in a name search.
 fn like_pattern(text: &str) -> String {
     let mut p = String::with_capacity(text.len() + 2);
@@ -212,9 +241,10 @@ impl ServerDb {
         let mut binds: Vec<(&str, Box<dyn ToSql>)> = Vec::new();
         match f.state {
             Some(state) => {
-                clauses.push(format!("({STATE_SQL}) = :state"));
-                binds.push((":state", Box::new(state.slug())));
-                binds.push((":offline_before", Box::new(offline_before)));
+                clauses.push(state_clause(state));
+                if state != DeviceState::Revoked {
+                    binds.push((":offline_before", Box::new(offline_before)));
+                }
             }
             // Revoked devices are history: listed only when asked for.
             None => clauses.push("NOT d.revoked".into()),
@@ -247,13 +277,15 @@ impl ServerDb {
             clauses.push(sub);
         }
         if let Some(seen) = f.seen {
-            let (op, secs) = match seen {
-                Seen::Hour => (">=", 3600),
-                Seen::Day => (">=", 86_400),
-                Seen::Week => (">=", 7 * 86_400),
-                Seen::NotInDay => ("<", 86_400),
+            // Most devices were seen lately: `+` keeps SQLite from walking the last_seen index for those and
+            // sorting them all by name, instead of walking names and stopping at a page.
+            let (clause, secs) = match seen {
+                Seen::Hour => ("+d.last_seen >= :seen_since", 3600),
+                Seen::Day => ("+d.last_seen >= :seen_since", 86_400),
+                Seen::Week => ("+d.last_seen >= :seen_since", 7 * 86_400),
+                Seen::NotInDay => ("d.last_seen < :seen_since", 86_400),
             };
-            clauses.push(format!("d.last_seen {op} :seen_since"));
+            clauses.push(clause.into());
             binds.push((":seen_since", Box::new(now.saturating_sub(secs))));
         }
         let filter = clauses.join(" AND ");
@@ -266,7 +298,7 @@ impl ServerDb {
         let mut page_params = params.clone();
         let offset = (f.page - 1).saturating_mul(PAGE_SIZE).min(i64::MAX as u64);
         page_params.push((":offset", &offset));
-        if f.state.is_none() {
+        if matches!(f.state, None | Some(DeviceState::Revoked)) {
             page_params.push((":offline_before", &offline_before));
         }
         let mut st = self
@@ -322,8 +354,9 @@ impl ServerDb {
             .collect::<Result<_, ServerDbError>>()?;
         let mut st = self
             .conn
+            // Read from the platform index alone; a platform only revoked devices had stays a choice.
             .prepare_cached(&format!(
-                "SELECT DISTINCT {PLATFORM_SQL} AS p FROM devices d WHERE NOT d.revoked ORDER BY p"
+                "SELECT DISTINCT {PLATFORM_SQL} AS p FROM devices d ORDER BY p"
             ))
             .map_err(self.err())?;
         let platforms = st
@@ -459,6 +492,129 @@ fn pager(f: &Filter, pages: u64) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
+
+    /// Every combination of revoked, silent, and an app's wanted release with each report (or none, or no
+    /// release wanted), on two apps: the state filter puts each device where STATE_SQL says it is.
+    #[test]
+    fn the_state_filter_agrees_with_the_state_sql() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("server.db")).unwrap();
+        let reports = [
+            None,
+            Some("committed"),
+            Some("preparing"),
+            Some("rolled-back"),
+            Some("prepare-failed"),
+            Some("probation"),
+        ];
+        let mut n = 0;
+        // One transaction: the database syncs every commit.
+        db.conn.execute_batch("BEGIN").unwrap();
+        for revoked in [false, true] {
+            for last_seen in [100u64, 1000] {
+                for a in reports {
+                    for b in reports {
+                        for wanted_b in [true, false] {
+                            n += 1;
+                            let id = format!("d{n}");
+                            db.conn
+                                .execute(
+                                    "INSERT INTO devices (id, name, credential_hash, tags, platform, agent_version,
+                                                          enrolled, last_seen, revoked)
+                                     VALUES (?1, ?1, ?1, '{}', '{}', '0', 0, ?2, ?3)",
+                                    params![id, last_seen, revoked],
+                                )
+                                .unwrap();
+                            for (app, report, wanted) in [("a", a, true), ("b", b, wanted_b)] {
+                                db.conn
+                                    .execute(
+                                        "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)",
+                                        params![id, app, wanted.then_some("r2")],
+                                    )
+                                    .unwrap();
+                                if let Some(event) = report {
+                                    db.conn
+                                        .execute(
+                                            "INSERT INTO device_updates (device, app, release, report, at, received)
+                                             VALUES (?1, ?2, 'r2', json_object('event', ?3, 'release', 'r2'), 0, 0)",
+                                            params![id, app, event],
+                                        )
+                                        .unwrap();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        db.conn.execute_batch("COMMIT").unwrap();
+        let ob = 500u64;
+        let mut st = db
+            .conn
+            .prepare(&format!("SELECT d.id, {STATE_SQL} FROM devices d"))
+            .unwrap();
+        let want: Vec<(String, String)> = st
+            .query_map(rusqlite::named_params! {":offline_before": ob}, |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for state in DeviceState::ALL {
+            let mut st = db
+                .conn
+                .prepare(&format!(
+                    "SELECT d.id FROM devices d WHERE {}",
+                    state_clause(state)
+                ))
+                .unwrap();
+            let sql = state_clause(state);
+            let ids = |r: &rusqlite::Row| r.get::<_, String>(0);
+            let rows = if sql.contains(":offline_before") {
+                st.query_map(rusqlite::named_params! {":offline_before": ob}, ids)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+            } else {
+                st.query_map([], ids)
+                    .unwrap()
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let mut got = rows.unwrap();
+            got.sort();
+            let mut expected: Vec<String> = want
+                .iter()
+                .filter(|(_, s)| s == state.slug())
+                .map(|(id, _)| id.clone())
+                .collect();
+            expected.sort();
+            assert!(!expected.is_empty(), "{state:?} has devices");
+            assert_eq!(got, expected, "{state:?}");
+        }
+    }
+
+    #[test]
+    fn the_platform_filter_and_choice_read_the_platform_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("server.db")).unwrap();
+        for sql in [
+            format!("SELECT DISTINCT {PLATFORM_SQL} AS p FROM devices d ORDER BY p"),
+            format!("SELECT count(*) FROM devices d WHERE {PLATFORM_SQL} = 'linux/arm64'"),
+        ] {
+            let plan: Vec<String> = db
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|p| p.contains("devices_platform")),
+                "{sql}: {plan:?}"
+            );
+        }
+    }
 
     #[test]
     fn searches_take_wildcards_literally() {
