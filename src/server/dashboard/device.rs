@@ -319,7 +319,7 @@ async fn render(
 fn device_body(d: &DeviceDetail, session: &Session, form: &TagForm, now: u64) -> Markup {
     let path = format!("/devices/{}", encode_path(&d.name));
     html! {
-        p {
+        p #status data-refresh="10" {
             (badge(&d.state)) " "
             span.muted { "last seen " (ago(now, d.last_seen)) ", enrolled " (ago(now, d.enrolled)) }
         }
@@ -339,6 +339,8 @@ fn device_body(d: &DeviceDetail, session: &Session, form: &TagForm, now: u64) ->
             } } }
             tr { th { "Agent" } td { code { (d.agent_version) } } }
         }
+        // What the device reports changes while the page is open; the tags form below is left alone.
+        section #live data-refresh="10" {
         h2 { "Metrics" }
         (metrics(d))
         h2 { "Apps" }
@@ -389,6 +391,7 @@ fn device_body(d: &DeviceDetail, session: &Session, form: &TagForm, now: u64) ->
                     }
                 }
             }
+        }
         }
         h2 { "Tags" }
         @if d.tags.is_empty() { p.muted { "No tags." } }

@@ -184,7 +184,7 @@ const UPDATING_IDS: &str = "SELECT x.device FROM desired x LEFT JOIN device_upda
 /// The devices in `state`, as a condition on `d`: the same states as [`STATE_SQL`] (a test holds them to it), as
 /// sets SQLite computes once per query. `STATE_SQL = :state` runs its subqueries again for every device: 340 ms
 /// at 100,000 devices, where these take a tenth of it.
-fn state_clause(state: DeviceState) -> String {
+pub(super) fn state_clause(state: DeviceState) -> String {
     const LIVE: &str = "NOT d.revoked AND d.last_seen >= :offline_before";
     match state {
         DeviceState::Revoked => "d.revoked".into(),
@@ -387,6 +387,7 @@ async fn page(
     let body = html! {
         (filter_form(&f, &list.platforms))
         @for p in &problems { p.error { (p) } }
+        section #list data-refresh="10" {
         p #count {
             @if list.rows.is_empty() {
                 @if list.total == 0 { "No device matches." } @else { "No device on page " (f.page) " of " (pages) "." }
@@ -415,6 +416,7 @@ async fn page(
                     }
                 }
             }
+        }
         }
         (pager(&f, pages))
     };
