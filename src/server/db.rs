@@ -222,15 +222,40 @@ impl NewsWriter {
                 let metrics = news.metrics.as_ref().map(to_json).transpose()?;
                 st.execute(params![id, news.last_seen, metrics, news.confirmed])
                     .map_err(err)?;
-                if let Some(m) = &metrics {
+                if let Some(m) = &news.metrics {
                     sample
-                        .execute(params![id, news.last_seen, m, SAMPLE_EVERY_SECS])
+                        .execute(params![
+                            id,
+                            news.last_seen,
+                            chart_sample(m),
+                            SAMPLE_EVERY_SECS
+                        ])
                         .map_err(err)?;
                 }
             }
         }
         tx.commit().map_err(err)
     }
+}
+
+/// What the dashboard charts of a heartbeat's metrics, as JSON without the rest (uptime, load, nulls): a sample
+/// row is then about 200 bytes instead of 310, which counts at 2,016 rows a device.
+fn chart_sample(m: &Metrics) -> String {
+    let mut o = serde_json::Map::new();
+    let fields: [(&str, Option<serde_json::Value>); 6] = [
+        ("cpu_percent", m.cpu_percent.map(Into::into)),
+        ("memory_used", m.memory_used.map(Into::into)),
+        ("memory_total", m.memory_total.map(Into::into)),
+        ("disk_used", m.disk_used.map(Into::into)),
+        ("disk_total", m.disk_total.map(Into::into)),
+        ("temperature_celsius", m.temperature_celsius.map(Into::into)),
+    ];
+    for (k, v) in fields {
+        if let Some(v) = v {
+            o.insert(k.to_string(), v);
+        }
+    }
+    serde_json::Value::Object(o).to_string()
 }
 
 /// 256 random bits, base64url without padding.

@@ -341,6 +341,15 @@ async fn metrics_are_sampled_every_five_minutes_and_charted() {
         d.server.flush().await.unwrap();
     }
     assert_eq!(samples(&d), 1);
+    let stored: String = rusqlite::Connection::open(&d.db)
+        .unwrap()
+        .query_row("SELECT metrics FROM device_samples", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        stored,
+        r#"{"cpu_percent":20.0,"memory_total":536870912,"memory_used":268435456,"temperature_celsius":48.5}"#,
+        "a sample keeps what the charts read, no nulls"
+    );
     d.clock.step(240);
     d.report(&pi, vec![heartbeat(80.0)]).await;
     d.server.flush().await.unwrap();
