@@ -156,7 +156,7 @@ curl -sf -o /dev/null -c "$WORK/cookies" --data-urlencode "token=$(cat "$WORK/ad
 
 ONE=$(printf 'dev-%06d' $((DEVICES / 2)))
 printf '%-45s %9s %9s %9s %9s\n' page p50/ms p95/ms max/ms bytes
-for path in / /devices "/devices?state=failed" "/devices?platform=linux%2Farm%2Fv6&page=100" \
+for path in / /devices "/devices?state=failed" "/devices?state=updating" "/devices?state=running" "/devices?platform=linux%2Farm%2Fv6&page=100" \
     "/devices?tag=site%3Dsite-7&seen=1h" "/devices?q=12345" "/devices/$ONE"; do
     times=()
     size=0
