@@ -242,6 +242,9 @@ async fn the_list_is_paginated_by_the_server_and_the_pager_keeps_the_filters() {
     assert_eq!(names[0], "dev-100");
     let beyond = d.page("/devices?page=9").await;
     beyond.says("No device on page 9 of 3.");
+    let absurd = d.page("/devices?page=18446744073709551615").await;
+    absurd.says("No device on page 184467440737095516 of 3.");
+    assert_eq!(listed(&d.page("/devices?page=-1").await.body).len(), 50);
 }
 
 #[tokio::test]

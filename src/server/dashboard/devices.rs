@@ -128,7 +128,11 @@ impl Filter {
                 "There is no last-seen choice {seen_text:?}; choose one from the list."
             ));
         }
-        let page = nonempty(&q.page).parse::<u64>().unwrap_or(1).max(1);
+        // Bounded so that the offset stays an SQLite integer and the page's arithmetic cannot overflow.
+        let page = nonempty(&q.page)
+            .parse::<u64>()
+            .unwrap_or(1)
+            .clamp(1, i64::MAX as u64 / PAGE_SIZE);
         (
             Filter {
                 q: nonempty(&q.q),
@@ -294,7 +298,7 @@ impl ServerDb {
         let filter = clauses.join(" AND ");
         let params: Vec<(&str, &dyn ToSql)> = binds.iter().map(|(k, v)| (*k, v.as_ref())).collect();
         let mut page_params = params.clone();
-        let offset = (f.page - 1).saturating_mul(PAGE_SIZE).min(i64::MAX as u64);
+        let offset = (f.page - 1) * PAGE_SIZE;
         page_params.push((":offset", &offset));
         if matches!(f.state, None | Some(DeviceState::Revoked)) {
             page_params.push((":offline_before", &offline_before));
