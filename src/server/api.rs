@@ -357,7 +357,7 @@ impl Server {
         self.with_db(|db| Ok(db.write_stats())).await
     }
 
-    /// Deletes the events older than the retention, a slice at a time; how many.
+    /// Deletes the events older than the retention, a slice at a time; how many. Old metrics samples go too.
     pub async fn prune_events(self: &Arc<Self>) -> Result<usize, ApiError> {
         let before = self
             .now()
@@ -368,6 +368,17 @@ impl Server {
                 .with_db(move |db| db.prune_events(before, WRITE_SLICE))
                 .await?;
             pruned += n;
+            if n < WRITE_SLICE {
+                break;
+            }
+        }
+        // The dashboard's metrics charts: kept as long as events, and never more than a week (a sample every
+        // five minutes is 2,016 rows a device a week).
+        let before = before.max(self.now().saturating_sub(super::db::SAMPLES_KEPT_SECS));
+        loop {
+            let n = self
+                .with_db(move |db| db.prune_samples(before, WRITE_SLICE))
+                .await?;
             if n < WRITE_SLICE {
                 return Ok(pruned);
             }

@@ -3,6 +3,7 @@
 //! checked by what the page says, not only its status.
 
 mod browser;
+mod devices;
 mod harness;
 mod metrics;
 mod pages;

@@ -10,6 +10,8 @@
 //! `Origin`) and carries the session's CSRF token; the Content-Security-Policy allows no inline script or style.
 
 pub mod cause;
+mod device;
+mod devices;
 mod overview;
 mod releases;
 mod rollouts;
@@ -46,6 +48,8 @@ pub fn router(server: Shared) -> Router {
         .merge(releases::routes())
         .merge(rollouts::routes())
         .merge(tokens::routes())
+        .merge(devices::routes())
+        .merge(device::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),
