@@ -24,7 +24,9 @@ use prometheus_client::registry::Registry;
 use rusqlite::named_params;
 
 use super::api::{ApiError, Server};
-use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SQL};
+use super::dashboard::cause::{
+    DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_BY_SETS_SQL, STATE_SETS,
+};
 use super::db::{ServerDb, ServerDbError};
 
 type Shared = std::sync::Arc<Server>;
@@ -166,7 +168,8 @@ impl ServerDb {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT state, count(*) FROM (SELECT {STATE_SQL} AS state FROM devices d) GROUP BY state"
+                "{STATE_SETS} SELECT state, count(*) FROM (SELECT {STATE_BY_SETS_SQL} AS state FROM devices d)
+                 GROUP BY state"
             ))
             .map_err(self.err())?;
         let counts: Vec<(String, u64)> = st

@@ -383,3 +383,76 @@ async fn a_rollout_started_in_chromium_moves_its_bars_and_shows_a_crash_under_it
     assert_eq!(state["status"]["state"], "aborted", "{state}");
     b.close().await;
 }
+
+#[tokio::test]
+async fn a_device_page_shows_hostile_text_inert_and_revokes_in_chromium() {
+    let Some(b) = Browser::start("device").await else {
+        return;
+    };
+    let d = crate::Dash::start().await;
+    d.enroll("pi-zero", &["linux/arm/v6"], "Raspberry Pi Zero W Rev 1.1")
+        .await;
+    let evil = d
+        .enroll("evil", &["linux/amd64"], "<img src=x onerror=alert(1)>")
+        .await;
+    // Heartbeats five minutes apart, each flushed (every 100 ms here) before the clock moves: samples to chart.
+    for (i, cpu) in [12.5f32, 40.0, 22.0, 65.0].into_iter().enumerate() {
+        if i > 0 {
+            d.clock.step(301);
+        }
+        d.report(
+            &evil,
+            vec![flotilla::fleet::EventBody::Heartbeat(
+                flotilla::fleet::Metrics {
+                    cpu_percent: Some(cpu),
+                    memory_used: Some((200 + 40 * i as u64) << 20),
+                    memory_total: Some(512 << 20),
+                    temperature_celsius: Some(48.0 + i as f32),
+                    ..Default::default()
+                },
+            )],
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    sign_in(&b, &d).await;
+    b.client.goto(&format!("{}/devices", d.base)).await.unwrap();
+    b.wait_for_text("main", "pi-zero", Duration::from_secs(10))
+        .await;
+    b.shot("devices").await;
+    b.client
+        .find(Locator::LinkText("evil"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    b.wait_for_text(
+        "main",
+        "<img src=x onerror=alert(1)>",
+        Duration::from_secs(10),
+    )
+    .await;
+    b.no_alert().await;
+    let images = b.client.find_all(Locator::Css("main img")).await.unwrap();
+    assert!(images.is_empty(), "the device's text made an element");
+    let charts = b
+        .client
+        .find_all(Locator::Css("svg.spark polyline"))
+        .await
+        .unwrap();
+    assert!(!charts.is_empty(), "metrics are charted");
+    b.shot("device").await;
+
+    press(&b, "/devices/evil/revoke", "Revoke evil?").await;
+    press(&b, "/devices/evil/revoke", "revoked").await;
+    let devices = d.api("GET", "/v1/devices", None, 200).await;
+    let revoked = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "evil")
+        .map(|v| v["revoked"].clone());
+    assert_eq!(revoked, Some(serde_json::json!(true)), "{devices}");
+    b.close().await;
+}

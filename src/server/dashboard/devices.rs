@@ -13,7 +13,7 @@ use maud::{Markup, html};
 use rusqlite::ToSql;
 use serde::Deserialize;
 
-use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SQL};
+use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_BY_SETS_SQL, STATE_SETS};
 use super::{Nav, Operator, PageError, Shared, ago, badge, encode, html_response, layout};
 use crate::server::db::{ServerDb, ServerDbError};
 use crate::server::model::check_field;
@@ -174,22 +174,10 @@ impl Filter {
     }
 }
 
-/// The sets of devices [`state_clause`] reads, computed once a statement that starts with it: `failed`, the devices
-/// whose release the fleet wants for one of their apps failed to prepare or was rolled back; `updating`, those
-/// with an app whose wanted release has not committed. Both read the `device_updates_event` index, not the reports.
-const STATE_SETS: &str = "WITH failed(id) AS MATERIALIZED (
-      SELECT x.device FROM desired x JOIN device_updates u
-          ON u.device = x.device AND u.app = x.app AND u.release = x.release
-       WHERE json_extract(u.report, '$.event') IN ('prepare-failed', 'rolled-back')),
-    updating(id) AS MATERIALIZED (
-      SELECT x.device FROM desired x LEFT JOIN device_updates u
-          ON u.device = x.device AND u.app = x.app AND u.release = x.release
-         AND json_extract(u.report, '$.event') = 'committed'
-       WHERE x.release IS NOT NULL AND u.device IS NULL)";
-
 /// The devices in `state`, as a condition on `d` in a statement that starts with [`STATE_SETS`]: the same states
-/// as [`STATE_SQL`] (a test holds them to it), from sets SQLite computes once per statement. `STATE_SQL = :state` runs its subqueries again for every device: 340 ms
-/// at 100,000 devices, where these take a tenth of it.
+/// as [`super::cause::STATE_SQL`] (a test holds them to it), from sets SQLite computes once per statement.
+/// `STATE_SQL = :state` runs its subqueries again for every device: 340 ms at 100,000 devices, where these take a
+/// tenth of it.
 pub(super) fn state_clause(state: DeviceState) -> String {
     // `+`: most devices are live, and walking the last_seen index for them costs three times a scan.
     const LIVE: &str = "NOT d.revoked AND +d.last_seen >= :offline_before";
@@ -309,7 +297,7 @@ impl ServerDb {
             .conn
             .prepare(&format!(
                 "{STATE_SETS}
-                 SELECT d.id, d.name, {STATE_SQL}, {PLATFORM_SQL}, d.tags, d.last_seen,
+                 SELECT d.id, d.name, {STATE_BY_SETS_SQL}, {PLATFORM_SQL}, d.tags, d.last_seen,
                         (SELECT json_group_array(json_array(a.app, json_extract(a.status, '$.release')))
                            FROM device_apps a WHERE a.device = d.id),
                         (SELECT count(*) FROM devices d WHERE {filter})
@@ -512,6 +500,7 @@ fn pager(f: &Filter, pages: u64) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::dashboard::cause::STATE_SQL;
     use rusqlite::params;
 
     /// Every combination of revoked, silent, and an app's wanted release with each report (or none, or no
@@ -611,6 +600,21 @@ mod tests {
             assert!(!expected.is_empty(), "{state:?} has devices");
             assert_eq!(got, expected, "{state:?}");
         }
+        // The overview's and /metrics' counts, by the sets.
+        let mut st = db
+            .conn
+            .prepare(&format!(
+                "{STATE_SETS} SELECT d.id, {STATE_BY_SETS_SQL} FROM devices d"
+            ))
+            .unwrap();
+        let by_sets: Vec<(String, String)> = st
+            .query_map(rusqlite::named_params! {":offline_before": ob}, |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(by_sets, want);
     }
 
     #[test]

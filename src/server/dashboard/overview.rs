@@ -6,7 +6,7 @@ use axum::response::Response;
 use maud::html;
 use rusqlite::named_params;
 
-use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SQL};
+use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_BY_SETS_SQL, STATE_SETS};
 use super::{Nav, Operator, PageError, Shared, badge, encode, html_response, layout};
 use crate::server::db::{ServerDb, ServerDbError};
 
@@ -31,7 +31,8 @@ impl ServerDb {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT state, count(*) FROM (SELECT {STATE_SQL} AS state FROM devices d) GROUP BY state"
+                "{STATE_SETS} SELECT state, count(*) FROM (SELECT {STATE_BY_SETS_SQL} AS state FROM devices d)
+                 GROUP BY state"
             ))
             .map_err(self.err())?;
         let counts: Vec<(String, u64)> = st
