@@ -268,6 +268,7 @@ async fn a_rollout_started_in_chromium_moves_its_bars_and_shows_a_crash_under_it
         ("pi-zero", &["linux/arm/v6"][..]),
         ("pi-4", &["linux/arm64", "linux/arm/v7", "linux/arm/v6"][..]),
         ("nuc", &["linux/amd64"][..]),
+        ("visionfive", &["linux/riscv64"][..]),
     ] {
         devices.insert(name, d.enroll(name, platforms, name).await);
     }
@@ -295,8 +296,9 @@ async fn a_rollout_started_in_chromium_moves_its_bars_and_shows_a_crash_under_it
         .goto(&format!("{}/releases/{release}", d.base))
         .await
         .unwrap();
-    b.wait_for_text("#covered", "3 of 3 devices", Duration::from_secs(10))
+    b.wait_for_text("#covered", "3 of 4 devices", Duration::from_secs(10))
         .await;
+    assert!(b.text("#cannot").await.contains("visionfive"));
     b.shot("release").await;
 
     // The rollout, from the release's form: a preview first, then the start.
@@ -375,6 +377,30 @@ async fn a_rollout_started_in_chromium_moves_its_bars_and_shows_a_crash_under_it
     assert_eq!(marker, serde_json::json!(true), "the page was reloaded");
     b.no_alert().await;
     b.shot("rollout").await;
+    d.report(
+        &devices[first.as_str()],
+        vec![flotilla::fleet::EventBody::App(
+            flotilla::fleet::AppStatus {
+                app: "sensor".into(),
+                release: Some(release.clone()),
+                manifest: None,
+                platform: None,
+                state: "running".into(),
+                restarts: 0,
+                health: Some("healthy".into()),
+                wrong_variant: None,
+            },
+        )],
+    )
+    .await;
+    b.client.goto(&format!("{}/", d.base)).await.unwrap();
+    b.wait_for_text("#active", "sensor", Duration::from_secs(10))
+        .await;
+    b.shot("overview-during-rollout").await;
+    b.client
+        .goto(&format!("{}/rollouts/1", d.base))
+        .await
+        .unwrap();
 
     press(&b, "/rollouts/1/pause", "paused").await;
     b.shot("rollout-paused").await;

@@ -13,7 +13,7 @@ use maud::{Markup, html};
 use rusqlite::ToSql;
 use serde::Deserialize;
 
-use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_BY_SETS_SQL, STATE_SETS};
+use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SETS, STATE_SQL};
 use super::{Nav, Operator, PageError, Shared, ago, badge, encode, html_response, layout};
 use crate::server::db::{ServerDb, ServerDbError};
 use crate::server::model::check_field;
@@ -297,7 +297,7 @@ impl ServerDb {
             .conn
             .prepare(&format!(
                 "{STATE_SETS}
-                 SELECT d.id, d.name, {STATE_BY_SETS_SQL}, {PLATFORM_SQL}, d.tags, d.last_seen,
+                 SELECT d.id, d.name, {STATE_SQL}, {PLATFORM_SQL}, d.tags, d.last_seen,
                         (SELECT json_group_array(json_array(a.app, json_extract(a.status, '$.release')))
                            FROM device_apps a WHERE a.device = d.id),
                         (SELECT count(*) FROM devices d WHERE {filter})
@@ -500,7 +500,7 @@ fn pager(f: &Filter, pages: u64) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::dashboard::cause::STATE_SQL;
+    use crate::server::dashboard::cause::STATE_BY_SETS_SQL;
     use rusqlite::params;
 
     /// Every combination of revoked, silent, and an app's wanted release with each report (or none, or no
