@@ -405,6 +405,16 @@ async fn a_rollout_started_in_chromium_moves_its_bars_and_shows_a_crash_under_it
     press(&b, "/rollouts/1/pause", "paused").await;
     b.shot("rollout-paused").await;
     press(&b, "/rollouts/1/abort", "aborted").await;
+    // The remaining views, for their screenshots.
+    for (path, name, says) in [
+        ("/releases", "releases", "sensor-1"),
+        ("/rollouts", "rollouts", "aborted"),
+        ("/tokens", "tokens", "New token"),
+    ] {
+        b.client.goto(&format!("{}{path}", d.base)).await.unwrap();
+        b.wait_for_text("main", says, Duration::from_secs(10)).await;
+        b.shot(name).await;
+    }
     let state = d.api("GET", "/v1/rollouts/1", None, 200).await;
     assert_eq!(state["status"]["state"], "aborted", "{state}");
     b.close().await;
