@@ -948,18 +948,12 @@ async fn control_rollout(
 ) -> Result<impl IntoResponse, ApiError> {
     let Path((id, action)) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
-    let control = match action.as_str() {
-        "pause" => Control::Pause,
-        "resume" => Control::Resume,
-        "abort" => Control::Abort,
-        "retry" => Control::Retry,
-        other => {
-            return Err(ApiError(
-                StatusCode::NOT_FOUND,
-                format!("no rollout action {other:?}: use retry, or pause, resume or abort"),
-            ));
-        }
-    };
+    let control = Control::named(&action).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no rollout action {action:?}: use retry, or pause, resume or abort"),
+        )
+    })?;
     let now = s.now();
     let r = s
         .with_db(move |db| db.control_rollout(id, control, now))

@@ -24,7 +24,7 @@ use prometheus_client::registry::Registry;
 use rusqlite::named_params;
 
 use super::api::{ApiError, Server};
-use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL};
+use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS};
 use super::db::{ServerDb, ServerDbError};
 
 type Shared = std::sync::Arc<Server>;
@@ -163,20 +163,9 @@ impl ServerDb {
         let offline_before = now.saturating_sub(OFFLINE_AFTER_SECS);
         let mut m = FleetMetrics {
             by_state: self.device_state_counts(now)?,
+            by_platform: self.platform_counts()?,
             ..FleetMetrics::default()
         };
-
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {PLATFORM_SQL} AS p, count(*) FROM devices d WHERE NOT d.revoked GROUP BY p ORDER BY p"
-            ))
-            .map_err(self.err())?;
-        m.by_platform = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
 
         let mut st = self
             .conn
@@ -192,17 +181,7 @@ impl ServerDb {
             .map_err(self.err())?;
         type Row = (u64, String, bool, u64, u64, u64, u64);
         let rows: Vec<Row> = st
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })
+            .query_map([], |r| r.try_into())
             .map_err(self.err())?
             .collect::<Result<_, _>>()
             .map_err(self.err())?;

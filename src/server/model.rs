@@ -252,6 +252,19 @@ pub enum Control {
     Retry,
 }
 
+impl Control {
+    /// The action as the API's path and the dashboard's forms name it.
+    pub fn named(name: &str) -> Option<Control> {
+        match name {
+            "pause" => Some(Control::Pause),
+            "resume" => Some(Control::Resume),
+            "abort" => Some(Control::Abort),
+            "retry" => Some(Control::Retry),
+            _ => None,
+        }
+    }
+}
+
 /// What a pause by the operator says; a pause with any other reason is the failure threshold's, which a retry
 /// lifts.
 pub const OPERATOR_PAUSE: &str = "paused by the operator";

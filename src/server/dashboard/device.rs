@@ -101,19 +101,7 @@ impl ServerDb {
                     ":name": name,
                     ":offline_before": now.saturating_sub(OFFLINE_AFTER_SECS),
                 },
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                    ))
-                },
+                |r| r.try_into(),
             )
             .optional()
             .map_err(self.err())?;

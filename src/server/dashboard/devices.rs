@@ -288,18 +288,7 @@ impl ServerDb {
             .map_err(self.err())?;
         type Row = (String, String, String, String, String, u64, String, u64);
         let raw: Vec<Row> = st
-            .query_map(&page_params[..], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                ))
-            })
+            .query_map(&page_params[..], |r| r.try_into())
             .map_err(self.err())?
             .collect::<Result<_, _>>()
             .map_err(self.err())?;

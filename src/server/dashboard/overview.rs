@@ -61,10 +61,8 @@ impl ServerDb {
             .collect())
     }
 
-    pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
-        let mut o = Overview::default();
-        o.by_state = self.device_state_counts(now)?;
-        o.total = o.by_state.iter().map(|(_, n)| n).sum();
+    /// Devices not revoked by the platform their detection ranked first, most devices first.
+    pub fn platform_counts(&self) -> Result<Vec<(String, u64)>, ServerDbError> {
         let mut st = self
             .conn
             .prepare(&format!(
@@ -72,11 +70,17 @@ impl ServerDb {
                  GROUP BY p ORDER BY n DESC, p"
             ))
             .map_err(self.err())?;
-        o.by_platform = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        st.query_map([], |r| r.try_into())
             .map_err(self.err())?
             .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .map_err(self.err())
+    }
+
+    pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
+        let mut o = Overview::default();
+        o.by_state = self.device_state_counts(now)?;
+        o.total = o.by_state.iter().map(|(_, n)| n).sum();
+        o.by_platform = self.platform_counts()?;
         // What runs, as the devices say (their app status), not what the fleet wants.
         let mut st = self
             .conn

@@ -356,18 +356,12 @@ async fn act(
     _posted: Posted,
 ) -> Result<Response, PageError> {
     let id = rollout_id(&id)?;
-    let control = match action.as_str() {
-        "pause" => Control::Pause,
-        "resume" => Control::Resume,
-        "abort" => Control::Abort,
-        "retry" => Control::Retry,
-        other => {
-            return Err(PageError(
-                StatusCode::NOT_FOUND,
-                format!("A rollout has no action {other:?}: pause, resume, abort or retry."),
-            ));
-        }
-    };
+    let control = Control::named(&action).ok_or_else(|| {
+        PageError(
+            StatusCode::NOT_FOUND,
+            format!("A rollout has no action {action:?}: pause, resume, abort or retry."),
+        )
+    })?;
     let now = s.now();
     s.with_db(move |db| db.control_rollout(id, control, now))
         .await?;
