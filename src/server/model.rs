@@ -1176,22 +1176,28 @@ impl ServerDb {
             .map_err(self.err())?
             .collect::<Result<_, _>>()
             .map_err(self.err())?;
-        let input: Vec<rollout::Device> = devices
-            .iter()
-            .filter(|d| !d.revoked)
-            .map(|d| rollout::Device {
-                id: d.id.clone(),
-                name: d.name.clone(),
-                selected: r.spec.select.iter().all(|(k, v)| d.tags.get(k) == Some(v)),
-                compatible: serves(&release.manifests, &d.platform.candidates).is_some(),
-                platforms: d.platform.candidates.clone(),
-                progress: progress(reports.get(&d.id)),
-                last_seen: d
-                    .last_seen
-                    .max(retried.get(&d.id).copied().unwrap_or_default()),
-                fallback: fallback.get(&d.id).cloned(),
-            })
-            .collect();
+        // A fleet has a handful of distinct candidate lists: the selection is made once for each, not for each of
+        // 10,000 devices on every tick.
+        let mut compatible: BTreeMap<&[String], bool> = BTreeMap::new();
+        let input: Vec<rollout::Device> =
+            devices
+                .iter()
+                .filter(|d| !d.revoked)
+                .map(|d| rollout::Device {
+                    id: d.id.clone(),
+                    name: d.name.clone(),
+                    selected: r.spec.select.iter().all(|(k, v)| d.tags.get(k) == Some(v)),
+                    compatible: *compatible.entry(&d.platform.candidates[..]).or_insert_with(
+                        || serves(&release.manifests, &d.platform.candidates).is_some(),
+                    ),
+                    platforms: d.platform.candidates.clone(),
+                    progress: progress(reports.get(&d.id)),
+                    last_seen: d
+                        .last_seen
+                        .max(retried.get(&d.id).copied().unwrap_or_default()),
+                    fallback: fallback.get(&d.id).cloned(),
+                })
+                .collect();
         let plan = rollout::plan(&current, &input, now);
         Ok((release, plan))
     }
