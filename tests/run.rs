@@ -278,8 +278,9 @@ fn a_supervisor_that_does_not_answer_is_killed_and_the_stop_still_happens() {
         "--detach",
         "--",
         "-c",
-        // Ignores SIGTERM, as a shell as PID 1 does: only SIGKILL ends it.
-        "trap '' TERM; echo hello; while :; do busybox sleep 0.1; done",
+        // Ignores SIGTERM, as a shell as PID 1 does: only SIGKILL ends it. The echo names this test, whose check
+        // below looks for the script's processes: another test runs the same loop meanwhile.
+        "trap '' TERM; echo hello from stuck; while :; do busybox sleep 0.1; done",
     ]);
     wait_for("the container's output", Duration::from_secs(30), || {
         lab.logs("stuck").contains("hello")
@@ -298,7 +299,7 @@ fn a_supervisor_that_does_not_answer_is_killed_and_the_stop_still_happens() {
     assert_eq!(c["state"], "stopped", "{c}");
     assert_eq!(c["supervised"], false, "{c}");
     assert!(
-        common::processes_with(&["trap '' TERM"]).is_empty(),
+        common::processes_with(&["trap '' TERM", "hello from stuck"]).is_empty(),
         "the container's processes are gone"
     );
     lab.ok(&["rm", "stuck"]);
