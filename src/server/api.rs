@@ -481,8 +481,8 @@ impl Server {
         }
     }
 
-    /// Wakes the devices' long polls after a change made outside [`Server::drive`] (a rollout started or
-    /// controlled), which plans and writes the orders itself.
+    /// Wakes the devices' long polls: after [`Server::drive`] changed an order, and after a change made outside it
+    /// (a rollout started or controlled), which plans and writes the orders itself.
     pub(super) fn desired_changed(&self) {
         self.desired_version.send_modify(|v| *v += 1);
     }
@@ -535,7 +535,7 @@ impl Server {
             .with_db(move |db| db.drive_apps(now, apps.as_ref()))
             .await?
         {
-            self.desired_version.send_modify(|v| *v += 1);
+            self.desired_changed();
         }
         Ok(())
     }
@@ -938,7 +938,7 @@ async fn create_rollout(
     let req: RolloutRequest = strict(body)?;
     let now = s.now();
     let r = s.with_db(move |db| db.create_rollout(&req, now)).await?;
-    s.desired_version.send_modify(|v| *v += 1);
+    s.desired_changed();
     Ok((StatusCode::CREATED, Json(r)))
 }
 
@@ -958,7 +958,7 @@ async fn control_rollout(
     let r = s
         .with_db(move |db| db.control_rollout(id, control, now))
         .await?;
-    s.desired_version.send_modify(|v| *v += 1);
+    s.desired_changed();
     Ok(Json(r))
 }
 
