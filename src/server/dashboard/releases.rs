@@ -127,6 +127,14 @@ fn not_found(id: &str) -> PageError {
     )
 }
 
+/// The release `id`, or the page saying there is none.
+async fn find_release(s: &Shared, id: &str) -> Result<ReleaseView, PageError> {
+    let wanted = id.to_string();
+    s.with_db(move |db| Ok(db.releases(Some(&wanted))?.pop()))
+        .await?
+        .ok_or_else(|| not_found(id))
+}
+
 async fn list(State(s): State<Shared>, Operator(session): Operator) -> Result<Response, PageError> {
     let now = s.now();
     let releases = s.with_db(|db| db.releases(None)).await?;
@@ -439,11 +447,7 @@ async fn rollout_form(
     Path(id): Path<String>,
     Query(query): Query<Vec<(String, String)>>,
 ) -> Result<Response, PageError> {
-    let wanted = id.clone();
-    let release = s
-        .with_db(move |db| Ok(db.releases(Some(&wanted))?.pop()))
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let release = find_release(&s, &id).await?;
     let field = |name: &str| {
         query
             .iter()
@@ -495,11 +499,7 @@ async fn start(
     Path(id): Path<String>,
     posted: Posted,
 ) -> Result<Response, PageError> {
-    let wanted = id.clone();
-    let release = s
-        .with_db(move |db| Ok(db.releases(Some(&wanted))?.pop()))
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let release = find_release(&s, &id).await?;
     let values = FormValues::from_fields(|name| posted.get(name));
     let refused = |e: &str| {
         html_response(
