@@ -945,15 +945,7 @@ pub fn tokens_table(tokens: &[TokenView], now: u64) -> String {
     let rows: Vec<[String; 7]> = tokens
         .iter()
         .map(|t| {
-            let state = if t.revoked {
-                "revoked"
-            } else if t.expires.is_some_and(|e| now >= e) {
-                "expired"
-            } else if t.uses_left == Some(0) {
-                "used up"
-            } else {
-                "valid"
-            };
+            let state = t.state(now).label();
             let mut tags = format_tags(&t.tags);
             if t.device_tags {
                 tags.push_str(" (+ the device's)");

@@ -86,6 +86,49 @@ pub struct TokenView {
     pub revoked: bool,
 }
 
+/// Whether a token still enrolls devices, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    Valid,
+    Expired,
+    UsedUp,
+    Revoked,
+}
+
+impl TokenState {
+    /// For CSS classes.
+    pub fn slug(self) -> &'static str {
+        match self {
+            TokenState::Valid => "valid",
+            TokenState::Expired => "expired",
+            TokenState::UsedUp => "used-up",
+            TokenState::Revoked => "revoked",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TokenState::UsedUp => "used up",
+            other => other.slug(),
+        }
+    }
+}
+
+impl TokenView {
+    /// A revoked token says so first, whatever else holds of it; then expiry, then its uses.
+    pub fn state(&self, now: u64) -> TokenState {
+        if self.revoked {
+            TokenState::Revoked
+        } else if self.expires.is_some_and(|e| now >= e) {
+            TokenState::Expired
+        } else if self.uses_left == Some(0) {
+            TokenState::UsedUp
+        } else {
+            TokenState::Valid
+        }
+    }
+}
+
 /// The operator's change to a device's tags: `set` first, then `remove`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1309,6 +1352,35 @@ fn progress(report: Option<&(Report, u64)>) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_says_revoked_before_expired_before_used_up() {
+        let t = TokenView {
+            id: "t".into(),
+            created: 0,
+            expires: Some(100),
+            uses_left: Some(0),
+            enrolled: 1,
+            tags: BTreeMap::new(),
+            device_tags: false,
+            revoked: true,
+        };
+        assert_eq!(t.state(200), TokenState::Revoked);
+        let t = TokenView {
+            revoked: false,
+            ..t
+        };
+        assert_eq!(t.state(200), TokenState::Expired);
+        assert_eq!(t.state(99), TokenState::UsedUp);
+        assert_eq!(t.state(99).slug(), "used-up");
+        assert_eq!(t.state(99).label(), "used up");
+        let t = TokenView {
+            uses_left: None,
+            expires: None,
+            ..t
+        };
+        assert_eq!(t.state(u64::MAX).label(), "valid");
+    }
 
     #[test]
     fn a_release_serves_a_device_by_the_pulls_own_selection_not_by_string() {

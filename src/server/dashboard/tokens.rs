@@ -176,18 +176,6 @@ fn create_form(session: &Session, form: &TokenForm, error: Option<&str>) -> Mark
     }
 }
 
-fn token_state(t: &TokenView, now: u64) -> &'static str {
-    if t.revoked {
-        "revoked"
-    } else if t.expires.is_some_and(|e| now >= e) {
-        "expired"
-    } else if t.uses_left == Some(0) {
-        "used-up"
-    } else {
-        "valid"
-    }
-}
-
 fn date(secs: u64) -> String {
     httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(secs))
 }
@@ -207,7 +195,7 @@ fn token_table(session: &Session, tokens: &[TokenView], now: u64) -> Markup {
                 th { "Tags" } th { "Device tags" } th { "State" } th {}
             }
             @for t in tokens {
-                @let state = token_state(t, now);
+                @let state = t.state(now).slug();
                 tr {
                     td { code { (t.id) } }
                     // Tokens made before the server kept a creation time.
