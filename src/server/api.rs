@@ -834,12 +834,7 @@ async fn revoke(
     let Path(name) = path.map_err(bad_path)?;
     let done = s
         .with_db(move |db| {
-            let id = db
-                .devices()?
-                .into_iter()
-                .find(|d| d.name == name && !d.revoked)
-                .map(|d| d.id)
-                .ok_or_else(|| ServerDbError::NotFound(format!("the device {name}")))?;
+            let id = db.live_device(&name)?;
             db.revoke(&id)
         })
         .await?;

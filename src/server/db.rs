@@ -726,6 +726,19 @@ impl ServerDb {
         tx.commit().map_err(self.err())
     }
 
+    /// The id of the unrevoked device named `name`.
+    pub fn live_device(&self, name: &str) -> Result<String, ServerDbError> {
+        self.conn
+            .query_row(
+                "SELECT id FROM devices WHERE name = ?1 AND revoked = 0",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.err())?
+            .ok_or_else(|| ServerDbError::NotFound(format!("the device {name}")))
+    }
+
     pub fn revoke(&self, device_id: &str) -> Result<bool, ServerDbError> {
         self.conn
             .execute("UPDATE devices SET revoked = 1 WHERE id = ?1", [device_id])

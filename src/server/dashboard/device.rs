@@ -228,19 +228,6 @@ impl ServerDb {
             .collect::<Result<_, _>>()
             .map_err(self.err())
     }
-
-    /// The id of the unrevoked device named `name`.
-    fn live_device(&self, name: &str) -> Result<String, ServerDbError> {
-        self.conn
-            .query_row(
-                "SELECT id FROM devices WHERE name = ?1 AND revoked = 0",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(self.err())?
-            .ok_or_else(|| ServerDbError::NotFound(format!("the device {name}")))
-    }
 }
 
 /// The tags form as the operator filled it in, kept when it was refused.
