@@ -145,7 +145,7 @@ pub enum ServerDbError {
 }
 
 pub struct ServerDb {
-    pub(super) conn: Connection,
+    pub(super) conn: super::store::sqlite::SqliteConn,
     path: PathBuf,
     /// What devices' requests said of them since the last flush (`api::Server::flush`): a heartbeat costs no write,
     /// and a device heard from many times between two flushes is written once.
@@ -298,7 +298,7 @@ impl ServerDb {
     pub fn open(path: &Path) -> Result<ServerDb, ServerDbError> {
         let conn = open_connection(path)?;
         let db = ServerDb {
-            conn,
+            conn: super::store::sqlite::SqliteConn::new(conn),
             path: path.to_path_buf(),
             seen: RefCell::default(),
             stats: Cell::default(),

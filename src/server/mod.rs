@@ -9,5 +9,6 @@ mod http;
 pub mod metrics;
 pub mod model;
 pub mod ratelimit;
+pub mod store;
 pub mod strict;
 pub mod tls;

@@ -1,0 +1,391 @@
+//! The fleet server's storage engines: SQLite (one file, the default) and PostgreSQL (for several replicas).
+//!
+//! The fleet's queries are written once, in SQL both engines run, against [`Conn`]. Two copies of every query, one
+//! per engine, would drift apart with only the conformance tests holding them together. What the engines spell
+//! differently is asked of [`Dialect`]. Placeholders are written `?1`, `?2`… as SQLite reads them; the PostgreSQL
+//! connection renumbers them `$1`, `$2`….
+//!
+//! A [`Conn`] is sync: the server runs storage work on blocking threads, as it always has, so one request's
+//! queries read as straight-line code on either engine.
+
+pub mod sqlite;
+
+use std::fmt;
+
+/// A value bound to a query or read from a row. Integers are 64-bit on both engines; flags are 0 and 1.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+    Blob(Vec<u8>),
+}
+
+/// One row of a result, its columns in the order the query named them.
+#[derive(Debug, Clone, Default)]
+pub struct Row(pub(crate) Vec<Value>);
+
+/// What a column could not be read as.
+#[derive(Debug, thiserror::Error)]
+#[error("column {index} holds {found}, not {wanted}")]
+pub struct TypeError {
+    pub index: usize,
+    pub found: String,
+    pub wanted: &'static str,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Type(#[from] TypeError),
+}
+
+/// Where the engines' SQL differs. Everything else in the fleet's queries is written once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// The text at `path` (object keys; array indexes as numbers) of the JSON held in the text column `expr`, or
+    /// NULL. Numbers come back as text on PostgreSQL: compare with text, or cast.
+    pub fn json_text(self, expr: &str, path: &[&str]) -> String {
+        match self {
+            Dialect::Sqlite => {
+                let mut p = String::from("$");
+                for k in path {
+                    if k.bytes().all(|b| b.is_ascii_digit()) {
+                        p.push_str(&format!("[{k}]"));
+                    } else {
+                        p.push('.');
+                        p.push_str(k);
+                    }
+                }
+                format!("json_extract({expr}, '{p}')")
+            }
+            Dialect::Postgres => format!("(({expr})::jsonb #>> '{{{}}}')", path.join(",")),
+        }
+    }
+
+    /// The larger of two values.
+    pub fn greatest(self, a: &str, b: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("max({a}, {b})"),
+            Dialect::Postgres => format!("greatest({a}, {b})"),
+        }
+    }
+}
+
+/// One connection to the fleet's database. Statements are cached per connection by their text.
+pub trait Conn: Send {
+    fn dialect(&self) -> Dialect;
+    /// Every row the statement gives.
+    fn query(&self, sql: &str, args: &[Value]) -> Result<Vec<Row>, StoreError>;
+    /// Runs a statement; how many rows it changed.
+    fn execute(&self, sql: &str, args: &[Value]) -> Result<u64, StoreError>;
+    /// Runs statements separated by `;`, with no arguments (migrations, BEGIN and COMMIT).
+    fn batch(&self, sql: &str) -> Result<(), StoreError>;
+}
+
+/// Reading helpers for every connection.
+pub trait ConnExt: Conn {
+    /// The first row, read by `f`, or `None` when there is none.
+    fn row<T>(
+        &self,
+        sql: &str,
+        args: &[Value],
+        f: impl FnOnce(&Row) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        self.query(sql, args)?.first().map(f).transpose()
+    }
+
+    /// The first column of the first row: for `count(*)`, `EXISTS (…)` and the like, which always give one.
+    fn one<T: FromValue>(&self, sql: &str, args: &[Value]) -> Result<T, StoreError> {
+        let rows = self.query(sql, args)?;
+        let first = rows.first().map(|r| r.0.first()).unwrap_or(None);
+        T::from_value(first.unwrap_or(&Value::Null), 0).map_err(StoreError::from)
+    }
+
+    /// Every row, each read by `f`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        args: &[Value],
+        f: impl FnMut(&Row) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        self.query(sql, args)?.iter().map(f).collect()
+    }
+
+    /// Starts a transaction, rolled back unless [`Tx::commit`] is called.
+    fn begin(&self) -> Result<Tx<'_, Self>, StoreError> {
+        self.batch("BEGIN")?;
+        Ok(Tx {
+            conn: self,
+            open: true,
+        })
+    }
+}
+
+impl<C: Conn + ?Sized> ConnExt for C {}
+
+/// An open transaction on a connection: rolled back when dropped uncommitted, as on an early `?`.
+pub struct Tx<'c, C: Conn + ?Sized> {
+    conn: &'c C,
+    open: bool,
+}
+
+impl<C: Conn + ?Sized> Tx<'_, C> {
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        self.open = false;
+        self.conn.batch("COMMIT")
+    }
+}
+
+impl<C: Conn + ?Sized> std::ops::Deref for Tx<'_, C> {
+    type Target = C;
+    fn deref(&self) -> &Self::Target {
+        self.conn
+    }
+}
+
+impl<C: Conn + ?Sized> Drop for Tx<'_, C> {
+    fn drop(&mut self) {
+        if self.open {
+            // A failed rollback leaves nothing to undo: the connection's next BEGIN or its close ends it.
+            let _ = self.conn.batch("ROLLBACK");
+        }
+    }
+}
+
+impl Row {
+    pub fn get<T: FromValue>(&self, index: usize) -> Result<T, StoreError> {
+        T::from_value(self.0.get(index).unwrap_or(&Value::Null), index).map_err(StoreError::from)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Display for Value {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Null => f.write_str("NULL"),
+            Value::Int(i) => write!(f, "the integer {i}"),
+            Value::Real(r) => write!(f, "the number {r}"),
+            Value::Text(_) => f.write_str("text"),
+            Value::Blob(b) => write!(f, "{} bytes", b.len()),
+        }
+    }
+}
+
+/// A type a column can be read as.
+pub trait FromValue: Sized {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError>;
+}
+
+fn mismatch<T>(v: &Value, index: usize, wanted: &'static str) -> Result<T, TypeError> {
+    Err(TypeError {
+        index,
+        found: v.to_string(),
+        wanted,
+    })
+}
+
+impl FromValue for Value {
+    fn from_value(v: &Value, _: usize) -> Result<Self, TypeError> {
+        Ok(v.clone())
+    }
+}
+
+impl FromValue for i64 {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+        match v {
+            Value::Int(i) => Ok(*i),
+            _ => mismatch(v, index, "an integer"),
+        }
+    }
+}
+
+macro_rules! from_int {
+    ($($t:ty),*) => {$(
+        impl FromValue for $t {
+            fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+                match v {
+                    Value::Int(i) => <$t>::try_from(*i).or_else(|_| mismatch(v, index, stringify!($t))),
+                    _ => mismatch(v, index, stringify!($t)),
+                }
+            }
+        }
+    )*};
+}
+from_int!(u64, u32, i32, usize);
+
+impl FromValue for bool {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+        match v {
+            Value::Int(i) => Ok(*i != 0),
+            _ => mismatch(v, index, "a flag"),
+        }
+    }
+}
+
+impl FromValue for f64 {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+        match v {
+            Value::Real(r) => Ok(*r),
+            // Precision lost above 2^53 is the caller's asking: it wanted a float.
+            Value::Int(i) => Ok(*i as f64),
+            _ => mismatch(v, index, "a number"),
+        }
+    }
+}
+
+impl FromValue for String {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+        match v {
+            Value::Text(s) => Ok(s.clone()),
+            _ => mismatch(v, index, "text"),
+        }
+    }
+}
+
+impl FromValue for Vec<u8> {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+        match v {
+            Value::Blob(b) => Ok(b.clone()),
+            _ => mismatch(v, index, "bytes"),
+        }
+    }
+}
+
+impl<T: FromValue> FromValue for Option<T> {
+    fn from_value(v: &Value, index: usize) -> Result<Self, TypeError> {
+        match v {
+            Value::Null => Ok(None),
+            _ => T::from_value(v, index).map(Some),
+        }
+    }
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Value {
+        Value::Int(v)
+    }
+}
+
+impl From<u64> for Value {
+    /// Saturates: the fleet's counts and seconds are far below 2^63, and a value above it is refused by the
+    /// column's meaning, not its type.
+    fn from(v: u64) -> Value {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<usize> for Value {
+    fn from(v: usize) -> Value {
+        Value::from(v as u64)
+    }
+}
+
+impl From<u32> for Value {
+    fn from(v: u32) -> Value {
+        Value::Int(i64::from(v))
+    }
+}
+
+impl From<i32> for Value {
+    fn from(v: i32) -> Value {
+        Value::Int(i64::from(v))
+    }
+}
+
+impl From<bool> for Value {
+    fn from(v: bool) -> Value {
+        Value::Int(i64::from(v))
+    }
+}
+
+impl From<f64> for Value {
+    fn from(v: f64) -> Value {
+        Value::Real(v)
+    }
+}
+
+impl From<String> for Value {
+    fn from(v: String) -> Value {
+        Value::Text(v)
+    }
+}
+
+impl From<&String> for Value {
+    fn from(v: &String) -> Value {
+        Value::Text(v.clone())
+    }
+}
+
+impl From<&str> for Value {
+    fn from(v: &str) -> Value {
+        Value::Text(v.to_string())
+    }
+}
+
+impl From<Vec<u8>> for Value {
+    fn from(v: Vec<u8>) -> Value {
+        Value::Blob(v)
+    }
+}
+
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Value {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+/// The arguments of a query: `args![id, now]`.
+#[macro_export]
+macro_rules! args {
+    () => { &[] as &[$crate::server::store::Value] };
+    ($($v:expr),+ $(,)?) => { &[$($crate::server::store::Value::from($v)),+] };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_paths_are_spelled_for_each_engine() {
+        let path = ["candidates", "0"];
+        assert_eq!(
+            Dialect::Sqlite.json_text("platform", &path),
+            "json_extract(platform, '$.candidates[0]')"
+        );
+        assert_eq!(
+            Dialect::Postgres.json_text("platform", &path),
+            "((platform)::jsonb #>> '{candidates,0}')"
+        );
+    }
+
+    #[test]
+    fn columns_are_read_only_as_what_they_hold() {
+        let row = Row(vec![Value::Int(-1), Value::Null, Value::Text("x".into())]);
+        assert_eq!(row.get::<i64>(0).unwrap(), -1);
+        assert!(row.get::<u64>(0).is_err(), "a negative count is damage");
+        assert_eq!(row.get::<Option<String>>(1).unwrap(), None);
+        assert!(row.get::<String>(1).is_err());
+        assert_eq!(row.get::<String>(2).unwrap(), "x");
+        assert!(row.get::<i64>(2).is_err());
+        assert!(
+            row.get::<i64>(7).is_err(),
+            "a column past the end reads as NULL"
+        );
+    }
+}
