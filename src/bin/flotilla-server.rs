@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use flotilla::server::cli::{self, Cli};
+use flotilla::cli::server::{self as cli, Cli};
 
 fn main() -> ExitCode {
     flotilla::cli::init_logging(0);

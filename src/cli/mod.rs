@@ -21,6 +21,8 @@ pub mod ps;
 pub mod pull;
 pub mod rm;
 pub mod run;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod stop;
 pub mod supervise;
 

@@ -1,8 +1,8 @@
 //! The fleet server: its SQLite (`db`), the fleet model and rollout driver (`model`), the HTTP API (`api`), the web
-//! dashboard (`dashboard`), the Prometheus metrics (`metrics`) and the operator CLI that talks to it (`cli`).
+//! dashboard (`dashboard`) and the Prometheus metrics (`metrics`). Its operator CLI, `flotilla-server`, sits
+//! with the device's commands (`src/cli/server/`); nothing here imports the command line.
 
 pub mod api;
-pub mod cli;
 pub mod dashboard;
 pub mod db;
 mod http;
