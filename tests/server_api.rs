@@ -20,8 +20,9 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use flotilla::fleet::{AppStatus, Enrolled, Event, EventBody, MAX_BODY_BYTES, ReportBatch};
-use flotilla::server::api::{self, ResolveError, Resolved, Resolver};
+use flotilla::server::api;
 use flotilla::server::db::ServerDb;
+use flotilla::server::resolve::{ResolveError, Resolved, Resolver};
 use flotilla::update::Report;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};

@@ -33,6 +33,7 @@ use super::model::{
     TokenRequest,
 };
 use super::ratelimit::{Rate, RateLimiter};
+use super::resolve::Resolver;
 use crate::fleet::{Accepted, EnrollRequest, EventBody, MAX_BODY_BYTES, ReportBatch};
 
 /// Every route, as `METHOD /path`, for the OpenAPI check.
@@ -56,37 +57,6 @@ pub const ROUTES: &[&str] = &[
     "GET /v1/rollouts/{id}",
     "POST /v1/rollouts/{id}/{action}",
 ];
-
-/// Reads an image's index from its registry when a release is made: the release is pinned to what it read.
-pub trait Resolver: Send + Sync {
-    fn resolve<'a>(
-        &'a self,
-        image: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Resolved, ResolveError>> + Send + 'a>,
-    >;
-}
-
-/// Why a release cannot be made from an image.
-#[derive(Debug, thiserror::Error)]
-pub enum ResolveError {
-    #[error(transparent)]
-    Reference(#[from] crate::registry::ReferenceError),
-    #[error("{}", crate::error_chain(.0))]
-    Registry(#[from] crate::registry::RegistryError),
-    #[error(
-        "it is a single-platform image; a release needs a multi-arch index so each device can pick its variant"
-    )]
-    SinglePlatform,
-    #[error("its index lists no platform")]
-    NoPlatform,
-}
-
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    pub pinned: String,
-    pub manifests: std::collections::BTreeMap<String, String>,
-}
 
 /// What the server allows each connection and credential, and how often it writes what it keeps in memory.
 #[derive(Debug, Clone, Copy)]

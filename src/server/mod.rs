@@ -9,6 +9,7 @@ mod http;
 pub mod metrics;
 pub mod model;
 pub mod ratelimit;
+pub mod resolve;
 pub mod store;
 pub mod strict;
 pub mod tls;

@@ -1,15 +1,15 @@
 //! `flotilla-server serve`: opens the database, makes the admin token on first start, and runs the API (and the
 //! token-less `/metrics` listener) until SIGTERM or Ctrl-C.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use super::{DEFAULT_DB, DEFAULT_LISTEN, ServerCliError, admin_token_path};
 use crate::clock::{Clock, SystemClock};
-use crate::server::api::{self, ResolveError, Resolved, Resolver};
+use crate::server::api;
 use crate::server::db::ServerDb;
+use crate::server::resolve::RegistryResolver;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -129,8 +129,12 @@ pub(super) async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> 
     }
     let config = crate::config::Config::default();
     let client = crate::registry::RegistryClient::new(&config, &args.insecure_registries)?;
-    let server =
-        api::Server::with_limits(db, Box::new(RegistryResolver(client)), clock, args.limits());
+    let server = api::Server::with_limits(
+        db,
+        Box::new(RegistryResolver::new(client)),
+        clock,
+        args.limits(),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| ServerCliError::Listen {
@@ -208,49 +212,4 @@ fn write_private(path: &Path, text: &str) -> Result<(), ServerCliError> {
         .open(path)
         .map_err(io)?;
     f.write_all(format!("{text}\n").as_bytes()).map_err(io)
-}
-
-struct RegistryResolver(crate::registry::RegistryClient);
-
-impl Resolver for RegistryResolver {
-    fn resolve<'a>(
-        &'a self,
-        image: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Resolved, ResolveError>> + Send + 'a>,
-    > {
-        Box::pin(async move {
-            let reference = image.parse::<crate::registry::Reference>()?;
-            let manifest = self.0.fetch_manifest(&reference).await?;
-            let pinned = format!("{}@{}", reference.repository(), manifest.digest);
-            let mut manifests = BTreeMap::new();
-            match &manifest.content {
-                crate::registry::ManifestContent::Index(index) => {
-                    for d in &index.manifests {
-                        let Some(p) = d
-                            .other
-                            .get("platform")
-                            .and_then(crate::platform::Platform::from_oci_json)
-                        else {
-                            continue;
-                        };
-                        // Attestation entries of buildx are `unknown/unknown`: nothing a device runs.
-                        if p.os == "unknown" {
-                            continue;
-                        }
-                        manifests
-                            .entry(p.to_string())
-                            .or_insert_with(|| d.digest.to_string());
-                    }
-                }
-                crate::registry::ManifestContent::Image(_) => {
-                    return Err(ResolveError::SinglePlatform);
-                }
-            }
-            if manifests.is_empty() {
-                return Err(ResolveError::NoPlatform);
-            }
-            Ok(Resolved { pinned, manifests })
-        })
-    }
 }
