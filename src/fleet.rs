@@ -224,27 +224,6 @@ pub struct Accepted {
     pub accepted: Vec<String>,
 }
 
-/// The HTTP client agents and the operator CLI use to reach the fleet server: rustls with the system roots plus
-/// `ca_bundle`, the same TLS setup as registries, and the same resolver (`/etc/hosts`, mDNS for `.local`, the
-/// name servers): without it reqwest would ask getaddrinfo, whose NSS modules a static binary cannot load.
-pub fn http_client(
-    ca_bundle: Option<&std::path::Path>,
-    timeout: std::time::Duration,
-) -> Result<reqwest::Client, crate::registry::RegistryError> {
-    let bundles: Vec<std::path::PathBuf> = ca_bundle.iter().map(|p| p.to_path_buf()).collect();
-    let tls = crate::registry::tls::client_config(&crate::registry::tls::system_roots(), &bundles)?;
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .dns_resolver(std::sync::Arc::new(
-            crate::registry::dns::SystemResolver::default(),
-        ))
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .timeout(timeout)
-        .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| crate::registry::RegistryError::HttpClient(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

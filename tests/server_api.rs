@@ -201,7 +201,7 @@ impl Fleet {
             _dir: dir,
             db: db_path,
             base,
-            http: flotilla::fleet::http_client(None, Duration::from_secs(30)).unwrap(),
+            http: flotilla::agent::link::http_client(None, Duration::from_secs(30)).unwrap(),
             admin,
             server,
         }

@@ -1,6 +1,7 @@
 //! The agent's side of the fleet protocol: enroll once, long-poll the desired state with its ETag, and deliver
 //! the outbox. Every call is bounded by a timeout; failures are the caller's to retry (the loop does, with jitter).
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -9,6 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::fleet::{Accepted, DesiredOrders, EnrollRequest, Enrolled, Event, ReportBatch};
+use crate::registry::RegistryError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -126,6 +128,26 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// The wait after a 429 that named none.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
+/// The HTTP client that reaches the fleet server: rustls with the system roots plus `ca_bundle`, the same TLS setup
+/// as registries, and the same resolver (`/etc/hosts`, mDNS for `.local`, the name servers): without it reqwest
+/// would ask getaddrinfo, whose NSS modules a static binary cannot load. The operator CLI (`flotilla-server`)
+/// reaches the server with it too: an operator's host resolves and trusts as a device does.
+pub fn http_client(
+    ca_bundle: Option<&Path>,
+    timeout: Duration,
+) -> Result<reqwest::Client, RegistryError> {
+    let bundles: Vec<PathBuf> = ca_bundle.iter().map(|p| p.to_path_buf()).collect();
+    let tls = crate::registry::tls::client_config(&crate::registry::tls::system_roots(), &bundles)?;
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .dns_resolver(Arc::new(crate::registry::dns::SystemResolver::default()))
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(timeout)
+        .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| RegistryError::HttpClient(e.to_string()))
+}
+
 #[derive(Clone)]
 pub struct Link {
     http: reqwest::Client,
@@ -139,7 +161,7 @@ impl Link {
     /// `insecure` allows plain http to a host that is not loopback, with a warning at every start.
     pub fn new(
         server: &str,
-        ca_bundle: Option<&std::path::Path>,
+        ca_bundle: Option<&Path>,
         long_poll: Duration,
         insecure: bool,
     ) -> Result<Link, LinkError> {
@@ -150,7 +172,7 @@ impl Link {
             );
         }
         Ok(Link {
-            http: crate::fleet::http_client(ca_bundle, long_poll + Duration::from_secs(30))?,
+            http: http_client(ca_bundle, long_poll + Duration::from_secs(30))?,
             base: server.trim_end_matches('/').to_string(),
             not_before: Arc::default(),
         })

@@ -14,6 +14,7 @@ use super::{
     AppCommand, Cli, Command, DEFAULT_DB, DeviceCommand, ReleaseCommand, RolloutCommand,
     ServerCliError, TokenCommand, admin_token_path,
 };
+use crate::agent::link::http_client;
 use crate::clock::{Clock, SystemClock};
 use crate::server::api;
 use crate::server::model::{
@@ -53,7 +54,7 @@ impl Client {
             .trim()
             .to_string();
         Ok(Client {
-            http: crate::fleet::http_client(cli.ca_bundle.as_deref(), Duration::from_secs(60))?,
+            http: http_client(cli.ca_bundle.as_deref(), Duration::from_secs(60))?,
             base: cli.server.trim_end_matches('/').to_string(),
             token,
         })
