@@ -16,13 +16,16 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Clock;
 
-use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Extension, FromRequest, FromRequestParts, Path, Query, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
@@ -172,43 +175,67 @@ impl From<ServerDbError> for ApiError {
     }
 }
 
-fn rejected(e: JsonRejection) -> ApiError {
-    ApiError(e.status(), e.body_text())
-}
-
 /// A JSON body read strictly: it must be an object (serde would also take a struct's fields as an array, which the
 /// document does not allow), and a value that does not fit is refused with 422 naming the field's path.
-fn strict<T: serde::de::DeserializeOwned>(
-    body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> Result<T, ApiError> {
-    let Json(value) = body.map_err(rejected)?;
-    if !value.is_object() {
-        return Err(ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "the body must be a JSON object, not {}",
-                match value {
-                    serde_json::Value::Null => "null",
-                    serde_json::Value::Bool(_) => "a boolean",
-                    serde_json::Value::Number(_) => "a number",
-                    serde_json::Value::String(_) => "a string",
-                    serde_json::Value::Array(_) => "an array",
-                    serde_json::Value::Object(_) => "an object",
-                }
-            ),
-        ));
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Body<T>, ApiError> {
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state)
+            .await
+            .map_err(|e| ApiError(e.status(), e.body_text()))?;
+        if !value.is_object() {
+            return Err(ApiError(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "the body must be a JSON object, not {}",
+                    match value {
+                        serde_json::Value::Null => "null",
+                        serde_json::Value::Bool(_) => "a boolean",
+                        serde_json::Value::Number(_) => "a number",
+                        serde_json::Value::String(_) => "a string",
+                        serde_json::Value::Array(_) => "an array",
+                        serde_json::Value::Object(_) => "an object",
+                    }
+                ),
+            ));
+        }
+        super::strict::from_value(value)
+            .map(Body)
+            .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
     }
-    super::strict::from_value(value)
-        .map_err(|e| ApiError(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()))
 }
 
-// The path and query extractors' own rejections are plain text; every refusal of this API is `{"error": ...}`.
-fn bad_path(e: PathRejection) -> ApiError {
-    ApiError(e.status(), e.body_text())
+// axum's path and query extractors refuse in plain text; every refusal of this API is `{"error": ...}`.
+
+/// The route's path parameters.
+struct PathArgs<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathArgs<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<PathArgs<T>, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(t)) => Ok(PathArgs(t)),
+            Err(e) => Err(ApiError(e.status(), e.body_text())),
+        }
+    }
 }
 
-fn bad_query(e: QueryRejection) -> ApiError {
-    ApiError(e.status(), e.body_text())
+/// The request's query string.
+struct QueryArgs<T>(T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryArgs<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<QueryArgs<T>, ApiError> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(t)) => Ok(QueryArgs(t)),
+            Err(e) => Err(ApiError(e.status(), e.body_text())),
+        }
+    }
 }
 
 fn enrollment_needs_token() -> ApiError {
@@ -615,10 +642,9 @@ pub fn router(server: Shared) -> Router {
 async fn enroll(
     State(s): State<Shared>,
     headers: HeaderMap,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    Body(req): Body<EnrollRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let token = bearer(&headers).ok_or_else(enrollment_needs_token)?;
-    let req: EnrollRequest = strict(body)?;
     super::model::check_field("name", "device name", &req.name)?;
     if let Some(id) = &req.enrollment_id {
         if !EnrollRequest::enrollment_id_is_valid(id) {
@@ -635,7 +661,7 @@ async fn enroll(
     let now = s.now();
     let enrolled = s.with_db(move |db| db.enroll(&token, &req, now)).await?;
     s.drive().await?;
-    Ok((StatusCode::CREATED, Json(enrolled)))
+    Ok(created(enrolled))
 }
 
 #[derive(Deserialize)]
@@ -651,9 +677,8 @@ async fn desired(
     State(s): State<Shared>,
     Extension(Device(device)): Extension<Device>,
     headers: HeaderMap,
-    query: Result<Query<WaitQuery>, QueryRejection>,
+    QueryArgs(q): QueryArgs<WaitQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(bad_query)?;
     let known = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -696,9 +721,8 @@ async fn desired(
 async fn reports(
     State(s): State<Shared>,
     Extension(Device(device)): Extension<Device>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    Body(batch): Body<ReportBatch>,
 ) -> Result<Json<Accepted>, ApiError> {
-    let batch: ReportBatch = strict(body)?;
     if batch.events.len() > 1000 {
         return Err(ApiError(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -748,33 +772,49 @@ async fn reports(
     Ok(Json(Accepted { accepted }))
 }
 
-async fn create_token(
-    State(s): State<Shared>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let req: TokenRequest = strict(body)?;
-    Ok((StatusCode::CREATED, Json(s.create_token(req).await?)))
-}
+// The operator's routes. The guard has checked the admin token and the extractors the path and body; what is left
+// is one database call, answered as JSON.
 
 async fn tokens(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.with_db(|db| db.tokens()).await?))
+    s.with_db(|db| db.tokens()).await.map(Json)
+}
+
+async fn create_token(
+    State(s): State<Shared>,
+    Body(req): Body<TokenRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    s.create_token(req).await.map(created)
 }
 
 async fn revoke_token(
     State(s): State<Shared>,
-    path: Result<Path<String>, PathRejection>,
+    PathArgs(id): PathArgs<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path(id) = path.map_err(bad_path)?;
-    Ok(Json(s.with_db(move |db| db.revoke_token(&id)).await?))
+    s.with_db(move |db| db.revoke_token(&id)).await.map(Json)
+}
+
+async fn devices(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    s.with_db(|db| db.devices()).await.map(Json)
+}
+
+async fn revoke(
+    State(s): State<Shared>,
+    PathArgs(name): PathArgs<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let done = s
+        .with_db(move |db| {
+            let id = db.live_device(&name)?;
+            db.revoke(&id)
+        })
+        .await?;
+    Ok(Json(serde_json::json!({ "revoked": done })))
 }
 
 async fn device_tags(
     State(s): State<Shared>,
-    path: Result<Path<String>, PathRejection>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    PathArgs(name): PathArgs<String>,
+    Body(req): Body<TagsRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path(name) = path.map_err(bad_path)?;
-    let req: TagsRequest = strict(body)?;
     super::model::check_tags("set", &req.set)?;
     for (i, k) in req.remove.iter().enumerate() {
         super::model::check_field(&format!("remove[{i}]"), "tag", k)?;
@@ -793,55 +833,35 @@ async fn device_tags(
     Ok(Json(device))
 }
 
-async fn devices(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.with_db(|db| db.devices()).await?))
-}
-
-async fn revoke(
-    State(s): State<Shared>,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let Path(name) = path.map_err(bad_path)?;
-    let done = s
-        .with_db(move |db| {
-            let id = db.live_device(&name)?;
-            db.revoke(&id)
-        })
-        .await?;
-    Ok(Json(serde_json::json!({ "revoked": done })))
-}
-
 async fn apps(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.with_db(|db| db.apps()).await?))
+    s.with_db(|db| db.apps()).await.map(Json)
 }
 
 async fn create_app(
     State(s): State<Shared>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    Body(req): Body<AppRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: AppRequest = strict(body)?;
     let now = s.now();
-    let app = s.with_db(move |db| db.create_app(&req, now)).await?;
-    Ok((StatusCode::CREATED, Json(app)))
+    s.with_db(move |db| db.create_app(&req, now))
+        .await
+        .map(created)
 }
 
 async fn releases(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.with_db(|db| db.releases(None)).await?))
+    s.with_db(|db| db.releases(None)).await.map(Json)
 }
 
 async fn release(
     State(s): State<Shared>,
-    path: Result<Path<String>, PathRejection>,
+    PathArgs(id): PathArgs<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path(id) = path.map_err(bad_path)?;
-    Ok(Json(s.with_db(move |db| db.release(&id)).await?))
+    s.with_db(move |db| db.release(&id)).await.map(Json)
 }
 
 async fn create_release(
     State(s): State<Shared>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    Body(req): Body<ReleaseRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: ReleaseRequest = strict(body)?;
     let app = req.app.clone();
     if !s
         .with_db(move |db| Ok(db.apps()?.iter().any(|a| a.name == app)))
@@ -856,22 +876,21 @@ async fn create_release(
         )
     })?;
     let now = s.now();
-    let r = s
-        .with_db(move |db| {
-            db.create_release(
-                &req.app,
-                &req.image,
-                &resolved.pinned,
-                &resolved.manifests,
-                now,
-            )
-        })
-        .await?;
-    Ok((StatusCode::CREATED, Json(r)))
+    s.with_db(move |db| {
+        db.create_release(
+            &req.app,
+            &req.image,
+            &resolved.pinned,
+            &resolved.manifests,
+            now,
+        )
+    })
+    .await
+    .map(created)
 }
 
 async fn rollouts(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(s.with_db(|db| db.rollouts(None)).await?))
+    s.with_db(|db| db.rollouts(None)).await.map(Json)
 }
 
 fn rollout_id(id: &str) -> Result<u64, ApiError> {
@@ -889,29 +908,26 @@ fn rollout_id(id: &str) -> Result<u64, ApiError> {
 
 async fn rollout(
     State(s): State<Shared>,
-    path: Result<Path<String>, PathRejection>,
+    PathArgs(id): PathArgs<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path(id) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
-    Ok(Json(s.with_db(move |db| db.rollout(id)).await?))
+    s.with_db(move |db| db.rollout(id)).await.map(Json)
 }
 
 async fn create_rollout(
     State(s): State<Shared>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    Body(req): Body<RolloutRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let req: RolloutRequest = strict(body)?;
     let now = s.now();
     let r = s.with_db(move |db| db.create_rollout(&req, now)).await?;
     s.desired_changed();
-    Ok((StatusCode::CREATED, Json(r)))
+    Ok(created(r))
 }
 
 async fn control_rollout(
     State(s): State<Shared>,
-    path: Result<Path<(String, String)>, PathRejection>,
+    PathArgs((id, action)): PathArgs<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Path((id, action)) = path.map_err(bad_path)?;
     let id = rollout_id(&id)?;
     let control = Control::named(&action).ok_or_else(|| {
         ApiError(
@@ -925,6 +941,10 @@ async fn control_rollout(
         .await?;
     s.desired_changed();
     Ok(Json(r))
+}
+
+fn created<T>(body: T) -> (StatusCode, Json<T>) {
+    (StatusCode::CREATED, Json(body))
 }
 
 /// Serves the API on `listener` (plain TCP, or [`super::tls::TlsListener`]) until `shutdown` resolves; re-plans the
