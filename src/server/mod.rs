@@ -3,6 +3,7 @@
 //! with the device's commands (`src/cli/server/`); nothing here imports the command line.
 
 pub mod api;
+mod chores;
 pub mod dashboard;
 pub mod db;
 mod http;
@@ -10,6 +11,7 @@ pub mod metrics;
 pub mod model;
 pub mod ratelimit;
 pub mod resolve;
+mod state;
 pub mod store;
 pub mod strict;
 pub mod tls;

@@ -1,0 +1,359 @@
+//! The server's state, which every request and chore shares: the database (reached only through
+//! [`Server::with_db`] and [`Server::with_reader`]), the resolver, the clock, the limits and rates, and the version
+//! that wakes the long polls.
+//!
+//! SQLite work runs on the blocking pool behind one mutex: the database serialises writers anyway, and this keeps
+//! the async workers free for the long polls. The lock is held only for the database work itself, never while a
+//! request waits on the network (a body, a registry, a long poll). Heartbeats and `last_seen` are kept in memory
+//! and written every `flush_interval`, a device at most once per flush.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::watch;
+
+use super::api::ApiError;
+use super::db::{NewsWriter, ServerDb, ServerDbError, WriteStats};
+use super::model::{MAX_TOKEN_TTL_SECS, TokenCreated, TokenRequest};
+use super::ratelimit::{Rate, RateLimiter};
+use super::resolve::{ResolveError, Resolved, Resolver};
+use crate::clock::Clock;
+
+/// What the server allows each connection and credential, and how often it writes what it keeps in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// From a request's first byte to the end of its head.
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request begun is closed after this: above the agent's heartbeat interval.
+    pub idle_timeout: Duration,
+    /// A whole request, its body included; a long poll may take its wait on top.
+    pub request_timeout: Duration,
+    pub max_connections: usize,
+    /// Per device credential and per admin token.
+    pub rate: Rate,
+    /// How often `last_seen` and heartbeat metrics are written.
+    pub flush_interval: Duration,
+    /// Events received longer ago are pruned.
+    pub event_retention: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
+            // 10,000 devices each with a report connection and a held long poll.
+            max_connections: 20_000,
+            // An agent makes a request every few seconds; an operator's script may do more in bursts.
+            rate: Rate {
+                per_second: 20.0,
+                burst: 200,
+            },
+            flush_interval: Duration::from_secs(5),
+            event_retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Rows per transaction when flushing and pruning: a write made on the main connection (an event) waits for at
+/// most one slice, and a prune holds the lock for one slice at a time.
+const WRITE_SLICE: usize = 200;
+
+pub struct Server {
+    db: Mutex<ServerDb>,
+    resolver: Box<dyn Resolver>,
+    /// Bumped whenever a device's desired state may have changed, to wake its long poll.
+    desired_version: watch::Sender<u64>,
+    clock: Arc<dyn Clock>,
+    limits: Limits,
+    rates: Mutex<RateLimiter>,
+    /// Opened at the first flush.
+    news: Mutex<Option<NewsWriter>>,
+    /// Served over TLS: the dashboard's session cookie is marked Secure.
+    tls: std::sync::atomic::AtomicBool,
+    /// This replica's request latencies, for `/metrics`.
+    http_metrics: super::metrics::HttpMetrics,
+    /// A connection of its own for long reads (opened at the first), so they do not hold `db`'s lock.
+    reader: Mutex<Option<ServerDb>>,
+}
+
+pub(super) type Shared = Arc<Server>;
+
+impl Server {
+    pub fn new(db: ServerDb, resolver: Box<dyn Resolver>, clock: Arc<dyn Clock>) -> Shared {
+        Server::with_limits(db, resolver, clock, Limits::default())
+    }
+
+    pub fn with_limits(
+        db: ServerDb,
+        resolver: Box<dyn Resolver>,
+        clock: Arc<dyn Clock>,
+        limits: Limits,
+    ) -> Shared {
+        Arc::new(Server {
+            db: Mutex::new(db),
+            resolver,
+            desired_version: watch::channel(0).0,
+            clock,
+            limits,
+            rates: Mutex::new(RateLimiter::new(limits.rate)),
+            news: Mutex::new(None),
+            tls: std::sync::atomic::AtomicBool::new(false),
+            http_metrics: super::metrics::HttpMetrics::default(),
+            reader: Mutex::new(None),
+        })
+    }
+
+    /// Says the server is reached over TLS (its own, or a proxy's that forwards to it).
+    pub fn set_tls(&self) {
+        self.tls.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(super) fn tls(&self) -> bool {
+        self.tls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn http_metrics(&self) -> &super::metrics::HttpMetrics {
+        &self.http_metrics
+    }
+
+    pub(super) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice per transaction, on
+    /// a connection of its own: the lock is taken only to hand the slice over, so requests go on meanwhile. A
+    /// device whose slice is being written shows its older `last_seen` for those milliseconds.
+    pub async fn flush(self: &Arc<Self>) -> Result<(), ApiError> {
+        loop {
+            let batch = self.with_db(|db| Ok(db.take_news(WRITE_SLICE))).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let me = self.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                let mut news = me.news.lock().unwrap_or_else(|e| e.into_inner());
+                let result = match news.as_mut() {
+                    Some(w) => w.write(&batch),
+                    None => me
+                        .db
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .news_writer()
+                        .and_then(|w| news.insert(w).write(&batch)),
+                };
+                (result, batch)
+            })
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            match written {
+                (Ok(()), batch) => {
+                    let rows = batch.len();
+                    self.with_db(move |db| {
+                        db.count_flush(rows);
+                        Ok(())
+                    })
+                    .await?;
+                }
+                (Err(e), batch) => {
+                    self.with_db(move |db| {
+                        db.restore_news(batch);
+                        Ok(())
+                    })
+                    .await?;
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+
+    /// What the devices' traffic has cost the database so far.
+    pub async fn write_stats(self: &Arc<Self>) -> Result<WriteStats, ApiError> {
+        self.with_db(|db| Ok(db.write_stats())).await
+    }
+
+    /// Deletes the events older than the retention, a slice at a time; how many. Old metrics samples go too.
+    pub async fn prune_events(self: &Arc<Self>) -> Result<usize, ApiError> {
+        let before = self
+            .now()
+            .saturating_sub(self.limits.event_retention.as_secs());
+        let mut pruned = 0;
+        loop {
+            let n = self
+                .with_db(move |db| db.prune_events(before, WRITE_SLICE))
+                .await?;
+            pruned += n;
+            if n < WRITE_SLICE {
+                break;
+            }
+        }
+        // The dashboard's metrics charts: kept as long as events, and never more than a week (a sample every
+        // five minutes is 2,016 rows a device a week).
+        let before = before.max(self.now().saturating_sub(super::db::SAMPLES_KEPT_SECS));
+        loop {
+            let n = self
+                .with_db(move |db| db.prune_samples(before, WRITE_SLICE))
+                .await?;
+            if n < WRITE_SLICE {
+                return Ok(pruned);
+            }
+        }
+    }
+
+    /// Takes one request from `key`'s bucket, or says how long until there is one.
+    pub(super) fn throttle(&self, key: &str) -> Result<(), Duration> {
+        self.rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .check(key, Instant::now())
+    }
+
+    /// 429, with `Retry-After` in whole seconds rounded up: a client that waits what it is told finds a request
+    /// in its bucket.
+    pub(super) fn too_many(&self, wait: Duration) -> Response {
+        let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many requests with this credential (at most {}/s, {} at once); retry after {secs} s",
+                self.limits.rate.per_second, self.limits.rate.burst
+            ),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        resp
+    }
+
+    /// The server's clock in seconds: soaks, timeouts and `last_seen` count by it, never by a device's.
+    pub(super) fn now(&self) -> u64 {
+        self.clock.unix_seconds()
+    }
+
+    /// Runs `f` on the database, off the async workers.
+    pub(super) async fn with_db<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let db = me.db.lock().map_err(|_| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "database lock poisoned")
+            })?;
+            f(&db).map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+
+    /// Runs a read on a connection of its own, off the async workers: WAL lets it read while the main connection
+    /// writes, so a scrape counting 100,000 devices (about 170 ms) does not hold up heartbeats. It sees what is
+    /// committed, not the news kept in memory until the next flush.
+    pub(super) async fn with_reader<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut reader = me.reader.lock().unwrap_or_else(|e| e.into_inner());
+            let db = match reader.take() {
+                Some(db) => db,
+                None => {
+                    let path = me
+                        .db
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .path()
+                        .to_path_buf();
+                    ServerDb::open(&path)?
+                }
+            };
+            let out = f(&db);
+            *reader = Some(db);
+            out.map_err(ApiError::from)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    }
+
+    /// Reads `image` through the resolver: the only way the server reaches a registry.
+    pub(super) async fn resolve(&self, image: &str) -> Result<Resolved, ResolveError> {
+        self.resolver.resolve(image).await
+    }
+
+    /// What a long poll waits on: it changes whenever a device's desired state may have.
+    pub(super) fn desired_version(&self) -> watch::Receiver<u64> {
+        self.desired_version.subscribe()
+    }
+
+    /// Drops the rate buckets of credentials that have been quiet long enough to be full again.
+    pub(super) fn forget_idle_rates(&self) {
+        self.rates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .forget_idle(Instant::now());
+    }
+
+    /// Wakes the devices' long polls: after [`Server::drive`] changed an order, and after a change made outside it
+    /// (a rollout started or controlled), which plans and writes the orders itself.
+    pub(super) fn desired_changed(&self) {
+        self.desired_version.send_modify(|v| *v += 1);
+    }
+
+    /// Checks a token request as every client's is checked (the API's and the dashboard's), and makes the token.
+    pub(super) async fn create_token(
+        self: &Arc<Self>,
+        req: TokenRequest,
+    ) -> Result<TokenCreated, ApiError> {
+        if req.uses == Some(0) {
+            return Err(ServerDbError::Field {
+                path: "uses".into(),
+                message: "a token of 0 uses enrolls nobody; give 1 or more, or null for unlimited"
+                    .into(),
+            }
+            .into());
+        }
+        if let Some(d) = req
+            .expires_in
+            .filter(|d| *d == 0 || *d > MAX_TOKEN_TTL_SECS)
+        {
+            return Err(ServerDbError::Field {
+                path: "expires_in".into(),
+                message: format!(
+                    "{d} s is not between 1 s and ten years ({MAX_TOKEN_TTL_SECS} s); null never expires"
+                ),
+            }
+            .into());
+        }
+        super::model::check_tags("tags", &req.tags)?;
+        let now = self.now();
+        let expires = req.expires_in.map(|d| now.saturating_add(d));
+        self.with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
+            .await
+    }
+
+    /// Re-plans the rollouts, and wakes the long polls when a desired state changed: waking 10,000 held polls
+    /// on every tick queued their database work ahead of the heartbeats (p99 200 ms instead of 2 ms).
+    pub async fn drive(self: &Arc<Self>) -> Result<(), ApiError> {
+        self.drive_apps(None).await
+    }
+
+    /// As [`Server::drive`], for the rollouts of `apps` only (every rollout with `None`).
+    pub(super) async fn drive_apps(
+        self: &Arc<Self>,
+        apps: Option<BTreeSet<String>>,
+    ) -> Result<(), ApiError> {
+        let now = self.now();
+        if self
+            .with_db(move |db| db.drive_apps(now, apps.as_ref()))
+            .await?
+        {
+            self.desired_changed();
+        }
+        Ok(())
+    }
+}
