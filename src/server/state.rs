@@ -63,6 +63,7 @@ impl Default for Limits {
 /// most one slice, and a prune holds the lock for one slice at a time.
 const WRITE_SLICE: usize = 200;
 
+/// What every request, page and chore of one server process shares, as an `Arc` ([`Shared`]).
 pub struct Server {
     db: Mutex<ServerDb>,
     resolver: Box<dyn Resolver>,

@@ -1,4 +1,5 @@
-//! The operator's routes, under the admin token.
+//! The operator's routes. The guard has checked the admin token and the extractors the path and body; what is
+//! left of most is one database call, answered as JSON.
 
 use axum::Json;
 use axum::extract::State;
@@ -12,9 +13,6 @@ use crate::server::model::{
     check_tags,
 };
 use crate::server::state::Shared;
-
-// The operator's routes. The guard has checked the admin token and the extractors the path and body; what is left
-// is one database call, answered as JSON.
 
 pub(super) async fn tokens(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     s.with_db(|db| db.tokens()).await.map(Json)
