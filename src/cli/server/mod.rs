@@ -1,5 +1,5 @@
-//! `flotilla-server`: `serve` runs the fleet server ([`serve`]); every other command is an operator's client of its
-//! API ([`operate`]), and `--json` prints the API's own answer.
+//! `flotilla-server`: `serve` runs the fleet server (`serve`); every other command is an operator's client of its
+//! API (`operate`), and `--json` prints the API's own answer.
 
 mod operate;
 mod serve;

@@ -5,7 +5,7 @@
 //! Every request passes [`guard`] before anything reads its body: a bad or missing credential is refused with 401
 //! at once, each credential's rate is limited (429 with `Retry-After`), and the whole request is bounded in time.
 //!
-//! The devices' routes are in [`device`], the operator's in [`admin`]; the state they share is [`Server`].
+//! The devices' routes are in `device`, the operator's in `admin`; the state they share is [`Server`].
 
 mod admin;
 mod device;
