@@ -428,3 +428,76 @@ fn losing_the_server_is_unavailable_and_the_pool_recovers() {
         );
     }
 }
+
+/// Whether the session `c` runs on is encrypted, as the server sees it.
+fn encrypted(c: &dyn Conn) -> bool {
+    c.one::<bool>(
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .unwrap()
+}
+
+#[test]
+fn sslmodes_are_libpqs_through_rustls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::registry::TestCa::generate(dir.path());
+    // 127.0.0.2 is loopback too, and a name the server's certificate does not hold.
+    let Some(cluster) = Cluster::start_tls(&ca, &["127.0.0.2"]) else {
+        return;
+    };
+    let rt = runtime();
+    let url = |host: &str, query: &str| {
+        pg_url(&format!(
+            "postgres://flotilla:{PASSWORD}@{host}:{}/flotilla?connect_timeout=5&{query}",
+            cluster.port
+        ))
+    };
+    let root = format!("sslrootcert={}", ca.ca_pem.display());
+    let connect = |u: PgUrl| rt.block_on(PgPool::connect(&u, 1));
+    for (host, query, tls) in [
+        ("127.0.0.1", "sslmode=disable".to_string(), false),
+        ("127.0.0.1", "sslmode=prefer".to_string(), true),
+        // libpq's require checks no certificate: this one is from a CA nobody trusts.
+        ("127.0.0.1", "sslmode=require".to_string(), true),
+        ("127.0.0.2", format!("sslmode=verify-ca&{root}"), true),
+        ("127.0.0.1", format!("sslmode=verify-full&{root}"), true),
+        ("localhost", format!("sslmode=verify-full&{root}"), true),
+    ] {
+        let pool = connect(url(host, &query)).unwrap_or_else(|e| panic!("{host} {query}: {e}"));
+        assert_eq!(encrypted(&pool.conn().unwrap()), tls, "{host} {query}");
+    }
+    for (host, query, why) in [
+        (
+            "127.0.0.2",
+            format!("sslmode=verify-full&{root}"),
+            "not valid for name",
+        ),
+        (
+            "127.0.0.1",
+            "sslmode=verify-full".to_string(),
+            "UnknownIssuer",
+        ),
+        (
+            "127.0.0.1",
+            "sslmode=verify-ca".to_string(),
+            "UnknownIssuer",
+        ),
+    ] {
+        let err = connect(url(host, &query))
+            .err()
+            .unwrap_or_else(|| panic!("{host} {query} connected"));
+        let text = err.to_string();
+        assert!(text.contains(why), "{host} {query}: {text}");
+        assert!(!err.unavailable(), "{host} {query}: {text}");
+        assert!(!text.contains(PASSWORD), "{text}");
+    }
+    let missing = dir.path().join("missing.pem");
+    let err = connect(url(
+        "127.0.0.1",
+        &format!("sslmode=verify-full&sslrootcert={}", missing.display()),
+    ))
+    .err()
+    .expect("a missing sslrootcert is refused");
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+}

@@ -22,6 +22,8 @@ pub struct Cluster {
     pub port: u16,
     /// Who runs the cluster's programs: `postgres` when the tests run as root, else the tests' own user.
     run_as: Option<&'static str>,
+    /// What the server is started with beside its port and socket.
+    options: String,
     running: bool,
 }
 
@@ -43,6 +45,15 @@ fn bin_dir() -> Option<PathBuf> {
 impl Cluster {
     /// A running cluster, or `None` (the test skips) when PostgreSQL is not installed.
     pub fn start() -> Option<Cluster> {
+        Cluster::start_with(&[], None)
+    }
+
+    /// A cluster that offers TLS with `ca`'s server certificate, and listens on each of `addresses` too.
+    pub fn start_tls(ca: &super::registry::TestCa, addresses: &[&str]) -> Option<Cluster> {
+        Cluster::start_with(addresses, Some(ca))
+    }
+
+    fn start_with(addresses: &[&str], tls: Option<&super::registry::TestCa>) -> Option<Cluster> {
         let bin = require(
             "PostgreSQL's server binaries (/usr/lib/postgresql/*/bin; apt install postgresql)",
             bin_dir(),
@@ -61,8 +72,32 @@ impl Cluster {
             dir,
             port: free_port(),
             run_as: root.then_some("postgres"),
+            options: format!(
+                "-c listen_addresses={}",
+                ["127.0.0.1"]
+                    .iter()
+                    .chain(addresses)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
             running: false,
         };
+        if let Some(ca) = tls {
+            // The server reads its key only when it is private to it.
+            let (cert, key) = (c.dir.join("server.pem"), c.dir.join("server.key"));
+            std::fs::copy(&ca.cert_pem, &cert).expect("copy the server certificate");
+            std::fs::copy(&ca.key_pem, &key).expect("copy the server key");
+            std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("chmod the server key");
+            c.options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
+        let pwfile = c.dir.join("superuser-password");
+        std::fs::write(&pwfile, "superuser-secret\n").expect("write the password file");
         if root {
             let status = Command::new("chown")
                 .args(["-R", "postgres:postgres"])
@@ -73,15 +108,6 @@ impl Cluster {
                 status.success(),
                 "chown the cluster's directory to postgres"
             );
-        }
-        let pwfile = c.dir.join("superuser-password");
-        std::fs::write(&pwfile, "superuser-secret\n").expect("write the password file");
-        if root {
-            Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&pwfile)
-                .status()
-                .expect("run chown");
         }
         // Trust on the socket (in the cluster's own directory, which only its user reaches) for the setup below;
         // passwords on TCP, which is what the tests' clients use.
@@ -180,7 +206,8 @@ impl Cluster {
     /// Starts the cluster (again) on its port.
     pub fn resume(&mut self) {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off",
+            "{} -p {} -k {} -c fsync=off",
+            self.options,
             self.port,
             self.dir.display()
         );

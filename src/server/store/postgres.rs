@@ -80,6 +80,10 @@ fn lost(e: &tokio_postgres::Error) -> bool {
         ]
         .contains(code);
     }
+    // A certificate refused is a configuration to fix, although it comes as an I/O error.
+    if e.to_string().contains("TLS") {
+        return false;
+    }
     let mut cause = e.source();
     while let Some(c) = cause {
         if c.is::<std::io::Error>() {
@@ -121,6 +125,10 @@ fn connect_hint(e: &tokio_postgres::Error) -> &'static str {
         }
         Some(c) if *c == SqlState::INVALID_CATALOG_NAME => {
             "create the database (createdb -O USER DATABASE), or name the one that exists"
+        }
+        _ if e.to_string().contains("TLS") => {
+            "the server's certificate did not pass the URL's sslmode: give the CA that signed it as \
+             sslrootcert=FILE, and with verify-full connect by a name the certificate holds"
         }
         _ => {
             "check that PostgreSQL runs there and listens on that address and port (listen_addresses), that \
