@@ -10,6 +10,7 @@
 
 pub mod dburl;
 mod pg_schema;
+mod pg_tls;
 pub mod postgres;
 pub mod sqlite;
 
