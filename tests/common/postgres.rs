@@ -42,6 +42,35 @@ fn bin_dir() -> Option<PathBuf> {
     dirs.pop().map(|(_, bin)| bin)
 }
 
+/// A new directory for a cluster: under `target/pg-test/`, unless the `postgres` user cannot reach it there (a
+/// clone in root's private home) or the server's socket path in it would be too long for a Unix socket (107 bytes);
+/// then under the system's temporary directory.
+fn cluster_dir(root: bool) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let name = format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pg-test");
+    std::fs::create_dir_all(&target).expect("make target/pg-test");
+    let reachable = !root
+        || Command::new("runuser")
+            .args(["-u", "postgres", "--", "test", "-x"])
+            .arg(&target)
+            .status()
+            .is_ok_and(|s| s.success());
+    let short = target.join(&name).join(".s.PGSQL.65535").as_os_str().len() < 107;
+    let dir = if reachable && short {
+        target.join(name)
+    } else {
+        std::env::temp_dir().join(format!("flotilla-pg-test-{name}"))
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("make the cluster's directory");
+    dir
+}
+
 impl Cluster {
     /// A running cluster, or `None` (the test skips) when PostgreSQL is not installed.
     pub fn start() -> Option<Cluster> {
@@ -59,14 +88,7 @@ impl Cluster {
             bin_dir(),
         )?;
         let root = rustix::process::geteuid().is_root();
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
-            "target/pg-test/{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("make the cluster's directory");
+        let dir = cluster_dir(root);
         let mut c = Cluster {
             bin,
             dir,
