@@ -501,3 +501,21 @@ fn sslmodes_are_libpqs_through_rustls() {
     .expect("a missing sslrootcert is refused");
     assert!(err.to_string().contains("missing.pem"), "{err}");
 }
+
+#[test]
+fn a_pool_with_no_free_connection_is_unavailable_not_stuck() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let rt = runtime();
+    let url = pg_url(&format!("{}&connect_timeout=1", cluster.url()));
+    let pool = rt.block_on(PgPool::connect(&url, 1)).unwrap();
+    let held = pool.conn().unwrap();
+    let started = Instant::now();
+    let err = pool.conn().err().expect("the one connection is held");
+    assert!(err.unavailable(), "{err}");
+    assert!(err.to_string().contains("came free"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(held);
+    assert_eq!(pool.conn().unwrap().one::<i64>("SELECT 1", &[]).unwrap(), 1);
+}
