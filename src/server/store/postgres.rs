@@ -172,8 +172,8 @@ impl PgPool {
             url: url.redacted.as_str().into(),
             wait,
         };
-        let migrating = me.clone();
-        match tokio::task::spawn_blocking(move || migrate_postgres(&migrating.conn()?)).await {
+        let conn = me.conn_async().await?;
+        match tokio::task::spawn_blocking(move || migrate_postgres(&conn)).await {
             Ok(migrated) => migrated?,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Cancelled: the runtime is shutting down.
@@ -187,12 +187,16 @@ impl PgPool {
         Ok(me)
     }
 
-    /// One connection, held until dropped. Call it off the async workers (see the module's note).
+    /// One connection, held until dropped. Call it off the async workers (see the module's note), and take one
+    /// per unit of work (a request's queries): a connection held across an outage stays broken, while the pool
+    /// hands out working ones as soon as the server is back.
     pub fn conn(&self) -> Result<PgConn, StoreError> {
-        let client = self
-            .handle
-            .block_on(self.pool.get())
-            .map_err(|e| self.pool_error(e))?;
+        self.handle.block_on(self.conn_async())
+    }
+
+    /// [`PgPool::conn`] from async code; the connection itself is still used off the async workers.
+    pub async fn conn_async(&self) -> Result<PgConn, StoreError> {
+        let client = self.pool.get().await.map_err(|e| self.pool_error(e))?;
         Ok(PgConn {
             client,
             handle: self.handle.clone(),
