@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use flotilla::args;
 use flotilla::server::store::dburl::PgUrl;
+use flotilla::server::store::postgres::MIGRATION_LOCK;
 use flotilla::server::store::{Conn, ConnExt, DbUrl, Dialect, PgPool, StoreError, Value};
 
 mod common;
@@ -204,16 +205,45 @@ fn migrations_run_once_when_replicas_start_together() {
     };
     let rt = runtime();
     let url = pg_url(&cluster.url());
-    let pools = rt.block_on(async {
-        let starts = (0..8).map(|_| PgPool::connect(&url, 2));
-        futures_util::future::join_all(starts).await
-    });
-    for p in &pools {
-        if let Err(e) = p {
-            panic!("a replica failed to start: {e}");
-        }
-    }
-    let c = pools[0].as_ref().unwrap().conn().unwrap();
+    // A session holding the migrations' lock holds every replica's start: they wait for it rather than migrate
+    // beside it. Released, they all start, one migrating and the others finding nothing to do.
+    let (holder, connection) = rt
+        .block_on(tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={} password={PASSWORD} dbname={}",
+                cluster.port,
+                common::postgres::USER,
+                common::postgres::DATABASE
+            ),
+            tokio_postgres::NoTls,
+        ))
+        .unwrap();
+    rt.spawn(connection);
+    rt.block_on(holder.batch_execute(&format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"
+    )))
+    .unwrap();
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let url = url.clone();
+            rt.spawn(async move { PgPool::connect(&url, 2).await })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        starts.iter().all(|s| !s.is_finished()),
+        "a replica started while another held the migrations' lock"
+    );
+    rt.block_on(holder.batch_execute("COMMIT")).unwrap();
+    let pools: Vec<_> = rt.block_on(futures_util::future::join_all(starts));
+    let pools: Vec<PgPool> = pools
+        .into_iter()
+        .map(|p| {
+            p.unwrap()
+                .unwrap_or_else(|e| panic!("a replica failed to start: {e}"))
+        })
+        .collect();
+    let c = pools[0].conn().unwrap();
     let versions = c
         .rows("SELECT version FROM schema_version", &[], |r| {
             r.get::<i64>(0)

@@ -464,8 +464,9 @@ impl<'a> FromSql<'a> for Value {
     }
 }
 
-/// The key of the advisory lock that the replicas' migrations take: "flotilla" in ASCII.
-const MIGRATION_LOCK: i64 = 0x666c_6f74_696c_6c61;
+/// The key of the advisory lock that the replicas' migrations take: "flotilla" in ASCII. Whoever holds it (a restore
+/// in progress) holds every replica's start.
+pub const MIGRATION_LOCK: i64 = 0x666c_6f74_696c_6c61;
 
 /// Brings the schema up to the last step of `pg_schema::SCHEMA`, in one transaction under an advisory lock:
 /// replicas starting together wait for each other, and the later ones find nothing left to do.
