@@ -8,6 +8,7 @@ pub mod binfmt;
 // The fleet's host side needs the flotilla-server binary, built only with the feature.
 #[cfg(feature = "server")]
 pub mod fleet;
+pub mod postgres;
 pub mod registry;
 pub mod seccomp;
 pub mod tarcraft;

@@ -8,7 +8,14 @@
 //! A [`Conn`] is sync: the server runs storage work on blocking threads, as it always has, so one request's
 //! queries read as straight-line code on either engine.
 
+pub mod dburl;
+mod pg_schema;
+mod pg_tls;
+pub mod postgres;
 pub mod sqlite;
+
+pub use dburl::DbUrl;
+pub use postgres::{PgConn, PgError, PgPool, migrate_postgres};
 
 use std::fmt;
 
@@ -41,6 +48,25 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error(transparent)]
     Type(#[from] TypeError),
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error(
+        "the fleet database has schema version {found}, newer than this flotilla-server knows ({known}): run the \
+         newer flotilla-server, or restore the backup taken before it"
+    )]
+    TooNew { found: u64, known: u64 },
+}
+
+impl StoreError {
+    /// The database cannot be reached now (refused, closed, shutting down, no free connection): the API answers
+    /// 503 with Retry-After, and asking again later may work.
+    pub fn unavailable(&self) -> bool {
+        match self {
+            StoreError::Postgres(e) => e.unavailable(),
+            // A busy SQLite file is waited for (busy_timeout), and it cannot go away.
+            StoreError::Sqlite(_) | StoreError::Type(_) | StoreError::TooNew { .. } => false,
+        }
+    }
 }
 
 /// Where the engines' SQL differs. Everything else in the fleet's queries is written once.
