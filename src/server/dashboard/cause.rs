@@ -227,4 +227,19 @@ mod tests {
             assert_eq!(DeviceState::from_slug(s.slug()), Some(s));
         }
     }
+
+    /// SQLite uses an index on an expression only for the same expression: the migration's `devices_platform`
+    /// index is on `coalesce(json_extract(platform, '$.candidates[0]'), 'unknown')` (a table's alias is no part
+    /// of it), and the devices page's plan test checks that SQLite reads it.
+    #[test]
+    fn the_platform_is_spelled_as_its_sqlite_index() {
+        assert_eq!(
+            platform_sql(Dialect::Sqlite),
+            "coalesce(json_extract(d.platform, '$.candidates[0]'), 'unknown')"
+        );
+        assert_eq!(
+            platform_sql(Dialect::Postgres),
+            "coalesce(((d.platform)::jsonb #>> '{candidates,0}'), 'unknown')"
+        );
+    }
 }
