@@ -246,9 +246,8 @@ impl ServerDb {
             None => clauses.push("d.revoked = 0".into()),
         }
         if !f.q.is_empty() {
-            // SQLite's LIKE ignores ASCII case, PostgreSQL's does not: both are asked to.
             let q = args.bind(like_pattern(&f.q));
-            clauses.push(format!("lower(d.name) LIKE lower({q}) ESCAPE '\\'"));
+            clauses.push(d.like_ignoring_case("d.name", &q));
         }
         if let Some((k, v)) = &f.tag {
             // The key is a checked tag name: no quote can end SQLite's JSON path early.

