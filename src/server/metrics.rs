@@ -21,11 +21,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use rusqlite::named_params;
 
 use super::api::{ApiError, Server};
 use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS};
 use super::db::{ServerDb, ServerDbError};
+use super::store::{Conn, ConnExt};
 
 type Shared = std::sync::Arc<Server>;
 
@@ -167,44 +167,52 @@ impl ServerDb {
             ..FleetMetrics::default()
         };
 
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT r.id, r.app, json_extract(r.state, '$.state') = 'paused', r.waves_started,
-                        coalesce(json_array_length(r.plan, '$.waves'), 0),
-                        coalesce(json_array_length(r.plan, '$.incompatible'), 0),
-                        (SELECT coalesce(sum(json_array_length(w.value, '$.devices')), 0)
-                           FROM json_each(r.plan, '$.waves') w WHERE w.key < r.waves_started)
-                   FROM rollouts r
-                  WHERE json_extract(r.state, '$.state') IN ('running', 'paused') ORDER BY r.id",
-            )
-            .map_err(self.err())?;
+        let d = self.conn.dialect();
+        let state = d.json_text("r.state", &["state"]);
+        let sql = format!(
+            "SELECT r.id, r.app, {state} = 'paused', r.waves_started, {}, {},
+                    (SELECT coalesce(CAST(sum({}) AS BIGINT), 0)
+                       FROM {} WHERE w.key < r.waves_started)
+               FROM rollouts r
+              WHERE {state} IN ('running', 'paused') ORDER BY r.id",
+            d.json_array_len("r.plan", &["waves"]),
+            d.json_array_len("r.plan", &["incompatible"]),
+            d.json_array_len("w.value", &["devices"]),
+            d.json_elements("r.plan", &["waves"], "w"),
+        );
         type Row = (u64, String, bool, u64, u64, u64, u64);
-        let rows: Vec<Row> = st
-            .query_map([], |r| r.try_into())
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
-        let mut st = self
+        let rows: Vec<Row> = self
             .conn
-            .prepare(
-                "SELECT r.id,
-                        CASE WHEN e.value = 'timed out' THEN 'timed_out'
-                             WHEN e.value LIKE 'failed%' THEN 'failed'
-                             ELSE e.value END AS s,
-                        count(*)
-                   FROM rollouts r, json_each(r.plan, '$.devices') e
-                  WHERE json_extract(r.state, '$.state') IN ('running', 'paused')
-                    AND NOT EXISTS (SELECT 1 FROM json_each(r.plan, '$.incompatible') i
-                                     WHERE json_extract(i.value, '$.device') = e.key)
-                  GROUP BY r.id, s",
-            )
-            .map_err(self.err())?;
-        let standing: Vec<(u64, String, u64)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(&sql, &[], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })
+            .map_err(self.store_err())?;
+        let sql = format!(
+            "SELECT r.id,
+                    CASE WHEN e.value = 'timed out' THEN 'timed_out'
+                         WHEN e.value LIKE 'failed%' THEN 'failed'
+                         ELSE e.value END AS s,
+                    count(*)
+               FROM rollouts r, {}
+              WHERE {state} IN ('running', 'paused')
+                AND NOT EXISTS (SELECT 1 FROM {} WHERE {} = e.key)
+              GROUP BY r.id, s",
+            d.json_members("r.plan", &["devices"], "e"),
+            d.json_elements("r.plan", &["incompatible"], "i"),
+            d.json_text("i.value", &["device"]),
+        );
+        let standing: Vec<(u64, String, u64)> = self
+            .conn
+            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.store_err())?;
         m.rollouts = rows
             .into_iter()
             .map(
@@ -244,26 +252,31 @@ impl ServerDb {
             .map(|(i, le)| format!("WHEN v <= {le:?} THEN {i}"))
             .collect::<Vec<_>>()
             .join(" ");
-        let mut st = self
+        // DOUBLE PRECISION: a REAL is 4 bytes on PostgreSQL (SQLite reads the name as its REAL).
+        let number = |key: &str| {
+            format!(
+                "CAST({} AS DOUBLE PRECISION)",
+                d.json_text("d.metrics", &[key])
+            )
+        };
+        let sql = format!(
+            "SELECT CAST(CASE {bucket_of} ELSE {} END AS BIGINT) AS b, count(*), sum(v), max(age)
+               FROM (SELECT {} AS v, {} AS age
+                       FROM devices d
+                      WHERE d.revoked = 0 AND d.last_seen >= ?1
+                        AND {} IS NOT NULL) AS lag
+              GROUP BY b",
+            OUTBOX_BUCKETS.len(),
+            number("outbox_pending"),
+            number("outbox_oldest_age_secs"),
+            d.json_text("d.metrics", &["outbox_pending"]),
+        );
+        let lag: Vec<(usize, u64, f64, Option<f64>)> = self
             .conn
-            .prepare(&format!(
-                "SELECT CASE {bucket_of} ELSE {} END AS b, count(*), sum(v), max(age)
-                   FROM (SELECT CAST(json_extract(d.metrics, '$.outbox_pending') AS REAL) AS v,
-                                CAST(json_extract(d.metrics, '$.outbox_oldest_age_secs') AS REAL) AS age
-                           FROM devices d
-                          WHERE NOT d.revoked AND d.last_seen >= :offline_before
-                            AND json_extract(d.metrics, '$.outbox_pending') IS NOT NULL)
-                  GROUP BY b",
-                OUTBOX_BUCKETS.len()
-            ))
-            .map_err(self.err())?;
-        let lag: Vec<(usize, u64, f64, Option<f64>)> = st
-            .query_map(named_params! {":offline_before": offline_before}, |r| {
+            .rows(&sql, crate::args![offline_before], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .map_err(self.store_err())?;
         let mut outbox = OutboxLag {
             buckets: vec![0; OUTBOX_BUCKETS.len() + 1],
             ..OutboxLag::default()

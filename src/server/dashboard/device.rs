@@ -10,9 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use maud::{Markup, html};
-use rusqlite::{OptionalExtension, named_params, params};
 
-use super::cause::{OFFLINE_AFTER_SECS, STATE_SQL, cause_of};
+use super::cause::{OFFLINE_AFTER_SECS, cause_of, state_sql};
 use super::devices::encode_path;
 use super::session::Session;
 use super::{
@@ -21,6 +20,7 @@ use super::{
 use crate::fleet::{AppStatus, EventBody, Metrics, PlatformReport};
 use crate::server::db::{SAMPLES_KEPT_SECS, ServerDb, ServerDbError};
 use crate::server::model::{check_field, check_tags};
+use crate::server::store::{Conn, ConnExt, FromValue};
 use crate::update::Report;
 
 /// Update events shown, newest first: enough to see a pattern, bounded for a device that flaps.
@@ -89,22 +89,32 @@ impl ServerDb {
             String,
             Option<String>,
         );
+        let d = self.conn.dialect();
+        let sql = format!(
+            "SELECT d.id, {}, d.revoked, d.platform, d.agent_version, d.enrolled, d.last_seen, d.tags, d.metrics
+               FROM devices d WHERE d.name = ?2",
+            state_sql(d, "?1")
+        );
         let row: Option<Row> = self
             .conn
-            .query_row(
-                &format!(
-                    "SELECT d.id, {STATE_SQL}, d.revoked, d.platform, d.agent_version, d.enrolled, d.last_seen,
-                            d.tags, d.metrics
-                       FROM devices d WHERE d.name = :name"
-                ),
-                named_params! {
-                    ":name": name,
-                    ":offline_before": now.saturating_sub(OFFLINE_AFTER_SECS),
+            .row(
+                &sql,
+                crate::args![now.saturating_sub(OFFLINE_AFTER_SECS), name],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                    ))
                 },
-                |r| r.try_into(),
             )
-            .optional()
-            .map_err(self.err())?;
+            .map_err(self.store_err())?;
         let Some((id, state, revoked, platform, agent_version, enrolled, last_seen, tags, metrics)) =
             row
         else {
@@ -127,19 +137,14 @@ impl ServerDb {
             }
         }
 
-        let mut st = self
+        let samples = self
             .conn
-            .prepare_cached(
+            .rows(
                 "SELECT at, metrics FROM device_samples WHERE device = ?1 AND at >= ?2 ORDER BY at",
+                crate::args![&id, now.saturating_sub(SAMPLES_KEPT_SECS)],
+                |r| Ok((r.get::<u64>(0)?, r.get::<String>(1)?)),
             )
-            .map_err(self.err())?;
-        let samples = st
-            .query_map(params![id, now.saturating_sub(SAMPLES_KEPT_SECS)], |r| {
-                Ok((r.get::<_, u64>(0)?, r.get::<_, String>(1)?))
-            })
-            .map_err(self.err())?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(self.err())?
+            .map_err(self.store_err())?
             .into_iter()
             .map(|(at, m)| {
                 Ok((
@@ -170,8 +175,9 @@ impl ServerDb {
                 Some(serde_json::from_str(&status).map_err(damaged(of("app status")))?);
         }
         for (name, report) in self.rows2::<String>(
-            "SELECT app, report FROM device_updates u WHERE device = ?1 AND rowid = (
-               SELECT rowid FROM device_updates e WHERE e.device = u.device AND e.app = u.app
+            // (device, app, release) is the table's key: the release names the latest report of an app.
+            "SELECT app, report FROM device_updates u WHERE device = ?1 AND release = (
+               SELECT release FROM device_updates e WHERE e.device = u.device AND e.app = u.app
                 ORDER BY seq DESC, at DESC LIMIT 1)",
             &id,
         )? {
@@ -179,19 +185,17 @@ impl ServerDb {
                 Some(serde_json::from_str(&report).map_err(damaged(of("update report")))?);
         }
 
-        let mut st = self
+        let sql = format!(
+            "SELECT received, body FROM events WHERE device = ?1 AND {} = 'update'
+              ORDER BY received DESC, at DESC LIMIT ?2",
+            d.json_text("body", &["kind"])
+        );
+        let raw: Vec<(u64, String)> = self
             .conn
-            .prepare_cached(
-                "SELECT received, body FROM events WHERE device = ?1
-                   AND json_extract(body, '$.kind') = 'update'
-                 ORDER BY received DESC, at DESC LIMIT ?2",
-            )
-            .map_err(self.err())?;
-        let raw: Vec<(u64, String)> = st
-            .query_map(params![id, HISTORY], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(&sql, crate::args![&id, HISTORY], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(self.store_err())?;
         let mut history = Vec::with_capacity(raw.len());
         for (received, body) in raw {
             let body: EventBody = serde_json::from_str(&body).map_err(damaged(of("event")))?;
@@ -217,16 +221,14 @@ impl ServerDb {
     }
 
     /// (text, T) rows of a query about one device.
-    fn rows2<T: rusqlite::types::FromSql>(
+    fn rows2<T: FromValue>(
         &self,
         sql: &str,
         device: &str,
     ) -> Result<Vec<(String, T)>, ServerDbError> {
-        let mut st = self.conn.prepare_cached(sql).map_err(self.err())?;
-        st.query_map([device], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())
+        self.conn
+            .rows(sql, crate::args![device], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.store_err())
     }
 }
 

@@ -10,15 +10,15 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::get;
 use maud::{Markup, html};
-use rusqlite::ToSql;
 use serde::Deserialize;
 
 use super::cause::{
-    DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SETS, STATE_SQL, state_clause,
+    DeviceState, OFFLINE_AFTER_SECS, platform_sql, state_clause, state_sets, state_sql,
 };
 use super::{Nav, Operator, PageError, Shared, ago, badge, encode, html_response, layout};
 use crate::server::db::{ServerDb, ServerDbError};
 use crate::server::model::check_field;
+use crate::server::store::{Conn, ConnExt, Value};
 
 pub const PAGE_SIZE: u64 = 50;
 
@@ -210,45 +210,65 @@ pub struct DeviceList {
     pub platforms: Vec<String>,
 }
 
+/// The arguments of a statement built piece by piece, each piece taking the next placeholder.
+#[derive(Default)]
+struct Args(Vec<Value>);
+
+impl Args {
+    /// The placeholder of `v`, bound next.
+    fn bind(&mut self, v: impl Into<Value>) -> String {
+        self.0.push(v.into());
+        format!("?{}", self.0.len())
+    }
+}
+
 impl ServerDb {
     /// One page of the devices `f` selects, by name, and how many it selects in all.
     pub fn device_list(&self, f: &Filter, now: u64) -> Result<DeviceList, ServerDbError> {
-        let offline_before = now.saturating_sub(OFFLINE_AFTER_SECS);
+        let d = self.conn.dialect();
+        let platform = platform_sql(d);
+        let offline_at = now.saturating_sub(OFFLINE_AFTER_SECS);
+        let mut args = Args::default();
+        let mut offline_before = None;
         let mut clauses: Vec<String> = Vec::new();
-        let mut binds: Vec<(&str, Box<dyn ToSql>)> = Vec::new();
         match f.state {
             Some(state) => {
-                clauses.push(state_clause(state));
+                // Revoked devices' clause reads no time, and PostgreSQL cannot type a placeholder nothing reads.
                 if state != DeviceState::Revoked {
-                    binds.push((":offline_before", Box::new(offline_before)));
+                    offline_before = Some(args.bind(offline_at));
                 }
+                clauses.push(state_clause(
+                    state,
+                    offline_before.as_deref().unwrap_or("NULL"),
+                ));
             }
             // Revoked devices are history: listed only when asked for.
-            None => clauses.push("NOT d.revoked".into()),
+            None => clauses.push("d.revoked = 0".into()),
         }
         if !f.q.is_empty() {
-            clauses.push("d.name LIKE :q ESCAPE '\\'".into());
-            binds.push((":q", Box::new(like_pattern(&f.q))));
+            let q = args.bind(like_pattern(&f.q));
+            clauses.push(d.like_ignoring_case("d.name", &q));
         }
         if let Some((k, v)) = &f.tag {
-            // The key is a checked tag name: no quote can end the JSON path early.
-            clauses.push("json_extract(d.tags, :tag_path) = :tag_value".into());
-            binds.push((":tag_path", Box::new(format!("$.\"{k}\""))));
-            binds.push((":tag_value", Box::new(v.clone())));
+            // The key is a checked tag name: no quote can end SQLite's JSON path early.
+            let key = args.bind(k);
+            let value = args.bind(v);
+            clauses.push(format!("{} = {value}", d.json_key_text("d.tags", &key)));
         }
         if !f.platform.is_empty() {
-            clauses.push(format!("{PLATFORM_SQL} = :platform"));
-            binds.push((":platform", Box::new(f.platform.clone())));
+            clauses.push(format!("{platform} = {}", args.bind(&f.platform)));
         }
         if !f.app.is_empty() || !f.release.is_empty() {
             let mut sub = String::from("EXISTS (SELECT 1 FROM device_apps a WHERE a.device = d.id");
             if !f.app.is_empty() {
-                sub.push_str(" AND a.app = :app");
-                binds.push((":app", Box::new(f.app.clone())));
+                sub.push_str(&format!(" AND a.app = {}", args.bind(&f.app)));
             }
             if !f.release.is_empty() {
-                sub.push_str(" AND json_extract(a.status, '$.release') = :release");
-                binds.push((":release", Box::new(f.release.clone())));
+                sub.push_str(&format!(
+                    " AND {} = {}",
+                    d.json_text("a.status", &["release"]),
+                    args.bind(&f.release)
+                ));
             }
             sub.push(')');
             clauses.push(sub);
@@ -256,52 +276,58 @@ impl ServerDb {
         if let Some(seen) = f.seen {
             // Most devices were seen lately: `+` keeps SQLite from walking the last_seen index for those and
             // sorting them all by name, instead of walking names and stopping at a page.
-            let (clause, secs) = match seen {
-                Seen::Hour => ("+d.last_seen >= :seen_since", 3600),
-                Seen::Day => ("+d.last_seen >= :seen_since", 86_400),
-                Seen::Week => ("+d.last_seen >= :seen_since", 7 * 86_400),
-                Seen::NotInDay => ("d.last_seen < :seen_since", 86_400),
+            let (op, secs) = match seen {
+                Seen::Hour => ("+d.last_seen >=", 3600),
+                Seen::Day => ("+d.last_seen >=", 86_400),
+                Seen::Week => ("+d.last_seen >=", 7 * 86_400),
+                Seen::NotInDay => ("d.last_seen <", 86_400),
             };
-            clauses.push(clause.into());
-            binds.push((":seen_since", Box::new(now.saturating_sub(secs))));
+            clauses.push(format!("{op} {}", args.bind(now.saturating_sub(secs))));
         }
         let filter = clauses.join(" AND ");
-        let params: Vec<(&str, &dyn ToSql)> = binds.iter().map(|(k, v)| (*k, v.as_ref())).collect();
-        let mut page_params = params.clone();
-        let offset = (f.page - 1) * PAGE_SIZE;
-        page_params.push((":offset", &offset));
-        if matches!(f.state, None | Some(DeviceState::Revoked)) {
-            page_params.push((":offline_before", &offline_before));
-        }
+        let sets = state_sets(d);
+        let count_sql = format!("{sets} SELECT count(*) FROM devices d WHERE {filter}");
+        let count_args = args.0.len();
+        // The page shows each device's state, whatever the filter read.
+        let offline_before = match offline_before {
+            Some(p) => p,
+            None => args.bind(offline_at),
+        };
+        let offset = args.bind((f.page - 1) * PAGE_SIZE);
         // One statement for the page and the count, so that the state sets are computed once for both (the
-        // count is a subquery of no row of the page: SQLite runs it once).
-        let mut st = self
+        // count is a subquery of no row of the page: the database runs it once).
+        let sql = format!(
+            "{sets}
+             SELECT d.id, d.name, {}, {platform}, d.tags, d.last_seen,
+                    (SELECT {} FROM device_apps a WHERE a.device = d.id),
+                    (SELECT count(*) FROM devices d WHERE {filter})
+               FROM devices d WHERE {filter} ORDER BY d.name LIMIT {PAGE_SIZE} OFFSET {offset}",
+            state_sql(d, &offline_before),
+            d.json_agg_arrays(&["a.app", &d.json_text("a.status", &["release"])]),
+        );
+        type Raw = (String, String, String, String, String, u64, String, u64);
+        let raw: Vec<Raw> = self
             .conn
-            .prepare(&format!(
-                "{STATE_SETS}
-                 SELECT d.id, d.name, {STATE_SQL}, {PLATFORM_SQL}, d.tags, d.last_seen,
-                        (SELECT json_group_array(json_array(a.app, json_extract(a.status, '$.release')))
-                           FROM device_apps a WHERE a.device = d.id),
-                        (SELECT count(*) FROM devices d WHERE {filter})
-                   FROM devices d WHERE {filter} ORDER BY d.name LIMIT {PAGE_SIZE} OFFSET :offset"
-            ))
-            .map_err(self.err())?;
-        type Row = (String, String, String, String, String, u64, String, u64);
-        let raw: Vec<Row> = st
-            .query_map(&page_params[..], |r| r.try_into())
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(&sql, &args.0, |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(self.store_err())?;
         let total = match raw.first() {
             Some(row) => row.7,
             // Past the last page (or nothing matches): the count alone.
             None => self
                 .conn
-                .prepare(&format!(
-                    "{STATE_SETS} SELECT count(*) FROM devices d WHERE {filter}"
-                ))
-                .and_then(|mut st| st.query_row(&params[..], |r| r.get(0)))
-                .map_err(self.err())?,
+                .one(&count_sql, &args.0[..count_args])
+                .map_err(self.store_err())?,
         };
         let seen = self.seen.borrow();
         let rows = raw
@@ -329,18 +355,15 @@ impl ServerDb {
                 })
             })
             .collect::<Result<_, ServerDbError>>()?;
-        let mut st = self
+        // Read from the platform index alone; a platform only revoked devices had stays a choice.
+        let platforms = self
             .conn
-            // Read from the platform index alone; a platform only revoked devices had stays a choice.
-            .prepare_cached(&format!(
-                "SELECT DISTINCT {PLATFORM_SQL} AS p FROM devices d ORDER BY p"
-            ))
-            .map_err(self.err())?;
-        let platforms = st
-            .query_map([], |r| r.get(0))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(
+                &format!("SELECT DISTINCT {platform} AS p FROM devices d ORDER BY p"),
+                &[],
+                |r| r.get(0),
+            )
+            .map_err(self.store_err())?;
         Ok(DeviceList {
             total,
             rows,
@@ -471,7 +494,7 @@ fn pager(f: &Filter, pages: u64) -> Markup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rusqlite::params;
+    use crate::server::store::{Dialect, Row};
 
     /// Every combination of revoked, silent, and an app's wanted release with each report (or none, or no
     /// release wanted), on two apps: the state filter puts each device where STATE_SQL says it is.
@@ -488,8 +511,10 @@ mod tests {
             Some("probation"),
         ];
         let mut n = 0;
+        let c = &db.conn;
+        let d = c.dialect();
         // One transaction: the database syncs every commit.
-        db.conn.execute_batch("BEGIN").unwrap();
+        let tx = c.begin().unwrap();
         for revoked in [false, true] {
             for last_seen in [100u64, 1000] {
                 for a in reports {
@@ -497,29 +522,28 @@ mod tests {
                         for wanted_b in [true, false] {
                             n += 1;
                             let id = format!("d{n}");
-                            db.conn
-                                .execute(
-                                    "INSERT INTO devices (id, name, credential_hash, tags, platform, agent_version,
-                                                          enrolled, last_seen, revoked)
-                                     VALUES (?1, ?1, ?1, '{}', '{}', '0', 0, ?2, ?3)",
-                                    params![id, last_seen, revoked],
+                            tx.execute(
+                                "INSERT INTO devices (id, name, credential_hash, tags, platform, agent_version,
+                                                      enrolled, last_seen, revoked)
+                                 VALUES (?1, ?1, ?1, '{}', '{}', '0', 0, ?2, ?3)",
+                                crate::args![&id, last_seen, revoked],
+                            )
+                            .unwrap();
+                            for (app, report, wanted) in [("a", a, true), ("b", b, wanted_b)] {
+                                tx.execute(
+                                    "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)",
+                                    crate::args![&id, app, wanted.then_some("r2")],
                                 )
                                 .unwrap();
-                            for (app, report, wanted) in [("a", a, true), ("b", b, wanted_b)] {
-                                db.conn
-                                    .execute(
-                                        "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)",
-                                        params![id, app, wanted.then_some("r2")],
+                                if let Some(event) = report {
+                                    let report =
+                                        serde_json::json!({"event": event, "release": "r2"});
+                                    tx.execute(
+                                        "INSERT INTO device_updates (device, app, release, report, at, received)
+                                         VALUES (?1, ?2, 'r2', ?3, 0, 0)",
+                                        crate::args![&id, app, report.to_string()],
                                     )
                                     .unwrap();
-                                if let Some(event) = report {
-                                    db.conn
-                                        .execute(
-                                            "INSERT INTO device_updates (device, app, release, report, at, received)
-                                             VALUES (?1, ?2, 'r2', json_object('event', ?3, 'release', 'r2'), 0, 0)",
-                                            params![id, app, event],
-                                        )
-                                        .unwrap();
                                 }
                             }
                         }
@@ -527,39 +551,29 @@ mod tests {
                 }
             }
         }
-        db.conn.execute_batch("COMMIT").unwrap();
+        tx.commit().unwrap();
         let ob = 500u64;
-        let mut st = db
-            .conn
-            .prepare(&format!("SELECT d.id, {STATE_SQL} FROM devices d"))
-            .unwrap();
-        let want: Vec<(String, String)> = st
-            .query_map(rusqlite::named_params! {":offline_before": ob}, |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .unwrap()
-            .collect::<Result<_, _>>()
+        let pair = |r: &Row| Ok((r.get::<String>(0)?, r.get::<String>(1)?));
+        let want: Vec<(String, String)> = c
+            .rows(
+                &format!("SELECT d.id, {} FROM devices d", state_sql(d, "?1")),
+                crate::args![ob],
+                pair,
+            )
             .unwrap();
         for state in DeviceState::ALL {
-            let mut st = db
-                .conn
-                .prepare(&format!(
-                    "{STATE_SETS} SELECT d.id FROM devices d WHERE {}",
-                    state_clause(state)
-                ))
-                .unwrap();
-            let sql = state_clause(state);
-            let ids = |r: &rusqlite::Row| r.get::<_, String>(0);
-            let rows = if sql.contains(":offline_before") {
-                st.query_map(rusqlite::named_params! {":offline_before": ob}, ids)
-                    .unwrap()
-                    .collect::<Result<Vec<_>, _>>()
+            let sql = format!(
+                "{} SELECT d.id FROM devices d WHERE {}",
+                state_sets(d),
+                state_clause(state, "?1")
+            );
+            // The revoked devices' clause reads no time, and is given none.
+            let args = if state == DeviceState::Revoked {
+                crate::args![]
             } else {
-                st.query_map([], ids)
-                    .unwrap()
-                    .collect::<Result<Vec<_>, _>>()
+                crate::args![ob]
             };
-            let mut got = rows.unwrap();
+            let mut got: Vec<String> = c.rows(&sql, args, |r| r.get(0)).unwrap();
             got.sort();
             let mut expected: Vec<String> = want
                 .iter()
@@ -578,32 +592,42 @@ mod tests {
         }
     }
 
+    /// SQLite only: its plans are what EXPLAIN QUERY PLAN shows, and it matches an index on an expression only
+    /// when the query spells the expression as the index does. PostgreSQL's planner needs no such care.
     #[test]
     fn the_platform_and_state_filters_read_their_indexes() {
         let dir = tempfile::tempdir().unwrap();
         let db = ServerDb::open(&dir.path().join("server.db")).unwrap();
-        let running = state_clause(DeviceState::Running).replace(":offline_before", "0");
+        let d = db.conn.dialect();
+        assert_eq!(d, Dialect::Sqlite, "ServerDb::open opens SQLite");
+        let platform = platform_sql(d);
+        let running = state_clause(DeviceState::Running, "0");
         for (sql, index) in [
             (
-                format!("SELECT DISTINCT {PLATFORM_SQL} AS p FROM devices d ORDER BY p"),
+                format!("SELECT DISTINCT {platform} AS p FROM devices d ORDER BY p"),
                 "devices_platform",
             ),
             (
-                format!("SELECT count(*) FROM devices d WHERE {PLATFORM_SQL} = 'linux/arm64'"),
+                format!("SELECT count(*) FROM devices d WHERE {platform} = 'linux/arm64'"),
                 "devices_platform",
             ),
             (
-                format!("{STATE_SETS} SELECT count(*) FROM devices d WHERE {running}"),
+                format!(
+                    "SELECT count(*) FROM devices d WHERE d.revoked = 0 AND {platform} = 'linux/arm64'"
+                ),
+                "devices_platform",
+            ),
+            (
+                format!(
+                    "{} SELECT count(*) FROM devices d WHERE {running}",
+                    state_sets(d)
+                ),
                 "device_updates_event",
             ),
         ] {
             let plan: Vec<String> = db
                 .conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .unwrap()
-                .query_map([], |r| r.get(3))
-                .unwrap()
-                .collect::<Result<_, _>>()
+                .rows(&format!("EXPLAIN QUERY PLAN {sql}"), &[], |r| r.get(3))
                 .unwrap();
             assert!(plan.iter().any(|p| p.contains(index)), "{sql}: {plan:?}");
         }

@@ -4,11 +4,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use maud::html;
-use rusqlite::named_params;
 
-use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SETS, state_clause};
+use super::cause::{DeviceState, OFFLINE_AFTER_SECS, platform_sql, state_clause, state_sets};
 use super::{Nav, Operator, PageError, Shared, badge, encode, html_response, layout};
 use crate::server::db::{ServerDb, ServerDbError};
+use crate::server::store::{Conn, ConnExt};
 
 /// What the overview shows, counted by the database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,21 +30,28 @@ impl ServerDb {
     /// 110 ms at 100,000 devices where a state per device took 150).
     pub fn device_state_counts(&self, now: u64) -> Result<Vec<(DeviceState, u64)>, ServerDbError> {
         let offline_before = now.saturating_sub(OFFLINE_AFTER_SECS);
-        let count = |s| format!("(SELECT count(*) FROM devices d WHERE {})", state_clause(s));
+        let d = self.conn.dialect();
+        let count = |s| {
+            format!(
+                "(SELECT count(*) FROM devices d WHERE {})",
+                state_clause(s, "?1")
+            )
+        };
+        let sql = format!(
+            "{} SELECT {}, {}, (SELECT count(*) FROM devices d WHERE d.revoked = 0), {}, {}",
+            state_sets(d),
+            count(DeviceState::Revoked),
+            count(DeviceState::Offline),
+            count(DeviceState::Failed),
+            count(DeviceState::Updating),
+        );
         let (revoked, offline, kept, failed, updating): (u64, u64, u64, u64, u64) = self
             .conn
-            .query_row(
-                &format!(
-                    "{STATE_SETS} SELECT {}, {}, (SELECT count(*) FROM devices d WHERE NOT d.revoked), {}, {}",
-                    count(DeviceState::Revoked),
-                    count(DeviceState::Offline),
-                    count(DeviceState::Failed),
-                    count(DeviceState::Updating),
-                ),
-                named_params! {":offline_before": offline_before},
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
-            .map_err(self.err())?;
+            .row(&sql, crate::args![offline_before], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })
+            .map_err(self.store_err())?
+            .unwrap_or_default();
         let running = kept.saturating_sub(offline + failed + updating);
         Ok(DeviceState::ALL
             .into_iter()
@@ -63,50 +70,44 @@ impl ServerDb {
 
     /// Devices not revoked by the platform their detection ranked first, most devices first.
     pub fn platform_counts(&self) -> Result<Vec<(String, u64)>, ServerDbError> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {PLATFORM_SQL} AS p, count(*) AS n FROM devices d WHERE NOT d.revoked
-                 GROUP BY p ORDER BY n DESC, p"
-            ))
-            .map_err(self.err())?;
-        st.query_map([], |r| r.try_into())
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())
+        let sql = format!(
+            "SELECT {} AS p, count(*) AS n FROM devices d WHERE d.revoked = 0
+              GROUP BY p ORDER BY n DESC, p",
+            platform_sql(self.conn.dialect())
+        );
+        self.conn
+            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.store_err())
     }
 
     pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
+        let d = self.conn.dialect();
         let mut o = Overview::default();
         o.by_state = self.device_state_counts(now)?;
         o.total = o.by_state.iter().map(|(_, n)| n).sum();
         o.by_platform = self.platform_counts()?;
         // What runs, as the devices say (their app status), not what the fleet wants.
-        let mut st = self
+        let sql = format!(
+            "SELECT a.app, {} AS r, count(*) FROM device_apps a
+              WHERE a.device NOT IN (SELECT id FROM devices WHERE revoked <> 0)
+              GROUP BY a.app, r ORDER BY a.app, count(*) DESC",
+            d.json_text("a.status", &["release"])
+        );
+        o.by_release = self
             .conn
-            .prepare(
-                "SELECT a.app, json_extract(a.status, '$.release') AS r, count(*) FROM device_apps a
-                  WHERE a.device NOT IN (SELECT id FROM devices WHERE revoked)
-                  GROUP BY a.app, r ORDER BY a.app, count(*) DESC",
-            )
-            .map_err(self.err())?;
-        o.by_release = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
-        let mut st = self
+            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.store_err())?;
+        let state = d.json_text("state", &["state"]);
+        let sql = format!(
+            "SELECT id, app, release, {state} FROM rollouts
+              WHERE {state} IN ('running', 'paused') ORDER BY id DESC"
+        );
+        o.active_rollouts = self
             .conn
-            .prepare(
-                "SELECT id, app, release, json_extract(state, '$.state') FROM rollouts
-                  WHERE json_extract(state, '$.state') IN ('running', 'paused') ORDER BY id DESC",
-            )
-            .map_err(self.err())?;
-        o.active_rollouts = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(&sql, &[], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .map_err(self.store_err())?;
         Ok(o)
     }
 }

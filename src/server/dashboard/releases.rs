@@ -11,13 +11,14 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use maud::{Markup, html};
 
-use super::cause::PLATFORM_SQL;
+use super::cause::platform_sql;
 use super::session::Session;
 use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response, layout,
 };
 use crate::server::db::{ServerDb, ServerDbError};
 use crate::server::model::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest, serves};
+use crate::server::store::{Conn, ConnExt};
 
 pub fn routes() -> Router<Shared> {
     Router::new()
@@ -45,16 +46,13 @@ pub struct Coverage {
 impl ServerDb {
     /// The rollouts of release `id`, newest first: id and state, without their plans.
     pub fn rollouts_of(&self, id: &str) -> Result<Vec<(u64, String)>, ServerDbError> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT id, json_extract(state, '$.state') FROM rollouts WHERE release = ?1 ORDER BY id DESC",
-            )
-            .map_err(self.err())?;
-        st.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())
+        let sql = format!(
+            "SELECT id, {} FROM rollouts WHERE release = ?1 ORDER BY id DESC",
+            self.conn.dialect().json_text("state", &["state"])
+        );
+        self.conn
+            .rows(&sql, crate::args![id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.store_err())
     }
 
     /// Counted by distinct platform candidate lists, which are few however many devices there are; each list is
@@ -63,18 +61,22 @@ impl ServerDb {
         &self,
         manifests: &BTreeMap<String, String>,
     ) -> Result<Coverage, ServerDbError> {
-        let mut st = self
+        let d = self.conn.dialect();
+        // The list's text is as the engine gives it back: the devices unserved are then found by comparing
+        // with the same expression on the same engine.
+        let candidates =
+            |expr: &str| format!("coalesce({}, '[]')", d.json_text(expr, &["candidates"]));
+        // `+`: every row is read for its list, and SQLite would otherwise walk the platform index for the
+        // revoked flag beside it, fetching each row out of order.
+        let sql = format!(
+            "SELECT {} AS c, {} AS p, count(*) FROM devices d WHERE +d.revoked = 0 GROUP BY c, p",
+            candidates("d.platform"),
+            platform_sql(d)
+        );
+        let lists: Vec<(String, String, u64)> = self
             .conn
-            .prepare(&format!(
-                "SELECT coalesce(json_extract(d.platform, '$.candidates'), '[]') AS c, {PLATFORM_SQL} AS p,
-                        count(*) FROM devices d WHERE NOT d.revoked GROUP BY c, p"
-            ))
-            .map_err(self.err())?;
-        let lists: Vec<(String, String, u64)> = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(self.store_err())?;
         let mut c = Coverage::default();
         let mut rows: BTreeMap<(String, Option<String>), u64> = BTreeMap::new();
         let mut unserved: Vec<String> = Vec::new();
@@ -94,24 +96,20 @@ impl ServerDb {
         c.rows = rows.into_iter().map(|((p, v), n)| (p, v, n)).collect();
         c.rows
             .sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT name FROM devices WHERE NOT revoked
-                  AND coalesce(json_extract(platform, '$.candidates'), '[]') = ?1 ORDER BY name LIMIT ?2",
-            )
-            .map_err(self.err())?;
+        let unserved_sql = format!(
+            "SELECT name FROM devices WHERE revoked = 0 AND {} = ?1 ORDER BY name LIMIT ?2",
+            candidates("platform")
+        );
         for list in unserved {
             let left = CANNOT_LIST.saturating_sub(c.cannot.len());
             if left == 0 {
                 break;
             }
             let platforms: Vec<String> = serde_json::from_str(&list).unwrap_or_default();
-            let names: Vec<String> = st
-                .query_map(rusqlite::params![list, left as i64], |r| r.get(0))
-                .map_err(self.err())?
-                .collect::<Result<_, _>>()
-                .map_err(self.err())?;
+            let names: Vec<String> = self
+                .conn
+                .rows(&unserved_sql, crate::args![&list, left], |r| r.get(0))
+                .map_err(self.store_err())?;
             c.cannot
                 .extend(names.into_iter().map(|n| (n, platforms.clone())));
         }

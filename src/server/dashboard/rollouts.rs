@@ -18,6 +18,7 @@ use super::{
 };
 use crate::server::db::{ServerDb, ServerDbError};
 use crate::server::model::{Control, RolloutView, StateView};
+use crate::server::store::{Conn, ConnExt};
 use crate::update::Report;
 
 pub fn routes() -> Router<Shared> {
@@ -50,20 +51,17 @@ impl ServerDb {
         release: &str,
         members: &BTreeSet<String>,
     ) -> Result<Vec<Failure>, ServerDbError> {
-        let mut st = self
+        let sql = format!(
+            "SELECT d.name, u.report FROM device_updates u JOIN devices d ON d.id = u.device
+              WHERE u.release = ?1 AND d.revoked = 0
+                AND {} IN ('prepare-failed', 'rolled-back')
+              ORDER BY d.name",
+            self.conn.dialect().json_text("u.report", &["event"])
+        );
+        let rows: Vec<(String, String)> = self
             .conn
-            .prepare(
-                "SELECT d.name, u.report FROM device_updates u JOIN devices d ON d.id = u.device
-                  WHERE u.release = ?1 AND NOT d.revoked
-                    AND json_extract(u.report, '$.event') IN ('prepare-failed', 'rolled-back')
-                  ORDER BY d.name",
-            )
-            .map_err(self.err())?;
-        let rows: Vec<(String, String)> = st
-            .query_map([release], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?
-            .collect::<Result<_, _>>()
-            .map_err(self.err())?;
+            .rows(&sql, crate::args![release], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.store_err())?;
         rows.into_iter()
             .filter(|(name, _)| members.contains(name))
             .map(|(name, report)| {

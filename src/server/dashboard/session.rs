@@ -2,9 +2,8 @@
 //! own CSRF token that every state-changing form carries. Only hashes of both are stored, as for every other
 //! secret of the server, and a session is a row in the database so that any server sharing it knows it.
 
-use rusqlite::{OptionalExtension, params};
-
 use crate::server::db::{ServerDb, ServerDbError, hash_secret, new_secret};
+use crate::server::store::{Conn, ConnExt};
 
 /// Twelve hours: a working day, after which a forgotten browser tab is no longer a way into the fleet.
 pub const SESSION_SECS: u64 = 12 * 3600;
@@ -34,8 +33,11 @@ impl ServerDb {
             return Ok(None);
         }
         self.conn
-            .execute("DELETE FROM sessions WHERE expires <= ?1", [now])
-            .map_err(self.err())?;
+            .execute(
+                "DELETE FROM sessions WHERE expires <= ?1",
+                crate::args![now],
+            )
+            .map_err(self.store_err())?;
         let cookie = new_secret();
         let session = Session {
             key: hash_secret(&cookie),
@@ -45,26 +47,26 @@ impl ServerDb {
         self.conn
             .execute(
                 "INSERT INTO sessions (hash, csrf, admin_hash, created, expires) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
-                    session.key,
-                    session.csrf,
+                crate::args![
+                    &session.key,
+                    &session.csrf,
                     hash_secret(admin_token),
                     now,
                     session.expires
                 ],
             )
-            .map_err(self.err())?;
+            .map_err(self.store_err())?;
         Ok(Some((cookie, session)))
     }
 
     /// The live session a cookie's value names: unexpired, and its admin token still valid.
     pub fn session(&self, cookie: &str, now: u64) -> Result<Option<Session>, ServerDbError> {
         self.conn
-            .query_row(
+            .row(
                 "SELECT s.hash, s.csrf, s.expires FROM sessions s
                   JOIN admin_tokens a ON a.hash = s.admin_hash
                   WHERE s.hash = ?1 AND s.expires > ?2",
-                params![hash_secret(cookie), now],
+                crate::args![hash_secret(cookie), now],
                 |r| {
                     Ok(Session {
                         key: r.get(0)?,
@@ -73,14 +75,13 @@ impl ServerDb {
                     })
                 },
             )
-            .optional()
-            .map_err(self.err())
+            .map_err(self.store_err())
     }
 
     pub fn sign_out(&self, key: &str) -> Result<(), ServerDbError> {
         self.conn
-            .execute("DELETE FROM sessions WHERE hash = ?1", [key])
-            .map_err(self.err())?;
+            .execute("DELETE FROM sessions WHERE hash = ?1", crate::args![key])
+            .map_err(self.store_err())?;
         Ok(())
     }
 }

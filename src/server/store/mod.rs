@@ -104,6 +104,110 @@ impl Dialect {
             Dialect::Postgres => format!("greatest({a}, {b})"),
         }
     }
+
+    // The dashboard's and /metrics' JSON: keys chosen at run time, arrays and objects read as rows.
+
+    /// The text under the key that the text parameter `key` (`?3`) names, in the JSON object held in `expr`: for
+    /// a key the operator chose, which the statement's text cannot spell. SQLite reads the key inside a JSON
+    /// path, so it must hold no `"`.
+    pub fn json_key_text(self, expr: &str, key: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("json_extract({expr}, '$.\"' || {key} || '\"')"),
+            Dialect::Postgres => format!("(({expr})::jsonb ->> CAST({key} AS TEXT))"),
+        }
+    }
+
+    /// The length of the array at `path` in the JSON held in `expr`, as an integer; 0 when there is none there.
+    pub fn json_array_len(self, expr: &str, path: &[&str]) -> String {
+        match self {
+            Dialect::Sqlite => format!(
+                "coalesce(json_array_length({expr}, '{}'), 0)",
+                sqlite_json_path(path)
+            ),
+            Dialect::Postgres => {
+                let at = pg_json_at(expr, path);
+                format!(
+                    "(CASE WHEN jsonb_typeof({at}) = 'array' THEN CAST(jsonb_array_length({at}) AS BIGINT) ELSE 0 END)"
+                )
+            }
+        }
+    }
+
+    /// A FROM item named `alias` with a row per element of the array at `path` in the JSON held in `expr` (none
+    /// when there is none there): `alias.key` is the element's index from 0, `alias.value` the element, for
+    /// [`Dialect::json_text`] and the like. `expr` may name columns of the FROM items before it.
+    pub fn json_elements(self, expr: &str, path: &[&str], alias: &str) -> String {
+        match self {
+            Dialect::Sqlite => {
+                format!("json_each({expr}, '{}') AS {alias}", sqlite_json_path(path))
+            }
+            Dialect::Postgres => {
+                let at = pg_json_at(expr, path);
+                format!(
+                    "LATERAL (SELECT {alias}_e.value, {alias}_e.n - 1 AS key
+                                FROM jsonb_array_elements(CASE WHEN jsonb_typeof({at}) = 'array' THEN {at} END)
+                                     WITH ORDINALITY AS {alias}_e(value, n)) AS {alias}"
+                )
+            }
+        }
+    }
+
+    /// A FROM item named `alias` with a row per member of the object at `path` in the JSON held in `expr` (none
+    /// when there is none there): `alias.key` is the member's name, `alias.value` its value as text when it is a
+    /// string. `expr` may name columns of the FROM items before it.
+    pub fn json_members(self, expr: &str, path: &[&str], alias: &str) -> String {
+        match self {
+            Dialect::Sqlite => {
+                format!("json_each({expr}, '{}') AS {alias}", sqlite_json_path(path))
+            }
+            Dialect::Postgres => {
+                let at = pg_json_at(expr, path);
+                format!(
+                    "jsonb_each_text(CASE WHEN jsonb_typeof({at}) = 'object' THEN {at} END) AS {alias}(key, value)"
+                )
+            }
+        }
+    }
+
+    /// Whether `expr` matches the LIKE `pattern` ignoring ASCII case, with `\` escaping `%` and `_`. SQLite's LIKE
+    /// ignores ASCII case already, and is twice as fast over 100,000 names as `lower(a) LIKE lower(b)`.
+    pub fn like_ignoring_case(self, expr: &str, pattern: &str) -> String {
+        match self {
+            Dialect::Sqlite => format!("{expr} LIKE {pattern} ESCAPE '\\'"),
+            Dialect::Postgres => format!("{expr} ILIKE {pattern} ESCAPE '\\'"),
+        }
+    }
+
+    /// An aggregate: the text of a JSON array holding, per row of the group, the JSON array of `items`; `[]` for
+    /// no rows.
+    pub fn json_agg_arrays(self, items: &[&str]) -> String {
+        match self {
+            Dialect::Sqlite => format!("json_group_array(json_array({}))", items.join(", ")),
+            Dialect::Postgres => format!(
+                "coalesce(CAST(json_agg(json_build_array({})) AS TEXT), '[]')",
+                items.join(", ")
+            ),
+        }
+    }
+}
+
+/// A path as SQLite's JSON functions take it: `$.candidates[0]`.
+fn sqlite_json_path(path: &[&str]) -> String {
+    let mut p = String::from("$");
+    for k in path {
+        if k.bytes().all(|b| b.is_ascii_digit()) {
+            p.push_str(&format!("[{k}]"));
+        } else {
+            p.push('.');
+            p.push_str(k);
+        }
+    }
+    p
+}
+
+/// The JSON value at `path` in the text column `expr`, as PostgreSQL's `jsonb` (NULL when there is none).
+fn pg_json_at(expr: &str, path: &[&str]) -> String {
+    format!("(({expr})::jsonb #> '{{{}}}')", path.join(","))
 }
 
 /// One connection to the fleet's database. Statements are cached per connection by their text.
@@ -397,6 +501,107 @@ mod tests {
         assert_eq!(
             Dialect::Postgres.json_text("platform", &path),
             "((platform)::jsonb #>> '{candidates,0}')"
+        );
+    }
+
+    // The dashboard's and /metrics' JSON, run on SQLite; PostgreSQL's spelling is checked for its shape here and
+    // run by the conformance suite.
+
+    fn sqlite_with_plan() -> sqlite::SqliteConn {
+        let c = sqlite::SqliteConn::new(rusqlite::Connection::open_in_memory().unwrap());
+        c.batch(
+            r#"CREATE TABLE t (id INTEGER, doc TEXT);
+               INSERT INTO t VALUES (1, '{"tags": {"site.a": "roof"}, "waves": [{"devices": ["a", "b"]}, {"devices": ["c"]}],
+                                         "devices": {"a": "healthy", "c": "failed: x"}}');
+               INSERT INTO t VALUES (2, '{"waves": {}}');
+               INSERT INTO t VALUES (3, NULL);"#,
+        )
+        .unwrap();
+        c
+    }
+
+    #[test]
+    fn a_key_chosen_at_run_time_is_read_whole() {
+        let c = sqlite_with_plan();
+        let sql = format!(
+            "SELECT id FROM t WHERE {} = ?2",
+            Dialect::Sqlite.json_key_text("json_extract(doc, '$.tags')", "?1")
+        );
+        let ids = c
+            .rows(&sql, crate::args!["site.a", "roof"], |r| r.get::<i64>(0))
+            .unwrap();
+        assert_eq!(ids, vec![1], "a key with a dot is one key, not a path");
+        assert_eq!(
+            Dialect::Postgres.json_key_text("d.tags", "?4"),
+            "((d.tags)::jsonb ->> CAST(?4 AS TEXT))"
+        );
+    }
+
+    #[test]
+    fn arrays_and_objects_are_read_as_rows() {
+        let c = sqlite_with_plan();
+        let d = Dialect::Sqlite;
+        let sql = format!(
+            "SELECT t.id, {},
+                    (SELECT CAST(sum({}) AS BIGINT) FROM {} WHERE w.key < 1),
+                    (SELECT {} FROM {} WHERE e.value LIKE 'failed%')
+               FROM t ORDER BY t.id",
+            d.json_array_len("t.doc", &["waves"]),
+            d.json_array_len("w.value", &["devices"]),
+            d.json_elements("t.doc", &["waves"], "w"),
+            d.json_agg_arrays(&["e.key", "e.value"]),
+            d.json_members("t.doc", &["devices"], "e"),
+        );
+        let rows = c
+            .rows(&sql, &[], |r| {
+                Ok((
+                    r.get::<i64>(0)?,
+                    r.get::<i64>(1)?,
+                    r.get::<Option<i64>>(2)?,
+                    r.get::<String>(3)?,
+                ))
+            })
+            .unwrap();
+        assert_eq!(
+            rows,
+            vec![
+                (1, 2, Some(2), r#"[["c","failed: x"]]"#.to_string()),
+                (2, 0, None, "[]".to_string()),
+                (3, 0, None, "[]".to_string()),
+            ]
+        );
+        let pg = Dialect::Postgres;
+        assert_eq!(
+            pg.json_array_len("r.plan", &["waves"]),
+            "(CASE WHEN jsonb_typeof(((r.plan)::jsonb #> '{waves}')) = 'array' \
+             THEN CAST(jsonb_array_length(((r.plan)::jsonb #> '{waves}')) AS BIGINT) ELSE 0 END)"
+        );
+        assert!(
+            pg.json_elements("r.plan", &["waves"], "w")
+                .starts_with("LATERAL (SELECT w_e.value, w_e.n - 1 AS key")
+        );
+        assert!(
+            pg.json_members("r.plan", &["devices"], "e")
+                .ends_with(" AS e(key, value)")
+        );
+        assert_eq!(
+            pg.json_agg_arrays(&["a", "b"]),
+            "coalesce(CAST(json_agg(json_build_array(a, b)) AS TEXT), '[]')"
+        );
+    }
+
+    #[test]
+    fn like_ignores_case_and_takes_escaped_wildcards_literally() {
+        let c = sqlite_with_plan();
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 'Dev_1' AS n UNION ALL SELECT 'devX1') WHERE {}",
+            Dialect::Sqlite.like_ignoring_case("n", "?1")
+        );
+        assert_eq!(c.one::<i64>(&sql, crate::args!["%DEV\\_1%"]).unwrap(), 1);
+        assert_eq!(c.one::<i64>(&sql, crate::args!["%dev_1%"]).unwrap(), 2);
+        assert_eq!(
+            Dialect::Postgres.like_ignoring_case("d.name", "?2"),
+            "d.name ILIKE ?2 ESCAPE '\\'"
         );
     }
 
