@@ -27,12 +27,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use super::db::{NewsWriter, ServerDb, ServerDbError, WriteStats, hash_secret};
-use super::model::{
+use super::ratelimit::{Rate, RateLimiter};
+use super::store::{NewsWriter, ServerDb, ServerDbError, WriteStats, hash_secret};
+use super::views::{
     AppRequest, Control, MAX_TOKEN_TTL_SECS, ReleaseRequest, RolloutRequest, TagsRequest,
     TokenRequest,
 };
-use super::ratelimit::{Rate, RateLimiter};
 use crate::fleet::{Accepted, EnrollRequest, EventBody, MAX_BODY_BYTES, ReportBatch};
 
 /// Every route, as `METHOD /path`, for the OpenAPI check.
@@ -374,7 +374,7 @@ impl Server {
         }
         // The dashboard's metrics charts: kept as long as events, and never more than a week (a sample every
         // five minutes is 2,016 rows a device a week).
-        let before = before.max(self.now().saturating_sub(super::db::SAMPLES_KEPT_SECS));
+        let before = before.max(self.now().saturating_sub(super::store::SAMPLES_KEPT_SECS));
         loop {
             let n = self
                 .with_db(move |db| db.prune_samples(before, WRITE_SLICE))
@@ -491,7 +491,7 @@ impl Server {
     pub(super) async fn create_token(
         self: &Arc<Self>,
         req: TokenRequest,
-    ) -> Result<super::model::TokenCreated, ApiError> {
+    ) -> Result<super::views::TokenCreated, ApiError> {
         if req.uses == Some(0) {
             return Err(ServerDbError::Field {
                 path: "uses".into(),
@@ -512,7 +512,7 @@ impl Server {
             }
             .into());
         }
-        super::model::check_tags("tags", &req.tags)?;
+        super::views::check_tags("tags", &req.tags)?;
         let now = self.now();
         let expires = req.expires_in.map(|d| now.saturating_add(d));
         self.with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))
@@ -649,7 +649,7 @@ async fn enroll(
 ) -> Result<impl IntoResponse, ApiError> {
     let token = bearer(&headers).ok_or_else(enrollment_needs_token)?;
     let req: EnrollRequest = strict(body)?;
-    super::model::check_field("name", "device name", &req.name)?;
+    super::views::check_field("name", "device name", &req.name)?;
     if let Some(id) = &req.enrollment_id {
         if !EnrollRequest::enrollment_id_is_valid(id) {
             return Err(ServerDbError::Field {
@@ -661,7 +661,7 @@ async fn enroll(
         }
     }
     // Checked although the token may ignore them: a refusal says what is wrong instead of dropping it silently.
-    super::model::check_tags("tags", &req.tags)?;
+    super::views::check_tags("tags", &req.tags)?;
     let now = s.now();
     let enrolled = s.with_db(move |db| db.enroll(&token, &req, now)).await?;
     s.drive().await?;
@@ -805,9 +805,9 @@ async fn device_tags(
 ) -> Result<impl IntoResponse, ApiError> {
     let Path(name) = path.map_err(bad_path)?;
     let req: TagsRequest = strict(body)?;
-    super::model::check_tags("set", &req.set)?;
+    super::views::check_tags("set", &req.set)?;
     for (i, k) in req.remove.iter().enumerate() {
-        super::model::check_field(&format!("remove[{i}]"), "tag", k)?;
+        super::views::check_field(&format!("remove[{i}]"), "tag", k)?;
     }
     let device = s
         .with_db(move |db| {

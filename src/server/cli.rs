@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::api::{self, ResolveError, Resolved, Resolver};
-use super::db::{ServerDb, ServerDbError};
-use super::model::{
+use super::store::{ServerDb, ServerDbError};
+use super::views::{
     AppRequest, AppView, DeviceView, ReleaseRequest, ReleaseView, RolloutRequest, RolloutView,
     StateView, TagsRequest, TokenCreated, TokenRequest, TokenView,
 };

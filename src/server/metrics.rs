@@ -25,7 +25,7 @@ use rusqlite::named_params;
 
 use super::api::{ApiError, Server};
 use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS};
-use super::db::{ServerDb, ServerDbError};
+use super::store::{ServerDb, ServerDbError};
 
 type Shared = std::sync::Arc<Server>;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use flotilla::clock::{Clock, FakeClock};
 use flotilla::fleet::{Enrolled, Event, EventBody, ReportBatch};
 use flotilla::server::api::{self, ResolveError, Resolved, Resolver};
-use flotilla::server::db::ServerDb;
+use flotilla::server::store::ServerDb;
 use serde_json::{Value, json};
 
 /// Answers every image with three platforms, pinned to a digest of the image's name; an image whose name holds

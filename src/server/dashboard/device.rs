@@ -19,8 +19,8 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, html_response, layout,
 };
 use crate::fleet::{AppStatus, EventBody, Metrics, PlatformReport};
-use crate::server::db::{SAMPLES_KEPT_SECS, ServerDb, ServerDbError};
-use crate::server::model::{check_field, check_tags};
+use crate::server::store::{SAMPLES_KEPT_SECS, ServerDb, ServerDbError};
+use crate::server::views::{check_field, check_tags};
 use crate::update::Report;
 
 /// Update events shown, newest first: enough to see a pattern, bounded for a device that flaps.

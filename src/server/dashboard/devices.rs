@@ -17,8 +17,8 @@ use super::cause::{
     DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SETS, STATE_SQL, state_clause,
 };
 use super::{Nav, Operator, PageError, Shared, ago, badge, encode, html_response, layout};
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::check_field;
+use crate::server::store::{ServerDb, ServerDbError};
+use crate::server::views::check_field;
 
 pub const PAGE_SIZE: u64 = 50;
 

@@ -8,7 +8,7 @@ use rusqlite::named_params;
 
 use super::cause::{DeviceState, OFFLINE_AFTER_SECS, PLATFORM_SQL, STATE_SETS, state_clause};
 use super::{Nav, Operator, PageError, Shared, badge, encode, html_response, layout};
-use crate::server::db::{ServerDb, ServerDbError};
+use crate::server::store::{ServerDb, ServerDbError};
 
 /// What the overview shows, counted by the database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

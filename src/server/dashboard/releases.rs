@@ -16,8 +16,9 @@ use super::session::Session;
 use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response, layout,
 };
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest, serves};
+use crate::server::driver::serves;
+use crate::server::store::{ServerDb, ServerDbError};
+use crate::server::views::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest};
 
 pub fn routes() -> Router<Shared> {
     Router::new()

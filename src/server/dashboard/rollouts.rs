@@ -16,8 +16,8 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response,
     layout, width_class,
 };
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::{Control, RolloutView, StateView};
+use crate::server::store::{ServerDb, ServerDbError};
+use crate::server::views::{Control, RolloutView, StateView};
 use crate::update::Report;
 
 pub fn routes() -> Router<Shared> {

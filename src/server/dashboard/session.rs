@@ -4,7 +4,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use crate::server::db::{ServerDb, ServerDbError, hash_secret, new_secret};
+use crate::server::store::{ServerDb, ServerDbError, hash_secret, new_secret};
 
 /// Twelve hours: a working day, after which a forgotten browser tab is no longer a way into the fleet.
 pub const SESSION_SECS: u64 = 12 * 3600;
