@@ -76,6 +76,7 @@ pub fn serves(manifests: &BTreeMap<String, String>, candidates: &[String]) -> Op
         .and_then(|c| labels.get(c.entry.position))
         .map(|l| l.to_string())
 }
+
 impl ServerDb {
     /// Plans every rollout that is running or paused and applies its orders. Called on a timer. True when some
     /// device's desired state changed: only then are the long polls woken.

@@ -25,6 +25,9 @@ impl SqliteConn {
         // gone out, and the events with them: nobody would send them again.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every query goes through the cache (`Conn` prepares by text): the fleet's and the dashboard's distinct
+        // statements are several dozen, more than rusqlite's default of 16, which would re-prepare in turn.
+        conn.set_prepared_statement_cache_capacity(128);
         Ok(SqliteConn { conn })
     }
 
