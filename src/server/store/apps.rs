@@ -75,7 +75,7 @@ impl ServerDb {
             .conn
             .one(
                 "INSERT INTO releases (id, app, image, pinned, manifests, created)
-                 SELECT ?1 || '-' || CAST(count(*) + 1 AS TEXT), ?1, ?2, ?3, ?4, CAST(?5 AS BIGINT)
+                 SELECT CAST(?1 AS TEXT) || '-' || CAST(count(*) + 1 AS TEXT), ?1, ?2, ?3, ?4, CAST(?5 AS BIGINT)
                  FROM releases WHERE app = ?1
                  RETURNING id",
                 crate::args![app, image, pinned, to_json(manifests)?, now],
