@@ -96,7 +96,7 @@ impl ServerDb {
             .conn
             .rows(
                 "SELECT id, app, image, pinned, manifests, created FROM releases
-                 WHERE ?1 IS NULL OR id = ?1 ORDER BY created, id",
+                 WHERE CAST(?1 AS TEXT) IS NULL OR id = ?1 ORDER BY created, id",
                 crate::args![only],
                 |r| {
                     Ok((

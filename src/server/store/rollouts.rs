@@ -88,7 +88,7 @@ impl ServerDb {
             .conn
             .rows(
                 "SELECT id, app, spec, previous, state, waves_started, plan, created, frozen, rolled_back
-                 FROM rollouts WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+                 FROM rollouts WHERE CAST(?1 AS BIGINT) IS NULL OR id = ?1 ORDER BY id",
                 crate::args![only],
                 |r| {
                     Ok((
