@@ -162,3 +162,25 @@ pub(crate) mod fixtures {
             .token
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_that_cannot_be_opened_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing/fleet.db");
+        let e = match ServerDb::open(&path) {
+            Ok(_) => panic!("opened a file in a directory that does not exist"),
+            Err(e) => e,
+        };
+        assert!(matches!(e, ServerDbError::Store { .. }), "{e:?}");
+        let text = crate::error_chain(&e);
+        assert!(
+            text.starts_with(&format!("the fleet database {}: ", path.display())),
+            "{text}"
+        );
+        assert!(text.contains("unable to open"), "{text}");
+    }
+}
