@@ -22,7 +22,7 @@ use flotilla::fleet::{
     PlatformReport, ReportBatch,
 };
 use flotilla::server::api::{self, ErrorBody};
-use flotilla::server::model::{
+use flotilla::server::views::{
     AppRequest, AppView, DeviceApp, DeviceView, Incompatible, ReleaseRequest, ReleaseView,
     RolloutRequest, RolloutView, StateView, TagsRequest, TokenCreated, TokenRequest, TokenView,
     WaveView,

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use flotilla::fleet::{AppStatus, Enrolled, Event, EventBody, MAX_BODY_BYTES, ReportBatch};
 use flotilla::server::api;
-use flotilla::server::db::ServerDb;
 use flotilla::server::resolve::{ResolveError, Resolved, Resolver};
+use flotilla::server::store::ServerDb;
 use flotilla::update::Report;
 use reqwest::Method;
 use reqwest::header::{HeaderMap, HeaderValue};
@@ -843,7 +843,7 @@ async fn the_token_list_never_shows_a_secret() {
         .admin_post("/v1/tokens", &json!({"tags": {"ring": "canary"}}), 201)
         .await;
     let secret = made["token"].as_str().unwrap();
-    let hash = flotilla::server::db::hash_secret(secret);
+    let hash = flotilla::server::store::hash_secret(secret);
     let listed = f.get("/v1/tokens", &f.admin).await;
     let text = String::from_utf8_lossy(&listed.body).to_string();
     assert!(!text.contains(secret) && !text.contains(&hash), "{text}");
@@ -875,7 +875,9 @@ async fn the_token_list_never_shows_a_secret() {
     f.enroll(&token, "a", "north").await;
     let devices = f.get("/v1/devices", &f.admin).await;
     let text = String::from_utf8_lossy(&devices.body);
-    assert!(!text.contains(&token) && !text.contains(&flotilla::server::db::hash_secret(&token)));
+    assert!(
+        !text.contains(&token) && !text.contains(&flotilla::server::store::hash_secret(&token))
+    );
 }
 
 /// Two devices, an app with one release, and a rollout to the devices tagged `site: b` only.
@@ -1781,7 +1783,7 @@ fn insert_devices(db: &Path, n: usize) -> Vec<String> {
             rusqlite::params![
                 format!("id-{i:05}"),
                 format!("dev-{i:05}"),
-                flotilla::server::db::hash_secret(c),
+                flotilla::server::store::hash_secret(c),
                 r#"{"candidates":["linux/arm/v6"],"page_size":4096,"description":"Pi"}"#
             ],
         )

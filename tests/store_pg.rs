@@ -275,7 +275,7 @@ fn migrations_run_once_when_replicas_start_together() {
 fn sqlite_tables() -> BTreeMap<String, Vec<String>> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    drop(flotilla::server::db::ServerDb::open(&path).expect("a SQLite fleet database"));
+    drop(flotilla::server::store::ServerDb::open(&path).expect("a SQLite fleet database"));
     let db = rusqlite::Connection::open(&path).unwrap();
     let names: Vec<String> = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
@@ -304,7 +304,7 @@ fn sqlite_tables() -> BTreeMap<String, Vec<String>> {
 fn sqlite_indexes() -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleet.db");
-    drop(flotilla::server::db::ServerDb::open(&path).expect("a SQLite fleet database"));
+    drop(flotilla::server::store::ServerDb::open(&path).expect("a SQLite fleet database"));
     let db = rusqlite::Connection::open(&path).unwrap();
     db.prepare(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",

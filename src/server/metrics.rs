@@ -24,8 +24,7 @@ use prometheus_client::registry::Registry;
 
 use super::api::{ApiError, Server};
 use super::dashboard::cause::{DeviceState, OFFLINE_AFTER_SECS};
-use super::db::{ServerDb, ServerDbError};
-use super::store::{Conn, ConnExt};
+use super::store::{ConnExt, ServerDb, ServerDbError};
 
 type Shared = std::sync::Arc<Server>;
 
@@ -194,7 +193,7 @@ impl ServerDb {
                     r.get(6)?,
                 ))
             })
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let sql = format!(
             "SELECT r.id,
                     CASE WHEN e.value = 'timed out' THEN 'timed_out'
@@ -212,7 +211,7 @@ impl ServerDb {
         let standing: Vec<(u64, String, u64)> = self
             .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         m.rollouts = rows
             .into_iter()
             .map(
@@ -276,7 +275,7 @@ impl ServerDb {
             .rows(&sql, crate::args![offline_before], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let mut outbox = OutboxLag {
             buckets: vec![0; OUTBOX_BUCKETS.len() + 1],
             ..OutboxLag::default()

@@ -16,10 +16,10 @@ use axum::response::{IntoResponse, Response};
 use tokio::sync::watch;
 
 use super::api::ApiError;
-use super::db::{NewsWriter, ServerDb, ServerDbError, WriteStats};
-use super::model::{MAX_TOKEN_TTL_SECS, TokenCreated, TokenRequest};
 use super::ratelimit::{Rate, RateLimiter};
 use super::resolve::{ResolveError, Resolved, Resolver};
+use super::store::{NewsWriter, ServerDb, ServerDbError, WriteStats};
+use super::views::{MAX_TOKEN_TTL_SECS, TokenCreated, TokenRequest};
 use crate::clock::Clock;
 
 /// What the server allows each connection and credential, and how often it writes what it keeps in memory.
@@ -194,7 +194,7 @@ impl Server {
         }
         // The dashboard's metrics charts: kept as long as events, and never more than a week (a sample every
         // five minutes is 2,016 rows a device a week).
-        let before = before.max(self.now().saturating_sub(super::db::SAMPLES_KEPT_SECS));
+        let before = before.max(self.now().saturating_sub(super::store::SAMPLES_KEPT_SECS));
         loop {
             let n = self
                 .with_db(move |db| db.prune_samples(before, WRITE_SLICE))
@@ -330,7 +330,7 @@ impl Server {
             }
             .into());
         }
-        super::model::check_tags("tags", &req.tags)?;
+        super::views::check_tags("tags", &req.tags)?;
         let now = self.now();
         let expires = req.expires_in.map(|d| now.saturating_add(d));
         self.with_db(move |db| db.create_token(expires, req.uses, &req.tags, req.device_tags, now))

@@ -10,8 +10,8 @@ use std::time::Duration;
 use flotilla::clock::{Clock, FakeClock};
 use flotilla::fleet::{Enrolled, Event, EventBody, ReportBatch};
 use flotilla::server::api;
-use flotilla::server::db::ServerDb;
 use flotilla::server::resolve::{ResolveError, Resolved, Resolver};
+use flotilla::server::store::ServerDb;
 use serde_json::{Value, json};
 
 /// Answers every image with three platforms, pinned to a digest of the image's name; an image whose name holds

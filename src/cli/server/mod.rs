@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::cli::run::SettingsArgs;
-use crate::server::db::ServerDbError;
+use crate::server::store::ServerDbError;
 pub use serve::ServeArgs;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8470";

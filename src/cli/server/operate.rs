@@ -17,7 +17,7 @@ use super::{
 use crate::agent::link::http_client;
 use crate::clock::{Clock, SystemClock};
 use crate::server::api;
-use crate::server::model::{
+use crate::server::views::{
     AppRequest, AppView, DeviceView, ReleaseRequest, ReleaseView, RolloutRequest, RolloutView,
     TagsRequest, TokenCreated, TokenRequest, TokenView,
 };

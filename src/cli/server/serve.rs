@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::{DEFAULT_DB, DEFAULT_LISTEN, ServerCliError, admin_token_path};
 use crate::clock::{Clock, SystemClock};
 use crate::server::api;
-use crate::server::db::ServerDb;
 use crate::server::resolve::RegistryResolver;
+use crate::server::store::ServerDb;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::server::model::{DeviceView, RolloutView, StateView, TokenView};
+use crate::server::views::{DeviceView, RolloutView, StateView, TokenView};
 
 pub(super) fn state_word(s: &StateView) -> String {
     match s {

@@ -7,12 +7,12 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
 use super::{ApiError, Body, PathArgs, created};
-use crate::server::db::ServerDbError;
-use crate::server::model::{
+use crate::server::state::Shared;
+use crate::server::store::ServerDbError;
+use crate::server::views::{
     AppRequest, Control, ReleaseRequest, RolloutRequest, TagsRequest, TokenRequest, check_field,
     check_tags,
 };
-use crate::server::state::Shared;
 
 pub(super) async fn tokens(State(s): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     s.with_db(|db| db.tokens()).await.map(Json)

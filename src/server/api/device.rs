@@ -12,9 +12,9 @@ use sha2::{Digest as _, Sha256};
 
 use super::{ApiError, Body, Device, QueryArgs, bearer, created, enrollment_needs_token};
 use crate::fleet::{Accepted, EnrollRequest, EventBody, ReportBatch};
-use crate::server::db::ServerDbError;
-use crate::server::model::{check_field, check_tags};
 use crate::server::state::Shared;
+use crate::server::store::ServerDbError;
+use crate::server::views::{check_field, check_tags};
 
 pub(super) async fn enroll(
     State(s): State<Shared>,

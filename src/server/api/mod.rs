@@ -20,8 +20,8 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::db::{ServerDbError, hash_secret};
 use super::state::Shared;
+use super::store::{ServerDbError, hash_secret};
 use crate::fleet::MAX_BODY_BYTES;
 
 // The state the routes share and the loop that serves them live beside this module; whoever starts the API (the

@@ -18,9 +18,8 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, html_response, layout,
 };
 use crate::fleet::{AppStatus, EventBody, Metrics, PlatformReport};
-use crate::server::db::{SAMPLES_KEPT_SECS, ServerDb, ServerDbError};
-use crate::server::model::{check_field, check_tags};
-use crate::server::store::{Conn, ConnExt, FromValue};
+use crate::server::store::{ConnExt, FromValue, SAMPLES_KEPT_SECS, ServerDb, ServerDbError};
+use crate::server::views::{check_field, check_tags};
 use crate::update::Report;
 
 /// Update events shown, newest first: enough to see a pattern, bounded for a device that flaps.
@@ -114,7 +113,7 @@ impl ServerDb {
                     ))
                 },
             )
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let Some((id, state, revoked, platform, agent_version, enrolled, last_seen, tags, metrics)) =
             row
         else {
@@ -144,7 +143,7 @@ impl ServerDb {
                 crate::args![&id, now.saturating_sub(SAMPLES_KEPT_SECS)],
                 |r| Ok((r.get::<u64>(0)?, r.get::<String>(1)?)),
             )
-            .map_err(self.store_err())?
+            .map_err(self.err())?
             .into_iter()
             .map(|(at, m)| {
                 Ok((
@@ -195,7 +194,7 @@ impl ServerDb {
             .rows(&sql, crate::args![&id, HISTORY], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let mut history = Vec::with_capacity(raw.len());
         for (received, body) in raw {
             let body: EventBody = serde_json::from_str(&body).map_err(damaged(of("event")))?;
@@ -228,7 +227,7 @@ impl ServerDb {
     ) -> Result<Vec<(String, T)>, ServerDbError> {
         self.conn
             .rows(sql, crate::args![device], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.store_err())
+            .map_err(self.err())
     }
 }
 

@@ -16,9 +16,8 @@ use super::cause::{
     DeviceState, OFFLINE_AFTER_SECS, platform_sql, state_clause, state_sets, state_sql,
 };
 use super::{Nav, Operator, PageError, Shared, ago, badge, encode, html_response, layout};
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::check_field;
-use crate::server::store::{Conn, ConnExt, Value};
+use crate::server::store::{ConnExt, ServerDb, ServerDbError, Value};
+use crate::server::views::check_field;
 
 pub const PAGE_SIZE: u64 = 50;
 
@@ -320,14 +319,14 @@ impl ServerDb {
                     r.get(7)?,
                 ))
             })
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let total = match raw.first() {
             Some(row) => row.7,
             // Past the last page (or nothing matches): the count alone.
             None => self
                 .conn
                 .one(&count_sql, &args.0[..count_args])
-                .map_err(self.store_err())?,
+                .map_err(self.err())?,
         };
         let seen = self.seen.borrow();
         let rows = raw
@@ -363,7 +362,7 @@ impl ServerDb {
                 &[],
                 |r| r.get(0),
             )
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         Ok(DeviceList {
             total,
             rows,

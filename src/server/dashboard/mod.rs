@@ -31,26 +31,9 @@ use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 
 use super::api::{ApiError, Server};
-use super::db::{ServerDb, ServerDbError};
-use super::store::StoreError;
 use session::Session;
 
 type Shared = Arc<Server>;
-
-// Until `ServerDb::err` takes a `StoreError` (issue 17's `core` branch): then calls of `store_err` become calls
-// of `err` and this goes.
-impl ServerDb {
-    /// Maps what a query of the dashboard or /metrics met on the `Conn` interface.
-    pub(in crate::server) fn store_err(&self) -> impl Fn(StoreError) -> ServerDbError + '_ {
-        move |e| match e {
-            StoreError::Sqlite(source) => self.err()(source),
-            other => ServerDbError::Damaged {
-                what: "a row of the fleet database".into(),
-                message: other.to_string(),
-            },
-        }
-    }
-}
 
 /// A form is a few fields; a tag list or a preserved form a few more.
 const MAX_FORM_BYTES: usize = 64 * 1024;

@@ -7,8 +7,7 @@ use maud::html;
 
 use super::cause::{DeviceState, OFFLINE_AFTER_SECS, platform_sql, state_clause, state_sets};
 use super::{Nav, Operator, PageError, Shared, badge, encode, html_response, layout};
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::store::{Conn, ConnExt};
+use crate::server::store::{ConnExt, ServerDb, ServerDbError};
 
 /// What the overview shows, counted by the database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -50,7 +49,7 @@ impl ServerDb {
             .row(&sql, crate::args![offline_before], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
             })
-            .map_err(self.store_err())?
+            .map_err(self.err())?
             .unwrap_or_default();
         let running = kept.saturating_sub(offline + failed + updating);
         Ok(DeviceState::ALL
@@ -77,7 +76,7 @@ impl ServerDb {
         );
         self.conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.store_err())
+            .map_err(self.err())
     }
 
     pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
@@ -96,7 +95,7 @@ impl ServerDb {
         o.by_release = self
             .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let state = d.json_text("state", &["state"]);
         let sql = format!(
             "SELECT id, app, release, {state} FROM rollouts
@@ -107,7 +106,7 @@ impl ServerDb {
             .rows(&sql, &[], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         Ok(o)
     }
 }

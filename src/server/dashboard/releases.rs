@@ -16,9 +16,9 @@ use super::session::Session;
 use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response, layout,
 };
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest, serves};
-use crate::server::store::{Conn, ConnExt};
+use crate::server::driver::serves;
+use crate::server::store::{ConnExt, ServerDb, ServerDbError};
+use crate::server::views::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest};
 
 pub fn routes() -> Router<Shared> {
     Router::new()
@@ -52,7 +52,7 @@ impl ServerDb {
         );
         self.conn
             .rows(&sql, crate::args![id], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.store_err())
+            .map_err(self.err())
     }
 
     /// Counted by distinct platform candidate lists, which are few however many devices there are; each list is
@@ -76,7 +76,7 @@ impl ServerDb {
         let lists: Vec<(String, String, u64)> = self
             .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let mut c = Coverage::default();
         let mut rows: BTreeMap<(String, Option<String>), u64> = BTreeMap::new();
         let mut unserved: Vec<String> = Vec::new();
@@ -109,7 +109,7 @@ impl ServerDb {
             let names: Vec<String> = self
                 .conn
                 .rows(&unserved_sql, crate::args![&list, left], |r| r.get(0))
-                .map_err(self.store_err())?;
+                .map_err(self.err())?;
             c.cannot
                 .extend(names.into_iter().map(|n| (n, platforms.clone())));
         }

@@ -16,9 +16,8 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response,
     layout, width_class,
 };
-use crate::server::db::{ServerDb, ServerDbError};
-use crate::server::model::{Control, RolloutView, StateView};
-use crate::server::store::{Conn, ConnExt};
+use crate::server::store::{ConnExt, ServerDb, ServerDbError};
+use crate::server::views::{Control, RolloutView, StateView};
 use crate::update::Report;
 
 pub fn routes() -> Router<Shared> {
@@ -61,7 +60,7 @@ impl ServerDb {
         let rows: Vec<(String, String)> = self
             .conn
             .rows(&sql, crate::args![release], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         rows.into_iter()
             .filter(|(name, _)| members.contains(name))
             .map(|(name, report)| {

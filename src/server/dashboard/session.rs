@@ -2,8 +2,7 @@
 //! own CSRF token that every state-changing form carries. Only hashes of both are stored, as for every other
 //! secret of the server, and a session is a row in the database so that any server sharing it knows it.
 
-use crate::server::db::{ServerDb, ServerDbError, hash_secret, new_secret};
-use crate::server::store::{Conn, ConnExt};
+use crate::server::store::{ConnExt, ServerDb, ServerDbError, hash_secret, new_secret};
 
 /// Twelve hours: a working day, after which a forgotten browser tab is no longer a way into the fleet.
 pub const SESSION_SECS: u64 = 12 * 3600;
@@ -37,7 +36,7 @@ impl ServerDb {
                 "DELETE FROM sessions WHERE expires <= ?1",
                 crate::args![now],
             )
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         let cookie = new_secret();
         let session = Session {
             key: hash_secret(&cookie),
@@ -55,7 +54,7 @@ impl ServerDb {
                     session.expires
                 ],
             )
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         Ok(Some((cookie, session)))
     }
 
@@ -75,13 +74,13 @@ impl ServerDb {
                     })
                 },
             )
-            .map_err(self.store_err())
+            .map_err(self.err())
     }
 
     pub fn sign_out(&self, key: &str) -> Result<(), ServerDbError> {
         self.conn
             .execute("DELETE FROM sessions WHERE hash = ?1", crate::args![key])
-            .map_err(self.store_err())?;
+            .map_err(self.err())?;
         Ok(())
     }
 }

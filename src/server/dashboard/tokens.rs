@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::session::Session;
 use super::{Nav, Operator, PageError, Posted, Shared, csrf_field, encode, html_response, layout};
-use crate::server::model::{TokenCreated, TokenRequest, TokenView};
+use crate::server::views::{TokenCreated, TokenRequest, TokenView};
 
 pub fn routes() -> Router<Shared> {
     Router::new()

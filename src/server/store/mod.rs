@@ -8,11 +8,21 @@
 //! A [`Conn`] is sync: the server runs storage work on blocking threads, as it always has, so one request's
 //! queries read as straight-line code on either engine.
 
+mod apps;
+mod db;
 pub mod dburl;
+mod devices;
+mod news;
 mod pg_schema;
 mod pg_tls;
 pub mod postgres;
+mod rollouts;
 pub mod sqlite;
+mod tokens;
+
+pub use db::{ServerDb, ServerDbError};
+pub use news::{NewsWriter, SAMPLE_EVERY_SECS, SAMPLES_KEPT_SECS, WriteStats};
+pub use tokens::{hash_secret, new_secret};
 
 pub use dburl::DbUrl;
 pub use postgres::{PgConn, PgError, PgPool, migrate_postgres};
@@ -261,6 +271,19 @@ pub trait ConnExt: Conn {
 }
 
 impl<C: Conn + ?Sized> ConnExt for C {}
+
+// What the fleet store's own queries need of the dialect.
+impl Dialect {
+    /// What orders a table's rows oldest first when it is written in time order, for pruning a slice of its
+    /// oldest rows without an index on the time: SQLite's rowid, which only grows. PostgreSQL reuses the space of
+    /// deleted rows, so its physical order is no age: there it is the time column `at`, which it indexes.
+    pub fn insertion_order(self, at: &str) -> String {
+        match self {
+            Dialect::Sqlite => "rowid".to_string(),
+            Dialect::Postgres => at.to_string(),
+        }
+    }
+}
 
 /// An open transaction on a connection: rolled back when dropped uncommitted, as on an early `?`.
 pub struct Tx<'c, C: Conn + ?Sized> {
@@ -603,6 +626,12 @@ mod tests {
             Dialect::Postgres.like_ignoring_case("d.name", "?2"),
             "d.name ILIKE ?2 ESCAPE '\\'"
         );
+    }
+
+    #[test]
+    fn the_oldest_rows_are_found_by_each_engines_own_order() {
+        assert_eq!(Dialect::Sqlite.insertion_order("at"), "rowid");
+        assert_eq!(Dialect::Postgres.insertion_order("at"), "at");
     }
 
     #[test]
