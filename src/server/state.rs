@@ -8,6 +8,7 @@
 //! and written every `flush_interval`, a device at most once per flush.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -269,7 +270,8 @@ impl Server {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .path()
-                        .to_path_buf();
+                        .map(Path::to_path_buf)
+                        .ok_or_else(|| ServerDbError::Invalid("no SQLite file to read".into()))?;
                     ServerDb::open(&path)?
                 }
             };

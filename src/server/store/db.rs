@@ -67,7 +67,8 @@ pub struct ServerDb {
     pub(crate) conn: Box<dyn super::Conn>,
     /// What errors name the database by: its file.
     place: String,
-    path: PathBuf,
+    /// The SQLite file, for another connection to it; none on PostgreSQL.
+    path: Option<PathBuf>,
     /// What devices' requests said of them since the last flush (`api::Server::flush`): a heartbeat costs no write,
     /// and a device heard from many times between two flushes is written once.
     pub(crate) seen: RefCell<HashMap<String, Seen>>,
@@ -94,15 +95,27 @@ impl ServerDb {
         Ok(ServerDb {
             conn: Box::new(conn),
             place,
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
             seen: RefCell::default(),
             stats: Cell::default(),
         })
     }
 
-    /// The database file, for another connection to it.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
+    /// The fleet's storage on a connection whose schema is migrated already, as a PostgreSQL pool's are when it
+    /// connects. `place` names the database in errors (a URL without its password).
+    pub fn on(conn: Box<dyn super::Conn>, place: String) -> ServerDb {
+        ServerDb {
+            conn,
+            place,
+            path: None,
+            seen: RefCell::default(),
+            stats: Cell::default(),
+        }
+    }
+
+    /// The SQLite file, for another connection to it.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     /// Names the database in a storage error.

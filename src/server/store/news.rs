@@ -143,10 +143,13 @@ impl ServerDb {
 
     /// A second connection to this database for writing the devices' news.
     pub(crate) fn news_writer(&self) -> Result<NewsWriter, ServerDbError> {
-        let conn = SqliteConn::open(self.path()).map_err(self.err())?;
+        let path = self.path().ok_or_else(|| {
+            ServerDbError::Invalid("no SQLite file to open a news writer on".into())
+        })?;
+        let conn = SqliteConn::open(path).map_err(self.err())?;
         Ok(NewsWriter {
             conn: Box::new(conn),
-            place: self.path().display().to_string(),
+            place: path.display().to_string(),
         })
     }
 
