@@ -8,7 +8,6 @@
 //! and written every `flush_interval`, a device at most once per flush.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use tokio::sync::watch;
 use super::api::ApiError;
 use super::ratelimit::{Rate, RateLimiter};
 use super::resolve::{ResolveError, Resolved, Resolver};
-use super::store::{NewsWriter, ServerDb, ServerDbError, WriteStats};
+use super::store::{Database, ServerDb, ServerDbError, WriteStats};
 use super::views::{MAX_TOKEN_TTL_SECS, TokenCreated, TokenRequest};
 use crate::clock::Clock;
 
@@ -66,47 +65,45 @@ const WRITE_SLICE: usize = 200;
 
 /// What every request, page and chore of one server process shares, as an `Arc` ([`Shared`]).
 pub struct Server {
-    db: Mutex<ServerDb>,
+    db: Database,
     resolver: Box<dyn Resolver>,
     /// Bumped whenever a device's desired state may have changed, to wake its long poll.
     desired_version: watch::Sender<u64>,
     clock: Arc<dyn Clock>,
     limits: Limits,
     rates: Mutex<RateLimiter>,
-    /// Opened at the first flush.
-    news: Mutex<Option<NewsWriter>>,
     /// Served over TLS: the dashboard's session cookie is marked Secure.
     tls: std::sync::atomic::AtomicBool,
     /// This replica's request latencies, for `/metrics`.
     http_metrics: super::metrics::HttpMetrics,
-    /// A connection of its own for long reads (opened at the first), so they do not hold `db`'s lock.
-    reader: Mutex<Option<ServerDb>>,
 }
 
 pub(super) type Shared = Arc<Server>;
 
 impl Server {
-    pub fn new(db: ServerDb, resolver: Box<dyn Resolver>, clock: Arc<dyn Clock>) -> Shared {
+    pub fn new(
+        db: impl Into<Database>,
+        resolver: Box<dyn Resolver>,
+        clock: Arc<dyn Clock>,
+    ) -> Shared {
         Server::with_limits(db, resolver, clock, Limits::default())
     }
 
     pub fn with_limits(
-        db: ServerDb,
+        db: impl Into<Database>,
         resolver: Box<dyn Resolver>,
         clock: Arc<dyn Clock>,
         limits: Limits,
     ) -> Shared {
         Arc::new(Server {
-            db: Mutex::new(db),
+            db: db.into(),
             resolver,
             desired_version: watch::channel(0).0,
             clock,
             limits,
             rates: Mutex::new(RateLimiter::new(limits.rate)),
-            news: Mutex::new(None),
             tls: std::sync::atomic::AtomicBool::new(false),
             http_metrics: super::metrics::HttpMetrics::default(),
-            reader: Mutex::new(None),
         })
     }
 
@@ -127,46 +124,24 @@ impl Server {
         &self.limits
     }
 
-    /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice per transaction, on
-    /// a connection of its own: the lock is taken only to hand the slice over, so requests go on meanwhile. A
-    /// device whose slice is being written shows its older `last_seen` for those milliseconds.
+    /// Writes every device's news kept in memory (`last_seen`, heartbeat metrics), a slice per transaction, on a
+    /// connection other than SQLite's writer, so requests go on meanwhile. A device whose slice is being written
+    /// shows its older `last_seen` for those milliseconds; a slice that fails goes back for the next flush.
     pub async fn flush(self: &Arc<Self>) -> Result<(), ApiError> {
         loop {
-            let batch = self.with_db(|db| Ok(db.take_news(WRITE_SLICE))).await?;
+            let batch = self.db.news().take(WRITE_SLICE);
             if batch.is_empty() {
                 return Ok(());
             }
             let me = self.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                let mut news = me.news.lock().unwrap_or_else(|e| e.into_inner());
-                let result = match news.as_mut() {
-                    Some(w) => w.write(&batch),
-                    None => me
-                        .db
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .news_writer()
-                        .and_then(|w| news.insert(w).write(&batch)),
-                };
-                (result, batch)
-            })
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            let (written, batch) =
+                tokio::task::spawn_blocking(move || (me.db.write_news(&batch), batch))
+                    .await
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
             match written {
-                (Ok(()), batch) => {
-                    let rows = batch.len();
-                    self.with_db(move |db| {
-                        db.count_flush(rows);
-                        Ok(())
-                    })
-                    .await?;
-                }
-                (Err(e), batch) => {
-                    self.with_db(move |db| {
-                        db.restore_news(batch);
-                        Ok(())
-                    })
-                    .await?;
+                Ok(()) => self.db.news().count_flush(batch.len()),
+                Err(e) => {
+                    self.db.news().restore(batch);
                     return Err(e.into());
                 }
             }
@@ -174,8 +149,8 @@ impl Server {
     }
 
     /// What the devices' traffic has cost the database so far.
-    pub async fn write_stats(self: &Arc<Self>) -> Result<WriteStats, ApiError> {
-        self.with_db(|db| Ok(db.write_stats())).await
+    pub fn write_stats(&self) -> WriteStats {
+        self.db.news().stats()
     }
 
     /// Deletes the events older than the retention, a slice at a time; how many. Old metrics samples go too.
@@ -236,51 +211,28 @@ impl Server {
         self.clock.unix_seconds()
     }
 
-    /// Runs `f` on the database, off the async workers.
+    /// Runs `f` where it may write (SQLite's writer, or a pooled PostgreSQL connection), off the async workers.
     pub(super) async fn with_db<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let db = me.db.lock().map_err(|_| {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "database lock poisoned")
-            })?;
-            f(&db).map_err(ApiError::from)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        tokio::task::spawn_blocking(move || me.db.write(f).map_err(ApiError::from))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     }
 
-    /// Runs a read on a connection of its own, off the async workers: WAL lets it read while the main connection
+    /// Runs a read on a connection of its own, off the async workers: on SQLite, WAL lets it read while the writer
     /// writes, so a scrape counting 100,000 devices (about 170 ms) does not hold up heartbeats. It sees what is
-    /// committed, not the news kept in memory until the next flush.
+    /// committed, and the news kept in memory.
     pub(super) async fn with_reader<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&ServerDb) -> Result<T, ServerDbError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut reader = me.reader.lock().unwrap_or_else(|e| e.into_inner());
-            let db = match reader.take() {
-                Some(db) => db,
-                None => {
-                    let path = me
-                        .db
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .path()
-                        .map(Path::to_path_buf)
-                        .ok_or_else(|| ServerDbError::Invalid("no SQLite file to read".into()))?;
-                    ServerDb::open(&path)?
-                }
-            };
-            let out = f(&db);
-            *reader = Some(db);
-            out.map_err(ApiError::from)
-        })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        tokio::task::spawn_blocking(move || me.db.read(f).map_err(ApiError::from))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     }
 
     /// Reads `image` through the resolver: the only way the server reaches a registry.

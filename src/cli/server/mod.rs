@@ -268,7 +268,7 @@ impl ServerCliError {
 pub fn run(cli: Cli) -> Result<ExitCode, ServerCliError> {
     let rt = crate::cli::runtime().map_err(|e| ServerCliError::Usage(e.to_string()))?;
     match &cli.command {
-        Command::Serve(args) => rt.block_on(serve::serve(args)),
+        Command::Serve(args) => rt.block_on(serve::serve(args, cli.token_file.as_deref())),
         _ => rt.block_on(operate::operate(&cli)),
     }
 }

@@ -9,15 +9,20 @@ use super::{DEFAULT_DB, DEFAULT_LISTEN, ServerCliError, admin_token_path};
 use crate::clock::{Clock, SystemClock};
 use crate::server::api;
 use crate::server::resolve::RegistryResolver;
-use crate::server::store::ServerDb;
+use crate::server::store::{Database, DbUrl};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[arg(long, default_value = DEFAULT_LISTEN)]
     pub listen: std::net::SocketAddr,
-    /// The SQLite database (made, and migrated, when needed)
-    #[arg(long, default_value = DEFAULT_DB)]
-    pub db: PathBuf,
+    /// The database: a SQLite file (a path or sqlite:///path; made when needed), or a PostgreSQL URL
+    /// (postgres://user:password@host:port/db?sslmode=verify-full) that any number of replicas share. Either is
+    /// migrated at start
+    #[arg(long, default_value = DEFAULT_DB, value_name = "PATH|URL")]
+    pub db: DbUrl,
+    /// PostgreSQL connections this replica holds at most
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_connections: u32,
     /// Serve HTTPS with this certificate chain (PEM)
     #[arg(long, requires = "tls_key", value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
@@ -100,7 +105,20 @@ fn rate(s: &str) -> Result<f64, String> {
     }
 }
 
-pub(super) async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> {
+/// Where `serve` writes a new admin token: `--token-file`, else beside a SQLite database, else where operator
+/// commands look by default.
+fn token_path(args: &ServeArgs, token_file: Option<&Path>) -> PathBuf {
+    match (token_file, &args.db) {
+        (Some(path), _) => path.to_path_buf(),
+        (None, DbUrl::Sqlite(db)) => admin_token_path(db),
+        (None, DbUrl::Postgres(_)) => admin_token_path(Path::new(DEFAULT_DB)),
+    }
+}
+
+pub(super) async fn serve(
+    args: &ServeArgs,
+    token_file: Option<&Path>,
+) -> Result<ExitCode, ServerCliError> {
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::server::tls::server_config(cert, key)?),
         _ => None,
@@ -111,16 +129,28 @@ pub(super) async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> 
     if let Some(addr) = args.metrics_listen.filter(|a| !a.ip().is_loopback()) {
         return Err(ServerCliError::MetricsNotLoopback(addr));
     }
-    if let Some(dir) = args.db.parent().filter(|d| !d.as_os_str().is_empty()) {
+    let sqlite_dir = match &args.db {
+        DbUrl::Sqlite(path) => path.parent().filter(|d| !d.as_os_str().is_empty()),
+        DbUrl::Postgres(_) => None,
+    };
+    if let Some(dir) = sqlite_dir {
         std::fs::create_dir_all(dir).map_err(|source| ServerCliError::Io {
             what: format!("cannot make {}", dir.display()),
             source,
         })?;
     }
     let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
-    let db = ServerDb::open(&args.db)?;
-    if let Some(token) = db.ensure_admin_token(clock.unix_seconds())? {
-        let path = admin_token_path(&args.db);
+    let db = Database::open(&args.db, args.db_connections as usize).await?;
+    // Storage calls block (PostgreSQL's on its pool): this one runs where blocking is allowed.
+    let now = clock.unix_seconds();
+    if let Some(token) = tokio::task::block_in_place(|| db.write(|d| d.ensure_admin_token(now)))? {
+        let path = token_path(args, token_file);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| ServerCliError::Io {
+                what: format!("cannot make {}", dir.display()),
+                source,
+            })?;
+        }
         write_private(&path, &token)?;
         eprintln!(
             "flotilla-server: a new admin token is in {} (operator commands read it from there)",
@@ -188,12 +218,11 @@ pub(super) async fn serve(args: &ServeArgs) -> Result<ExitCode, ServerCliError> 
         source,
     })?;
     // What the devices' traffic cost the database, for capacity planning (bench/fleet-load.sh reads it).
-    if let Ok(w) = server.write_stats().await {
-        eprintln!(
-            "flotilla-server: {} heartbeats; {} rows written for last_seen and metrics, in {} transactions",
-            w.heartbeats, w.seen_writes, w.flushes
-        );
-    }
+    let w = server.write_stats();
+    eprintln!(
+        "flotilla-server: {} heartbeats; {} rows written for last_seen and metrics, in {} transactions",
+        w.heartbeats, w.seen_writes, w.flushes
+    );
     Ok(ExitCode::SUCCESS)
 }
 

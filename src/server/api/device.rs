@@ -66,7 +66,7 @@ pub(super) async fn desired(
     loop {
         version.borrow_and_update();
         let id = device.clone();
-        let desired = s.with_db(move |db| db.desired_for(&id)).await?;
+        let desired = s.with_reader(move |db| db.desired_for(&id)).await?;
         let body = serde_json::to_vec(&desired)
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let etag = format!("\"{:x}\"", Sha256::digest(&body));

@@ -212,7 +212,7 @@ fn caller_of(path: &str) -> Caller {
 async fn device_of(s: &Shared, headers: &HeaderMap) -> Result<String, ApiError> {
     let token = bearer(headers).ok_or_else(unauthorized)?;
     let now = s.now();
-    s.with_db(move |db| db.authenticate(&token, now))
+    s.with_reader(move |db| db.authenticate(&token, now))
         .await?
         .ok_or_else(unauthorized)
 }
@@ -220,7 +220,7 @@ async fn device_of(s: &Shared, headers: &HeaderMap) -> Result<String, ApiError> 
 /// Whether the request carries an admin token.
 async fn check_admin(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let token = bearer(headers).ok_or_else(unauthorized)?;
-    if s.with_db(move |db| db.is_admin(&token)).await? {
+    if s.with_reader(move |db| db.is_admin(&token)).await? {
         Ok(())
     } else {
         Err(unauthorized())
@@ -245,7 +245,7 @@ async fn guard(State(s): State<Shared>, mut req: Request, next: Next) -> Respons
                 // The token's own checks (expiry, uses, a retried enrollment) need the body; a token this server
                 // never made needs nothing more to be refused.
                 let token = token.ok_or_else(enrollment_needs_token)?;
-                if !s.with_db(move |db| db.token_known(&token)).await? {
+                if !s.with_reader(move |db| db.token_known(&token)).await? {
                     return Err(ApiError::from(ServerDbError::BadToken).into_response());
                 }
                 None

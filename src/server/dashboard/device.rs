@@ -129,7 +129,7 @@ impl ServerDb {
             .map_err(damaged(of("metrics")))?;
         let mut last_seen = last_seen;
         // Heard from since the last flush: shown as the API's devices list shows it.
-        if let Some(news) = self.seen.borrow().get(&id) {
+        if let Some(news) = self.news.seen().get(&id) {
             last_seen = last_seen.max(news.last_seen);
             if news.metrics.is_some() {
                 metrics.clone_from(&news.metrics);

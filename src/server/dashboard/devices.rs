@@ -328,7 +328,7 @@ impl ServerDb {
                 .one(&count_sql, &args.0[..count_args])
                 .map_err(self.err())?,
         };
-        let seen = self.seen.borrow();
+        let seen = self.news.seen();
         let rows = raw
             .into_iter()
             .map(|(id, name, state, platform, tags, last_seen, apps, _)| {

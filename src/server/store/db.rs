@@ -1,12 +1,11 @@
 //! The fleet's database as the server holds it: one connection, its errors, and what is kept in memory between
 //! flushes. The queries live beside it by concern (tokens, devices, apps, rollouts, news).
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::StoreError;
-use super::news::{Seen, WriteStats};
+use super::news::News;
 use super::sqlite::SqliteConn;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,13 +65,11 @@ pub enum ServerDbError {
 pub struct ServerDb {
     pub(crate) conn: Box<dyn super::Conn>,
     /// What errors name the database by: its file.
-    place: String,
+    pub(super) place: String,
     /// The SQLite file, for another connection to it; none on PostgreSQL.
     path: Option<PathBuf>,
-    /// What devices' requests said of them since the last flush (`api::Server::flush`): a heartbeat costs no write,
-    /// and a device heard from many times between two flushes is written once.
-    pub(crate) seen: RefCell<HashMap<String, Seen>>,
-    pub(super) stats: Cell<WriteStats>,
+    /// What devices' requests said of them since the last flush, shared by every connection of this process.
+    pub(crate) news: Arc<News>,
 }
 
 impl ServerDb {
@@ -96,26 +93,34 @@ impl ServerDb {
             conn: Box::new(conn),
             place,
             path: Some(path.to_path_buf()),
-            seen: RefCell::default(),
-            stats: Cell::default(),
+            news: Arc::default(),
         })
     }
 
     /// The fleet's storage on a connection whose schema is migrated already, as a PostgreSQL pool's are when it
-    /// connects. `place` names the database in errors (a URL without its password).
-    pub fn on(conn: Box<dyn super::Conn>, place: String) -> ServerDb {
+    /// connects. `place` names the database in errors (a URL without its password); `news` is shared with the
+    /// process's other connections.
+    pub fn on(conn: Box<dyn super::Conn>, place: String, news: Arc<News>) -> ServerDb {
         ServerDb {
             conn,
             place,
             path: None,
-            seen: RefCell::default(),
-            stats: Cell::default(),
+            news,
         }
     }
 
-    /// The SQLite file, for another connection to it.
-    pub(crate) fn path(&self) -> Option<&Path> {
-        self.path.as_deref()
+    /// Another connection to the same SQLite file, sharing this one's news: a reader, or the news writer's.
+    pub(crate) fn sibling(&self) -> Result<Option<ServerDb>, ServerDbError> {
+        let Some(path) = &self.path else {
+            return Ok(None);
+        };
+        let conn = SqliteConn::open(path).map_err(self.err())?;
+        Ok(Some(ServerDb {
+            conn: Box::new(conn),
+            place: self.place.clone(),
+            path: Some(path.clone()),
+            news: self.news.clone(),
+        }))
     }
 
     /// Names the database in a storage error.

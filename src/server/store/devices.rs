@@ -81,7 +81,7 @@ impl ServerDb {
                     metrics,
                 )| {
                     // News not flushed yet is newer than the row.
-                    let news = self.seen.borrow().get(&id).cloned().unwrap_or_default();
+                    let news = self.news.seen().get(&id).cloned().unwrap_or_default();
                     Ok(DeviceView {
                         apps: apps.remove(&id).unwrap_or_default().into_values().collect(),
                         tags: from_json("device tags", &tags)?,
@@ -181,8 +181,8 @@ impl ServerDb {
             match &e.body {
                 EventBody::Heartbeat(m) => {
                     self.count(|s| s.heartbeats += 1);
-                    self.seen
-                        .borrow_mut()
+                    self.news
+                        .seen()
                         .entry(device_id.to_string())
                         .or_default()
                         .metrics = Some(m.clone());

@@ -9,6 +9,7 @@
 //! queries read as straight-line code on either engine.
 
 mod apps;
+mod database;
 mod db;
 pub mod dburl;
 mod devices;
@@ -20,8 +21,9 @@ mod rollouts;
 pub mod sqlite;
 mod tokens;
 
+pub use database::Database;
 pub use db::{ServerDb, ServerDbError};
-pub use news::{NewsWriter, SAMPLE_EVERY_SECS, SAMPLES_KEPT_SECS, WriteStats};
+pub use news::{News, SAMPLE_EVERY_SECS, SAMPLES_KEPT_SECS, WriteStats};
 pub use tokens::{hash_secret, new_secret};
 
 pub use dburl::DbUrl;

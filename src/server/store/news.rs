@@ -2,8 +2,10 @@
 //! in batches by a [`NewsWriter`], with a thin history of the metrics for the dashboard's charts.
 
 use super::db::{ServerDb, ServerDbError, to_json};
-use super::sqlite::SqliteConn;
-use super::{Conn, ConnExt, StoreError};
+use super::{ConnExt, StoreError};
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
 use crate::fleet::Metrics;
 
 /// A device's metrics are kept for its charts at most this often.
@@ -32,11 +34,57 @@ pub struct WriteStats {
     pub flushes: u64,
 }
 
-/// Writes devices' news (`last_seen`, metrics) on a connection of its own, so that the server's lock is not held
-/// meanwhile: under WAL the requests' reads go on while it writes, and only another write waits for it.
-pub struct NewsWriter {
-    conn: Box<dyn Conn>,
-    place: String,
+/// What devices' requests said of them since the last flush, kept in memory by each server process: a heartbeat
+/// costs no write, and a device heard from many times between two flushes is written once. Every connection of
+/// the process shares it; replicas each keep their own and write it in their own batches.
+#[derive(Default)]
+pub struct News {
+    seen: Mutex<HashMap<String, Seen>>,
+    stats: Mutex<WriteStats>,
+}
+
+impl News {
+    /// The news not written yet, by device id. Held for map operations only, never across a query.
+    pub(crate) fn seen(&self) -> MutexGuard<'_, HashMap<String, Seen>> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut WriteStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    pub fn stats(&self) -> WriteStats {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the news of up to `limit` devices out of memory, to be written.
+    pub(crate) fn take(&self, limit: usize) -> Vec<(String, Seen)> {
+        let mut seen = self.seen();
+        let ids: Vec<String> = seen.keys().take(limit).cloned().collect();
+        ids.into_iter()
+            .filter_map(|id| seen.remove_entry(&id))
+            .collect()
+    }
+
+    /// Puts back news that could not be written, under what arrived meanwhile, for the next flush.
+    pub(crate) fn restore(&self, batch: Vec<(String, Seen)>) {
+        let mut seen = self.seen();
+        for (id, old) in batch {
+            let entry = seen.entry(id).or_default();
+            entry.last_seen = entry.last_seen.max(old.last_seen);
+            entry.confirmed |= old.confirmed;
+            if entry.metrics.is_none() {
+                entry.metrics = old.metrics;
+            }
+        }
+    }
+
+    pub(crate) fn count_flush(&self, rows: usize) {
+        self.count(|s| {
+            s.seen_writes += rows as u64;
+            s.flushes += 1;
+        });
+    }
 }
 
 /// The dashboard's charts: a sample when the device's last one is older than SAMPLE_EVERY_SECS (?4 is the time
@@ -47,26 +95,25 @@ const SAMPLE_SQL: &str = "INSERT INTO device_samples (device, at, metrics)
        (SELECT 1 FROM device_samples WHERE device = ?1 AND at > ?4)
      ON CONFLICT (device, at) DO NOTHING";
 
-impl NewsWriter {
-    pub(crate) fn write(&mut self, batch: &[(String, Seen)]) -> Result<(), ServerDbError> {
-        let err = |source: StoreError| ServerDbError::Store {
-            place: self.place.clone(),
-            source,
-        };
+impl ServerDb {
+    /// Writes a batch of devices' news in one transaction: on a connection other than SQLite's writer
+    /// ([`super::Database::write_news`]), so requests go on meanwhile.
+    pub(crate) fn write_news(&self, batch: &[(String, Seen)]) -> Result<(), ServerDbError> {
+        let err = self.err::<StoreError>();
         let d = self.conn.dialect();
         let update = format!(
             "UPDATE devices SET last_seen = {}, metrics = coalesce(?3, metrics), confirmed = {} WHERE id = ?1",
             d.greatest("last_seen", "?2"),
             d.greatest("confirmed", "?4"),
         );
-        let tx = self.conn.begin().map_err(err)?;
+        let tx = self.conn.begin().map_err(&err)?;
         for (id, news) in batch {
             let metrics = news.metrics.as_ref().map(to_json).transpose()?;
             tx.execute(
                 &update,
                 crate::args![id, news.last_seen, metrics, news.confirmed],
             )
-            .map_err(err)?;
+            .map_err(&err)?;
             if let Some(m) = &news.metrics {
                 let since =
                     i64::try_from(news.last_seen).unwrap_or(i64::MAX) - SAMPLE_EVERY_SECS as i64;
@@ -74,10 +121,10 @@ impl NewsWriter {
                     SAMPLE_SQL,
                     crate::args![id, news.last_seen, chart_sample(m), since],
                 )
-                .map_err(err)?;
+                .map_err(&err)?;
             }
         }
-        tx.commit().map_err(err)
+        tx.commit().map_err(&err)
     }
 }
 
@@ -103,54 +150,11 @@ fn chart_sample(m: &Metrics) -> String {
 
 impl ServerDb {
     pub(super) fn count(&self, f: impl FnOnce(&mut WriteStats)) {
-        let mut s = self.stats.get();
-        f(&mut s);
-        self.stats.set(s);
+        self.news.count(f);
     }
 
     pub fn write_stats(&self) -> WriteStats {
-        self.stats.get()
-    }
-
-    /// Takes the news of up to `limit` devices out of memory, for a [`NewsWriter`].
-    pub(crate) fn take_news(&self, limit: usize) -> Vec<(String, Seen)> {
-        let mut seen = self.seen.borrow_mut();
-        let ids: Vec<String> = seen.keys().take(limit).cloned().collect();
-        ids.into_iter()
-            .filter_map(|id| seen.remove_entry(&id))
-            .collect()
-    }
-
-    /// Puts back news a [`NewsWriter`] could not write, under what arrived meanwhile, for the next flush.
-    pub(crate) fn restore_news(&self, batch: Vec<(String, Seen)>) {
-        let mut seen = self.seen.borrow_mut();
-        for (id, old) in batch {
-            let entry = seen.entry(id).or_default();
-            entry.last_seen = entry.last_seen.max(old.last_seen);
-            entry.confirmed |= old.confirmed;
-            if entry.metrics.is_none() {
-                entry.metrics = old.metrics;
-            }
-        }
-    }
-
-    pub(crate) fn count_flush(&self, rows: usize) {
-        self.count(|s| {
-            s.seen_writes += rows as u64;
-            s.flushes += 1;
-        });
-    }
-
-    /// A second connection to this database for writing the devices' news.
-    pub(crate) fn news_writer(&self) -> Result<NewsWriter, ServerDbError> {
-        let path = self.path().ok_or_else(|| {
-            ServerDbError::Invalid("no SQLite file to open a news writer on".into())
-        })?;
-        let conn = SqliteConn::open(path).map_err(self.err())?;
-        Ok(NewsWriter {
-            conn: Box::new(conn),
-            place: path.display().to_string(),
-        })
+        self.news.stats()
     }
 
     /// Deletes the metrics samples taken before `before` among the `limit` oldest rows; how many it deleted.
@@ -213,7 +217,7 @@ mod tests {
         let (_dir, db) = open();
         let token = token(&db, None, None);
         let a = db.enroll(&token, &request("a"), 0).unwrap();
-        let mut writer = db.news_writer().unwrap();
+        let writer = db.sibling().unwrap().unwrap();
         let news = |at: u64| {
             (
                 a.device_id.clone(),
@@ -227,15 +231,15 @@ mod tests {
                 },
             )
         };
-        writer.write(&[news(1_000)]).unwrap();
+        writer.write_news(&[news(1_000)]).unwrap();
         writer
-            .write(&[news(1_000 + SAMPLE_EVERY_SECS - 1)])
+            .write_news(&[news(1_000 + SAMPLE_EVERY_SECS - 1)])
             .unwrap();
         writer
-            .write(&[news(1_000 + SAMPLE_EVERY_SECS + 1)])
+            .write_news(&[news(1_000 + SAMPLE_EVERY_SECS + 1)])
             .unwrap();
         // An older report of the device's time never moves it back.
-        writer.write(&[news(10)]).unwrap();
+        writer.write_news(&[news(10)]).unwrap();
         let (last_seen, samples): (u64, u64) = db
             .conn
             .row(

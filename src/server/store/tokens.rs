@@ -169,8 +169,7 @@ impl ServerDb {
                     return Err(ServerDbError::EnrollmentRevoked(name));
                 }
                 // A first use not flushed yet counts as much as a written one.
-                let confirmed =
-                    confirmed || self.seen.borrow().get(&id).is_some_and(|n| n.confirmed);
+                let confirmed = confirmed || self.news.seen().get(&id).is_some_and(|n| n.confirmed);
                 if confirmed || name != req.name {
                     return Err(ServerDbError::EnrolledAlready(name));
                 }
@@ -294,7 +293,7 @@ impl ServerDb {
         let Some((id, confirmed)) = row else {
             return Ok(None);
         };
-        let mut seen = self.seen.borrow_mut();
+        let mut seen = self.news.seen();
         let entry = seen.entry(id.clone()).or_default();
         entry.last_seen = entry.last_seen.max(now);
         entry.confirmed |= !confirmed;
