@@ -60,7 +60,7 @@ pub async fn listen(url: PgUrl, on_wake: impl Fn() + Send + Sync + 'static) {
             );
         } else {
             tracing::warn!(
-                "lost the fleet database's LISTEN connection: {ended}; long polls wake only at their timeout \
+                "no LISTEN connection to the fleet database: {ended}; long polls wake only at their timeout \
                  until it is back, and it is tried again with backoff (first in {} s)",
                 wait.as_secs()
             );
