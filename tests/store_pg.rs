@@ -549,3 +549,48 @@ fn a_pool_with_no_free_connection_is_unavailable_not_stuck() {
     drop(held);
     assert_eq!(pool.conn().unwrap().one::<i64>("SELECT 1", &[]).unwrap(), 1);
 }
+
+#[test]
+fn a_listener_wakes_on_notify_and_again_after_the_database_comes_back() {
+    use flotilla::server::store::notify;
+    let Some((mut cluster, rt, pool)) = setup() else {
+        return;
+    };
+    let (woken, wakes) = std::sync::mpsc::channel();
+    rt.spawn(notify::listen(pg_url(&cluster.url()), move || {
+        let _ = woken.send(Instant::now());
+    }));
+    // Its first wake says it listens.
+    wakes
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the listener never listened");
+    let send = || pool.conn().and_then(|c| notify::notify(&c));
+
+    let sent = Instant::now();
+    send().unwrap();
+    let at = wakes
+        .recv_timeout(Duration::from_secs(1))
+        .expect("no wake within 1 s of the notification");
+    assert!(at >= sent && at - sent < Duration::from_secs(1));
+    assert!(wakes.try_recv().is_err(), "one notification, one wake");
+
+    cluster.kill();
+    cluster.resume();
+    // Nothing is sent meanwhile: this wake is the listener's own, for what it may have missed.
+    wakes
+        .recv_timeout(Duration::from_secs(20))
+        .expect("no wake after the listener connected again");
+
+    // The pool's first connections after the restart may be the dead ones.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = Instant::now();
+    while let Err(e) = send() {
+        assert!(e.unavailable() && Instant::now() < deadline, "{e}");
+        std::thread::sleep(Duration::from_millis(100));
+        sent = Instant::now();
+    }
+    let at = wakes
+        .recv_timeout(Duration::from_secs(1))
+        .expect("no wake within 1 s of a notification after the restart");
+    assert!(at >= sent);
+}

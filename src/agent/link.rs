@@ -30,6 +30,16 @@ pub enum LinkError {
         what: &'static str,
         retry_after: Duration,
     },
+    #[error(
+        "the fleet server cannot serve {what} just now (503): {message}; this device keeps its reports and asks \
+         again in {} s",
+        .retry_after.as_secs_f64().ceil()
+    )]
+    Unavailable {
+        what: &'static str,
+        message: String,
+        retry_after: Duration,
+    },
     #[error("the fleet server's answer to {what} does not read: {message}")]
     Garbled { what: &'static str, message: String },
     #[error(transparent)]
@@ -51,7 +61,8 @@ impl LinkError {
     /// How long the server asked this device to wait before its next request.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            LinkError::RateLimited { retry_after, .. } => Some(*retry_after),
+            LinkError::RateLimited { retry_after, .. }
+            | LinkError::Unavailable { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -125,7 +136,7 @@ pub enum Fetched {
 /// A server's `Retry-After` is honoured up to this: a server asking for an hour should not silence a device.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
-/// The wait after a 429 that named none.
+/// The wait after a 429 or 503 that named none.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The HTTP client that reaches the fleet server: rustls with the system roots plus `ca_bundle`, the same TLS setup
@@ -152,7 +163,8 @@ pub fn http_client(
 pub struct Link {
     http: reqwest::Client,
     base: String,
-    /// No request leaves before this, once the server answered 429: shared by every clone (the long poll's too).
+    /// No request leaves before this, once the server answered 429 or 503: shared by every clone (the long
+    /// poll's too).
     not_before: Arc<Mutex<Option<Instant>>>,
 }
 
@@ -208,7 +220,9 @@ impl Link {
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
         let headers = resp.headers().clone();
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        // A server out of breath (429) or cut off from its database (503) says when to come back; nothing is sent
+        // before, the long poll included.
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             let retry_after = headers
                 .get(header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
@@ -216,19 +230,26 @@ impl Link {
                 .unwrap_or(DEFAULT_RETRY_AFTER)
                 .min(MAX_RETRY_AFTER);
             let until = Instant::now() + retry_after;
-            let mut hold = self.not_before.lock().unwrap_or_else(|e| e.into_inner());
-            *hold = Some(hold.map_or(until, |h| h.max(until)));
-            return Err(LinkError::RateLimited { what, retry_after });
+            {
+                let mut hold = self.not_before.lock().unwrap_or_else(|e| e.into_inner());
+                *hold = Some(hold.map_or(until, |h| h.max(until)));
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                return Err(LinkError::RateLimited { what, retry_after });
+            }
+            let bytes = resp.bytes().await.map_err(unreachable)?;
+            return Err(LinkError::Unavailable {
+                what,
+                message: error_message(&bytes),
+                retry_after,
+            });
         }
         if status == StatusCode::NOT_MODIFIED {
             return Ok((status, None, headers));
         }
         let bytes = resp.bytes().await.map_err(unreachable)?;
         if !status.is_success() {
-            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            let message = error_message(&bytes);
             return Err(LinkError::Refused {
                 what,
                 status: status.as_u16(),
@@ -315,6 +336,14 @@ impl Link {
     }
 }
 
+/// The server's `{"error": …}`, or the body as it came (a proxy's page).
+fn error_message(bytes: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+        .unwrap_or_else(|| String::from_utf8_lossy(bytes).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -368,6 +397,17 @@ mod tests {
     /// A loopback HTTP server that answers its first request 429 with `Retry-After: 1`, the others 200 with an
     /// empty acceptance; it counts the requests it got.
     async fn server_that_limits() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        server_that_first_answers(
+            "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 11\r\n\r\n{\"error\":1}",
+        )
+        .await
+    }
+
+    /// A loopback HTTP server that answers its first request with `first`, the others 200 with an empty
+    /// acceptance; it counts the requests it got.
+    async fn server_that_first_answers(
+        first: &'static str,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -396,7 +436,7 @@ mod tests {
                 let mut body = vec![0u8; length];
                 let _ = conn.read_exact(&mut body).await;
                 let answer = if seen.fetch_add(1, Ordering::SeqCst) == 0 {
-                    "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 11\r\n\r\n{\"error\":1}"
+                    first
                 } else {
                     "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 15\r\n\r\n{\"accepted\":[]}"
                 };
@@ -426,6 +466,41 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.retry_after().is_some_and(|w| w <= wait), "{e}");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "sent during Retry-After");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            link.report("cred", Vec::new()).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(count.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_server_without_its_database_is_waited_for_as_it_asks() {
+        use std::sync::atomic::Ordering;
+        let body = r#"{"error":"the fleet database is unreachable just now"}"#;
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\nretry-after: 1\r\ncontent-type: application/json\r\n\
+             connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let (url, count) = server_that_first_answers(answer.leak()).await;
+        let link = Link::new(&url, None, Duration::from_secs(1), false).unwrap();
+        let e = link.report("cred", Vec::new()).await.unwrap_err();
+        // Not a refusal of the reports (they would be set aside) nor of the credential (it would be dropped).
+        assert!(!e.is_refused_content() && !e.is_unauthorized(), "{e}");
+        assert!(e.to_string().contains("database is unreachable"), "{e}");
+        let wait = e.retry_after().expect("the server's Retry-After");
+        assert!(
+            wait <= Duration::from_secs(1) && wait > Duration::from_millis(900),
+            "{wait:?}"
+        );
+        let e = link
+            .clone()
+            .desired("cred", None, Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(e.retry_after().is_some(), "{e}");
         assert_eq!(count.load(Ordering::SeqCst), 1, "sent during Retry-After");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(

@@ -830,25 +830,36 @@ mod tests {
         assert!(dead.borrow()[0].1.contains("unknown variant"));
         assert!(*requests.borrow() <= 2 * ids.len(), "{}", requests.borrow());
 
-        // A failure that is not about the content (the server is down) stops the delivery with nothing set aside.
-        let dead = RefCell::new(0);
-        let result = deliver(
-            vec![event("e1")],
-            |_| async {
-                Err(LinkError::Unreachable {
-                    url: "https://fleet".into(),
-                    message: "refused".into(),
-                })
-            },
-            |_| Ok(()),
-            |_, _| {
-                *dead.borrow_mut() += 1;
-                Ok(())
-            },
-        )
-        .await;
-        assert!(result.is_err());
-        assert_eq!(*dead.borrow(), 0);
+        // A failure that is not about the content (the server is down, or its database is) stops the delivery
+        // with nothing set aside and nothing taken from the outbox.
+        let down = || LinkError::Unreachable {
+            url: "https://fleet".into(),
+            message: "refused".into(),
+        };
+        let database_away = || LinkError::Unavailable {
+            what: "the reports",
+            message: "the fleet database is unreachable just now".into(),
+            retry_after: Duration::from_secs(5),
+        };
+        for failure in [&down as &dyn Fn() -> LinkError, &database_away] {
+            let dead = RefCell::new(0);
+            let acknowledged = RefCell::new(0);
+            let result = deliver(
+                vec![event("e1"), event("e2")],
+                |_| async { Err(failure()) },
+                |_| {
+                    *acknowledged.borrow_mut() += 1;
+                    Ok(())
+                },
+                |_, _| {
+                    *dead.borrow_mut() += 1;
+                    Ok(())
+                },
+            )
+            .await;
+            assert!(result.is_err());
+            assert_eq!((*dead.borrow(), *acknowledged.borrow()), (0, 0));
+        }
     }
 
     #[test]

@@ -74,14 +74,63 @@ impl ApiError {
     }
 }
 
+/// What a client is told to wait when the fleet database is away: about how long PostgreSQL takes to restart or
+/// fail over, and short enough that devices come back soon after it does.
+const UNAVAILABLE_RETRY_SECS: u32 = 5;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+        let mut resp = (self.0, Json(ErrorBody { error: self.1 })).into_response();
+        // Every 503 is the database away (see `From<ServerDbError>`); the clients wait before they ask again.
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(UNAVAILABLE_RETRY_SECS),
+            );
+        }
+        resp
+    }
+}
+
+/// Logs an unreachable fleet database at most once per this: while it is away every request fails, and one line
+/// per request would bury the rest of the log.
+const UNAVAILABLE_LOG_EVERY_SECS: u64 = 10;
+
+fn log_unavailable(e: &ServerDbError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(Ordering::Relaxed);
+    if now >= last + UNAVAILABLE_LOG_EVERY_SECS
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            "answering 503 until the fleet database is back: {}",
+            crate::error_chain(e)
+        );
     }
 }
 
 impl From<ServerDbError> for ApiError {
     fn from(e: ServerDbError) -> ApiError {
+        if let ServerDbError::Store { source, .. } = &e {
+            if source.unavailable() {
+                log_unavailable(&e);
+                // The cause names the database's host, which is the operator's business, not the caller's; the
+                // log has it.
+                return ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the fleet database is unreachable just now; the server keeps trying to reconnect: \
+                         retry after {UNAVAILABLE_RETRY_SECS} s"
+                    ),
+                );
+            }
+        }
         let status = match &e {
             ServerDbError::BadToken
             | ServerDbError::TokenUsedUp(_)
@@ -315,4 +364,61 @@ pub fn router(server: Shared) -> Router {
 
 fn created<T>(body: T) -> (StatusCode, Json<T>) {
     (StatusCode::CREATED, Json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::store::{PgError, StoreError};
+
+    fn store(source: StoreError) -> ServerDbError {
+        ServerDbError::Store {
+            place: "postgres://fleet:***@db.internal/fleet".into(),
+            source,
+        }
+    }
+
+    async fn answer(e: ServerDbError) -> (StatusCode, Option<String>, String) {
+        let resp = ApiError::from(e).into_response();
+        let status = resp.status();
+        let retry = resp
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: ErrorBody = serde_json::from_slice(&body).unwrap();
+        (status, retry, body.error)
+    }
+
+    #[tokio::test]
+    async fn a_database_away_is_503_with_retry_after_and_other_errors_keep_their_status() {
+        let away = store(StoreError::Postgres(PgError::PoolTimeout {
+            url: "postgres://fleet:***@db.internal/fleet".into(),
+            secs: 15,
+        }));
+        let (status, retry, message) = answer(away).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(retry.as_deref(), Some("5"));
+        assert!(
+            message.contains("fleet database is unreachable"),
+            "{message}"
+        );
+        assert!(message.contains("retry after 5 s"), "{message}");
+        assert!(!message.contains("db.internal"), "{message}");
+
+        // A database that answers but refuses is no outage: asking again would fail again.
+        let refused = store(StoreError::Postgres(PgError::Tls {
+            url: "postgres://fleet:***@db.internal/fleet".into(),
+            reason: "bad certificate".into(),
+        }));
+        let (status, retry, _) = answer(refused).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(retry, None);
+        let too_new = store(StoreError::TooNew { found: 9, known: 3 });
+        assert_eq!(answer(too_new).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        let (status, retry, _) = answer(ServerDbError::NotFound("rollout 7".into())).await;
+        assert_eq!((status, retry), (StatusCode::NOT_FOUND, None));
+    }
 }

@@ -14,6 +14,7 @@ mod db;
 pub mod dburl;
 mod devices;
 mod news;
+pub mod notify;
 mod pg_schema;
 mod pg_tls;
 pub mod postgres;
