@@ -454,21 +454,15 @@ fn rollouts_reach_each_device_with_its_variant_in_waves_roll_back_and_survive_an
             },
         );
     }
-    let db = rusqlite::Connection::open(root.join("server.db")).expect("server.db");
     for (name, ids) in &queued {
         for id in ids {
-            let n: i64 = db
-                .query_row(
-                    "SELECT COUNT(*) FROM events e JOIN devices d ON d.id = e.device WHERE d.name = ?1 AND e.id = ?2",
-                    [name, id],
-                    |r| r.get(0),
-                )
-                .expect("count");
+            let n = server.count(&format!(
+                "SELECT COUNT(*) FROM events e JOIN devices d ON d.id = e.device WHERE d.name = '{name}' AND e.id = '{id}'"
+            ));
             assert_eq!(n, 1, "{name}'s event {id} is on the server once");
         }
     }
     assert_eq!(server.app("x86")["status"]["state"], "stopped");
-    drop(db);
     drop(agents);
     assert!(!server.log().contains("panicked"), "{}", server.log());
 }
@@ -888,16 +882,7 @@ fn a_poison_event_in_the_outbox_is_set_aside_and_the_rest_flows() {
     }
     agent.start();
     let on_server = |id: &str| -> bool {
-        let db = rusqlite::Connection::open_with_flags(
-            root.join("server.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .expect("server.db");
-        db.query_row("SELECT COUNT(*) FROM events WHERE id = ?1", [id], |r| {
-            r.get::<_, i64>(0)
-        })
-        .expect("events query")
-            == 1
+        server.count(&format!("SELECT COUNT(*) FROM events WHERE id = '{id}'")) == 1
     };
     wait_for(
         "the events around the poison on the server",
@@ -985,17 +970,8 @@ fn the_server_killed_right_after_an_acknowledgement_keeps_what_it_acknowledged()
         .unwrap_or_default();
     server.stop();
     server.resume();
-    let db = rusqlite::Connection::open_with_flags(
-        root.join("server.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("server.db");
     for id in &ids {
-        let n: i64 = db
-            .query_row("SELECT COUNT(*) FROM events WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .expect("events query");
+        let n = server.count(&format!("SELECT COUNT(*) FROM events WHERE id = '{id}'"));
         assert_eq!(n, 1, "the acknowledged event {id} after the SIGKILL");
     }
     wait_for(

@@ -19,18 +19,59 @@ pub struct Server {
     pub port: u16,
     dir: PathBuf,
     pub registry: String,
+    /// The fleet's PostgreSQL, when the tests run on it; its SQLite file in `dir` otherwise.
+    pub postgres: Option<super::postgres::Cluster>,
+}
+
+/// Whether the fleet tests run their server on PostgreSQL (`FLOTILLA_TEST_DB=postgres`, as CI runs them a second
+/// time) rather than SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("FLOTILLA_TEST_DB").as_deref() == Ok("postgres")
 }
 
 impl Server {
     pub fn start(dir: &Path, registry: &str) -> Server {
+        let postgres = if on_postgres() {
+            let cluster = super::postgres::Cluster::start();
+            Some(cluster.expect("FLOTILLA_TEST_DB=postgres needs PostgreSQL (tests/setup installs it)"))
+        } else {
+            None
+        };
         let mut s = Server {
             child: None,
             port: free_port(),
             dir: dir.to_path_buf(),
             registry: registry.to_string(),
+            postgres,
         };
         s.resume();
         s
+    }
+
+    /// What `--db` names.
+    pub fn db(&self) -> std::ffi::OsString {
+        match &self.postgres {
+            Some(c) => c.url().into(),
+            None => self.dir.join("server.db").into(),
+        }
+    }
+
+    /// The first column of the first row of `sql` (a count), read from the fleet's database on either engine.
+    pub fn count(&self, sql: &str) -> i64 {
+        match &self.postgres {
+            Some(c) => c
+                .query(super::postgres::DATABASE, sql)
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{sql}: not a count: {e}")),
+            None => rusqlite::Connection::open_with_flags(
+                self.dir.join("server.db"),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .expect("server.db")
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("{sql}: {e}")),
+        }
     }
 
     pub fn resume(&mut self) {
@@ -44,7 +85,9 @@ impl Server {
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--db")
-            .arg(self.dir.join("server.db"))
+            .arg(self.db())
+            .arg("--token-file")
+            .arg(self.dir.join("admin-token"))
             .args(["--insecure-registry", &self.registry, "--tick", "1s"])
             .env("FLOTILLA_LOG", "info")
             .env_remove("JOURNAL_STREAM")

@@ -225,6 +225,25 @@ impl Cluster {
         );
     }
 
+    /// What `sql` prints, unaligned and without headers (`psql -tA`), run as the superuser in `database`.
+    pub fn query(&self, database: &str, sql: &str) -> String {
+        let port = self.port.to_string();
+        let out = self
+            .command("psql")
+            .args(["-X", "-tA", "-v", "ON_ERROR_STOP=1", "-h"])
+            .arg(&self.dir)
+            .args(["-p", &port, "-U", "postgres", "-d", database, "-c", sql])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("run psql: {e}"));
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Starts the cluster (again) on its port.
     pub fn resume(&mut self) {
         let options = format!(
