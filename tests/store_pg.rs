@@ -557,15 +557,21 @@ fn a_listener_wakes_on_notify_and_again_after_the_database_comes_back() {
         return;
     };
     let (woken, wakes) = std::sync::mpsc::channel();
-    rt.spawn(notify::listen(pg_url(&cluster.url()), move || {
-        let _ = woken.send(Instant::now());
-    }));
+    rt.spawn(notify::listen(
+        pg_url(&cluster.url()),
+        "a".into(),
+        move || {
+            let _ = woken.send(Instant::now());
+        },
+    ));
     // Its first wake says it listens.
     wakes
         .recv_timeout(Duration::from_secs(10))
         .expect("the listener never listened");
-    let send = || pool.conn().and_then(|c| notify::notify(&c));
+    let send = || pool.conn().and_then(|c| notify::notify(&c, "b"));
 
+    // Its own replica's notifications wake nobody: that replica woke its long polls itself.
+    pool.conn().and_then(|c| notify::notify(&c, "a")).unwrap();
     let sent = Instant::now();
     send().unwrap();
     let at = wakes

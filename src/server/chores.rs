@@ -21,6 +21,15 @@ pub async fn serve<L: axum::serve::Listener>(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let chores = tokio::spawn(chores(server.clone(), tick));
+    // Orders written through another replica wake this one's long polls.
+    let listener_task = server.postgres().cloned().map(|url| {
+        let woken = server.clone();
+        tokio::spawn(super::store::notify::listen(
+            url,
+            server.replica().to_string(),
+            move || woken.wake_long_polls(),
+        ))
+    });
     let limits = super::http::ConnLimits {
         header_timeout: server.limits().header_timeout,
         idle_timeout: server.limits().idle_timeout,
@@ -34,6 +43,9 @@ pub async fn serve<L: axum::serve::Listener>(
         ));
     super::http::serve_connections(listener, app, limits, shutdown).await;
     chores.abort();
+    if let Some(task) = listener_task {
+        task.abort();
+    }
     server.flush().await.map_err(|e| {
         std::io::Error::other(format!(
             "writing last_seen and metrics failed: {}",

@@ -66,6 +66,8 @@ const WRITE_SLICE: usize = 200;
 /// What every request, page and chore of one server process shares, as an `Arc` ([`Shared`]).
 pub struct Server {
     db: Database,
+    /// A random name for this process, which its `NOTIFY`s carry.
+    replica: String,
     resolver: Box<dyn Resolver>,
     /// Bumped whenever a device's desired state may have changed, to wake its long poll.
     desired_version: watch::Sender<u64>,
@@ -97,6 +99,7 @@ impl Server {
     ) -> Shared {
         Arc::new(Server {
             db: db.into(),
+            replica: super::store::new_secret()[..12].to_string(),
             resolver,
             desired_version: watch::channel(0).0,
             clock,
@@ -254,9 +257,36 @@ impl Server {
     }
 
     /// Wakes the devices' long polls: after [`Server::drive`] changed an order, and after a change made outside it
-    /// (a rollout started or controlled), which plans and writes the orders itself.
-    pub(super) fn desired_changed(&self) {
+    /// (a rollout started or controlled), which plans and writes the orders itself. On PostgreSQL the other
+    /// replicas are told too (`NOTIFY`), after the change committed; a notification lost on the way costs the
+    /// devices there one long poll's timeout.
+    pub(super) fn desired_changed(self: &Arc<Self>) {
+        self.wake_long_polls();
+        if self.db.postgres().is_some() {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = me.db.write(|db| {
+                    super::store::notify::notify(&*db.conn, &me.replica).map_err(db.err())
+                }) {
+                    tracing::warn!("telling the other replicas of a new order failed: {e}");
+                }
+            });
+        }
+    }
+
+    /// Wakes this replica's long polls, which read their desired state again.
+    pub(super) fn wake_long_polls(&self) {
         self.desired_version.send_modify(|v| *v += 1);
+    }
+
+    /// This replica's name among the others on one PostgreSQL: its own notifications are not news to it.
+    pub(super) fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// The PostgreSQL database the replicas share; none on SQLite.
+    pub(super) fn postgres(&self) -> Option<&super::store::dburl::PgUrl> {
+        self.db.postgres()
     }
 
     /// Checks a token request as every client's is checked (the API's and the dashboard's), and makes the token.

@@ -33,7 +33,10 @@ impl Server {
     pub fn start(dir: &Path, registry: &str) -> Server {
         let postgres = if on_postgres() {
             let cluster = super::postgres::Cluster::start();
-            Some(cluster.expect("FLOTILLA_TEST_DB=postgres needs PostgreSQL (tests/setup installs it)"))
+            Some(
+                cluster
+                    .expect("FLOTILLA_TEST_DB=postgres needs PostgreSQL (tests/setup installs it)"),
+            )
         } else {
             None
         };

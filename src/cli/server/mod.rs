@@ -49,7 +49,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the fleet server
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Enrollment tokens
     #[command(subcommand)]
     Token(TokenCommand),

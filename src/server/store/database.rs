@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::dburl::DbUrl;
+use super::dburl::{DbUrl, PgUrl};
 use super::news::{News, Seen};
 use super::postgres::PgPool;
 use super::{ServerDb, ServerDbError};
@@ -27,7 +27,7 @@ enum Engine {
         /// The news writer's own connection, so a flush does not hold the writer's lock while it writes.
         flusher: Mutex<Option<ServerDb>>,
     },
-    Postgres(PgPool),
+    Postgres(PgPool, PgUrl),
 }
 
 impl From<ServerDb> for Database {
@@ -65,7 +65,7 @@ impl Database {
                     }
                 })?;
                 Ok(Database {
-                    engine: Engine::Postgres(pool),
+                    engine: Engine::Postgres(pool, pg.clone()),
                     news: Arc::default(),
                 })
             }
@@ -79,7 +79,7 @@ impl Database {
     ) -> Result<T, ServerDbError> {
         match &self.engine {
             Engine::Sqlite { writer, .. } => f(&writer.lock().unwrap_or_else(|e| e.into_inner())),
-            Engine::Postgres(pool) => f(&self.pooled(pool)?),
+            Engine::Postgres(pool, _) => f(&self.pooled(pool)?),
         }
     }
 
@@ -112,7 +112,7 @@ impl Database {
                 }
                 out
             }
-            Engine::Postgres(pool) => f(&self.pooled(pool)?),
+            Engine::Postgres(pool, _) => f(&self.pooled(pool)?),
         }
     }
 
@@ -140,7 +140,7 @@ impl Database {
                     None => Ok(()),
                 }
             }
-            Engine::Postgres(pool) => self.pooled(pool)?.write_news(batch),
+            Engine::Postgres(pool, _) => self.pooled(pool)?.write_news(batch),
         }
     }
 
@@ -149,11 +149,11 @@ impl Database {
         &self.news
     }
 
-    /// The PostgreSQL pool, for what only it has (LISTEN/NOTIFY); none on SQLite.
-    pub fn postgres(&self) -> Option<&PgPool> {
+    /// The PostgreSQL database's URL, for a connection of its own (LISTEN); none on SQLite.
+    pub fn postgres(&self) -> Option<&PgUrl> {
         match &self.engine {
             Engine::Sqlite { .. } => None,
-            Engine::Postgres(pool) => Some(pool),
+            Engine::Postgres(_, url) => Some(url),
         }
     }
 

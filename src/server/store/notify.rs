@@ -27,13 +27,17 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 /// listener deaf for the kernel's two hours; this bounds it to about a minute.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
-/// Tells the other replicas that some desired state changed. Inside a transaction, PostgreSQL delivers it at the
-/// commit, so nobody reads before the change is there. On SQLite there is no other replica to tell.
-pub fn notify(conn: &dyn Conn) -> Result<(), StoreError> {
+/// Tells the other replicas that some desired state changed; `from` is the sending replica's own name, which its
+/// listener skips (it woke its own long polls already). Inside a transaction, PostgreSQL delivers it at the commit,
+/// so nobody reads before the change is there. On SQLite there is no other replica to tell.
+pub fn notify(conn: &dyn Conn, from: &str) -> Result<(), StoreError> {
     match conn.dialect() {
         Dialect::Sqlite => Ok(()),
         Dialect::Postgres => conn
-            .execute("SELECT pg_notify(?1, '')", crate::args![DESIRED_CHANNEL])
+            .execute(
+                "SELECT pg_notify(?1, ?2)",
+                crate::args![DESIRED_CHANNEL, from],
+            )
             .map(drop),
     }
 }
@@ -41,14 +45,15 @@ pub fn notify(conn: &dyn Conn) -> Result<(), StoreError> {
 /// Listens on [`DESIRED_CHANNEL`] on a connection of its own, for ever, and calls `on_wake` for each notification,
 /// and once each time it starts listening (again): what was announced while it was away is lost. A lost connection
 /// is logged once, then tried again with backoff.
-pub async fn listen(url: PgUrl, on_wake: impl Fn() + Send + Sync + 'static) {
+/// Notifications from the replica named `me` (its own) wake nobody.
+pub async fn listen(url: PgUrl, me: String, on_wake: impl Fn() + Send + Sync + 'static) {
     let on_wake: Arc<dyn Fn() + Send + Sync> = Arc::new(on_wake);
     let mut wait = RETRY_FIRST;
     // Whether the last failure was logged at warn already: an outage is told once, not at every retry.
     let mut told = false;
     loop {
         let mut listening = false;
-        let ended = session(&url, &on_wake, || listening = true).await;
+        let ended = session(&url, &me, &on_wake, || listening = true).await;
         if listening {
             wait = RETRY_FIRST;
             told = false;
@@ -75,6 +80,7 @@ pub async fn listen(url: PgUrl, on_wake: impl Fn() + Send + Sync + 'static) {
 /// ended. `listening` is called once the LISTEN took.
 async fn session(
     url: &PgUrl,
+    me: &str,
     on_wake: &Arc<dyn Fn() + Send + Sync>,
     listening: impl FnOnce(),
 ) -> String {
@@ -98,11 +104,12 @@ async fn session(
     // The LISTEN's own answer comes through the connection, so the connection is driven before it is sent. The
     // task ends with the connection, which ends when `client` is dropped, on every way out of this function.
     let wake = on_wake.clone();
+    let me = me.to_string();
     let mut driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => wake(),
+                Ok(AsyncMessage::Notification(n)) if n.payload() != me => wake(),
                 // Notices (a warning from the server) wake nobody.
                 Ok(_) => {}
                 Err(e) => return Err(e),
