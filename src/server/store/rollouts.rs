@@ -519,8 +519,16 @@ mod tests {
             "the refused plan replaced the stored one"
         );
 
-        // The next tick plans from what is there now, and orders dev-c.
-        assert!(b.drive(now + 1).unwrap());
+        // The next tick plans from what is there now, and orders dev-c: once, though both replicas plan it from
+        // the same reads, and the second finds the rollout where it read it (dev-c is no new wave).
+        let read_a = (a.rollout_rows(None).unwrap(), a.devices().unwrap());
+        let read_b = (b.rollout_rows(None).unwrap(), b.devices().unwrap());
+        assert_eq!(drive(&a, &read_a), Saved::Stored { orders: 1 });
+        assert_eq!(
+            drive(&b, &read_b),
+            Saved::Stored { orders: 0 },
+            "an order given already was given again"
+        );
         assert_eq!(ordered(&third), vec![release.id.clone()]);
     }
 }
