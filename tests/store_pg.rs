@@ -599,4 +599,92 @@ fn a_listener_wakes_on_notify_and_again_after_the_database_comes_back() {
         .recv_timeout(Duration::from_secs(1))
         .expect("no wake within 1 s of a notification after the restart");
     assert!(at >= sent);
+
+/// Replicas take turns at a rollout: while another session holds the rollout's advisory lock (a replica advancing
+/// it), the driver leaves it alone and writes nothing; once the lock is free, the driver advances it.
+#[test]
+fn a_rollout_whose_lock_another_replica_holds_is_left_to_it() {
+    use flotilla::fleet::{EnrollRequest, PlatformReport};
+    use flotilla::server::store::{ROLLOUT_LOCK, ServerDb};
+    use flotilla::server::views::{AppRequest, RolloutRequest};
+
+    let Some((_cluster, _rt, pool)) = setup() else {
+        return;
+    };
+    let db = ServerDb::on(Box::new(pool.conn().unwrap()), "the test cluster".into());
+    db.create_app(
+        &AppRequest {
+            name: "web".into(),
+            settings: Default::default(),
+        },
+        0,
+    )
+    .unwrap();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let manifests = [("linux/arm64".to_string(), digest.clone())].into();
+    let release = db
+        .create_release("web", "registry.test/web", &digest, &manifests, 0)
+        .unwrap();
+    let token = db
+        .create_token(None, None, &BTreeMap::new(), false, 0)
+        .unwrap()
+        .token;
+    let device = db
+        .enroll(
+            &token,
+            &EnrollRequest {
+                name: "dev-a".into(),
+                tags: BTreeMap::new(),
+                agent_version: "0.1.0".into(),
+                platform: PlatformReport {
+                    candidates: vec!["linux/arm64/v8".into()],
+                    page_size: Some(4096),
+                    description: "Pi 4".into(),
+                },
+                enrollment_id: None,
+            },
+            0,
+        )
+        .unwrap()
+        .device_id;
+    let ordered = || -> Vec<String> {
+        db.desired_for(&device)
+            .unwrap()
+            .apps
+            .into_iter()
+            .map(|a| a.release)
+            .collect()
+    };
+
+    // The rollout about to start is the database's first: another replica holds its lock, by its documented key.
+    let holder = pool.conn().unwrap();
+    let held = holder.begin().unwrap();
+    assert!(
+        held.one::<bool>(
+            "SELECT pg_try_advisory_xact_lock(CAST(?1 AS INTEGER), CAST(?2 AS INTEGER))",
+            args![ROLLOUT_LOCK, 1i64]
+        )
+        .unwrap()
+    );
+    let request = RolloutRequest {
+        release: release.id.clone(),
+        select: BTreeMap::new(),
+        waves: vec!["100%".into()],
+        max_failures: "0".into(),
+        soak_secs: 0,
+        rollback: false,
+        device_timeout_secs: 0,
+        skip_timed_out: false,
+    };
+    let rollout = db.create_rollout(&request, 10).unwrap();
+    assert_eq!(rollout.id, 1);
+    assert_eq!(rollout.waves_started, 0, "planned under another's lock");
+    assert!(!db.drive(11).unwrap());
+    assert!(ordered().is_empty(), "ordered under another's lock");
+
+    // Its transaction ends, and the lock with it.
+    drop(held);
+    assert!(db.drive(12).unwrap());
+    assert_eq!(ordered(), vec![release.id.clone()]);
+    assert_eq!(db.rollout(1).unwrap().waves_started, 1);
 }

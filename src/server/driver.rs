@@ -1,6 +1,11 @@
 //! The rollout driver: applies [`crate::rollout::plan`] to the fleet. On every tick (and after a device's update
 //! report or an operator's action) it reads each active rollout and the devices, asks the planner, and stores the
 //! plan and the orders that changed. What it reads and writes is the store's; the decisions are the planner's.
+//!
+//! Every replica of the server drives every rollout, so each plan is stored only if nobody moved the rollout since
+//! it was read (a compare-and-set on its state and started waves), and on PostgreSQL under a per-rollout lock that
+//! a replica finding taken leaves the rollout to its holder until the next tick. A replica killed mid-tick leaves
+//! its transaction uncommitted: no order of a plan is written without the plan that gave it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -101,7 +106,9 @@ impl ServerDb {
         let mut changed = false;
         for (r, frozen) in self.rollout_rows(None)? {
             if matches!(r.status, StateView::Running | StateView::Paused { .. }) && wanted(&r.app) {
-                changed |= self.drive_one(&r, &frozen, &devices, now)?;
+                changed |= self
+                    .drive_one(&r, &frozen, &devices, now, Busy::Skip)?
+                    .changed();
             }
         }
         Ok(changed)
@@ -171,15 +178,17 @@ impl ServerDb {
         Ok((release, plan))
     }
 
-    /// Plans rollout `r` and stores the plan and the orders that changed; true when some order did.
+    /// Plans rollout `r` and stores the plan and the orders that changed, unless another replica is advancing it
+    /// or has moved it since `r` was read.
     pub(crate) fn drive_one(
         &self,
         r: &RolloutView,
         frozen: &Frozen,
         devices: &[DeviceView],
         now: u64,
-    ) -> Result<bool, ServerDbError> {
-        let (release, plan) = self.plan_one(r, frozen, devices, now)?;
+        busy: Busy,
+    ) -> Result<Saved, ServerDbError> {
+        let (_, plan) = self.plan_one(r, frozen, devices, now)?;
         let record = PlanRecord {
             waves: plan
                 .waves
@@ -202,7 +211,48 @@ impl ServerDb {
             late: plan.late.clone(),
             devices: plan.devices.iter().cloned().collect(),
         };
-        self.save_plan(r.id, &release.app, &plan, &view_of(&plan.state), &record)
+        let saved = self.save_plan(r, frozen, &plan, &view_of(&plan.state), &record, busy)?;
+        match saved {
+            Saved::Stored { .. } => {}
+            Saved::Locked => tracing::debug!(
+                rollout = r.id,
+                "another replica is advancing the rollout; left to it this tick"
+            ),
+            Saved::Moved => tracing::debug!(
+                rollout = r.id,
+                "the rollout changed since it was read; planned again next tick"
+            ),
+        }
+        Ok(saved)
+    }
+}
+
+/// What a plan does when another replica is advancing the same rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// Leaves the rollout to it: the timer's and the reports' ticks, which the next tick repeats.
+    Skip,
+    /// Takes no lock: an operator's action, whose plan no later tick repeats (an aborted rollout's orders back).
+    /// The compare-and-set still holds: a replica that advanced the rollout meanwhile moved it, and one advancing
+    /// it now finds it moved.
+    Proceed,
+}
+
+/// What became of a plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Saved {
+    /// Stored, with this many orders that changed.
+    Stored { orders: usize },
+    /// Another replica holds the rollout's lock: nothing was written.
+    Locked,
+    /// The stored rollout is no longer the one the plan was made from: nothing was written.
+    Moved,
+}
+
+impl Saved {
+    /// Whether some device's desired state changed, so that the long polls are woken.
+    pub(crate) fn changed(self) -> bool {
+        matches!(self, Saved::Stored { orders } if orders > 0)
     }
 }
 
@@ -211,6 +261,8 @@ pub(crate) struct Frozen {
     /// Device ids per wave, fixed by the first plan.
     pub(crate) waves: Option<Vec<Vec<String>>>,
     pub(crate) rolled_back: bool,
+    /// The stored state's text as read: with `waves_started`, what the plan's compare-and-set expects to find.
+    pub(crate) state: String,
 }
 
 /// The last plan of a rollout as stored: what its view shows of waves and devices.

@@ -286,7 +286,23 @@ impl Dialect {
             Dialect::Postgres => at.to_string(),
         }
     }
+
+    /// A query giving whether this transaction took the lock of the rollout whose id is the integer `id` (`?1`)
+    /// until it ends, without waiting: false while another replica holds it to advance that rollout. `None` on
+    /// SQLite, whose writers take turns anyway. Ids 2^31 apart share a key, which costs one of them a tick at worst.
+    pub fn try_rollout_lock(self, id: &str) -> Option<String> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some(format!(
+                "SELECT pg_try_advisory_xact_lock({ROLLOUT_LOCK}, CAST(CAST({id} AS BIGINT) % 2147483648 AS INTEGER))"
+            )),
+        }
+    }
 }
+
+/// The class of the PostgreSQL advisory locks the rollout driver takes, one per rollout id: "roll" in ASCII. Locks
+/// of two keys share none with the migrations' lock of one key.
+pub const ROLLOUT_LOCK: i32 = 0x726f_6c6c;
 
 /// An open transaction on a connection: rolled back when dropped uncommitted, as on an early `?`.
 pub struct Tx<'c, C: Conn + ?Sized> {
@@ -635,6 +651,17 @@ mod tests {
     fn the_oldest_rows_are_found_by_each_engines_own_order() {
         assert_eq!(Dialect::Sqlite.insertion_order("at"), "rowid");
         assert_eq!(Dialect::Postgres.insertion_order("at"), "at");
+    }
+
+    #[test]
+    fn only_postgresql_locks_a_rollout_and_by_two_keys() {
+        assert_eq!(Dialect::Sqlite.try_rollout_lock("?1"), None);
+        let sql = Dialect::Postgres.try_rollout_lock("?1").unwrap();
+        assert_eq!(
+            sql,
+            "SELECT pg_try_advisory_xact_lock(1919904876, CAST(CAST(?1 AS BIGINT) % 2147483648 AS INTEGER))"
+        );
+        assert_eq!(ROLLOUT_LOCK.to_be_bytes(), *b"roll");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::ConnExt;
 use super::db::{ServerDb, ServerDbError, from_json, to_json};
 use crate::rollout;
-use crate::server::driver::{Frozen, PlanRecord};
+use crate::server::driver::{Busy, Frozen, PlanRecord, Saved};
 use crate::server::views::{
     Control, OPERATOR_PAUSE, RolloutRequest, RolloutView, StateView, parse_spec,
 };
@@ -120,13 +120,14 @@ impl ServerDb {
                         Some(p) => from_json("rollout plan", &p)?,
                         None => PlanRecord::default(),
                     };
+                    let status = from_json("rollout state", &state)?;
                     Ok((
                         RolloutView {
                             id,
                             app,
                             spec: from_json("rollout", &spec)?,
                             previous,
-                            status: from_json("rollout state", &state)?,
+                            status,
                             waves_started,
                             waves: plan.waves,
                             incompatible: plan.incompatible,
@@ -139,6 +140,7 @@ impl ServerDb {
                                 .map(|f| from_json("rollout membership", &f))
                                 .transpose()?,
                             rolled_back,
+                            state,
                         },
                     ))
                 },
@@ -212,7 +214,7 @@ impl ServerDb {
         // An aborted rollout is planned this once, to order its devices back; `drive` skips it afterwards.
         let devices = self.devices()?;
         for (r, frozen) in self.rollout_rows(Some(id))? {
-            self.drive_one(&r, &frozen, &devices, now)?;
+            self.drive_one(&r, &frozen, &devices, now, Busy::Proceed)?;
         }
         self.rollout(id)
     }
@@ -277,6 +279,7 @@ impl ServerDb {
         let frozen = Frozen {
             waves: None,
             rolled_back: false,
+            state: String::new(),
         };
         let devices = self.devices()?;
         Ok(self.plan_one(&view, &frozen, &devices, now)?.1)
@@ -341,29 +344,64 @@ impl ServerDb {
             .collect())
     }
 
-    /// Stores rollout `id`'s new plan, and its orders for `app` that differ from the stored desire; true when some
-    /// did. Orders are reconciled on every plan; writing only the changed ones makes a tick over a large fleet
-    /// cost one read, and an unchanged order counts as no change.
+    /// Stores rollout `r`'s new plan, and its orders that differ from the stored desire, if the stored rollout is
+    /// still in the state and at the wave `r` and `frozen` were read at (and on PostgreSQL, with [`Busy::Skip`], if
+    /// no other replica holds its lock); all of it or nothing. Orders are reconciled on every plan; writing only the
+    /// changed ones makes a tick over a large fleet cost one read, and an unchanged order counts as no change.
     pub(crate) fn save_plan(
         &self,
-        id: u64,
-        app: &str,
+        r: &RolloutView,
+        frozen: &Frozen,
         plan: &rollout::Plan,
         state: &StateView,
         record: &PlanRecord,
-    ) -> Result<bool, ServerDbError> {
-        let stored: BTreeMap<String, Option<String>> = self
-            .conn
+        busy: Busy,
+    ) -> Result<Saved, ServerDbError> {
+        let tx = self.conn.begin().map_err(self.err())?;
+        let lock = match busy {
+            Busy::Skip => self.conn.dialect().try_rollout_lock("?1"),
+            Busy::Proceed => None,
+        };
+        if let Some(lock) = lock {
+            if !tx
+                .one::<bool>(&lock, crate::args![r.id])
+                .map_err(self.err())?
+            {
+                return Ok(Saved::Locked);
+            }
+        }
+        // The compare-and-set comes first: on SQLite it takes the write lock, so that the orders read next are the
+        // last committed ones (a read first would fail at the write, not wait, when another connection wrote in
+        // between); on PostgreSQL a replica updating the same rollout waits here, then finds it moved.
+        let stored_the_plan = tx
+            .execute(
+                "UPDATE rollouts SET state = ?2, waves_started = ?3, plan = ?4, frozen = ?5, rolled_back = ?6
+                 WHERE id = ?1 AND waves_started = ?7 AND state = ?8",
+                crate::args![
+                    r.id,
+                    to_json(state)?,
+                    plan.waves_started,
+                    to_json(record)?,
+                    to_json(&plan.frozen)?,
+                    plan.rolled_back,
+                    r.waves_started,
+                    &frozen.state
+                ],
+            )
+            .map_err(self.err())?;
+        if stored_the_plan == 0 {
+            return Ok(Saved::Moved);
+        }
+        let stored: BTreeMap<String, Option<String>> = tx
             .rows(
                 "SELECT device, release FROM desired WHERE app = ?1",
-                crate::args![app],
+                crate::args![&r.app],
                 |r| Ok((r.get::<String>(0)?, r.get::<Option<String>>(1)?)),
             )
             .map_err(self.err())?
             .into_iter()
             .collect();
-        let tx = self.conn.begin().map_err(self.err())?;
-        let mut changed = false;
+        let mut ordered = Vec::new();
         for order in &plan.orders {
             if stored.get(&order.device) == Some(&order.release) {
                 continue;
@@ -371,25 +409,126 @@ impl ServerDb {
             tx.execute(
                 "INSERT INTO desired (device, app, release) VALUES (?1, ?2, ?3)
                  ON CONFLICT (device, app) DO UPDATE SET release = excluded.release",
-                crate::args![&order.device, app, order.release.as_deref()],
+                crate::args![&order.device, &r.app, order.release.as_deref()],
             )
             .map_err(self.err())?;
-            changed = true;
+            ordered.push(order);
         }
-        tx.execute(
-            "UPDATE rollouts SET state = ?2, waves_started = ?3, plan = ?4, frozen = ?5, rolled_back = ?6
-             WHERE id = ?1",
-            crate::args![
-                id,
-                to_json(state)?,
-                plan.waves_started,
-                to_json(record)?,
-                to_json(&plan.frozen)?,
-                plan.rolled_back
-            ],
-        )
-        .map_err(self.err())?;
         tx.commit().map_err(self.err())?;
-        Ok(changed)
+        // Logged once committed: each order in the log was given, once, whichever replica gave it.
+        for order in &ordered {
+            match &order.release {
+                Some(release) => tracing::info!(
+                    rollout = r.id,
+                    device = %order.device,
+                    release = %release,
+                    "ordered the device to the release"
+                ),
+                None => tracing::info!(
+                    rollout = r.id,
+                    device = %order.device,
+                    app = %r.app,
+                    "ordered the device to remove the app"
+                ),
+            }
+        }
+        Ok(Saved::Stored {
+            orders: ordered.len(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::db::fixtures::{open, request, token};
+    use super::*;
+    use crate::server::views::AppRequest;
+
+    fn rollout_request(release: &str) -> RolloutRequest {
+        RolloutRequest {
+            release: release.to_string(),
+            select: BTreeMap::new(),
+            waves: vec!["1".into(), "2".into()],
+            max_failures: "1".into(),
+            soak_secs: 0,
+            rollback: false,
+            device_timeout_secs: 60,
+            skip_timed_out: true,
+        }
+    }
+
+    /// Two replicas on one database read the same rollout; the first to store its plan moves it, and the other's
+    /// plan, made from what is no longer there, is refused whole: its orders are not written.
+    #[test]
+    fn a_plan_from_a_rollout_another_replica_moved_is_refused_with_its_orders() {
+        let (dir, a) = open();
+        let b = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
+        a.create_app(
+            &AppRequest {
+                name: "web".into(),
+                settings: Default::default(),
+            },
+            0,
+        )
+        .unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let manifests = [("linux/arm/v6".to_string(), digest.clone())].into();
+        let release = a
+            .create_release("web", "registry.test/web", &digest, &manifests, 0)
+            .unwrap();
+        let token = token(&a, None, None);
+        let enroll =
+            |name: &str, now: u64| a.enroll(&token, &request(name), now).unwrap().device_id;
+        let (first, second) = (enroll("dev-a", 0), enroll("dev-b", 0));
+        // Wave 1 (dev-a) is ordered at once.
+        let created = a.create_rollout(&rollout_request(&release.id), 0).unwrap();
+        assert_eq!(created.waves_started, 1);
+
+        // At 100 dev-a has been silent past its timeout and is skipped: wave 2 starts. Replica B reads the fleet a
+        // moment after A, when dev-c has enrolled too: its plan would order dev-c as well, late in the last wave.
+        let now = 100;
+        let read_a = (a.rollout_rows(None).unwrap(), a.devices().unwrap());
+        let third = enroll("dev-c", now);
+        let read_b = (b.rollout_rows(None).unwrap(), b.devices().unwrap());
+        let drive = |db: &ServerDb, (rows, devices): &(Vec<(RolloutView, Frozen)>, Vec<_>)| {
+            let (r, frozen) = &rows[0];
+            db.drive_one(r, frozen, devices, now, Busy::Skip).unwrap()
+        };
+        assert_eq!(drive(&a, &read_a), Saved::Stored { orders: 1 });
+        assert_eq!(drive(&b, &read_b), Saved::Moved);
+
+        let ordered = |device: &str| -> Vec<String> {
+            b.desired_for(device)
+                .unwrap()
+                .apps
+                .into_iter()
+                .map(|app| app.release)
+                .collect()
+        };
+        assert_eq!(ordered(&first), vec![release.id.clone()]);
+        assert_eq!(ordered(&second), vec![release.id.clone()]);
+        assert!(
+            ordered(&third).is_empty(),
+            "the refused plan's order was written"
+        );
+        let stored = b.rollout(created.id).unwrap();
+        assert_eq!(stored.waves_started, 2);
+        assert_eq!(
+            stored.waves[1].devices,
+            vec!["dev-b"],
+            "the refused plan replaced the stored one"
+        );
+
+        // The next tick plans from what is there now, and orders dev-c: once, though both replicas plan it from
+        // the same reads, and the second finds the rollout where it read it (dev-c is no new wave).
+        let read_a = (a.rollout_rows(None).unwrap(), a.devices().unwrap());
+        let read_b = (b.rollout_rows(None).unwrap(), b.devices().unwrap());
+        assert_eq!(drive(&a, &read_a), Saved::Stored { orders: 1 });
+        assert_eq!(
+            drive(&b, &read_b),
+            Saved::Stored { orders: 0 },
+            "an order given already was given again"
+        );
+        assert_eq!(ordered(&third), vec![release.id.clone()]);
     }
 }
