@@ -599,6 +599,7 @@ fn a_listener_wakes_on_notify_and_again_after_the_database_comes_back() {
         .recv_timeout(Duration::from_secs(1))
         .expect("no wake within 1 s of a notification after the restart");
     assert!(at >= sent);
+}
 
 /// Replicas take turns at a rollout: while another session holds the rollout's advisory lock (a replica advancing
 /// it), the driver leaves it alone and writes nothing; once the lock is free, the driver advances it.
@@ -611,7 +612,11 @@ fn a_rollout_whose_lock_another_replica_holds_is_left_to_it() {
     let Some((_cluster, _rt, pool)) = setup() else {
         return;
     };
-    let db = ServerDb::on(Box::new(pool.conn().unwrap()), "the test cluster".into());
+    let db = ServerDb::on(
+        Box::new(pool.conn().unwrap()),
+        "the test cluster".into(),
+        Default::default(),
+    );
     db.create_app(
         &AppRequest {
             name: "web".into(),
