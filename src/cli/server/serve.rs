@@ -17,8 +17,14 @@ pub struct ServeArgs {
     pub listen: std::net::SocketAddr,
     /// The database: a SQLite file (a path or sqlite:///path; made when needed), or a PostgreSQL URL
     /// (postgres://user:password@host:port/db?sslmode=verify-full) that any number of replicas share. Either is
-    /// migrated at start
-    #[arg(long, default_value = DEFAULT_DB, value_name = "PATH|URL")]
+    /// migrated at start. From the environment, a URL's password stays out of the process list
+    #[arg(
+        long,
+        env = "FLOTILLA_SERVER_DB",
+        hide_env_values = true,
+        default_value = DEFAULT_DB,
+        value_name = "PATH|URL"
+    )]
     pub db: DbUrl,
     /// PostgreSQL connections this replica holds at most
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]

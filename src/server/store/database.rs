@@ -58,12 +58,9 @@ impl Database {
                 Ok(Database::from(db))
             }
             DbUrl::Postgres(pg) => {
-                let pool = PgPool::connect(pg, connections).await.map_err(|source| {
-                    ServerDbError::Store {
-                        place: pg.to_string(),
-                        source,
-                    }
-                })?;
+                let pool = PgPool::connect(pg, connections)
+                    .await
+                    .map_err(ServerDbError::Open)?;
                 Ok(Database {
                     engine: Engine::Postgres(pool, pg.clone()),
                     news: Arc::default(),

@@ -12,6 +12,9 @@ use super::sqlite::SqliteConn;
 pub enum ServerDbError {
     #[error("the fleet database {place}: {source}")]
     Store { place: String, source: StoreError },
+    /// PostgreSQL could not be reached or set up at start; its message names the URL (without its password).
+    #[error(transparent)]
+    Open(StoreError),
     #[error(
         "the fleet database {path} has schema version {found}, newer than this flotilla-server knows ({known})"
     )]
