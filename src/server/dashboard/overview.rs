@@ -74,9 +74,13 @@ impl ServerDb {
               GROUP BY p ORDER BY n DESC, p",
             platform_sql(self.conn.dialect())
         );
-        self.conn
+        let mut counts: Vec<(String, u64)> = self
+            .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())
+            .map_err(self.err())?;
+        // Ties by bytes, as SQLite orders them: PostgreSQL orders a computed text by the database's collation.
+        counts.sort_by(|(p, n), (q, m)| m.cmp(n).then_with(|| p.cmp(q)));
+        Ok(counts)
     }
 
     pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
