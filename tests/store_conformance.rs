@@ -16,7 +16,8 @@ use flotilla::server::api::Server;
 use flotilla::server::dashboard::cause::DeviceState;
 use flotilla::server::dashboard::devices::{Filter, Seen};
 use flotilla::server::resolve::{ResolveError, Resolved, Resolver};
-use flotilla::server::store::{DbUrl, PgPool, ServerDb, ServerDbError};
+use flotilla::server::store::sqlite::SqliteConn;
+use flotilla::server::store::{Conn, DbUrl, PgPool, ServerDb, ServerDbError};
 use flotilla::server::views::{
     AppRequest, Control, OPERATOR_PAUSE, RolloutRequest, RolloutView, StateView,
 };
@@ -56,6 +57,14 @@ impl Store {
 
     fn postgres(&self) -> bool {
         matches!(self.place, Place::Postgres { .. })
+    }
+
+    /// A bare connection, for writing what only a flush writes (which PostgreSQL cannot run yet).
+    fn conn(&self) -> Box<dyn Conn> {
+        match &self.place {
+            Place::Sqlite(dir) => Box::new(SqliteConn::open(&dir.path().join("fleet.db")).unwrap()),
+            Place::Postgres { pool, .. } => Box::new(pool.conn().unwrap()),
+        }
     }
 
     /// A new `ServerDb` on this store: a connection of its own, as each replica or reader has.
@@ -948,6 +957,35 @@ fn fleet_reads(store: &Store) -> Reads {
         ..spec("rep-1", &["100%"], 0)
     };
     db.create_rollout(&rep, now).unwrap();
+    // What a flush writes: news (last_seen, metrics with outbox lag) and the charts' samples.
+    let conn = store.conn();
+    for (k, name) in ["w-a", "w-c", "r-x", "alpha"].into_iter().enumerate() {
+        let k = k as u64;
+        let m = Metrics {
+            cpu_percent: Some(10.5 + k as f32),
+            memory_used: Some(1 << 20),
+            memory_total: Some(1 << 22),
+            outbox_pending: Some(k * 40),
+            outbox_oldest_age_secs: Some(k * 700),
+            load: Some([0.5, 0.25, 0.125]),
+            ..Metrics::default()
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        let id = db.live_device(name).unwrap();
+        conn.execute(
+            "UPDATE devices SET last_seen = ?2, metrics = ?3 WHERE id = ?1",
+            flotilla::args![&id, NOW + 60 + k, &json],
+        )
+        .unwrap();
+        for at in [NOW + 1, NOW + 301 + k] {
+            conn.execute(
+                "INSERT INTO device_samples (device, at, metrics) VALUES (?1, ?2, ?3)",
+                flotilla::args![&id, at, &json],
+            )
+            .unwrap();
+        }
+    }
+    drop(conn);
     // Read while the devices enrolled at NOW still count as online: the fleet is then in every state.
     let now = NOW + 120;
 
@@ -1120,6 +1158,15 @@ fn the_dashboards_and_metrics_reads_agree_on_both_engines() {
     );
     assert!(sqlite.details.iter().filter(|(_, d)| d.is_some()).count() == 9);
     assert!(!sqlite.metrics.rollouts.is_empty());
+    assert_eq!(sqlite.metrics.outbox.devices, 4, "{:?}", sqlite.metrics);
+    assert!(
+        sqlite
+            .details
+            .iter()
+            .any(|(_, d)| d.as_ref().is_some_and(|d| d.samples.len() == 2)),
+        "{:?}",
+        sqlite.details
+    );
     for (engine, r) in &reads[1..] {
         assert_eq!(r.overview, sqlite.overview, "the overview on {engine}");
         for (a, b) in r.lists.iter().zip(&sqlite.lists) {
