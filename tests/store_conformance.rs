@@ -14,7 +14,8 @@ use flotilla::fleet::{
 };
 use flotilla::server::api::Server;
 use flotilla::server::dashboard::cause::DeviceState;
-use flotilla::server::dashboard::devices::{Filter, Seen};
+use flotilla::server::dashboard::devices::{DeviceList, Filter, Seen};
+use flotilla::server::dashboard::releases::Coverage;
 use flotilla::server::resolve::{ResolveError, Resolved, Resolver};
 use flotilla::server::store::sqlite::SqliteConn;
 use flotilla::server::store::{Conn, DbUrl, PgPool, ServerDb, ServerDbError};
@@ -886,23 +887,13 @@ fn a_revoked_device_no_longer_authenticates_and_a_revoked_token_enrolls_nobody()
 #[derive(Debug, PartialEq)]
 struct Reads {
     overview: flotilla::server::dashboard::overview::Overview,
-    lists: Vec<(
-        String,
-        u64,
-        Vec<(String, String, String, Vec<(String, Option<String>)>, u64)>,
-        Vec<String>,
-    )>,
+    /// (the filter, the list by it).
+    lists: Vec<(String, DeviceList)>,
     details: Vec<(
         String,
         Option<flotilla::server::dashboard::device::DeviceDetail>,
     )>,
-    coverage: Vec<(
-        String,
-        Vec<(String, Option<String>, u64)>,
-        BTreeMap<String, u64>,
-        Vec<(String, Vec<String>)>,
-        u64,
-    )>,
+    coverage: Vec<(String, Coverage)>,
     rollouts_of: Vec<(String, Vec<(u64, String)>)>,
     failures: Vec<(String, Vec<(String, Report)>)>,
     metrics: flotilla::server::metrics::FleetMetrics,
@@ -947,9 +938,7 @@ fn fleet_reads(store: &Store) -> Reads {
         enroll(&db, name, &["linux/arm64"]);
     }
     // A platform is what the device says: one that sorts apart by collation, at a count another has too.
-    for name in ["p-1"] {
-        enroll(&db, name, &["Linux/arm64"]);
-    }
+    enroll(&db, "p-1", &["Linux/arm64"]);
     // Ordered and silent: updating.
     enroll(&db, "r-z", &["linux/arm64"]);
     let rep = RolloutRequest {
@@ -1064,24 +1053,13 @@ fn fleet_reads(store: &Store) -> Reads {
         .into_iter()
         .map(|(what, mut f)| {
             f.page = f.page.max(1);
-            let l = db
+            let mut l = db
                 .device_list(&f, now)
                 .unwrap_or_else(|e| panic!("the list by {what}: {e}"));
-            let rows = l
-                .rows
-                .into_iter()
-                .map(|r| {
-                    let tags = format!("{:?}", r.tags);
-                    (
-                        unrenamed(&r.name),
-                        r.state,
-                        format!("{} {tags}", r.platform),
-                        r.apps,
-                        r.last_seen,
-                    )
-                })
-                .collect();
-            (what.to_string(), l.total, rows, l.platforms)
+            for r in &mut l.rows {
+                r.name = unrenamed(&r.name);
+            }
+            (what.to_string(), l)
         })
         .collect();
     let details = [
@@ -1093,10 +1071,7 @@ fn fleet_reads(store: &Store) -> Reads {
     let releases = db.releases(None).unwrap();
     let coverage = releases
         .iter()
-        .map(|r| {
-            let c = db.coverage(&r.manifests).unwrap();
-            (r.id.clone(), c.rows, c.by_variant, c.cannot, c.cannot_total)
-        })
+        .map(|r| (r.id.clone(), db.coverage(&r.manifests).unwrap()))
         .collect();
     let rollouts_of = releases
         .iter()
