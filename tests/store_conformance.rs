@@ -880,6 +880,116 @@ fn a_revoked_device_no_longer_authenticates_and_a_revoked_token_enrolls_nobody()
     on_each(revocation);
 }
 
+// --- the operator's side: admin tokens, the dashboard's sessions, apps and releases, tags, a preview ---
+
+fn operator(store: &Store) {
+    let db = store.db();
+    let admin = db
+        .ensure_admin_token(NOW)
+        .unwrap()
+        .expect("the first admin token");
+    assert_eq!(db.ensure_admin_token(NOW).unwrap(), None);
+    assert!(db.is_admin(&admin).unwrap());
+    assert!(!db.is_admin("not-an-admin-token").unwrap());
+    assert!(db.sign_in("not-an-admin-token", NOW).unwrap().is_none());
+    let (cookie, session) = db.sign_in(&admin, NOW).unwrap().expect("signed in");
+    let found = db.session(&cookie, NOW + 1).unwrap().expect("the session");
+    assert_eq!((&found.key, &found.csrf), (&session.key, &session.csrf));
+    assert!(
+        db.session(&cookie, session.expires).unwrap().is_none(),
+        "expired"
+    );
+    // Signing in again drops the expired sessions.
+    db.sign_in(&admin, session.expires)
+        .unwrap()
+        .expect("signed in");
+    db.sign_out(&session.key).unwrap();
+    assert!(
+        db.session(&cookie, NOW + 1).unwrap().is_none(),
+        "signed out"
+    );
+
+    let t = token(&db, None, None, &[]);
+    assert!(db.token_known(&t).unwrap());
+    assert!(!db.token_known("not-a-token").unwrap());
+
+    assert_eq!(
+        app_with_releases(&db, "ops", &["1", "2"]),
+        vec!["ops-1", "ops-2"]
+    );
+    let again = AppRequest {
+        name: "ops".into(),
+        settings: Default::default(),
+    };
+    let err = db.create_app(&again, NOW).unwrap_err();
+    assert!(matches!(err, ServerDbError::Exists(_)), "{err}");
+    let err = db
+        .create_release(
+            "missing",
+            "registry.example/missing:1",
+            "p",
+            &BTreeMap::new(),
+            NOW,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ServerDbError::NotFound(_)), "{err}");
+    let names: Vec<String> = db.apps().unwrap().into_iter().map(|a| a.name).collect();
+    assert_eq!(names, vec!["ops"]);
+    let ids: Vec<String> = db
+        .releases(None)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(ids, vec!["ops-1", "ops-2"]);
+    assert_eq!(db.releases(Some("ops-2")).unwrap().len(), 1);
+    assert_eq!(db.release("ops-2").unwrap().manifests.len(), 2);
+    let err = db.release("ops-3").unwrap_err();
+    assert!(matches!(err, ServerDbError::NotFound(_)), "{err}");
+
+    enroll(&db, "o-1", &["linux/arm64"]);
+    enroll(&db, "o-2", &["linux/riscv64"]);
+    db.set_device_tags(
+        "o-1",
+        &[
+            ("site".to_string(), "east".to_string()),
+            ("rack".to_string(), "4".to_string()),
+        ]
+        .into(),
+        &["fleet".to_string()],
+    )
+    .unwrap();
+    let tags: Vec<(String, String)> = device_row(&db, "o-1").tags.into_iter().collect();
+    assert_eq!(
+        tags,
+        vec![
+            ("rack".to_string(), "4".to_string()),
+            ("site".to_string(), "east".to_string())
+        ]
+    );
+    let err = db
+        .set_device_tags("nobody", &BTreeMap::new(), &[])
+        .unwrap_err();
+    assert!(matches!(err, ServerDbError::NotFound(_)), "{err}");
+
+    // A preview is the planner's first plan, stored nowhere.
+    let every = RolloutRequest {
+        select: BTreeMap::new(),
+        ..spec("ops-2", &["1", "100%"], 0)
+    };
+    let plan = db.preview_rollout(&every, NOW).unwrap();
+    assert_eq!(plan.waves_started, 1);
+    assert_eq!(plan.waves.len(), 1, "one device: the waves are one");
+    let incompatible: Vec<&str> = plan.incompatible.iter().map(|(d, _)| d.as_str()).collect();
+    assert_eq!(incompatible, vec!["o-2"]);
+    assert!(db.rollouts(None).unwrap().is_empty());
+}
+
+#[test]
+fn the_operators_sessions_apps_releases_tags_and_previews() {
+    on_each(operator);
+}
+
 // --- 6. the dashboard's and /metrics' reads agree ---
 
 /// Everything the dashboard and /metrics read, with revoked devices' renamed names (which carry their random
