@@ -1049,6 +1049,17 @@ fn fleet_reads(store: &Store) -> Reads {
     }
     // A platform is what the device says: one that sorts apart by collation, at a count another has too.
     enroll(&db, "p-1", &["Linux/arm64"]);
+    // Enough devices for a second page, which collation would fill differently.
+    for k in 0..40 {
+        enroll(&db, &format!("bulk-{k:02}"), &["linux/arm64"]);
+    }
+    // A tag whose name SQLite's JSON path would read as a path.
+    db.set_device_tags(
+        "bulk-07",
+        &[("rack.row".to_string(), "4".to_string())].into(),
+        &[],
+    )
+    .unwrap();
     // Ordered and silent: updating.
     enroll(&db, "r-z", &["linux/arm64"]);
     let rep = RolloutRequest {
@@ -1158,6 +1169,13 @@ fn fleet_reads(store: &Store) -> Reads {
             },
         ),
         (
+            "dotted tag",
+            Filter {
+                tag: Some(("rack.row".into(), "4".into())),
+                ..Filter::default()
+            },
+        ),
+        (
             "page 2",
             Filter {
                 page: 2,
@@ -1256,10 +1274,13 @@ fn the_dashboards_and_metrics_reads_agree_on_both_engines() {
     };
     // Every filter narrows to something, and not to everything.
     assert_eq!(total("offline"), vec![1]);
-    assert_eq!(total("seen"), vec![19, 19, 20, 1]);
+    assert_eq!(total("seen"), vec![59, 59, 60, 1]);
     assert_eq!(total("q"), vec![5]);
     assert_eq!(total("q literal"), vec![1]);
     assert_eq!(total("tag"), vec![1]);
+    assert_eq!(total("dotted tag"), vec![1]);
+    let page2 = &sqlite.lists.iter().find(|(w, _)| w == "page 2").unwrap().1;
+    assert_eq!(page2.rows.len(), 10, "{page2:?}");
     // The reads see the fleet, not an empty one on which any two engines agree.
     assert!(sqlite.overview.total >= 10, "{:?}", sqlite.overview);
     assert!(
