@@ -1060,8 +1060,17 @@ fn fleet_reads(store: &Store) -> Reads {
         &[],
     )
     .unwrap();
-    // Ordered and silent: updating.
-    enroll(&db, "r-z", &["linux/arm64"]);
+    // Ordered and silent: updating. It runs no release of the app, as many devices as run rep-1.
+    let z = enroll(&db, "r-z", &["linux/arm64"]);
+    let none = EventBody::App(AppStatus {
+        release: None,
+        ..match app_status("rep", "rep-1", "exited") {
+            EventBody::App(s) => s,
+            _ => unreachable!("an app status"),
+        }
+    });
+    db.record(&z.device_id, &[event("z-1", 1, none)], now)
+        .unwrap();
     let rep = RolloutRequest {
         rollback: false,
         ..spec("rep-1", &["100%"], 0)
@@ -1295,6 +1304,14 @@ fn the_dashboards_and_metrics_reads_agree_on_both_engines() {
         sqlite.overview
     );
     assert!(!sqlite.overview.active_rollouts.is_empty());
+    assert_eq!(
+        sqlite.overview.by_release,
+        vec![
+            ("rep".to_string(), None, 1),
+            ("rep".to_string(), Some("rep-1".to_string()), 1),
+            ("web".to_string(), Some("web-2".to_string()), 4)
+        ]
+    );
     assert!(
         sqlite.failures.iter().any(|(_, f)| !f.is_empty()),
         "{:?}",

@@ -100,6 +100,10 @@ impl ServerDb {
             .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.err())?;
+        // Releases as many devices run are in the engine's order, whatever it is: ordered here, "not running any"
+        // first, so both engines show the same.
+        o.by_release
+            .sort_by(|(a, r, n), (b, s, m)| a.cmp(b).then(m.cmp(n)).then_with(|| r.cmp(s)));
         let state = d.json_text("state", &["state"]);
         let sql = format!(
             "SELECT id, app, release, {state} FROM rollouts
