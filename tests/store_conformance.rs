@@ -1007,6 +1007,11 @@ struct Reads {
     rollouts_of: Vec<(String, Vec<(u64, String)>)>,
     failures: Vec<(String, Vec<(String, Report)>)>,
     metrics: flotilla::server::metrics::FleetMetrics,
+    /// The API's views: every rollout, release and app, and every device without its random id.
+    rollouts: Vec<RolloutView>,
+    releases: Vec<flotilla::server::views::ReleaseView>,
+    apps: Vec<flotilla::server::views::AppView>,
+    devices: Vec<flotilla::server::views::DeviceView>,
 }
 
 fn unrenamed(name: &str) -> String {
@@ -1259,6 +1264,19 @@ fn fleet_reads(store: &Store) -> Reads {
         rollouts_of,
         failures,
         metrics: db.fleet_metrics(now).unwrap(),
+        rollouts: db.rollouts(None).unwrap(),
+        apps: db.apps().unwrap(),
+        devices: db
+            .devices()
+            .unwrap()
+            .into_iter()
+            .map(|d| flotilla::server::views::DeviceView {
+                id: String::new(),
+                name: unrenamed(&d.name),
+                ..d
+            })
+            .collect(),
+        releases,
     }
 }
 
@@ -1349,5 +1367,9 @@ fn the_dashboards_and_metrics_reads_agree_on_both_engines() {
             "the rollouts' failures on {engine}"
         );
         assert_eq!(r.metrics, sqlite.metrics, "the metrics on {engine}");
+        assert_eq!(r.rollouts, sqlite.rollouts, "the rollouts on {engine}");
+        assert_eq!(r.releases, sqlite.releases, "the releases on {engine}");
+        assert_eq!(r.apps, sqlite.apps, "the apps on {engine}");
+        assert_eq!(r.devices, sqlite.devices, "the devices on {engine}");
     }
 }
