@@ -354,8 +354,9 @@ impl ServerDb {
                 })
             })
             .collect::<Result<_, ServerDbError>>()?;
-        // Read from the platform index alone; a platform only revoked devices had stays a choice.
-        let platforms = self
+        // Read from the platform index alone; a platform only revoked devices had stays a choice. Sorted here by
+        // bytes: a computed text sorts by the database's collation on PostgreSQL, which may be linguistic.
+        let mut platforms: Vec<String> = self
             .conn
             .rows(
                 &format!("SELECT DISTINCT {platform} AS p FROM devices d ORDER BY p"),
@@ -363,6 +364,7 @@ impl ServerDb {
                 |r| r.get(0),
             )
             .map_err(self.err())?;
+        platforms.sort();
         Ok(DeviceList {
             total,
             rows,

@@ -10,11 +10,11 @@
 //! `Origin`) and carries the session's CSRF token; the Content-Security-Policy allows no inline script or style.
 
 pub mod cause;
-mod device;
-mod devices;
-mod overview;
-mod releases;
-mod rollouts;
+pub mod device;
+pub mod devices;
+pub mod overview;
+pub mod releases;
+pub mod rollouts;
 pub mod session;
 mod tokens;
 

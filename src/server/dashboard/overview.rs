@@ -74,9 +74,13 @@ impl ServerDb {
               GROUP BY p ORDER BY n DESC, p",
             platform_sql(self.conn.dialect())
         );
-        self.conn
+        let mut counts: Vec<(String, u64)> = self
+            .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())
+            .map_err(self.err())?;
+        // Ties by bytes, as SQLite orders them: PostgreSQL orders a computed text by the database's collation.
+        counts.sort_by(|(p, n), (q, m)| m.cmp(n).then_with(|| p.cmp(q)));
+        Ok(counts)
     }
 
     pub fn overview(&self, now: u64) -> Result<Overview, ServerDbError> {
@@ -96,6 +100,10 @@ impl ServerDb {
             .conn
             .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.err())?;
+        // Releases as many devices run are in the engine's order, whatever it is: ordered here, "not running any"
+        // first, so both engines show the same.
+        o.by_release
+            .sort_by(|(a, r, n), (b, s, m)| a.cmp(b).then(m.cmp(n)).then_with(|| r.cmp(s)));
         let state = d.json_text("state", &["state"]);
         let sql = format!(
             "SELECT id, app, release, {state} FROM rollouts

@@ -46,4 +46,18 @@ pub const SCHEMA: &[&str] = &["CREATE TABLE tokens (hash TEXT PRIMARY KEY, expir
                                   metrics TEXT NOT NULL, PRIMARY KEY (device, at));
      CREATE TABLE retries (device TEXT NOT NULL REFERENCES devices(id),
                            release TEXT NOT NULL REFERENCES releases(id), attempt BIGINT NOT NULL,
-                           at BIGINT NOT NULL, PRIMARY KEY (device, release));"];
+                           at BIGINT NOT NULL, PRIMARY KEY (device, release));",
+    // The names and ids the fleet is listed by sort by their bytes, as SQLite's do: a database made with a
+    // linguistic collation (en_US.UTF-8, ICU) would otherwise list `alpha` before `B2`, and page the devices
+    // differently. Keys and the columns that refer to them change together.
+    "ALTER TABLE devices ALTER COLUMN name TYPE TEXT COLLATE \"C\";
+     ALTER TABLE tokens ALTER COLUMN id TYPE TEXT COLLATE \"C\";
+     ALTER TABLE apps ALTER COLUMN name TYPE TEXT COLLATE \"C\";
+     ALTER TABLE releases ALTER COLUMN id TYPE TEXT COLLATE \"C\", ALTER COLUMN app TYPE TEXT COLLATE \"C\";
+     ALTER TABLE rollouts ALTER COLUMN release TYPE TEXT COLLATE \"C\", ALTER COLUMN app TYPE TEXT COLLATE \"C\";
+     ALTER TABLE retries ALTER COLUMN release TYPE TEXT COLLATE \"C\";
+     ALTER TABLE desired ALTER COLUMN app TYPE TEXT COLLATE \"C\", ALTER COLUMN release TYPE TEXT COLLATE \"C\";
+     ALTER TABLE device_apps ALTER COLUMN app TYPE TEXT COLLATE \"C\";
+     ALTER TABLE device_updates ALTER COLUMN app TYPE TEXT COLLATE \"C\",
+                                ALTER COLUMN release TYPE TEXT COLLATE \"C\";",
+];

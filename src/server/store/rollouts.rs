@@ -13,12 +13,12 @@ use crate::server::views::{
 use crate::update::Report;
 
 /// A device's last report on a release of an app.
-pub(crate) struct UpdateRow {
-    pub(crate) device: String,
-    pub(crate) release: String,
-    pub(crate) report: Report,
+pub struct UpdateRow {
+    pub device: String,
+    pub release: String,
+    pub report: Report,
     /// By the server's clock.
-    pub(crate) received: u64,
+    pub received: u64,
 }
 
 impl ServerDb {
@@ -301,7 +301,7 @@ impl ServerDb {
 
     /// Every device's last report on each release of `app`, ordered by the device's outbox sequence, then the
     /// server's clock (agents that send no sequence).
-    pub(crate) fn update_reports(&self, app: &str) -> Result<Vec<UpdateRow>, ServerDbError> {
+    pub fn update_reports(&self, app: &str) -> Result<Vec<UpdateRow>, ServerDbError> {
         let rows = self
             .conn
             .rows(
