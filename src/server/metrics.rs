@@ -182,17 +182,7 @@ impl ServerDb {
         type Row = (u64, String, bool, u64, u64, u64, u64);
         let rows: Vec<Row> = self
             .conn
-            .rows(&sql, &[], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })
+            .rows(&sql, &[], crate::server::store::Row::read)
             .map_err(self.err())?;
         let sql = format!(
             "SELECT r.id,
@@ -210,7 +200,7 @@ impl ServerDb {
         );
         let standing: Vec<(u64, String, u64)> = self
             .conn
-            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .rows(&sql, &[], crate::server::store::Row::read)
             .map_err(self.err())?;
         m.rollouts = rows
             .into_iter()

@@ -99,19 +99,7 @@ impl ServerDb {
             .row(
                 &sql,
                 crate::args![now.saturating_sub(OFFLINE_AFTER_SECS), name],
-                |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                        r.get(7)?,
-                        r.get(8)?,
-                    ))
-                },
+                crate::server::store::Row::read,
             )
             .map_err(self.err())?;
         let Some((id, state, revoked, platform, agent_version, enrolled, last_seen, tags, metrics)) =
@@ -141,7 +129,7 @@ impl ServerDb {
             .rows(
                 "SELECT at, metrics FROM device_samples WHERE device = ?1 AND at >= ?2 ORDER BY at",
                 crate::args![&id, now.saturating_sub(SAMPLES_KEPT_SECS)],
-                |r| Ok((r.get::<u64>(0)?, r.get::<String>(1)?)),
+                crate::server::store::Row::read::<(u64, String)>,
             )
             .map_err(self.err())?
             .into_iter()
@@ -226,7 +214,7 @@ impl ServerDb {
         device: &str,
     ) -> Result<Vec<(String, T)>, ServerDbError> {
         self.conn
-            .rows(sql, crate::args![device], |r| Ok((r.get(0)?, r.get(1)?)))
+            .rows(sql, crate::args![device], crate::server::store::Row::read)
             .map_err(self.err())
     }
 }

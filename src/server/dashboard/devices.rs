@@ -16,7 +16,7 @@ use super::cause::{
     DeviceState, OFFLINE_AFTER_SECS, platform_sql, state_clause, state_sets, state_sql,
 };
 use super::{Nav, Operator, PageError, Shared, ago, badge, encode, html_response, layout};
-use crate::server::store::{ConnExt, ServerDb, ServerDbError, Value};
+use crate::server::store::{ConnExt, Row, ServerDb, ServerDbError, Value};
 use crate::server::views::check_field;
 
 pub const PAGE_SIZE: u64 = 50;
@@ -307,18 +307,7 @@ impl ServerDb {
         type Raw = (String, String, String, String, String, u64, String, u64);
         let raw: Vec<Raw> = self
             .conn
-            .rows(&sql, &args.0, |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                ))
-            })
+            .rows(&sql, &args.0, Row::read)
             .map_err(self.err())?;
         let total = match raw.first() {
             Some(row) => row.7,

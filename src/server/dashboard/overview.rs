@@ -7,7 +7,7 @@ use maud::html;
 
 use super::cause::{DeviceState, OFFLINE_AFTER_SECS, platform_sql, state_clause, state_sets};
 use super::{Nav, Operator, PageError, Shared, badge, encode, html_response, layout};
-use crate::server::store::{ConnExt, ServerDb, ServerDbError};
+use crate::server::store::{ConnExt, Row, ServerDb, ServerDbError};
 
 /// What the overview shows, counted by the database.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,10 +74,8 @@ impl ServerDb {
               GROUP BY p ORDER BY n DESC, p",
             platform_sql(self.conn.dialect())
         );
-        let mut counts: Vec<(String, u64)> = self
-            .conn
-            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(self.err())?;
+        let mut counts: Vec<(String, u64)> =
+            self.conn.rows(&sql, &[], Row::read).map_err(self.err())?;
         // Ties by bytes, as SQLite orders them: PostgreSQL orders a computed text by the database's collation.
         counts.sort_by(|(p, n), (q, m)| m.cmp(n).then_with(|| p.cmp(q)));
         Ok(counts)
@@ -96,10 +94,7 @@ impl ServerDb {
               GROUP BY a.app, r ORDER BY a.app, count(*) DESC",
             d.json_text("a.status", &["release"])
         );
-        o.by_release = self
-            .conn
-            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?;
+        o.by_release = self.conn.rows(&sql, &[], Row::read).map_err(self.err())?;
         // Releases as many devices run are in the engine's order, whatever it is: ordered here, "not running any"
         // first, so both engines show the same.
         o.by_release

@@ -17,7 +17,7 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response, layout,
 };
 use crate::server::driver::serves;
-use crate::server::store::{ConnExt, ServerDb, ServerDbError};
+use crate::server::store::{ConnExt, Row, ServerDb, ServerDbError};
 use crate::server::views::{DEFAULT_DEVICE_TIMEOUT_SECS, ReleaseView, RolloutRequest};
 
 pub fn routes() -> Router<Shared> {
@@ -51,7 +51,7 @@ impl ServerDb {
             self.conn.dialect().json_text("state", &["state"])
         );
         self.conn
-            .rows(&sql, crate::args![id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .rows(&sql, crate::args![id], Row::read)
             .map_err(self.err())
     }
 
@@ -73,10 +73,8 @@ impl ServerDb {
             candidates("d.platform"),
             platform_sql(d)
         );
-        let lists: Vec<(String, String, u64)> = self
-            .conn
-            .rows(&sql, &[], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(self.err())?;
+        let lists: Vec<(String, String, u64)> =
+            self.conn.rows(&sql, &[], Row::read).map_err(self.err())?;
         let mut c = Coverage::default();
         let mut rows: BTreeMap<(String, Option<String>), u64> = BTreeMap::new();
         let mut unserved: Vec<String> = Vec::new();

@@ -16,7 +16,7 @@ use super::{
     Nav, Operator, PageError, Posted, Shared, ago, badge, csrf_field, encode, html_response,
     layout, width_class,
 };
-use crate::server::store::{ConnExt, ServerDb, ServerDbError};
+use crate::server::store::{ConnExt, Row, ServerDb, ServerDbError};
 use crate::server::views::{Control, RolloutView, StateView};
 use crate::update::Report;
 
@@ -59,7 +59,7 @@ impl ServerDb {
         );
         let rows: Vec<(String, String)> = self
             .conn
-            .rows(&sql, crate::args![release], |r| Ok((r.get(0)?, r.get(1)?)))
+            .rows(&sql, crate::args![release], Row::read)
             .map_err(self.err())?;
         rows.into_iter()
             .filter(|(name, _)| members.contains(name))

@@ -1,5 +1,6 @@
 //! Apps and their releases, each pinned to the digests of its image's index when it was made.
 
+use super::Row;
 use std::collections::BTreeMap;
 
 use super::ConnExt;
@@ -33,7 +34,7 @@ impl ServerDb {
             .rows(
                 "SELECT name, settings, created FROM apps ORDER BY name",
                 crate::args![],
-                |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?, r.get::<u64>(2)?)),
+                Row::read::<(String, String, u64)>,
             )
             .map_err(self.err())?;
         rows.into_iter()
@@ -98,16 +99,7 @@ impl ServerDb {
                 "SELECT id, app, image, pinned, manifests, created FROM releases
                  WHERE CAST(?1 AS TEXT) IS NULL OR id = ?1 ORDER BY created, id",
                 crate::args![only],
-                |r| {
-                    Ok((
-                        r.get::<String>(0)?,
-                        r.get::<String>(1)?,
-                        r.get::<String>(2)?,
-                        r.get::<String>(3)?,
-                        r.get::<String>(4)?,
-                        r.get::<u64>(5)?,
-                    ))
-                },
+                Row::read::<(String, String, String, String, String, u64)>,
             )
             .map_err(self.err())?;
         rows.into_iter()

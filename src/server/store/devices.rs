@@ -3,6 +3,7 @@
 //!
 //! Events are keyed by (device, event id), so a batch an agent sends again after a lost answer is taken once.
 
+use super::Row;
 use std::collections::BTreeMap;
 
 use super::ConnExt;
@@ -19,19 +20,7 @@ impl ServerDb {
                 "SELECT id, name, tags, platform, agent_version, enrolled, last_seen, revoked, metrics
                  FROM devices ORDER BY name",
                 crate::args![],
-                |r| {
-                    Ok((
-                        r.get::<String>(0)?,
-                        r.get::<String>(1)?,
-                        r.get::<String>(2)?,
-                        r.get::<String>(3)?,
-                        r.get::<String>(4)?,
-                        r.get::<u64>(5)?,
-                        r.get::<u64>(6)?,
-                        r.get::<bool>(7)?,
-                        r.get::<Option<String>>(8)?,
-                    ))
-                },
+                Row::read::<(String, String, String, String, String, u64, u64, bool, Option<String>)>,
             )
             .map_err(self.err())?;
         let mut apps: BTreeMap<String, BTreeMap<String, DeviceApp>> = BTreeMap::new();
@@ -125,7 +114,7 @@ impl ServerDb {
             .row(
                 "SELECT id, tags FROM devices WHERE name = ?1 AND revoked = 0",
                 crate::args![name],
-                |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+                Row::read::<(String, String)>,
             )
             .map_err(self.err())?;
         let Some((id, tags)) = row else {
@@ -287,16 +276,7 @@ impl ServerDb {
                  LEFT JOIN retries t ON t.device = d.device AND t.release = d.release
                  WHERE d.device = ?1 ORDER BY d.app",
                 crate::args![device_id],
-                |r| {
-                    Ok((
-                        r.get::<String>(0)?,
-                        r.get::<String>(1)?,
-                        r.get::<String>(2)?,
-                        r.get::<String>(3)?,
-                        r.get::<String>(4)?,
-                        r.get::<u32>(5)?,
-                    ))
-                },
+                Row::read::<(String, String, String, String, String, u32)>,
             )
             .map_err(self.err())?;
         let apps = rows

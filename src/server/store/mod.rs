@@ -338,6 +338,11 @@ impl Row {
         T::from_value(self.0.get(index).unwrap_or(&Value::Null), index).map_err(StoreError::from)
     }
 
+    /// The row's first columns as a tuple, in order: `conn.rows(sql, args, Row::read::<(String, u64)>)`.
+    pub fn read<T: FromRow>(&self) -> Result<T, StoreError> {
+        T::from_row(self)
+    }
+
     pub fn len(&self) -> usize {
         self.0.len()
     }
@@ -358,6 +363,32 @@ impl fmt::Display for Value {
         }
     }
 }
+
+/// A tuple of columns a row can be read as ([`Row::read`]).
+pub trait FromRow: Sized {
+    fn from_row(row: &Row) -> Result<Self, StoreError>;
+}
+
+macro_rules! from_row {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: FromValue),+> FromRow for ($($t,)+) {
+            fn from_row(row: &Row) -> Result<Self, StoreError> {
+                Ok(($(row.get::<$t>($i)?,)+))
+            }
+        }
+    };
+}
+from_row!(A 0, B 1);
+from_row!(A 0, B 1, C 2);
+from_row!(A 0, B 1, C 2, D 3);
+from_row!(A 0, B 1, C 2, D 3, E 4);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+from_row!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
 
 /// A type a column can be read as.
 pub trait FromValue: Sized {
@@ -595,14 +626,7 @@ mod tests {
             d.json_members("t.doc", &["devices"], "e"),
         );
         let rows = c
-            .rows(&sql, &[], |r| {
-                Ok((
-                    r.get::<i64>(0)?,
-                    r.get::<i64>(1)?,
-                    r.get::<Option<i64>>(2)?,
-                    r.get::<String>(3)?,
-                ))
-            })
+            .rows(&sql, &[], Row::read::<(i64, i64, Option<i64>, String)>)
             .unwrap();
         assert_eq!(
             rows,

@@ -179,6 +179,7 @@ impl ServerDb {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Row;
     use super::super::db::fixtures::{open, request, token};
     use super::*;
 
@@ -245,7 +246,7 @@ mod tests {
             .row(
                 "SELECT last_seen, (SELECT count(*) FROM device_samples) FROM devices WHERE id = ?1",
                 crate::args![&a.device_id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                Row::read,
             )
             .unwrap()
             .unwrap();

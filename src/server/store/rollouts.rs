@@ -1,6 +1,7 @@
 //! Rollouts: what the operator starts and controls, and what the driver ([`crate::server::driver`]) reads of the
 //! fleet to plan them and writes of its plans.
 
+use super::Row;
 use std::collections::BTreeMap;
 
 use super::ConnExt;
@@ -308,14 +309,7 @@ impl ServerDb {
                 "SELECT device, release, report, received FROM device_updates WHERE app = ?1
                  ORDER BY seq, received",
                 crate::args![app],
-                |r| {
-                    Ok((
-                        r.get::<String>(0)?,
-                        r.get::<String>(1)?,
-                        r.get::<String>(2)?,
-                        r.get::<u64>(3)?,
-                    ))
-                },
+                Row::read::<(String, String, String, u64)>,
             )
             .map_err(self.err())?;
         rows.into_iter()
@@ -337,7 +331,7 @@ impl ServerDb {
             .rows(
                 "SELECT device, at FROM retries WHERE release = ?1",
                 crate::args![release],
-                |r| Ok((r.get::<String>(0)?, r.get::<u64>(1)?)),
+                Row::read::<(String, u64)>,
             )
             .map_err(self.err())?
             .into_iter()
@@ -396,7 +390,7 @@ impl ServerDb {
             .rows(
                 "SELECT device, release FROM desired WHERE app = ?1",
                 crate::args![&r.app],
-                |r| Ok((r.get::<String>(0)?, r.get::<Option<String>>(1)?)),
+                Row::read::<(String, Option<String>)>,
             )
             .map_err(self.err())?
             .into_iter()

@@ -3,6 +3,7 @@
 //! Secrets are 256 random bits, shown once; only their SHA-256 is stored. A slow password hash would add nothing for
 //! secrets that were never chosen by a person, and a lookup by hash keeps authentication one indexed query.
 
+use super::Row;
 use std::collections::BTreeMap;
 
 use base64::Engine;
@@ -149,15 +150,7 @@ impl ServerDb {
                 .row(
                     "SELECT id, name, token_hash, revoked, confirmed FROM devices WHERE enrollment_hash = ?1",
                     crate::args![hash_secret(eid)],
-                    |r| {
-                        Ok((
-                            r.get::<String>(0)?,
-                            r.get::<String>(1)?,
-                            r.get::<Option<String>>(2)?,
-                            r.get::<bool>(3)?,
-                            r.get::<bool>(4)?,
-                        ))
-                    },
+                    Row::read::<(String, String, Option<String>, bool, bool)>,
                 )
                 .map_err(self.err())?;
             if let Some((id, name, token_hash, revoked, confirmed)) = prior {
@@ -184,16 +177,7 @@ impl ServerDb {
             .row(
                 "SELECT id, expires, uses_left, revoked, tags, device_tags FROM tokens WHERE hash = ?1",
                 crate::args![&hash],
-                |r| {
-                    Ok((
-                        r.get::<String>(0)?,
-                        r.get::<Option<u64>>(1)?,
-                        r.get::<Option<i64>>(2)?,
-                        r.get::<bool>(3)?,
-                        r.get::<String>(4)?,
-                        r.get::<bool>(5)?,
-                    ))
-                },
+                Row::read::<(String, Option<u64>, Option<i64>, bool, String, bool)>,
             )
             .map_err(self.err())?;
         let Some((token_id, expires, uses, revoked, token_tags, device_tags)) = row else {
@@ -287,7 +271,7 @@ impl ServerDb {
             .row(
                 "SELECT id, confirmed FROM devices WHERE credential_hash = ?1 AND revoked = 0",
                 crate::args![hash_secret(credential)],
-                |r| Ok((r.get::<String>(0)?, r.get::<bool>(1)?)),
+                Row::read::<(String, bool)>,
             )
             .map_err(self.err())?;
         let Some((id, confirmed)) = row else {
