@@ -598,3 +598,38 @@ fn both_replicas_restarted_at_once_migrate_once() {
         assert_eq!(d.status, 200, "the device's credential on {}", r.name);
     }
 }
+
+#[test]
+fn a_long_poll_through_the_packaged_haproxy_is_held_its_whole_minute() {
+    let Some(_) = required_tool("haproxy") else {
+        return;
+    };
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let a = Replica::start(root, "a", &cluster.url(), "127.0.0.1:9", "1s");
+    let proxy = Haproxy::start(root, &[&a]);
+    wait_for(
+        "HAProxy's health check to pass",
+        Duration::from_secs(10),
+        || http(proxy.port, "GET", "/signin", "", &[], None).is_ok_and(|a| a.status == 200),
+    );
+    let token = a.ok(&["token", "create", "--uses", "1", "--expires", "1h"]);
+    let credential = enroll(proxy.port, &token, "sim-1");
+    let first = desired(proxy.port, &credential, None, 0).expect("desired state");
+    assert_eq!(first.status, 200);
+    let etag = first.headers.get("etag").expect("an ETag").clone();
+
+    // The API's longest hold: a proxy timeout below it would answer 504 before the replica's 304.
+    let started = Instant::now();
+    let held = desired(proxy.port, &credential, Some(&etag), 60).expect("the long poll");
+    let took = started.elapsed();
+    println!(
+        "a 60 s long poll through HAProxy answered {} after {took:?}",
+        held.status
+    );
+    assert_eq!(held.status, 304, "{}", String::from_utf8_lossy(&held.body));
+    assert!(took >= Duration::from_secs(59), "held only {took:?}");
+}
