@@ -120,12 +120,7 @@ impl Server {
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
-            .args(["--server", &self.url(), "--token-file"])
-            .arg(self.dir.join("admin-token"))
-            .args(args)
-            .output()
-            .expect("run flotilla-server")
+        operator(&self.url(), &self.dir.join("admin-token"), args)
     }
 
     pub fn ok(&self, args: &[&str]) -> String {
@@ -195,6 +190,146 @@ impl Drop for Server {
         self.stop();
         if std::thread::panicking() {
             eprintln!("--- server log ---\n{}", self.log());
+        }
+    }
+}
+
+/// An operator command (`flotilla-server --server URL --token-file PATH ARGS`) as it ran.
+pub fn operator(url: &str, token_file: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
+        .args(["--server", url, "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .output()
+        .expect("run flotilla-server")
+}
+
+/// One of several flotilla-server replicas on one PostgreSQL: its own port and log (`NAME.log` in its directory),
+/// and the fleet's admin token file, which it shares with the others (the first to start writes it).
+pub struct Replica {
+    pub name: String,
+    pub port: u16,
+    dir: PathBuf,
+    db: String,
+    token_file: PathBuf,
+    registry: String,
+    tick: String,
+    child: Option<Child>,
+}
+
+impl Replica {
+    /// A replica not yet started, whose driver ticks every `tick` (`1h`: it acts only when a request asks).
+    pub fn new(dir: &Path, name: &str, db: &str, registry: &str, tick: &str) -> Replica {
+        Replica {
+            name: name.to_string(),
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            db: db.to_string(),
+            token_file: dir.join("admin-token"),
+            registry: registry.to_string(),
+            tick: tick.to_string(),
+            child: None,
+        }
+    }
+
+    /// [`Replica::new`], started and listening.
+    pub fn start(dir: &Path, name: &str, db: &str, registry: &str, tick: &str) -> Replica {
+        let mut r = Replica::new(dir, name, db, registry, tick);
+        r.spawn();
+        r.wait_listening();
+        r
+    }
+
+    /// Starts the process and returns at once, so that several replicas can start at the same instant.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("replica log");
+        let child = Command::new(env!("CARGO_BIN_EXE_flotilla-server"))
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .args(["--db", &self.db, "--tick", &self.tick])
+            .args(["--insecure-registry", &self.registry])
+            .env("FLOTILLA_LOG", "info")
+            .env_remove("JOURNAL_STREAM")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start flotilla-server");
+        self.child = Some(child);
+    }
+
+    /// Waits until the replica accepts connections; panics with its log if it exited instead.
+    pub fn wait_listening(&mut self) {
+        let (port, log) = (self.port, self.log_path());
+        let child = self.child.as_mut().expect("the replica was spawned");
+        wait_for(
+            &format!("replica {} to listen", self.name),
+            Duration::from_secs(20),
+            || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "the replica exited ({status}) before it listened:\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            },
+        );
+    }
+
+    /// SIGKILL: the replica dies wherever it is, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = operator(&self.url(), &self.token_file, args);
+        assert!(
+            out.status.success(),
+            "flotilla-server {args:?} on replica {}: {}",
+            self.name,
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("JSON from --json")
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- replica {} log ---\n{}", self.name, self.log());
         }
     }
 }
