@@ -529,7 +529,8 @@ fn a_replica_killed_mid_wave_leaves_the_rollout_to_the_other() {
         counts.values().all(|n| *n == 1),
         "an order written twice: {counts:?}"
     );
-    assert!(by_a >= 1, "A ordered no wave before it died: {counts:?}");
+    // Which replica ordered wave 1 is not fixed: A writes it as it creates the rollout unless B's tick holds the
+    // rollout's lock at that instant, and then B does. Either way A died after wave 1 was ordered, and B went on.
     let log = std::fs::read_to_string(&proxy.log).unwrap_or_default();
     assert!(
         log.contains(" replicas/a ") && log.contains(" replicas/b "),
