@@ -693,3 +693,39 @@ fn a_rollout_whose_lock_another_replica_holds_is_left_to_it() {
     assert_eq!(ordered(), vec![release.id.clone()]);
     assert_eq!(db.rollout(1).unwrap().waves_started, 1);
 }
+
+/// Replicas starting together on an empty database make one admin token between them, not one each (operators
+/// would hold whichever file was written last, and an unknown token would stay valid).
+#[test]
+fn replicas_starting_together_make_one_admin_token() {
+    use flotilla::server::store::ServerDb;
+    let Some((_cluster, _rt, pool)) = setup() else {
+        return;
+    };
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let made: Vec<bool> = (0..4)
+        .map(|_| {
+            let pool = pool.clone();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let db = ServerDb::on(
+                    Box::new(pool.conn().unwrap()),
+                    "the test cluster".into(),
+                    Default::default(),
+                );
+                start.wait();
+                db.ensure_admin_token(1).unwrap().is_some()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(made.iter().filter(|m| **m).count(), 1, "{made:?}");
+    let c = pool.conn().unwrap();
+    assert_eq!(
+        c.one::<i64>("SELECT count(*) FROM admin_tokens", &[])
+            .unwrap(),
+        1
+    );
+}

@@ -298,6 +298,15 @@ impl Dialect {
             )),
         }
     }
+
+    /// A statement that makes this transaction the only writer of `table` until it ends, for a check-then-insert
+    /// that replicas may race (the first admin token). `None` on SQLite, whose one writer is the server's own.
+    pub fn lock_for_writing(self, table: &str) -> Option<String> {
+        match self {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some(format!("LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE")),
+        }
+    }
 }
 
 /// The class of the PostgreSQL advisory locks the rollout driver takes, one per rollout id: "roll" in ASCII. Locks

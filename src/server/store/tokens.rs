@@ -297,20 +297,24 @@ impl ServerDb {
 
     /// Makes the first admin token when there is none; `None` when one exists.
     pub fn ensure_admin_token(&self, now: u64) -> Result<Option<String>, ServerDbError> {
-        let any: bool = self
-            .conn
+        // Replicas starting together on an empty database would each see no token and each make one.
+        let tx = self.conn.begin().map_err(self.err())?;
+        if let Some(lock) = tx.dialect().lock_for_writing("admin_tokens") {
+            tx.batch(&lock).map_err(self.err())?;
+        }
+        let any: bool = tx
             .one("SELECT EXISTS (SELECT 1 FROM admin_tokens)", crate::args![])
             .map_err(self.err())?;
         if any {
             return Ok(None);
         }
         let token = new_secret();
-        self.conn
-            .execute(
-                "INSERT INTO admin_tokens (hash, created) VALUES (?1, ?2)",
-                crate::args![hash_secret(&token), now],
-            )
-            .map_err(self.err())?;
+        tx.execute(
+            "INSERT INTO admin_tokens (hash, created) VALUES (?1, ?2)",
+            crate::args![hash_secret(&token), now],
+        )
+        .map_err(self.err())?;
+        tx.commit().map_err(self.err())?;
         Ok(Some(token))
     }
 
