@@ -634,3 +634,57 @@ fn a_long_poll_through_the_packaged_haproxy_is_held_its_whole_minute() {
     assert_eq!(held.status, 304, "{}", String::from_utf8_lossy(&held.body));
     assert!(took >= Duration::from_secs(59), "held only {took:?}");
 }
+
+/// PostgreSQL lost under a running replica: the devices' requests get 503 with `Retry-After` (which the agent
+/// honours, keeping its outbox) rather than a 500 or a hang, and once the database is back the replica serves
+/// again by itself, with no restart.
+#[test]
+fn a_replica_without_its_database_answers_503_and_recovers_by_itself() {
+    let Some(mut cluster) = Cluster::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let a = Replica::start(root, "a", &cluster.url(), "127.0.0.1:9", "1s");
+    let token = a.ok(&["token", "create", "--uses", "1", "--expires", "1h"]);
+    let credential = enroll(a.port, &token, "sim-1");
+    assert_eq!(desired(a.port, &credential, None, 0).unwrap().status, 200);
+
+    cluster.kill();
+    let mut answer = None;
+    wait_for(
+        "a 503 while the database is away",
+        Duration::from_secs(30),
+        || {
+            let a = desired(a.port, &credential, None, 0).expect("an answer");
+            let away = a.status == 503;
+            answer = Some(a);
+            away
+        },
+    );
+    let answer = answer.expect("an answer");
+    assert_eq!(
+        answer.headers.get("retry-after").map(String::as_str),
+        Some("5"),
+        "{:?}",
+        answer.headers
+    );
+    let message = String::from_utf8_lossy(&answer.body).into_owned();
+    assert!(message.contains("unreachable"), "{message}");
+    assert!(
+        !message.contains(common::postgres::PASSWORD) && !message.contains("127.0.0.1"),
+        "the answer names the database: {message}"
+    );
+
+    cluster.resume();
+    wait_for(
+        "the replica to serve again without a restart",
+        Duration::from_secs(60),
+        || desired(a.port, &credential, None, 0).is_ok_and(|d| d.status == 200),
+    );
+    assert!(
+        !a.log().contains("panicked"),
+        "the replica's log:\n{}",
+        a.log()
+    );
+}
