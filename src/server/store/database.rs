@@ -5,15 +5,16 @@
 //!
 //! Both are sync, for the blocking threads the server runs storage work on (`Server::with_db`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::dburl::{DbUrl, PgUrl};
 use super::news::{News, Seen};
 use super::postgres::PgPool;
 use super::{ServerDb, ServerDbError};
 
-/// SQLite readers kept open between reads; more are opened when more reads run at once, and closed after.
-const IDLE_READERS: usize = 8;
+/// SQLite readers open at most: more reads at once wait for one (10,000 long polls woken together would otherwise
+/// open a connection, and its page cache, per blocking thread).
+const READERS: usize = 8;
 
 pub struct Database {
     engine: Engine,
@@ -23,7 +24,7 @@ pub struct Database {
 enum Engine {
     Sqlite {
         writer: Mutex<ServerDb>,
-        readers: Mutex<Vec<ServerDb>>,
+        readers: Readers,
         /// The news writer's own connection, so a flush does not hold the writer's lock while it writes.
         flusher: Mutex<Option<ServerDb>>,
     },
@@ -37,7 +38,7 @@ impl From<ServerDb> for Database {
         Database {
             engine: Engine::Sqlite {
                 writer: Mutex::new(db),
-                readers: Mutex::default(),
+                readers: Readers::default(),
                 flusher: Mutex::default(),
             },
             news,
@@ -90,23 +91,26 @@ impl Database {
             Engine::Sqlite {
                 writer, readers, ..
             } => {
-                let idle = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let reader = match idle {
+                let reader = match readers.take() {
                     Some(r) => r,
                     None => {
-                        let sibling = writer.lock().unwrap_or_else(|e| e.into_inner()).sibling()?;
+                        let sibling = writer.lock().unwrap_or_else(|e| e.into_inner()).sibling();
                         match sibling {
-                            Some(r) => r,
-                            // An in-memory or borrowed connection has no file to open again: read on the writer.
-                            None => return self.write(f),
+                            Ok(Some(r)) => r,
+                            Ok(None) => {
+                                readers.give_back(None);
+                                // An in-memory or borrowed connection has no file to open again: read on the writer.
+                                return self.write(f);
+                            }
+                            Err(e) => {
+                                readers.give_back(None);
+                                return Err(e);
+                            }
                         }
                     }
                 };
                 let out = f(&reader);
-                let mut idle = readers.lock().unwrap_or_else(|e| e.into_inner());
-                if idle.len() < IDLE_READERS {
-                    idle.push(reader);
-                }
+                readers.give_back(Some(reader));
                 out
             }
             Engine::Postgres(pool, _) => f(&self.pooled(pool)?),
@@ -164,5 +168,83 @@ impl Database {
             pool.url().to_string(),
             self.news.clone(),
         ))
+    }
+}
+
+/// SQLite's readers: the idle ones, and how many are open in all.
+#[derive(Default)]
+struct Readers {
+    state: Mutex<(Vec<ServerDb>, usize)>,
+    freed: Condvar,
+}
+
+impl Readers {
+    /// An idle reader, or `None` when the caller may open one (counted as open from now); waits while [`READERS`]
+    /// are busy.
+    fn take(&self) -> Option<ServerDb> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = state.0.pop() {
+                return Some(r);
+            }
+            if state.1 < READERS {
+                state.1 += 1;
+                return None;
+            }
+            state = self.freed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Returns a reader after use, or the place of one that could not be opened.
+    fn give_back(&self, reader: Option<ServerDb>) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match reader {
+            Some(r) => state.0.push(r),
+            None => state.1 -= 1,
+        }
+        self.freed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn reads_at_once_share_at_most_the_readers_there_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::from(
+            ServerDb::open(&dir.path().join("fleet.db")).unwrap(),
+        ));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..32)
+            .map(|_| {
+                let (db, busy, most) = (db.clone(), busy.clone(), most.clone());
+                std::thread::spawn(move || {
+                    db.read(|r| {
+                        let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        busy.fetch_sub(1, Ordering::SeqCst);
+                        r.write_stats();
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        let most = most.load(Ordering::SeqCst);
+        assert!(most > 1, "reads ran one at a time");
+        assert!(most <= READERS, "{most} readers at once");
+        let Engine::Sqlite { readers, .. } = &db.engine else {
+            unreachable!("a SQLite database")
+        };
+        let state = readers.state.lock().unwrap();
+        assert_eq!(state.0.len(), state.1, "every reader opened is idle again");
     }
 }
