@@ -108,7 +108,9 @@ LOAD=$TARGET/release/examples/fleet-load
 CONNS=$((DEVICES * (1 + ${LONG_POLL:-0})))
 NOFILE=${NOFILE:-400000}
 if [ "$ROOT_USER" = 1 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$NOFILE" ]; then
-    ulimit -Hn "$NOFILE"
+    # A container without CAP_SYS_RESOURCE cannot: the limit stays, and the fleet must fit it.
+    ulimit -Hn "$NOFILE" 2>/dev/null ||
+        echo "   cannot raise the descriptor limit to $NOFILE (no CAP_SYS_RESOURCE?): it stays $(ulimit -Hn) a process"
 fi
 ulimit -n "$(ulimit -Hn)"
 # The generator's connections come from the ephemeral port range, whose default 28,000 ports are too few.
@@ -228,13 +230,16 @@ for k in $(seq 0 $((REPLICAS - 1))); do
     LOAD_ARGS+=(--server "http://127.0.0.1:$PORT" --server-pid "${SERVER_PIDS[$k]}")
 done
 ctl() { timeout 60 "$SERVER" --server "${URLS[0]}" --token-file "$WORK/admin-token" "$@"; }
-ctl token create --uses "$DEVICES" >"$WORK/enroll-token"
+TOKEN_ARGS=()
+# The rollout selects the devices by a tag, which their token gives them.
+[ "${WAKE:-0}" = 1 ] && TOKEN_ARGS+=(--tag site=load)
+ctl token create --uses "$DEVICES" "${TOKEN_ARGS[@]}" >"$WORK/enroll-token"
 if [ "${WAKE:-0}" = 1 ]; then
     ctl app create wake >/dev/null
     ctl release create wake "$REGISTRY/wake:v1" >/dev/null
     LOAD_ARGS+=(--order-release wake-1 --order "timeout 60 $(printf '%q ' "$SERVER" --server "${URLS[0]}" \
         --token-file "$WORK/admin-token" rollout start wake-1 --select site=load --waves 100 \
-        --max-failures "$DEVICES") >/dev/null")
+        --max-failures "$DEVICES") >$(printf '%q' "$WORK/rollout")")
 fi
 db_files() { du -cb "$WORK"/server.db* 2>/dev/null | tail -1 | cut -f1; }
 [ "$DB" = postgres ] || echo "   database files before enrollment: $(db_files) bytes"
@@ -242,6 +247,10 @@ db_files() { du -cb "$WORK"/server.db* 2>/dev/null | tail -1 | cut -f1; }
 echo "== generator: $DEVICES devices, $RUN_SECONDS s, a heartbeat every $HEARTBEAT s"
 "$LOAD" --token-file "$WORK/enroll-token" --devices "$DEVICES" --seconds "$RUN_SECONDS" "${LOAD_ARGS[@]}"
 
+if [ "${WAKE:-0}" = 1 ] && [ -s "$WORK/rollout" ]; then
+    echo "== the rollout at the end"
+    ctl rollout status "$(cat "$WORK/rollout")" | head -3
+fi
 # A graceful stop: with SQLite the last connection to close checkpoints the WAL into the database file.
 stop_servers
 [ "$DB" = postgres ] || echo "== database files after the server stopped (WAL checkpointed): $(db_files) bytes"

@@ -15,6 +15,11 @@
 //! database size (logical: `page_count * page_size`, WAL included) after enrollment, after the first heartbeat
 //! round and at the end; with `--server-pid`, the server's CPU time and memory over the run.
 //!
+//! `--server` may be repeated (replicas sharing one PostgreSQL database): device `i` enrolls, reports and polls at
+//! the `i % N`th only, as behind a load balancer with keep-alive. `--pg-pid` and `--pg-stats` add PostgreSQL's CPU
+//! and its commits and row writes per heartbeat. `--order` (the wake-up) runs a command that orders a release to
+//! every device once all hold their long poll, and prints how long after it 50/90/99/100 % of them had it.
+//!
 //! bench/fleet-load.sh builds and starts everything; alone:
 //!
 //!     cargo run --release --example fleet-load -- --server http://127.0.0.1:8470 --token-file T --devices 1000
@@ -512,7 +517,7 @@ async fn run(args: Args) -> Result<(), String> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(u64::MAX);
-    let needed = (n * conns_per_device.max(1) + 256) as u64;
+    let needed = (n * conns_per_device + 256) as u64;
     if needed > limit {
         return Err(format!(
             "{n} devices with {conns_per_device} connection(s) each need about {needed} descriptors, above this \
