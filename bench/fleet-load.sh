@@ -249,7 +249,8 @@ echo "== generator: $DEVICES devices, $RUN_SECONDS s, a heartbeat every $HEARTBE
 
 if [ "${WAKE:-0}" = 1 ] && [ -s "$WORK/rollout" ]; then
     echo "== the rollout at the end"
-    ctl rollout status "$(cat "$WORK/rollout")" | head -3
+    ctl rollout status "$(cat "$WORK/rollout")" >"$WORK/rollout-status" || true
+    head -3 "$WORK/rollout-status"
 fi
 # A graceful stop: with SQLite the last connection to close checkpoints the WAL into the database file.
 stop_servers
