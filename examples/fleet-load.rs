@@ -15,19 +15,26 @@
 //! database size (logical: `page_count * page_size`, WAL included) after enrollment, after the first heartbeat
 //! round and at the end; with `--server-pid`, the server's CPU time and memory over the run.
 //!
+//! `--server` may be repeated (replicas sharing one PostgreSQL database): device `i` enrolls, reports and polls at
+//! the `i % N`th only, as behind a load balancer with keep-alive. `--pg-pid` and `--pg-stats` add PostgreSQL's CPU
+//! and its commits and row writes per heartbeat. `--order` (the wake-up) runs a command that orders a release to
+//! every device once all hold their long poll, and prints how long after it 50/90/99/100 % of them had it.
+//!
 //! bench/fleet-load.sh builds and starts everything; alone:
 //!
 //!     cargo run --release --example fleet-load -- --server http://127.0.0.1:8470 --token-file T --devices 1000
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use flotilla::fleet::{
-    Accepted, EnrollRequest, Enrolled, Event, EventBody, Metrics, PlatformReport, ReportBatch,
+    Accepted, Desired, EnrollRequest, Enrolled, Event, EventBody, Metrics, PlatformReport,
+    ReportBatch,
 };
 use reqwest::{StatusCode, header};
 use tokio::time::Instant;
@@ -35,9 +42,10 @@ use tokio::time::Instant;
 #[derive(Parser)]
 #[command(about = "Simulated devices speaking the fleet protocol to a flotilla-server")]
 struct Args {
-    /// The server's base URL
-    #[arg(long)]
-    server: String,
+    /// The server's base URL; repeated for replicas, device `i` talks to the `i % N`th only (as behind a load
+    /// balancer with keep-alive)
+    #[arg(long, required = true)]
+    server: Vec<String>,
     /// A file holding an enrollment token good for --devices enrollments
     #[arg(long)]
     token_file: PathBuf,
@@ -66,9 +74,28 @@ struct Args {
     /// The server's SQLite database, to read its size (read-only)
     #[arg(long)]
     db: Option<PathBuf>,
-    /// The server's process id, to read its CPU time and memory
+    /// The server's process id, to read its CPU time and memory; repeated, in --server's order
     #[arg(long)]
-    server_pid: Option<u32>,
+    server_pid: Vec<u32>,
+    /// Bind device `i`'s connections to 127.0.0.(2 + i % N): one source address has only ~64,000 ports, too few
+    /// for 100,000 devices with two connections each
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=250))]
+    local_addresses: u8,
+    /// PostgreSQL's postmaster: its CPU and its backends' (live ones, and reaped ones through its children's
+    /// times) over the run
+    #[arg(long)]
+    pg_pid: Option<u32>,
+    /// A shell command printing the database's `xact_commit tup_inserted tup_updated tup_deleted` (from
+    /// pg_stat_database), run before and after the run: the writes per heartbeat
+    #[arg(long)]
+    pg_stats: Option<String>,
+    /// Wake-up: once every device holds its long poll, run this shell command (it orders a release to every
+    /// device, through the admin API) and time until each device's poll brings the release --order-release
+    #[arg(long, requires_all = ["order_release", "long_poll"])]
+    order: Option<String>,
+    /// The release --order gives, as the desired state names it
+    #[arg(long, requires = "order")]
+    order_release: Option<String>,
     /// Worker threads of this generator's runtime
     #[arg(long, default_value_t = 2)]
     workers: usize,
@@ -82,6 +109,8 @@ enum Kind {
     Desired,
     /// A poll the server held for its wait and answered 304.
     LongPoll,
+    /// A held poll answered with a new desired state (the wake-up's order).
+    Changed,
 }
 
 impl Kind {
@@ -91,6 +120,7 @@ impl Kind {
             Kind::Heartbeat => "heartbeat",
             Kind::Desired => "desired (immediate)",
             Kind::LongPoll => "long poll (held)",
+            Kind::Changed => "long poll (changed)",
         }
     }
 }
@@ -132,9 +162,14 @@ fn unix_now() -> u64 {
 
 /// One client per device: its own keep-alive connection, plain HTTP on loopback, rustls set up as the agent's
 /// (no roots: nothing here speaks TLS).
-fn client(tls: &rustls::ClientConfig, timeout: Duration) -> Result<reqwest::Client, String> {
+fn client(
+    tls: &rustls::ClientConfig,
+    timeout: Duration,
+    local: Option<IpAddr>,
+) -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .use_preconfigured_tls(tls.clone())
+        .local_address(local)
         .connect_timeout(Duration::from_secs(10))
         .timeout(timeout)
         .user_agent("flotilla/fleet-load")
@@ -239,14 +274,16 @@ async fn report(
     Ok(())
 }
 
-/// One poll: `Ok(Some(etag))` for a 200, `Ok(None)` for a 304.
+/// One poll: `Ok(Some((etag, has)))` for a 200, `has` telling whether the desired state names the release `want`;
+/// `Ok(None)` for a 304.
 async fn poll(
     http: &reqwest::Client,
     server: &str,
     credential: &str,
     etag: Option<&str>,
     wait: u64,
-) -> Result<Option<String>, String> {
+    want: Option<&str>,
+) -> Result<Option<(String, bool)>, String> {
     let mut req = http
         .get(format!("{server}/v1/device/desired?wait={wait}"))
         .bearer_auth(credential);
@@ -263,9 +300,18 @@ async fn poll(
     let body = resp.bytes().await.map_err(|e| error_text(&e))?;
     match status {
         StatusCode::NOT_MODIFIED => Ok(None),
-        StatusCode::OK => tag
-            .map(Some)
-            .ok_or_else(|| "a 200 without an ETag".to_string()),
+        StatusCode::OK => {
+            let tag = tag.ok_or_else(|| "a 200 without an ETag".to_string())?;
+            let has = match want {
+                Some(release) => serde_json::from_slice::<Desired>(&body)
+                    .map_err(|e| format!("a garbled desired state: {e}"))?
+                    .apps
+                    .iter()
+                    .any(|a| a.release == release),
+                None => false,
+            };
+            Ok(Some((tag, has)))
+        }
         _ => Err(format!("{status}: {}", String::from_utf8_lossy(&body))),
     }
 }
@@ -297,14 +343,64 @@ fn db_size(path: &Path) -> Result<(u64, u64), String> {
     Ok((logical, on_disk))
 }
 
+/// The fields of /proc/PID/stat after the command name (which may hold spaces, closed by the last ')'): the
+/// state is field 0, the parent 1, utime 11, stime 12, the reaped children's cutime 13 and cstime 14.
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    // The state is a letter: it reads as 0, which no caller uses.
+    Some(rest.split(' ').map(|f| f.parse().unwrap_or(0)).collect())
+}
+
+fn ticks_to_seconds(ticks: u64) -> f64 {
+    ticks as f64 / rustix::param::clock_ticks_per_second() as f64
+}
+
+/// CPU seconds of a process and of its children, the live ones and those it reaped: PostgreSQL's, whose
+/// postmaster forks a backend per connection.
+fn tree_cpu(pid: u32) -> Option<f64> {
+    let own = stat_fields(&pid.to_string())?;
+    let mut ticks = own.get(11..15)?.iter().sum::<u64>();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(child).filter(|f| f.get(1) == Some(&u64::from(pid))) {
+            ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        }
+    }
+    Some(ticks_to_seconds(ticks))
+}
+
+/// `xact_commit tup_inserted tup_updated tup_deleted`, as the --pg-stats command prints them.
+fn pg_stats(command: &str) -> Result<[u64; 4], String> {
+    let out = std::process::Command::new("sh")
+        .args(["-c", command])
+        .output()
+        .map_err(|e| format!("cannot run --pg-stats: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let numbers: Vec<u64> = text
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match (out.status.success(), <[u64; 4]>::try_from(numbers)) {
+        (true, Ok(n)) => Ok(n),
+        _ => Err(format!(
+            "--pg-stats printed {text:?} ({}), not four numbers: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
 /// CPU seconds (user + system) and VmRSS/VmHWM in KiB of a process, from /proc.
 fn process_usage(pid: &str) -> Option<(f64, u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The fields after the command name, which may hold spaces, closed by the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let hz = rustix::param::clock_ticks_per_second() as f64;
+    let f = stat_fields(pid)?;
+    let ticks = f.get(11)? + f.get(12)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib = |key: &str| {
         status
@@ -312,7 +408,7 @@ fn process_usage(pid: &str) -> Option<(f64, u64, u64)> {
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
     };
-    Some((ticks as f64 / hz, kib("VmRSS:")?, kib("VmHWM:")?))
+    Some((ticks_to_seconds(ticks), kib("VmRSS:")?, kib("VmHWM:")?))
 }
 
 fn ms(d: Duration) -> String {
@@ -328,8 +424,8 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Prints one line per kind of request; returns the heartbeats' p99.
-fn print_table(samples: &[Sample], seconds: f64) -> Option<Duration> {
+/// Prints one line per kind of request; returns `target`'s p99.
+fn print_table(samples: &[Sample], seconds: f64, target: Kind) -> Option<Duration> {
     let mut by_kind: BTreeMap<Kind, Vec<&Sample>> = BTreeMap::new();
     for s in samples {
         by_kind.entry(s.kind).or_default().push(s);
@@ -347,7 +443,7 @@ fn print_table(samples: &[Sample], seconds: f64) -> Option<Duration> {
             .collect();
         ok.sort();
         let errors = list.len() - ok.len();
-        if *kind == Kind::Heartbeat {
+        if *kind == target {
             p99 = Some(pct(&ok, 99.0));
         }
         println!(
@@ -391,8 +487,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// Device `i`'s source address with `--local-addresses n`: 127.0.0.(2 + i % n).
+fn local_address(i: usize, n: u8) -> Option<IpAddr> {
+    (n > 0).then(|| {
+        let k = (i % usize::from(n)) as u8;
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + k))
+    })
+}
+
+/// The wake-up: when the order was sent, and how long after it each device's poll brought the release.
+#[derive(Default)]
+struct Wake {
+    ordered: OnceLock<Instant>,
+    got: Mutex<Vec<Duration>>,
+}
+
 async fn run(args: Args) -> Result<(), String> {
-    let server = args.server.trim_end_matches('/').to_string();
+    let servers: Vec<String> = args
+        .server
+        .iter()
+        .map(|s| s.trim_end_matches('/').to_string())
+        .collect();
     let token = std::fs::read_to_string(&args.token_file)
         .map_err(|e| format!("{}: {e}", args.token_file.display()))?
         .trim()
@@ -402,19 +517,31 @@ async fn run(args: Args) -> Result<(), String> {
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
         .unwrap_or(u64::MAX);
-    let needed = (n * conns_per_device.max(1) + 256) as u64;
+    let needed = (n * conns_per_device + 256) as u64;
     if needed > limit {
         return Err(format!(
             "{n} devices with {conns_per_device} connection(s) each need about {needed} descriptors, above this \
              process's limit of {limit}: raise it (ulimit -n), or pass --shared-heartbeats"
         ));
     }
+    let interval = Duration::from_secs(args.interval.max(1));
+    let run_for = Duration::from_secs(args.seconds);
+    // Every device's first poll starts within the first interval; the order comes once they are all held.
+    let order_after = interval + Duration::from_secs(5);
+    if args.order.is_some() && order_after + Duration::from_secs(10) > run_for {
+        return Err(format!(
+            "--order is sent {} s into the run (once every device holds its poll): --seconds must be above {}",
+            order_after.as_secs(),
+            order_after.as_secs() + 10
+        ));
+    }
     let tls = flotilla::registry::tls::client_config(&[], &[]).map_err(|e| e.to_string())?;
     let recorder = Arc::new(Recorder::default());
-    let pid = args.server_pid.map(|p| p.to_string());
+    let pids: Vec<String> = args.server_pid.iter().map(u32::to_string).collect();
     println!(
-        "fleet-load: {n} devices, a heartbeat every {} s each ({:.0}/s expected), {} s run, long polls {}, \
-         heartbeats over {}",
+        "fleet-load: {n} devices over {} server(s), a heartbeat every {} s each ({:.0}/s expected), {} s run, long \
+         polls {}, heartbeats over {}, {}",
+        servers.len(),
         args.interval,
         n as f64 / args.interval as f64,
         args.seconds,
@@ -428,8 +555,16 @@ async fn run(args: Args) -> Result<(), String> {
         } else {
             "one keep-alive connection per device"
         },
+        match args.local_addresses {
+            0 => "from 127.0.0.1".to_string(),
+            k => format!("from 127.0.0.2..=127.0.0.{}", 1 + k),
+        },
     );
 
+    let shared = args
+        .shared_heartbeats
+        .then(|| client(&tls, Duration::from_secs(10), None))
+        .transpose()?;
     // Enrollment, bounded.
     let started = Instant::now();
     let gate = Arc::new(tokio::sync::Semaphore::new(args.enroll_concurrency.max(1)));
@@ -440,8 +575,20 @@ async fn run(args: Args) -> Result<(), String> {
             .acquire_owned()
             .await
             .map_err(|e| e.to_string())?;
-        let http = client(&tls, Duration::from_secs(60))?;
-        let (server, token, rec) = (server.clone(), token.clone(), recorder.clone());
+        // A shared pool enrolls too: a client per device would keep a connection per device open after it.
+        let http = match &shared {
+            Some(shared) => shared.clone(),
+            None => client(
+                &tls,
+                Duration::from_secs(60),
+                local_address(i, args.local_addresses),
+            )?,
+        };
+        let (server, token, rec) = (
+            servers[i % servers.len()].clone(),
+            token.clone(),
+            recorder.clone(),
+        );
         let name = format!("{}-{i:05}", args.prefix);
         set.spawn(async move {
             let t = Instant::now();
@@ -464,48 +611,68 @@ async fn run(args: Args) -> Result<(), String> {
     let enroll_secs = started.elapsed().as_secs_f64();
     let enroll_samples = recorder.take();
     println!("\n== enrollment: {n} devices in {enroll_secs:.1} s");
-    print_table(&enroll_samples, enroll_secs);
-    let devices: Vec<(reqwest::Client, Enrolled)> = devices.into_iter().flatten().collect();
+    let enroll_p99 = print_table(&enroll_samples, enroll_secs, Kind::Enroll);
+    let enroll_failed = enroll_samples.iter().any(|s| s.error.is_some());
+    // Devices keep their index: device i talks to server i % N, through source address i % local_addresses.
+    let devices: Vec<(usize, reqwest::Client, Enrolled)> = devices
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, d)| d.map(|(http, e)| (i, http, e)))
+        .collect();
     if devices.is_empty() {
         return Err("no device enrolled".into());
     }
     let db_enrolled = args.db.as_deref().map(db_size).transpose()?;
 
     // The run: device i's heartbeats at t0 + interval * i / n + k * interval, for as long as they fall before the end.
-    let interval = Duration::from_secs(args.interval.max(1));
-    let run_for = Duration::from_secs(args.seconds);
     let t0 = Instant::now() + Duration::from_secs(1);
     let end = t0 + run_for;
-    let server_before = pid.as_deref().and_then(process_usage);
+    let servers_before: Vec<_> = pids.iter().map(|p| process_usage(p)).collect();
     let self_before = process_usage("self");
-    let shared = client(&tls, Duration::from_secs(10))?;
+    let pg_before = args.pg_pid.and_then(tree_cpu);
+    let stats_before = args.pg_stats.as_deref().map(pg_stats).transpose()?;
+    let wake = Arc::new(Wake::default());
     let mut heartbeats = tokio::task::JoinSet::new();
     let mut polls = tokio::task::JoinSet::new();
     let count = devices.len();
-    for (i, (own, enrolled)) in devices.into_iter().enumerate() {
-        let offset = interval.mul_f64(i as f64 / count as f64);
-        let http = if args.shared_heartbeats {
-            shared.clone()
-        } else {
-            own
-        };
+    for (i, own, enrolled) in devices {
+        let offset = interval.mul_f64(i as f64 / n as f64);
+        let server = servers[i % servers.len()].clone();
+        // `own` is the shared client with --shared-heartbeats.
+        let http = own;
         let credential = enrolled.credential;
         if args.long_poll {
-            let http = client(&tls, Duration::from_secs(args.poll_wait + 30))?;
-            let (server, credential, rec, wait) = (
+            let http = client(
+                &tls,
+                Duration::from_secs(args.poll_wait + 30),
+                local_address(i, args.local_addresses),
+            )?;
+            let (server, credential, rec, wait, wake) = (
                 server.clone(),
                 credential.clone(),
                 recorder.clone(),
                 args.poll_wait,
+                wake.clone(),
             );
+            let want = args.order_release.clone();
             polls.spawn(async move {
                 tokio::time::sleep_until(t0 + offset).await;
                 let mut etag: Option<String> = None;
+                let mut has = false;
                 while Instant::now() < end {
                     let sent = Instant::now();
-                    let r = poll(&http, &server, &credential, etag.as_deref(), wait).await;
+                    let r = poll(
+                        &http,
+                        &server,
+                        &credential,
+                        etag.as_deref(),
+                        wait,
+                        want.as_deref(),
+                    )
+                    .await;
                     let kind = match (&etag, &r) {
                         (Some(_), Ok(None)) => Kind::LongPoll,
+                        (Some(_), Ok(Some(_))) => Kind::Changed,
                         _ => Kind::Desired,
                     };
                     rec.record(
@@ -515,7 +682,19 @@ async fn run(args: Args) -> Result<(), String> {
                         r.as_ref().err().cloned(),
                     );
                     match r {
-                        Ok(Some(tag)) => etag = Some(tag),
+                        Ok(Some((tag, now_has))) => {
+                            if now_has && !has {
+                                if let Some(at) = wake.ordered.get() {
+                                    let took = at.elapsed();
+                                    wake.got
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .push(took);
+                                }
+                            }
+                            has = now_has;
+                            etag = Some(tag);
+                        }
                         Ok(None) => {}
                         // As the agent: back off before trying again.
                         Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -523,7 +702,7 @@ async fn run(args: Args) -> Result<(), String> {
                 }
             });
         }
-        let (server, rec) = (server.clone(), recorder.clone());
+        let rec = recorder.clone();
         heartbeats.spawn(async move {
             let mut at = t0 + offset;
             let mut seq = 0u64;
@@ -537,6 +716,21 @@ async fn run(args: Args) -> Result<(), String> {
             }
         });
     }
+    let order = args.order.clone().map(|command| {
+        let wake = wake.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(t0 + order_after).await;
+            let sent = Instant::now();
+            let _ = wake.ordered.set(sent);
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new("sh")
+                    .args(["-c", &command])
+                    .output()
+            })
+            .await;
+            (sent.elapsed(), out)
+        })
+    });
     let mut first_round = None;
     tokio::time::sleep_until(t0 + interval).await;
     if let Some(db) = &args.db {
@@ -553,12 +747,14 @@ async fn run(args: Args) -> Result<(), String> {
     let unfinished = heartbeats.len();
     heartbeats.abort_all();
     polls.abort_all();
-    let server_after = pid.as_deref().and_then(process_usage);
+    let servers_after: Vec<_> = pids.iter().map(|p| process_usage(p)).collect();
     let self_after = process_usage("self");
+    let pg_after = args.pg_pid.and_then(tree_cpu);
+    let stats_after = args.pg_stats.as_deref().map(pg_stats).transpose()?;
     let secs = run_for.as_secs_f64();
     let samples = recorder.take();
     println!("\n== run: {secs:.0} s (heartbeats not finished 15 s after the end: {unfinished})");
-    let p99 = print_table(&samples, secs);
+    let p99 = print_table(&samples, secs, Kind::Heartbeat);
     let mut lags: Vec<Duration> = samples
         .iter()
         .filter(|s| s.kind == Kind::Heartbeat)
@@ -583,8 +779,42 @@ async fn run(args: Args) -> Result<(), String> {
             );
         }
     };
-    cpu(server_before, server_after, "server   ");
+    for (k, (before, after)) in servers_before.into_iter().zip(servers_after).enumerate() {
+        let who = if pids.len() == 1 {
+            "server   ".to_string()
+        } else {
+            format!("server {k} ({})", servers.get(k).map_or("", String::as_str))
+        };
+        cpu(before, after, &who);
+    }
     cpu(self_before, self_after, "generator");
+    if let (Some(b), Some(a)) = (pg_before, pg_after) {
+        println!(
+            "postgres : CPU {:.1} s over the run = {:.0}% of one core (postmaster and backends)",
+            a - b,
+            (a - b) / secs * 100.0
+        );
+    }
+    let heartbeats_ok = samples
+        .iter()
+        .filter(|s| s.kind == Kind::Heartbeat && s.error.is_none())
+        .count();
+    if let (Some(b), Some(a)) = (stats_before, stats_after) {
+        let d: Vec<u64> = a.iter().zip(b).map(|(a, b)| a.saturating_sub(b)).collect();
+        let per = |x: u64| x as f64 / heartbeats_ok.max(1) as f64;
+        println!(
+            "database writes over the run ({heartbeats_ok} heartbeats): {} commits, {} rows inserted, {} updated, \
+             {} deleted = per heartbeat {:.4} commits, {:.4} inserted, {:.4} updated, {:.4} deleted",
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            per(d[0]),
+            per(d[1]),
+            per(d[2]),
+            per(d[3])
+        );
+    }
     if let (Some(db), Some(enrolled), Some(first)) = (&args.db, db_enrolled, first_round) {
         let last = db_size(db)?;
         let steady = secs - interval.as_secs_f64();
@@ -601,6 +831,37 @@ async fn run(args: Args) -> Result<(), String> {
             (first.0 as f64 - enrolled.0 as f64) / count as f64,
         );
     }
+    if let Some(task) = order {
+        let (took, out) = task.await.map_err(|e| e.to_string())?;
+        let out = out
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot run --order: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "--order failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let mut got = std::mem::take(&mut *wake.got.lock().unwrap_or_else(|e| e.into_inner()));
+        got.sort();
+        // Percentiles of the whole fleet: a device that never got the release counts as never.
+        let fleet = |p: f64| {
+            let rank = ((p / 100.0) * count as f64).ceil() as usize;
+            got.get(rank.clamp(1, count) - 1)
+                .map_or("not reached".to_string(), |d| format!("{} ms", ms(*d)))
+        };
+        println!(
+            "\n== wake-up: the order ({} ms for the command) reached {} of {count} devices' long polls; after the \
+             order: 50 % {}, 90 % {}, 99 % {}, 100 % {}",
+            ms(took),
+            got.len(),
+            fleet(50.0),
+            fleet(90.0),
+            fleet(99.0),
+            fleet(100.0),
+        );
+    }
     if let Some(p) = p99 {
         let failed = samples
             .iter()
@@ -608,6 +869,14 @@ async fn run(args: Args) -> Result<(), String> {
         let met = p < Duration::from_millis(50) && !failed && unfinished == 0;
         println!(
             "TARGET heartbeat p99 < 50 ms with no error at {count} devices: {} (p99 {} ms)",
+            if met { "MET" } else { "NOT MET" },
+            ms(p)
+        );
+    }
+    if let Some(p) = enroll_p99 {
+        let met = p < Duration::from_millis(50) && !enroll_failed;
+        println!(
+            "TARGET enrollment p99 < 50 ms with no error at {n} devices: {} (p99 {} ms)",
             if met { "MET" } else { "NOT MET" },
             ms(p)
         );
