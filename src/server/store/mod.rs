@@ -94,18 +94,7 @@ impl Dialect {
     /// NULL. Numbers come back as text on PostgreSQL: compare with text, or cast.
     pub fn json_text(self, expr: &str, path: &[&str]) -> String {
         match self {
-            Dialect::Sqlite => {
-                let mut p = String::from("$");
-                for k in path {
-                    if k.bytes().all(|b| b.is_ascii_digit()) {
-                        p.push_str(&format!("[{k}]"));
-                    } else {
-                        p.push('.');
-                        p.push_str(k);
-                    }
-                }
-                format!("json_extract({expr}, '{p}')")
-            }
+            Dialect::Sqlite => format!("json_extract({expr}, '{}')", sqlite_json_path(path)),
             Dialect::Postgres => format!("(({expr})::jsonb #>> '{{{}}}')", path.join(",")),
         }
     }
