@@ -729,3 +729,71 @@ fn replicas_starting_together_make_one_admin_token() {
         1
     );
 }
+
+/// A token of N uses enrolls N devices when more ask at once through replicas: each reads a use left, and the use
+/// is taken by a conditional update at the end of its transaction, which the losers find already taken.
+#[test]
+fn a_token_of_two_uses_enrolls_two_of_four_racing_devices() {
+    use flotilla::fleet::{EnrollRequest, PlatformReport};
+    use flotilla::server::store::{ServerDb, ServerDbError};
+    let Some((_cluster, _rt, pool)) = setup() else {
+        return;
+    };
+    let db = |pool: &PgPool| {
+        ServerDb::on(
+            Box::new(pool.conn().unwrap()),
+            "the test cluster".into(),
+            Default::default(),
+        )
+    };
+    let token = db(&pool)
+        .create_token(None, Some(2), &BTreeMap::new(), false, 0)
+        .unwrap()
+        .token;
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let outcomes: Vec<Result<String, ServerDbError>> = (0..4)
+        .map(|i| {
+            let (pool, start, token) = (pool.clone(), start.clone(), token.clone());
+            std::thread::spawn(move || {
+                let db = db(&pool);
+                start.wait();
+                db.enroll(
+                    &token,
+                    &EnrollRequest {
+                        name: format!("dev-{i}"),
+                        tags: BTreeMap::new(),
+                        agent_version: "0.1.0".into(),
+                        platform: PlatformReport {
+                            candidates: vec!["linux/arm64/v8".into()],
+                            page_size: Some(4096),
+                            description: "Pi 4".into(),
+                        },
+                        enrollment_id: None,
+                    },
+                    1,
+                )
+                .map(|e| e.device_id)
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let enrolled = outcomes.iter().filter(|o| o.is_ok()).count();
+    assert_eq!(enrolled, 2, "{outcomes:?}");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(_) | Err(ServerDbError::TokenUsedUp(_)))),
+        "{outcomes:?}"
+    );
+    let c = pool.conn().unwrap();
+    assert_eq!(
+        c.one::<i64>("SELECT count(*) FROM devices", &[]).unwrap(),
+        2
+    );
+    assert_eq!(
+        c.one::<i64>("SELECT uses_left FROM tokens", &[]).unwrap(),
+        0
+    );
+}

@@ -194,16 +194,8 @@ impl ServerDb {
                 ),
             });
         }
-        match uses {
-            Some(u) if u <= 0 => return Err(ServerDbError::TokenUsedUp(token_id)),
-            Some(_) => {
-                tx.execute(
-                    "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1",
-                    crate::args![&hash],
-                )
-                .map_err(self.err())?;
-            }
-            None => {}
+        if uses.is_some_and(|u| u <= 0) {
+            return Err(ServerDbError::TokenUsedUp(token_id));
         }
         // Tags decide which rollouts reach a device: they are the operator's, given by the token. What the device
         // asks for counts only where the token says so, and never over the token's own.
@@ -247,11 +239,26 @@ impl ServerDb {
                 &req.agent_version,
                 now,
                 req.enrollment_id.as_deref().map(hash_secret),
-                hash,
+                &hash,
                 req.enrollment_id.is_none()
             ],
         )
         .map_err(self.err())?;
+        // The token's use is taken last: every enrollment with one token updates its row, and on PostgreSQL the
+        // row stays locked until the commit, so the enrollments of a batch wait on each other for this update and
+        // the commit only, not for the whole transaction. Conditional, because another enrollment may have taken
+        // the last use since the row was read above.
+        if uses.is_some() {
+            let taken = tx
+                .execute(
+                    "UPDATE tokens SET uses_left = uses_left - 1 WHERE hash = ?1 AND uses_left > 0",
+                    crate::args![&hash],
+                )
+                .map_err(self.err())?;
+            if taken == 0 {
+                return Err(ServerDbError::TokenUsedUp(token_id));
+            }
+        }
         tx.commit().map_err(self.err())?;
         Ok(Enrolled {
             device_id,
