@@ -23,6 +23,25 @@ use tokio::sync::{Semaphore, watch};
 /// How long a shutdown waits for the requests under way (long polls included) before it drops them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// Connections the kernel completes before they are accepted (capped by `net.core.somaxconn`). tokio's `bind`
+/// gives 128, std's figure: when a fleet-wide order wakes thousands of long polls and the answers are late, clients
+/// open connections faster than 128 wait, the kernel drops their handshakes, and each retries after 1, 3, then 7
+/// seconds (heartbeats at p99 9.7 s, with time-outs, in `bench/fleet-load.sh`'s wake-up run).
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with a backlog of [`BACKLOG`]. Call it on the runtime that serves it.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's bind: a restarted server takes its port back while the old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
     /// From a request's first byte to the end of its head.

@@ -16,3 +16,5 @@ pub mod store;
 pub mod strict;
 pub mod tls;
 pub mod views;
+
+pub use http::listen;

@@ -171,20 +171,17 @@ pub(super) async fn serve(
         clock,
         args.limits(),
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|source| ServerCliError::Listen {
-            addr: args.listen,
-            source,
-        })?;
+    let listener = crate::server::listen(args.listen).map_err(|source| ServerCliError::Listen {
+        addr: args.listen,
+        source,
+    })?;
     eprintln!(
         "flotilla-server: serving the fleet API on http://{}/v1",
         args.listen
     );
     let metrics = match args.metrics_listen {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = crate::server::listen(addr)
                 .map_err(|source| ServerCliError::Listen { addr, source })?;
             eprintln!("flotilla-server: serving /metrics without a token on http://{addr}/metrics");
             Some(tokio::spawn(api::serve_metrics(server.clone(), listener)))
