@@ -9,6 +9,7 @@
 //! - Handing a supervisor the container's lock: std has no way to give a child one chosen descriptor (only stdio),
 //!   so the parent places it with `dup2` between fork and exec (`pre_exec`, which is unsafe), and the child turns
 //!   the number it is told into an `OwnedFd` (`from_raw_fd`, unsafe).
+//! - glibc's malloc arenas: `mallopt` is a C call, and no safe crate wraps it.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
@@ -27,6 +28,24 @@ pub fn auxv_platform() -> Option<String> {
     // stack; that memory stays mapped and unchanged for the life of the process.
     let text = unsafe { CStr::from_ptr(ptr) };
     Some(text.to_string_lossy().into_owned())
+}
+
+/// Bounds glibc's malloc arenas to `n` for the process, as `MALLOC_ARENA_MAX` does (which, when set, wins). glibc
+/// gives each thread that allocates while others do an arena of its own, up to 8 per core, and keeps what each
+/// arena once held: the fleet server plans a 10,000-device rollout on whichever blocking thread is free, so every
+/// arena grew to a plan's size and a replica held 786 MiB where 2 arenas held 276 MiB (`bench/fleet-load.sh`'s
+/// wake-up run). Does nothing on another C library. Call it before the process starts threads.
+pub fn limit_malloc_arenas(n: u16) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt sets one of the allocator's tunables under the allocator's own lock; it takes no pointer.
+        // A refusal (0) leaves glibc's default, which is only more memory.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, libc::c_int::from(n));
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = n;
 }
 
 /// Whether the CPU has LAHF/SAHF in 64-bit mode (CPUID 0x8000_0001 ECX bit 0; cpuinfo's `lahf_lm`).

@@ -305,12 +305,16 @@ pub fn run(cli: Cli) -> Result<ExitCode, CliError> {
 /// The runtime for commands that talk to registries: a few worker threads, since hashing and decompression of
 /// parallel layers are CPU work and edge devices have two to four cores.
 pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(runtime_workers())
         .enable_all()
         .build()
         .map_err(CliError::Runtime)
+}
+
+/// The async worker threads of a runtime: one per core, at most 4.
+pub(crate) fn runtime_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(4))
 }
 
 /// A plain-text table: the header, then one line per row, columns padded to their widest cell. Every cell is made
