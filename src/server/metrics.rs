@@ -52,11 +52,12 @@ struct RequestLabels {
 
 type LatencyFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
 
-/// What this replica measures of its own requests.
+/// What this replica measures of its own requests and rollout plans.
 #[derive(Debug)]
 pub struct HttpMetrics {
     registry: Registry,
     durations: LatencyFamily,
+    plans: Histogram,
 }
 
 impl Default for HttpMetrics {
@@ -70,10 +71,24 @@ impl Default for HttpMetrics {
              replicas)",
             durations.clone(),
         );
+        let plans = Histogram::new(LATENCY_BUCKETS);
+        registry.register(
+            "flotilla_rollout_plan_duration_seconds",
+            "Time to plan the rollouts, on the tick or for the reports and enrollments that asked while the plan \
+             before ran (one plan covers them all); this replica only",
+            plans.clone(),
+        );
         HttpMetrics {
             registry,
             durations,
+            plans,
         }
+    }
+}
+
+impl HttpMetrics {
+    pub(super) fn plan_took(&self, took: std::time::Duration) {
+        self.plans.observe(took.as_secs_f64());
     }
 }
 

@@ -78,6 +78,32 @@ pub struct Server {
     tls: std::sync::atomic::AtomicBool,
     /// This replica's request latencies, for `/metrics`.
     http_metrics: super::metrics::HttpMetrics,
+    /// The rollouts waiting to be planned, and the one plan under way.
+    drives: Drives,
+    /// Reads of woken long polls under way at once: half of the database's readers.
+    rereads: tokio::sync::Semaphore,
+}
+
+/// One plan of the rollouts at a time, and the requests that ask for one while it runs share the next.
+///
+/// Every update report and enrollment re-plans, and a plan reads every device: 10,000 devices reporting through a
+/// wave, each with its own plan over the 10,000, is quadratic work. Here the reports that arrive while a plan runs
+/// wait for one plan that covers all of their apps, which starts once that one ends; each request still returns
+/// only after a plan that began after it was made, as when each made its own.
+#[derive(Default)]
+struct Drives {
+    queue: Mutex<DriveQueue>,
+    /// Held while a plan runs.
+    running: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct DriveQueue {
+    /// The apps the next plan covers; `Some(None)`: every app.
+    pending: Option<Option<BTreeSet<String>>>,
+    /// Plans begun, and plans ended (with or without an error); a request waits for plan `begun + 1`.
+    begun: u64,
+    ended: u64,
 }
 
 pub(super) type Shared = Arc<Server>;
@@ -97,8 +123,10 @@ impl Server {
         clock: Arc<dyn Clock>,
         limits: Limits,
     ) -> Shared {
+        let db: Database = db.into();
         Arc::new(Server {
-            db: db.into(),
+            rereads: tokio::sync::Semaphore::new((db.readers() / 2).max(1)),
+            db,
             replica: super::store::new_secret()[..12].to_string(),
             resolver,
             desired_version: watch::channel(0).0,
@@ -107,6 +135,7 @@ impl Server {
             rates: Mutex::new(RateLimiter::new(limits.rate)),
             tls: std::sync::atomic::AtomicBool::new(false),
             http_metrics: super::metrics::HttpMetrics::default(),
+            drives: Drives::default(),
         })
     }
 
@@ -248,6 +277,14 @@ impl Server {
         self.desired_version.subscribe()
     }
 
+    /// A turn to re-read a woken long poll's desired state. A wake reaches every held poll at once: 5,000 reads
+    /// queued together would hold every connection, and the heartbeats behind them waited seconds. Half of the
+    /// readers are left to everything else.
+    pub(super) async fn reread_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // Never closed, so never None in practice; a closed semaphore would only lift the bound.
+        self.rereads.acquire().await.ok()
+    }
+
     /// Drops the rate buckets of credentials that have been quiet long enough to be full again.
     pub(super) fn forget_idle_rates(&self) {
         self.rates
@@ -327,18 +364,103 @@ impl Server {
         self.drive_apps(None).await
     }
 
-    /// As [`Server::drive`], for the rollouts of `apps` only (every rollout with `None`).
+    /// As [`Server::drive`], for the rollouts of `apps` only (every rollout with `None`). Returns once a plan
+    /// that began after the call covered them: its own, or one another request started (whose error, if it had
+    /// one, that request reports; the next tick plans again).
     pub(super) async fn drive_apps(
         self: &Arc<Self>,
         apps: Option<BTreeSet<String>>,
     ) -> Result<(), ApiError> {
+        let mine = {
+            let mut q = self.drives.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.pending = Some(match (q.pending.take(), apps) {
+                (None, apps) => apps,
+                (Some(Some(mut a)), Some(b)) => {
+                    a.extend(b);
+                    Some(a)
+                }
+                (Some(_), _) => None,
+            });
+            q.begun + 1
+        };
+        let _running = self.drives.running.lock().await;
+        let (apps, plan) = {
+            let mut q = self.drives.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.ended >= mine {
+                return Ok(());
+            }
+            q.begun += 1;
+            (q.pending.take().flatten(), q.begun)
+        };
         let now = self.now();
-        if self
+        let started = Instant::now();
+        let planned = self
             .with_db(move |db| db.drive_apps(now, apps.as_ref()))
-            .await?
-        {
+            .await;
+        self.http_metrics.plan_took(started.elapsed());
+        self.drives
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ended = plan;
+        if planned? {
             self.desired_changed();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests that ask for a plan while one runs share the next: ten of them, queued behind a running plan, make
+    /// one plan between them, of all their apps, and none returns before it ended.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_asking_for_a_plan_while_one_runs_share_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ServerDb::open(&dir.path().join("fleet.db")).unwrap();
+        let server = Server::new(
+            db,
+            Box::new(super::super::resolve::RegistryResolver::new(
+                crate::registry::RegistryClient::new(&Default::default(), &[]).unwrap(),
+            )),
+            Arc::new(crate::clock::SystemClock),
+        );
+        let running = server.drives.running.lock().await;
+        let asked: Vec<_> = (0..10)
+            .map(|i| {
+                let s = server.clone();
+                tokio::spawn(async move {
+                    s.drive_apps(Some([format!("app-{i}")].into()))
+                        .await
+                        .unwrap();
+                    let q = s.drives.queue.lock().unwrap();
+                    q.ended
+                })
+            })
+            .collect();
+        let all_queued = || {
+            let q = server.drives.queue.lock().unwrap();
+            matches!(&q.pending, Some(Some(apps)) if apps.len() == 10)
+        };
+        for _ in 0..500 {
+            if all_queued() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(all_queued(), "the ten requests did not queue their apps");
+        drop(running);
+        for a in asked {
+            assert_eq!(
+                a.await.unwrap(),
+                1,
+                "a request returned before the plan ended"
+            );
+        }
+        let q = server.drives.queue.lock().unwrap();
+        assert_eq!((q.begun, q.ended), (1, 1), "one plan for the ten requests");
+        assert!(q.pending.is_none());
     }
 }

@@ -63,10 +63,13 @@ pub(super) async fn desired(
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(q.wait.unwrap_or(0)).min(MAX_WAIT);
     let mut version = s.desired_version();
+    let mut woken = false;
     loop {
         version.borrow_and_update();
         let id = device.clone();
+        let turn = if woken { s.reread_turn().await } else { None };
         let desired = s.with_reader(move |db| db.desired_for(&id)).await?;
+        drop(turn);
         let body = serde_json::to_vec(&desired)
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let etag = format!("\"{:x}\"", Sha256::digest(&body));
@@ -82,6 +85,7 @@ pub(super) async fn desired(
             }
             return Ok(resp);
         }
+        woken = true;
         if tokio::time::timeout_at(deadline, version.changed())
             .await
             .is_err()

@@ -150,6 +150,14 @@ impl Database {
         &self.news
     }
 
+    /// How many reads can run at once: SQLite's readers, or PostgreSQL's pool.
+    pub fn readers(&self) -> usize {
+        match &self.engine {
+            Engine::Sqlite { .. } => READERS,
+            Engine::Postgres(pool, _) => pool.size(),
+        }
+    }
+
     /// The PostgreSQL database's URL, for a connection of its own (LISTEN); none on SQLite.
     pub fn postgres(&self) -> Option<&PgUrl> {
         match &self.engine {

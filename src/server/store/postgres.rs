@@ -141,6 +141,7 @@ pub struct PgPool {
     handle: Handle,
     url: Arc<str>,
     wait: Duration,
+    size: usize,
 }
 
 impl PgPool {
@@ -171,6 +172,7 @@ impl PgPool {
             handle: Handle::current(),
             url: url.redacted.as_str().into(),
             wait,
+            size: size.max(1),
         };
         let conn = me.conn_async().await?;
         match tokio::task::spawn_blocking(move || migrate_postgres(&conn)).await {
@@ -202,6 +204,11 @@ impl PgPool {
             handle: self.handle.clone(),
             url: self.url.clone(),
         })
+    }
+
+    /// Connections it holds at most.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// The URL, its password hidden.
