@@ -688,3 +688,103 @@ fn a_replica_without_its_database_answers_503_and_recovers_by_itself() {
         a.log()
     );
 }
+
+/// What a restore must bring back: the device enrolled before the backup is known, the one enrolled after it is
+/// not (its agent needs a new token, as the README says), and the operator's token and app are there.
+fn restored_as_backed_up(r: &Replica, before: &str, after: &str) {
+    assert_eq!(desired(r.port, before, None, 0).unwrap().status, 200);
+    assert_eq!(desired(r.port, after, None, 0).unwrap().status, 401);
+    let apps = r.json(&["app", "list"]);
+    assert!(apps.to_string().contains("\"demo\""), "{apps}");
+}
+
+/// The README's SQLite backup, taken with Debian's `sqlite3` while the server writes, then restored as it says.
+#[test]
+fn the_readmes_sqlite_backup_taken_while_serving_restores_the_fleet() {
+    let Some(sqlite3) = required_tool("sqlite3") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let db = root.join("server.db");
+    let db_arg = db.to_str().expect("a UTF-8 path");
+    let mut a = Replica::start(root, "a", db_arg, "127.0.0.1:9", "1s");
+    a.ok(&["app", "create", "demo", "--", "-c", "sleep 1000"]);
+    let token = a.ok(&["token", "create", "--uses", "2", "--expires", "1h"]);
+    let before = enroll(a.port, &token, "sim-1");
+
+    let backup = root.join("backup/server.db");
+    std::fs::create_dir_all(root.join("backup")).expect("backup directory");
+    let out = Command::new(&sqlite3)
+        .arg(&db)
+        .arg(format!(".backup {}", backup.display()))
+        .output()
+        .expect("run sqlite3");
+    assert!(
+        out.status.success(),
+        "sqlite3 .backup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = enroll(a.port, &token, "sim-2");
+
+    // Stopped as a crash would: the WAL beside the database holds sim-2, and the README's steps delete it.
+    a.kill();
+    std::fs::copy(&backup, &db).expect("put the copy in place");
+    for stale in ["server.db-wal", "server.db-shm"] {
+        let _ = std::fs::remove_file(root.join(stale));
+    }
+    let b = Replica::start(root, "b", db_arg, "127.0.0.1:9", "1s");
+    restored_as_backed_up(&b, &before, &after);
+}
+
+/// The README's PostgreSQL backup, `pg_dump` while a replica serves, then restored with its `dropdb`, `createdb`
+/// and `pg_restore`.
+#[test]
+fn the_readmes_pg_dump_taken_while_serving_restores_the_fleet() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let mut a = Replica::start(root, "a", &cluster.url(), "127.0.0.1:9", "1s");
+    a.ok(&["app", "create", "demo", "--", "-c", "sleep 1000"]);
+    let token = a.ok(&["token", "create", "--uses", "2", "--expires", "1h"]);
+    let before = enroll(a.port, &token, "sim-1");
+
+    cluster.client(
+        "pg_dump",
+        &["--format=custom", "--file=flotilla.dump", DATABASE],
+    );
+    assert!(cluster.dir().join("flotilla.dump").is_file());
+    let after = enroll(a.port, &token, "sim-2");
+
+    // "Stop every replica": dropdb refuses a database with sessions, and a killed replica's end a moment later.
+    a.kill();
+    wait_for(
+        "the replica's sessions to end",
+        Duration::from_secs(20),
+        || {
+            cluster
+                .query(
+                    "postgres",
+                    &format!("SELECT count(*) FROM pg_stat_activity WHERE datname = '{DATABASE}'"),
+                )
+                .trim()
+                == "0"
+        },
+    );
+    cluster.client("dropdb", &[DATABASE]);
+    cluster.client("createdb", &["--owner", common::postgres::USER, DATABASE]);
+    cluster.client(
+        "pg_restore",
+        &[
+            &format!("--dbname={DATABASE}"),
+            "--no-owner",
+            &format!("--role={}", common::postgres::USER),
+            "flotilla.dump",
+        ],
+    );
+    let b = Replica::start(root, "b", &cluster.url(), "127.0.0.1:9", "1s");
+    restored_as_backed_up(&b, &before, &after);
+    assert!(!b.log().contains("panicked"), "{}", b.log());
+}

@@ -244,6 +244,32 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs one of PostgreSQL's client programs (`pg_dump`, `createdb`, ...) as the superuser, reaching the cluster
+    /// through `PGHOST`, `PGPORT` and `PGUSER` as an operator's shell on the database's host does, so that `args`
+    /// are what the README gives. It runs in the cluster's directory, where the superuser may write a dump.
+    pub fn client(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program)
+            .args(args)
+            .env("PGHOST", &self.dir)
+            .env("PGPORT", self.port.to_string())
+            .env("PGUSER", "postgres")
+            .current_dir(&self.dir)
+            .output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The cluster's directory, which its superuser owns.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Starts the cluster (again) on its port.
     pub fn resume(&mut self) {
         let options = format!(
