@@ -6,14 +6,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::binfmt::Binfmt;
-use common::fleet::{Proxy, Server, Verdict, push};
+use common::fleet::{Agent, Proxy, Server, Verdict, push};
 use common::registry::{Registry, RegistryOptions, free_port};
-use common::{Flotilla, output_text, require, wait_for};
+use common::{output_text, require, wait_for};
 use serde_json::Value;
 
 /// binfmt registration and the fixed container name are machine-wide: one scenario at a time.
@@ -25,128 +25,6 @@ fn shared_board(name: &str) -> PathBuf {
         None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/boards"),
     };
     root.join(name)
-}
-
-struct Agent {
-    name: String,
-    dir: PathBuf,
-    evidence: Option<PathBuf>,
-    child: Option<Child>,
-}
-
-impl Agent {
-    fn new(
-        root: &Path,
-        name: &str,
-        evidence: Option<PathBuf>,
-        server: &Server,
-        token: &Path,
-    ) -> Agent {
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).expect("agent dir");
-        // Its own copy: the agent deletes its token file once it is enrolled.
-        let own = dir.join("enroll-token");
-        std::fs::copy(token, &own).expect("the agent's token file");
-        let token = own.as_path();
-        let config = format!(
-            "[fleet]\nserver = \"{}\"\ntoken_file = \"{}\"\nname = \"{name}\"\ntags = {{ site = \"lab\" }}\n\
-             poll_interval = \"3s\"\nprobation = \"2s\"\nheartbeat_interval = \"2s\"\n\
-             [run]\nallow_emulation = true\n[[registry]]\nhost = \"{}\"\ninsecure = true\n",
-            server.url(),
-            token.display(),
-            server.registry
-        );
-        std::fs::write(dir.join("config.toml"), config).expect("agent config");
-        Agent {
-            name: name.to_string(),
-            dir,
-            evidence,
-            child: None,
-        }
-    }
-
-    fn flotilla(&self) -> Command {
-        Flotilla::new()
-            .config(self.dir.join("config.toml"))
-            .state(self.dir.join("state"))
-            .command()
-    }
-
-    fn start_with(&mut self, halt_at: Option<&str>) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))
-            .expect("agent log");
-        let mut c = self.flotilla();
-        if let Some(e) = &self.evidence {
-            c.arg("--evidence").arg(e);
-        }
-        c.arg("agent")
-            .env("FLOTILLA_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
-        match halt_at {
-            Some(h) => c.env("FLOTILLA_TEST_HALT_AT", h),
-            None => c.env_remove("FLOTILLA_TEST_HALT_AT"),
-        };
-        self.child = Some(c.spawn().expect("start flotilla agent"));
-    }
-
-    fn start(&mut self) {
-        self.start_with(None);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
-    }
-
-    /// The agent's containers, as `flotilla ps -a --json` lists them.
-    fn containers(&self) -> Vec<Value> {
-        let out = self
-            .flotilla()
-            .args(["ps", "-a", "--json"])
-            .output()
-            .expect("flotilla ps");
-        serde_json::from_slice::<Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v.as_array().cloned())
-            .unwrap_or_default()
-    }
-
-    fn outbox_ids(&self) -> Vec<String> {
-        let db = rusqlite::Connection::open(self.dir.join("state/agent.db")).expect("agent.db");
-        let mut st = db
-            .prepare("SELECT id FROM outbox WHERE heartbeat = 0 ORDER BY seq")
-            .expect("outbox query");
-        st.query_map([], |r| r.get::<_, String>(0))
-            .expect("outbox rows")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("outbox ids")
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("--- agent {} (last lines) ---", self.name);
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
-        }
-        // The apps' supervisors outlive their agent by design; the test removes them.
-        let _ = self.flotilla().args(["rm", "--force", "demo"]).output();
-    }
 }
 
 fn prerequisites() -> Option<Binfmt> {

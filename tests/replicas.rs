@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::fleet::{Replica, push};
+use common::fleet::{APP_CMD, Agent, Replica, push};
 use common::postgres::{Cluster, DATABASE};
 use common::registry::{Registry, RegistryOptions, free_port};
 use common::{require, required_tool, wait_for};
@@ -537,6 +537,146 @@ fn a_replica_killed_mid_wave_leaves_the_rollout_to_the_other() {
         "HAProxy did not spread the devices' requests over both replicas:\n{log}"
     );
     assert!(log.contains("Server replicas/a is DOWN"), "{log}");
+}
+
+/// The same with two real agents (runc, this host's variant), the "two replicas, two agents": agent one
+/// talks to A alone, whose driver never ticks, and runs a release ordered through B; then, both behind the packaged
+/// HAProxy, a rollout in two waves started through A goes on through B after A's SIGKILL, and each agent runs the
+/// release it was ordered once, whichever replica wrote the order.
+#[test]
+fn two_real_agents_follow_rollouts_across_replicas_and_past_a_killed_one() {
+    let Some(()) = prerequisites() else { return };
+    let Some(()) = common::fleet::agent_prerequisites() else {
+        return;
+    };
+    let Some(_) = required_tool("haproxy") else {
+        return;
+    };
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let registry = Registry::start(&root.join("registry"), RegistryOptions::default());
+    push(root, &registry, "v1", false);
+    push(root, &registry, "v2", false);
+    let mut a = Replica::start(root, "a", &cluster.url(), &registry.host(), "1h");
+    let b = Replica::start(root, "b", &cluster.url(), &registry.host(), "1s");
+    let proxy = Haproxy::start(root, &[&a, &b]);
+    let balanced = format!("http://127.0.0.1:{}", proxy.port);
+
+    let token = b.ok(&[
+        "token",
+        "create",
+        "--uses",
+        "2",
+        "--expires",
+        "1h",
+        "--tag",
+        "site=lab",
+    ]);
+    let token_file = root.join("enroll-token");
+    std::fs::write(&token_file, &token).expect("token file");
+    let mut one = Agent::of(root, "one", None, &a.url(), &registry.host(), &token_file);
+    let mut two = Agent::of(root, "two", None, &balanced, &registry.host(), &token_file);
+    one.start();
+    two.start();
+    wait_for("both agents to enroll", Duration::from_secs(30), || {
+        b.json(&["devices"])
+            .as_array()
+            .is_some_and(|d| d.len() == 2)
+    });
+    b.ok(&[
+        "app",
+        "create",
+        "demo",
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "2s",
+        "--",
+        "-c",
+        APP_CMD,
+    ]);
+    b.ok(&[
+        "release",
+        "create",
+        "demo",
+        &format!("{}/demo:v1", registry.host()),
+    ]);
+    b.ok(&[
+        "rollout", "start", "demo-1", "--select", "site=lab", "--waves", "100",
+    ]);
+    for name in ["one", "two"] {
+        wait_for(
+            &format!("{name} to run demo-1"),
+            Duration::from_secs(90),
+            || {
+                let app = b.app(name);
+                app["status"]["release"] == "demo-1" && app["status"]["state"] == "running"
+            },
+        );
+    }
+    assert!(
+        !a.log().contains("ordered the device"),
+        "A ordered demo-1 itself, though its driver never ticks:\n{}",
+        a.log()
+    );
+
+    // Agent one moves behind the balancer; a rollout in two waves starts through A, which dies after wave 1.
+    one.kill();
+    one.set_server(&balanced);
+    one.start();
+    a.ok(&[
+        "release",
+        "create",
+        "demo",
+        &format!("{}/demo:v2", registry.host()),
+    ]);
+    let id = a.ok(&[
+        "rollout",
+        "start",
+        "demo-2",
+        "--select",
+        "site=lab",
+        "--counts",
+        "--waves",
+        "1,2",
+        "--max-failures",
+        "1",
+        "--soak",
+        "3s",
+    ]);
+    wait_for("wave 1 to be ordered", Duration::from_secs(10), || {
+        b.json(&["rollout", "status", &id])["waves_started"] == 1
+    });
+    a.kill();
+    wait_for("B to finish the rollout", Duration::from_secs(120), || {
+        let s = b.json(&["rollout", "status", &id]);
+        assert_ne!(s["status"]["state"], "paused", "{s}");
+        s["status"]["state"] == "done"
+    });
+    for (name, agent) in [("one", &one), ("two", &two)] {
+        wait_for(
+            &format!("{name} to run demo-2"),
+            Duration::from_secs(60),
+            || {
+                let app = b.app(name);
+                app["status"]["release"] == "demo-2" && app["status"]["state"] == "running"
+            },
+        );
+        let c = agent.containers();
+        assert_eq!(c.len(), 1, "{name}: {c:?}");
+        assert_eq!(c[0]["state"], "running", "{name}: {c:?}");
+    }
+    let mut counts = BTreeMap::new();
+    orders(&a.log(), "demo-2", &mut counts);
+    orders(&b.log(), "demo-2", &mut counts);
+    assert_eq!(counts.len(), 2, "each device ordered: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "an order written twice: {counts:?}"
+    );
 }
 
 #[test]

@@ -140,18 +140,12 @@ impl Server {
     }
 
     pub fn device(&self, name: &str) -> Value {
-        self.json(&["devices"])
-            .as_array()
-            .and_then(|ds| ds.iter().find(|d| d["name"] == name).cloned())
-            .unwrap_or(Value::Null)
+        device_in(&self.json(&["devices"]), name)
     }
 
     /// The status `name` last reported for the app.
     pub fn app(&self, name: &str) -> Value {
-        self.device(name)["apps"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["app"] == "demo").cloned())
-            .unwrap_or(Value::Null)
+        demo_of(&self.device(name))
     }
 
     pub fn log(&self) -> String {
@@ -192,6 +186,22 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// The device `name` in `flotilla-server --json devices`' answer, or null.
+fn device_in(devices: &Value, name: &str) -> Value {
+    devices
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["name"] == name).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// What a device last reported of the app `demo`, or null.
+fn demo_of(device: &Value) -> Value {
+    device["apps"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["app"] == "demo").cloned())
+        .unwrap_or(Value::Null)
 }
 
 /// An operator command (`flotilla-server --server URL --token-file PATH ARGS`) as it ran.
@@ -322,6 +332,11 @@ impl Replica {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         serde_json::from_str(&self.ok(&all)).expect("JSON from --json")
+    }
+
+    /// The status `name` last reported for the app `demo`, as this replica reads it.
+    pub fn app(&self, name: &str) -> Value {
+        demo_of(&device_in(&self.json(&["devices"]), name))
     }
 }
 
@@ -529,5 +544,155 @@ fn proxy_connection(mut client: TcpStream, upstream: u16, judge: &Judge) {
                 then();
             }
         }
+    }
+}
+
+/// A `flotilla agent` with its own configuration and state directory, enrolled with a copy of a token file. Its
+/// supervised apps outlive it by design: dropping it removes the app `demo`.
+pub struct Agent {
+    pub name: String,
+    pub dir: PathBuf,
+    evidence: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// An agent of `server`, not started.
+    pub fn new(
+        root: &Path,
+        name: &str,
+        evidence: Option<PathBuf>,
+        server: &Server,
+        token: &Path,
+    ) -> Agent {
+        Agent::of(root, name, evidence, &server.url(), &server.registry, token)
+    }
+
+    /// An agent of the server at `url` (a replica, or a proxy in front of replicas), pulling from `registry`.
+    pub fn of(
+        root: &Path,
+        name: &str,
+        evidence: Option<PathBuf>,
+        url: &str,
+        registry: &str,
+        token: &Path,
+    ) -> Agent {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        // Its own copy: the agent deletes its token file once it is enrolled.
+        let own = dir.join("enroll-token");
+        std::fs::copy(token, &own).expect("the agent's token file");
+        let token = own.as_path();
+        let config = format!(
+            "[fleet]\nserver = \"{}\"\ntoken_file = \"{}\"\nname = \"{name}\"\ntags = {{ site = \"lab\" }}\n\
+             poll_interval = \"3s\"\nprobation = \"2s\"\nheartbeat_interval = \"2s\"\n\
+             [run]\nallow_emulation = true\n[[registry]]\nhost = \"{}\"\ninsecure = true\n",
+            url,
+            token.display(),
+            registry
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("agent config");
+        Agent {
+            name: name.to_string(),
+            dir,
+            evidence,
+            child: None,
+        }
+    }
+
+    pub fn flotilla(&self) -> Command {
+        super::Flotilla::new()
+            .config(self.dir.join("config.toml"))
+            .state(self.dir.join("state"))
+            .command()
+    }
+
+    pub fn start_with(&mut self, halt_at: Option<&str>) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .expect("agent log");
+        let mut c = self.flotilla();
+        if let Some(e) = &self.evidence {
+            c.arg("--evidence").arg(e);
+        }
+        c.arg("agent")
+            .env("FLOTILLA_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        match halt_at {
+            Some(h) => c.env("FLOTILLA_TEST_HALT_AT", h),
+            None => c.env_remove("FLOTILLA_TEST_HALT_AT"),
+        };
+        self.child = Some(c.spawn().expect("start flotilla agent"));
+    }
+
+    pub fn start(&mut self) {
+        self.start_with(None);
+    }
+
+    /// Points the agent at another server URL from its next start, as an operator moving it behind a balancer.
+    pub fn set_server(&self, url: &str) {
+        let path = self.dir.join("config.toml");
+        let config = std::fs::read_to_string(&path).expect("agent config");
+        let line = config
+            .lines()
+            .find(|l| l.starts_with("server = "))
+            .expect("a server line")
+            .to_string();
+        std::fs::write(&path, config.replace(&line, &format!("server = \"{url}\"")))
+            .expect("agent config");
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's containers, as `flotilla ps -a --json` lists them.
+    pub fn containers(&self) -> Vec<Value> {
+        let out = self
+            .flotilla()
+            .args(["ps", "-a", "--json"])
+            .output()
+            .expect("flotilla ps");
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    pub fn outbox_ids(&self) -> Vec<String> {
+        let db = rusqlite::Connection::open(self.dir.join("state/agent.db")).expect("agent.db");
+        let mut st = db
+            .prepare("SELECT id FROM outbox WHERE heartbeat = 0 ORDER BY seq")
+            .expect("outbox query");
+        st.query_map([], |r| r.get::<_, String>(0))
+            .expect("outbox rows")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("outbox ids")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("--- agent {} (last lines) ---", self.name);
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+        // The apps' supervisors outlive their agent by design; the test removes them.
+        let _ = self.flotilla().args(["rm", "--force", "demo"]).output();
     }
 }
