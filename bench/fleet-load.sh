@@ -23,6 +23,9 @@
 #                 (app, release of a tiny image pushed to a loopback docker-registry, one-wave rollout) and time
 #                 until each poll brings it; needs docker-registry, skopeo
 #   TICK=2s       the servers' --tick (how often they re-plan rollouts; the default is 2s)
+#   GENERATORS=1  generator processes, each with DEVICES / GENERATORS devices and the replicas j with
+#                 j % GENERATORS == its number (REPLICAS a multiple of it): a process holds at most its descriptor
+#                 limit of connections, so 100,000 long polls take several; their samples are merged at the end
 #   KEEP=DIR      keep the database and logs in DIR instead of a removed temporary directory
 # As root the descriptor limit is raised to NOFILE (400000); for large fleets net.ipv4.ip_local_port_range is
 # widened to "1024 65000" for the run (restored at exit), and the generator binds its connections from
@@ -41,6 +44,7 @@ HEARTBEAT=${HEARTBEAT:-10}
 DB=${DB:-sqlite}
 REPLICAS=${REPLICAS:-1}
 DB_CONNECTIONS=${DB_CONNECTIONS:-16}
+GENERATORS=${GENERATORS:-1}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 ROOT_USER=0
 [ "$(id -u)" = 0 ] && ROOT_USER=1
@@ -49,8 +53,13 @@ case $DB in
     postgres) ;;
     *) echo "bench/fleet-load.sh: DB is sqlite or postgres, not $DB" >&2; exit 1 ;;
 esac
+if [ "$GENERATORS" -lt 1 ] || [ $((REPLICAS % GENERATORS)) != 0 ] || [ $((DEVICES % GENERATORS)) != 0 ]; then
+    echo "bench/fleet-load.sh: GENERATORS=$GENERATORS must divide REPLICAS ($REPLICAS) and DEVICES ($DEVICES)" >&2
+    exit 1
+fi
 if [ "${WAKE:-0}" = 1 ]; then
     [ "${LONG_POLL:-0}" = 1 ] || { echo "bench/fleet-load.sh: WAKE=1 needs LONG_POLL=1" >&2; exit 1; }
+    [ "$GENERATORS" = 1 ] || { echo "bench/fleet-load.sh: WAKE=1 times one generator's devices: GENERATORS=1" >&2; exit 1; }
     for tool in docker-registry skopeo; do
         command -v "$tool" >/dev/null || { echo "bench/fleet-load.sh: WAKE=1 needs $tool" >&2; exit 1; }
     done
@@ -105,7 +114,9 @@ LOAD=$TARGET/release/examples/fleet-load
 # Each device keeps a keep-alive connection (two with a long poll): every process needs a descriptor per
 # connection, above the usual soft limit of 1024. Root raises the hard limit to NOFILE (fs.nr_open bounds it);
 # NOFILE=20000 gives the runs before issue 17 (heartbeats through one shared pool with long polls).
-CONNS=$((DEVICES * (1 + ${LONG_POLL:-0})))
+# Per generator process; each replica holds its share of all of them.
+PER_GENERATOR=$((DEVICES / GENERATORS))
+CONNS=$((PER_GENERATOR * (1 + ${LONG_POLL:-0})))
 NOFILE=${NOFILE:-400000}
 if [ "$ROOT_USER" = 1 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)" -lt "$NOFILE" ]; then
     # A container without CAP_SYS_RESOURCE cannot: the limit stays, and the fleet must fit it.
@@ -113,14 +124,18 @@ if [ "$ROOT_USER" = 1 ] && [ "$(ulimit -Hn)" != unlimited ] && [ "$(ulimit -Hn)"
         echo "   cannot raise the descriptor limit to $NOFILE (no CAP_SYS_RESOURCE?): it stays $(ulimit -Hn) a process"
 fi
 ulimit -n "$(ulimit -Hn)"
-# The generator's connections come from the ephemeral port range, whose default 28,000 ports are too few.
-if [ "$ROOT_USER" = 1 ] && [ "$CONNS" -gt 25000 ]; then
+# The generators' connections come from the ephemeral port range, whose default 28,000 ports are too few for one
+# replica's share of them (a port serves one connection to each replica's port).
+REPLICA_CONNS=$((CONNS * GENERATORS / REPLICAS))
+if [ "$ROOT_USER" = 1 ] && [ "$REPLICA_CONNS" -gt 25000 ]; then
     PORT_RANGE=$(sysctl -n net.ipv4.ip_local_port_range | tr -s '\t ' ' ')
     sysctl -q -w net.ipv4.ip_local_port_range="1024 65000"
 fi
 FDS=$(ulimit -n)
-LOCAL_ADDRESSES=${LOCAL_ADDRESSES:-$([ "$CONNS" -gt 50000 ] && echo 16 || echo 0)}
+LOCAL_ADDRESSES=${LOCAL_ADDRESSES:-$([ "$REPLICA_CONNS" -gt 50000 ] && echo 16 || echo 0)}
 LOAD_ARGS=(--interval "$HEARTBEAT" --local-addresses "$LOCAL_ADDRESSES")
+# Only the first generator reads the database's figures.
+FIRST_ARGS=()
 [ "${LONG_POLL:-0}" = 1 ] && LOAD_ARGS+=(--long-poll --poll-wait "$POLL_WAIT")
 if [ $((CONNS + 256)) -gt "$FDS" ]; then
     LOAD_ARGS+=(--shared-heartbeats)
@@ -129,7 +144,7 @@ if [ $((CONNS + 256)) -gt "$FDS" ]; then
         "enrollments) share one pool"
 fi
 # Each replica holds its share of the devices' connections, within its descriptors.
-MAX_CONNECTIONS=$((CONNS / REPLICAS + 1000))
+MAX_CONNECTIONS=$((CONNS * GENERATORS / REPLICAS + 1000))
 [ "$MAX_CONNECTIONS" -ge 20000 ] || MAX_CONNECTIONS=20000
 [ "$MAX_CONNECTIONS" -le $((FDS - 500)) ] || MAX_CONNECTIONS=$((FDS - 500))
 echo "   machine: $(nproc) cores, shared by the servers, the generator and the database; descriptor limit $FDS;" \
@@ -160,12 +175,12 @@ if [ "$DB" = postgres ]; then
     PG_STATS="$(printf '%q ' "$PG_BIN/psql" -X -tA -F ' ' -h "$PGDIR" -p "$PGPORT" -U postgres -d flotilla -c \
         'SELECT xact_commit, tup_inserted, tup_updated, tup_deleted FROM pg_stat_database WHERE datname = current_database()')"
     [ "$ROOT_USER" = 0 ] || PG_STATS="runuser -u postgres -- $PG_STATS"
-    LOAD_ARGS+=(--pg-pid "$POSTMASTER" --pg-stats "$PG_STATS")
+    FIRST_ARGS+=(--pg-pid "$POSTMASTER" --pg-stats "$PG_STATS")
     echo "   PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $3}') on 127.0.0.1:$PGPORT (fsync on," \
         "max_connections 200), data in $PGDIR; each replica holds up to $DB_CONNECTIONS connections"
 else
     DB_ARG=$WORK/server.db
-    LOAD_ARGS+=(--db "$WORK/server.db")
+    FIRST_ARGS+=(--db "$WORK/server.db")
 fi
 
 SERVE_ARGS=(--db-connections "$DB_CONNECTIONS" --max-connections "$MAX_CONNECTIONS" --tick "$TICK")
@@ -227,7 +242,6 @@ for k in $(seq 0 $((REPLICAS - 1))); do
         kill -0 "${SERVER_PIDS[$k]}" 2>/dev/null || { cat "$WORK/server-$k.log" >&2; exit 1; }
         sleep 0.2
     done
-    LOAD_ARGS+=(--server "http://127.0.0.1:$PORT" --server-pid "${SERVER_PIDS[$k]}")
 done
 ctl() { timeout 60 "$SERVER" --server "${URLS[0]}" --token-file "$WORK/admin-token" "$@"; }
 TOKEN_ARGS=()
@@ -244,8 +258,42 @@ fi
 db_files() { du -cb "$WORK"/server.db* 2>/dev/null | tail -1 | cut -f1; }
 [ "$DB" = postgres ] || echo "   database files before enrollment: $(db_files) bytes"
 
-echo "== generator: $DEVICES devices, $RUN_SECONDS s, a heartbeat every $HEARTBEAT s"
-"$LOAD" --token-file "$WORK/enroll-token" --devices "$DEVICES" --seconds "$RUN_SECONDS" "${LOAD_ARGS[@]}"
+# Generator g drives replicas g, g + GENERATORS, ...; the first also reads the database's figures.
+generator_args() {
+    local g=$1 k
+    GEN_ARGS=(--token-file "$WORK/enroll-token" --devices "$PER_GENERATOR" --seconds "$RUN_SECONDS" "${LOAD_ARGS[@]}")
+    for k in $(seq "$g" "$GENERATORS" $((REPLICAS - 1))); do
+        GEN_ARGS+=(--server "${URLS[$k]}" --server-pid "${SERVER_PIDS[$k]}")
+    done
+    [ "$g" != 0 ] || GEN_ARGS+=("${FIRST_ARGS[@]}")
+}
+if [ "$GENERATORS" = 1 ]; then
+    echo "== generator: $DEVICES devices, $RUN_SECONDS s, a heartbeat every $HEARTBEAT s"
+    generator_args 0
+    "$LOAD" "${GEN_ARGS[@]}"
+else
+    echo "== $GENERATORS generators of $PER_GENERATOR devices each, $RUN_SECONDS s, a heartbeat every $HEARTBEAT s," \
+        "enrolling $((16 / GENERATORS > 0 ? 16 / GENERATORS : 1)) at a time each"
+    GEN_PIDS=()
+    for g in $(seq 0 $((GENERATORS - 1))); do
+        generator_args "$g"
+        "$LOAD" "${GEN_ARGS[@]}" --prefix "load$g" --samples "$WORK/samples-$g" \
+            --enroll-concurrency $((16 / GENERATORS > 0 ? 16 / GENERATORS : 1)) >"$WORK/generator-$g.out" 2>&1 &
+        GEN_PIDS+=($!)
+    done
+    failed=0
+    for pid in "${GEN_PIDS[@]}"; do wait "$pid" || failed=1; done
+    echo "== generator 0 (the database's figures are over its run)"
+    cat "$WORK/generator-0.out"
+    for g in $(seq 1 $((GENERATORS - 1))); do
+        echo "== generator $g"
+        grep -E "^(fleet-load|server|generator|  error|TARGET)|enrollment:" "$WORK/generator-$g.out" || true
+    done
+    [ "$failed" = 0 ] || { echo "bench/fleet-load.sh: a generator failed" >&2; exit 1; }
+    SAMPLES=()
+    for g in $(seq 0 $((GENERATORS - 1))); do SAMPLES+=("$WORK/samples-$g"); done
+    "$LOAD" --merge "${SAMPLES[@]}"
+fi
 
 if [ "${WAKE:-0}" = 1 ] && [ -s "$WORK/rollout" ]; then
     echo "== the rollout at the end"

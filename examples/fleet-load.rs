@@ -44,11 +44,11 @@ use tokio::time::Instant;
 struct Args {
     /// The server's base URL; repeated for replicas, device `i` talks to the `i % N`th only (as behind a load
     /// balancer with keep-alive)
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "merge")]
     server: Vec<String>,
     /// A file holding an enrollment token good for --devices enrollments
-    #[arg(long)]
-    token_file: PathBuf,
+    #[arg(long, required_unless_present = "merge")]
+    token_file: Option<PathBuf>,
     #[arg(long, default_value_t = 1000)]
     devices: usize,
     /// How long the heartbeat phase runs, after enrollment
@@ -99,6 +99,13 @@ struct Args {
     /// Worker threads of this generator's runtime
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// Also write every request's kind, latency and error to FILE, for --merge
+    #[arg(long)]
+    samples: Option<PathBuf>,
+    /// Print the tables and targets of several generators' --samples files as one fleet (a process holds only so
+    /// many connections: 100,000 long polls take several generators), and run nothing
+    #[arg(long, num_args = 1.., conflicts_with_all = ["server", "token_file"])]
+    merge: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -477,7 +484,13 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
-        .and_then(|rt| rt.block_on(run(args)));
+        .and_then(|rt| {
+            if args.merge.is_empty() {
+                rt.block_on(run(args))
+            } else {
+                merge(&args.merge)
+            }
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -508,8 +521,12 @@ async fn run(args: Args) -> Result<(), String> {
         .iter()
         .map(|s| s.trim_end_matches('/').to_string())
         .collect();
-    let token = std::fs::read_to_string(&args.token_file)
-        .map_err(|e| format!("{}: {e}", args.token_file.display()))?
+    let token_file = args
+        .token_file
+        .as_deref()
+        .ok_or("--token-file is needed to enroll")?;
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| format!("{}: {e}", token_file.display()))?
         .trim()
         .to_string();
     let n = args.devices;
@@ -862,6 +879,38 @@ async fn run(args: Args) -> Result<(), String> {
             fleet(100.0),
         );
     }
+    if let Some(path) = &args.samples {
+        write_samples(
+            path,
+            &enroll_samples,
+            enroll_secs,
+            &samples,
+            secs,
+            unfinished,
+        )?;
+    }
+    print_targets(
+        &samples,
+        p99,
+        unfinished,
+        count,
+        enroll_p99,
+        enroll_failed,
+        n,
+    );
+    Ok(())
+}
+
+/// The verdicts on the targets: heartbeat and enrollment p99 under 50 ms, with no error.
+fn print_targets(
+    samples: &[Sample],
+    p99: Option<Duration>,
+    unfinished: usize,
+    count: usize,
+    enroll_p99: Option<Duration>,
+    enroll_failed: bool,
+    enrolling: usize,
+) {
     if let Some(p) = p99 {
         let failed = samples
             .iter()
@@ -876,10 +925,116 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(p) = enroll_p99 {
         let met = p < Duration::from_millis(50) && !enroll_failed;
         println!(
-            "TARGET enrollment p99 < 50 ms with no error at {n} devices: {} (p99 {} ms)",
+            "TARGET enrollment p99 < 50 ms with no error at {enrolling} devices: {} (p99 {} ms)",
             if met { "MET" } else { "NOT MET" },
             ms(p)
         );
     }
+}
+
+fn kind_of(name: &str) -> Option<Kind> {
+    [
+        Kind::Enroll,
+        Kind::Heartbeat,
+        Kind::Desired,
+        Kind::LongPoll,
+        Kind::Changed,
+    ]
+    .into_iter()
+    .find(|k| k.name() == name)
+}
+
+/// One line per request: phase, kind, latency and lag in microseconds, error (tabs and newlines made spaces); the
+/// phases' lengths and the heartbeats left unfinished first, as `#` lines.
+fn write_samples(
+    path: &Path,
+    enroll: &[Sample],
+    enroll_secs: f64,
+    run: &[Sample],
+    run_secs: f64,
+    unfinished: usize,
+) -> Result<(), String> {
+    use std::fmt::Write as _;
+    let mut out =
+        format!("#enroll_secs\t{enroll_secs}\n#run_secs\t{run_secs}\n#unfinished\t{unfinished}\n");
+    for (phase, list) in [("enroll", enroll), ("run", run)] {
+        for s in list {
+            let error = s
+                .error
+                .as_deref()
+                .map(|e| e.replace(['\t', '\n'], " "))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{phase}\t{}\t{}\t{}\t{error}",
+                s.kind.name(),
+                s.latency.as_micros(),
+                s.lag.as_micros()
+            );
+        }
+    }
+    std::fs::write(path, out).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `--merge`: the generators' samples as one fleet. The phases ran side by side, so a phase's length is the
+/// longest generator's and the rates are the sums.
+fn merge(files: &[PathBuf]) -> Result<(), String> {
+    let (mut enroll, mut run) = (Vec::new(), Vec::new());
+    let (mut enroll_secs, mut run_secs, mut unfinished) = (0f64, 0f64, 0usize);
+    for path in files {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let bad = || format!("{}:{}: not a --samples line: {line}", path.display(), i + 1);
+            let fields: Vec<&str> = line.splitn(5, '\t').collect();
+            let number = |f: &str| f.parse::<f64>().map_err(|_| bad());
+            match fields.as_slice() {
+                ["#enroll_secs", v] => enroll_secs = enroll_secs.max(number(v)?),
+                ["#run_secs", v] => run_secs = run_secs.max(number(v)?),
+                ["#unfinished", v] => unfinished += number(v)? as usize,
+                [phase, kind, latency, lag, error] => {
+                    let micros = |f: &str| {
+                        f.parse::<u64>()
+                            .map(Duration::from_micros)
+                            .map_err(|_| bad())
+                    };
+                    let sample = Sample {
+                        kind: kind_of(kind).ok_or_else(bad)?,
+                        latency: micros(latency)?,
+                        lag: micros(lag)?,
+                        error: (!error.is_empty()).then(|| error.to_string()),
+                    };
+                    match *phase {
+                        "enroll" => enroll.push(sample),
+                        "run" => run.push(sample),
+                        _ => return Err(bad()),
+                    }
+                }
+                _ => return Err(bad()),
+            }
+        }
+    }
+    println!(
+        "\n== {} generators together: enrollment of {} devices in {enroll_secs:.1} s",
+        files.len(),
+        enroll.len()
+    );
+    let enroll_p99 = print_table(&enroll, enroll_secs, Kind::Enroll);
+    let enroll_failed = enroll.iter().any(|s| s.error.is_some());
+    println!(
+        "\n== {} generators together: run of {run_secs:.0} s (heartbeats not finished 15 s after the end: \
+         {unfinished})",
+        files.len()
+    );
+    let p99 = print_table(&run, run_secs, Kind::Heartbeat);
+    let devices = enroll.iter().filter(|s| s.error.is_none()).count();
+    print_targets(
+        &run,
+        p99,
+        unfinished,
+        devices,
+        enroll_p99,
+        enroll_failed,
+        enroll.len(),
+    );
     Ok(())
 }
