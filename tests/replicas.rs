@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::fleet::{APP_CMD, Agent, Replica, push};
+use common::fleet::{Agent, Replica, push};
 use common::postgres::{Cluster, DATABASE};
 use common::registry::{Registry, RegistryOptions, free_port};
 use common::{require, required_tool, wait_for};
@@ -420,6 +420,42 @@ fn orders(log: &str, release: &str, counts: &mut BTreeMap<String, usize>) {
     }
 }
 
+/// Starts a rollout of `release` in two waves through A, which orders the first at once, kills A before the
+/// first wave's soak is over, and waits up to `limit` for B to finish it.
+fn killed_mid_wave(a: &mut Replica, b: &Replica, release: &str, limit: Duration) {
+    let id = a.ok(&[
+        "rollout",
+        "start",
+        release,
+        "--select",
+        "site=lab",
+        "--counts",
+        "--waves",
+        "1,2",
+        "--max-failures",
+        "1",
+        "--soak",
+        "3s",
+    ]);
+    wait_for(
+        "the first wave to be ordered",
+        Duration::from_secs(10),
+        || b.json(&["rollout", "status", &id])["waves_started"] == 1,
+    );
+    a.kill();
+    let status = b.json(&["rollout", "status", &id]);
+    assert_eq!(
+        status["waves_started"], 1,
+        "A died too late to matter: {status}"
+    );
+    assert_ne!(status["status"]["state"], "done", "{status}");
+    wait_for("B to finish the rollout", limit, || {
+        let s = b.json(&["rollout", "status", &id]);
+        assert_ne!(s["status"]["state"], "paused", "{s}");
+        s["status"]["state"] == "done"
+    });
+}
+
 #[test]
 fn a_replica_killed_mid_wave_leaves_the_rollout_to_the_other() {
     let Some(()) = prerequisites() else { return };
@@ -464,39 +500,7 @@ fn a_replica_killed_mid_wave_leaves_the_rollout_to_the_other() {
         "demo",
         &format!("{}/demo:v1", registry.host()),
     ]);
-    // Started through A, which orders the first wave at once; killed before its soak is over.
-    let id = a.ok(&[
-        "rollout",
-        "start",
-        "demo-1",
-        "--select",
-        "site=lab",
-        "--counts",
-        "--waves",
-        "1,2",
-        "--max-failures",
-        "1",
-        "--soak",
-        "3s",
-    ]);
-    wait_for(
-        "the first wave to be ordered",
-        Duration::from_secs(10),
-        || b.json(&["rollout", "status", &id])["waves_started"] == 1,
-    );
-    a.kill();
-    let status = b.json(&["rollout", "status", &id]);
-    assert_eq!(
-        status["waves_started"], 1,
-        "A died too late to matter: {status}"
-    );
-    assert_ne!(status["status"]["state"], "done", "{status}");
-
-    wait_for("B to finish the rollout", Duration::from_secs(60), || {
-        let s = b.json(&["rollout", "status", &id]);
-        assert_ne!(s["status"]["state"], "paused", "{s}");
-        s["status"]["state"] == "done"
-    });
+    killed_mid_wave(&mut a, &b, "demo-1", Duration::from_secs(60));
     let fleet = b.json(&["devices"]);
     for name in names {
         let device = fleet
@@ -586,18 +590,7 @@ fn two_real_agents_follow_rollouts_across_replicas_and_past_a_killed_one() {
             .as_array()
             .is_some_and(|d| d.len() == 2)
     });
-    b.ok(&[
-        "app",
-        "create",
-        "demo",
-        "--restart",
-        "always",
-        "--stop-timeout",
-        "2s",
-        "--",
-        "-c",
-        APP_CMD,
-    ]);
+    b.create_app("demo");
     b.ok(&[
         "release",
         "create",
@@ -633,29 +626,7 @@ fn two_real_agents_follow_rollouts_across_replicas_and_past_a_killed_one() {
         "demo",
         &format!("{}/demo:v2", registry.host()),
     ]);
-    let id = a.ok(&[
-        "rollout",
-        "start",
-        "demo-2",
-        "--select",
-        "site=lab",
-        "--counts",
-        "--waves",
-        "1,2",
-        "--max-failures",
-        "1",
-        "--soak",
-        "3s",
-    ]);
-    wait_for("wave 1 to be ordered", Duration::from_secs(10), || {
-        b.json(&["rollout", "status", &id])["waves_started"] == 1
-    });
-    a.kill();
-    wait_for("B to finish the rollout", Duration::from_secs(120), || {
-        let s = b.json(&["rollout", "status", &id]);
-        assert_ne!(s["status"]["state"], "paused", "{s}");
-        s["status"]["state"] == "done"
-    });
+    killed_mid_wave(&mut a, &b, "demo-2", Duration::from_secs(120));
     for (name, agent) in [("one", &one), ("two", &two)] {
         wait_for(
             &format!("{name} to run demo-2"),

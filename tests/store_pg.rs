@@ -37,6 +37,21 @@ fn setup() -> Option<(Cluster, tokio::runtime::Runtime, PgPool)> {
     Some((cluster, rt, pool))
 }
 
+/// What a Pi 4 named `name` sends to enroll.
+fn pi4(name: &str) -> flotilla::fleet::EnrollRequest {
+    flotilla::fleet::EnrollRequest {
+        name: name.into(),
+        tags: BTreeMap::new(),
+        agent_version: "0.1.0".into(),
+        platform: flotilla::fleet::PlatformReport {
+            candidates: vec!["linux/arm64/v8".into()],
+            page_size: Some(4096),
+            description: "Pi 4".into(),
+        },
+        enrollment_id: None,
+    }
+}
+
 #[test]
 fn placeholders_and_types_round_trip() {
     let Some((_cluster, _rt, pool)) = setup() else {
@@ -605,7 +620,6 @@ fn a_listener_wakes_on_notify_and_again_after_the_database_comes_back() {
 /// it), the driver leaves it alone and writes nothing; once the lock is free, the driver advances it.
 #[test]
 fn a_rollout_whose_lock_another_replica_holds_is_left_to_it() {
-    use flotilla::fleet::{EnrollRequest, PlatformReport};
     use flotilla::server::store::{ROLLOUT_LOCK, ServerDb};
     use flotilla::server::views::{AppRequest, RolloutRequest};
 
@@ -634,24 +648,7 @@ fn a_rollout_whose_lock_another_replica_holds_is_left_to_it() {
         .create_token(None, None, &BTreeMap::new(), false, 0)
         .unwrap()
         .token;
-    let device = db
-        .enroll(
-            &token,
-            &EnrollRequest {
-                name: "dev-a".into(),
-                tags: BTreeMap::new(),
-                agent_version: "0.1.0".into(),
-                platform: PlatformReport {
-                    candidates: vec!["linux/arm64/v8".into()],
-                    page_size: Some(4096),
-                    description: "Pi 4".into(),
-                },
-                enrollment_id: None,
-            },
-            0,
-        )
-        .unwrap()
-        .device_id;
+    let device = db.enroll(&token, &pi4("dev-a"), 0).unwrap().device_id;
     let ordered = || -> Vec<String> {
         db.desired_for(&device)
             .unwrap()
@@ -734,7 +731,6 @@ fn replicas_starting_together_make_one_admin_token() {
 /// is taken by a conditional update at the end of its transaction, which the losers find already taken.
 #[test]
 fn a_token_of_two_uses_enrolls_two_of_four_racing_devices() {
-    use flotilla::fleet::{EnrollRequest, PlatformReport};
     use flotilla::server::store::{ServerDb, ServerDbError};
     let Some((_cluster, _rt, pool)) = setup() else {
         return;
@@ -757,22 +753,8 @@ fn a_token_of_two_uses_enrolls_two_of_four_racing_devices() {
             std::thread::spawn(move || {
                 let db = db(&pool);
                 start.wait();
-                db.enroll(
-                    &token,
-                    &EnrollRequest {
-                        name: format!("dev-{i}"),
-                        tags: BTreeMap::new(),
-                        agent_version: "0.1.0".into(),
-                        platform: PlatformReport {
-                            candidates: vec!["linux/arm64/v8".into()],
-                            page_size: Some(4096),
-                            description: "Pi 4".into(),
-                        },
-                        enrollment_id: None,
-                    },
-                    1,
-                )
-                .map(|e| e.device_id)
+                db.enroll(&token, &pi4(&format!("dev-{i}")), 1)
+                    .map(|e| e.device_id)
             })
         })
         .collect::<Vec<_>>()

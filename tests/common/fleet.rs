@@ -164,18 +164,7 @@ impl Server {
 
     /// An app `name` whose containers run [`APP_CMD`], restarted always and stopped within 2 s.
     pub fn create_app(&self, name: &str) {
-        self.ok(&[
-            "app",
-            "create",
-            name,
-            "--restart",
-            "always",
-            "--stop-timeout",
-            "2s",
-            "--",
-            "-c",
-            APP_CMD,
-        ]);
+        self.ok(&create_app(name));
     }
 }
 
@@ -186,6 +175,22 @@ impl Drop for Server {
             eprintln!("--- server log ---\n{}", self.log());
         }
     }
+}
+
+/// `app create NAME` for an app whose containers run [`APP_CMD`], restarted always and stopped within 2 s.
+fn create_app(name: &str) -> [&str; 10] {
+    [
+        "app",
+        "create",
+        name,
+        "--restart",
+        "always",
+        "--stop-timeout",
+        "2s",
+        "--",
+        "-c",
+        APP_CMD,
+    ]
 }
 
 /// The device `name` in `flotilla-server --json devices`' answer, or null.
@@ -332,6 +337,11 @@ impl Replica {
         let mut all = vec!["--json"];
         all.extend_from_slice(args);
         serde_json::from_str(&self.ok(&all)).expect("JSON from --json")
+    }
+
+    /// As [`Server::create_app`].
+    pub fn create_app(&self, name: &str) {
+        self.ok(&create_app(name));
     }
 
     /// The status `name` last reported for the app `demo`, as this replica reads it.
