@@ -292,7 +292,11 @@ else
     [ "$failed" = 0 ] || { echo "bench/fleet-load.sh: a generator failed" >&2; exit 1; }
     SAMPLES=()
     for g in $(seq 0 $((GENERATORS - 1))); do SAMPLES+=("$WORK/samples-$g"); done
-    "$LOAD" --merge "${SAMPLES[@]}"
+    "$LOAD" --merge "${SAMPLES[@]}" | tee "$WORK/merged.out"
+    # Generator 0 read pg_stat_database over everyone's traffic: per heartbeat means per all generators' heartbeats.
+    HEARTBEATS=$(awk '$1 == "heartbeat" { print $2 - $3 }' "$WORK/merged.out")
+    sed -n 's/^database writes over the run ([0-9]* heartbeats): \([0-9]*\) commits, \([0-9]*\) rows inserted, \([0-9]*\) updated, \([0-9]*\) deleted.*/\1 \2 \3 \4/p' \
+        "$WORK/generator-0.out" | awk -v hb="$HEARTBEATS" 'hb > 0 { printf "database writes per heartbeat of all %d: %.4f commits, %.4f rows inserted, %.4f updated, %.4f deleted\n", hb, $1 / hb, $2 / hb, $3 / hb, $4 / hb }'
 fi
 
 if [ "${WAKE:-0}" = 1 ] && [ -s "$WORK/rollout" ]; then
